@@ -1,0 +1,83 @@
+"""Backends run chunk tasks somewhere: local worker processes (loky), a dask cluster, or in-process.
+
+The engine speaks to a backend only through :class:`Backend` and the small value classes below. A
+backend never imports the engine, the asyncio bridge or progress; it reports facts (this task's
+result bytes, or "its worker died while on item 3") and the engine decides what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Hashable
+from typing import Protocol
+
+__all__ = ["Backend", "Cancelled", "LaneDied", "Task", "TaskResult"]
+
+_task_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaneDied:
+    """The worker running a task died (or was killed by us) before answering.
+
+    ``offset`` is the position in the chunk of the item it was running (from the worker's shared
+    record), or -1 when it was not running an item (decoding, encoding, idle).
+    """
+
+    pid: int
+    exitcode: int | None
+    offset: int
+    reason: str  # "crash", "timeout", "memory" or "cancelled"
+    detail: str = ""  # the tail of the worker's fault log
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The task was withdrawn before it ran (shutdown with ``cancel_futures`` or a cancelled batch)."""
+
+    reason: str
+
+
+TaskResult = bytes | LaneDied | Cancelled
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Task:
+    """One chunk on its way to a worker.
+
+    ``items_blob`` is already pickled by the submitting thread (the backend thread never pickles);
+    ``fn_blob`` is sent once per worker for each ``fn_key``. ``on_done`` is called exactly once,
+    from a backend thread, with the result; it must be quick and must not block.
+    """
+
+    group: Hashable  # tasks of one batch share a group; groups are served round-robin
+    fn_key: int
+    fn_blob: bytes
+    items_blob: bytes
+    n_items: int
+    on_done: Callable[[Task, TaskResult], None]
+    timeouts: tuple[float, ...] | None = None  # per item, seconds; None = no limit
+    expected: float | None = None  # the engine's estimate of the chunk's duration, seconds
+    per_item_clock: bool = True  # False for tiny items: durations become the chunk's mean
+    id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
+
+
+class Backend(Protocol):
+    """What the engine needs from a place that runs chunks."""
+
+    @property
+    def workers(self) -> int: ...
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task``; raises ``EngineClosed`` after shutdown."""
+
+    def withdraw(self, group: Hashable, *, kill_running: bool = False) -> None:
+        """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running ones."""
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live worker processes (empty for remote or in-process backends)."""
+
+    def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
+        """Stop the workers. ``wait`` lets queued tasks finish first unless ``cancel_pending``;
+        ``kill`` kills running work at once. Every task still owed an answer gets ``Cancelled``."""

@@ -1,0 +1,524 @@
+"""Local worker processes, started with loky: the only module that imports loky.
+
+Why not ``loky.ProcessPoolExecutor`` itself? When one of its workers dies it marks the whole
+executor broken, fails every pending future with ``TerminatedWorkerError`` and kills the other
+workers; and each call pays two thread hand-offs (about 285 us a round trip here, against 45 us for
+a direct pipe). We keep loky's process layer (the ``loky`` start method: fork+exec without the
+fork-safety problems, cloudpickle for ``__main__`` code, its resource tracker) and give each worker
+its own *lane*: a duplex pipe and a slot in a shared record.
+
+    Engine thread(s) --submit(Task)--> pending, per group (round-robin between batches)
+                                          |
+                                  [pool thread] --send--> lane 0 pipe --> worker 0 (lane_main)
+                                          |      --send--> lane 1 pipe --> worker 1
+                                          |  <--result bytes-- / <--sentinel: died--
+                                  Task.on_done(result | LaneDied | Cancelled)
+
+The pool thread is the only one that touches lanes. It never pickles: items arrive pickled and
+results leave as bytes. A worker that dies fails only the task it was running, with the item
+offset read from the shared record; tasks prefetched onto it go back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import dataclasses
+import mmap
+import os
+import pickle
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from loky.backend.context import get_context
+
+from .._errors import EngineClosed
+from .._resources import kill_tree, rss_of
+from .._worker import (
+    F_CHUNK,
+    F_OFFSET,
+    F_PHASE,
+    F_START,
+    PHASE_IDLE,
+    PHASE_RUN,
+    RECORD_FIELDS,
+    lane_main,
+)
+from . import Cancelled, LaneDied, Task, TaskResult
+
+__all__ = ["LokyBackend"]
+
+# A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
+# in an empty pipe, so the send can never block while that worker is itself blocked writing a big
+# result (the classic two-full-pipes deadlock), and only if both chunks are expected to be short
+# (a chunk queued behind a long one would idle another worker at the tail of a batch).
+PREFETCH_MAX_BYTES = 32 * 1024
+PREFETCH_MAX_SECONDS = 0.005
+# How often the pool thread looks at the record while some running item has a timeout it cannot
+# compute a deadline for yet (the worker has not started the chunk), and at RSS under a memory cap.
+POLL_INTERVAL = 0.05
+# A worker that dies this many times in a row before finishing anything is not respawned blindly.
+STARTUP_FAILURE_LIMIT = 3
+STOP_JOIN_TIMEOUT = 5.0
+
+
+class _SharedFile:
+    """A memory file the workers open by path: a memfd on Linux (freed with its last user, even
+    if the parent is SIGKILLed), else a temporary file removed at close."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self._tmp: str | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            self.fd = os.memfd_create(name)
+            self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        else:  # pragma: no cover - non-Linux
+            self.fd, self._tmp = tempfile.mkstemp(prefix=f"{name}-")
+            self.path = self._tmp
+        os.ftruncate(self.fd, size)
+
+    def read_tail(self, limit: int = 4096) -> str:
+        size = os.fstat(self.fd).st_size
+        data = os.pread(self.fd, limit, max(0, size - limit))
+        return data.decode("utf-8", "replace").strip()
+
+    def clear(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if self._tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+
+
+@dataclasses.dataclass(eq=False)
+class _Lane:
+    slot: int
+    process: Any
+    conn: Connection
+    fault: _SharedFile
+    tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
+    fn_keys: set[int] = dataclasses.field(default_factory=set)
+    items_done: int = 0
+    answered: bool = False
+    retiring: bool = False
+    kill_reason: str | None = None
+    kill_offset: int = -1
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def can_take(self, task: Task) -> bool:
+        if self.retiring or self.kill_reason is not None:
+            return False
+        if not self.tasks:
+            return True
+        if len(self.tasks) > 1 or len(task.items_blob) > PREFETCH_MAX_BYTES:
+            return False
+        return _short(task.expected) and _short(self.tasks[0].expected)
+
+
+def _notify(task: Task, result: TaskResult) -> None:
+    """Deliver a result; a faulty callback must never take the pool thread down with it."""
+    try:
+        task.on_done(task, result)
+    except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
+        import traceback
+
+        traceback.print_exc()
+
+
+def _later_min(task: Task, offset: int) -> float:
+    """The smallest timeout among the items after ``offset`` (inf if none), cached per task."""
+    suffix = _suffix_minima.get(task.id)
+    if suffix is None:
+        timeouts = task.timeouts or ()
+        suffix = [float("inf")] * (len(timeouts) + 1)
+        for i in range(len(timeouts) - 1, -1, -1):
+            suffix[i] = min(timeouts[i], suffix[i + 1])
+        if len(_suffix_minima) > 1024:
+            _suffix_minima.clear()
+        _suffix_minima[task.id] = suffix
+    return suffix[min(offset + 1, len(suffix) - 1)]
+
+
+_suffix_minima: dict[int, list[float]] = {}
+
+
+def _short(expected: float | None) -> bool:
+    return expected is None or expected < PREFETCH_MAX_SECONDS
+
+
+class LokyBackend:
+    """A fixed number of worker processes, each fed through its own pipe by one pool thread."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        env: dict[str, str] | None = None,
+        max_rss: int | None = None,
+        max_tasks: int | None = None,
+        kill_grace: float = 0.5,
+    ) -> None:
+        self._workers = workers
+        self._initializer, self._initargs, self._env = initializer, initargs, env or {}
+        self._max_rss, self._max_tasks, self._kill_grace = max_rss, max_tasks, kill_grace
+        self._ctx = get_context("loky")
+        self._record_file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * 4 * (workers + 1))
+        self._record_map = mmap.mmap(self._record_file.fd, 0)
+        self._ints = memoryview(self._record_map).cast("q")
+        self._floats = memoryview(self._record_map).cast("d")
+        self._free_slots = list(range(4 * (workers + 1)))[::-1]
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: collections.OrderedDict[Hashable, collections.deque[Task]] = (
+            collections.OrderedDict())
+        self._closed = False
+        self._stopping = False
+        self._kill_all = False
+        self._startup_failures = 0
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._lanes: list[_Lane] = [self._spawn() for _ in range(workers)]
+        self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
+        self._thread.start()
+        _live_backends.add(self)
+
+    # ---- the Backend protocol ---------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    def submit(self, task: Task) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("this engine has been shut down; create a new Engine")
+            queue = self._pending.get(task.group)
+            if queue is None:
+                queue = self._pending[task.group] = collections.deque()
+            queue.append(task)
+        self._wake()
+
+    def withdraw(self, group: Hashable, *, kill_running: bool = False) -> None:
+        with self._lock:
+            withdrawn = list(self._pending.pop(group, ()))
+        for task in withdrawn:
+            _notify(task, Cancelled("batch cancelled"))
+        if kill_running:
+            self._call_in_pool(lambda: self._kill_group(group))
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [lane.pid for lane in self._lanes]
+
+    def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            withdrawn = [t for q in self._pending.values() for t in q] if cancel_pending else []
+            if cancel_pending:
+                self._pending.clear()
+        for task in withdrawn:
+            _notify(task, Cancelled("the engine was shut down"))
+        with self._lock:
+            self._stopping = True
+            self._kill_all = self._kill_all or kill
+        self._wake()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ---- the pool thread ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"!")
+
+    def _call_in_pool(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._calls.append(fn)
+        self._wake()
+
+    def _run(self) -> None:
+        try:
+            while not self._step():
+                pass
+        finally:
+            self._close_everything()
+
+    def _step(self) -> bool:
+        """One turn of the pool loop; returns True when the pool has fully stopped."""
+        by_obj: dict[Any, tuple[str, _Lane | None]] = {self._wake_r: ("wake", None)}
+        for lane in self._lanes:
+            by_obj[lane.process.sentinel] = ("died", lane)
+            if lane.tasks:
+                by_obj[lane.conn] = ("result", lane)
+        ready = wait(list(by_obj), timeout=self._next_wake())
+        for obj in ready:
+            what, lane = by_obj[obj]
+            if what == "wake":
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 4096)
+            elif what == "result" and lane in self._lanes:
+                self._receive(lane)  # type: ignore[arg-type]
+            elif what == "died" and lane in self._lanes:
+                self._bury(lane)  # type: ignore[arg-type]
+        self._run_calls()
+        self._enforce_limits()
+        if self._kill_all:
+            self._kill_everything()
+        self._dispatch()
+        return self._maybe_stop()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            with self._lock:
+                call = self._calls.popleft()
+            call()
+
+    def _receive(self, lane: _Lane) -> None:
+        try:
+            blob = lane.conn.recv_bytes()
+        except (EOFError, OSError):
+            lane.process.join(1.0)  # it is dying: let the sentinel path account for it
+            self._bury(lane)
+            return
+        task = lane.tasks.popleft()
+        lane.items_done += task.n_items
+        lane.answered = True
+        self._startup_failures = 0
+        _notify(task, blob)
+        if self._max_rss is not None and (rss_of(lane.pid) or 0) > self._max_rss:
+            lane.retiring = True  # grew past the cap between items: recycle it
+        if self._max_tasks is not None and lane.items_done >= self._max_tasks:
+            lane.retiring = True
+        if lane.retiring and not lane.tasks:
+            self._retire(lane)
+
+    def _bury(self, lane: _Lane) -> None:
+        """A worker died: blame the item it was running, requeue what it had not started."""
+        lane.process.join(1.0)
+        self._lanes.remove(lane)
+        base = lane.slot * RECORD_FIELDS
+        chunk, offset, phase = (self._ints[base + F_CHUNK], self._ints[base + F_OFFSET],
+                                self._ints[base + F_PHASE])
+        tasks = list(lane.tasks)
+        lane.tasks.clear()
+        started = bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE
+        if started:
+            requeue = tasks[1:]
+            reason = lane.kill_reason or "crash"
+            if lane.kill_reason is not None and lane.kill_offset >= 0:
+                offset = lane.kill_offset
+            died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
+                            reason, lane.fault.read_tail())
+        else:
+            requeue = tasks
+        if not lane.answered and lane.kill_reason is None:
+            self._startup_failures += 1
+        self._release(lane)
+        with self._lock:
+            for task in reversed(requeue):
+                self._pending.setdefault(task.group, collections.deque()).appendleft(task)
+        if started:
+            _notify(tasks[0], died)
+        if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
+            self._respawn_after_death()
+
+    def _respawn_after_death(self) -> None:
+        if self._startup_failures >= STARTUP_FAILURE_LIMIT:
+            # Workers die before doing anything: fail the queue instead of respawning forever.
+            with self._lock:
+                doomed = [t for q in self._pending.values() for t in q]
+                self._pending.clear()
+            for task in doomed:
+                _notify(task, LaneDied(0, None, -1, "crash",
+                                            "workers keep dying at start-up; see stderr"))
+            self._startup_failures = STARTUP_FAILURE_LIMIT - 1
+        time.sleep(min(2.0, 0.05 * 2 ** self._startup_failures) if self._startup_failures else 0)
+        self._lanes.append(self._spawn())
+
+    def _release(self, lane: _Lane) -> None:
+        with contextlib.suppress(OSError):
+            lane.conn.close()
+        lane.fault.close()
+        self._free_slots.append(lane.slot)
+
+    def _retire(self, lane: _Lane) -> None:
+        """Stop a drained worker politely and start a fresh one in its place."""
+        with contextlib.suppress(OSError):
+            lane.conn.send_bytes(b"")
+        lane.process.join(STOP_JOIN_TIMEOUT)
+        if lane.process.exitcode is None:
+            kill_tree(lane.pid, grace=0)
+        self._lanes.remove(lane)
+        self._release(lane)
+        if not self._stopping:
+            self._lanes.append(self._spawn())
+
+    def _spawn(self) -> _Lane:
+        slot = self._free_slots.pop()
+        base = slot * RECORD_FIELDS
+        self._ints[base + F_CHUNK] = 0
+        self._ints[base + F_OFFSET] = -1
+        self._ints[base + F_PHASE] = PHASE_IDLE
+        fault = _SharedFile(f"stagepool-fault-{slot}", 0)
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=lane_main,
+            args=(child_end, self._record_file.path, slot, os.getpid(), fault.path,
+                  self._initializer, self._initargs),
+            env=self._env,
+            name=f"stagepool-worker-{slot}",
+        )
+        process.start()
+        child_end.close()
+        return _Lane(slot, process, parent_end, fault)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _next_task(self, lane: _Lane) -> Task | None:
+        """Round-robin over groups: take the first group's head task, then rotate that group."""
+        with self._lock:
+            for group, queue in self._pending.items():
+                if not queue or not lane.can_take(queue[0]):
+                    continue
+                task = queue.popleft()
+                if queue:
+                    self._pending.move_to_end(group)
+                else:
+                    del self._pending[group]
+                return task
+        return None
+
+    def _dispatch(self) -> None:
+        for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
+            for lane in list(self._lanes):
+                if bool(lane.tasks) != prefetch:
+                    continue
+                task = self._next_task(lane)
+                if task is not None:
+                    self._send(lane, task)
+
+    def _send(self, lane: _Lane, task: Task) -> None:
+        first = task.fn_key not in lane.fn_keys
+        header = pickle.dumps((task.id, task.fn_key, task.fn_blob if first else None,
+                               task.n_items, task.timeouts is not None, task.per_item_clock))
+        lane.tasks.append(task)
+        try:
+            lane.conn.send_bytes(header)
+            lane.conn.send_bytes(task.items_blob)
+        except OSError:
+            return  # the worker is dying; _bury requeues the task
+        lane.fn_keys.add(task.fn_key)
+
+    # ---- limits: timeouts and memory ------------------------------------------------------------
+
+    def _next_wake(self) -> float | None:
+        now = time.monotonic()
+        wake: float | None = None
+        for lane in self._lanes:
+            deadline = self._deadline(lane, now)
+            if deadline is not None:
+                wake = deadline if wake is None else min(wake, deadline)
+        if self._max_rss is not None and any(lane.tasks for lane in self._lanes):
+            wake = now + POLL_INTERVAL if wake is None else min(wake, now + POLL_INTERVAL)
+        return None if wake is None else max(0.0, wake - now)
+
+    def _deadline(self, lane: _Lane, now: float) -> float | None:
+        if not lane.tasks or lane.tasks[0].timeouts is None or lane.kill_reason is not None:
+            return None
+        task, base = lane.tasks[0], lane.slot * RECORD_FIELDS
+        offset = self._ints[base + F_OFFSET]  # read before the start time: see _worker.run_chunk
+        start = self._floats[base + F_START]
+        if self._ints[base + F_CHUNK] != task.id or self._ints[base + F_PHASE] != PHASE_RUN:
+            return now + POLL_INTERVAL
+        # The item running now, or a later item that starts after this moment: whichever could
+        # expire first. (Without the second term a short timeout behind a long one is missed.)
+        return min(start + task.timeouts[offset], now + _later_min(task, offset))
+
+    def _enforce_limits(self) -> None:
+        now = time.monotonic()
+        for lane in list(self._lanes):
+            deadline = self._deadline(lane, now)
+            if deadline is not None and now >= deadline and lane.tasks:
+                offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                self._kill(lane, "timeout", offset)
+            elif self._max_rss is not None and lane.tasks and lane.kill_reason is None:
+                rss = rss_of(lane.pid) or 0
+                if rss > 2 * self._max_rss:  # one item blowing far past the cap: stop it now
+                    offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                    self._kill(lane, "memory", offset)
+
+    def _kill(self, lane: _Lane, reason: str, offset: int = -1) -> None:
+        if lane.kill_reason is not None:
+            return
+        lane.kill_reason, lane.kill_offset = reason, offset
+        threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
+                         daemon=True, name="stagepool-kill").start()
+
+    def _kill_group(self, group: Hashable) -> None:
+        for lane in self._lanes:
+            if any(t.group == group for t in lane.tasks):
+                offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                self._kill(lane, "cancelled", offset)
+
+    def _kill_everything(self) -> None:
+        for lane in self._lanes:
+            if lane.kill_reason is None:
+                lane.kill_reason = "cancelled"
+                kill_tree(lane.pid, grace=0)
+
+    # ---- stopping ----------------------------------------------------------------------------
+
+    def _maybe_stop(self) -> bool:
+        with self._lock:
+            if not self._stopping or (self._pending and not self._kill_all):
+                return False
+        if any(lane.tasks for lane in self._lanes):
+            return False
+        for lane in list(self._lanes):
+            self._retire(lane)
+        return True
+
+    def _close_everything(self) -> None:
+        for lane in list(self._lanes):
+            kill_tree(lane.pid, grace=0)
+            for task in lane.tasks:
+                _notify(task, Cancelled("the engine was shut down"))
+            self._release(lane)
+        self._lanes.clear()
+        with self._lock:
+            leftovers = [t for q in self._pending.values() for t in q]
+            self._pending.clear()
+        for task in leftovers:
+            _notify(task, Cancelled("the engine was shut down"))
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ints.release()
+        self._floats.release()
+        self._record_map.close()
+        self._record_file.close()
+        _live_backends.discard(self)
+
+
+_live_backends: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """An engine left open at interpreter exit must not hang it: kill its workers now."""
+    for backend in list(_live_backends):
+        backend.shutdown(wait=True, cancel_pending=True, kill=True)

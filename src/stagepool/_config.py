@@ -1,0 +1,174 @@
+"""Keyword-only, validated settings and the parsing of size strings ("512MiB", "2GB").
+
+Everything here is pure: values come in, validated values (or a ``ValueError`` / ``TypeError`` naming
+the argument) come out. Nothing reads the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["EngineConfig", "format_size", "parse_size"]
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str, *, name: str = "size") -> int:
+    """Return ``value`` as a whole number of bytes.
+
+    Accepts a non-negative int, or a string such as ``"512MiB"``, ``"2GB"``, ``"1.5 GiB"``, ``"4096"``.
+    Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB) of 1024.
+
+    Raises ``TypeError`` for other types and ``ValueError`` (naming ``name``) for malformed or
+    negative sizes.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a size string like '512MiB', not bool")
+    if isinstance(value, int | float):
+        if value < 0 or value != value:
+            raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
+        return int(value)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a number of bytes or a size string like '512MiB', "
+            f"not {type(value).__name__}"
+        )
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"{name}: cannot parse size {value!r}; use bytes or a unit such as "
+            "'512MiB', '2GB', '1.5GiB'"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Format a byte count for humans, in binary units: ``format_size(3.1 * 2**30) == '3.1 GiB'``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---- engine settings ------------------------------------------------------------------------
+
+Timeout = float | Callable[[Any], float] | None
+FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
+DEFAULT_RETRY_ON: tuple[str, ...] = ("error", "crash", "timeout")
+
+
+def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= 1 (or None when allowed); otherwise an error naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, "
+                        f"not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_timeout(value: object, name: str = "timeout") -> Timeout:
+    """A positive number of seconds, a callable of the item returning one, or None."""
+    if value is None or callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be seconds (a number), a callable of the item, or None; "
+                        f"not {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value}")
+    return float(value)
+
+
+def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
+    """Failure kinds ("crash", "timeout", ...) and/or exception types that deserve a retry."""
+    entries = value if isinstance(value, tuple | list | set | frozenset) else (value,)
+    out: list[str | type[BaseException]] = []
+    for entry in entries:
+        if (isinstance(entry, str) and entry in FAILURE_KINDS) or (isinstance(entry, type) and issubclass(entry, BaseException)):
+            out.append(entry)
+        else:
+            raise ValueError(f"retry_on entries must be exception types or one of "
+                             f"{sorted(FAILURE_KINDS)}, got {entry!r}")
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """Validated engine settings; build with :meth:`create`, which raises naming the argument."""
+
+    workers: int | None  # None = "auto"
+    mem_per_task: int | None
+    chunk_size: int | None  # None = "auto"
+    max_in_flight: int | None
+    progress: bool
+    timeout: Timeout
+    retries: int
+    retry_on: tuple[str | type[BaseException], ...]
+    backoff: float
+    max_rss_per_worker: int | None
+    max_tasks_per_worker: int | None
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+
+    @classmethod
+    def create(cls, **kw: Any) -> EngineConfig:
+        from ._chunking import validate_chunk_size
+
+        workers = kw["workers"]
+        mem, rss = kw["mem_per_task"], kw["max_rss_per_worker"]
+        retries = kw["retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        backoff = kw["backoff"]
+        if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
+            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}")
+        initializer = kw["initializer"]
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        return cls(
+            workers=None if workers == "auto" else check_positive_int(workers, "workers"),
+            mem_per_task=None if mem is None else _positive_size(mem, "mem_per_task"),
+            chunk_size=validate_chunk_size(kw["chunk_size"]),
+            max_in_flight=check_positive_int(kw["max_in_flight"], "max_in_flight", allow_none=True),
+            progress=bool(kw["progress"]),
+            timeout=check_timeout(kw["timeout"]),
+            retries=retries,
+            retry_on=check_retry_on(kw["retry_on"]),
+            backoff=float(backoff),
+            max_rss_per_worker=None if rss is None else _positive_size(rss, "max_rss_per_worker"),
+            max_tasks_per_worker=check_positive_int(kw["max_tasks_per_worker"],
+                                                    "max_tasks_per_worker", allow_none=True),
+            initializer=initializer,
+            initargs=tuple(kw["initargs"]),
+        )
+
+
+def _positive_size(value: int | float | str, name: str) -> int:
+    size = parse_size(value, name=name)
+    if size <= 0:
+        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    return size

@@ -1,0 +1,875 @@
+"""The engine: turns items into chunks, keeps a bounded number in flight, and gives every item
+exactly one outcome, whatever happens to the workers.
+
+Data flow of one batch (``map``, ``imap``, ``map_async`` all run this in the caller's thread, or a
+helper thread for async callers; never in the event loop):
+
+    items (list, iterator) --islice--> chunk (start index, items)           _Batch._fill
+        | ChunkSizer picks the size ("auto": learns per-item time, shrinks at the tail)
+        | pickled HERE (a chunk that will not pickle is split to find the culprit item)
+        v
+    backend.submit(Task)   at most max_in_flight tasks of this batch at once (backpressure)
+        | pool thread -> worker: run_chunk(fn, items) -> result bytes / LaneDied / Cancelled
+        v
+    Task.on_done --> this batch's queue --> _Batch._absorb
+        | ok values       -> one "run" piece (values, durations, pid) for the whole chunk
+        | item errors     -> Failure pieces (retried first if retry_on says so)
+        | worker died     -> Failure for the one item it was running; the rest re-dispatched
+        v
+    ReportBuilder (map: columnar, no per-item objects)  or  Outcome stream (imap: ordered or not)
+
+Nothing is dropped or duplicated: each submitted index is tracked until it has a final piece.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import itertools
+import pickle
+import queue
+import signal
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ._backends import Backend, Cancelled, LaneDied, Task, TaskResult
+from ._chunking import ChunkSizer, validate_chunk_size
+from ._config import EngineConfig, Timeout, check_timeout
+from ._errors import (
+    EngineClosed,
+    RemoteError,
+    SerializationError,
+    TaskCancelled,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from ._outcome import (
+    BatchReport,
+    BatchStats,
+    Failure,
+    Kind,
+    Outcome,
+    RemoteTraceback,
+    ReportBuilder,
+)
+from ._progress import Progress, ProgressSink, make_sink
+from ._resources import WorkerPlan, plan_workers
+from ._worker import ErrInfo, apply_call, dumps, star_call
+
+__all__ = ["Engine"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_DEFAULT: Any = ...  # "use the engine's setting" for per-call options
+
+# Chunks of one batch in flight at once, per worker. Two keeps every worker fed while a result
+# travels back; more only holds memory (and makes other batches wait longer for their turn).
+IN_FLIGHT_PER_WORKER = 2
+# How long the batch loop sleeps at most when waiting, so Ctrl-C and retry back-off are noticed.
+WAIT_SLICE = 0.2
+
+# A piece of a batch's final outcomes: a run of consecutive results from one chunk, or one failure.
+# ("run", start, values, durations, pid, attempts, skip)  /  ("fail", index, Failure)
+Piece = tuple[Any, ...]
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+_CRASH_HINTS = {
+    "SIGKILL": "SIGKILL: usually the OOM killer; lower mem_per_task or workers",
+    "SIGSEGV": "a segmentation fault, usually a bug in a native extension",
+    "SIGBUS": "a bus error, usually a native extension or a truncated memory-mapped file",
+    "SIGABRT": "abort(), usually a failed assertion in a native library",
+    "SIGTERM": "SIGTERM from outside the engine",
+    "SIGFPE": "a floating-point exception in native code",
+    "SIGILL": "an illegal instruction in native code",
+}
+
+
+def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
+    """A message that says who died, how, on which item, the likely cause and the fault log."""
+    code = died.exitcode
+    if died.reason == "memory":
+        how = "was killed by stagepool: its memory passed twice max_rss_per_worker"
+        hint = "the item needs more memory than allowed; raise max_rss_per_worker or split it"
+    elif code is not None and code < 0:
+        how = f"was killed by {_signal_name(-code)}"
+        hint = _CRASH_HINTS.get(_signal_name(-code), "an unexpected signal")
+    elif code is not None:
+        how = f"exited with code {code}"
+        hint = "the task (or a library it called) ended the process, e.g. with os._exit()"
+    else:
+        how, hint = "died", "unknown cause"
+    msg = f"worker {died.pid} {how} while {stage} item {index}: {hint}"
+    if died.detail:
+        tail = "\n".join(died.detail.splitlines()[-20:])
+        msg += f"\n--- worker fault log (tail) ---\n{tail}"
+    return WorkerCrashed(msg)
+
+
+def _rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, BaseException, str]:
+    kind, blob, type_name, message, tb = info
+    if kind == "serialization":
+        return "serialization", SerializationError(f"item {index}: {message}"), tb
+    error: BaseException | None = None
+    if blob is not None:
+        try:
+            error = pickle.loads(blob)
+        except BaseException:
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(f"{type_name}: {message}", type_name=type_name, remote_traceback=tb)
+    error.__cause__ = RemoteTraceback(tb)
+    return ("error" if kind == "error" else "serialization"), error, tb
+
+
+class _FnRegistry:
+    """Pickles each function once and gives it a key, so workers unpickle it once too."""
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, int] = {}
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def register(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
+        blob = dumps(fn)
+        with self._lock:
+            key = self._keys.get(blob)
+            if key is None:
+                if len(self._keys) > 256:
+                    self._keys.clear()
+                key = self._keys[blob] = next(self._counter)
+        return key, blob
+
+
+def _pickle_items(items: list[Any]) -> bytes:
+    return dumps(items)
+
+
+class _Batch:
+    """One call's worth of work: feeds chunks with backpressure, turns answers into pieces."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[[Any], Any],
+        items: Iterable[Any],
+        *,
+        chunk_size: int | None,
+        timeout: Timeout,
+        sink: ProgressSink | None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.backend = engine._backend_or_raise()
+        cfg = engine.config
+        self.total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        self.it = iter(items)
+        self.group = object()
+        self.answers: queue.SimpleQueue[tuple[Task, TaskResult]] = queue.SimpleQueue()
+        self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
+                                self.backend.workers, self.total)
+        self.timeout, self.retries, self.retry_on = timeout, cfg.retries, cfg.retry_on
+        self.backoff = cfg.backoff
+        self.max_in_flight = max_in_flight or cfg.max_in_flight or (
+            IN_FLIGHT_PER_WORKER * self.backend.workers + 1)
+        self.sink = sink
+        self.fn = fn
+        try:
+            self.fn_key, self.fn_blob = engine._fns.register(fn)
+            self.fn_error: BaseException | None = None
+        except BaseException as exc:
+            self.fn_key, self.fn_blob, self.fn_error = 0, b"", exc
+        self.next_index = 0
+        self.exhausted = False
+        self.source_error: BaseException | None = None
+        self.in_flight: dict[int, tuple[int, list[Any], int]] = {}  # task id -> start, items, tries
+        self.again: collections.deque[tuple[float, int, list[Any], int]] = collections.deque()
+        self.ready: list[Piece] = []
+        self.done = self.failed = self.chunks = self.retried = 0
+        self.busy = 0.0
+        self.started = time.perf_counter()
+
+    # ---- feeding -----------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        while len(self.in_flight) < self.max_in_flight:
+            if self.again and self.again[0][0] <= time.monotonic():
+                _, start, items, tries = self.again.popleft()
+                self._submit(start, items, tries)
+            elif not self.exhausted:
+                self._take()
+            else:
+                return
+
+    def _take(self) -> None:
+        size = self.sizer.next_size(self.next_index)
+        chunk: list[Any] = []
+        try:
+            chunk.extend(itertools.islice(self.it, size))
+        except BaseException as exc:  # the caller's generator failed: finish what was taken
+            self.source_error = exc
+        if len(chunk) < size:  # list.extend keeps what the iterator gave before it raised
+            self.exhausted = True
+        if chunk:
+            start, self.next_index = self.next_index, self.next_index + len(chunk)
+            self._submit(start, chunk, 1)
+
+    def _submit(self, start: int, items: list[Any], tries: int) -> None:
+        if self.fn_error is not None:
+            for i in range(len(items)):
+                self._final_failure(start + i, "serialization", SerializationError(
+                    f"item {start + i}: the function {self.fn!r} cannot be pickled: "
+                    f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
+            return
+        try:
+            blob = _pickle_items(items)
+        except BaseException:
+            self._submit_isolating(start, items, tries)
+            return
+        timeouts = self._timeouts(start, items)
+        if isinstance(timeouts, BaseException):
+            for i in range(len(items)):
+                self._final_failure(start + i, "error", timeouts, tries)
+            return
+        task = Task(self.group, self.fn_key, self.fn_blob, blob, len(items), self._on_done,
+                    timeouts, self.sizer.expected_seconds(len(items)),
+                    self.sizer.per_item_clock())
+        try:
+            self.backend.submit(task)
+        except EngineClosed:
+            self._cancel_rest(start, items, tries)
+            return
+        self.in_flight[task.id] = (start, items, tries)
+
+    def _cancel_rest(self, start: int, items: list[Any], tries: int) -> None:
+        """The engine shut down under this batch: what never ran is cancelled, not lost.
+
+        For a sized input the items not yet taken get their cancelled outcome too; an iterator
+        of unknown length simply stops being read."""
+        runs = [(start, items)]
+        if self.total is not None and not self.exhausted:
+            rest = list(self.it)
+            runs.append((self.next_index, rest))
+            self.next_index += len(rest)
+        self.exhausted = True
+        for first, run in runs:
+            for i in range(len(run)):
+                self._final_failure(first + i, "cancelled", TaskCancelled(
+                    f"item {first + i} was cancelled before it ran: the engine was shut down"),
+                    tries)
+
+    def _submit_isolating(self, start: int, items: list[Any], tries: int) -> None:
+        """The chunk would not pickle: fail exactly the items that do not, send the others."""
+        run: list[Any] = []
+        for i, item in enumerate(items):
+            try:
+                dumps(item)
+            except BaseException as exc:
+                if run:
+                    self._submit(start + i - len(run), run, tries)
+                    run = []
+                self._final_failure(start + i, "serialization", SerializationError(
+                    f"item {start + i}: the argument ({type(item).__module__}."
+                    f"{type(item).__qualname__}) cannot be pickled: {type(exc).__name__}: {exc}"),
+                    tries)
+            else:
+                run.append(item)
+        if run:
+            self._submit(start + len(items) - len(run), run, tries)
+
+    def _timeouts(self, start: int, items: list[Any]) -> tuple[float, ...] | BaseException | None:
+        if self.timeout is None:
+            return None
+        if not callable(self.timeout):
+            return (self.timeout,) * len(items)
+        out = []
+        for i, item in enumerate(items):
+            try:
+                value = check_timeout(self.timeout(item), f"timeout({start + i})")
+            except BaseException as exc:
+                return exc
+            out.append(float(value) if value is not None else float("inf"))  # type: ignore[arg-type]
+        return tuple(out)
+
+    def _on_done(self, task: Task, result: TaskResult) -> None:
+        self.answers.put((task, result))  # runs in the pool thread: hand over, nothing more
+
+    # ---- absorbing answers ---------------------------------------------------------------------
+
+    def _absorb(self, task: Task, result: TaskResult) -> None:
+        entry = self.in_flight.pop(task.id, None)
+        if entry is None:
+            return
+        start, items, tries = entry
+        self.chunks += 1
+        if isinstance(result, bytes):
+            self._absorb_bytes(start, items, tries, result)
+        elif isinstance(result, LaneDied):
+            self._absorb_death(start, items, tries, result)
+        else:
+            for i in range(len(items)):
+                self._final_failure(start + i, "cancelled", TaskCancelled(
+                    f"item {start + i} was cancelled before it ran: {result.reason}"), tries)
+
+    def _absorb_bytes(self, start: int, items: list[Any], tries: int, blob: bytes) -> None:
+        try:
+            values, stamps, errors, pid, _rss = pickle.loads(blob)
+        except BaseException as exc:
+            if len(items) > 1:
+                self._split(start, items, tries)
+                return
+            self._final_failure(start, "serialization", SerializationError(
+                f"item {start}: its result could not be unpickled in the parent: "
+                f"{type(exc).__name__}: {exc}"), tries)
+            return
+        durations, busy = _durations(stamps, len(values))
+        self.busy += busy
+        self.sizer.observe(len(values), busy)
+        skip: set[int] = set()
+        if errors:
+            if any(info[0] == "unpickle" for info in errors.values()):
+                self._absorb_unpickle(start, items, tries, errors)
+                return
+            for offset, info in errors.items():
+                skip.add(offset)
+                kind, error, tb = _rebuild_error(info, start + offset)
+                self._failure_or_retry(start + offset, items[offset], kind, error, tries, tb,
+                                       durations[offset], pid)
+        self.ready.append(("run", start, values, durations, pid, tries, skip))
+        self.done += len(values) - len(skip)
+
+    def _absorb_unpickle(self, start: int, items: list[Any], tries: int,
+                         errors: dict[int, ErrInfo]) -> None:
+        if len(items) > 1:
+            self._split(start, items, tries)
+            return
+        info = errors[0]
+        self._final_failure(start, "serialization", SerializationError(
+            f"item {start}: {info[3]}"), tries, info[4])
+
+    def _absorb_death(self, start: int, items: list[Any], tries: int, died: LaneDied) -> None:
+        if died.offset < 0:  # died decoding or encoding: find the item by sending them singly
+            if len(items) > 1:
+                self._split(start, items, tries)
+                return
+            stage = "unpickling or pickling the data of"
+            offset = 0
+        else:
+            stage, offset = "running", died.offset
+        index = start + offset
+        if died.reason == "timeout":
+            limit = self._timeouts(index, [items[offset]])
+            seconds = limit[0] if isinstance(limit, tuple) else float("nan")
+            kind: Kind = "timeout"
+            error: BaseException = TaskTimeout(
+                f"item {index} ran longer than its timeout of {seconds:g} s in worker {died.pid}; "
+                "the worker and its child processes were killed and replaced")
+        elif died.reason == "cancelled":
+            kind, error = "cancelled", TaskCancelled(
+                f"item {index} was running when its batch was cancelled; its worker was killed")
+        else:
+            kind, error = "crash", crash_error(died, index, stage)
+        self._failure_or_retry(index, items[offset], kind, error, tries, None, 0.0, died.pid)
+        # The innocent: what ran before (results lost with the worker) and what had not started.
+        if offset > 0:
+            self.again.appendleft((0.0, start, items[:offset], tries))
+        if offset + 1 < len(items):
+            self.again.appendleft((0.0, index + 1, items[offset + 1:], tries))
+
+    def _split(self, start: int, items: list[Any], tries: int) -> None:
+        for i in reversed(range(len(items))):
+            self.again.appendleft((0.0, start + i, [items[i]], tries))
+
+    def _failure_or_retry(self, index: int, item: Any, kind: Kind, error: BaseException,
+                          tries: int, tb: str | None, duration: float, pid: int | None) -> None:
+        if tries <= self.retries and self._retryable(kind, error):
+            self.retried += 1
+            delay = self.backoff * 2 ** (tries - 1)
+            self.again.append((time.monotonic() + delay, index, [item], tries + 1))
+            return
+        self._final_failure(index, kind, error, tries, tb, duration, pid)
+
+    def _retryable(self, kind: Kind, error: BaseException) -> bool:
+        for entry in self.retry_on:
+            if entry == kind or (isinstance(entry, type) and isinstance(error, entry)):
+                return True
+        return False
+
+    def _final_failure(self, index: int, kind: Kind, error: BaseException, tries: int,
+                       tb: str | None = None, duration: float = 0.0,
+                       pid: int | None = None) -> None:
+        self.ready.append(("fail", index, Failure(kind, error, tb, duration, pid, tries)))
+        self.failed += 1
+        self.done += 1
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def pieces(self) -> Iterator[Piece]:
+        """Yield final pieces until every taken item has one; cancel leftovers on exit."""
+        finished = False
+        try:
+            while True:
+                self._fill()
+                if self.ready:
+                    yield from self._drain_ready()
+                    continue
+                if not self.in_flight:
+                    if self.exhausted and not self.again:
+                        finished = True
+                        return
+                    time.sleep(min(WAIT_SLICE, max(0.0, self.again[0][0] - time.monotonic()))
+                               if self.again else 0)
+                    continue
+                self._wait_answer()
+        finally:
+            if not finished:
+                self.cancel(kill_running=False)
+            if self.sink is not None:
+                self.sink.close()
+
+    def _drain_ready(self) -> Iterator[Piece]:
+        ready, self.ready = self.ready, []
+        yield from ready
+        if self.sink is not None:
+            self.sink.update(self.done, self.failed)
+
+    def _wait_answer(self) -> None:
+        wait = WAIT_SLICE
+        if self.again:
+            wait = min(wait, max(0.0, self.again[0][0] - time.monotonic()))
+        try:
+            task, result = self.answers.get(timeout=wait)
+        except queue.Empty:
+            return
+        self._absorb(task, result)
+        while True:  # take every answer already there before refilling
+            try:
+                task, result = self.answers.get_nowait()
+            except queue.Empty:
+                return
+            self._absorb(task, result)
+
+    def cancel(self, *, kill_running: bool) -> None:
+        """Withdraw this batch's queued chunks; optionally kill the workers running its items."""
+        self.exhausted = True
+        self.again.clear()
+        try:
+            self.backend.withdraw(self.group, kill_running=kill_running)
+        except Exception:
+            pass
+
+    def stats(self) -> BatchStats:
+        wall = time.perf_counter() - self.started
+        n = self.next_index
+        return BatchStats(items=n, wall_time=wall, busy_time=self.busy,
+                          workers=self.backend.workers, chunks=self.chunks,
+                          chunk_size=n / self.chunks if self.chunks else 0.0,
+                          retries=self.retried)
+
+
+def _durations(stamps: array[float], n: int) -> tuple[array[float], float]:
+    """Per-item durations from the worker's timestamps (n + 1 of them, or start and end only)."""
+    busy = stamps[-1] - stamps[0] if len(stamps) >= 2 else 0.0
+    if len(stamps) == n + 1:
+        return array("d", np.diff(np.frombuffer(stamps, dtype=np.float64)).tobytes()), busy
+    return array("d", [busy / n if n else 0.0]) * n, busy
+
+
+def _run_to_report(batch: _Batch) -> BatchReport[Any]:
+    builder = ReportBuilder(batch.total or 0)
+    try:
+        for piece in batch.pieces():
+            if piece[0] == "run":
+                _, start, values, durations, pid, tries, _skip = piece
+                builder.place(start, values, durations, pid, tries)
+            else:
+                builder.fail(piece[1], piece[2])
+    except KeyboardInterrupt:
+        batch.cancel(kill_running=True)
+        raise
+    report = builder.build(batch.next_index, batch.stats())
+    if batch.source_error is not None:
+        error = batch.source_error
+        error.report = report  # type: ignore[attr-defined]
+        error.add_note(f"stagepool: the items iterable raised after {batch.next_index} items; "
+                       "the partial report is attached as .report")
+        raise error
+    return report
+
+
+def _outcomes(batch: _Batch, ordered: bool) -> Iterator[Outcome[Any]]:
+    pending: dict[int, Outcome[Any]] = {}
+    next_out = 0
+    for piece in batch.pieces():
+        fresh = list(_piece_outcomes(piece))
+        if not ordered:
+            yield from fresh
+            continue
+        for outcome in fresh:
+            pending[outcome.index] = outcome
+        while next_out in pending:
+            yield pending.pop(next_out)
+            next_out += 1
+    if batch.source_error is not None:
+        raise batch.source_error
+
+
+def _piece_outcomes(piece: Piece) -> Iterator[Outcome[Any]]:
+    if piece[0] == "fail":
+        f: Failure = piece[2]
+        yield Outcome(piece[1], False, None, f.error, f.kind, f.traceback, f.duration, f.worker,
+                      f.attempts)
+        return
+    _, start, values, durations, pid, tries, skip = piece
+    for offset, value in enumerate(values):
+        if offset not in skip:
+            yield Outcome(start + offset, True, value, None, "ok", None, durations[offset], pid,
+                          tries)
+
+
+class Engine:
+    """A pool of worker processes that gives every item exactly one :class:`Outcome`.
+
+    ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quota, memory per task);
+    ``engine.plan`` says what it chose and why. The workers start here, once, and serve every
+    batch until :meth:`shutdown` (or the end of a ``with`` block).
+
+    All options are keyword-only and validated here: a bad value raises ``TypeError`` or
+    ``ValueError`` naming the argument, before any process starts.
+
+    Failure handling: an item that raises, times out, crashes its worker or cannot be pickled
+    fails alone, as an outcome; the engine keeps serving. ``retries`` re-runs failed items whose
+    kind or exception type is in ``retry_on`` (default: errors, crashes, timeouts), after
+    ``backoff * 2**(attempt - 1)`` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | str = "auto",
+        mem_per_task: int | str | None = None,
+        chunk_size: int | str = "auto",
+        max_in_flight: int | None = None,
+        progress: bool = False,
+        timeout: Timeout = None,
+        retries: int = 0,
+        retry_on: Any = ("error", "crash", "timeout"),
+        backoff: float = 0.0,
+        max_rss_per_worker: int | str | None = None,
+        max_tasks_per_worker: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self.config = EngineConfig.create(
+            workers=workers, mem_per_task=mem_per_task, chunk_size=chunk_size,
+            max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
+            retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
+            max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs)
+        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
+                                             max_workers=self.config.workers)
+        if self.config.workers is not None and self.plan.limited_by != "env":
+            self.workers = self.config.workers
+        else:
+            self.workers = self.plan.workers
+        self._fns = _FnRegistry()
+        self._lock = threading.Lock()
+        self._backend: Backend | None = self._start_backend()
+        self._executor: _ExecutorView | None = None
+
+    def _start_backend(self) -> Backend:
+        from ._backends._loky import LokyBackend
+
+        env = dict(self.plan.thread_env())
+        cpus = self.plan.cpus
+        for name in env:
+            env[name] = str(max(1, cpus // self.workers))
+        return LokyBackend(
+            self.workers, initializer=self.config.initializer, initargs=self.config.initargs,
+            env=env, max_rss=self.config.max_rss_per_worker,
+            max_tasks=self.config.max_tasks_per_worker)
+
+    def _backend_or_raise(self) -> Backend:
+        backend = self._backend
+        if backend is None:
+            raise EngineClosed("this engine has been shut down; create a new Engine")
+        return backend
+
+    def __repr__(self) -> str:
+        state = "closed" if self._backend is None else f"{self.workers} workers"
+        return f"<stagepool.Engine {state}: {self.plan.reason}>"
+
+    # ---- context management ------------------------------------------------------------------
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        from ._aio import shutdown_async
+
+        await shutdown_async(self, cancel_futures=exc[0] is not None)
+
+    # ---- batches --------------------------------------------------------------------------------
+
+    def _batch(self, fn: Callable[[Any], Any], items: Iterable[Any], *, chunk_size: Any,
+               progress: bool | None, desc: str | None,
+               on_progress: Callable[[Progress], object] | None, timeout: Any,
+               max_in_flight: int | None = None) -> _Batch:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        try:
+            iter(items)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(f"items must be iterable, not {type(items).__name__}") from None
+        size = None if chunk_size is None else validate_chunk_size(chunk_size)
+        limit = self.config.timeout if timeout is _DEFAULT else check_timeout(timeout)
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        show = self.config.progress if progress is None else progress
+        sink = make_sink(progress=show, on_progress=on_progress, total=total, desc=desc)
+        return _Batch(self, fn, items, chunk_size=size, timeout=limit, sink=sink,
+                      max_in_flight=max_in_flight)
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        *,
+        chunk_size: int | str | None = None,
+        timeout: Any = _DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> BatchReport[R]:
+        """Run ``fn`` on every item; return a :class:`BatchReport` with one outcome per item.
+
+        Never raises because an item failed. ``items`` is consumed lazily (at most
+        ``max_in_flight`` chunks ahead), so a generator works. If the generator itself raises,
+        the items already taken finish and its exception propagates with the partial report
+        attached as ``.report``.
+
+        Cancellation: on ``KeyboardInterrupt`` the batch's queued chunks are withdrawn, the
+        workers running its items are killed and replaced, and the interrupt propagates
+        (within about ``WAIT_SLICE`` seconds). Shutdown from another thread fails the remaining
+        items with kind ``"cancelled"``.
+        """
+        batch = self._batch(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
+                            on_progress=on_progress, timeout=timeout)
+        return _run_to_report(batch)
+
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        *,
+        ordered: bool = True,
+        chunk_size: int | str | None = None,
+        timeout: Any = _DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[Outcome[R]]:
+        """Stream outcomes as they finish (in input order when ``ordered``).
+
+        Memory stays flat for an endless ``items``: at most ``max_in_flight`` chunks are taken
+        ahead of what the consumer has read. Closing the iterator early (``break``, ``close()``)
+        withdraws chunks that have not started; running ones finish and are dropped.
+        """
+        batch = self._batch(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
+                            on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight)
+        return _outcomes(batch, ordered)
+
+    # ---- single calls --------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``.
+
+        The future raises the function's exception (worker traceback as ``__cause__``),
+        :class:`WorkerCrashed`, :class:`TaskTimeout` or :class:`SerializationError`. Cancelling
+        the future before it runs withdraws it. Raises :class:`EngineClosed` after shutdown.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        return _Single(self, fn, args, kwargs).future
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = _ExecutorView(self)
+            return self._executor
+
+    # ---- async (the bridge lives in _aio) -----------------------------------------------------
+
+    async def map_async(self, fn: Callable[[T], R], items: Any, **kwargs: Any) -> BatchReport[R]:
+        """Awaitable :meth:`map`; see :func:`stagepool._aio.map_async` for cancellation."""
+        from ._aio import map_async
+
+        return await map_async(self, fn, items, **kwargs)
+
+    def imap_async(self, fn: Callable[[T], R], items: Any, **kwargs: Any) -> Any:
+        """Async iterator of outcomes; see :func:`stagepool._aio.imap_async`."""
+        from ._aio import imap_async
+
+        return imap_async(self, fn, items, **kwargs)
+
+    async def submit_async(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Awaitable :meth:`submit`: returns the value or raises the task's exception."""
+        from ._aio import submit_async
+
+        return await submit_async(self, fn, *args, **kwargs)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live worker processes."""
+        backend = self._backend
+        return backend.worker_pids() if backend is not None else []
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                 kill: bool = False) -> None:
+        """Stop the workers. Idempotent.
+
+        ``wait``: block until queued work is done and the workers have exited.
+        ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
+        (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
+        with hung tasks); its items get kind ``"cancelled"``.
+        """
+        with self._lock:
+            backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.shutdown(wait=wait, cancel_pending=cancel_futures or kill, kill=kill)
+
+
+class _Single:
+    """One ``submit`` call: a one-item task resolved from the pool thread (no caller loop)."""
+
+    def __init__(self, engine: Engine, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.engine = engine
+        self.backend = engine._backend_or_raise()
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.group = object()
+        self.tries = 1
+        self.call = (fn, args, kwargs)
+        self.fn_key, self.fn_blob = engine._fns.register(apply_call)
+        self.future.add_done_callback(self._maybe_withdraw)
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            blob = dumps([self.call])
+        except BaseException as exc:
+            self.future.set_exception(SerializationError(
+                f"the call {self.call[0]!r} cannot be pickled (function or arguments): "
+                f"{type(exc).__name__}: {exc}"))
+            return
+        timeout = self.engine.config.timeout
+        timeouts = None
+        if timeout is not None:
+            timeouts = (timeout(self.call) if callable(timeout) else timeout,)
+        self.backend.submit(Task(self.group, self.fn_key, self.fn_blob, blob, 1, self._on_done,
+                                 timeouts))
+
+    def _maybe_withdraw(self, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            self.backend.withdraw(self.group)
+
+    def _on_done(self, task: Task, result: TaskResult) -> None:
+        if self.future.done():
+            return
+        if isinstance(result, Cancelled) or (
+                isinstance(result, LaneDied) and result.reason == "cancelled"):
+            self.future.cancel()
+            if not self.future.cancelled():  # it was already running: cancel() cannot apply
+                self._settle(None, TaskCancelled(f"cancelled: {getattr(result, 'reason', '')}"))
+            return
+        kind, value, error = self._decode(result)
+        cfg = self.engine.config
+        if kind != "ok" and self.tries <= cfg.retries and any(
+                e == kind or (isinstance(e, type) and isinstance(error, e)) for e in cfg.retry_on):
+            self.tries += 1
+            delay = cfg.backoff * 2 ** (self.tries - 2)
+            threading.Timer(delay, self._resend).start() if delay else self._resend()
+            return
+        self._settle(value, error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by the caller meanwhile: the result is dropped
+
+    def _resend(self) -> None:
+        try:
+            self._send()
+        except EngineClosed as exc:
+            self._settle(None, exc)
+
+    def _decode(self, result: TaskResult) -> tuple[Kind, Any, BaseException | None]:
+        if isinstance(result, LaneDied):
+            if result.reason == "timeout":
+                return "timeout", None, TaskTimeout(
+                    f"the call ran longer than its timeout in worker {result.pid}; "
+                    "the worker was killed and replaced")
+            return "crash", None, crash_error(result, 0, "running")
+        try:
+            values, _stamps, errors, _pid, _rss = pickle.loads(result)
+        except BaseException as exc:
+            return "serialization", None, SerializationError(
+                f"the result could not be unpickled in the parent: {type(exc).__name__}: {exc}")
+        if errors:
+            kind, error, _tb = _rebuild_error(errors[0], 0)
+            return kind, None, error
+        return "ok", values[0], None
+
+
+class _ExecutorView(concurrent.futures.Executor):
+    """The engine as a standard Executor: ``submit``/``map``/``shutdown`` with stdlib semantics."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[R]:
+        return self._engine.submit(fn, *args, **kwargs)
+
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[R]:
+        """Like ``ProcessPoolExecutor.map``: results in order; an item's exception is raised when
+        its result is reached; ``timeout`` bounds the whole iteration."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outcomes = self._engine.imap(functools.partial(star_call, fn), zip(*iterables, strict=False),
+                                     chunk_size=chunksize if chunksize > 1 else "auto")
+
+        def results() -> Iterator[R]:
+            for outcome in outcomes:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("Executor.map timed out")
+                yield outcome.unwrap()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._engine.shutdown(wait, cancel_futures=cancel_futures)

@@ -1,0 +1,88 @@
+"""The exception hierarchy. Every message says what happened, the likely cause and the fix.
+
+Item failures are normally *values* (an :class:`~stagepool.Outcome` of kind ``"error"``, ``"crash"``,
+...). These classes are what ``outcome.error`` holds for failures that did not come from the user's
+function itself, and what ``outcome.unwrap()`` / ``report.raise_on_failure()`` raise.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineClosed",
+    "InitializerError",
+    "RemoteError",
+    "SerializationError",
+    "StagepoolError",
+    "TaskCancelled",
+    "TaskTimeout",
+    "WorkerCrashed",
+]
+
+
+class StagepoolError(Exception):
+    """Base class of every error stagepool raises or reports itself."""
+
+
+class _Rebuildable(StagepoolError):
+    """An error that pickles by its message alone, so it crosses process boundaries intact."""
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (str(self),))
+
+
+class SerializationError(_Rebuildable):
+    """The function, an argument or a result could not be pickled or unpickled.
+
+    The message names the item index, the object's type and the pickling error. Fix: make the
+    object picklable (module-level functions and classes, no open files, locks or sockets), or
+    build it inside the worker from something that is.
+    """
+
+
+class WorkerCrashed(_Rebuildable):
+    """The worker process died while running this item (segfault, ``os._exit``, a signal, OOM).
+
+    Only the item that was running is blamed; the rest of its chunk ran again elsewhere.
+    """
+
+
+class TaskTimeout(_Rebuildable, TimeoutError):
+    """The item ran longer than its ``timeout``; its worker (and that worker's children) was killed."""
+
+
+class TaskCancelled(_Rebuildable):
+    """The item never ran to completion because its batch or the engine was cancelled."""
+
+
+class InitializerError(_Rebuildable):
+    """The engine's ``initializer`` raised in the worker; every item it would run fails with this.
+
+    The worker stays up (no respawn storm); fix the initializer and start a new engine.
+    """
+
+
+class EngineClosed(StagepoolError, RuntimeError):
+    """Work was submitted to an engine that has been shut down."""
+
+
+class RemoteError(_Rebuildable):
+    """An exception raised in the worker that could not be sent back as itself.
+
+    Happens when the exception's class cannot be pickled or rebuilt (for example an ``__init__``
+    that requires two arguments). ``type_name``, ``message`` and ``remote_traceback`` keep what is
+    known of the original.
+    """
+
+    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type, tuple[str], dict[str, str]]:  # type: ignore[override]
+        return (type(self), (self.message,), {
+            "type_name": self.type_name, "remote_traceback": self.remote_traceback,
+        })
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__dict__.update(state)

@@ -1,0 +1,272 @@
+"""Per-item outcomes and the batch report.
+
+A batch of 20,000 trivial items must not cost 20,000 Python objects in the parent, so the report is
+*columnar*: values, durations and worker pids live in flat lists/arrays filled a whole chunk at a
+time, failures in a dict keyed by item index. :class:`Outcome` objects are built only when the
+caller looks at one (``report[i]``, iteration, ``report.failed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, Literal, TypeVar, overload
+
+from ._config import format_size
+
+__all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback"]
+
+T = TypeVar("T")
+Kind = Literal["ok", "error", "timeout", "crash", "serialization", "cancelled"]
+KINDS: tuple[Kind, ...] = ("ok", "error", "timeout", "crash", "serialization", "cancelled")
+
+
+class RemoteTraceback(Exception):
+    """The worker's formatted traceback, attached as ``__cause__`` of an error raised in a worker."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb.rstrip()}\n"""'
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """What the parent keeps of one failed item (private: the public view is :class:`Outcome`)."""
+
+    kind: Kind
+    error: BaseException
+    traceback: str | None = None
+    duration: float = 0.0
+    worker: int | None = None
+    attempts: int = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """The single result of one input item: a value or an error, never both.
+
+    ``kind`` is ``"ok"``, ``"error"`` (the function raised), ``"timeout"``, ``"crash"`` (the worker
+    process died), ``"serialization"`` (something could not be pickled) or ``"cancelled"``.
+    ``duration`` is seconds spent in the worker, ``worker`` its pid, ``attempts`` how many times the
+    item was run (retries included).
+    """
+
+    index: int
+    ok: bool
+    value: T | None
+    error: BaseException | None
+    kind: Kind
+    traceback: str | None
+    duration: float
+    worker: int | None
+    attempts: int = 1
+
+    def unwrap(self) -> T:
+        """Return the value, or raise the item's error (with the worker traceback as ``__cause__``)."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Where the time went in one batch."""
+
+    items: int
+    wall_time: float
+    busy_time: float
+    workers: int
+    chunks: int
+    chunk_size: float
+    retries: int = 0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.wall_time if self.wall_time > 0 else 0.0
+
+    @property
+    def parallel_efficiency(self) -> float:
+        """Busy time in workers / (workers x wall time): 1.0 means every worker was always busy."""
+        denom = self.workers * self.wall_time
+        return min(1.0, self.busy_time / denom) if denom > 0 else 0.0
+
+
+class ReportBuilder:
+    """Collects a batch's results chunk by chunk, in any order, then freezes into a report."""
+
+    __slots__ = ("_attempts", "_durations", "_failures", "_values", "_workers", "chunks", "retries")
+
+    def __init__(self, size_hint: int = 0) -> None:
+        self._values: list[Any] = [None] * size_hint
+        self._durations = array("d", bytes(8 * size_hint))
+        self._workers = array("q", bytes(8 * size_hint))
+        self._failures: dict[int, Failure] = {}
+        self._attempts: dict[int, int] = {}
+        self.chunks = 0
+        self.retries = 0
+
+    def _grow(self, stop: int) -> None:
+        missing = stop - len(self._values)
+        if missing > 0:
+            self._values.extend([None] * missing)
+            self._durations.extend(array("d", bytes(8 * missing)))
+            self._workers.extend(array("q", bytes(8 * missing)))
+
+    def place(
+        self, start: int, values: list[Any], durations: array[float], worker: int, attempts: int = 1
+    ) -> None:
+        """Store a run of consecutive results (failed positions are overwritten by :meth:`fail`)."""
+        stop = start + len(values)
+        self._grow(stop)
+        self._values[start:stop] = values
+        self._durations[start:stop] = durations
+        self._workers[start:stop] = array("q", [worker]) * len(values)
+        if attempts != 1:
+            for i in range(start, stop):
+                self._attempts[i] = attempts
+
+    def fail(self, index: int, failure: Failure) -> None:
+        self._grow(index + 1)
+        self._values[index] = None
+        self._durations[index] = failure.duration
+        self._workers[index] = failure.worker or 0
+        self._failures[index] = failure
+
+    def build(self, size: int, stats: BatchStats) -> BatchReport[Any]:
+        self._grow(size)
+        del self._values[size:], self._durations[size:], self._workers[size:]
+        return BatchReport(self._values, self._durations, self._workers, self._failures,
+                           self._attempts, stats)
+
+
+class BatchReport(Sequence[Outcome[T]]):
+    """Every item's :class:`Outcome`, in input order, plus statistics.
+
+    Item failures never raise by themselves: look at ``failed``, or call :meth:`raise_on_failure`.
+    """
+
+    def __init__(
+        self,
+        values: list[Any],
+        durations: array[float],
+        workers: array[int],
+        failures: dict[int, Failure],
+        attempts: dict[int, int],
+        stats: BatchStats,
+    ) -> None:
+        self._values = values
+        self._durations = durations
+        self._workers = workers
+        self._failures = failures
+        self._attempts = attempts
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _outcome(self, i: int) -> Outcome[T]:
+        failure = self._failures.get(i)
+        if failure is not None:
+            return Outcome(i, False, None, failure.error, failure.kind, failure.traceback,
+                           failure.duration, failure.worker, failure.attempts)
+        return Outcome(i, True, self._values[i], None, "ok", None, self._durations[i],
+                       self._workers[i] or None, self._attempts.get(i, 1))
+
+    @overload
+    def __getitem__(self, i: int) -> Outcome[T]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Outcome[T]]: ...
+    def __getitem__(self, i: int | slice) -> Outcome[T] | list[Outcome[T]]:
+        if isinstance(i, slice):
+            return [self._outcome(j) for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"item index {i} out of range for a batch of {n}")
+        return self._outcome(i % n if n else i)
+
+    def __iter__(self) -> Iterator[Outcome[T]]:
+        return (self._outcome(i) for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"<BatchReport {len(self)} items, {len(self._failures)} failed>"
+
+    @property
+    def successful(self) -> list[Outcome[T]]:
+        """Outcomes of the items that succeeded, in input order."""
+        failures = self._failures
+        return [self._outcome(i) for i in range(len(self)) if i not in failures]
+
+    @property
+    def failed(self) -> list[Outcome[T]]:
+        """Outcomes of the items that failed (any kind but ``"ok"``), in input order."""
+        return [self._outcome(i) for i in sorted(self._failures)]
+
+    @property
+    def values(self) -> list[T]:
+        """The values of the successful items, in input order."""
+        if not self._failures:
+            return list(self._values)
+        failures = self._failures
+        return [v for i, v in enumerate(self._values) if i not in failures]
+
+    @property
+    def success_rate(self) -> float:
+        """Successful / total; 0.0 for an empty batch."""
+        n = len(self)
+        return (n - len(self._failures)) / n if n else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every item succeeded (an empty batch is ok)."""
+        return not self._failures
+
+    def counts(self) -> dict[Kind, int]:
+        """How many items ended in each kind (kinds with zero items are left out)."""
+        counter: Counter[Kind] = Counter(f.kind for f in self._failures.values())
+        ok = len(self) - len(self._failures)
+        return {"ok": ok, **dict(counter)} if ok else dict(counter)
+
+    def summary(self, *, max_failures: int = 5) -> str:
+        """A short human report: counts, speed, and the first failures with index and cause."""
+        s = self.stats
+        n = len(self)
+        head = (f"{n} items: {n - len(self._failures)} ok, {len(self._failures)} failed "
+                f"({self.success_rate:.1%} success) in {s.wall_time:.2f} s "
+                f"({s.items_per_second:,.0f} items/s, {s.workers} workers, "
+                f"parallel efficiency {s.parallel_efficiency:.0%}, {s.chunks} chunks)")
+        lines = [head]
+        if self._failures:
+            kinds = ", ".join(f"{k} {c}" for k, c in self.counts().items() if k != "ok")
+            lines.append(f"failures by kind: {kinds}")
+            for i in sorted(self._failures)[:max_failures]:
+                f = self._failures[i]
+                lines.append(f"  item {i} [{f.kind}]: {type(f.error).__name__}: {f.error}")
+            if len(self._failures) > max_failures:
+                lines.append(f"  ... and {len(self._failures) - max_failures} more")
+        return "\n".join(lines)
+
+    def raise_on_failure(self) -> BatchReport[T]:
+        """Raise an ``ExceptionGroup`` of every failure, each noted with its item index.
+
+        Returns the report unchanged when nothing failed, so it chains:
+        ``values = engine.map(f, xs).raise_on_failure().values``.
+        """
+        if not self._failures:
+            return self
+        errors = []
+        for i in sorted(self._failures):
+            err = self._failures[i].error
+            note = f"stagepool: item {i} ({self._failures[i].kind})"
+            if note not in getattr(err, "__notes__", ()):
+                err.add_note(note)
+            errors.append(err)
+        raise BaseExceptionGroup(f"{len(errors)} of {len(self)} items failed", errors)
+
+
+def describe_bytes(n: int) -> str:
+    return format_size(n)

@@ -1,0 +1,123 @@
+"""Progress reporting: a small sink protocol and its adapters (the only tqdm import).
+
+The engine calls ``sink.update(done, failed)`` once per finished chunk, from the thread that runs
+the batch, and ``sink.close()`` exactly once at the end (also on error or cancellation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
+
+__all__ = ["Progress", "ProgressSink", "make_sink"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """What an ``on_progress`` callback receives after each finished chunk."""
+
+    done: int  # items with an outcome (ok or failed)
+    failed: int
+    total: int | None  # None for an iterator of unknown length
+    elapsed: float  # seconds since the batch started
+
+    @property
+    def rate(self) -> float:
+        """Items per second so far."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class ProgressSink(Protocol):
+    def update(self, done: int, failed: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Fanout:
+    def __init__(self, sinks: list[ProgressSink]) -> None:
+        self._sinks = sinks
+
+    def update(self, done: int, failed: int) -> None:
+        for sink in self._sinks:
+            sink.update(done, failed)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()
+
+
+class _Callback:
+    def __init__(self, fn: Callable[[Progress], object], total: int | None) -> None:
+        self._fn, self._total, self._start = fn, total, time.perf_counter()
+
+    def update(self, done: int, failed: int) -> None:
+        self._fn(Progress(done, failed, self._total, time.perf_counter() - self._start))
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """A tqdm bar on a terminal; on a log file or pipe, a plain line every 10% or 10 s."""
+
+    def __init__(self, total: int | None, desc: str | None, file: TextIO) -> None:
+        self._total, self._desc, self._file = total, desc or "items", file
+        self._start = self._last_line = time.perf_counter()
+        self._next_share = 0.1
+        self._done = self._failed = 0
+        self._bar: Any = None
+        if file.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="item", file=file, dynamic_ncols=True,
+                             smoothing=0.1)
+
+    def update(self, done: int, failed: int) -> None:
+        if self._bar is not None:
+            self._bar.update(done - self._done)
+            if failed != self._failed:
+                self._bar.set_postfix(failed=failed, refresh=False)
+        self._done, self._failed = done, failed
+        if self._bar is None:
+            self._maybe_line()
+
+    def _maybe_line(self) -> None:
+        now = time.perf_counter()
+        share = self._done / self._total if self._total else 0.0
+        if share >= self._next_share or now - self._last_line >= 10.0:
+            self._next_share = share + 0.1
+            self._last_line = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        total = f"/{self._total}" if self._total is not None else ""
+        rate = self._done / (now - self._start) if now > self._start else 0.0
+        print(f"{self._desc}: {self._done}{total} done, {self._failed} failed, {rate:,.1f} items/s",
+              file=self._file, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._done and self._done != (self._total or 0) * self._next_share:
+            self._line(time.perf_counter())
+
+
+def make_sink(
+    *,
+    progress: bool,
+    on_progress: Callable[[Progress], object] | None,
+    total: int | None,
+    desc: str | None,
+    file: TextIO | None = None,
+) -> ProgressSink | None:
+    """The sink for one batch, or None when nobody is watching (the fast path)."""
+    sinks: list[ProgressSink] = []
+    if progress:
+        sinks.append(_Bar(total, desc, file or sys.stderr))
+    if on_progress is not None:
+        sinks.append(_Callback(on_progress, total))
+    if not sinks:
+        return None
+    return sinks[0] if len(sinks) == 1 else _Fanout(sinks)

@@ -1,0 +1,346 @@
+"""Everything that runs inside a worker process.
+
+This module is the child side of the pool and imports nothing heavy (no numpy, no psutil, no loky),
+so a worker starts fast. One worker runs one chunk at a time:
+
+    parent --(task bytes: chunk id, fn, items, timeouts)--> lane_main --> run_chunk(fn, items)
+    parent <--(result bytes: values, timestamps, errors, pid, rss)------------/
+
+While it runs, the worker writes *which item it is on* into its slot of a shared record (an mmap of
+a memfd owned by the parent). That record is how the parent blames exactly one item when the
+worker dies or overruns its timeout: no guessing, no bisection. The write is a single store into
+shared memory, cheap enough for items that take a microsecond.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+__all__ = [
+    "RECORD_FIELDS",
+    "ChunkResult",
+    "ErrInfo",
+    "apply_call",
+    "dumps",
+    "encode_result",
+    "lane_main",
+    "run_chunk",
+    "star_call",
+]
+
+# Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
+# (time.monotonic, shared by all processes on Linux), phase. Phases tell the parent what a dead
+# worker was doing: a death while decoding or encoding is not any single item's fault.
+RECORD_FIELDS = 5
+F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
+PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE = 0, 1, 2, 3
+
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# (kind, pickled exception or None, type name, message, formatted traceback)
+ErrInfo = tuple[str, bytes | None, str, str, str]
+# (values, timestamps (len n + 1: start of each item, then the end), errors by offset, pid, rss)
+ChunkResult = tuple[list[Any], array, dict[int, ErrInfo] | None, int, int]
+
+
+class _Record:
+    """This worker's slot in the parent's shared record."""
+
+    def __init__(self, path: str, slot: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._mm = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        base = slot * RECORD_FIELDS
+        self.ints = memoryview(self._mm).cast("q")[base : base + RECORD_FIELDS]
+        self.floats = memoryview(self._mm).cast("d")[base : base + RECORD_FIELDS]
+        self.ints[F_PID] = os.getpid()
+
+
+class _Scratch:
+    """Where run_chunk writes its progress when it runs outside a pool worker (tests, dask)."""
+
+    def __init__(self) -> None:
+        self.ints = memoryview(bytearray(8 * RECORD_FIELDS)).cast("q")
+        self.floats = memoryview(bytearray(8 * RECORD_FIELDS)).cast("d")
+
+
+_NO_RECORD: Any = _Scratch()
+
+
+def _exc_info(kind: str, exc: BaseException) -> ErrInfo:
+    """Pack an exception so that the parent can rebuild it, or at least describe it."""
+    tb = "".join(traceback.format_exception(exc))
+    blob: bytes | None
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)  # an exception whose __init__ cannot be replayed fails here, not later
+    except BaseException:
+        blob = None
+    return (kind, blob, _type_name(exc), _safe_str(exc), tb)
+
+
+def _type_name(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__name__
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle with cloudpickle: as fast as pickle on plain data (measured: 51 vs 47 us for 5,000
+    ints), and it also carries lambdas, closures and classes defined in ``__main__``, which a
+    worker that did not import the caller's script could not find by reference."""
+    return cloudpickle.dumps(obj, PICKLE_PROTOCOL)  # type: ignore[no-any-return]
+
+
+def run_chunk(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    record: _Record | None = None,
+    chunk_id: int = 0,
+    timed: bool = False,
+    per_item_clock: bool = True,
+) -> ChunkResult:
+    """Run ``fn`` on each item; capture each value or exception, and when each item started.
+
+    Never raises for an item's failure, including ``SystemExit`` and ``KeyboardInterrupt`` raised by
+    the function: those are that item's error, not the worker's death.
+
+    ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
+    would double the cost): the timestamps are then only the chunk's start and end, and each item's
+    duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
+    """
+    values: list[Any] = []
+    errors: dict[int, ErrInfo] | None = None
+    keep, clock = values.append, time.perf_counter
+    if record is None:
+        record = _NO_RECORD
+    ints, floats = record.ints, record.floats
+    ints[F_CHUNK] = chunk_id
+    ints[F_PHASE] = PHASE_RUN
+    stamps = array("d", [clock()])
+    if per_item_clock or timed:
+        stamp, now = stamps.append, time.monotonic
+        stamps.pop()
+        for offset, item in enumerate(items):
+            if timed:  # the start time first: the parent reads the offset first, then the time
+                floats[F_START] = now()
+            ints[F_OFFSET] = offset
+            stamp(clock())
+            try:
+                keep(fn(item))
+            except BaseException as exc:
+                keep(None)
+                if errors is None:
+                    errors = {}
+                errors[offset] = _exc_info("error", exc)
+                del exc
+    else:
+        for offset, item in enumerate(items):
+            ints[F_OFFSET] = offset
+            try:
+                keep(fn(item))
+            except BaseException as exc:
+                keep(None)
+                if errors is None:
+                    errors = {}
+                errors[offset] = _exc_info("error", exc)
+                del exc
+    stamps.append(clock())
+    return (values, stamps, errors, os.getpid(), _rss())
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def encode_result(result: ChunkResult) -> bytes:
+    """Pickle a chunk result; a value that cannot be pickled fails its own item, not the chunk."""
+    try:
+        return dumps(result)
+    except BaseException:
+        pass
+    values, stamps, errors, pid, rss = result
+    errors = dict(errors or {})
+    clean: list[Any] = []
+    for offset, value in enumerate(values):
+        try:
+            dumps(value)
+            clean.append(value)
+        except BaseException as exc:
+            clean.append(None)
+            msg = (f"the result ({_type_name(value)}) cannot be pickled to send it back: "
+                   f"{type(exc).__name__}: {_safe_str(exc)}")
+            errors[offset] = ("serialization", None, "SerializationError", msg,
+                              "".join(traceback.format_exception(exc)))
+    return dumps((clean, stamps, errors, pid, rss))
+
+
+def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
+    """The item function of ``Engine.submit``: each item is one ``(fn, args, kwargs)`` call."""
+    fn, args, kwargs = call
+    return fn(*args, **kwargs)
+
+
+def star_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``Executor.map`` over several iterables: each item is a tuple of arguments."""
+    return fn(*args)
+
+
+# ---- the worker's main loop -------------------------------------------------------------------
+
+class _FnCache:
+    """Functions already unpickled in this worker, by the parent's key (one per function).
+
+    A function that fails to unpickle is cached as its exception: the parent sends each blob
+    only once per worker, so every later chunk must fail the same way, not with a missing key.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._fns: dict[int, Callable[[Any], Any] | BaseException] = {}
+        self._size = size
+
+    def get(self, key: int, blob: bytes | None) -> Callable[[Any], Any]:
+        fn = self._fns.get(key)
+        if fn is None:
+            if blob is None:
+                raise KeyError(f"function {key} was never sent to this worker")
+            try:
+                fn = pickle.loads(blob)
+            except BaseException as exc:
+                fn = exc
+            if len(self._fns) >= self._size:
+                self._fns.pop(next(iter(self._fns)))
+            self._fns[key] = fn
+        if isinstance(fn, BaseException):
+            raise fn
+        return fn
+
+
+def _watch_parent(ppid: int) -> None:
+    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind."""
+    while True:
+        time.sleep(0.25)
+        if os.getppid() != ppid:
+            os._exit(3)
+
+
+def _enable_fault_log(path: str) -> None:
+    """Send faulthandler's dump (segfault, abort) to a file the parent reads when we die."""
+    try:
+        log = open(path, "w")  # noqa: SIM115 - stays open for the life of the worker
+    except OSError:
+        return
+    faulthandler.enable(file=log, all_threads=True)
+    _keep_alive.append(log)
+
+
+_keep_alive: list[object] = []
+
+
+def _decode_failure(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
+    info = _exc_info(kind, exc)
+    message = f"{what}: {info[2]}: {info[3]}"
+    if kind == "error":
+        from ._errors import InitializerError
+
+        info = (kind, dumps(InitializerError(message)), "InitializerError", message, info[4])
+    else:
+        info = (kind, None, info[2], message, info[4])
+    return ([None] * n_items, array("d", [0.0] * (n_items + 1)),
+            dict.fromkeys(range(n_items), info), os.getpid(), _rss())
+
+
+def _handle(
+    header: bytes, items_blob: bytes, fns: _FnCache, record: _Record,
+    init_error: BaseException | None,
+) -> bytes:
+    chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock = pickle.loads(header)
+    ints = record.ints
+    ints[F_CHUNK], ints[F_OFFSET], ints[F_PHASE] = chunk_id, -1, PHASE_DECODE
+    if init_error is not None:
+        result = _decode_failure(n_items, "error", init_error, "the worker initializer failed")
+    else:
+        try:
+            fn = fns.get(fn_key, fn_blob)
+        except BaseException as exc:
+            result = _decode_failure(n_items, "serialization", exc,
+                                     "the function could not be unpickled in the worker")
+        else:
+            try:
+                items = pickle.loads(items_blob)
+            except BaseException as exc:
+                # Not one item's fault yet: the parent re-sends the items one by one to find it.
+                result = _decode_failure(n_items, "unpickle", exc,
+                                         "an argument could not be unpickled in the worker")
+            else:
+                result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
+                                   per_item_clock=per_item_clock)
+                del items
+    ints[F_PHASE] = PHASE_ENCODE
+    blob = encode_result(result)
+    ints[F_PHASE] = PHASE_IDLE
+    return blob
+
+
+def lane_main(
+    conn: Any,
+    record_path: str,
+    slot: int,
+    ppid: int,
+    fault_path: str,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+) -> None:
+    """The worker process: read tasks from ``conn`` until EOF or an empty message, answer each.
+
+    A task is two messages (a small header, then the pickled items); the answer is one.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="watch-parent").start()
+    _enable_fault_log(fault_path)
+    record = _Record(record_path, slot)
+    init_error: BaseException | None = None
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:  # reported on every item, so the pool does not respawn-loop
+            init_error = exc
+    fns = _FnCache()
+    while True:
+        try:
+            header = conn.recv_bytes()
+            if not header:
+                break
+            items_blob = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        conn.send_bytes(_handle(header, items_blob, fns, record, init_error))
+        del items_blob
+    sys.stdout.flush()
+    sys.stderr.flush()

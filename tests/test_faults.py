@@ -1,0 +1,200 @@
+"""The crash table: every way a task can misbehave, on real workers, and what the caller sees.
+
+Each row checks the central promise: one outcome per item, only the guilty item fails (with the
+expected kind and a message that says why), the engine keeps serving with its full worker count,
+and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import _tasks
+import stagepool as sp
+from conftest import WAIT, shm_entries, stagepool_workers, wait_until
+
+N = 12
+GUILTY = 5  # the item that misbehaves: its value is 0, every other item's value is its index + 1
+
+
+def items() -> list[int]:
+    return [0 if i == GUILTY else i + 1 for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def fault_engine() -> Iterator[sp.Engine]:
+    with sp.Engine(workers=2, timeout=2.0, chunk_size=4) as eng:
+        yield eng
+
+
+# fn, expected kind, error type, words the message must contain
+CRASH_TABLE: list[tuple[Callable[[int], int], str, type[BaseException], tuple[str, ...]]] = [
+    (_tasks.segfault, "crash", sp.WorkerCrashed, ("SIGSEGV", f"item {GUILTY}", "segmentation")),
+    (_tasks.hard_exit, "crash", sp.WorkerCrashed, ("exited with code 3", f"item {GUILTY}")),
+    (_tasks.sigkill_self, "crash", sp.WorkerCrashed, ("SIGKILL", "OOM killer", f"item {GUILTY}")),
+    (_tasks.sigterm_self, "crash", sp.WorkerCrashed, ("SIGTERM", f"item {GUILTY}")),
+    (_tasks.hang_sleep, "timeout", sp.TaskTimeout, (f"item {GUILTY}", "timeout of 2 s")),
+    (_tasks.hang_loop, "timeout", sp.TaskTimeout, (f"item {GUILTY}", "killed")),
+    (_tasks.hang_ignoring_sigterm, "timeout", sp.TaskTimeout, (f"item {GUILTY}",)),
+    (_tasks.hang_in_c, "timeout", sp.TaskTimeout, (f"item {GUILTY}",)),
+    (_tasks.raise_timeout_error, "error", TimeoutError, ("the task's own timeout",)),
+]
+
+
+@pytest.mark.parametrize(("fn", "kind", "error_type", "words"), CRASH_TABLE,
+                         ids=[row[0].__name__ for row in CRASH_TABLE])
+def test_crash_table(fault_engine: sp.Engine, fn: Callable[[int], int], kind: str,
+                     error_type: type[BaseException], words: tuple[str, ...]) -> None:
+    shm_before = shm_entries()
+    started = time.monotonic()
+    report = fault_engine.map(fn, items())
+    assert time.monotonic() - started < WAIT
+    assert len(report) == N
+    assert [o.index for o in report] == list(range(N))
+    guilty = report[GUILTY]
+    assert guilty.kind == kind, guilty
+    assert isinstance(guilty.error, error_type), repr(guilty.error)
+    for word in words:
+        assert word in str(guilty.error), (word, str(guilty.error))
+    innocent = [o for o in report if o.index != GUILTY]
+    assert all(o.ok for o in innocent), [o for o in innocent if not o.ok]
+    assert [o.value for o in innocent] == [i + 1 for i in range(N) if i != GUILTY]
+    # the engine still serves, at full strength, and nothing leaked
+    assert fault_engine.map(_tasks.double, range(20)).values == [2 * i for i in range(20)]
+    assert wait_until(lambda: len(fault_engine.worker_pids()) == 2)
+    assert wait_until(lambda: stagepool_workers() >= set(fault_engine.worker_pids()))
+    assert shm_entries() <= shm_before
+
+
+def test_crash_in_last_item_and_consecutive_chunks(fault_engine: sp.Engine) -> None:
+    values = [1, 2, 0, 4, 0, 6, 7, 0]  # crashes in consecutive chunks, and the last item
+    report = fault_engine.map(_tasks.hard_exit, values)
+    assert [o.kind for o in report] == ["ok", "ok", "crash", "ok", "crash", "ok", "ok", "crash"]
+
+
+def test_every_item_crashing(fault_engine: sp.Engine) -> None:
+    report = fault_engine.map(_tasks.hard_exit, [0] * 6)
+    assert [o.kind for o in report] == ["crash"] * 6
+    assert fault_engine.map(_tasks.double, [4]).values == [8]
+
+
+def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
+    def misbehave(x: int) -> int:
+        if x == -1:
+            os._exit(9)
+        if x == -2:
+            time.sleep(10**6)
+        return x
+
+    report = fault_engine.map(misbehave, [1, -1, 2, 3, -2, 4, 5])
+    assert [o.kind for o in report] == ["ok", "crash", "ok", "ok", "timeout", "ok", "ok"]
+    assert report.values == [1, 2, 3, 4, 5]
+
+
+def test_timeout_kills_the_tasks_children(fault_engine: sp.Engine, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    child_file = tmp_path / "child.pid"
+    monkeypatch.setenv("STAGEPOOL_TEST_CHILD_FILE", str(child_file))
+    with sp.Engine(workers=1, timeout=1.5) as eng:
+        report = eng.map(_tasks.hang_with_child, [1, 0, 2])
+        assert [o.kind for o in report] == ["ok", "timeout", "ok"]
+    child = int(child_file.read_text())
+    assert wait_until(lambda: not psutil.pid_exists(child) or
+                      psutil.Process(child).status() == psutil.STATUS_ZOMBIE, timeout=10)
+
+
+def test_timeout_as_callable_of_the_item(fault_engine: sp.Engine) -> None:
+    report = fault_engine.map(_tasks.sleep_for, [0.05, 1.5, 0.05],
+                              timeout=lambda seconds: 0.5 if seconds > 1 else 5)
+    assert [o.kind for o in report] == ["ok", "timeout", "ok"]
+    assert "timeout of 0.5 s" in str(report[1].error)
+
+
+def test_retries_count_attempts_and_never_duplicate(tmp_path: Path) -> None:
+    marker = tmp_path / "crashed-once"
+
+    def flaky(x: int) -> int:
+        if x == 3 and not marker.exists():
+            marker.write_text("x")
+            os._exit(1)
+        return x
+
+    with sp.Engine(workers=2, retries=2, retry_on=("crash",)) as eng:
+        report = eng.map(flaky, range(8))
+    assert report.values == list(range(8)) and len(report) == 8
+    assert report[3].attempts == 2 and report[2].attempts == 1
+    assert report.stats.retries == 1
+
+
+def test_retry_on_exception_type_gives_up_after_n(engine: sp.Engine) -> None:
+    with sp.Engine(workers=1, retries=2, retry_on=(ValueError,)) as eng:
+        report = eng.map(_tasks.fail_on, [(1, True), (2, False)])
+    assert report[0].kind == "error" and report[0].attempts == 3
+    assert report[1].ok and report[1].attempts == 1
+
+
+def test_submit_reports_a_crash(fault_engine: sp.Engine) -> None:
+    future = fault_engine.submit(_tasks.hard_exit, 0)
+    with pytest.raises(sp.WorkerCrashed, match="exited with code 3"):
+        future.result(timeout=WAIT)
+    assert fault_engine.submit(_tasks.double, 21).result(timeout=WAIT) == 42
+
+
+def test_shutdown_kill_finishes_fast_with_hung_tasks() -> None:
+    eng = sp.Engine(workers=2)
+    futures = [eng.submit(_tasks.hang_sleep, 0) for _ in range(4)]
+    time.sleep(0.5)
+    pids = eng.worker_pids()
+    started = time.monotonic()
+    eng.shutdown(kill=True)
+    assert time.monotonic() - started < 5
+    for future in futures:
+        assert future.done()
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                      != psutil.STATUS_ZOMBIE for p in pids), timeout=10)
+
+
+def test_shutdown_cancel_futures_gives_cancelled_outcomes() -> None:
+    eng = sp.Engine(workers=1, chunk_size=1)
+    import threading
+
+    result: list[sp.BatchReport[float]] = []
+    runner = threading.Thread(target=lambda: result.append(eng.map(_tasks.sleep_for, [0.3] * 20)))
+    runner.start()
+    time.sleep(0.5)
+    eng.shutdown(wait=True, cancel_futures=True)
+    runner.join(WAIT)
+    assert not runner.is_alive()
+    report = result[0]
+    assert len(report) == 20
+    kinds = {o.kind for o in report}
+    assert kinds <= {"ok", "cancelled"} and "cancelled" in kinds
+    assert report[0].ok
+
+
+def test_memory_guard_recycles_a_growing_worker() -> None:
+    def grow(x: int) -> int:
+        global _hoard
+        try:
+            _hoard.append(bytearray(40 * 2**20))
+        except NameError:
+            _hoard = [bytearray(40 * 2**20)]
+        for block in _hoard:
+            block[::4096] = b"x" * len(block[::4096])
+        return os.getpid()
+
+    with sp.Engine(workers=1, chunk_size=1, max_rss_per_worker="150MiB") as eng:
+        pids = eng.map(grow, range(12)).values
+    assert len(set(pids)) >= 2  # the worker was replaced at least once
+
+
+def test_max_tasks_per_worker_recycles() -> None:
+    with sp.Engine(workers=1, chunk_size=1, max_tasks_per_worker=3) as eng:
+        pids = eng.map(_tasks.pid_of, range(9)).values
+    assert len(set(pids)) == 3

@@ -1,0 +1,553 @@
+"""Tests for ``stagepool._resources``: cgroups on fake trees, pure planning, process helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stagepool._resources import (
+    THREAD_ENV_VARS,
+    ResourceSnapshot,
+    WorkerPlan,
+    format_snapshot,
+    kill_tree,
+    plan_from_snapshot,
+    plan_workers,
+    process_tree_pids,
+    rss_of,
+)
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 writes for "no limit" (2**63 page-aligned)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake /proc and /sys/fs/cgroup trees
+# --------------------------------------------------------------------------------------------------
+
+
+def make_tree(tmp_path: Path, proc_cgroup: str | None, files: dict[str, str]) -> tuple[Path, Path]:
+    """Write ``{proc}/self/cgroup`` (unless None) and ``files`` under a fake cgroup root."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    root.mkdir()
+    if proc_cgroup is not None:
+        (proc / "self" / "cgroup").write_text(textwrap.dedent(proc_cgroup).lstrip())
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content + "\n")
+    return proc, root
+
+
+def read_fake(proc: Path, root: Path, **overrides: Any) -> ResourceSnapshot:
+    """Read a fake tree with the machine-dependent values pinned, so results are deterministic."""
+    kwargs: dict[str, Any] = {
+        "environ": {},
+        "logical_cpus": 8,
+        "affinity_cpus": 8,
+        "mem_total": 16 * GiB,
+        "mem_available": 12 * GiB,
+    }
+    kwargs.update(overrides)
+    return ResourceSnapshot.read(proc_root=proc, cgroup_root=root, **kwargs)
+
+
+def test_v2_limited_reads_the_leaf_not_the_root(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "0::/app.slice/job.scope\n",
+        {
+            "app.slice/job.scope/cpu.max": "150000 100000",
+            "app.slice/job.scope/memory.max": str(2 * GiB),
+            "app.slice/job.scope/memory.current": str(512 * MiB),
+            # Decoys at the root: must be ignored because the leaf directory exists.
+            "cpu.max": "400000 100000",
+            "memory.max": str(8 * GiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 2
+    assert snap.cgroup_cpu_quota == 1.5
+    assert snap.cgroup_mem_limit == 2 * GiB
+    assert snap.cgroup_mem_usage == 512 * MiB
+    assert snap.usable_cpus == 1  # 1.5 CPUs of quota rounds down
+    assert snap.effective_mem_available == 2 * GiB - 512 * MiB
+    assert snap.memory_limited_by_cgroup
+
+
+def test_v2_unlimited(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "0::/user.slice\n",
+        {
+            "user.slice/cpu.max": "max 100000",
+            "user.slice/memory.max": "max",
+            "user.slice/memory.current": str(1 * GiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 2
+    assert snap.cgroup_cpu_quota is None
+    assert snap.cgroup_mem_limit is None
+    assert snap.cgroup_mem_usage == 1 * GiB
+    assert snap.usable_cpus == 8
+    assert snap.effective_mem_available == 12 * GiB
+    assert not snap.memory_limited_by_cgroup
+
+
+@pytest.mark.parametrize("cpu_dir", ["cpu,cpuacct", "cpu"])
+def test_v1_limited(tmp_path: Path, cpu_dir: str) -> None:
+    # A hybrid host also lists "0::/": the v1 controllers must still win.
+    controllers = "cpu,cpuacct" if cpu_dir == "cpu,cpuacct" else "cpu"
+    proc, root = make_tree(
+        tmp_path,
+        f"""
+        12:memory:/docker/abc
+        4:{controllers}:/docker/abc
+        1:name=systemd:/docker/abc
+        0::/
+        """,
+        {
+            f"{cpu_dir}/docker/abc/cpu.cfs_quota_us": "250000",
+            f"{cpu_dir}/docker/abc/cpu.cfs_period_us": "100000",
+            "memory/docker/abc/memory.limit_in_bytes": str(1 * GiB),
+            "memory/docker/abc/memory.usage_in_bytes": str(256 * MiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 1
+    assert snap.cgroup_cpu_quota == 2.5
+    assert snap.usable_cpus == 2
+    assert snap.cgroup_mem_limit == 1 * GiB
+    assert snap.cgroup_mem_usage == 256 * MiB
+    assert snap.effective_mem_available == 768 * MiB
+
+
+def test_v1_unlimited(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "5:memory:/\n3:cpu,cpuacct:/\n",
+        {
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000",
+            "memory/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/memory.usage_in_bytes": str(300 * MiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 1
+    assert snap.cgroup_cpu_quota is None
+    assert snap.cgroup_mem_limit is None
+    assert snap.cgroup_mem_usage == 300 * MiB
+    assert snap.usable_cpus == 8
+    assert snap.effective_mem_available == 12 * GiB
+
+
+def test_v2_container_falls_back_to_the_root(tmp_path: Path) -> None:
+    # /proc/self/cgroup shows the host-side path; the container sees its own cgroup at the root.
+    proc, root = make_tree(
+        tmp_path,
+        "0::/kubepods/burstable/pod123/ctr456\n",
+        {"cpu.max": "200000 100000", "memory.max": str(4 * GiB), "memory.current": str(1 * GiB)},
+    )
+    snap = read_fake(proc, root)
+    assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit) == (2.0, 4 * GiB)
+    assert snap.effective_mem_available == 3 * GiB
+
+
+def test_v1_container_falls_back_to_the_controller_root(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "7:memory:/docker/abc\n6:cpu,cpuacct:/docker/abc\n",
+        {
+            "cpu,cpuacct/cpu.cfs_quota_us": "100000",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000",
+            "memory/memory.limit_in_bytes": str(3 * GiB),
+            "memory/memory.usage_in_bytes": str(1 * GiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit) == (1.0, 3 * GiB)
+    assert snap.effective_mem_available == 2 * GiB
+
+
+def test_missing_cgroup_files_mean_no_limit(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, "0::/empty\n", {})
+    (root / "empty").mkdir()
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 2
+    assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (None,) * 3
+    assert snap.effective_mem_available == 12 * GiB
+
+
+def test_missing_proc_cgroup_means_no_cgroup(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, None, {"cpu.max": "100000 100000"})
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version is None
+    assert snap.cgroup_cpu_quota is None
+
+
+def test_unreadable_and_malformed_files_mean_no_limit(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, "0::/\n", {"cpu.max": "lots 100000", "memory.current": "??"})
+    (root / "memory.max").mkdir()  # reading a directory raises IsADirectoryError
+    snap = read_fake(proc, root)
+    assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (None,) * 3
+
+
+def test_v1_missing_controller_dirs_mean_no_limit(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, "3:cpu,cpuacct:/a\n4:memory:/a\n", {})
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 1
+    assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit) == (None, None)
+
+
+def test_usage_above_limit_clamps_at_zero() -> None:
+    snap = fake_snapshot(cgroup_mem_limit=1 * GiB, cgroup_mem_usage=2 * GiB)
+    assert snap.effective_mem_available == 0
+
+
+def test_read_without_overrides_uses_the_real_machine(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, None, {})
+    snap = ResourceSnapshot.read(proc_root=proc, cgroup_root=root, environ={})
+    assert snap.logical_cpus == (os.cpu_count() or 1)
+    assert snap.mem_total > 0
+    assert 0 < snap.mem_available <= snap.mem_total
+    if hasattr(os, "sched_getaffinity"):
+        assert snap.affinity_cpus == len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# STAGEPOOL_MAX_WORKERS
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("3", 3), (" 12 ", 12), ("", None)])
+def test_env_max_workers(tmp_path: Path, raw: str, expected: int | None) -> None:
+    proc, root = make_tree(tmp_path, None, {})
+    snap = read_fake(proc, root, environ={"STAGEPOOL_MAX_WORKERS": raw})
+    assert snap.env_max_workers == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "abc", "1.5", "two"])
+def test_invalid_env_max_workers_names_variable_and_value(tmp_path: Path, raw: str) -> None:
+    proc, root = make_tree(tmp_path, None, {})
+    with pytest.raises(ValueError, match="STAGEPOOL_MAX_WORKERS") as info:
+        read_fake(proc, root, environ={"STAGEPOOL_MAX_WORKERS": raw})
+    assert repr(raw) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning (pure, on hand-built snapshots)
+# --------------------------------------------------------------------------------------------------
+
+
+def fake_snapshot(**overrides: Any) -> ResourceSnapshot:
+    fields: dict[str, Any] = {
+        "logical_cpus": 8,
+        "affinity_cpus": 8,
+        "cgroup_version": None,
+        "cgroup_cpu_quota": None,
+        "mem_total": 16 * GiB,
+        "mem_available": 12 * GiB,
+        "cgroup_mem_limit": None,
+        "cgroup_mem_usage": None,
+        "env_max_workers": None,
+    }
+    fields.update(overrides)
+    return ResourceSnapshot(**fields)
+
+
+def test_limited_by_cpu() -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=4), mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by, plan.cpus) == (4, "cpu", 4)
+    assert plan.reason == (
+        "4 workers: limited by cpu, 4 usable CPUs (logical 8, affinity 4, cgroup quota none)"
+    )
+    assert str(plan) == plan.reason
+
+
+def test_limited_by_cpu_quota() -> None:
+    plan = plan_from_snapshot(fake_snapshot(cgroup_version=2, cgroup_cpu_quota=1.5))
+    assert (plan.workers, plan.limited_by) == (1, "cpu")
+    assert plan.reason == (
+        "1 worker: limited by cpu, 1 usable CPU (logical 8, affinity 8, cgroup quota 1.5)"
+    )
+
+
+def test_limited_by_memory() -> None:
+    snap = fake_snapshot(mem_available=int(3.1 * GiB))
+    plan = plan_from_snapshot(snap, mem_per_task="1.5GiB")
+    assert (plan.workers, plan.limited_by) == (2, "memory")
+    assert plan.mem_per_task == int(1.5 * GiB)
+    assert plan.mem_available == int(3.1 * GiB)
+    assert plan.reason == "2 workers: limited by memory, 3.1 GiB available / 1.5 GiB per task"
+
+
+def test_limited_by_cgroup_memory_says_so() -> None:
+    snap = fake_snapshot(cgroup_version=2, cgroup_mem_limit=2 * GiB, cgroup_mem_usage=512 * MiB)
+    plan = plan_from_snapshot(snap, mem_per_task=512 * MiB)
+    assert (plan.workers, plan.limited_by) == (3, "memory")
+    assert plan.mem_available == int(1.5 * GiB)
+    assert "1.5 GiB available under the cgroup limit" in plan.reason
+    assert "2.0 GiB limit" in plan.reason
+
+
+def test_insufficient_memory_still_runs_one_worker() -> None:
+    snap = fake_snapshot(mem_available=int(0.8 * GiB))
+    plan = plan_from_snapshot(snap, mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by) == (1, "memory")
+    assert "insufficient" in plan.reason
+    assert "only 0.8 GiB available for 1.0 GiB per task: running 1 worker anyway" in plan.reason
+
+
+def test_limited_by_max_workers() -> None:
+    plan = plan_from_snapshot(fake_snapshot(), mem_per_task="1GiB", max_workers=3)
+    assert (plan.workers, plan.limited_by) == (3, "max_workers")
+    assert plan.reason == "3 workers: limited by max_workers=3"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"max_workers": 8}, "cpu"),  # cpu == max_workers
+        ({"mem_per_task": "1.5GiB"}, "cpu"),  # 12 GiB / 1.5 GiB == 8 == cpu
+        ({"mem_per_task": "3GiB", "max_workers": 4}, "memory"),  # memory == max_workers
+    ],
+)
+def test_ties_prefer_cpu_then_memory(kwargs: dict[str, Any], expected: str) -> None:
+    assert plan_from_snapshot(fake_snapshot(), **kwargs).limited_by == expected
+
+
+def test_env_overrides_everything() -> None:
+    snap = fake_snapshot(affinity_cpus=2, env_max_workers=4)
+    plan = plan_from_snapshot(snap, mem_per_task="8GiB", max_workers=1)
+    assert (plan.workers, plan.limited_by) == (4, "env")
+    assert plan.reason.startswith("4 workers: set by STAGEPOOL_MAX_WORKERS=4")
+
+
+def test_reserve_cores() -> None:
+    plan = plan_from_snapshot(fake_snapshot(), reserve_cores=2)
+    assert (plan.workers, plan.limited_by, plan.cpus) == (6, "cpu", 8)
+    assert "reserve_cores=2" in plan.reason
+
+
+def test_reserve_cores_mentioned_when_another_limit_wins() -> None:
+    plan = plan_from_snapshot(fake_snapshot(), reserve_cores=1, max_workers=2)
+    assert (plan.workers, plan.limited_by) == (2, "max_workers")
+    assert "reserve_cores=1" in plan.reason
+
+
+def test_reserving_every_core_still_runs_one_worker() -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2), reserve_cores=4)
+    assert (plan.workers, plan.limited_by) == (1, "cpu")
+    assert "running 1 worker anyway" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"reserve_cores": -1}, ValueError, "reserve_cores"),
+        ({"reserve_cores": 1.5}, TypeError, "reserve_cores"),
+        ({"reserve_cores": True}, TypeError, "reserve_cores"),
+        ({"max_workers": 0}, ValueError, "max_workers"),
+        ({"max_workers": "2"}, TypeError, "max_workers"),
+        ({"mem_per_task": 0}, ValueError, "mem_per_task"),
+        ({"mem_per_task": "0.1B"}, ValueError, "mem_per_task"),
+        ({"mem_per_task": -5}, ValueError, "mem_per_task"),
+        ({"mem_per_task": "lots"}, ValueError, "mem_per_task"),
+        ({"mem_per_task": [1]}, TypeError, "mem_per_task"),
+    ],
+)
+def test_bad_arguments_name_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        plan_from_snapshot(fake_snapshot(), **kwargs)
+
+
+def test_snapshot_rejects_impossible_values() -> None:
+    with pytest.raises(ValueError, match="logical_cpus"):
+        fake_snapshot(logical_cpus=0)
+    with pytest.raises(ValueError, match="cgroup_cpu_quota"):
+        fake_snapshot(cgroup_cpu_quota=0.0)
+
+
+def test_snapshot_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fake_snapshot().logical_cpus = 2  # type: ignore[misc]
+
+
+def test_thread_env_splits_cpus_and_skips_user_set_vars() -> None:
+    plan = plan_from_snapshot(fake_snapshot(), max_workers=2)
+    env = plan.thread_env({"OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "", "PATH": "/bin"})
+    assert "OMP_NUM_THREADS" not in env
+    assert env == {name: "4" for name in THREAD_ENV_VARS if name != "OMP_NUM_THREADS"}
+
+
+def test_thread_env_never_below_one_thread() -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2, env_max_workers=16))
+    assert set(plan.thread_env({}).values()) == {"1"}
+
+
+def test_format_snapshot_mentions_every_source() -> None:
+    snap = fake_snapshot(
+        cgroup_version=2,
+        cgroup_cpu_quota=1.5,
+        cgroup_mem_limit=2 * GiB,
+        cgroup_mem_usage=512 * MiB,
+        env_max_workers=3,
+    )
+    text = format_snapshot(snap)
+    assert len(text.splitlines()) >= 4
+    for needle in (
+        "logical 8",
+        "affinity 8",
+        "cgroup quota 1.5",
+        "usable 1",
+        "total 16.0 GiB",
+        "available 12.0 GiB",
+        "cgroup limit 2.0 GiB",
+        "cgroup usage 512.0 MiB",
+        "effective 1.5 GiB",
+        "v2",
+        "STAGEPOOL_MAX_WORKERS: 3",
+    ):
+        assert needle in text
+
+
+snapshots = st.builds(
+    ResourceSnapshot,
+    logical_cpus=st.integers(1, 512),
+    affinity_cpus=st.none() | st.integers(1, 512),
+    cgroup_version=st.sampled_from([None, 1, 2]),
+    cgroup_cpu_quota=st.none() | st.floats(0.01, 600, allow_nan=False),
+    mem_total=st.integers(0, 2**42),
+    mem_available=st.integers(0, 2**42),
+    cgroup_mem_limit=st.none() | st.integers(0, 2**42),
+    cgroup_mem_usage=st.none() | st.integers(0, 2**42),
+    env_max_workers=st.none() | st.integers(1, 1024),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    snap=snapshots,
+    mem_per_task=st.none() | st.integers(1, 2**38),
+    reserve_cores=st.integers(0, 600),
+    max_workers=st.none() | st.integers(1, 1024),
+)
+def test_workers_always_within_bounds(
+    snap: ResourceSnapshot, mem_per_task: int | None, reserve_cores: int, max_workers: int | None
+) -> None:
+    plan = plan_from_snapshot(
+        snap, mem_per_task=mem_per_task, reserve_cores=reserve_cores, max_workers=max_workers
+    )
+    assert plan.reason.startswith(f"{plan.workers} worker")
+    if snap.env_max_workers is not None:
+        assert (plan.workers, plan.limited_by) == (snap.env_max_workers, "env")
+        return
+    assert 1 <= plan.workers <= max(1, snap.usable_cpus)
+    if max_workers is not None:
+        assert plan.workers <= max_workers
+    if mem_per_task is not None:
+        assert plan.workers <= max(1, snap.effective_mem_available // mem_per_task)
+
+
+def test_plan_workers_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STAGEPOOL_MAX_WORKERS", raising=False)
+    plan = plan_workers(mem_per_task="64MiB")
+    assert isinstance(plan, WorkerPlan)
+    assert plan.workers >= 1
+    assert plan.reason
+    assert format_snapshot(plan.snapshot)
+
+
+def test_plan_workers_uses_the_given_snapshot() -> None:
+    plan = plan_workers(snapshot=fake_snapshot(affinity_cpus=3))
+    assert (plan.workers, plan.limited_by) == (3, "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Process helpers, on real processes
+# --------------------------------------------------------------------------------------------------
+
+CHILD = """
+import signal, subprocess, sys, time
+if sys.argv[1] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the grandchild too
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(grandchild.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``pid`` to exit (a zombie counts as gone: it runs nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sigterm", ["obey", "ignore"])
+def test_kill_tree_kills_child_and_grandchild(sigterm: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, sigterm], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        assert grandchild in process_tree_pids(child.pid)
+        started = time.monotonic()
+        kill_tree(child.pid, grace=0.3)
+        elapsed = time.monotonic() - started
+        child.wait(timeout=5)
+        assert gone(grandchild, timeout=5)
+        assert elapsed < 5
+        if sigterm == "ignore":
+            assert elapsed >= 0.25  # it really waited for the grace period before SIGKILL
+    finally:
+        child.kill()
+        child.wait(timeout=5)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_kill_tree_ignores_a_missing_process() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    kill_tree(dead.pid)  # must not raise
+    assert rss_of(dead.pid) is None
+    assert process_tree_pids(dead.pid) == []
+
+
+def test_kill_tree_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="calling process"):
+        kill_tree(os.getpid())
+    with pytest.raises(ValueError, match="grace"):
+        kill_tree(1, grace=-1)
+
+
+def test_rss_of_this_process() -> None:
+    rss = rss_of(os.getpid())
+    assert rss is not None
+    assert rss > 1 * MiB
