@@ -94,7 +94,7 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = False) ->
 def check_timeout(value: object, name: str = "timeout") -> Timeout:
     """A positive number of seconds, a callable of the item returning one, or None."""
     if value is None or callable(value):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be seconds (a number), a callable of the item, or None; "
                         f"not {value!r}")

@@ -198,6 +198,12 @@ class _Batch:
         self.in_flight: dict[int, tuple[int, list[Any], int]] = {}  # task id -> start, items, tries
         self.again: collections.deque[tuple[float, int, list[Any], int]] = collections.deque()
         self.ready: list[Piece] = []
+        # Ordered streaming: outcomes held for reordering count against the window too, or one
+        # slow chunk would let the others run ahead without bound. ``emitted`` is set by the
+        # consumer; ``window`` holds the starts of source chunks not yet fully emitted.
+        self.ordered = False
+        self.emitted = 0
+        self.window: collections.deque[int] = collections.deque()
         self.done = self.failed = self.chunks = self.retried = 0
         self.busy = 0.0
         self.started = time.perf_counter()
@@ -209,10 +215,20 @@ class _Batch:
             if self.again and self.again[0][0] <= time.monotonic():
                 _, start, items, tries = self.again.popleft()
                 self._submit(start, items, tries)
-            elif not self.exhausted:
+            elif not self.exhausted and self._window_open():
                 self._take()
             else:
                 return
+
+    def _window_open(self) -> bool:
+        if not self.ordered:
+            return True
+        window = self.window
+        while len(window) > 1 and window[1] <= self.emitted:
+            window.popleft()
+        if window and self.emitted >= self.next_index:
+            window.clear()
+        return len(window) < self.max_in_flight
 
     def _take(self) -> None:
         size = self.sizer.next_size(self.next_index)
@@ -225,6 +241,8 @@ class _Batch:
             self.exhausted = True
         if chunk:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
+            if self.ordered:
+                self.window.append(start)
             self._submit(start, chunk, 1)
 
     def _submit(self, start: int, items: list[Any], tries: int) -> None:
@@ -512,7 +530,7 @@ def _run_to_report(batch: _Batch) -> BatchReport[Any]:
 
 def _outcomes(batch: _Batch, ordered: bool) -> Iterator[Outcome[Any]]:
     pending: dict[int, Outcome[Any]] = {}
-    next_out = 0
+    batch.ordered = ordered
     for piece in batch.pieces():
         fresh = list(_piece_outcomes(piece))
         if not ordered:
@@ -520,9 +538,10 @@ def _outcomes(batch: _Batch, ordered: bool) -> Iterator[Outcome[Any]]:
             continue
         for outcome in fresh:
             pending[outcome.index] = outcome
-        while next_out in pending:
-            yield pending.pop(next_out)
-            next_out += 1
+        while batch.emitted in pending:
+            outcome = pending.pop(batch.emitted)
+            batch.emitted += 1
+            yield outcome
     if batch.source_error is not None:
         raise batch.source_error
 
@@ -636,7 +655,7 @@ class Engine:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         try:
-            iter(items)  # type: ignore[call-overload]
+            iter(items)
         except TypeError:
             raise TypeError(f"items must be iterable, not {type(items).__name__}") from None
         size = None if chunk_size is None else validate_chunk_size(chunk_size)
@@ -835,6 +854,7 @@ class _Single:
                     f"the call ran longer than its timeout in worker {result.pid}; "
                     "the worker was killed and replaced")
             return "crash", None, crash_error(result, 0, "running")
+        assert isinstance(result, bytes)  # Cancelled was handled by the caller
         try:
             values, _stamps, errors, _pid, _rss = pickle.loads(result)
         except BaseException as exc:

@@ -7,6 +7,8 @@ function itself, and what ``outcome.unwrap()`` / ``report.raise_on_failure()`` r
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "EngineClosed",
     "InitializerError",
@@ -84,5 +86,5 @@ class RemoteError(_Rebuildable):
             "type_name": self.type_name, "remote_traceback": self.remote_traceback,
         })
 
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__dict__.update(state)
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        self.__dict__.update(state or {})

@@ -53,7 +53,7 @@ PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 # (kind, pickled exception or None, type name, message, formatted traceback)
 ErrInfo = tuple[str, bytes | None, str, str, str]
 # (values, timestamps (len n + 1: start of each item, then the end), errors by offset, pid, rss)
-ChunkResult = tuple[list[Any], array, dict[int, ErrInfo] | None, int, int]
+ChunkResult = tuple[list[Any], "array[float]", dict[int, ErrInfo] | None, int, int]
 
 
 class _Record:

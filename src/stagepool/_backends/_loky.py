@@ -266,14 +266,12 @@ class LokyBackend:
                 by_obj[lane.conn] = ("result", lane)
         ready = wait(list(by_obj), timeout=self._next_wake())
         for obj in ready:
-            what, lane = by_obj[obj]
+            what, owner = by_obj[obj]
             if what == "wake":
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
-            elif what == "result" and lane in self._lanes:
-                self._receive(lane)  # type: ignore[arg-type]
-            elif what == "died" and lane in self._lanes:
-                self._bury(lane)  # type: ignore[arg-type]
+            elif owner is not None and owner in self._lanes:
+                (self._receive if what == "result" else self._bury)(owner)
         self._run_calls()
         self._enforce_limits()
         if self._kill_all:
@@ -437,16 +435,19 @@ class LokyBackend:
         return None if wake is None else max(0.0, wake - now)
 
     def _deadline(self, lane: _Lane, now: float) -> float | None:
-        if not lane.tasks or lane.tasks[0].timeouts is None or lane.kill_reason is not None:
+        if not lane.tasks or lane.kill_reason is not None:
             return None
         task, base = lane.tasks[0], lane.slot * RECORD_FIELDS
+        timeouts = task.timeouts
+        if timeouts is None:
+            return None
         offset = self._ints[base + F_OFFSET]  # read before the start time: see _worker.run_chunk
         start = self._floats[base + F_START]
         if self._ints[base + F_CHUNK] != task.id or self._ints[base + F_PHASE] != PHASE_RUN:
             return now + POLL_INTERVAL
         # The item running now, or a later item that starts after this moment: whichever could
         # expire first. (Without the second term a short timeout behind a long one is missed.)
-        return min(start + task.timeouts[offset], now + _later_min(task, offset))
+        return min(start + timeouts[offset], now + _later_min(task, offset))
 
     def _enforce_limits(self) -> None:
         now = time.monotonic()
