@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._backends import Backend, Cancelled, LaneDied, Task, TaskResult
+from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._chunking import ChunkSizer, validate_chunk_size
 from ._config import EngineConfig, Timeout, check_timeout
 from ._errors import (
@@ -177,7 +177,7 @@ class _Batch:
         cfg = engine.config
         self.total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         self.it = iter(items)
-        self.group = object()
+        self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task, TaskResult]] = queue.SimpleQueue()
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
                                 self.backend.workers, self.total)
@@ -787,7 +787,7 @@ class _Single:
         self.engine = engine
         self.backend = engine._backend_or_raise()
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.group = object()
+        self.group = Group()
         self.tries = 1
         self.call = (fn, args, kwargs)
         self.fn_key, self.fn_blob = engine._fns.register(apply_call)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Backend", "Cancelled", "LaneDied", "Task", "TaskResult"]
+__all__ = ["Backend", "Cancelled", "Group", "LaneDied", "Task", "TaskResult"]
 
 _task_ids = itertools.count(1)
 
@@ -42,6 +42,19 @@ class Cancelled:
 TaskResult = bytes | LaneDied | Cancelled
 
 
+class Group:
+    """The tasks of one batch (or one ``submit``): served round-robin against other groups.
+
+    Once ``cancelled``, no task of the group is started again, even one that was requeued
+    because its worker died after the cancellation.
+    """
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class Task:
     """One chunk on its way to a worker.
@@ -51,7 +64,7 @@ class Task:
     from a backend thread, with the result; it must be quick and must not block.
     """
 
-    group: Hashable  # tasks of one batch share a group; groups are served round-robin
+    group: Group
     fn_key: int
     fn_blob: bytes
     items_blob: bytes
@@ -72,7 +85,7 @@ class Backend(Protocol):
     def submit(self, task: Task) -> None:
         """Queue ``task``; raises ``EngineClosed`` after shutdown."""
 
-    def withdraw(self, group: Hashable, *, kill_running: bool = False) -> None:
+    def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running ones."""
 
     def worker_pids(self) -> list[int]:

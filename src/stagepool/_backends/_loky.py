@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -50,7 +50,7 @@ from .._worker import (
     RECORD_FIELDS,
     lane_main,
 )
-from . import Cancelled, LaneDied, Task, TaskResult
+from . import Cancelled, Group, LaneDied, Task, TaskResult
 
 __all__ = ["LokyBackend"]
 
@@ -154,7 +154,9 @@ _suffix_minima: dict[int, list[float]] = {}
 
 
 def _short(expected: float | None) -> bool:
-    return expected is None or expected < PREFETCH_MAX_SECONDS
+    # Unknown counts as long: a task of unknown length (a submit, a batch's first chunks) may be
+    # a 1000-second one, and a chunk queued behind it would wait while another worker idles.
+    return expected is not None and expected < PREFETCH_MAX_SECONDS
 
 
 class LokyBackend:
@@ -182,7 +184,7 @@ class LokyBackend:
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._pending: collections.OrderedDict[Hashable, collections.deque[Task]] = (
+        self._pending: collections.OrderedDict[Group, collections.deque[Task]] = (
             collections.OrderedDict())
         self._closed = False
         self._stopping = False
@@ -212,7 +214,8 @@ class LokyBackend:
             queue.append(task)
         self._wake()
 
-    def withdraw(self, group: Hashable, *, kill_running: bool = False) -> None:
+    def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
+        group.cancelled = True
         with self._lock:
             withdrawn = list(self._pending.pop(group, ()))
         for task in withdrawn:
@@ -328,7 +331,11 @@ class LokyBackend:
         self._release(lane)
         with self._lock:
             for task in reversed(requeue):
-                self._pending.setdefault(task.group, collections.deque()).appendleft(task)
+                if not task.group.cancelled:
+                    self._pending.setdefault(task.group, collections.deque()).appendleft(task)
+        for task in requeue:
+            if task.group.cancelled:
+                _notify(task, Cancelled("batch cancelled"))
         if started:
             _notify(tasks[0], died)
         if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
@@ -469,7 +476,7 @@ class LokyBackend:
         threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
                          daemon=True, name="stagepool-kill").start()
 
-    def _kill_group(self, group: Hashable) -> None:
+    def _kill_group(self, group: Group) -> None:
         for lane in self._lanes:
             if any(t.group == group for t in lane.tasks):
                 offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]

@@ -1,0 +1,140 @@
+"""Lifecycle on real processes: Ctrl-C, a SIGKILLed caller, engines left open, nested engines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import WAIT, wait_until
+
+import stagepool as sp
+
+SRC = str(Path(sp.__file__).resolve().parent.parent)
+
+
+def run_script(body: str, **kwargs: object) -> subprocess.Popen[str]:
+    script = "import sys\nsys.path.insert(0, %r)\n" % SRC + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def read_pids(proc: subprocess.Popen[str]) -> list[int]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("PIDS"), (line, proc.stderr.read() if proc.stderr else "")
+    return [int(p) for p in line.split()[1:]]
+
+
+def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker() -> None:
+    proc = run_script("""
+        import signal, time, stagepool as sp
+        # A shell's background job starts with SIGINT ignored; a terminal's Ctrl-C would not be.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with sp.Engine(workers=2, chunk_size=1) as eng:
+            print("PIDS", *eng.worker_pids(), flush=True)
+            try:
+                eng.map(time.sleep, [30] * 10)
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+    """)
+    pids = read_pids(proc)
+    time.sleep(1.5)  # the batch is running
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=WAIT)
+    assert "INTERRUPTED" in out, err
+    assert time.monotonic() - started < 5
+    assert wait_until(lambda: not alive(pids), timeout=10)
+
+
+def test_workers_exit_when_the_caller_is_sigkilled() -> None:
+    proc = run_script("""
+        import time, stagepool as sp
+        eng = sp.Engine(workers=2)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        eng.map(time.sleep, [60, 60])
+    """)
+    pids = read_pids(proc)
+    time.sleep(1.0)
+    proc.kill()
+    proc.communicate(timeout=WAIT)
+    assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
+
+
+def test_engine_left_open_at_exit_does_not_hang() -> None:
+    proc = run_script("""
+        import time, stagepool as sp
+        eng = sp.Engine(workers=2)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        eng.submit(time.sleep, 1000)
+        print(eng.map(abs, [-1, -2]).values, flush=True)
+    """)
+    pids = read_pids(proc)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err
+    assert "[1, 2]" in out
+    assert wait_until(lambda: not alive(pids), timeout=10)
+
+
+def test_engine_garbage_collected_does_not_hang() -> None:
+    proc = run_script("""
+        import gc, stagepool as sp
+        def make():
+            eng = sp.Engine(workers=1)
+            return eng.worker_pids()
+        print("PIDS", *make(), flush=True)
+        gc.collect()
+        print("DONE", flush=True)
+    """)
+    pids = read_pids(proc)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0 and "DONE" in out, err
+    assert wait_until(lambda: not alive(pids), timeout=10)
+
+
+def _nested(x: int) -> list[int]:
+    import stagepool as inner_sp
+
+    with inner_sp.Engine(workers=1) as inner:
+        return inner.map(abs, [-x, x]).values
+
+
+def test_an_engine_inside_a_task_works(engine: sp.Engine) -> None:
+    report = engine.map(_nested, [3])
+    assert report[0].ok, report[0].error
+    assert report.values == [[3, 3]]
+
+
+def test_submit_from_many_threads_is_safe(engine: sp.Engine) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(lambda i: engine.submit(abs, -i), range(300)))
+    assert [f.result(timeout=WAIT) for f in futures] == list(range(300))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this system")
+def test_nothing_of_ours_in_dev_shm_after_a_crash() -> None:
+    before = set(os.listdir("/dev/shm"))
+    with sp.Engine(workers=2) as eng:
+        eng.map(os._exit, [3])  # type: ignore[arg-type]
+    after = set(os.listdir("/dev/shm"))
+    assert not {n for n in after - before if "stagepool" in n or "loky" in n}
