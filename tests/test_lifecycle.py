@@ -12,15 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import WAIT, wait_until
 
 import stagepool as sp
+from conftest import WAIT, wait_until
 
 SRC = str(Path(sp.__file__).resolve().parent.parent)
 
 
 def run_script(body: str, **kwargs: object) -> subprocess.Popen[str]:
-    script = "import sys\nsys.path.insert(0, %r)\n" % SRC + textwrap.dedent(body)
+    script = f"import sys\nsys.path.insert(0, {SRC!r})\n" + textwrap.dedent(body)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
 

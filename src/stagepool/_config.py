@@ -108,7 +108,8 @@ def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
     entries = value if isinstance(value, tuple | list | set | frozenset) else (value,)
     out: list[str | type[BaseException]] = []
     for entry in entries:
-        if (isinstance(entry, str) and entry in FAILURE_KINDS) or (isinstance(entry, type) and issubclass(entry, BaseException)):
+        is_kind = isinstance(entry, str) and entry in FAILURE_KINDS
+        if is_kind or (isinstance(entry, type) and issubclass(entry, BaseException)):
             out.append(entry)
         else:
             raise ValueError(f"retry_on entries must be exception types or one of "
