@@ -305,3 +305,13 @@ def test_shutdown_then_submit_is_a_clear_error() -> None:
         eng.map(_tasks.double, [1])
     with pytest.raises(sp.EngineClosed):
         eng.submit(_tasks.double, 1)
+
+
+def test_max_concurrent_bounds_items_in_workers(engine: sp.Engine) -> None:
+    seen: list[int] = []
+    report = engine.map(_tasks.pid_of, range(40), max_concurrent=1,
+                        on_progress=lambda p: seen.append(p.done))
+    assert len(report) == 40 and report.ok
+    assert report.stats.chunks == 40  # one item at a time: every chunk holds a single item
+    with pytest.raises(ValueError, match="max_concurrent"):
+        engine.map(_tasks.double, [1], max_concurrent=0)

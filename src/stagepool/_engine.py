@@ -171,6 +171,7 @@ class _Batch:
         timeout: Timeout,
         sink: ProgressSink | None,
         max_in_flight: int | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
         self.engine = engine
         self.backend = engine._backend_or_raise()
@@ -186,6 +187,8 @@ class _Batch:
         self.max_in_flight = max_in_flight or cfg.max_in_flight or (
             IN_FLIGHT_PER_WORKER * self.backend.workers + 1)
         self.sink = sink
+        self.max_concurrent = max_concurrent  # items of this batch in workers at once
+        self.items_out = 0
         self.fn = fn
         try:
             self.fn_key, self.fn_blob = engine._fns.register(fn)
@@ -213,12 +216,20 @@ class _Batch:
     def _fill(self) -> None:
         while len(self.in_flight) < self.max_in_flight:
             if self.again and self.again[0][0] <= time.monotonic():
+                if self._room() < len(self.again[0][2]):
+                    return
                 _, start, items, tries = self.again.popleft()
                 self._submit(start, items, tries)
-            elif not self.exhausted and self._window_open():
+            elif not self.exhausted and self._window_open() and self._room() > 0:
                 self._take()
             else:
                 return
+
+    def _room(self) -> int:
+        """How many more items ``max_concurrent`` lets into the workers now."""
+        if self.max_concurrent is None:
+            return 1 << 30
+        return self.max_concurrent - self.items_out
 
     def _window_open(self) -> bool:
         if not self.ordered:
@@ -231,7 +242,7 @@ class _Batch:
         return len(window) < self.max_in_flight
 
     def _take(self) -> None:
-        size = self.sizer.next_size(self.next_index)
+        size = min(self.sizer.next_size(self.next_index), self._room())
         chunk: list[Any] = []
         try:
             chunk.extend(itertools.islice(self.it, size))
@@ -271,6 +282,7 @@ class _Batch:
             self._cancel_rest(start, items, tries)
             return
         self.in_flight[task.id] = (start, items, tries)
+        self.items_out += len(items)
 
     def _cancel_rest(self, start: int, items: list[Any], tries: int) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
@@ -332,6 +344,7 @@ class _Batch:
         if entry is None:
             return
         start, items, tries = entry
+        self.items_out -= len(items)
         self.chunks += 1
         if isinstance(result, bytes):
             self._absorb_bytes(start, items, tries, result)
@@ -651,7 +664,7 @@ class Engine:
     def _batch(self, fn: Callable[[Any], Any], items: Iterable[Any], *, chunk_size: Any,
                progress: bool | None, desc: str | None,
                on_progress: Callable[[Progress], object] | None, timeout: Any,
-               max_in_flight: int | None = None) -> _Batch:
+               max_in_flight: int | None = None, max_concurrent: int | None = None) -> _Batch:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         try:
@@ -663,8 +676,12 @@ class Engine:
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         show = self.config.progress if progress is None else progress
         sink = make_sink(progress=show, on_progress=on_progress, total=total, desc=desc)
+        from ._config import check_positive_int
+
+        check_positive_int(max_concurrent, "max_concurrent", allow_none=True)
+        check_positive_int(max_in_flight, "max_in_flight", allow_none=True)
         return _Batch(self, fn, items, chunk_size=size, timeout=limit, sink=sink,
-                      max_in_flight=max_in_flight)
+                      max_in_flight=max_in_flight, max_concurrent=max_concurrent)
 
     def map(
         self,
@@ -676,8 +693,14 @@ class Engine:
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
+        max_concurrent: int | None = None,
     ) -> BatchReport[R]:
         """Run ``fn`` on every item; return a :class:`BatchReport` with one outcome per item.
+
+        Per-call options override the engine's: ``chunk_size``, ``timeout``, ``progress``
+        (with ``desc``), ``on_progress`` (a callback receiving :class:`Progress` after each
+        chunk) and ``max_concurrent`` (at most this many items of this call in the workers at
+        once, whatever the worker count).
 
         Never raises because an item failed. ``items`` is consumed lazily (at most
         ``max_in_flight`` chunks ahead), so a generator works. If the generator itself raises,
@@ -690,7 +713,8 @@ class Engine:
         items with kind ``"cancelled"``.
         """
         batch = self._batch(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                            on_progress=on_progress, timeout=timeout)
+                            on_progress=on_progress, timeout=timeout,
+                            max_concurrent=max_concurrent)
         return _run_to_report(batch)
 
     def imap(
@@ -705,6 +729,7 @@ class Engine:
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         max_in_flight: int | None = None,
+        max_concurrent: int | None = None,
     ) -> Iterator[Outcome[R]]:
         """Stream outcomes as they finish (in input order when ``ordered``).
 
@@ -713,7 +738,8 @@ class Engine:
         withdraws chunks that have not started; running ones finish and are dropped.
         """
         batch = self._batch(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                            on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight)
+                            on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
+                            max_concurrent=max_concurrent)
         return _outcomes(batch, ordered)
 
     # ---- single calls --------------------------------------------------------------------------
