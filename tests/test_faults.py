@@ -72,6 +72,26 @@ def test_crash_table(fault_engine: sp.Engine, fn: Callable[[int], int], kind: st
     assert shm_entries() <= shm_before
 
 
+def test_crash_report_carries_the_workers_stderr_tail(fault_engine: sp.Engine) -> None:
+    def noisy_exit(x: int) -> int:
+        import sys
+
+        print(f"decoder: corrupt NAL unit in segment {x}", file=sys.stderr, flush=True)
+        os._exit(4)
+
+    report = fault_engine.map(noisy_exit, [77])
+    message = str(report[0].error)
+    assert report[0].kind == "crash"
+    assert "exited with code 4" in message and "corrupt NAL unit in segment 77" in message
+
+
+def test_segfault_report_carries_the_faulthandler_dump(fault_engine: sp.Engine) -> None:
+    report = fault_engine.map(_tasks.segfault, [0])
+    message = str(report[0].error)
+    assert "Fatal Python error: Segmentation fault" in message
+    assert "in segfault" in message  # the worker's Python stack at the crash
+
+
 def test_crash_in_last_item_and_consecutive_chunks(fault_engine: sp.Engine) -> None:
     values = [1, 2, 0, 4, 0, 6, 7, 0]  # crashes in consecutive chunks, and the last item
     report = fault_engine.map(_tasks.hard_exit, values)

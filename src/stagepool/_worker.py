@@ -250,17 +250,12 @@ def _watch_parent(ppid: int) -> None:
             os._exit(3)
 
 
-def _enable_fault_log(path: str) -> None:
-    """Send faulthandler's dump (segfault, abort) to a file the parent reads when we die."""
-    try:
-        log = open(path, "w")  # noqa: SIM115 - stays open for the life of the worker
-    except OSError:
-        return
-    faulthandler.enable(file=log, all_threads=True)
-    _keep_alive.append(log)
-
-
-_keep_alive: list[object] = []
+def _capture_stderr(stderr: Any) -> None:
+    """Point fd 2 at the parent's pipe, which forwards it and keeps its tail for crash reports;
+    faulthandler's dump (segfault, abort) goes there too."""
+    os.dup2(stderr.fileno(), 2)
+    stderr.close()
+    faulthandler.enable(all_threads=False)  # the crashing thread; ours only watch the parent
 
 
 def _decode_failure(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
@@ -313,7 +308,7 @@ def lane_main(
     record_path: str,
     slot: int,
     ppid: int,
-    fault_path: str,
+    stderr: Any,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
 ) -> None:
@@ -323,7 +318,7 @@ def lane_main(
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="watch-parent").start()
-    _enable_fault_log(fault_path)
+    _capture_stderr(stderr)
     record = _Record(record_path, slot)
     init_error: BaseException | None = None
     if initializer is not None:

@@ -28,6 +28,7 @@ import dataclasses
 import mmap
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +67,9 @@ POLL_INTERVAL = 0.05
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+# How much of a worker's stderr is kept for the report when it dies.
+STDERR_TAIL_BYTES = 16 * 1024
+STDERR_TAIL_LINES = 30
 
 
 class _SharedFile:
@@ -82,14 +86,6 @@ class _SharedFile:
             self.path = self._tmp
         os.ftruncate(self.fd, size)
 
-    def read_tail(self, limit: int = 4096) -> str:
-        size = os.fstat(self.fd).st_size
-        data = os.pread(self.fd, limit, max(0, size - limit))
-        return data.decode("utf-8", "replace").strip()
-
-    def clear(self) -> None:
-        os.ftruncate(self.fd, 0)
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -103,7 +99,8 @@ class _Lane:
     slot: int
     process: Any
     conn: Connection
-    fault: _SharedFile
+    stderr: Connection  # the read end of the worker's fd 2
+    stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
     tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
     fn_keys: set[int] = dataclasses.field(default_factory=set)
     items_done: int = 0
@@ -265,6 +262,7 @@ class LokyBackend:
         by_obj: dict[Any, tuple[str, _Lane | None]] = {self._wake_r: ("wake", None)}
         for lane in self._lanes:
             by_obj[lane.process.sentinel] = ("died", lane)
+            by_obj[lane.stderr] = ("stderr", lane)
             if lane.tasks:
                 by_obj[lane.conn] = ("result", lane)
         ready = wait(list(by_obj), timeout=self._next_wake())
@@ -273,7 +271,11 @@ class LokyBackend:
             if what == "wake":
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
-            elif owner is not None and owner in self._lanes:
+            elif owner is None or owner not in self._lanes:
+                continue
+            elif what == "stderr":
+                self._forward_stderr(owner)
+            else:
                 (self._receive if what == "result" else self._bury)(owner)
         self._run_calls()
         self._enforce_limits()
@@ -323,7 +325,7 @@ class LokyBackend:
             if lane.kill_reason is not None and lane.kill_offset >= 0:
                 offset = lane.kill_offset
             died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, lane.fault.read_tail())
+                            reason, self._stderr_tail(lane))
         else:
             requeue = tasks
         if not lane.answered and lane.kill_reason is None:
@@ -357,7 +359,8 @@ class LokyBackend:
     def _release(self, lane: _Lane) -> None:
         with contextlib.suppress(OSError):
             lane.conn.close()
-        lane.fault.close()
+        with contextlib.suppress(OSError):
+            lane.stderr.close()
         self._free_slots.append(lane.slot)
 
     def _retire(self, lane: _Lane) -> None:
@@ -378,18 +381,40 @@ class LokyBackend:
         self._ints[base + F_CHUNK] = 0
         self._ints[base + F_OFFSET] = -1
         self._ints[base + F_PHASE] = PHASE_IDLE
-        fault = _SharedFile(f"stagepool-fault-{slot}", 0)
         parent_end, child_end = self._ctx.Pipe(duplex=True)
+        err_read, err_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=lane_main,
-            args=(child_end, self._record_file.path, slot, os.getpid(), fault.path,
+            args=(child_end, self._record_file.path, slot, os.getpid(), err_write,
                   self._initializer, self._initargs),
             env=self._env,
             name=f"stagepool-worker-{slot}",
         )
         process.start()
         child_end.close()
-        return _Lane(slot, process, parent_end, fault)
+        err_write.close()
+        os.set_blocking(err_read.fileno(), False)
+        return _Lane(slot, process, parent_end, err_read)
+
+    def _forward_stderr(self, lane: _Lane) -> None:
+        """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""
+        while True:
+            try:
+                data = os.read(lane.stderr.fileno(), 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            lane.stderr_tail += data
+            del lane.stderr_tail[:-STDERR_TAIL_BYTES]
+            with contextlib.suppress(Exception):
+                sys.stderr.write(data.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def _stderr_tail(self, lane: _Lane) -> str:
+        self._forward_stderr(lane)  # what it wrote just before dying
+        lines = lane.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        return "\n".join(lines[-STDERR_TAIL_LINES:])
 
     # ---- dispatch ----------------------------------------------------------------------------
 
