@@ -10,10 +10,7 @@ import ast
 import itertools
 import pickle
 import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -277,91 +274,3 @@ def test_demo_module_imports_only_numpy_and_the_standard_library() -> None:
     }
     third_party = {name.split(".")[0] for name in top} - set(sys.stdlib_module_names)
     assert third_party == {"numpy"}
-
-
-# --- run_demo against a serial stand-in for the stagepool API ---------------------------------
-
-
-@dataclass
-class FakeOutcome:
-    index: int
-    value: Any = None
-    error: BaseException | None = None
-    kind: str = "ok"
-
-
-@dataclass
-class FakeStats:
-    wall_time: float = 1.0
-    items_per_second: float = 4.0
-
-
-@dataclass
-class FakeReport:
-    outcomes: list[FakeOutcome]
-    stats: FakeStats = field(default_factory=FakeStats)
-
-    def __len__(self) -> int:
-        return len(self.outcomes)
-
-    @property
-    def failed(self) -> list[FakeOutcome]:
-        return [o for o in self.outcomes if o.kind != "ok"]
-
-    def summary(self) -> str:
-        return f"{len(self.outcomes) - len(self.failed)}/{len(self.outcomes)} ok"
-
-
-class FakeEngine:
-    def __init__(self, *, workers: int | str, mem_per_task: str, fn: Any = None) -> None:
-        self.fn = fn
-
-    def __enter__(self) -> FakeEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def map(self, fn: Any, items: Any, *, progress: bool, desc: str) -> FakeReport:
-        outcomes = []
-        for i, item in enumerate(items):
-            try:
-                outcomes.append(FakeOutcome(i, value=(self.fn or fn)(item)))
-            except Exception as exc:
-                outcomes.append(FakeOutcome(i, error=exc, kind="error"))
-        return FakeReport(outcomes)
-
-
-def fake_stagepool(monkeypatch: pytest.MonkeyPatch, fn: Any = None) -> None:
-    module = types.ModuleType("stagepool")
-    plan = types.SimpleNamespace(workers=2, reason="2 workers: limited by 2 CPUs")
-    module.plan_workers = lambda **kwargs: plan  # type: ignore[attr-defined]
-    module.Engine = lambda **kwargs: FakeEngine(fn=fn, **kwargs)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "stagepool", module)
-
-
-def test_run_demo_succeeds_when_only_the_corrupt_segments_fail(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fake_stagepool(monkeypatch)
-    lines: list[str] = []
-    code = demo.run_demo(seconds=8.0, progress=False, sample=1, out=lines.append)
-    assert code == 0
-    assert lines[0] == "plan: 2 workers: limited by 2 CPUs"
-    assert "2/4 ok" in lines
-    failures = [line for line in lines if line.startswith("failed item")]
-    assert len(failures) == 2
-    assert failures[0].startswith("failed item 1 (error): segment 1 (2.0-4.0 s): ")
-    assert any(line.startswith("throughput: 4.0 segments/s") for line in lines)
-    assert any(line.startswith("realtime factor: 8.0x") for line in lines)
-    assert lines[-1].startswith("speedup over serial: ")
-
-
-def test_run_demo_fails_on_any_other_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(seg: Segment) -> Any:
-        if seg.index == 0:
-            raise RuntimeError("boom")
-        return process_segment(seg)
-
-    fake_stagepool(monkeypatch, fn=broken)
-    assert demo.run_demo(seconds=8.0, progress=False, sample=0, out=lambda line: None) == 1

@@ -16,15 +16,16 @@ Reading never raises because of a missing or odd cgroup: an absent or unreadable
 limit". The one thing that does raise is a malformed ``STAGEPOOL_MAX_WORKERS``, because a typo in
 an explicit override should not be silently ignored.
 
-The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``) live here
-so that psutil stays in one module.
+The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``, and the
+profiler's ``cpu_rss_sampler``, ``uss_of``, ``reset_peak_rss``, ``peak_rss``) live here so that
+psutil stays in one module.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,14 +38,19 @@ __all__ = [
     "ENV_MAX_WORKERS",
     "THREAD_ENV_VARS",
     "LimitedBy",
+    "ProcessSample",
     "ResourceSnapshot",
     "WorkerPlan",
+    "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
+    "peak_rss",
     "plan_from_snapshot",
     "plan_workers",
     "process_tree_pids",
+    "reset_peak_rss",
     "rss_of",
+    "uss_of",
 ]
 
 ENV_MAX_WORKERS = "STAGEPOOL_MAX_WORKERS"
@@ -613,3 +619,92 @@ def _signal_all(procs: list[psutil.Process], *, kill: bool) -> None:
                 proc.terminate()
         except psutil.NoSuchProcess:
             pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement helpers for the profiler (``_profiling.py``); psutil stays in this module
+# --------------------------------------------------------------------------------------------------
+
+# (pid, CPU % since the previous sample of that pid or None on first sight, RSS bytes or None)
+ProcessSample = tuple[int, float | None, int | None]
+
+
+def cpu_rss_sampler() -> Callable[[Iterable[int]], list[ProcessSample]]:
+    """A function that samples the CPU % and RSS of the pids it is given, cheaply, call after call.
+
+    It keeps one ``psutil.Process`` per pid, so each call reads two small ``/proc`` files per pid
+    (tens of microseconds) and CPU % covers the time since that pid's previous sample: on the first
+    sight of a pid it is None. Pids that are gone are skipped and forgotten. Not thread-safe: one
+    sampler per sampling thread.
+    """
+    procs: dict[int, psutil.Process] = {}
+
+    def sample(pids: Iterable[int]) -> list[ProcessSample]:
+        out: list[ProcessSample] = []
+        for pid in pids:
+            proc = procs.get(pid)
+            first = proc is None
+            try:
+                if proc is None:
+                    proc = procs[pid] = psutil.Process(pid)
+                with proc.oneshot():
+                    cpu = proc.cpu_percent(interval=None)
+                    rss = int(proc.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                procs.pop(pid, None)
+                continue
+            out.append((pid, None if first else float(cpu), rss))
+        return out
+
+    return sample
+
+
+def uss_of(pid: int) -> int | None:
+    """Unique set size of ``pid`` (what exiting it would free), falling back to RSS; None if gone.
+
+    Reads ``/proc/PID/smaps`` (a few milliseconds): for one-off measurements, not for sampling.
+    """
+    try:
+        proc = psutil.Process(pid)
+        try:
+            return int(proc.memory_full_info().uss)
+        except (psutil.AccessDenied, AttributeError):
+            return int(proc.memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where unsupported.
+
+    Linux >= 4.0 resets the high-water mark when "5" is written to ``/proc/self/clear_refs``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes since start or the last :func:`reset_peak_rss`.
+
+    ``VmHWM`` from ``/proc/self/status`` on Linux; elsewhere ``ru_maxrss`` (never reset), or None.
+    """
+    text = _read_text(Path("/proc/self/status"))
+    for line in (text or "").splitlines():
+        if line.startswith("VmHWM:"):
+            fields = line.split()
+            try:
+                return int(fields[1]) * 1024  # always reported in kB
+            except (IndexError, ValueError):
+                break
+    try:
+        import resource
+        import sys
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return None
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024

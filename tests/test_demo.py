@@ -1,0 +1,57 @@
+"""The main job end to end: ``stagepool demo`` on real workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import WAIT
+
+import stagepool as sp
+from stagepool import demo
+
+
+def test_run_demo_reports_exactly_the_corrupt_segments() -> None:
+    lines: list[str] = []
+    code = demo.run_demo(seconds=16.0, workers=2, progress=False, sample=2, out=lines.append)
+    corrupt = sorted(demo.default_corrupt(8))
+    assert code == 0, "\n".join(lines)
+    assert lines[0].startswith("plan: ") and "workers" in lines[0]
+    text = "\n".join(lines)
+    assert f"8 items: {8 - len(corrupt)} ok, {len(corrupt)} failed" in text
+    for index in corrupt:
+        assert f"item {index} [error]: CorruptSegmentError: segment {index} " in text
+    assert any(line.startswith("throughput: ") for line in lines)
+    assert any(line.startswith("realtime factor: ") for line in lines)
+    assert lines[-1].startswith("speedup over serial: ")
+
+
+def test_an_unexpected_failure_makes_the_demo_fail(engine: sp.Engine) -> None:
+    segments = list(demo.soundtrack(seconds=8.0))
+    report = engine.map(demo.process_segment, [*segments, "not a segment"])
+    corrupt = demo.default_corrupt(len(segments))
+    assert demo._only_expected_failures(report.failed[:-1], corrupt)
+    assert not demo._only_expected_failures(report.failed, corrupt)
+
+
+def test_demo_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stagepool", "demo", "--seconds", "10", "--no-progress",
+         "--workers", "2"],
+        capture_output=True, text=True, timeout=WAIT * 4,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "speedup over serial" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "stagepool", "demo", "--workers", "lots"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert bad.returncode != 0 and "--workers" in bad.stderr
+
+
+def test_plan_command_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "stagepool", "plan", "--mem-per-task", "1GiB"],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert "plan: " in result.stdout and "usable" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "stagepool", "plan", "--mem-per-task", "lots"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert bad.returncode == 2 and "mem_per_task" in bad.stderr
