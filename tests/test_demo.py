@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import WAIT
-
 import stagepool as sp
+from conftest import WAIT
 from stagepool import demo
 
 
