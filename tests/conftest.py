@@ -80,6 +80,7 @@ def _remember_engine(request: pytest.FixtureRequest) -> None:
 
 def shm_entries() -> set[str]:
     try:
-        return {name for name in os.listdir("/dev/shm") if "stagepool" in name or "loky" in name}
+        return {name for name in os.listdir("/dev/shm")
+                if "stagepool" in name or "loky" in name or name.startswith("sem.")}
     except FileNotFoundError:
         return set()

@@ -218,3 +218,15 @@ def test_max_tasks_per_worker_recycles() -> None:
     with sp.Engine(workers=1, chunk_size=1, max_tasks_per_worker=3) as eng:
         pids = eng.map(_tasks.pid_of, range(9)).values
     assert len(set(pids)) == 3
+
+
+def test_an_item_that_allocates_far_past_the_cap_fails_alone() -> None:
+    def allocate(gib: int) -> int:
+        block = bytearray(gib * 2**30)  # private memory far beyond 2 x max_rss + headroom
+        return len(block)
+
+    with sp.Engine(workers=1, max_rss_per_worker="200MiB") as eng:
+        report = eng.map(allocate, [0, 4, 0])
+        assert [o.kind for o in report] == ["ok", "error", "ok"]
+        assert isinstance(report[1].error, MemoryError)
+        assert eng.map(_tasks.double, [5]).values == [10]

@@ -14,6 +14,7 @@ shared memory, cheap enough for items that take a microsecond.
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import mmap
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "encode_result",
     "lane_main",
     "run_chunk",
+    "WorkerSetup",
     "star_call",
 ]
 
@@ -303,27 +305,49 @@ def _handle(
     return blob
 
 
-def lane_main(
-    conn: Any,
-    record_path: str,
-    slot: int,
-    ppid: int,
-    stderr: Any,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
-) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """What a worker needs to know at start-up (pickled once, when it is spawned)."""
+
+    record_path: str  # the shared record (see RECORD_FIELDS)
+    slot: int  # this worker's slot in it
+    ppid: int  # the parent: when it goes away, so do we
+    initializer: Callable[..., object] | None = None
+    initargs: tuple[Any, ...] = ()
+    data_limit: int | None = None  # RLIMIT_DATA in bytes: a runaway allocation -> MemoryError
+
+
+def _limit_memory(limit: int | None) -> None:
+    """Cap private writable memory, so an item that allocates far past the budget gets a
+    MemoryError (its own failure) instead of dragging the machine into the OOM killer."""
+    if limit is None:
+        return
+    try:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on this platform
+        pass
+
+
+def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     """The worker process: read tasks from ``conn`` until EOF or an empty message, answer each.
 
     A task is two messages (a small header, then the pickled items); the answer is one.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True, name="watch-parent").start()
+    threading.Thread(target=_watch_parent, args=(setup.ppid,), daemon=True,
+                     name="watch-parent").start()
     _capture_stderr(stderr)
-    record = _Record(record_path, slot)
+    _limit_memory(setup.data_limit)
+    record = _Record(setup.record_path, setup.slot)
     init_error: BaseException | None = None
-    if initializer is not None:
+    if setup.initializer is not None:
         try:
-            initializer(*initargs)
+            setup.initializer(*setup.initargs)
         except BaseException as exc:  # reported on every item, so the pool does not respawn-loop
             init_error = exc
     fns = _FnCache()

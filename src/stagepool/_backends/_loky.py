@@ -49,6 +49,7 @@ from .._worker import (
     PHASE_IDLE,
     PHASE_RUN,
     RECORD_FIELDS,
+    WorkerSetup,
     lane_main,
 )
 from . import Cancelled, Group, LaneDied, Task, TaskResult
@@ -67,6 +68,7 @@ POLL_INTERVAL = 0.05
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 # How much of a worker's stderr is kept for the report when it dies.
 STDERR_TAIL_BYTES = 16 * 1024
 STDERR_TAIL_LINES = 30
@@ -173,6 +175,9 @@ class LokyBackend:
         self._workers = workers
         self._initializer, self._initargs, self._env = initializer, initargs, env or {}
         self._max_rss, self._max_tasks, self._kill_grace = max_rss, max_tasks, kill_grace
+        # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
+        # BLAS buffers) before an allocation fails with MemoryError inside the item.
+        self._data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
         self._ctx = get_context("loky")
         self._record_file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * 4 * (workers + 1))
         self._record_map = mmap.mmap(self._record_file.fd, 0)
@@ -385,8 +390,9 @@ class LokyBackend:
         err_read, err_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=lane_main,
-            args=(child_end, self._record_file.path, slot, os.getpid(), err_write,
-                  self._initializer, self._initargs),
+            args=(child_end, err_write, WorkerSetup(
+                self._record_file.path, slot, os.getpid(), self._initializer, self._initargs,
+                self._data_limit)),
             env=self._env,
             name=f"stagepool-worker-{slot}",
         )
