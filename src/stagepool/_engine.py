@@ -99,7 +99,7 @@ _CRASH_HINTS = {
 
 
 def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
-    """A message that says who died, how, on which item, the likely cause and the fault log."""
+    """A message that says who died, how, on which item, the likely cause and the stderr tail."""
     code = died.exitcode
     if died.reason == "memory":
         how = "was killed by stagepool: its memory passed twice max_rss_per_worker"
@@ -113,9 +113,8 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
     else:
         how, hint = "died", "unknown cause"
     msg = f"worker {died.pid} {how} while {stage} item {index}: {hint}"
-    if died.detail:
-        tail = "\n".join(died.detail.splitlines()[-20:])
-        msg += f"\n--- worker fault log (tail) ---\n{tail}"
+    if died.detail:  # the backend keeps only the last lines of the worker's stderr
+        msg += f"\n--- the worker's last words (stderr tail) ---\n{died.detail}"
     return WorkerCrashed(msg)
 
 
@@ -497,10 +496,7 @@ class _Batch:
         """Withdraw this batch's queued chunks; optionally kill the workers running its items."""
         self.exhausted = True
         self.again.clear()
-        try:
-            self.backend.withdraw(self.group, kill_running=kill_running)
-        except Exception:
-            pass
+        self.backend.withdraw(self.group, kill_running=kill_running)
 
     def stats(self) -> BatchStats:
         wall = time.perf_counter() - self.started

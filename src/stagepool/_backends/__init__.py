@@ -29,7 +29,7 @@ class LaneDied:
     exitcode: int | None
     offset: int
     reason: str  # "crash", "timeout", "memory" or "cancelled"
-    detail: str = ""  # the tail of the worker's fault log
+    detail: str = ""  # the last lines the worker wrote to stderr (faulthandler dump included)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
