@@ -19,10 +19,32 @@ from conftest import WAIT, wait_until
 SRC = str(Path(sp.__file__).resolve().parent.parent)
 
 
-def run_script(body: str, **kwargs: object) -> subprocess.Popen[str]:
-    script = f"import sys\nsys.path.insert(0, {SRC!r})\n" + textwrap.dedent(body)
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+class Script:
+    """A Python script in a subprocess whose stdout goes to a file we can poll (reading a pipe
+    line by line and then calling communicate() loses what the line reader had buffered)."""
+
+    def __init__(self, body: str, tmp: Path) -> None:
+        code = f"import sys\nsys.path.insert(0, {SRC!r})\n" + textwrap.dedent(body)
+        self.out_path = tmp / "stdout.txt"
+        self._out = self.out_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self._out,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def output(self) -> str:
+        return self.out_path.read_text()
+
+    def pids(self) -> list[int]:
+        assert wait_until(lambda: "\n" in self.output()), self.finish()[1]
+        line = self.output().splitlines()[0]
+        assert line.startswith("PIDS"), line
+        return [int(p) for p in line.split()[1:]]
+
+    def finish(self, kill: bool = False) -> tuple[str, str]:
+        if kill:
+            self.proc.kill()
+        _, err = self.proc.communicate(timeout=WAIT)
+        self._out.close()
+        return self.output(), err
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -36,15 +58,8 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
-def read_pids(proc: subprocess.Popen[str]) -> list[int]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("PIDS"), (line, proc.stderr.read() if proc.stderr else "")
-    return [int(p) for p in line.split()[1:]]
-
-
-def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker() -> None:
-    proc = run_script("""
+def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker(tmp_path: Path) -> None:
+    script = Script("""
         import signal, time, stagepool as sp
         # A shell's background job starts with SIGINT ignored; a terminal's Ctrl-C would not be.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -54,48 +69,47 @@ def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker() -> None:
                 eng.map(time.sleep, [30] * 10)
             except KeyboardInterrupt:
                 print("INTERRUPTED", flush=True)
-    """)
-    pids = read_pids(proc)
+    """, tmp_path)
+    pids = script.pids()
     time.sleep(1.5)  # the batch is running
     started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=WAIT)
+    script.proc.send_signal(signal.SIGINT)
+    out, err = script.finish()
     assert "INTERRUPTED" in out, err
     assert time.monotonic() - started < 5
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 
-def test_workers_exit_when_the_caller_is_sigkilled() -> None:
-    proc = run_script("""
+def test_workers_exit_when_the_caller_is_sigkilled(tmp_path: Path) -> None:
+    script = Script("""
         import time, stagepool as sp
         eng = sp.Engine(workers=2)
         print("PIDS", *eng.worker_pids(), flush=True)
         eng.map(time.sleep, [60, 60])
-    """)
-    pids = read_pids(proc)
+    """, tmp_path)
+    pids = script.pids()
     time.sleep(1.0)
-    proc.kill()
-    proc.communicate(timeout=WAIT)
+    script.finish(kill=True)
     assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
 
 
-def test_engine_left_open_at_exit_does_not_hang() -> None:
-    proc = run_script("""
+def test_engine_left_open_at_exit_does_not_hang(tmp_path: Path) -> None:
+    script = Script("""
         import time, stagepool as sp
         eng = sp.Engine(workers=2)
         print("PIDS", *eng.worker_pids(), flush=True)
         eng.submit(time.sleep, 1000)
         print(eng.map(abs, [-1, -2]).values, flush=True)
-    """)
-    pids = read_pids(proc)
-    out, err = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 0, err
+    """, tmp_path)
+    pids = script.pids()
+    out, err = script.finish()
+    assert script.proc.returncode == 0, err
     assert "[1, 2]" in out
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 
-def test_engine_garbage_collected_does_not_hang() -> None:
-    proc = run_script("""
+def test_engine_garbage_collected_does_not_hang(tmp_path: Path) -> None:
+    script = Script("""
         import gc, stagepool as sp
         def make():
             eng = sp.Engine(workers=1)
@@ -103,10 +117,10 @@ def test_engine_garbage_collected_does_not_hang() -> None:
         print("PIDS", *make(), flush=True)
         gc.collect()
         print("DONE", flush=True)
-    """)
-    pids = read_pids(proc)
-    out, err = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 0 and "DONE" in out, err
+    """, tmp_path)
+    pids = script.pids()
+    out, err = script.finish()
+    assert script.proc.returncode == 0 and "DONE" in out, err
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 
