@@ -40,3 +40,19 @@ def test_public_names_are_documented_and_typed() -> None:
         obj = getattr(sp, name)
         assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
     assert (Path(sp.__file__).parent / "py.typed").exists()
+
+
+def test_exports_table_matches_all() -> None:
+    assert set(sp._EXPORTS) == set(sp.__all__)
+
+
+def test_a_worker_import_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, stagepool._worker; "
+            "print(sorted(m for m in ('numpy', 'psutil', 'tqdm', 'loky', 'stagepool._engine') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
