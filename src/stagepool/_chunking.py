@@ -31,6 +31,9 @@ MIN_CHUNK_SECONDS = 0.0005
 TINY_ITEM_SECONDS = 2e-6
 INITIAL_CHUNK = 8
 MAX_CHUNK = 1 << 16
+# An input of unknown length is usually a stream: its chunks stay small enough that the items
+# held in flight (max_in_flight chunks of them) cost megabytes, not hundreds.
+MAX_STREAM_CHUNK = 4096
 
 
 def validate_chunk_size(value: object, *, name: str = "chunk_size") -> int | None:
@@ -79,6 +82,8 @@ class ChunkSizer:
             if per_item is not None:
                 tail = max(tail, int(MIN_CHUNK_SECONDS / max(per_item, 1e-9)))
             size = min(size, tail)
+        else:
+            size = min(size, MAX_STREAM_CHUNK)
         return max(1, min(size, MAX_CHUNK))
 
     def per_item_clock(self) -> bool:

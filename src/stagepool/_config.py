@@ -134,6 +134,8 @@ class EngineConfig:
     max_tasks_per_worker: int | None
     initializer: Callable[..., object] | None
     initargs: tuple[Any, ...]
+    shm_threshold: int  # arrays this big or bigger travel through shared memory; 0 = never
+    writable_inputs: bool  # workers get private copy-on-write arrays instead of read-only views
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -165,6 +167,8 @@ class EngineConfig:
                                                     "max_tasks_per_worker", allow_none=True),
             initializer=initializer,
             initargs=tuple(kw["initargs"]),
+            shm_threshold=parse_size(kw["shm_threshold"], name="shm_threshold"),
+            writable_inputs=bool(kw["writable_inputs"]),
         )
 
 

@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import functools
 import itertools
+import os
 import pickle
 import queue
 import signal
@@ -34,10 +35,11 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from . import _transport
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._chunking import ChunkSizer, validate_chunk_size
 from ._config import EngineConfig, Timeout, check_timeout
@@ -60,7 +62,7 @@ from ._outcome import (
 )
 from ._progress import Progress, ProgressSink, make_sink
 from ._resources import WorkerPlan, plan_workers
-from ._worker import ErrInfo, apply_call, dumps, star_call
+from ._worker import ChunkResult, ErrInfo, apply_call, dumps, star_call
 
 __all__ = ["Engine"]
 
@@ -153,10 +155,6 @@ class _FnRegistry:
         return key, blob
 
 
-def _pickle_items(items: list[Any]) -> bytes:
-    return dumps(items)
-
-
 class _Batch:
     """One call's worth of work: feeds chunks with backpressure, turns answers into pieces."""
 
@@ -179,6 +177,7 @@ class _Batch:
         self.it = iter(items)
         self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task, TaskResult]] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # orders _on_done against cancel()
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
                                 self.backend.workers, self.total)
         self.timeout, self.retries, self.retry_on = timeout, cfg.retries, cfg.retry_on
@@ -263,7 +262,7 @@ class _Batch:
                     f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
             return
         try:
-            blob = _pickle_items(items)
+            blob = self.engine._encode(items)
         except BaseException:
             self._submit_isolating(start, items, tries)
             return
@@ -334,7 +333,14 @@ class _Batch:
         return tuple(out)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
-        self.answers.put((task, result))  # runs in the pool thread: hand over, nothing more
+        # Runs in the pool thread: hand over, nothing more. A batch that was abandoned will never
+        # read its answers, so their shared-memory arrays are freed here instead.
+        with self.lock:
+            if not self.group.cancelled:
+                self.answers.put((task, result))
+                return
+        if isinstance(result, bytes):
+            _transport.discard(result)
 
     # ---- absorbing answers ---------------------------------------------------------------------
 
@@ -356,7 +362,8 @@ class _Batch:
 
     def _absorb_bytes(self, start: int, items: list[Any], tries: int, blob: bytes) -> None:
         try:
-            values, stamps, errors, pid, _rss = pickle.loads(blob)
+            values, stamps, errors, pid, _rss = cast(
+                ChunkResult, _transport.loads(blob, writable=True, unlink=True))
         except BaseException as exc:
             if len(items) > 1:
                 self._split(start, items, tries)
@@ -496,7 +503,16 @@ class _Batch:
         """Withdraw this batch's queued chunks; optionally kill the workers running its items."""
         self.exhausted = True
         self.again.clear()
+        with self.lock:  # from here on _on_done frees answers instead of queueing them
+            self.group.cancelled = True
         self.backend.withdraw(self.group, kill_running=kill_running)
+        while True:  # answers that arrived but will never be read
+            try:
+                _task, result = self.answers.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(result, bytes):
+                _transport.discard(result)
 
     def stats(self) -> BatchStats:
         wall = time.perf_counter() - self.started
@@ -600,8 +616,11 @@ class Engine:
         max_tasks_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        shm_threshold: int | str = "1MiB",
+        writable_inputs: bool = False,
     ) -> None:
         self.config = EngineConfig.create(
+            shm_threshold=shm_threshold, writable_inputs=writable_inputs,
             workers=workers, mem_per_task=mem_per_task, chunk_size=chunk_size,
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
@@ -627,7 +646,18 @@ class Engine:
         return LokyBackend(
             self.workers, initializer=self.config.initializer, initargs=self.config.initargs,
             env=env, max_rss=self.config.max_rss_per_worker,
-            max_tasks=self.config.max_tasks_per_worker)
+            max_tasks=self.config.max_tasks_per_worker, shm_threshold=self._shm_threshold,
+            writable_inputs=self.config.writable_inputs)
+
+    @property
+    def _shm_threshold(self) -> int:
+        """The array size that goes through shared memory (0 where there is no /dev/shm)."""
+        return self.config.shm_threshold if _transport.available() else 0
+
+    def _encode(self, obj: Any) -> bytes:
+        """Pickle work for the workers; big arrays go to shared memory (see _transport)."""
+        return _transport.dumps(obj, threshold=self._shm_threshold, owner=os.getpid(),
+                                creator="p")
 
     def _backend_or_raise(self) -> Backend:
         backend = self._backend
@@ -818,7 +848,7 @@ class _Single:
 
     def _send(self) -> None:
         try:
-            blob = dumps([self.call])
+            blob = self.engine._encode([self.call])
         except BaseException as exc:
             self.future.set_exception(SerializationError(
                 f"the call {self.call[0]!r} cannot be pickled (function or arguments): "
@@ -837,6 +867,8 @@ class _Single:
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
         if self.future.done():
+            if isinstance(result, bytes):
+                _transport.discard(result)  # nobody will load it
             return
         if isinstance(result, Cancelled) or (
                 isinstance(result, LaneDied) and result.reason == "cancelled"):
@@ -878,7 +910,8 @@ class _Single:
             return "crash", None, crash_error(result, 0, "running")
         assert isinstance(result, bytes)  # Cancelled was handled by the caller
         try:
-            values, _stamps, errors, _pid, _rss = pickle.loads(result)
+            values, _stamps, errors, _pid, _rss = cast(
+                ChunkResult, _transport.loads(result, writable=True, unlink=True))
         except BaseException as exc:
             return "serialization", None, SerializationError(
                 f"the result could not be unpickled in the parent: {type(exc).__name__}: {exc}")

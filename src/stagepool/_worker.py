@@ -26,9 +26,11 @@ import time
 import traceback
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
+
+from . import _transport
 
 __all__ = [
     "RECORD_FIELDS",
@@ -181,10 +183,17 @@ def _rss() -> int:
         return 0
 
 
-def encode_result(result: ChunkResult) -> bytes:
-    """Pickle a chunk result; a value that cannot be pickled fails its own item, not the chunk."""
+def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> bytes:
+    """Pickle a chunk result (big arrays into shared memory); a value that cannot be pickled
+    fails its own item, not the chunk."""
+    def encode(obj: object) -> bytes:
+        if setup is None:
+            return _transport.dumps(obj, threshold=0, owner=os.getpid(), creator="p")
+        return _transport.dumps(obj, threshold=setup.shm_threshold, owner=setup.ppid,
+                                creator=f"w{os.getpid()}")
+
     try:
-        return dumps(result)
+        return encode(result)
     except BaseException:
         pass
     values, stamps, errors, pid, rss = result
@@ -200,7 +209,7 @@ def encode_result(result: ChunkResult) -> bytes:
                    f"{type(exc).__name__}: {_safe_str(exc)}")
             errors[offset] = ("serialization", None, "SerializationError", msg,
                               "".join(traceback.format_exception(exc)))
-    return dumps((clean, stamps, errors, pid, rss))
+    return encode((clean, stamps, errors, pid, rss))
 
 
 def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
@@ -249,6 +258,7 @@ def _watch_parent(ppid: int) -> None:
     while True:
         time.sleep(0.25)
         if os.getppid() != ppid:
+            _transport.sweep(ppid)  # its shared memory: nobody else will free it now
             os._exit(3)
 
 
@@ -275,7 +285,7 @@ def _decode_failure(n_items: int, kind: str, exc: BaseException, what: str) -> C
 
 def _handle(
     header: bytes, items_blob: bytes, fns: _FnCache, record: _Record,
-    init_error: BaseException | None,
+    init_error: BaseException | None, setup: WorkerSetup,
 ) -> bytes:
     chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock = pickle.loads(header)
     ints = record.ints
@@ -290,7 +300,8 @@ def _handle(
                                      "the function could not be unpickled in the worker")
         else:
             try:
-                items = pickle.loads(items_blob)
+                items = cast(list[Any], _transport.loads(
+                    items_blob, writable=setup.writable_inputs, unlink=False))
             except BaseException as exc:
                 # Not one item's fault yet: the parent re-sends the items one by one to find it.
                 result = _decode_failure(n_items, "unpickle", exc,
@@ -300,7 +311,7 @@ def _handle(
                                    per_item_clock=per_item_clock)
                 del items
     ints[F_PHASE] = PHASE_ENCODE
-    blob = encode_result(result)
+    blob = encode_result(result, setup)
     ints[F_PHASE] = PHASE_IDLE
     return blob
 
@@ -315,6 +326,8 @@ class WorkerSetup:
     initializer: Callable[..., object] | None = None
     initargs: tuple[Any, ...] = ()
     data_limit: int | None = None  # RLIMIT_DATA in bytes: a runaway allocation -> MemoryError
+    shm_threshold: int = 0  # result arrays this big go back through shared memory
+    writable_inputs: bool = False  # input arrays as private copy-on-write views (else read-only)
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -359,7 +372,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             items_blob = conn.recv_bytes()
         except (EOFError, OSError):
             break
-        conn.send_bytes(_handle(header, items_blob, fns, record, init_error))
+        conn.send_bytes(_handle(header, items_blob, fns, record, init_error, setup))
         del items_blob
     sys.stdout.flush()
     sys.stderr.flush()

@@ -39,6 +39,7 @@ from typing import Any
 
 from loky.backend.context import get_context
 
+from .. import _transport
 from .._errors import EngineClosed
 from .._resources import kill_tree, rss_of
 from .._worker import (
@@ -126,13 +127,23 @@ class _Lane:
 
 
 def _notify(task: Task, result: TaskResult) -> None:
-    """Deliver a result; a faulty callback must never take the pool thread down with it."""
+    """Deliver a result; a faulty callback must never take the pool thread down with it.
+
+    The task is answered: its input arrays in shared memory are no longer needed by anyone."""
+    _transport.discard(task.items_blob)
     try:
         task.on_done(task, result)
     except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
         import traceback
 
         traceback.print_exc()
+
+
+def _readable(conn: Connection) -> bool:
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return False
 
 
 def _later_min(task: Task, offset: int) -> float:
@@ -171,6 +182,8 @@ class LokyBackend:
         max_rss: int | None = None,
         max_tasks: int | None = None,
         kill_grace: float = 0.5,
+        shm_threshold: int = 0,
+        writable_inputs: bool = False,
     ) -> None:
         self._workers = workers
         self._initializer, self._initargs, self._env = initializer, initargs, env or {}
@@ -178,6 +191,8 @@ class LokyBackend:
         # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
         # BLAS buffers) before an allocation fails with MemoryError inside the item.
         self._data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
+        self._shm_threshold, self._writable_inputs = shm_threshold, writable_inputs
+        _transport.sweep_stale()  # shared memory of engines whose process died without cleanup
         self._ctx = get_context("loky")
         self._record_file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * 4 * (workers + 1))
         self._record_map = mmap.mmap(self._record_file.fd, 0)
@@ -296,12 +311,17 @@ class LokyBackend:
             call()
 
     def _receive(self, lane: _Lane) -> None:
+        if not self._receive_one(lane):
+            lane.process.join(1.0)  # it is dying: let the sentinel path account for it
+            self._bury(lane)
+
+    def _receive_one(self, lane: _Lane, *, dying: bool = False) -> bool:
+        """Take one answer from a worker; False when its pipe is broken (the worker is dying)."""
         try:
             blob = lane.conn.recv_bytes()
         except (EOFError, OSError):
-            lane.process.join(1.0)  # it is dying: let the sentinel path account for it
-            self._bury(lane)
-            return
+            return False
+        _transport.claim(blob)  # ours now: a sweep after this worker's death must not free it
         task = lane.tasks.popleft()
         lane.items_done += task.n_items
         lane.answered = True
@@ -311,12 +331,17 @@ class LokyBackend:
             lane.retiring = True  # grew past the cap between items: recycle it
         if self._max_tasks is not None and lane.items_done >= self._max_tasks:
             lane.retiring = True
-        if lane.retiring and not lane.tasks:
+        if lane.retiring and not lane.tasks and not dying:
             self._retire(lane)
+        return True
 
     def _bury(self, lane: _Lane) -> None:
         """A worker died: blame the item it was running, requeue what it had not started."""
         lane.process.join(1.0)
+        while lane.tasks and _readable(lane.conn):  # answers it sent before dying still count
+            if not self._receive_one(lane, dying=True):
+                break
+        _transport.sweep(os.getpid(), f"w{lane.pid}")  # results it made but never sent
         self._lanes.remove(lane)
         base = lane.slot * RECORD_FIELDS
         chunk, offset, phase = (self._ints[base + F_CHUNK], self._ints[base + F_OFFSET],
@@ -392,7 +417,7 @@ class LokyBackend:
             target=lane_main,
             args=(child_end, err_write, WorkerSetup(
                 self._record_file.path, slot, os.getpid(), self._initializer, self._initargs,
-                self._data_limit)),
+                self._data_limit, self._shm_threshold, self._writable_inputs)),
             env=self._env,
             name=f"stagepool-worker-{slot}",
         )

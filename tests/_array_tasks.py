@@ -1,0 +1,42 @@
+"""Array-handling task functions for the transport tests (module-level: imported by workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+def double(a: np.ndarray) -> np.ndarray:
+    return a * 2
+
+
+def scale_nested(item: dict[str, Any]) -> dict[str, Any]:
+    return {"frames": item["frames"] * 2, "meta": item["meta"], "pair": tuple(x + 1 for x in item["pair"])}
+
+
+def write_in_place(a: np.ndarray) -> float:
+    a[0] = 42  # read-only views refuse this; writable_inputs=True gives a private copy
+    return float(a[0])
+
+
+def is_writeable(a: np.ndarray) -> bool:
+    return bool(a.flags.writeable)
+
+
+def big_then_crash(a: np.ndarray) -> np.ndarray:
+    if float(a.flat[0]) < 0:
+        os._exit(5)
+    return a + 1
+
+
+def big_then_hang(a: np.ndarray) -> np.ndarray:
+    if float(a.flat[0]) < 0:
+        time.sleep(10**6)
+    return a + 1
+
+
+def make_big(n: int) -> np.ndarray:
+    return np.full(n, 7, dtype=np.float32)

@@ -1,0 +1,136 @@
+"""Big numpy arrays through shared memory, on real workers: same results as pickling, clear
+read-only/writable semantics, and nothing of ours left in /dev/shm whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _array_tasks as at
+import stagepool as sp
+from conftest import WAIT, wait_until
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+MiB = 2**20
+
+
+def ours() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{os.getpid()}-")}
+
+
+@pytest.fixture(scope="module")
+def shm_engine() -> Iterator[sp.Engine]:
+    with sp.Engine(workers=2, shm_threshold="1MiB", timeout=3) as eng:
+        yield eng
+
+
+def arrays() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [
+        rng.standard_normal(300_000).astype(np.float32),  # 1.1 MiB: shared memory
+        rng.standard_normal((600, 400)).T,  # Fortran order, 1.8 MiB
+        rng.integers(0, 255, (25, 108, 192, 3), dtype=np.uint8)[:, ::2],  # non-contiguous video
+        np.arange(10, dtype=np.int64),  # small: pickled
+        np.zeros((0, 5)),  # zero-size
+        np.array(3.5),  # 0-d
+        np.array([("a", 1.0)] * 100_000, dtype=[("name", "U4"), ("x", "f8")]),  # structured
+    ]
+
+
+def test_results_match_the_pickle_path(shm_engine: sp.Engine) -> None:
+    with sp.Engine(workers=1, shm_threshold=0) as plain:
+        expected = plain.map(at.double, arrays()[:3] + arrays()[3:6]).values
+    got = shm_engine.map(at.double, arrays()[:3] + arrays()[3:6]).values
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    structured = shm_engine.map(at.is_writeable, [arrays()[6]])
+    assert structured.ok
+    assert not ours()
+
+
+def test_nested_containers_and_object_arrays(shm_engine: sp.Engine) -> None:
+    item = {"frames": np.ones((512, 1024), np.float32), "meta": "seg-3", "pair": (1, 2)}
+    [out] = shm_engine.map(at.scale_nested, [item]).values
+    assert np.array_equal(out["frames"], item["frames"] * 2) and out["pair"] == (2, 3)
+    objects = np.array([{"a": i} for i in range(200_000)], dtype=object)  # falls back to pickle
+    assert shm_engine.map(len, [objects]).values == [200_000]
+
+
+def test_inputs_are_read_only_unless_asked(shm_engine: sp.Engine) -> None:
+    big = np.zeros(MiB, dtype=np.float32)
+    report = shm_engine.map(at.write_in_place, [big])
+    assert report[0].kind == "error" and isinstance(report[0].error, ValueError)
+    assert "read-only" in str(report[0].error)
+    with sp.Engine(workers=1, writable_inputs=True) as eng:
+        assert eng.map(at.write_in_place, [big]).values == [42.0]
+    assert big[0] == 0  # the caller's array is never touched
+
+
+def test_results_are_ordinary_writable_arrays(shm_engine: sp.Engine) -> None:
+    [out] = shm_engine.map(at.make_big, [MiB]).values
+    out[0] = 1  # the caller owns it: private copy-on-write pages
+    assert out[0] == 1 and out[1] == 7 and out.flags.writeable
+    assert not ours()  # unlinked as soon as mapped: the array keeps the memory
+
+
+@pytest.mark.parametrize("fn", [at.big_then_crash, at.big_then_hang])
+def test_no_segment_survives_a_crash_or_timeout(shm_engine: sp.Engine, fn) -> None:  # type: ignore[no-untyped-def]
+    items = [np.full(MiB, v, dtype=np.float32) for v in (1, -1, 2, 3)]
+    report = shm_engine.map(fn, items, chunk_size=2)
+    assert [o.kind for o in report] == ["ok", "crash" if fn is at.big_then_crash else "timeout",
+                                        "ok", "ok"]
+    assert wait_until(lambda: not ours(), timeout=5), ours()
+
+
+def test_no_segment_survives_an_abandoned_stream(shm_engine: sp.Engine) -> None:
+    def endless() -> Iterator[np.ndarray]:
+        while True:
+            yield np.ones(MiB, dtype=np.float32)
+
+    stream = shm_engine.imap(at.double, endless())
+    for _ in range(5):
+        next(stream)
+    stream.close()  # type: ignore[attr-defined]
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+def test_no_segment_survives_kill_shutdown() -> None:
+    eng = sp.Engine(workers=2, chunk_size=1)
+    futures = [eng.submit(at.big_then_hang, np.full(MiB, -1, dtype=np.float32)) for _ in range(3)]
+    time.sleep(0.5)
+    eng.shutdown(kill=True)
+    assert all(f.done() for f in futures)
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+def test_no_segment_survives_a_sigkilled_parent(tmp_path: Path) -> None:
+    src = str(Path(sp.__file__).resolve().parent.parent)
+    tests = str(Path(__file__).parent)
+    script = textwrap.dedent(f"""
+        import sys, os
+        sys.path[:0] = [{src!r}, {tests!r}]
+        import numpy as np, stagepool as sp, _array_tasks as at
+        eng = sp.Engine(workers=2, chunk_size=1)
+        items = [np.full(2**20, -1, dtype=np.float32)] * 4
+        print(os.getpid(), flush=True)
+        eng.map(at.big_then_hang, items)
+    """)
+    out = (tmp_path / "out").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: (tmp_path / "out").read_text().strip() != "", timeout=WAIT)
+    child = int((tmp_path / "out").read_text().split()[0])
+    mine = lambda: {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{child}-")}  # noqa: E731
+    assert wait_until(lambda: bool(mine()), timeout=WAIT)  # inputs are in shared memory
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(WAIT)
+    out.close()
+    assert wait_until(lambda: not mine(), timeout=10), mine()  # the orphaned workers cleaned up
