@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -25,6 +26,7 @@ class Script:
 
     def __init__(self, body: str, tmp: Path) -> None:
         code = f"import sys\nsys.path.insert(0, {SRC!r})\n" + textwrap.dedent(body)
+        tmp.mkdir(parents=True, exist_ok=True)
         self.out_path = tmp / "stdout.txt"
         self._out = self.out_path.open("w")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self._out,
@@ -47,6 +49,23 @@ class Script:
         return self.output(), err
 
 
+@pytest.fixture
+def script(tmp_path: Path) -> Iterator[Callable[[str], Script]]:
+    """Start scripts; whatever happens in the test, none outlives it (nor its workers)."""
+    started: list[Script] = []
+
+    def start(body: str) -> Script:
+        started.append(Script(body, tmp_path / str(len(started))))
+        return started[-1]
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            for child in psutil.Process(s.proc.pid).children(recursive=True):
+                child.kill()
+            s.finish(kill=True)
+
+
 def alive(pids: list[int]) -> list[int]:
     out = []
     for pid in pids:
@@ -58,8 +77,8 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
-def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker(tmp_path: Path) -> None:
-    script = Script("""
+def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker(script: Callable[[str], Script]) -> None:
+    proc = script("""
         import signal, time, stagepool as sp
         # A shell's background job starts with SIGINT ignored; a terminal's Ctrl-C would not be.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -69,47 +88,47 @@ def test_ctrl_c_during_map_returns_fast_and_leaves_no_worker(tmp_path: Path) -> 
                 eng.map(time.sleep, [30] * 10)
             except KeyboardInterrupt:
                 print("INTERRUPTED", flush=True)
-    """, tmp_path)
-    pids = script.pids()
+    """)
+    pids = proc.pids()
     time.sleep(1.5)  # the batch is running
     started = time.monotonic()
-    script.proc.send_signal(signal.SIGINT)
-    out, err = script.finish()
+    proc.proc.send_signal(signal.SIGINT)
+    out, err = proc.finish()
     assert "INTERRUPTED" in out, err
     assert time.monotonic() - started < 5
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 
-def test_workers_exit_when_the_caller_is_sigkilled(tmp_path: Path) -> None:
-    script = Script("""
+def test_workers_exit_when_the_caller_is_sigkilled(script: Callable[[str], Script]) -> None:
+    proc = script("""
         import time, stagepool as sp
         eng = sp.Engine(workers=2)
         print("PIDS", *eng.worker_pids(), flush=True)
         eng.map(time.sleep, [60, 60])
-    """, tmp_path)
-    pids = script.pids()
+    """)
+    pids = proc.pids()
     time.sleep(1.0)
-    script.finish(kill=True)
+    proc.finish(kill=True)
     assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
 
 
-def test_engine_left_open_at_exit_does_not_hang(tmp_path: Path) -> None:
-    script = Script("""
+def test_engine_left_open_at_exit_does_not_hang(script: Callable[[str], Script]) -> None:
+    proc = script("""
         import time, stagepool as sp
         eng = sp.Engine(workers=2)
         print("PIDS", *eng.worker_pids(), flush=True)
         eng.submit(time.sleep, 1000)
         print(eng.map(abs, [-1, -2]).values, flush=True)
-    """, tmp_path)
-    pids = script.pids()
-    out, err = script.finish()
-    assert script.proc.returncode == 0, err
+    """)
+    pids = proc.pids()
+    out, err = proc.finish()
+    assert proc.proc.returncode == 0, err
     assert "[1, 2]" in out
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 
-def test_engine_garbage_collected_does_not_hang(tmp_path: Path) -> None:
-    script = Script("""
+def test_engine_garbage_collected_does_not_hang(script: Callable[[str], Script]) -> None:
+    proc = script("""
         import gc, stagepool as sp
         def make():
             eng = sp.Engine(workers=1)
@@ -117,10 +136,10 @@ def test_engine_garbage_collected_does_not_hang(tmp_path: Path) -> None:
         print("PIDS", *make(), flush=True)
         gc.collect()
         print("DONE", flush=True)
-    """, tmp_path)
-    pids = script.pids()
-    out, err = script.finish()
-    assert script.proc.returncode == 0 and "DONE" in out, err
+    """)
+    pids = proc.pids()
+    out, err = proc.finish()
+    assert proc.proc.returncode == 0 and "DONE" in out, err
     assert wait_until(lambda: not alive(pids), timeout=10)
 
 

@@ -34,8 +34,8 @@ import signal
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -62,6 +62,9 @@ from ._outcome import (
 )
 from ._progress import Progress, ProgressSink, make_sink
 from ._resources import WorkerPlan, plan_workers
+
+if TYPE_CHECKING:
+    from ._aio import OutcomeStream
 from ._worker import ChunkResult, ErrInfo, apply_call, dumps, star_call
 
 __all__ = ["Engine"]
@@ -176,7 +179,7 @@ class _Batch:
         self.total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         self.it = iter(items)
         self.group = Group()
-        self.answers: queue.SimpleQueue[tuple[Task, TaskResult]] = queue.SimpleQueue()
+        self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult | None]] = queue.SimpleQueue()
         self.lock = threading.Lock()  # orders _on_done against cancel()
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
                                 self.backend.workers, self.total)
@@ -344,7 +347,9 @@ class _Batch:
 
     # ---- absorbing answers ---------------------------------------------------------------------
 
-    def _absorb(self, task: Task, result: TaskResult) -> None:
+    def _absorb(self, task: Task | None, result: TaskResult | None) -> None:
+        if task is None or result is None:  # the wake-up of abandon()
+            return
         entry = self.in_flight.pop(task.id, None)
         if entry is None:
             return
@@ -458,7 +463,7 @@ class _Batch:
         """Yield final pieces until every taken item has one; cancel leftovers on exit."""
         finished = False
         try:
-            while True:
+            while not self.group.cancelled:  # abandon() from another thread ends the loop
                 self._fill()
                 if self.ready:
                     yield from self._drain_ready()
@@ -498,6 +503,15 @@ class _Batch:
             except queue.Empty:
                 return
             self._absorb(task, result)
+
+    def abandon(self, *, kill_running: bool) -> None:
+        """From any thread, never blocks: the batch stops taking items and sending chunks,
+        queued chunks are withdrawn, running ones are killed (``kill_running``) or finish
+        unobserved, and the thread running :meth:`pieces` leaves it at once."""
+        with self.lock:
+            self.group.cancelled = True
+        self.backend.withdraw(self.group, kill_running=kill_running)
+        self.answers.put((None, None))  # wake the batch thread if it waits for an answer
 
     def cancel(self, *, kill_running: bool) -> None:
         """Withdraw this batch's queued chunks; optionally kill the workers running its items."""
@@ -681,6 +695,8 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Shut down without blocking the loop; an exception (or a cancellation) leaving the
+        block cancels queued work instead of waiting for it."""
         from ._aio import shutdown_async
 
         await shutdown_async(self, cancel_futures=exc[0] is not None)
@@ -791,20 +807,70 @@ class Engine:
 
     # ---- async (the bridge lives in _aio) -----------------------------------------------------
 
-    async def map_async(self, fn: Callable[[T], R], items: Any, **kwargs: Any) -> BatchReport[R]:
-        """Awaitable :meth:`map`; see :func:`stagepool._aio.map_async` for cancellation."""
+    async def map_async(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T] | AsyncIterable[T],
+        *,
+        max_concurrent: int | None = None,
+        on_cancel: str = "finish",
+        chunk_size: int | str | None = None,
+        timeout: Any = _DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> BatchReport[R]:
+        """Awaitable :meth:`map`, without blocking the event loop; same report.
+
+        ``items`` may also be an async iterable (read lazily, with backpressure). Concurrent
+        calls share the workers fairly by estimated work, so a small request started during a
+        big one finishes long before it.
+
+        Cancellation: cancelling the awaiting task (or ``wait_for`` expiring) raises
+        ``CancelledError`` at once; chunks not started never start; running items finish with
+        their results dropped (``on_cancel="finish"``) or are killed with their workers, which
+        are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
+        """
         from ._aio import map_async
 
-        return await map_async(self, fn, items, **kwargs)
+        return await map_async(self, fn, items, max_concurrent=max_concurrent, on_cancel=on_cancel,
+                               chunk_size=chunk_size, timeout=timeout, progress=progress, desc=desc,
+                               on_progress=on_progress)
 
-    def imap_async(self, fn: Callable[[T], R], items: Any, **kwargs: Any) -> Any:
-        """Async iterator of outcomes; see :func:`stagepool._aio.imap_async`."""
+    def imap_async(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T] | AsyncIterable[T],
+        *,
+        ordered: bool = False,
+        on_cancel: str = "finish",
+        max_concurrent: int | None = None,
+        max_in_flight: int | None = None,
+        chunk_size: int | str | None = None,
+        timeout: Any = _DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> OutcomeStream[R]:
+        """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
+
+        Cancellation: leaving the loop early (``break``, an exception, ``aclose()``, the end of
+        ``async with``) or cancelling the consuming task withdraws what has not started; running
+        items follow ``on_cancel`` as in :meth:`map_async`.
+        """
         from ._aio import imap_async
 
-        return imap_async(self, fn, items, **kwargs)
+        return imap_async(self, fn, items, ordered=ordered, on_cancel=on_cancel,
+                          max_concurrent=max_concurrent, max_in_flight=max_in_flight,
+                          chunk_size=chunk_size, timeout=timeout, progress=progress, desc=desc,
+                          on_progress=on_progress)
 
     async def submit_async(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-        """Awaitable :meth:`submit`: returns the value or raises the task's exception."""
+        """Awaitable :meth:`submit`: the value, or the task's exception.
+
+        Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
+        started never runs, a running one finishes and its result is dropped.
+        """
         from ._aio import submit_async
 
         return await submit_async(self, fn, *args, **kwargs)

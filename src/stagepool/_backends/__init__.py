@@ -49,10 +49,11 @@ class Group:
     because its worker died after the cancellation.
     """
 
-    __slots__ = ("cancelled",)
+    __slots__ = ("cancelled", "served")
 
     def __init__(self) -> None:
         self.cancelled = False
+        self.served = 0.0  # estimated seconds of work dispatched: the backend's fair share
 
 
 @dataclasses.dataclass(eq=False, slots=True)

@@ -69,6 +69,8 @@ POLL_INTERVAL = 0.05
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+# What a chunk of unknown duration counts for in the fair share (a batch's first chunks).
+UNKNOWN_CHUNK_SECONDS = 0.01
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 # How much of a worker's stderr is kept for the report when it dies.
 STDERR_TAIL_BYTES = 16 * 1024
@@ -225,11 +227,20 @@ class LokyBackend:
         with self._lock:
             if self._closed:
                 raise EngineClosed("this engine has been shut down; create a new Engine")
-            queue = self._pending.get(task.group)
-            if queue is None:
-                queue = self._pending[task.group] = collections.deque()
-            queue.append(task)
-        self._wake()
+            queued = not task.group.cancelled  # checked under the lock withdraw() takes
+            if queued:
+                queue = self._pending.get(task.group)
+                if queue is None:
+                    queue = self._pending[task.group] = collections.deque()
+                    # A newcomer starts level with the least-served group, not at zero, so it
+                    # shares the workers instead of taking them all until it has caught up.
+                    task.group.served = max(task.group.served, min(
+                        (g.served for g in self._pending if g is not task.group), default=0.0))
+                queue.append(task)
+        if queued:
+            self._wake()
+        else:
+            _notify(task, Cancelled("batch cancelled"))
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         group.cancelled = True
@@ -450,18 +461,22 @@ class LokyBackend:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _next_task(self, lane: _Lane) -> Task | None:
-        """Round-robin over groups: take the first group's head task, then rotate that group."""
+        """Fair share by time: the group with the least estimated work served so far goes next
+        (a chunk-by-chunk turn would favour the batch whose chunks are bigger)."""
         with self._lock:
+            best: Group | None = None
             for group, queue in self._pending.items():
-                if not queue or not lane.can_take(queue[0]):
-                    continue
-                task = queue.popleft()
-                if queue:
-                    self._pending.move_to_end(group)
-                else:
-                    del self._pending[group]
-                return task
-        return None
+                if queue and lane.can_take(queue[0]) and (best is None or
+                                                         group.served < best.served):
+                    best = group
+            if best is None:
+                return None
+            queue = self._pending[best]
+            task = queue.popleft()
+            if not queue:
+                del self._pending[best]
+            best.served += task.expected if task.expected is not None else UNKNOWN_CHUNK_SECONDS
+            return task
 
     def _dispatch(self) -> None:
         for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
@@ -533,8 +548,10 @@ class LokyBackend:
                          daemon=True, name="stagepool-kill").start()
 
     def _kill_group(self, group: Group) -> None:
+        # Only workers *running* the group's chunk: a chunk merely prefetched behind another
+        # batch's running chunk is short by construction; it runs and its answer is dropped.
         for lane in self._lanes:
-            if any(t.group == group for t in lane.tasks):
+            if lane.tasks and lane.tasks[0].group is group:
                 offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
                 self._kill(lane, "cancelled", offset)
 
