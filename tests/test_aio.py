@@ -114,7 +114,7 @@ async def cancelled_after(task: asyncio.Task[Any]) -> float:
 
 async def serves(engine: sp.Engine) -> None:
     report = await bounded(engine.map_async(_tasks.double, range(50)))
-    assert report.values == [2 * i for i in range(50)]
+    assert report.values == [2 * i for i in range(50)], report.summary()
 
 
 # ---- results --------------------------------------------------------------------------------------

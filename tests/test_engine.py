@@ -315,3 +315,12 @@ def test_max_concurrent_bounds_items_in_workers(engine: sp.Engine) -> None:
     assert report.stats.chunks == 40  # one item at a time: every chunk holds a single item
     with pytest.raises(ValueError, match="max_concurrent"):
         engine.map(_tasks.double, [1], max_concurrent=0)
+
+
+def test_many_distinct_functions_then_the_first_again(engine: sp.Engine) -> None:
+    # Workers keep 16 unpickled functions; the parent mirrors that cache exactly.
+    fns = [(lambda k: (lambda x: x + k))(k) for k in range(40)]
+    for k, fn in enumerate(fns):
+        assert engine.map(fn, [1, 2]).values == [1 + k, 2 + k]
+    assert engine.map(fns[0], [5]).values == [5]
+    assert engine.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]

@@ -59,6 +59,7 @@ from ._outcome import (
     Outcome,
     RemoteTraceback,
     ReportBuilder,
+    make_outcome,
 )
 from ._progress import Progress, ProgressSink, make_sink
 from ._resources import WorkerPlan, plan_workers
@@ -571,12 +572,16 @@ def _outcomes(batch: _Batch, ordered: bool) -> Iterator[Outcome[Any]]:
     pending: dict[int, Outcome[Any]] = {}
     batch.ordered = ordered
     for piece in batch.pieces():
-        fresh = list(_piece_outcomes(piece))
+        fresh = _piece_outcomes(piece)
         if not ordered:
             yield from fresh
             continue
         for outcome in fresh:
-            pending[outcome.index] = outcome
+            if not pending and outcome.index == batch.emitted:  # in order already: no buffering
+                batch.emitted += 1
+                yield outcome
+            else:
+                pending[outcome.index] = outcome
         while batch.emitted in pending:
             outcome = pending.pop(batch.emitted)
             batch.emitted += 1
@@ -585,17 +590,18 @@ def _outcomes(batch: _Batch, ordered: bool) -> Iterator[Outcome[Any]]:
         raise batch.source_error
 
 
-def _piece_outcomes(piece: Piece) -> Iterator[Outcome[Any]]:
+def _piece_outcomes(piece: Piece) -> list[Outcome[Any]]:
     if piece[0] == "fail":
         f: Failure = piece[2]
-        yield Outcome(piece[1], False, None, f.error, f.kind, f.traceback, f.duration, f.worker,
-                      f.attempts)
-        return
+        return [make_outcome((piece[1], False, None, f.error, f.kind, f.traceback, f.duration,
+                              f.worker, f.attempts))]
     _, start, values, durations, pid, tries, skip = piece
-    for offset, value in enumerate(values):
-        if offset not in skip:
-            yield Outcome(start + offset, True, value, None, "ok", None, durations[offset], pid,
-                          tries)
+    if not skip:
+        return [make_outcome((start + offset, True, value, None, "ok", None, duration, pid, tries))
+                for offset, (value, duration) in enumerate(zip(values, durations, strict=True))]
+    return [make_outcome((start + offset, True, value, None, "ok", None, durations[offset], pid,
+                          tries))
+            for offset, value in enumerate(values) if offset not in skip]
 
 
 class Engine:

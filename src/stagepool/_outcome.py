@@ -9,12 +9,12 @@ caller looks at one (``report[i]``, iteration, ``report.failed``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, overload
 
-from ._config import format_size
 
 __all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback"]
 
@@ -46,17 +46,19 @@ class Failure:
     attempts: int = 1
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome(Generic[T]):
+class Outcome(NamedTuple, Generic[T]):
     """The single result of one input item: a value or an error, never both.
 
     ``kind`` is ``"ok"``, ``"error"`` (the function raised), ``"timeout"``, ``"crash"`` (the worker
     process died), ``"serialization"`` (something could not be pickled) or ``"cancelled"``.
-    ``duration`` is seconds spent in the worker, ``worker`` its pid, ``attempts`` how many times the
-    item was run (retries included).
+    ``duration`` is seconds spent in the worker (for items under ~2 us, the mean of their chunk),
+    ``worker`` its pid, ``attempts`` how many times the item was run (retries included).
+
+    An immutable named tuple: cheap to build by the million in a stream (a frozen dataclass costs
+    five times more), comparable, and unpackable.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field hides tuple.index, on purpose
     ok: bool
     value: T | None
     error: BaseException | None
@@ -71,6 +73,10 @@ class Outcome(Generic[T]):
         if self.error is not None:
             raise self.error
         return self.value  # type: ignore[return-value]
+
+
+# Builds an Outcome from a 9-tuple without NamedTuple's argument parsing (the streaming hot path).
+make_outcome: Any = functools.partial(tuple.__new__, Outcome)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,10 +178,12 @@ class BatchReport(Sequence[Outcome[T]]):
     def _outcome(self, i: int) -> Outcome[T]:
         failure = self._failures.get(i)
         if failure is not None:
-            return Outcome(i, False, None, failure.error, failure.kind, failure.traceback,
-                           failure.duration, failure.worker, failure.attempts)
-        return Outcome(i, True, self._values[i], None, "ok", None, self._durations[i],
-                       self._workers[i] or None, self._attempts.get(i, 1))
+            return make_outcome((i, False, None, failure.error, failure.kind,  # type: ignore[no-any-return]
+                                 failure.traceback, failure.duration, failure.worker,
+                                 failure.attempts))
+        return make_outcome((i, True, self._values[i], None, "ok", None,  # type: ignore[no-any-return]
+                             self._durations[i], self._workers[i] or None,
+                             self._attempts.get(i, 1)))
 
     @overload
     def __getitem__(self, i: int) -> Outcome[T]: ...
@@ -266,7 +274,3 @@ class BatchReport(Sequence[Outcome[T]]):
                 err.add_note(note)
             errors.append(err)
         raise BaseExceptionGroup(f"{len(errors)} of {len(self)} items failed", errors)
-
-
-def describe_bytes(n: int) -> str:
-    return format_size(n)

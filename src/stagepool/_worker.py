@@ -33,6 +33,7 @@ import cloudpickle
 from . import _transport
 
 __all__ = [
+    "FN_CACHE_SIZE",
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
@@ -225,32 +226,37 @@ def star_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
 
 # ---- the worker's main loop -------------------------------------------------------------------
 
+FN_CACHE_SIZE = 16  # functions a worker keeps unpickled; the parent mirrors this exactly
+
+
 class _FnCache:
     """Functions already unpickled in this worker, by the parent's key (one per function).
 
-    A function that fails to unpickle is cached as its exception: the parent sends each blob
-    only once per worker, so every later chunk must fail the same way, not with a missing key.
+    The parent sends a function's blob only when its mirror of this cache (same size, same
+    first-in-first-out eviction, same order of arrival) says the worker lacks it. A function that
+    fails to unpickle is cached as its exception, so every later chunk fails the same way.
     """
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = FN_CACHE_SIZE) -> None:
         self._fns: dict[int, Callable[[Any], Any] | BaseException] = {}
         self._size = size
 
     def get(self, key: int, blob: bytes | None) -> Callable[[Any], Any]:
-        fn = self._fns.get(key)
-        if fn is None:
-            if blob is None:
-                raise KeyError(f"function {key} was never sent to this worker")
+        if blob is not None:
             try:
-                fn = pickle.loads(blob)
+                fn: Callable[[Any], Any] | BaseException = pickle.loads(blob)
             except BaseException as exc:
                 fn = exc
-            if len(self._fns) >= self._size:
-                self._fns.pop(next(iter(self._fns)))
+            self._fns.pop(key, None)
             self._fns[key] = fn
-        if isinstance(fn, BaseException):
-            raise fn
-        return fn
+            if len(self._fns) > self._size:
+                self._fns.pop(next(iter(self._fns)))
+        cached = self._fns.get(key)
+        if cached is None:
+            raise KeyError(f"function {key} was never sent to this worker")
+        if isinstance(cached, BaseException):
+            raise cached
+        return cached
 
 
 def _watch_parent(ppid: int) -> None:

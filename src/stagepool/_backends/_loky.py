@@ -44,6 +44,7 @@ from .._errors import EngineClosed
 from .._resources import kill_tree, rss_of
 from .._worker import (
     F_CHUNK,
+    FN_CACHE_SIZE,
     F_OFFSET,
     F_PHASE,
     F_START,
@@ -107,7 +108,7 @@ class _Lane:
     stderr: Connection  # the read end of the worker's fd 2
     stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
     tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
-    fn_keys: set[int] = dataclasses.field(default_factory=set)
+    fn_keys: dict[int, None] = dataclasses.field(default_factory=dict)  # mirrors _FnCache
     items_done: int = 0
     answered: bool = False
     retiring: bool = False
@@ -497,7 +498,10 @@ class LokyBackend:
             lane.conn.send_bytes(task.items_blob)
         except OSError:
             return  # the worker is dying; _bury requeues the task
-        lane.fn_keys.add(task.fn_key)
+        if first:  # the same first-in-first-out eviction as the worker's cache
+            lane.fn_keys[task.fn_key] = None
+            if len(lane.fn_keys) > FN_CACHE_SIZE:
+                del lane.fn_keys[next(iter(lane.fn_keys))]
 
     # ---- limits: timeouts and memory ------------------------------------------------------------
 
