@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, overload
 
-
 __all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback"]
 
 T = TypeVar("T")

@@ -37,12 +37,12 @@ __all__ = [
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
+    "WorkerSetup",
     "apply_call",
     "dumps",
     "encode_result",
     "lane_main",
     "run_chunk",
-    "WorkerSetup",
     "star_call",
 ]
 

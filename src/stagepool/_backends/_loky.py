@@ -44,10 +44,10 @@ from .._errors import EngineClosed
 from .._resources import kill_tree, rss_of
 from .._worker import (
     F_CHUNK,
-    FN_CACHE_SIZE,
     F_OFFSET,
     F_PHASE,
     F_START,
+    FN_CACHE_SIZE,
     PHASE_IDLE,
     PHASE_RUN,
     RECORD_FIELDS,
