@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -319,7 +319,10 @@ def test_max_concurrent_bounds_items_in_workers(engine: sp.Engine) -> None:
 
 def test_many_distinct_functions_then_the_first_again(engine: sp.Engine) -> None:
     # Workers keep 16 unpickled functions; the parent mirrors that cache exactly.
-    fns = [(lambda k: (lambda x: x + k))(k) for k in range(40)]
+    def adder(k: int) -> Callable[[int], int]:
+        return lambda x: x + k
+
+    fns = [adder(k) for k in range(40)]
     for k, fn in enumerate(fns):
         assert engine.map(fn, [1, 2]).values == [1 + k, 2 + k]
     assert engine.map(fns[0], [5]).values == [5]
