@@ -40,3 +40,13 @@ def big_then_hang(a: np.ndarray) -> np.ndarray:
 
 def make_big(n: int) -> np.ndarray:
     return np.full(n, 7, dtype=np.float32)
+
+
+_KEPT: list[np.ndarray] = []
+
+
+def keep_first_input(a: np.ndarray) -> float:
+    """Keeps a reference to its first input (as a cache would) and reads it on every call."""
+    if not _KEPT:
+        _KEPT.append(a)
+    return float(_KEPT[0][0])

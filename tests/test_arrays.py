@@ -103,6 +103,19 @@ def test_no_segment_survives_an_abandoned_stream(shm_engine: sp.Engine) -> None:
     assert wait_until(lambda: not ours(), timeout=10), ours()
 
 
+def test_recycled_segments_do_not_outlive_the_batch(shm_engine: sp.Engine) -> None:
+    items = [np.full(MiB, i, dtype=np.float32) for i in range(24)]
+    report = shm_engine.map(at.double, items, chunk_size=1)
+    assert [float(v[0]) for v in report.values] == [2.0 * i for i in range(24)]
+    assert not ours()  # the batch's recycled input segments went with it
+
+
+def test_an_input_the_function_keeps_is_never_overwritten() -> None:
+    with sp.Engine(workers=1, chunk_size=1) as eng:
+        kept = eng.map(at.keep_first_input, [np.full(MiB, i, np.float32) for i in range(8)]).values
+    assert kept == [0.0] * 8  # the first input, read again after later inputs arrived
+
+
 def test_no_segment_survives_kill_shutdown() -> None:
     eng = sp.Engine(workers=2, chunk_size=1)
     futures = [eng.submit(at.big_then_hang, np.full(MiB, -1, dtype=np.float32)) for _ in range(3)]
@@ -120,6 +133,8 @@ def test_no_segment_survives_a_sigkilled_parent(tmp_path: Path) -> None:
         sys.path[:0] = [{src!r}, {tests!r}]
         import numpy as np, stagepool as sp, _array_tasks as at
         eng = sp.Engine(workers=2, chunk_size=1)
+        eng.map(abs, [1, 2])  # the workers are up (a parent killed mid-spawn is another story:
+        # then the next engine's start sweeps what it left)
         items = [np.full(2**20, -1, dtype=np.float32)] * 4
         print(os.getpid(), flush=True)
         eng.map(at.big_then_hang, items)

@@ -182,6 +182,7 @@ class _Batch:
         self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult | None]] = queue.SimpleQueue()
         self.lock = threading.Lock()  # orders _on_done against cancel()
+        _transport.open_arena(id(self.group))
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
                                 self.backend.workers, self.total)
         self.timeout, self.retries, self.retry_on = timeout, cfg.retries, cfg.retry_on
@@ -266,7 +267,7 @@ class _Batch:
                     f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
             return
         try:
-            blob = self.engine._encode(items)
+            blob = self.engine._encode(items, id(self.group))
         except BaseException:
             self._submit_isolating(start, items, tries)
             return
@@ -480,6 +481,7 @@ class _Batch:
         finally:
             if not finished:
                 self.cancel(kill_running=False)
+            _transport.close_arena(id(self.group))
             if self.sink is not None:
                 self.sink.close()
 
@@ -674,10 +676,11 @@ class Engine:
         """The array size that goes through shared memory (0 where there is no /dev/shm)."""
         return self.config.shm_threshold if _transport.available() else 0
 
-    def _encode(self, obj: Any) -> bytes:
-        """Pickle work for the workers; big arrays go to shared memory (see _transport)."""
+    def _encode(self, obj: Any, arena: int | None = None) -> bytes:
+        """Pickle work for the workers; big arrays go to shared memory (see _transport), reusing
+        the segments of the batch's answered chunks (``arena``) where the sizes match."""
         return _transport.dumps(obj, threshold=self._shm_threshold, owner=os.getpid(),
-                                creator="p")
+                                creator="p", arena=arena)
 
     def _backend_or_raise(self) -> Backend:
         backend = self._backend

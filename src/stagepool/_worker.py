@@ -316,6 +316,7 @@ def _handle(
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock)
                 del items
+                _transport.release_inputs(items_blob)  # before answering: then it may recycle
     ints[F_PHASE] = PHASE_ENCODE
     blob = encode_result(result, setup)
     ints[F_PHASE] = PHASE_IDLE

@@ -133,7 +133,7 @@ def _notify(task: Task, result: TaskResult) -> None:
     """Deliver a result; a faulty callback must never take the pool thread down with it.
 
     The task is answered: its input arrays in shared memory are no longer needed by anyone."""
-    _transport.discard(task.items_blob)
+    _transport.recycle(task.items_blob, id(task.group))
     try:
         task.on_done(task, result)
     except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
