@@ -44,9 +44,9 @@ mapped.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import io
-import atexit
 import itertools
 import math
 import mmap
