@@ -182,6 +182,7 @@ class _Batch:
         self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult | None]] = queue.SimpleQueue()
         self.lock = threading.Lock()  # orders _on_done against cancel()
+        self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
         _transport.open_arena(id(self.group))
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,
                                 self.backend.workers, self.total)
@@ -217,6 +218,25 @@ class _Batch:
     # ---- feeding -----------------------------------------------------------------------------
 
     def _fill(self) -> None:
+        """Take and encode chunks up to the window, then hand them to the backend together."""
+        try:
+            self._fill_outbox()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        if not outbox:
+            return
+        try:
+            self.backend.submit_many(outbox)
+        except EngineClosed:
+            for task in outbox:
+                start, items, tries = self.in_flight.pop(task.id)
+                self.items_out -= len(items)
+                self._cancel_rest(start, items, tries)
+
+    def _fill_outbox(self) -> None:
         while len(self.in_flight) < self.max_in_flight:
             if self.again and self.again[0][0] <= time.monotonic():
                 if self._room() < len(self.again[0][2]):
@@ -279,11 +299,7 @@ class _Batch:
         task = Task(self.group, self.fn_key, self.fn_blob, blob, len(items), self._on_done,
                     timeouts, self.sizer.expected_seconds(len(items)),
                     self.sizer.per_item_clock())
-        try:
-            self.backend.submit(task)
-        except EngineClosed:
-            self._cancel_rest(start, items, tries)
-            return
+        self.outbox.append(task)
         self.in_flight[task.id] = (start, items, tries)
         self.items_out += len(items)
 

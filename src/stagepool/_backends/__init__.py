@@ -86,6 +86,9 @@ class Backend(Protocol):
     def submit(self, task: Task) -> None:
         """Queue ``task``; raises ``EngineClosed`` after shutdown."""
 
+    def submit_many(self, tasks: list[Task]) -> None:
+        """Queue several tasks at once (one wake-up); raises ``EngineClosed`` after shutdown."""
+
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running ones."""
 
