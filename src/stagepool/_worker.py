@@ -157,9 +157,7 @@ def run_chunk(
                 keep(fn(item))
             except BaseException as exc:
                 keep(None)
-                if errors is None:
-                    errors = {}
-                errors[offset] = _exc_info("error", exc)
+                errors = _add_error(errors, offset, exc)
                 del exc
     else:
         for offset, item in enumerate(items):
@@ -168,12 +166,17 @@ def run_chunk(
                 keep(fn(item))
             except BaseException as exc:
                 keep(None)
-                if errors is None:
-                    errors = {}
-                errors[offset] = _exc_info("error", exc)
+                errors = _add_error(errors, offset, exc)
                 del exc
     stamps.append(clock())
     return (values, stamps, errors, os.getpid(), _rss())
+
+
+def _add_error(errors: dict[int, ErrInfo] | None, offset: int,
+               exc: BaseException) -> dict[int, ErrInfo]:
+    errors = {} if errors is None else errors
+    errors[offset] = _exc_info("error", exc)
+    return errors
 
 
 def _rss() -> int:
