@@ -230,3 +230,16 @@ def test_an_item_that_allocates_far_past_the_cap_fails_alone() -> None:
         assert [o.kind for o in report] == ["ok", "error", "ok"]
         assert isinstance(report[1].error, MemoryError)
         assert eng.map(_tasks.double, [5]).values == [10]
+
+
+def test_several_workers_dying_at_once(fault_engine: sp.Engine) -> None:
+    def die_together(x: int) -> int:
+        if x < 0:  # both workers reach their guilty item at about the same moment
+            time.sleep(0.3)
+            os._exit(7)
+        return x
+
+    report = fault_engine.map(die_together, [-1, -2, 1, 2, 3, 4], chunk_size=1)
+    assert [o.kind for o in report] == ["crash", "crash", "ok", "ok", "ok", "ok"]
+    assert {o.worker for o in report[:2]} and report[0].worker != report[1].worker
+    assert wait_until(lambda: len(fault_engine.worker_pids()) == 2)
