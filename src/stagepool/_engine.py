@@ -181,7 +181,9 @@ class _Batch:
         self.it = iter(items)
         self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult | None]] = queue.SimpleQueue()
-        self.lock = threading.Lock()  # orders _on_done against cancel()
+        # Orders _on_done against cancel(). Re-entrant: cancel() also runs from the finalizer of
+        # an abandoned generator, which the garbage collector may start inside _on_done.
+        self.lock = threading.RLock()
         self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
         _transport.open_arena(id(self.group))
         self.sizer = ChunkSizer(chunk_size if chunk_size is not None else cfg.chunk_size,

@@ -109,7 +109,9 @@ _counter = itertools.count()
 RECYCLE_BYTES = 256 * 1024 * 1024
 _arenas: dict[int, dict[int, list[str]]] = {}  # arena -> size in bytes -> names kept for reuse
 _arena_bytes: dict[int, int] = {}
-_free_lock = threading.Lock()
+# Re-entrant: close_arena runs from generator finalizers, which the garbage collector may start
+# inside recycle() in the same thread.
+_free_lock = threading.RLock()
 # Input segments this worker has mapped, by name, while any array still views them.
 _live_inputs: weakref.WeakValueDictionary[str, _Mapping] = weakref.WeakValueDictionary()
 
@@ -444,9 +446,10 @@ def recycle(blob: _Blob, arena: int | None = None) -> None:
             continue
         with _free_lock:
             free = _arenas.get(arena) if arena is not None else None
-            if free is not None and _arena_bytes[arena] + size <= RECYCLE_BYTES:  # type: ignore[index]
+            used = _arena_bytes.get(arena) if arena is not None else None
+            if free is not None and used is not None and used + size <= RECYCLE_BYTES:
                 free.setdefault(size, []).append(name)
-                _arena_bytes[arena] += size  # type: ignore[index]
+                _arena_bytes[arena] = used + size  # type: ignore[index]
                 continue
         _unlink(path)
 
@@ -454,7 +457,7 @@ def recycle(blob: _Blob, arena: int | None = None) -> None:
 def _take_free(arena: int, nbytes: int) -> str | None:
     with _free_lock:
         names = _arenas.get(arena, {}).get(nbytes)
-        if not names:
+        if not names or arena not in _arena_bytes:
             return None
         _arena_bytes[arena] -= nbytes
         return names.pop()

@@ -203,7 +203,6 @@ class LokyBackend:
         self._floats = memoryview(self._record_map).cast("d")
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._pending: collections.OrderedDict[Group, collections.deque[Task]] = (
             collections.OrderedDict())
         self._closed = False
@@ -252,13 +251,19 @@ class LokyBackend:
             _notify(task, Cancelled("batch cancelled"))
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
+        """Never blocks and takes no lock: it may run in a garbage collector's finalizer (an
+        abandoned imap generator closing) in the middle of any thread, the pool thread included,
+        holding any lock. The flag stops dispatch at once; the pool thread does the rest."""
         group.cancelled = True
+        self._call_in_pool(lambda: self._withdraw_now(group, kill_running))
+
+    def _withdraw_now(self, group: Group, kill_running: bool) -> None:
         with self._lock:
             withdrawn = list(self._pending.pop(group, ()))
         for task in withdrawn:
             _notify(task, Cancelled("batch cancelled"))
         if kill_running:
-            self._call_in_pool(lambda: self._kill_group(group))
+            self._kill_group(group)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -286,8 +291,7 @@ class LokyBackend:
             os.write(self._wake_w, b"!")
 
     def _call_in_pool(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            self._calls.append(fn)
+        self._calls.append(fn)  # deque.append is atomic: no lock, so safe from a finalizer
         self._wake()
 
     def _run(self) -> None:
@@ -325,9 +329,11 @@ class LokyBackend:
         return self._maybe_stop()
 
     def _run_calls(self) -> None:
-        while self._calls:
-            with self._lock:
+        while True:
+            try:
                 call = self._calls.popleft()
+            except IndexError:
+                return
             call()
 
     def _receive(self, lane: _Lane) -> None:
@@ -475,6 +481,8 @@ class LokyBackend:
         with self._lock:
             best: Group | None = None
             for group, queue in self._pending.items():
+                if group.cancelled:  # withdrawn a moment ago: _withdraw_now answers it
+                    continue
                 if queue and lane.can_take(queue[0]) and (best is None or
                                                          group.served < best.served):
                     best = group
