@@ -676,6 +676,15 @@ class Engine:
         self._backend: Backend | None = self._start_backend()
         self._executor: _ExecutorView | None = None
 
+    @classmethod
+    def from_profile(cls, path: str | os.PathLike[str], **overrides: Any) -> Engine:
+        """An engine with the settings ``stagepool profile --out DIR`` recommended: ``path`` is
+        its ``profile.json`` or DIR; keyword ``overrides`` win over the file. Raises ``ValueError``
+        for a file that is not a stagepool profile."""
+        from ._profiling import load_profile  # the profiler's layer, imported only when used
+
+        return cls(**{**load_profile(path), **overrides})
+
     def _start_backend(self) -> Backend:
         from ._backends._loky import LokyBackend
 

@@ -1,4 +1,5 @@
-"""The ``stagepool`` command: ``demo`` (the built-in media workload), ``plan`` (the worker plan)."""
+"""The ``stagepool`` command: ``demo`` (the built-in media workload), ``plan`` (the worker plan),
+``profile`` (measure a stage and recommend its Engine settings)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,44 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--mem-per-task", default=None, help="memory one task needs, e.g. 1GiB")
     plan.add_argument("--reserve-cores", type=int, default=0)
     plan.add_argument("--max-workers", type=int, default=None)
+    _add_profile_parser(sub)
     return parser
+
+
+def _add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    profile = sub.add_parser(
+        "profile", help="measure a stage and recommend workers, chunk size, memory and timeout",
+        description="Run a stage serially on sample items, then through the engine across worker "
+                    "counts and chunk sizes; print a table and the recommended Engine settings.")
+    profile.add_argument("target", nargs="?", metavar="MODULE:FUNCTION",
+                         help="the stage: a picklable function of one item")
+    profile.add_argument("--items", metavar="MODULE:FACTORY",
+                         help="a callable returning an iterable of sample items")
+    profile.add_argument("--demo", action="store_true",
+                         help="profile the built-in demo stage (stagepool.demo:process_segment)")
+    profile.add_argument("--sample", type=int, default=16, metavar="N",
+                         help="sample items taken from the factory (default 16)")
+    profile.add_argument("--out", default=None, metavar="DIR",
+                         help="write profile.json, measurements.json and PNG plots here")
+    profile.add_argument("--mem-limit", default=None, metavar="SIZE",
+                         help="memory the workers may use together, e.g. 4GiB (default: available)")
+    profile.add_argument("--max-workers", type=int, default=None, metavar="N",
+                         help="try 1 .. N workers (default: the usable CPUs)")
+    profile.add_argument("--chunk-sizes", type=_sizes, default=None, metavar="C,C,...",
+                         help="chunk sizes to try (default: 1 .. ~0.5 s of work per chunk)")
+    profile.add_argument("--run-seconds", type=float, default=1.0, metavar="S",
+                         help="length of each measured run (default 1)")
+    profile.add_argument("--repeat", type=int, default=3, metavar="R",
+                         help="rounds over every configuration; the fastest counts (default 3)")
+    profile.add_argument("--no-progress", action="store_true", help="print only the result")
+
+
+def _sizes(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,4,16, got {value!r}") from None
 
 
 def _workers(value: str) -> int | str:
@@ -61,11 +99,62 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import functools
+    import os
+    from collections.abc import Callable
+    from typing import Any
+
+    from . import demo
+    from ._profiling import profile_stage, resolve_target, sample_from_factory
+
+    if args.demo:
+        if args.target or args.items:
+            raise ValueError("--demo profiles the built-in stage: give no MODULE:FUNCTION or --items")
+        fn, name = demo.process_segment, "stagepool.demo:soundtrack"
+        factory: Callable[[], Any] = functools.partial(demo.soundtrack, seconds=2.0 * args.sample, corrupt=())
+    else:
+        if not args.target or not args.items:
+            raise ValueError("give the stage and its sample items: MODULE:FUNCTION --items "
+                             "MODULE:FACTORY (or --demo)")
+        if os.getcwd() not in sys.path:  # like `python -m`: the user's modules sit here
+            sys.path.insert(0, os.getcwd())
+        fn = resolve_target(args.target, what="stage")
+        name = args.items
+        factory = resolve_target(args.items, what="items factory")
+    items = sample_from_factory(factory, args.sample, name=f"items factory {name!r}")
+    try:
+        profile = profile_stage(fn, items, workers=args.max_workers, mem_limit=args.mem_limit,
+                                chunk_sizes=args.chunk_sizes,
+                                progress=not args.no_progress, run_seconds=args.run_seconds,
+                                repeat=args.repeat)
+    except KeyboardInterrupt:
+        print("stagepool profile: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if args.out is not None:
+        try:
+            profile = profile.write(args.out)
+        except OSError as exc:
+            print(f"stagepool profile: cannot write the results to {args.out}: {exc}",
+                  file=sys.stderr)
+            print(profile.summary())
+            return 1
+    print(profile.summary())
+    if args.out is None:
+        print("(add --out DIR to save profile.json for Engine.from_profile, measurements.json "
+              "and plots)")
+    else:
+        print("wrote " + ", ".join(str(path) for path in profile.files))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "profile":
+            return _profile(args)
         return _plan(args)
     except (ValueError, TypeError) as exc:
         print(f"stagepool {args.command}: {exc}", file=sys.stderr)
