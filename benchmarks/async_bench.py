@@ -73,7 +73,8 @@ async def _measure_lag(work: Callable[[], Awaitable[Any]]) -> dict[str, float]:
     wall = time.perf_counter() - start
     q = statistics.quantiles(lags, n=100) if len(lags) >= 2 else [0.0] * 99
     return {"p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3, "max_ms": max(lags, default=0) * 1e3,
-            "samples": len(lags), "wall_s": wall}
+            "samples": len(lags), "wall_s": wall,
+            "lags_ms": [round(lag * 1e3, 3) for lag in lags]}  # the distribution, for plots
 
 
 async def lag_idle(seconds: float) -> dict[str, float]:

@@ -6,8 +6,10 @@ Fast and pool-free: nothing here starts a process. The harness itself is run by
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,9 @@ import pytest
 # (plain `pytest` puts only tests/ on sys.path; `python -m pytest` would add the cwd).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import cli, report, suite
-from benchmarks.harness import RawResult, Summary, ratio, summarize
-from benchmarks.peers import PeerSpec
+from benchmarks import aio, cli, faults, payloads, render, report, suite
+from benchmarks.harness import Job, RawResult, Summary, _collect, ratio, summarize
+from benchmarks.peers import PEERS, Collected, PeerSpec, drain, gather_futures, one_call
 
 # ---- statistics ----------------------------------------------------------------------------------
 
@@ -125,7 +127,7 @@ def test_missing_baseline_leaves_the_ratio_blank_and_the_verdict_open() -> None:
 
 def test_cpu_efficiency_uses_the_serial_total() -> None:
     workload = suite.get("cpu")
-    params = {"serial_total_s": 4.0, "workers": 2}
+    params = {"serial_total_s": 4.0, "workers": 2, "tasks": 200}
     spec = PeerSpec("stagepool", "stagepool", "stagepool")
     row = cli.build_row(workload, spec, _raw(2.2, 2.0, 2.1), params)
     assert row["metric"] == pytest.approx(4.0 / (2 * 2.1))
@@ -156,16 +158,16 @@ def test_stream_memory_metric_is_the_worst_run_warmup_included() -> None:
 
 def test_select_always_keeps_stagepool_and_the_ppe_baseline() -> None:
     specs = suite.get("tiny").specs({"dask_items": 1})
-    chosen = {s.peer for s in cli.select(specs, ["joblib"], quick=False)}
+    chosen = {s.peer for s in cli.select(specs, ["joblib"])}
     assert chosen == {"joblib", "ppe", "stagepool"}
-    assert {s.peer for s in cli.select(specs, None, quick=True)} == set(cli.QUICK_PEERS)
-    assert cli.select(specs, None, quick=False) == specs
+    assert cli.select(specs, None) == specs  # --quick too: every peer gives a row or a reason
 
 
 def test_parse_args_defaults_and_bad_names() -> None:
     assert cli.parse_args([]).repeat == 5
-    quick = cli.parse_args(["--quick", "--only", "tiny,cpu"])
-    assert (quick.repeat, quick.only) == (3, ["tiny", "cpu"])
+    quick = cli.parse_args(["--quick", "--only", "tiny,cpu,big-arrays"])
+    assert (quick.repeat, quick.only) == (1, ["tiny", "cpu", "big-arrays"])
+    assert cli.parse_args(["--markdown", "B.md"]).markdown == Path("B.md")
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "nope"])
 
@@ -230,3 +232,429 @@ def test_rows_from_the_harness_are_json_ready(tmp_path: Path) -> None:
     rows = _tiny_rows({"ppe-64": [0.4], "ppe-512": [0.2], "mp": [0.1], "stagepool": [0.05]})
     report.write_json(tmp_path / "r.json", {"rows": rows})
     assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 5
+
+
+# ---- the workloads' shape ---------------------------------------------------------------------
+
+_SPEC_PARAMS = {"workers": 2, "dask_items": 10, "items": 100, "outcomes": 10, "idle_s": 1.0,
+                "tasks": 4}
+
+
+@pytest.mark.parametrize("name", list(suite.WORKLOADS))
+def test_every_workload_asks_a_question_and_names_known_peers(name: str) -> None:
+    workload = suite.get(name)
+    assert workload.question().endswith((".", "?")) or "?" in workload.question()
+    specs = workload.specs(_SPEC_PARAMS)
+    assert len({s.key for s in specs}) == len(specs)  # keys are unique within a workload
+    assert {s.peer for s in specs} <= set(PEERS)
+    assert "stagepool" in {s.peer for s in specs}
+    assert workload.baseline in {s.key for s in specs} | {"ppe-best"}  # tiny's is derived
+    assert all(s.na is None or len(s.na) > 20 for s in specs)  # an n/a row says why
+
+
+def test_question_is_the_whole_first_paragraph() -> None:
+    question = suite.get("crashes").question()
+    assert question.startswith("Does the pool survive workers that die?")
+    assert question.endswith("without crashes.") and "\n" not in question
+
+
+# ---- hardware ceiling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "parts", "expected"),
+    [
+        ([1.0] * 4, 2, [[0, 2], [1, 3]]),  # equal work: an even split
+        ([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2, [[0], [1, 2, 3, 4, 5]]),  # the long task alone
+        ([3.0, 3.0, 2.0, 2.0, 2.0], 2, [[0, 2, 4], [1, 3]]),  # greedy (7 / 5), not optimal
+        ([], 2, [[], []]),
+        ([1.0], 3, [[0], [], []]),
+    ],
+)
+def test_balanced_split(weights: list[float], parts: int, expected: list[list[int]]) -> None:
+    groups = suite.balanced_split(weights, parts)
+    assert groups == expected
+    assert sorted(i for g in groups for i in g) == list(range(len(weights)))
+
+
+def _ok(key: str, peer: str, median: float, **extra: float) -> dict[str, Any]:
+    return {"key": key, "peer": peer, "status": "ok", "median_s": median, "min_s": median,
+            "max_s": median, "metric_text": "eff 0.5", "extra": dict(extra)}
+
+
+def test_ceiling_is_paired_when_the_row_timed_it_and_the_ceiling_row_otherwise() -> None:
+    rows = [_ok("serial", "serial", 4.0), _ok("ceiling", "ceiling", 2.0),
+            _ok("ppe", "ppe", 2.5), _ok("stagepool", "stagepool", 4.0, vs_ceiling=0.97)]
+    by_key = {r["key"]: r for r in suite.annotate_ceiling(rows)}
+    assert by_key["ppe"]["vs_ceiling"] == pytest.approx(0.8)  # unpaired: the ceiling row
+    assert by_key["stagepool"]["vs_ceiling"] == 0.97  # paired run by run wins
+    assert by_key["stagepool"]["metric_text"] == "eff 0.5, 0.97 of ceiling"
+    assert "vs_ceiling" not in by_key["serial"] and "vs_ceiling" not in by_key["ceiling"]
+
+
+def test_without_a_ceiling_rows_are_unchanged() -> None:
+    rows = [_ok("ppe", "ppe", 2.5)]
+    assert suite.annotate_ceiling(rows)[0]["metric_text"] == "eff 0.5"
+
+
+# ---- collecting a batch with failures -----------------------------------------------------------
+
+
+def _items_then(values: list[Any], error: BaseException | None = None) -> Any:
+    yield from values
+    if error is not None:
+        raise error
+
+
+def test_drain_stops_at_the_first_error_like_executor_map() -> None:
+    got = drain(_items_then([0, 2], ValueError("item 2\nmore")), continues=False)
+    assert got == Collected(values={0: 0, 1: 2}, raised="ValueError: item 2")
+
+
+def test_drain_goes_on_when_the_iterator_raises_per_item() -> None:
+    class PerItem:
+        def __init__(self) -> None:
+            self.i = 0
+
+        def __next__(self) -> int:
+            self.i += 1
+            if self.i > 4:
+                raise StopIteration
+            if self.i == 2:
+                raise KeyError("x")
+            return self.i
+
+    assert drain(PerItem(), continues=True) == Collected(values={0: 1, 2: 3, 3: 4},
+                                                         errors={1: "KeyError"})
+
+
+def test_gather_futures_sorts_values_errors_and_pending() -> None:
+    done, failed, pending = (concurrent.futures.Future[int]() for _ in range(3))
+    done.set_result(7)
+    failed.set_exception(OSError("boom"))
+    got = gather_futures([done, failed, pending], deadline=0.01)
+    assert got == Collected(values={0: 7}, errors={1: "OSError"}, hung=True)
+    assert pending.cancelled()
+
+
+def test_one_call_returns_everything_or_what_it_raised() -> None:
+    assert one_call(lambda: [1, 2]) == Collected(values={0: 1, 1: 2})
+
+    def boom() -> list[int]:
+        raise RuntimeError("Worker-1 died unexpectedly")
+
+    assert one_call(boom) == Collected(raised="RuntimeError: Worker-1 died unexpectedly")
+
+
+# ---- failures -----------------------------------------------------------------------------------
+
+
+def _fail_batch(n: int, *, every: int = 10) -> Collected:
+    got = Collected()
+    for i in range(n):
+        if i % every == every - 1:
+            got.errors[i] = "ValueError"
+        else:
+            got.values[i] = 2 * i
+    return got
+
+
+def test_failure_tally_of_a_complete_batch() -> None:
+    tally = faults.failure_tally(_fail_batch(1000), 1000)
+    assert (tally["values"], tally["errors"], tally["complete"]) == (900, 100, True)
+
+
+def test_failure_tally_of_a_map_that_raised() -> None:
+    got = Collected(values={i: 2 * i for i in range(9)}, raised="ValueError: item 9")
+    tally = faults.failure_tally(got, 1000)
+    assert (tally["values"], tally["errors"], tally["complete"]) == (9, 0, False)
+    assert tally["raised"] == "ValueError: item 9"
+
+
+def test_failure_tally_wants_the_error_type_too() -> None:
+    got = _fail_batch(100)
+    got.errors[9] = "RemoteError"
+    tally = faults.failure_tally(got, 100)
+    assert not tally["complete"] and tally["error_types"] == "RemoteError, ValueError"
+
+
+@pytest.mark.parametrize("corrupt", ["value at a failing index", "wrong value", "error for an ok item"])
+def test_failure_tally_fails_the_row_on_wrong_answers(corrupt: str) -> None:
+    got = _fail_batch(100)
+    if corrupt == "value at a failing index":
+        got.values[9] = 18
+    elif corrupt == "wrong value":
+        got.values[0] = 1
+    else:
+        got.errors[0] = "ValueError"
+    with pytest.raises(RuntimeError, match="wrong results"):
+        faults.failure_tally(got, 100)
+
+
+def _failure_rows(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    workload = suite.get("failures")
+    params = {"items": 1000, "workers": 2}
+    specs = {s.key: s for s in workload.specs(params)}
+    rows = []
+    for key, run in runs.items():
+        raw = RawResult(status="ok", runs=[{"items": 1000, **run}])
+        rows.append(cli.build_row(workload, specs[key], raw, params))
+    return {r["key"]: r for r in cli.finish_rows(workload, rows, params)}
+
+
+def test_failures_compare_only_rows_that_got_everything_back() -> None:
+    complete = {**faults.failure_tally(_fail_batch(1000), 1000)}
+    raised = faults.failure_tally(Collected(raised="ValueError: item 9"), 1000)
+    rows = _failure_rows({"ppe-submit": {"seconds": 0.2, **complete},
+                          "ppe-map": {"seconds": 0.01, **raised},
+                          "stagepool": {"seconds": 0.05, **complete}})
+    assert rows["ppe-map"]["vs_ppe"] is None  # fast because it gave up: no ratio
+    assert rows["ppe-map"]["metric_text"].startswith("raises ValueError at the first error")
+    assert rows["ppe-map"]["throughput"]["per_s"] == 0
+    assert rows["stagepool"]["vs_ppe"] == pytest.approx(4.0)
+    assert rows["stagepool"]["result"] == "PASS"
+
+
+def test_failures_target_fails_a_stagepool_that_loses_errors() -> None:
+    got = _fail_batch(1000)
+    del got.errors[9]
+    rows = _failure_rows({"stagepool": {"seconds": 0.05,
+                                        **faults.failure_tally(got, 1000)}})
+    assert rows["stagepool"]["result"] == "FAIL"
+
+
+# ---- crashes ------------------------------------------------------------------------------------
+
+
+def test_crash_tally_of_a_pool_that_survives() -> None:
+    dying = {50, 150}
+    got = Collected(values={i: i for i in range(200) if i not in dying},
+                    errors={50: "WorkerCrashed", 150: "WorkerCrashed"})
+    tally = faults.crash_tally(got, dying, 200)
+    assert (tally["innocent_ok"], tally["blamed"], tally["collateral"], tally["lost"]) == (
+        198, 2, 0, 0)
+
+
+def test_crash_tally_of_a_pool_that_breaks() -> None:
+    got = Collected(values={i: i for i in range(50)},
+                    errors={i: "BrokenProcessPool" for i in range(50, 200)})
+    tally = faults.crash_tally(got, {50, 150}, 200)
+    assert (tally["innocent_ok"], tally["collateral"], tally["collateral_type"]) == (
+        50, 148, "BrokenProcessPool")
+    hung = faults.crash_tally(Collected(hung=True), {50}, 100)
+    assert hung["lost"] == 99 and hung["hung"]
+    with pytest.raises(RuntimeError, match="wrong results"):
+        faults.crash_tally(Collected(values={50: 50}), {50}, 100)
+
+
+def _crash_run(seconds: float, nocrash: float, got: Collected) -> dict[str, Any]:
+    return {"seconds": seconds, "nocrash_s": nocrash, "ratio": seconds / nocrash,
+            "deadline_s": 10.0, "restart_s": None, **faults.crash_tally(got, {5}, 10)}
+
+
+def _crash_rows(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    workload = suite.get("crashes")
+    params = {"tasks": 10, "task_s": 0.005, "dying": [5], "workers": 2}
+    specs = {s.key: s for s in workload.specs(params)}
+    rows = [cli.build_row(workload, specs[k], RawResult(status="ok", runs=r), params)
+            for k, r in runs.items()]
+    return {r["key"]: r for r in cli.finish_rows(workload, rows, params)}
+
+
+def test_crashes_ratio_is_paired_and_vs_ppe_uses_the_crash_free_batch() -> None:
+    survived = Collected(values={i: i for i in range(10) if i != 5}, errors={5: "WorkerCrashed"})
+    broken = Collected(values={i: i for i in range(5)},
+                       errors={i: "BrokenProcessPool" for i in range(5, 10)})
+    rows = _crash_rows({
+        "ppe": [_crash_run(0.1, 1.0, broken)],
+        "stagepool": [_crash_run(1.2, 1.0, survived), _crash_run(3.0, 2.0, survived),
+                      _crash_run(5.0, 1.0, survived)],
+    })
+    sp = rows["stagepool"]
+    assert sp["extra"]["ratio"] == pytest.approx(1.5)  # median of 1.2, 1.5, 5.0: paired per run
+    assert sp["vs_ppe"] == pytest.approx(1.0)  # crash-free medians: 1.0 vs 1.0
+    assert sp["result"] == "PASS" and "crash/no-crash 1.50x" in sp["metric_text"]
+    assert "4 innocent failed too (BrokenProcessPool)" in rows["ppe"]["metric_text"]
+    assert "crash/no-crash" not in rows["ppe"]["metric_text"]  # incomplete: no ratio shown
+
+
+def test_crashes_target_wants_every_innocent_item_in_every_run() -> None:
+    survived = Collected(values={i: i for i in range(10) if i != 5}, errors={5: "WorkerCrashed"})
+    lost_one = Collected(values={i: i for i in range(9) if i != 5}, errors={5: "WorkerCrashed"})
+    rows = _crash_rows({"stagepool": [_crash_run(1.0, 1.0, survived),
+                                      _crash_run(1.0, 1.0, lost_one)]})
+    verdicts = [t["pass"] for t in rows["stagepool"]["targets"]]
+    assert verdicts == [True, False] and rows["stagepool"]["result"] == "FAIL"
+
+
+# ---- big arrays ---------------------------------------------------------------------------------
+
+
+def _array_rows(runs: dict[str, tuple[float, float, int]]) -> dict[str, dict[str, Any]]:
+    workload = suite.get("big-arrays")
+    nbytes = 8 << 20
+    params = {"tasks": 64, "array_bytes": nbytes, "memcpy_mb_s": 10_000.0, "workers": 2}
+    specs = {s.key: s for s in workload.specs(params)}
+    rows = []
+    for key, (seconds, growth, ahead) in runs.items():
+        run = {"seconds": seconds, "items": 64, "payload_mb": 2 * 64 * nbytes / 1e6,
+               "rss_growth_mb": growth, "ahead": ahead, "array_bytes": nbytes}
+        rows.append(cli.build_row(workload, specs[key], RawResult(status="ok", runs=[run]), params))
+    return {r["key"]: r for r in cli.finish_rows(workload, rows, params)}
+
+
+def test_window_is_the_items_in_flight_in_and_out_plus_the_one_in_hand() -> None:
+    assert payloads.window_mb(4, 1_000_000) == 9.0
+
+
+def test_big_arrays_targets() -> None:
+    rows = _array_rows({"ppe": (3.0, 50.0, 15), "joblib": (1.5, 100.0, 11),
+                        "stagepool": (0.9, 70.0, 4), "stagepool-pickle": (2.0, 70.0, 4)})
+    sp = rows["stagepool"]
+    assert [t["pass"] for t in sp["targets"]] == [True, True, True]
+    assert sp["metric"] == pytest.approx(2 * 64 * (8 << 20) / 1e6 / 0.9)  # MB/s, in + out
+    assert "targets" not in rows["stagepool-pickle"]  # the pickle path is a reference row
+    slow = _array_rows({"ppe": (3.0, 50.0, 15), "joblib": (1.0, 100.0, 11),
+                        "stagepool": (1.2, 80.0, 4)})["stagepool"]
+    assert [t["pass"] for t in slow["targets"]] == [False, False, False]
+
+
+def test_big_arrays_memory_is_the_worst_run_warmup_included() -> None:
+    extra = suite.get("big-arrays").aggregate(
+        [{"seconds": 1.0, "rss_growth_mb": 300.0, "ahead": 40}],
+        [{"seconds": 1.0, "rss_growth_mb": 100.0, "ahead": 8}])
+    assert (extra["rss_growth_mb"], extra["ahead"]) == (300.0, 40)
+
+
+# ---- async --------------------------------------------------------------------------------------
+
+
+def test_representative_run_is_the_median_p99() -> None:
+    runs = [{"p99_ms": p, "lags_ms": [p]} for p in (9.0, 1.0, 3.0, 4.0)]
+    assert aio.representative_run(runs)["p99_ms"] == 3.0
+
+
+def test_cdf_points_thin_a_distribution_keeping_its_ends() -> None:
+    assert aio.cdf_points([3.0, 1.0, 2.0]) == [1.0, 2.0, 3.0]
+    thinned = aio.cdf_points([float(i) for i in range(10_001)], n=101)
+    assert len(thinned) == 101 and thinned[0] == 0.0 and thinned[-1] == 10_000.0
+    assert thinned[50] == 5_000.0
+
+
+def _async_row(final: dict[str, Any] | None, *, quick: bool, p99: float = 2.0) -> dict[str, Any]:
+    workload = suite.get("async")
+    params = {"items": 20_000, "big": 10_000, "small": 100, "idle_s": 2.0, "quick": quick,
+              "workers": 2}
+    spec = next(s for s in workload.specs(params) if s.key == "stagepool")
+    run = {"seconds": 1.0, "items": 20_000, "p50_ms": 0.1, "p99_ms": p99, "max_ms": 3.0,
+           "samples": 900, "lags_ms": [0.1, p99]}
+    raw = RawResult(status="ok", runs=[run], final=final)
+    (row,) = cli.finish_rows(workload, [cli.build_row(workload, spec, raw, params)], params)
+    return row
+
+
+def test_async_targets() -> None:
+    final = {"throughput": {"map_async_vs_map": 0.95},
+             "fairness": {"small_vs_big": 0.04}}
+    row = _async_row(final, quick=False)
+    assert row["result"] == "PASS"
+    assert row["metric_text"].endswith("map_async 95% of map; small/big 4.0%")
+    assert [t["pass"] for t in _async_row(final, quick=False, p99=6.0)["targets"]] == [
+        False, True, True]
+    quick = _async_row(final, quick=True)  # the fairness target needs the full-size request
+    assert [t["pass"] for t in quick["targets"]] == [True, True, None] and quick["result"] == "?"
+    assert _async_row(None, quick=False)["result"] == "?"
+
+
+# ---- harness protocol ---------------------------------------------------------------------------
+
+
+def test_the_final_measurement_reaches_the_raw_result() -> None:
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    for message in [("started", 0.5, {"options": {}}), ("run", True, {"seconds": 2.0}),
+                    ("run", False, {"seconds": 1.0}), ("final", {"fairness": 0.05}),
+                    ("done", 0.1, [])]:
+        sender.send(message)
+    job = Job("async", {}, {}, 2, repeat=1, warmup=1, run_timeout=5, start_timeout=5)
+    result = RawResult(status="error")
+    _collect(receiver, None, job, result)
+    assert result.status == "ok" and result.final == {"fairness": 0.05}
+    assert (result.warmup, result.runs) == ([{"seconds": 2.0}], [{"seconds": 1.0}])
+
+
+# ---- throughput, plots, markdown ------------------------------------------------------------
+
+
+def test_throughput_at_the_median_and_the_extremes() -> None:
+    (row,) = _tiny_rows({"stagepool": [0.1, 0.2, 0.4]})
+    assert row["throughput"] == {"unit": "items", "per_s": pytest.approx(500.0),
+                                 "low": pytest.approx(250.0), "high": pytest.approx(1000.0)}
+
+
+def test_plot_bars_label_the_gaps() -> None:
+    rows = _tiny_rows({"ppe-64": [0.4], "ppe-512": [0.2], "stagepool": [0.1]})
+    rows.append({"key": "dask", "peer": "dask", "label": "dask", "status": "timeout"})
+    rows.append({"key": "idle", "peer": "serial", "label": "idle", "status": "ok",
+                 "throughput": None, "metric_text": "lag"})
+    unit, bars = report.plot_bars(rows)
+    assert unit == "items"
+    assert [b["label"] for b in bars] == [
+        "ProcessPoolExecutor.map chunksize=64", "ProcessPoolExecutor.map chunksize=512",
+        'stagepool Engine.map chunk_size="auto"', "dask"]  # no derived row, no idle reference
+    assert bars[2]["stagepool"] and bars[2]["value"] == pytest.approx(1000.0)
+    assert bars[3] == {"label": "dask", "value": 0.0, "low": 0.0, "high": 0.0,
+                       "stagepool": False, "note": "timeout"}
+
+
+def test_markdown_table_escapes_pipes() -> None:
+    assert render.markdown_table(("a", "b"), [["x|y", ""]]).splitlines() == [
+        "| a | b |", "| --- | --- |", "| x\\|y |  |"]
+
+
+def _results() -> dict[str, Any]:
+    rows = _tiny_rows({"ppe-64": [0.4], "ppe-512": [0.2], "mp": [0.1], "stagepool": [0.05]})
+    return {
+        "machine": {"cpus": 2, "affinity": 2, "memory_total_bytes": 2**33, "platform": "Linux",
+                    "python": "3.11.7", "implementation": "CPython",
+                    "mp_default_start_method": "fork", "loadavg_start": [1.0, 1.0, 1.0],
+                    "loadavg_end": [2.0, 1.0, 1.0], "stagepool_plan": "2 workers",
+                    "versions": {"numpy": "2.0", "stagepool": "0.1.0", "joblib": "1.6"}},
+        "settings": {"command": "python -m benchmarks --out benchmarks/results"},
+        "method": "medians", "elapsed_s": 600.0, "date": "2026-01-01 10:00 UTC",
+        "plots": ["throughput-tiny.png"],
+        "workloads": {"tiny": {"question": "What?", "facts": "20,000 items", "rows": rows}},
+    }
+
+
+def test_render_markdown_holds_the_command_the_table_and_the_plots() -> None:
+    text = render.render_markdown(_results(), "benchmarks/results")
+    assert "`python -m benchmarks --out benchmarks/results` on 2026-01-01 10:00 UTC" in text
+    assert "`python -m benchmarks.render benchmarks/results/results.json > BENCHMARKS.md`" in text
+    assert "## tiny" in text and "**What?**" in text
+    assert "| peer | metric | median s |" in text
+    assert "![throughput-tiny.png](benchmarks/results/throughput-tiny.png)" in text
+    assert "joblib 1.6" in text and "1.00 at the start, 2.00 at the end" in text
+    stagepool = next(line for line in text.splitlines() if line.startswith("| stagepool"))
+    assert stagepool.endswith("| PASS |")
+
+
+def test_summary_has_one_line_per_workload_from_the_judged_stagepool_row() -> None:
+    (line,) = render.summary_rows(_results())
+    assert line[0] == "tiny" and line[2] == "4.00x" and line[4] == "PASS"
+    assert line[3].startswith("throughput >= 1.5x best PPE (4.00x)")
+
+
+def test_write_markdown_links_the_plots_relative_to_the_page(tmp_path: Path) -> None:
+    page = tmp_path / "BENCHMARKS.md"
+    render.write_markdown(page, _results(), tmp_path / "benchmarks" / "results")
+    assert "](benchmarks/results/throughput-tiny.png)" in page.read_text()
+
+
+def test_render_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_results()))
+    assert render.main([str(tmp_path / "results.json"), "--images", "img"]) == 0
+    assert "](img/throughput-tiny.png)" in capsys.readouterr().out
+
+
+def test_command_line_quotes_what_needs_it() -> None:
+    assert cli.command_line(["--out", "my results"]) == "python -m benchmarks --out 'my results'"

@@ -1,0 +1,455 @@
+"""The core workloads: tiny, cpu, uneven, stream; and the registry of every workload.
+
+Each workload is a small class whose docstring's first line is the question it answers (see
+``base.py`` for the parts of a workload). The fault workloads live in ``faults.py``, the data
+workloads in ``payloads.py``, the asyncio one in ``aio.py``; ``WORKLOADS`` below lists them all in
+the order the harness runs them.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from . import workloads
+from .aio import Async
+from .base import (
+    MB,
+    RssSampler,
+    Target,
+    Workload,
+    check,
+    format_rate,
+    map_specs,
+    timed_map,
+    workers_of,
+)
+from .faults import Crashes, Failures
+from .payloads import BigArrays, Media
+from .peers import Peer, PeerSpec
+
+__all__ = ["WORKLOADS", "Target", "Workload", "balanced_split", "format_rate", "get",
+           "heavy_tailed_durations", "ideal_makespan"]
+
+
+# ---- tiny ---------------------------------------------------------------------------------------
+
+class Tiny(Workload):
+    """What does each pool charge per trivial task? 20,000 x ``x * 2``, microseconds per item.
+
+    Nothing here is worth parallelising: the number is pure overhead (pickling, pipes, scheduling),
+    and it decides how small a task can be before a pool makes it slower.
+    """
+
+    name = "tiny"
+    baseline = "ppe-best"
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        # dask.distributed schedules every item as its own task (measured ~1.7 ms each here, so
+        # 35 s per run for 20,000): it gets fewer items; its metric is per item all the same.
+        return {"items": 20_000, "dask_items": 200 if quick else 2_000}
+
+    def facts(self, params: dict[str, Any]) -> str:
+        return (f"{params['items']:,} items (dask {params['dask_items']:,}); the physical limit "
+                "is the serial loop's time per item: a pool only adds to it")
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        dask = params["dask_items"]
+        return [
+            PeerSpec("serial", "serial", "serial loop"),
+            PeerSpec("ppe-64", "ppe", "ProcessPoolExecutor.map chunksize=64", {"chunksize": 64}),
+            PeerSpec("ppe-512", "ppe", "ProcessPoolExecutor.map chunksize=512", {"chunksize": 512}),
+            PeerSpec("mp", "mp", "multiprocessing.Pool.map (default chunks)"),
+            PeerSpec("loky", "loky", "loky reusable executor chunksize=512", {"chunksize": 512}),
+            PeerSpec("joblib", "joblib", 'joblib Parallel batch_size="auto"'),
+            PeerSpec("mpire", "mpire", "mpire WorkerPool.map (default chunks)"),
+            PeerSpec("pebble", "pebble", "pebble ProcessPool.map chunksize=512",
+                     {"chunksize": 512}),
+            PeerSpec("dask", "dask", f"dask.distributed client.map ({dask:,} items)",
+                     case={"items": dask}),
+            PeerSpec("stagepool", "stagepool", 'stagepool Engine.map chunk_size="auto"'),
+        ]
+
+    def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
+        return list(range(spec.case.get("items", params["items"])))
+
+    def run(self, peer: Peer, state: Any) -> dict[str, Any]:
+        seconds, values = timed_map(peer, workloads.double, state)
+        check(len(values) == len(state) and sum(values) == 2 * sum(state), "sum of x * 2")
+        return {"seconds": seconds, "items": len(state)}
+
+    def metric(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str]:
+        per_item = row["median_s"] / row["extra"]["items"]
+        return per_item * 1e6, f"{per_item * 1e6:.2f} us/item ({format_rate(1 / per_item)})"
+
+    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
+        return row["extra"]["items"], "items"
+
+    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ppe = [r for r in rows if r["key"] in ("ppe-64", "ppe-512") and r["status"] == "ok"]
+        if not ppe:
+            return rows
+        best = min(ppe, key=lambda r: r["median_s"])
+        derived = {**best, "key": "ppe-best", "derived": True,
+                   "label": f"ProcessPoolExecutor best (= {best['key']})"}
+        at = max(i for i, r in enumerate(rows) if r["key"] in ("ppe-64", "ppe-512"))
+        return [*rows[:at + 1], derived, *rows[at + 1:]]
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        def vs_ppe(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            r = row.get("vs_ppe")
+            return (None, "no PPE baseline") if r is None else (r >= 1.5, f"{r:.2f}x")
+
+        def vs_mp(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            mp = rows.get("mp")
+            if not mp or mp["status"] != "ok":
+                return None, "no mp.Pool row"
+            r = mp["median_s"] / row["median_s"]
+            return row["median_s"] <= mp["median_s"], f"{r:.2f}x mp"
+
+        return [Target("throughput >= 1.5x best PPE", vs_ppe),
+                Target("no slower than mp.Pool.map", vs_mp)]
+
+
+# ---- cpu ----------------------------------------------------------------------------------------
+
+def calibrate_numpy_work(target_s: float, samples: int = 9) -> dict[str, Any]:
+    """Find the iteration count that makes one numpy_work call take ``target_s`` on one core,
+    then measure that call ``samples`` times: the median is the per-task serial duration.
+
+    Scaling uses the fastest of three calls, since noise from other processes only ever adds
+    time (one slow sample once made the "20 ms" task 6 ms), and is repeated until within 5%.
+    """
+    workloads.numpy_work(20)  # import numpy, warm the caches
+    iterations = 50
+    while _fastest(iterations, 3) < target_s / 4:
+        iterations *= 2
+    for _ in range(4):
+        took = _fastest(iterations, 3)
+        iterations = max(1, round(iterations * target_s / took))
+        if abs(took - target_s) <= 0.05 * target_s:
+            break
+    durations = [_fastest(iterations, 1) for _ in range(samples)]
+    return {"iterations": iterations, "task_s": statistics.median(durations),
+            "calibration_samples_s": durations}
+
+
+def _fastest(iterations: int, calls: int) -> float:
+    best = float("inf")
+    for _ in range(calls):
+        began = time.perf_counter()
+        workloads.numpy_work(iterations)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+class Cpu(Workload):
+    """Do the workers stay busy on uniform CPU work? 200 numpy tasks of ~20 ms, efficiency.
+
+    efficiency = (per-task serial duration x tasks) / (workers x wall time), the serial duration
+    measured in the harness before any pool runs; 1.0 means no core ever waited. "of ceiling":
+    the same work split in advance over plain processes, timed right before each run of the row
+    (the hardware ceiling: what that many processes really achieve on this machine), / the run.
+    """
+
+    name = "cpu"
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        tasks = 20 if quick else 200
+        calib = calibrate_numpy_work(0.02)
+        return {"tasks": tasks, **calib, "serial_total_s": calib["task_s"] * tasks,
+                "pair_ceiling": not quick}
+
+    def facts(self, params: dict[str, Any]) -> str:
+        limit = params["serial_total_s"] / params["workers"]
+        return (f"{params['tasks']} tasks x {params['iterations']} iterations; serial task "
+                f"{params['task_s'] * 1e3:.2f} ms (median of {len(params['calibration_samples_s'])})"
+                f", serial total {params['serial_total_s']:.2f} s; physical limit (serial / "
+                f"{params['workers']} workers) {limit:.2f} s{_pairing_note(params)}")
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        return map_specs(ceiling_workers=params["workers"])
+
+    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
+        return (0, 1) if spec.peer == "serial" else (1, repeat)
+
+    def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
+        items = [params["iterations"]] * params["tasks"]
+        return items, workloads.numpy_work(params["iterations"]), _pairing(params, spec)
+
+    def run(self, peer: Peer, state: Any) -> dict[str, Any]:
+        items, expected, ceiling = state
+        paired = _ceiling_run(ceiling, workloads.numpy_work, items)
+        seconds, values = timed_map(peer, workloads.numpy_work, items)
+        check(len(values) == len(items) and all(v == expected for v in values),
+              "numpy_work values")
+        return {"seconds": seconds, **_paired(paired, seconds)}
+
+    def metric(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str]:
+        workers = workers_of(row, params)
+        eff = params["serial_total_s"] / (workers * row["median_s"])
+        speedup = params["serial_total_s"] / row["median_s"]
+        return eff, f"eff {eff:.3f}, speedup {speedup:.2f}x"
+
+    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
+        return params["tasks"], "tasks"
+
+    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return annotate_ceiling(rows)
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            return row["metric"] >= 0.95, f"{row['metric']:.3f}"
+
+        return [Target("efficiency >= 0.95", judge)]
+
+
+def _pairing_note(params: dict[str, Any]) -> str:
+    if not params.get("pair_ceiling"):
+        return ""
+    return ("; \"of ceiling\" is paired run by run with the hardware ceiling and holds on a noisy "
+            "machine, \"vs PPE\" compares rows run at different moments")
+
+
+def _pairing(params: dict[str, Any], spec: PeerSpec) -> Peer | None:
+    """A pool row of cpu/uneven times the hardware ceiling right before each of its own runs (the
+    pair shares whatever else the machine is doing); the serial and ceiling rows do not, nor does
+    any row in a --quick run (it doubles the row's time; the ceiling row stands in)."""
+    if spec.peer in ("serial", "ceiling") or not params.get("pair_ceiling"):
+        return None
+    from .peers import CeilingPeer
+
+    ceiling = CeilingPeer(params["workers"])
+    ceiling.start()
+    return ceiling
+
+
+def _ceiling_run(ceiling: Peer | None, fn: Any, items: list[Any]) -> float | None:
+    if ceiling is None:
+        return None
+    ceiling.map(fn, items)
+    return ceiling.run_extra()["seconds"]  # type: ignore[no-any-return]
+
+
+def _paired(ceiling_s: float | None, seconds: float) -> dict[str, float]:
+    return {} if ceiling_s is None else {"ceiling_s": ceiling_s, "vs_ceiling": ceiling_s / seconds}
+
+
+def annotate_ceiling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every pool row ``vs_ceiling``: hardware-ceiling seconds / its seconds, 1.0 = as fast as
+    two plain processes with the work split in advance (the most two workers achieve here). The
+    median of the ratios paired run by run when the row timed the ceiling itself; else against
+    the ceiling row's median. Said in the metric text; nothing changes without a ceiling."""
+    ceiling = next((r for r in rows if r["key"] == "ceiling" and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] != "ok" or row["peer"] in ("serial", "ceiling"):
+            continue
+        paired = row["extra"].get("vs_ceiling")
+        if paired is None and ceiling is None:
+            continue
+        row["vs_ceiling"] = paired if paired is not None else ceiling["median_s"] / row["median_s"]
+        row["metric_text"] += f", {row['vs_ceiling']:.2f} of ceiling"
+    return rows
+
+
+def balanced_split(weights: list[float], parts: int) -> list[list[int]]:
+    """Indices of ``weights`` in ``parts`` groups of nearly equal total weight (longest first onto
+    the lightest group; each group in input order). The static split a hand-written two-process
+    program would use."""
+    groups: list[list[int]] = [[] for _ in range(max(1, parts))]
+    totals = [0.0] * len(groups)
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        lightest = totals.index(min(totals))
+        groups[lightest].append(i)
+        totals[lightest] += weights[i]
+    return [sorted(g) for g in groups]
+
+
+# ---- uneven -------------------------------------------------------------------------------------
+
+def heavy_tailed_durations(n: int, *, mean_s: float = 0.02, cap_s: float = 0.3,
+                           seed: int = 20240611) -> list[float]:
+    """``n`` lognormal (sigma 1) durations scaled to ``mean_s``, capped at ``cap_s``; fixed seed."""
+    import numpy as np
+
+    raw = np.random.default_rng(seed).lognormal(mean=0.0, sigma=1.0, size=n)
+    scaled = np.minimum(raw * (mean_s / raw.mean()), cap_s)
+    return [float(d) for d in scaled]
+
+
+def ideal_makespan(durations: list[float], workers: int) -> float:
+    """A lower bound no schedule can beat: the even split, or the longest task if that is longer."""
+    return max(sum(durations) / workers, max(durations)) if durations else 0.0
+
+
+class Uneven(Workload):
+    """Does the pool balance heavy-tailed tasks? 200 busy loops (lognormal, mean ~20 ms, cap 300 ms),
+    makespan / ideal.
+
+    ideal = max(sum of durations / workers, longest task): a pool that hands out big chunks blind
+    leaves one worker with the tail while the other idles. "of ceiling": as in cpu, the durations
+    split in advance (balanced) over plain processes, timed right before each run of the row.
+    """
+
+    name = "uneven"
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        durations = heavy_tailed_durations(40 if quick else 200)
+        return {"tasks": len(durations), "durations_s": durations, "sum_s": sum(durations),
+                "longest_s": max(durations), "mean_s": sum(durations) / len(durations),
+                "pair_ceiling": not quick}
+
+    def facts(self, params: dict[str, Any]) -> str:
+        return (f"{params['tasks']} tasks, sum {params['sum_s']:.2f} s, mean "
+                f"{params['mean_s'] * 1e3:.1f} ms, longest {params['longest_s'] * 1e3:.0f} ms; "
+                f"physical limit (ideal with {params['workers']} workers) "
+                f"{ideal_makespan(params['durations_s'], params['workers']):.2f} s"
+                f"{_pairing_note(params)}")
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        return map_specs(ceiling_workers=params["workers"])
+
+    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
+        return (0, 1) if spec.peer == "serial" else (1, repeat)
+
+    def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
+        return list(params["durations_s"]), _pairing(params, spec)
+
+    def run(self, peer: Peer, state: Any) -> dict[str, Any]:
+        items, ceiling = state
+        paired = _ceiling_run(ceiling, workloads.spin, items)
+        seconds, values = timed_map(peer, workloads.spin, items)
+        check(values == items, "spin durations echoed back in order")
+        return {"seconds": seconds, **_paired(paired, seconds)}
+
+    def metric(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str]:
+        ideal = ideal_makespan(params["durations_s"], workers_of(row, params))
+        value = row["median_s"] / ideal
+        return value, f"makespan/ideal {value:.3f}"
+
+    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
+        return params["tasks"], "tasks"
+
+    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return annotate_ceiling(rows)
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            return row["metric"] <= 1.10, f"{row['metric']:.3f}"
+
+        return [Target("makespan/ideal <= 1.10", judge)]
+
+
+# ---- stream -------------------------------------------------------------------------------------
+
+class _Feed:
+    """64-byte items, endless until ``stop`` (or ``limit`` of them); counts what was taken."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.taken = 0
+        self.stopped = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        i = 0
+        while not self.stopped.is_set() and (self.limit is None or i < self.limit):
+            self.taken = i + 1  # counted when handed out, not when the generator resumes
+            yield (i & 0xFFFFFFFF).to_bytes(8, "little") * 8
+            i += 1
+
+
+class Stream(Workload):
+    """Does memory stay flat while streaming an endless input? imap until 1,000,000 outcomes,
+    growth of the parent's RSS (peak - baseline, sampled every 0.1 s).
+
+    The input is a generator that never ends by itself. Rows note how far ahead of the consumer the
+    pool read it ("ahead"): a lazy pool takes a few chunks, an eager one everything it can.
+    """
+
+    name = "stream"
+    baseline = "ppe-finite"
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        return {"outcomes": 200_000 if quick else 1_000_000, "item_bytes": 64}
+
+    def facts(self, params: dict[str, Any]) -> str:
+        return (f"{params['outcomes']:,} outcomes of {params['item_bytes']}-byte items; the "
+                "physical limit is the serial map() row (a pool only adds to it)")
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        n = params["outcomes"]
+        return [
+            PeerSpec("serial", "serial", "serial map() over the generator"),
+            PeerSpec("ppe-endless", "ppe", "ProcessPoolExecutor.map (endless input)",
+                     na="Executor.map submits the whole input before it yields a result: "
+                        "on an endless generator it never returns"),
+            PeerSpec("ppe-finite", "ppe", f"ProcessPoolExecutor.map, finite {n:,} chunksize=256",
+                     {"chunksize": 256}, case={"finite": True}),
+            PeerSpec("mp", "mp", "multiprocessing.Pool.imap chunksize=256", {"chunksize": 256}),
+            PeerSpec("stagepool", "stagepool", "stagepool Engine.imap ordered (endless input)"),
+        ]
+
+    def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
+        return params["outcomes"], bool(spec.case.get("finite"))
+
+    def run(self, peer: Peer, state: Any) -> dict[str, Any]:
+        n, finite = state
+        feed = _Feed(limit=n if finite else None)
+        gc.collect()
+        sampler = RssSampler(0.1)
+        began = time.perf_counter()
+        results = peer.imap(workloads.payload_size, iter(feed))
+        count = total = 0
+        for value in results:
+            total += value
+            count += 1
+            if count >= n:
+                break
+        seconds = time.perf_counter() - began
+        # Let the input end: multiprocessing.Pool's task thread keeps reading an abandoned endless
+        # input forever, and every later imap on the same pool would queue behind it.
+        feed.stopped.set()
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+        growth = sampler.stop()
+        check(count == n and total == 64 * n, "payload sizes")
+        return {"seconds": seconds, "items": count, "rss_growth_mb": growth / MB,
+                "ahead": feed.taken - count}
+
+    def aggregate(self, warmup: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = super().aggregate(warmup, runs)
+        # A memory bound is a worst case: the largest growth of any run, the warm-up included
+        # (the first run is the one that has to allocate).
+        extra["rss_growth_mb"] = max(r["rss_growth_mb"] for r in [*warmup, *runs])
+        extra["ahead"] = max(r["ahead"] for r in [*warmup, *runs])
+        return extra
+
+    def metric(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str]:
+        extra = row["extra"]
+        rate = extra["items"] / row["median_s"]
+        return extra["rss_growth_mb"], (f"RSS +{extra['rss_growth_mb']:.1f} MB, "
+                                        f"{format_rate(rate)}, ahead {extra['ahead']:,.0f}")
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            return row["metric"] < 50, f"+{row['metric']:.1f} MB"
+
+        return [Target("parent RSS growth < 50 MB", judge)]
+
+    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
+        return row["extra"]["items"], "items"
+
+
+WORKLOADS: dict[str, type[Workload]] = {cls.name: cls for cls in (
+    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, Async, Media)}
+
+
+def get(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    return WORKLOADS[name]()
