@@ -257,7 +257,9 @@ class Crashes(Workload):
         return row["extra"].get("nocrash_s")  # type: ignore[no-any-return]
 
     def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
-        return row["extra"]["innocent_ok"], "innocent items"
+        # A pool that broke early is fast at returning little: only a complete batch gets a bar.
+        e = row["extra"]
+        return (e["innocent_ok"] if e["innocent_ok"] == e["innocent"] else 0.0), "innocent items"
 
     def targets(self, params: dict[str, Any]) -> list[Target]:
         def ratio(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:

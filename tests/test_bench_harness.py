@@ -476,6 +476,8 @@ def test_crashes_ratio_is_paired_and_vs_ppe_uses_the_crash_free_batch() -> None:
     assert sp["result"] == "PASS" and "crash/no-crash 1.50x" in sp["metric_text"]
     assert "4 innocent failed too (BrokenProcessPool)" in rows["ppe"]["metric_text"]
     assert "crash/no-crash" not in rows["ppe"]["metric_text"]  # incomplete: no ratio shown
+    assert rows["ppe"]["throughput"]["per_s"] == 0  # quick to give up is not a throughput
+    assert rows["stagepool"]["throughput"]["per_s"] == pytest.approx(9 / 3.0)
 
 
 def test_crashes_target_wants_every_innocent_item_in_every_run() -> None:
