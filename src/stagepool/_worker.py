@@ -266,7 +266,7 @@ def _watch_parent(ppid: int) -> None:
     """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind."""
     while True:
         time.sleep(0.25)
-        if os.getppid() != ppid:
+        if _parent_gone(ppid):
             _transport.sweep(ppid)  # its shared memory: nobody else will free it now
             os._exit(3)
 
@@ -380,9 +380,23 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             if not header:
                 break
             items_blob = conn.recv_bytes()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the parent closed the pipe, or died
+            if _parent_gone(setup.ppid):
+                _transport.sweep(setup.ppid)  # the watch thread may not have had its turn yet
             break
         conn.send_bytes(_handle(header, items_blob, fns, record, init_error, setup))
         del items_blob
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _parent_gone(ppid: int) -> bool:
+    if os.getppid() != ppid:
+        return True
+    try:
+        os.kill(ppid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
