@@ -80,7 +80,10 @@ def _remember_engine(request: pytest.FixtureRequest) -> None:
 
 def shm_entries() -> set[str]:
     try:
-        # Ours only: other processes on the machine create "sem.mp-*" semaphores at any time.
-        return {name for name in os.listdir("/dev/shm") if "stagepool" in name or "loky" in name}
+        # Ours only: other processes on the machine create "sem.mp-*" and "sem.loky-<pid>-*"
+        # semaphores and their own segments at any time.
+        me = os.getpid()
+        return {name for name in os.listdir("/dev/shm")
+                if name.startswith((f"stagepool-{me}-", f"sem.loky-{me}-"))}
     except FileNotFoundError:
         return set()
