@@ -390,6 +390,18 @@ class Stream(Workload):
             PeerSpec("ppe-finite", "ppe", f"ProcessPoolExecutor.map, finite {n:,} chunksize=256",
                      {"chunksize": 256}, case={"finite": True}),
             PeerSpec("mp", "mp", "multiprocessing.Pool.imap chunksize=256", {"chunksize": 256}),
+            PeerSpec("loky", "loky", "loky executor.map (endless input)",
+                     na="its map is Executor.map: it submits the whole input before it yields a "
+                        "result, so on an endless generator it never returns"),
+            PeerSpec("joblib", "joblib", 'joblib Parallel(return_as="generator") (endless input)'),
+            PeerSpec("mpire", "mpire", "mpire WorkerPool.imap chunk_size=256 (endless input)",
+                     {"chunksize": 256}),
+            PeerSpec("pebble", "pebble", "pebble ProcessPool.map (endless input)",
+                     na="ProcessPool.map schedules every chunk of the input before it returns the "
+                        "result iterator: on an endless generator it never returns"),
+            PeerSpec("dask", "dask", "dask client.map (endless input)",
+                     na="client.map turns the whole input into futures before anything runs: on "
+                        "an endless generator it never returns"),
             PeerSpec("stagepool", "stagepool", "stagepool Engine.imap ordered (endless input)"),
         ]
 
