@@ -328,3 +328,18 @@ def test_many_distinct_functions_then_the_first_again(engine: sp.Engine) -> None
         assert engine.map(fn, [1, 2]).values == [1 + k, 2 + k]
     assert engine.map(fns[0], [5]).values == [5]
     assert engine.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]
+
+
+def test_many_single_submits_stay_fast_and_cancel_alone(engine: sp.Engine) -> None:
+    import time as _time
+
+    started = _time.monotonic()
+    futures = [engine.submit(_tasks.double, i) for i in range(3000)]
+    assert [f.result(timeout=WAIT) for f in futures] == [2 * i for i in range(3000)]
+    assert _time.monotonic() - started < WAIT  # was quadratic: one fair-share group per call
+    blockers = [engine.submit(_tasks.sleep_for, 0.5) for _ in range(engine.workers)]
+    queued = [engine.submit(_tasks.double, i) for i in range(5)]
+    assert queued[2].cancel()
+    assert [f.result(timeout=WAIT) for i, f in enumerate(queued) if i != 2] == [0, 2, 6, 8]
+    assert queued[2].cancelled()
+    assert [f.result(timeout=WAIT) for f in blockers] == [0.5] * engine.workers

@@ -92,6 +92,9 @@ class Backend(Protocol):
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running ones."""
 
+    def withdraw_task(self, task: Task) -> None:
+        """Cancel one queued task (``on_done(Cancelled)``); a running or finished one is left."""
+
     def worker_pids(self) -> list[int]:
         """Pids of the live worker processes (empty for remote or in-process backends)."""
 

@@ -257,6 +257,21 @@ class LokyBackend:
         group.cancelled = True
         self._call_in_pool(lambda: self._withdraw_now(group, kill_running))
 
+    def withdraw_task(self, task: Task) -> None:
+        """One task out of its group's queue, if still queued. Lock-free, like withdraw()."""
+        self._call_in_pool(lambda: self._withdraw_task_now(task))
+
+    def _withdraw_task_now(self, task: Task) -> None:
+        with self._lock:
+            queue = self._pending.get(task.group)
+            found = queue is not None and task in queue  # Task compares by identity
+            if found:
+                queue.remove(task)  # type: ignore[union-attr]
+                if not queue:
+                    del self._pending[task.group]
+        if found:
+            _notify(task, Cancelled("future cancelled"))
+
     def _withdraw_now(self, group: Group, kill_running: bool) -> None:
         with self._lock:
             withdrawn = list(self._pending.pop(group, ()))
