@@ -32,6 +32,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._config import DEFAULT
+
 if TYPE_CHECKING:
     from ._engine import Engine, _Batch
     from ._outcome import BatchReport, Outcome
@@ -42,7 +44,6 @@ __all__ = ["imap_async", "map_async", "shutdown_async", "submit_async"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-_DEFAULT: Any = ...  # "use the engine's setting", as in _engine
 _ON_CANCEL = ("finish", "kill")
 
 # Items of an async source read ahead of what the batch has taken. More hides the round trip
@@ -295,7 +296,7 @@ async def map_async(
     max_concurrent: int | None = None,
     on_cancel: str = "finish",
     chunk_size: int | str | None = None,
-    timeout: Any = _DEFAULT,
+    timeout: Any = DEFAULT,
     progress: bool | None = None,
     desc: str | None = None,
     on_progress: Callable[[Progress], object] | None = None,
@@ -363,7 +364,7 @@ def imap_async(
     max_concurrent: int | None = None,
     max_in_flight: int | None = None,
     chunk_size: int | str | None = None,
-    timeout: Any = _DEFAULT,
+    timeout: Any = DEFAULT,
     progress: bool | None = None,
     desc: str | None = None,
     on_progress: Callable[[Progress], object] | None = None,

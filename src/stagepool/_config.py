@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EngineConfig", "format_size", "parse_size"]
+__all__ = ["DEFAULT", "EngineConfig", "format_size", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -75,6 +75,8 @@ def format_size(n: float) -> str:
 # ---- engine settings ------------------------------------------------------------------------
 
 Timeout = float | Callable[[Any], float] | None
+# A per-call option left at this value means "use the engine's setting" (None is a real value).
+DEFAULT: Any = ...
 FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
 DEFAULT_RETRY_ON: tuple[str, ...] = ("error", "crash", "timeout")
 

@@ -42,7 +42,7 @@ import numpy as np
 from . import _transport
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._chunking import ChunkSizer, validate_chunk_size
-from ._config import EngineConfig, Timeout, check_timeout
+from ._config import DEFAULT, EngineConfig, Timeout, check_timeout
 from ._errors import (
     EngineClosed,
     RemoteError,
@@ -73,7 +73,6 @@ __all__ = ["Engine"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-_DEFAULT: Any = ...  # "use the engine's setting" for per-call options
 
 # Chunks of one batch in flight at once, per worker. Two keeps every worker fed while a result
 # travels back; more only holds memory (and makes other batches wait longer for their turn).
@@ -130,6 +129,26 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
     return WorkerCrashed(msg)
 
 
+def death_failure(died: LaneDied, index: int, stage: str,
+                  seconds: float) -> tuple[Kind, BaseException]:
+    """What a dead worker means for the item it was running (``seconds``: its timeout)."""
+    if died.reason == "timeout":
+        return "timeout", TaskTimeout(
+            f"item {index} ran longer than its timeout of {seconds:g} s in worker {died.pid}; "
+            "the worker and its child processes were killed and replaced")
+    if died.reason == "cancelled":
+        return "cancelled", TaskCancelled(
+            f"item {index} was running when its batch was cancelled; its worker was killed")
+    return "crash", crash_error(died, index, stage)
+
+
+def _retryable(retry_on: tuple[str | type[BaseException], ...], kind: Kind,
+               error: BaseException) -> bool:
+    """Whether ``retry_on`` names the failure's kind or one of its exception's types."""
+    return any(entry == kind or (isinstance(entry, type) and isinstance(error, entry))
+               for entry in retry_on)
+
+
 def _rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, BaseException, str]:
     kind, blob, type_name, message, tb = info
     if kind == "serialization":
@@ -173,6 +192,7 @@ class _Batch:
         engine: Engine,
         fn: Callable[[Any], Any],
         items: Iterable[Any],
+        total: int | None,
         *,
         chunk_size: int | None,
         timeout: Timeout,
@@ -183,7 +203,7 @@ class _Batch:
         self.engine = engine
         self.backend = engine._backend_or_raise()
         cfg = engine.config
-        self.total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        self.total = total  # None for an iterator of unknown length
         self.it = iter(items)
         self.group = Group()
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult | None]] = queue.SimpleQueue()
@@ -438,18 +458,9 @@ class _Batch:
         else:
             stage, offset = "running", died.offset
         index = start + offset
-        if died.reason == "timeout":
-            limit = self._timeouts(index, [items[offset]])
-            seconds = limit[0] if isinstance(limit, tuple) else float("nan")
-            kind: Kind = "timeout"
-            error: BaseException = TaskTimeout(
-                f"item {index} ran longer than its timeout of {seconds:g} s in worker {died.pid}; "
-                "the worker and its child processes were killed and replaced")
-        elif died.reason == "cancelled":
-            kind, error = "cancelled", TaskCancelled(
-                f"item {index} was running when its batch was cancelled; its worker was killed")
-        else:
-            kind, error = "crash", crash_error(died, index, stage)
+        limit = self._timeouts(index, [items[offset]]) if died.reason == "timeout" else None
+        seconds = limit[0] if isinstance(limit, tuple) else float("nan")
+        kind, error = death_failure(died, index, stage, seconds)
         self._failure_or_retry(index, items[offset], kind, error, tries, None, 0.0, died.pid)
         # The innocent: what ran before (results lost with the worker) and what had not started.
         if offset > 0:
@@ -463,18 +474,13 @@ class _Batch:
 
     def _failure_or_retry(self, index: int, item: Any, kind: Kind, error: BaseException,
                           tries: int, tb: str | None, duration: float, pid: int | None) -> None:
-        if tries <= self.retries and self._retryable(kind, error):
+        if tries <= self.retries and _retryable(self.retry_on, kind, error):
             self.retried += 1
             delay = self.backoff * 2 ** (tries - 1)
             self.again.append((time.monotonic() + delay, index, [item], tries + 1))
             return
         self._final_failure(index, kind, error, tries, tb, duration, pid)
 
-    def _retryable(self, kind: Kind, error: BaseException) -> bool:
-        for entry in self.retry_on:
-            if entry == kind or (isinstance(entry, type) and isinstance(error, entry)):
-                return True
-        return False
 
     def _final_failure(self, index: int, kind: Kind, error: BaseException, tries: int,
                        tb: str | None = None, duration: float = 0.0,
@@ -531,22 +537,24 @@ class _Batch:
                 return
             self._absorb(task, result)
 
+    def _withdraw(self, kill_running: bool) -> None:
+        with self.lock:  # from here on _on_done frees answers instead of queueing them
+            self.group.cancelled = True
+        self.backend.withdraw(self.group, kill_running=kill_running)
+
     def abandon(self, *, kill_running: bool) -> None:
         """From any thread, never blocks: the batch stops taking items and sending chunks,
         queued chunks are withdrawn, running ones are killed (``kill_running``) or finish
         unobserved, and the thread running :meth:`pieces` leaves it at once."""
-        with self.lock:
-            self.group.cancelled = True
-        self.backend.withdraw(self.group, kill_running=kill_running)
+        self._withdraw(kill_running)
         self.answers.put((None, None))  # wake the batch thread if it waits for an answer
 
     def cancel(self, *, kill_running: bool) -> None:
-        """Withdraw this batch's queued chunks; optionally kill the workers running its items."""
+        """In the batch's own thread: withdraw as :meth:`abandon` does, stop taking items, and
+        free the answers already queued (they will never be read)."""
         self.exhausted = True
         self.again.clear()
-        with self.lock:  # from here on _on_done frees answers instead of queueing them
-            self.group.cancelled = True
-        self.backend.withdraw(self.group, kill_running=kill_running)
+        self._withdraw(kill_running)
         while True:  # answers that arrived but will never be read
             try:
                 _task, result = self.answers.get_nowait()
@@ -677,7 +685,11 @@ class Engine:
             self.workers = self.config.workers
         else:
             self.workers = self.plan.workers
+        # The array size that goes through shared memory (0 where there is no /dev/shm); checked
+        # once, not per chunk.
+        self._shm_threshold = self.config.shm_threshold if _transport.available() else 0
         self._fns = _FnRegistry()
+        self._apply = self._fns.register(apply_call)  # the item function of every submit()
         self._submit_group = Group()  # every submit() call, served in order, shared fairly
         self._lock = threading.Lock()
         self._backend: Backend | None = self._start_backend()
@@ -695,10 +707,7 @@ class Engine:
     def _start_backend(self) -> Backend:
         from ._backends._loky import LokyBackend
 
-        env = dict(self.plan.thread_env())
-        cpus = self.plan.cpus
-        for name in env:
-            env[name] = str(max(1, cpus // self.workers))
+        env = self.plan.thread_env(workers=self.workers)
         for name, value in WORKER_MALLOC_ENV.items():
             if name not in os.environ:
                 env[name] = value
@@ -707,11 +716,6 @@ class Engine:
             env=env, max_rss=self.config.max_rss_per_worker,
             max_tasks=self.config.max_tasks_per_worker, shm_threshold=self._shm_threshold,
             writable_inputs=self.config.writable_inputs)
-
-    @property
-    def _shm_threshold(self) -> int:
-        """The array size that goes through shared memory (0 where there is no /dev/shm)."""
-        return self.config.shm_threshold if _transport.available() else 0
 
     def _encode(self, obj: Any, arena: int | None = None) -> bytes:
         """Pickle work for the workers; big arrays go to shared memory (see _transport), reusing
@@ -760,7 +764,7 @@ class Engine:
         except TypeError:
             raise TypeError(f"items must be iterable, not {type(items).__name__}") from None
         size = None if chunk_size is None else validate_chunk_size(chunk_size)
-        limit = self.config.timeout if timeout is _DEFAULT else check_timeout(timeout)
+        limit = self.config.timeout if timeout is DEFAULT else check_timeout(timeout)
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         show = self.config.progress if progress is None else progress
         sink = make_sink(progress=show, on_progress=on_progress, total=total, desc=desc)
@@ -768,7 +772,7 @@ class Engine:
 
         check_positive_int(max_concurrent, "max_concurrent", allow_none=True)
         check_positive_int(max_in_flight, "max_in_flight", allow_none=True)
-        return _Batch(self, fn, items, chunk_size=size, timeout=limit, sink=sink,
+        return _Batch(self, fn, items, total, chunk_size=size, timeout=limit, sink=sink,
                       max_in_flight=max_in_flight, max_concurrent=max_concurrent)
 
     def map(
@@ -777,7 +781,7 @@ class Engine:
         items: Iterable[T],
         *,
         chunk_size: int | str | None = None,
-        timeout: Any = _DEFAULT,
+        timeout: Any = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -812,7 +816,7 @@ class Engine:
         *,
         ordered: bool = True,
         chunk_size: int | str | None = None,
-        timeout: Any = _DEFAULT,
+        timeout: Any = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -861,7 +865,7 @@ class Engine:
         max_concurrent: int | None = None,
         on_cancel: str = "finish",
         chunk_size: int | str | None = None,
-        timeout: Any = _DEFAULT,
+        timeout: Any = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -893,7 +897,7 @@ class Engine:
         max_concurrent: int | None = None,
         max_in_flight: int | None = None,
         chunk_size: int | str | None = None,
-        timeout: Any = _DEFAULT,
+        timeout: Any = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -957,7 +961,7 @@ class _Single:
         self.task: Task | None = None
         self.tries = 1
         self.call = (fn, args, kwargs)
-        self.fn_key, self.fn_blob = engine._fns.register(apply_call)
+        self.fn_key, self.fn_blob = engine._apply
         self.future.add_done_callback(self._maybe_withdraw)
         self._send()
 
@@ -993,8 +997,8 @@ class _Single:
             return
         kind, value, error = self._decode(result)
         cfg = self.engine.config
-        if kind != "ok" and self.tries <= cfg.retries and any(
-                e == kind or (isinstance(e, type) and isinstance(error, e)) for e in cfg.retry_on):
+        if (kind != "ok" and error is not None and self.tries <= cfg.retries
+                and _retryable(cfg.retry_on, kind, error)):
             self.tries += 1
             delay = cfg.backoff * 2 ** (self.tries - 2)
             threading.Timer(delay, self._resend).start() if delay else self._resend()
@@ -1018,11 +1022,9 @@ class _Single:
 
     def _decode(self, result: TaskResult) -> tuple[Kind, Any, BaseException | None]:
         if isinstance(result, LaneDied):
-            if result.reason == "timeout":
-                return "timeout", None, TaskTimeout(
-                    f"the call ran longer than its timeout in worker {result.pid}; "
-                    "the worker was killed and replaced")
-            return "crash", None, crash_error(result, 0, "running")
+            seconds = self.task.timeouts[0] if self.task and self.task.timeouts else float("nan")
+            kind, error = death_failure(result, 0, "running", seconds)
+            return kind, None, error
         assert isinstance(result, bytes)  # Cancelled was handled by the caller
         try:
             values, _stamps, errors, _pid, _rss = cast(

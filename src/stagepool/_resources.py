@@ -371,14 +371,16 @@ class WorkerPlan:
     def __str__(self) -> str:
         return self.reason
 
-    def thread_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Environment variables capping BLAS/OpenMP threads per worker at ``cpus // workers``.
+    def thread_env(self, environ: Mapping[str, str] | None = None, *,
+                   workers: int | None = None) -> dict[str, str]:
+        """Environment variables capping BLAS/OpenMP threads per worker at ``cpus // workers``
+        (``workers`` defaults to the plan's; an engine told to run more passes its own count).
 
         Variables the user already set (non-empty) in ``environ`` (default ``os.environ``) are left
         out, so an explicit choice always wins. Never less than 1 thread.
         """
         env = os.environ if environ is None else environ
-        threads = str(max(1, self.cpus // self.workers))
+        threads = str(max(1, self.cpus // (workers or self.workers)))
         return {name: threads for name in THREAD_ENV_VARS if not env.get(name)}
 
 

@@ -229,26 +229,32 @@ class LokyBackend:
     def submit_many(self, tasks: list[Task]) -> None:
         """Queue tasks with one lock and one wake-up of the pool thread: each wake-up costs a GIL
         hand-off, which on a busy 2-core machine is a scheduling delay of up to a millisecond."""
-        refused: list[Task] = []
         with self._lock:
             if self._closed:
                 raise EngineClosed("this engine has been shut down; create a new Engine")
-            for task in tasks:
-                if task.group.cancelled:  # checked under the lock withdraw() takes
-                    refused.append(task)
-                    continue
-                queue = self._pending.get(task.group)
-                if queue is None:
-                    queue = self._pending[task.group] = collections.deque()
-                    # A newcomer starts level with the least-served group, not at zero, so it
-                    # shares the workers instead of taking them all until it has caught up.
-                    task.group.served = max(task.group.served, min(
-                        (g.served for g in self._pending if g is not task.group), default=0.0))
-                queue.append(task)
+            refused = [task for task in tasks if not self._queue_locked(task)]
         if len(refused) < len(tasks):
             self._wake()
         for task in refused:
             _notify(task, Cancelled("batch cancelled"))
+
+    def _queue_locked(self, task: Task, *, front: bool = False) -> bool:
+        """Queue a task in its group (the caller holds the lock); False if the group has been
+        withdrawn: _withdraw_now may already have emptied its queue, so it would never run."""
+        if task.group.cancelled:
+            return False
+        queue = self._pending.get(task.group)
+        if queue is None:
+            queue = self._pending[task.group] = collections.deque()
+            # A newcomer starts level with the least-served group, not at zero, so it shares
+            # the workers instead of taking them all until it has caught up.
+            task.group.served = max(task.group.served, min(
+                (g.served for g in self._pending if g is not task.group), default=0.0))
+        if front:
+            queue.appendleft(task)
+        else:
+            queue.append(task)
+        return True
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Never blocks and takes no lock: it may run in a garbage collector's finalizer (an
@@ -403,12 +409,9 @@ class LokyBackend:
             self._startup_failures += 1
         self._release(lane)
         with self._lock:
-            for task in reversed(requeue):
-                if not task.group.cancelled:
-                    self._pending.setdefault(task.group, collections.deque()).appendleft(task)
-        for task in requeue:
-            if task.group.cancelled:
-                _notify(task, Cancelled("batch cancelled"))
+            refused = [t for t in reversed(requeue) if not self._queue_locked(t, front=True)]
+        for task in refused:
+            _notify(task, Cancelled("batch cancelled"))
         if started:
             _notify(tasks[0], died)
         if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
