@@ -147,7 +147,17 @@ def _fastest(iterations: int, calls: int) -> float:
     return best
 
 
-class Cpu(Workload):
+class _CpuBound(Workload):
+    """A CPU workload: every map peer plus the hardware-ceiling row; serial runs once."""
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        return map_specs(ceiling_workers=params["workers"])
+
+    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
+        return (0, 1) if spec.peer == "serial" else (1, repeat)
+
+
+class Cpu(_CpuBound):
     """Do the workers stay busy on uniform CPU work? 200 numpy tasks of ~20 ms, efficiency.
 
     efficiency = (per-task serial duration x tasks) / (workers x wall time), the serial duration
@@ -170,12 +180,6 @@ class Cpu(Workload):
                 f"{params['task_s'] * 1e3:.2f} ms (median of {len(params['calibration_samples_s'])})"
                 f", serial total {params['serial_total_s']:.2f} s; physical limit (serial / "
                 f"{params['workers']} workers) {limit:.2f} s{_pairing_note(params)}")
-
-    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
-        return map_specs(ceiling_workers=params["workers"])
-
-    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
-        return (0, 1) if spec.peer == "serial" else (1, repeat)
 
     def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
         items = [params["iterations"]] * params["tasks"]
@@ -286,7 +290,7 @@ def ideal_makespan(durations: list[float], workers: int) -> float:
     return max(sum(durations) / workers, max(durations)) if durations else 0.0
 
 
-class Uneven(Workload):
+class Uneven(_CpuBound):
     """Does the pool balance heavy-tailed tasks? 200 busy loops (lognormal, mean ~20 ms, cap 300 ms),
     makespan / ideal.
 
@@ -309,12 +313,6 @@ class Uneven(Workload):
                 f"physical limit (ideal with {params['workers']} workers) "
                 f"{ideal_makespan(params['durations_s'], params['workers']):.2f} s"
                 f"{_pairing_note(params)}")
-
-    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
-        return map_specs(ceiling_workers=params["workers"])
-
-    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
-        return (0, 1) if spec.peer == "serial" else (1, repeat)
 
     def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
         return list(params["durations_s"]), _pairing(params, spec)
