@@ -243,3 +243,11 @@ def test_several_workers_dying_at_once(fault_engine: sp.Engine) -> None:
     assert [o.kind for o in report] == ["crash", "crash", "ok", "ok", "ok", "ok"]
     assert {o.worker for o in report[:2]} and report[0].worker != report[1].worker
     assert wait_until(lambda: len(fault_engine.worker_pids()) == 2)
+
+
+def test_submit_reports_a_timeout_with_its_limit(fault_engine: sp.Engine) -> None:
+    future = fault_engine.submit(_tasks.hang_sleep, 0)  # fault_engine: timeout=2.0
+    with pytest.raises(sp.TaskTimeout, match="timeout of 2 s"):
+        future.result(timeout=WAIT)
+    assert fault_engine.submit(_tasks.double, 4).result(timeout=WAIT) == 8
+    assert wait_until(lambda: len(fault_engine.worker_pids()) == 2)
