@@ -25,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -292,6 +293,35 @@ def test_loads_unlink_frees_the_file_and_the_array_keeps_the_memory() -> None:
     del view
     gc.collect()
     assert tp._claimed(name) not in _maps() and name not in _maps()
+
+
+def _mapping_of(arr: np.ndarray[Any, Any]) -> Any:
+    base = arr
+    while not isinstance(base, tp._Mapping):
+        base = base.base
+    return base
+
+
+def test_dropped_arrays_unmap_at_once_without_the_garbage_collector() -> None:
+    # The unpickler's memo once kept a reference cycle to every array of a blob, so segments
+    # lived on until the next collection: hundreds of MB in the parent while streaming.
+    gc.disable()
+    try:
+        got, _ = result_roundtrip({"a": RNG.standard_normal(1000), "b": [RNG.standard_normal(500)]})
+        refs = [weakref.ref(_mapping_of(got["a"])), weakref.ref(_mapping_of(got["b"][0]))]
+        assert all(ref() is not None for ref in refs)
+        del got
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_taken_over_results_are_writable_and_reach_nobody() -> None:
+    a = np.arange(3000, dtype=np.int64)
+    got, blob = result_roundtrip(a, writable=True)
+    got[:] = -1  # shared mapping of an unlinked file: no copy-on-write, nobody else sees it
+    assert got.flags.writeable and int(got.sum()) == -3000
+    assert not ours() & set(segment_names(blob))
 
 
 def test_loaded_arrays_hold_no_file_descriptor() -> None:

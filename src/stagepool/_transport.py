@@ -73,6 +73,7 @@ __all__ = [
     "claim",
     "discard",
     "dumps",
+    "dumps_sized",
     "loads",
     "segment_names",
     "sweep",
@@ -147,6 +148,16 @@ def dumps(obj: object, *, threshold: int, owner: int, creator: str,
           arena: int | None = None) -> bytes:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``.
 
+    ``dumps_sized`` does the same and also says how many bytes the blob and its segments hold.
+    """
+    return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena)[0]
+
+
+def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
+                arena: int | None = None) -> tuple[bytes, int]:
+    """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``; return the
+    blob and the payload size (the blob's bytes plus its segments').
+
     A ``numpy.ndarray`` (or ``numpy.memmap``, which arrives as a plain ndarray) of at least
     ``threshold`` bytes, with at least one dimension and a dtype made of plain bytes (no objects,
     also inside structured dtypes) is copied once into a segment; non-contiguous arrays arrive
@@ -173,7 +184,8 @@ def dumps(obj: object, *, threshold: int, owner: int, creator: str,
     numpy = sys.modules.get("numpy") if threshold > 0 else None
     if numpy is None:  # without numpy imported there is no ndarray to move
         cloudpickle.Pickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
-        return file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
+        blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
+        return blob, len(blob)
     pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena)
     try:
         pickler.dump(obj)
@@ -181,10 +193,12 @@ def dumps(obj: object, *, threshold: int, owner: int, creator: str,
         _unlink_names(pickler.segments)
         raise
     if not pickler.segments:
-        return file.getvalue()
+        blob = file.getvalue()
+        return blob, len(blob)
     names = "\n".join(pickler.segments).encode("ascii")
     with file.getbuffer() as pickled:  # small by now: the big arrays went to segments
-        return b"".join((_HEADER.pack(MAGIC, len(names)), names, pickled[_HEADER.size :]))
+        blob = b"".join((_HEADER.pack(MAGIC, len(names)), names, pickled[_HEADER.size :]))
+    return blob, len(blob) + pickler.shm_bytes
 
 
 def _attach(index: int, dtype: object, shape: tuple[int, ...], order: _Order) -> object:
@@ -208,6 +222,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unt
                  arena: int | None = None) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.segments: list[str] = []
+        self.shm_bytes = 0
         self._np = numpy
         self._array_types = (numpy.ndarray, numpy.memmap)
         self._threshold = threshold
@@ -252,6 +267,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unt
             return None
         finally:
             os.close(fd)
+        self.shm_bytes += arr.nbytes
         return name
 
 
@@ -358,7 +374,9 @@ def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
     page copy on first touch and never reaches the segment, the sender or any other reader.
 
     With ``unlink=True`` each segment file is unlinked right after it is mapped; the memory lives
-    on until the last array viewing it is garbage collected. The blob is then consumed: if loading
+    on until the last array viewing it is garbage collected. The segments are then this process's
+    alone (the sender wrote and closed them), so ``writable=True`` maps them shared: writes cost no
+    page copy and still reach nobody else. The blob is then consumed: if loading
     fails, every segment it names is unlinked before the exception propagates. With
     ``unlink=False`` (a worker reading inputs) nothing is unlinked, even on failure.
 
@@ -378,6 +396,11 @@ def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
         if unlink:
             discard(blob)
         raise
+    finally:
+        # The memo holds the bound ``_attach`` (memoized as a global), which holds the unpickler:
+        # a cycle that would keep every array of the blob, and its segment, alive until the
+        # garbage collector's next pass instead of until the caller drops it.
+        unpickler.memo.clear()
     if unlink and len(unpickler.mapped) < len(names):  # named but never referenced: still ours
         _unlink_names(n for i, n in enumerate(names) if i not in unpickler.mapped)
     return value
@@ -540,18 +563,24 @@ _MAP_FAILED = (1 << (8 * struct.calcsize("P"))) - 1
 # Read-only mappings are populated at once: one call instead of a page fault per 4 KiB (measured
 # 1.2 vs 2.5 ms to map and read 8 MiB). Not the writable ones: populating a private writable
 # mapping copies every page, which is exactly what copy-on-write is there to avoid.
+# The same for a segment this process takes over (``unlink=True``: nobody else can open it once it
+# is unlinked, and its writer closed it): a shared writable mapping is then private in effect, so
+# the caller's array is writable without copy-on-write faults, and populated at once.
 _READ_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _map(name: str, nbytes: int, *, writable: bool, unlink: bool) -> _Mapping:
     """Map a segment (its claimed spelling first), after checking its size; optionally unlink it."""
-    fd, path = _open(name)
+    owned = writable and unlink
+    fd, path = _open(name, os.O_RDWR if owned else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size != nbytes:  # mapping past the end of a file would SIGBUS on first touch
             raise ValueError(f"shared-memory segment {name} holds {size} bytes, expected {nbytes}")
         mmap_fn, munmap_fn = _libc_mmap()
-        if writable:
+        if owned:
+            prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, _READ_FLAGS
+        elif writable:
             prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
         else:
             prot, flags = mmap.PROT_READ, _READ_FLAGS
@@ -571,11 +600,11 @@ def _map(name: str, nbytes: int, *, writable: bool, unlink: bool) -> _Mapping:
     return mapping
 
 
-def _open(name: str) -> tuple[int, str]:
+def _open(name: str, mode: int) -> tuple[int, str]:
     for spelling in _spellings(name):
         path = os.path.join(SHM_DIR, spelling)
         try:
-            return os.open(path, os.O_RDONLY), path
+            return os.open(path, mode), path
         except FileNotFoundError:
             continue
     raise SegmentMissing(name)
