@@ -3,12 +3,14 @@ read-only/writable semantics, and nothing of ours left in /dev/shm whatever happ
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def test_inputs_are_read_only_unless_asked(shm_engine: sp.Engine) -> None:
 
 def test_results_are_ordinary_writable_arrays(shm_engine: sp.Engine) -> None:
     [out] = shm_engine.map(at.make_big, [MiB]).values
-    out[0] = 1  # the caller owns it: private copy-on-write pages
+    out[0] = 1  # the caller owns it: its segment is unlinked, nobody else maps it
     assert out[0] == 1 and out[1] == 7 and out.flags.writeable
     assert not ours()  # unlinked as soon as mapped: the array keeps the memory
 
@@ -101,6 +103,25 @@ def test_no_segment_survives_an_abandoned_stream(shm_engine: sp.Engine) -> None:
         next(stream)
     stream.close()  # type: ignore[attr-defined]
     assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+def test_results_unmap_as_soon_as_the_caller_drops_them(shm_engine: sp.Engine) -> None:
+    # Without the garbage collector: a reference cycle would keep every result mapped (the
+    # parent's RSS then grows with the batch, not with the in-flight window).
+    gc.disable()
+    try:
+        refs = []
+        for outcome in shm_engine.imap(at.double, (np.full(MiB, i, np.float32) for i in range(12))):
+            arr = outcome.value
+            assert float(arr[0]) == 2.0 * outcome.index
+            base = arr
+            while isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            refs.append(weakref.ref(base))
+            del arr, base, outcome
+        assert [r() for r in refs] == [None] * 12
+    finally:
+        gc.enable()
 
 
 def test_recycled_segments_do_not_outlive_the_batch(shm_engine: sp.Engine) -> None:
@@ -149,3 +170,10 @@ def test_no_segment_survives_a_sigkilled_parent(tmp_path: Path) -> None:
     proc.wait(WAIT)
     out.close()
     assert wait_until(lambda: not mine(), timeout=10), mine()  # the orphaned workers cleaned up
+
+
+def test_big_arrays_travel_one_per_chunk(shm_engine: sp.Engine) -> None:
+    # 8 MiB each: a chunk of several would make one worker hold them all before the next starts.
+    report = shm_engine.map(at.double, [np.full(2 * MiB, i, np.float32) for i in range(6)])
+    assert [float(v[0]) for v in report.values] == [2.0 * i for i in range(6)]
+    assert report.stats.chunks == 6

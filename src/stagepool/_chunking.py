@@ -11,7 +11,12 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
 * for a batch of known length it never sends more than a ``1 / (TAIL_SHARES x workers)`` share of
   what is left, so chunks shrink near the end and no worker idles at the tail; but a chunk is
   never cut below ``MIN_CHUNK_SECONDS`` of work (the tail of tiny items is not worth a round
-  trip) nor above an even split of the rest between the workers.
+  trip) nor above an even split of the rest between the workers;
+* big items travel alone: a chunk holds at most ``CHUNK_BYTES`` of payload (pickle plus shared
+  memory), or one item. The first chunk of a batch is a single item, so the payload per item is
+  known (from its encoding) before a second chunk is cut: a batch of 8 MiB arrays never starts with
+  a 64 MiB chunk that one worker must finish before the pipeline flows, and the in-flight window
+  (counted in chunks) holds a few arrays instead of dozens.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ MIN_CHUNK_SECONDS = 0.0005
 # Items faster than this are run without a clock read each (their duration is the chunk's mean).
 TINY_ITEM_SECONDS = 2e-6
 INITIAL_CHUNK = 8
+# Payload one chunk may carry. Moving a few MiB costs milliseconds, far above the ~50-100 us
+# round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
+# consecutive items overlap in the parent and the workers.
+CHUNK_BYTES = 4 << 20
 MAX_CHUNK = 1 << 16
 # An input of unknown length is usually a stream: its chunks stay small enough that the items
 # held in flight (max_in_flight chunks of them) cost megabytes, not hundreds.
@@ -56,6 +65,8 @@ class ChunkSizer:
         self.total = total
         self._items = 0
         self._busy = 0.0
+        self._encoded_items = 0
+        self._payload = 0
         # A known-length batch may start bigger: 1/64 of a worker's share, so even a batch of slow
         # items has many chunks per worker to balance with.
         self._blind = max(INITIAL_CHUNK, min(1024, (total or 0) // (64 * self.workers)))
@@ -70,10 +81,17 @@ class ChunkSizer:
         self._items += n_items
         self._busy += busy_seconds
 
+    def observe_payload(self, n_items: int, payload_bytes: int) -> None:
+        """Feed back an encoded chunk: how many items it holds and how many bytes they take."""
+        self._encoded_items += n_items
+        self._payload += payload_bytes
+
     def next_size(self, submitted: int) -> int:
         """Size of the next chunk, given how many items of the batch were already submitted."""
         if self.fixed is not None:
             return self.fixed
+        if not self._encoded_items:
+            return 1  # learn the payload per item first (see the module docstring)
         per_item = self.per_item
         size = self._blind if per_item is None else int(TARGET_CHUNK_SECONDS / max(per_item, 1e-9))
         if self.total is not None:
@@ -84,6 +102,7 @@ class ChunkSizer:
             size = min(size, tail)
         else:
             size = min(size, MAX_STREAM_CHUNK)
+        size = min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload))
         return max(1, min(size, MAX_CHUNK))
 
     def per_item_clock(self) -> bool:

@@ -315,10 +315,11 @@ class _Batch:
                     f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
             return
         try:
-            blob = self.engine._encode(items, id(self.group))
+            blob, payload = self.engine._encode(items, id(self.group))
         except BaseException:
             self._submit_isolating(start, items, tries)
             return
+        self.sizer.observe_payload(len(items), payload)
         timeouts = self._timeouts(start, items)
         if isinstance(timeouts, BaseException):
             for i in range(len(items)):
@@ -717,11 +718,11 @@ class Engine:
             max_tasks=self.config.max_tasks_per_worker, shm_threshold=self._shm_threshold,
             writable_inputs=self.config.writable_inputs)
 
-    def _encode(self, obj: Any, arena: int | None = None) -> bytes:
+    def _encode(self, obj: Any, arena: int | None = None) -> tuple[bytes, int]:
         """Pickle work for the workers; big arrays go to shared memory (see _transport), reusing
         the segments of the batch's answered chunks (``arena``) where the sizes match."""
-        return _transport.dumps(obj, threshold=self._shm_threshold, owner=os.getpid(),
-                                creator="p", arena=arena)
+        return _transport.dumps_sized(obj, threshold=self._shm_threshold, owner=os.getpid(),
+                                      creator="p", arena=arena)
 
     def _backend_or_raise(self) -> Backend:
         backend = self._backend
@@ -967,7 +968,7 @@ class _Single:
 
     def _send(self) -> None:
         try:
-            blob = self.engine._encode([self.call])
+            blob = self.engine._encode([self.call])[0]
         except BaseException as exc:
             self.future.set_exception(SerializationError(
                 f"the call {self.call[0]!r} cannot be pickled (function or arguments): "

@@ -1,0 +1,45 @@
+"""The chunk sizer on its own: a pure decision from what a batch has observed so far."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stagepool._chunking import CHUNK_BYTES, INITIAL_CHUNK, MAX_STREAM_CHUNK, ChunkSizer
+
+MiB = 1 << 20
+
+
+def test_an_auto_batch_starts_with_one_item_to_learn_its_payload() -> None:
+    sizer = ChunkSizer(None, workers=2, total=100_000)
+    assert sizer.next_size(0) == 1
+    sizer.observe_payload(1, 40)  # a small item
+    assert sizer.next_size(1) == max(INITIAL_CHUNK, 100_000 // (64 * 2))  # then the blind start
+
+
+def test_a_fixed_chunk_size_is_kept_whatever_the_payload() -> None:
+    sizer = ChunkSizer(16, workers=2, total=None)
+    assert sizer.next_size(0) == 16
+    sizer.observe_payload(16, 16 * 8 * MiB)
+    assert sizer.next_size(16) == 16
+
+
+def test_big_items_travel_one_per_chunk_even_when_fast() -> None:
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe_payload(1, 8 * MiB)
+    sizer.observe(1, 1e-4)  # fast enough that time alone would ask for 200 per chunk
+    assert sizer.next_size(1) == 1
+
+
+@given(item_bytes=st.integers(1, 64 * MiB), per_item=st.floats(1e-7, 1.0),
+       total=st.one_of(st.none(), st.integers(1, 10**7)), workers=st.integers(1, 64))
+def test_a_chunk_never_carries_more_than_chunk_bytes_unless_it_is_one_item(
+        item_bytes: int, per_item: float, total: int | None, workers: int) -> None:
+    sizer = ChunkSizer(None, workers=workers, total=total)
+    sizer.observe_payload(3, 3 * item_bytes)
+    sizer.observe(3, 3 * per_item)
+    size = sizer.next_size(3)
+    assert size >= 1
+    assert size == 1 or size * item_bytes <= CHUNK_BYTES
+    if total is None:
+        assert size <= MAX_STREAM_CHUNK
