@@ -177,3 +177,31 @@ def test_big_arrays_travel_one_per_chunk(shm_engine: sp.Engine) -> None:
     report = shm_engine.map(at.double, [np.full(2 * MiB, i, np.float32) for i in range(6)])
     assert [float(v[0]) for v in report.values] == [2.0 * i for i in range(6)]
     assert report.stats.chunks == 6
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssShmem")) // 1024
+
+
+def test_streaming_2_gib_keeps_the_parents_memory_to_the_window(shm_engine: sp.Engine) -> None:
+    # 256 x 8 MiB in and as many out, produced and consumed one at a time: the parent's memory
+    # may hold the in-flight window (2 chunks per worker + 1, one array each) and what is being
+    # encoded and read, never a growing share of the 4 GiB that pass through.
+    def segments() -> Iterator[np.ndarray]:
+        for i in range(256):
+            yield np.full(2 * MiB, i, np.float32)
+
+    gc.collect()
+    base = peak = _rss_mib()
+    seen = 0
+    for outcome in shm_engine.imap(at.double, segments()):
+        assert outcome.ok and float(outcome.value[-1]) == 2.0 * outcome.index
+        seen += 1
+        del outcome
+        peak = max(peak, _rss_mib())
+    assert seen == 256
+    window = (2 * shm_engine.workers + 1) * 8
+    assert peak - base <= 2 * window + 32, f"parent grew {peak - base} MiB (window {window} MiB)"
+    assert not ours()
