@@ -50,3 +50,13 @@ def keep_first_input(a: np.ndarray) -> float:
     if not _KEPT:
         _KEPT.append(a)
     return float(_KEPT[0][0])
+
+
+def crash_once_then_double(item: tuple[np.ndarray, str]) -> np.ndarray:
+    """Kills its worker the first time it sees ``marker`` (a path), doubles its array after."""
+    a, marker = item
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return a * 2
+    os._exit(9)

@@ -3,6 +3,7 @@ read-only/writable semantics, and nothing of ours left in /dev/shm whatever happ
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -205,3 +206,34 @@ def test_streaming_2_gib_keeps_the_parents_memory_to_the_window(shm_engine: sp.E
     window = (2 * shm_engine.workers + 1) * 8
     assert peak - base <= 2 * window + 32, f"parent grew {peak - base} MiB (window {window} MiB)"
     assert not ours()
+
+
+# ---- every entry point, retries included ------------------------------------------------------
+
+
+def test_submit_and_retries_move_arrays_both_ways(tmp_path: Path) -> None:
+    with sp.Engine(workers=2, shm_threshold="1MiB", retries=1, retry_on=("crash",), backoff=0) as eng:
+        fut = eng.submit(at.double, np.full(MiB, 3, np.float32))
+        assert float(fut.result(timeout=WAIT)[0]) == 6.0
+        # Item 1 kills its worker on its first run (with its input segment mapped), then succeeds.
+        items = [(np.full(MiB, i, np.float32), str(tmp_path / f"m{i if i == 1 else 'x'}"))
+                 for i in range(4)]
+        (tmp_path / "mx").touch()  # the others never crash
+        report = eng.map(at.crash_once_then_double, items, chunk_size=1)
+        assert report.ok, report.failed
+        assert [float(v[0]) for v in report.values] == [0.0, 2.0, 4.0, 6.0]
+        assert [o.attempts for o in report] == [1, 2, 1, 1]
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+@pytest.mark.asyncio
+async def test_the_async_calls_move_arrays_both_ways(shm_engine: sp.Engine) -> None:
+    items = [np.full(MiB, i, np.float32) for i in range(5)]
+    report = await asyncio.wait_for(shm_engine.map_async(at.double, items), WAIT)
+    assert [float(v[-1]) for v in report.values] == [2.0 * i for i in range(5)]
+    streamed = [o async for o in shm_engine.imap_async(at.double, items)]  # completion order
+    assert sorted((o.index, float(o.value[0])) for o in streamed) == [(i, 2.0 * i) for i in range(5)]
+    one = await asyncio.wait_for(shm_engine.submit_async(at.double, items[4]), WAIT)
+    assert one.shape == (MiB,) and float(one[0]) == 8.0
+    del report, streamed, one
+    assert wait_until(lambda: not ours(), timeout=10), ours()
