@@ -60,3 +60,21 @@ def crash_once_then_double(item: tuple[np.ndarray, str]) -> np.ndarray:
     except FileExistsError:
         return a * 2
     os._exit(9)
+
+
+def fault_with_arrays(item: tuple[Any, int, np.ndarray]) -> tuple[np.ndarray, Any]:
+    """Runs one row of the fault table on ``x`` with a big array in and a big array out."""
+    fn, x, a = item
+    return a * 2, fn(x)
+
+
+class _ExitWhenPickled:
+    def __reduce__(self) -> Any:
+        os._exit(7)
+
+
+def die_while_sending(a: np.ndarray) -> Any:
+    """The result's big array is already in a segment when pickling the rest kills the worker."""
+    if float(a.flat[0]) < 0:
+        return a * 2, _ExitWhenPickled()
+    return a * 2

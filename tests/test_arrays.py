@@ -21,6 +21,7 @@ import pytest
 import _array_tasks as at
 import stagepool as sp
 from conftest import WAIT, wait_until
+from test_faults import CRASH_TABLE, GUILTY
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 MiB = 2**20
@@ -236,4 +237,36 @@ async def test_the_async_calls_move_arrays_both_ways(shm_engine: sp.Engine) -> N
     one = await asyncio.wait_for(shm_engine.submit_async(at.double, items[4]), WAIT)
     assert one.shape == (MiB,) and float(one[0]) == 8.0
     del report, streamed, one
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+# ---- the fault table, with arrays in flight ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_shm_engine() -> Iterator[sp.Engine]:
+    with sp.Engine(workers=2, shm_threshold="1MiB", timeout=2.0, chunk_size=3) as eng:
+        yield eng
+
+
+@pytest.mark.parametrize(("fn", "kind"), [(row[0], row[1]) for row in CRASH_TABLE],
+                         ids=[row[0].__name__ for row in CRASH_TABLE])
+def test_no_segment_survives_any_fault_of_the_table(fault_shm_engine: sp.Engine, fn, kind: str) -> None:  # type: ignore[no-untyped-def]
+    # Inputs mapped by the dying worker, results of its chunk's earlier items already in segments.
+    items = [(fn, 0 if i == GUILTY else i + 1, np.full(MiB, i, np.float32)) for i in range(8)]
+    report = fault_shm_engine.map(at.fault_with_arrays, items)
+    assert [o.kind for o in report] == [kind if i == GUILTY else "ok" for i in range(8)]
+    for o in report:
+        if o.ok:
+            assert float(o.value[0][0]) == 2.0 * o.index and o.value[1] == o.index + 1
+    del report
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+def test_no_segment_survives_a_worker_dying_while_it_sends(fault_shm_engine: sp.Engine) -> None:
+    items = [np.full(MiB, -1.0 if i == 2 else i, np.float32) for i in range(5)]
+    report = fault_shm_engine.map(at.die_while_sending, items)
+    assert [o.kind for o in report] == ["ok", "ok", "crash", "ok", "ok"]
+    assert "exited with code 7" in str(report[2].error)
+    del report
     assert wait_until(lambda: not ours(), timeout=10), ours()
