@@ -653,6 +653,25 @@ class Engine:
     fails alone, as an outcome; the engine keeps serving. ``retries`` re-runs failed items whose
     kind or exception type is in ``retry_on`` (default: errors, crashes, timeouts), after
     ``backoff * 2**(attempt - 1)`` seconds.
+
+    Options (sizes take ints in bytes or strings such as ``"512MiB"``):
+
+    * ``workers``, ``mem_per_task``: how many processes; "auto" plans from the machine and the
+      memory each task needs (see :func:`plan_workers`).
+    * ``chunk_size``: items per message to a worker; "auto" learns it (about 20 ms of work per
+      chunk, at most 4 MiB of payload, a single item first). ``max_in_flight``: chunks of one batch
+      submitted and not yet consumed (default 2 per worker + 1); with ``imap`` on an endless
+      iterator this is the memory bound.
+    * ``timeout`` (seconds, or a function of the item), ``retries``, ``retry_on``, ``backoff``.
+    * ``max_rss_per_worker``, ``max_tasks_per_worker``: recycle a worker that grew past a size or
+      ran that many items; a runaway allocation becomes that item's ``MemoryError``.
+    * ``initializer(*initargs)`` runs once in each worker; if it fails, every item sent to that
+      worker fails with :class:`InitializerError`.
+    * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
+      ``/dev/shm`` in both directions. Workers see read-only views of their inputs
+      (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
+      writable arrays whose memory is freed when the caller drops them.
+    * ``progress``: a tqdm bar per batch.
     """
 
     def __init__(
