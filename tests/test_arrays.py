@@ -148,19 +148,26 @@ def test_no_segment_survives_kill_shutdown() -> None:
     assert wait_until(lambda: not ours(), timeout=10), ours()
 
 
-def test_no_segment_survives_a_sigkilled_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_no_segment_survives_a_killed_or_interrupted_parent(tmp_path: Path, sig: int) -> None:
     src = str(Path(sp.__file__).resolve().parent.parent)
     tests = str(Path(__file__).parent)
     script = textwrap.dedent(f"""
-        import sys, os
+        import sys, os, signal
         sys.path[:0] = [{src!r}, {tests!r}]
         import numpy as np, stagepool as sp, _array_tasks as at
-        eng = sp.Engine(workers=2, chunk_size=1)
-        eng.map(abs, [1, 2])  # the workers are up (a parent killed mid-spawn is another story:
-        # then the next engine's start sweeps what it left)
-        items = [np.full(2**20, -1, dtype=np.float32)] * 4
-        print(os.getpid(), flush=True)
-        eng.map(at.big_then_hang, items)
+        # A shell's background job starts with SIGINT ignored; a terminal's Ctrl-C would not be.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with sp.Engine(workers=2, chunk_size=1) as eng:
+            eng.map(abs, [1, 2])  # the workers are up (a parent killed mid-spawn is another
+            # story: then the next engine's start sweeps what it left)
+            # results of the first two in segments, inputs of the hanging ones mapped in workers
+            items = [np.full(2**20, v, dtype=np.float32) for v in (1, 2, -1, -1, 3, 4)]
+            print(os.getpid(), flush=True)
+            try:
+                eng.map(at.big_then_hang, items)
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
     """)
     out = (tmp_path / "out").open("w")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.DEVNULL)
@@ -168,10 +175,14 @@ def test_no_segment_survives_a_sigkilled_parent(tmp_path: Path) -> None:
     child = int((tmp_path / "out").read_text().split()[0])
     mine = lambda: {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{child}-")}  # noqa: E731
     assert wait_until(lambda: bool(mine()), timeout=WAIT)  # inputs are in shared memory
-    proc.send_signal(signal.SIGKILL)
+    time.sleep(0.3)  # the first results are back, the hanging items are running
+    proc.send_signal(sig)
     proc.wait(WAIT)
     out.close()
-    assert wait_until(lambda: not mine(), timeout=10), mine()  # the orphaned workers cleaned up
+    if sig == signal.SIGINT:
+        assert "INTERRUPTED" in (tmp_path / "out").read_text() and proc.returncode == 0
+    # SIGKILL: the orphaned workers clean up; Ctrl-C: the engine's shutdown does
+    assert wait_until(lambda: not mine(), timeout=10), mine()
 
 
 def test_big_arrays_travel_one_per_chunk(shm_engine: sp.Engine) -> None:
