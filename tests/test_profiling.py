@@ -8,7 +8,6 @@ microsecond item.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,8 +25,6 @@ from stagepool.cli import main
 
 RUN = 0.3  # seconds per measured run: enough for these stages, keeps the module ~30 s
 ROUNDS = 2  # the fastest of two rounds per configuration: robust to a burst of other load
-HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-needs_matplotlib = pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
 CPUS = sp.plan_workers().cpus
 
 
@@ -201,7 +198,6 @@ def test_measurements_json_holds_every_run(cpu_profile: sp.StageProfile, out_dir
     assert data["sampler"]["samples"]
 
 
-@needs_matplotlib
 def test_plots_are_written(cpu_profile: sp.StageProfile, out_dir: Path) -> None:
     for name in ("throughput.png", "workers.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
