@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import _array_tasks as at
 import stagepool as sp
@@ -281,3 +283,42 @@ def test_no_segment_survives_a_worker_dying_while_it_sends(fault_shm_engine: sp.
     assert "exited with code 7" in str(report[2].error)
     del report
     assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+# ---- property: any mix of sizes, chunkings and failures ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_shm_engine() -> Iterator[sp.Engine]:
+    with sp.Engine(workers=2, shm_threshold="64KiB") as eng:  # small arrays keep this fast
+        yield eng
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.sampled_from([0, 10, 15_000, 16_384, 70_000]), max_size=40),
+       failing=st.sets(st.integers(0, 39)),
+       chunk_size=st.one_of(st.just("auto"), st.integers(1, 8)),
+       mode=st.sampled_from(["map", "imap", "imap-unordered"]))
+def test_any_mix_gives_one_outcome_per_item_equal_to_pickling(
+        small_shm_engine: sp.Engine, sizes: list[int], failing: set[int], chunk_size: int | str,
+        mode: str) -> None:
+    # float32 sizes around the 64 KiB threshold (16,384 elements), below it, zero-size
+    items = [np.full(n, -1.0 - i if i in failing else float(i), np.float32) for i, n in enumerate(sizes)]
+    if mode == "map":
+        outcomes = list(small_shm_engine.map(at.double_or_raise, items, chunk_size=chunk_size))
+    else:
+        outcomes = list(small_shm_engine.imap(at.double_or_raise, iter(items), chunk_size=chunk_size,
+                                              ordered=mode == "imap"))
+    assert sorted(o.index for o in outcomes) == list(range(len(items)))
+    if mode != "imap-unordered":
+        assert [o.index for o in outcomes] == list(range(len(items)))
+    for o in outcomes:
+        item = items[o.index]
+        if o.index in failing and item.size:
+            assert o.kind == "error" and f"negative segment {float(item[0])}" in str(o.error)
+        else:
+            assert o.ok, o
+            assert o.value.dtype == item.dtype and np.array_equal(o.value, item * 2)
+            assert o.value.flags.writeable
+    del outcomes
+    assert not ours()
