@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import _tasks
 import stagepool as sp
-from conftest import WAIT
+from conftest import WAIT, wait_until
 
 
 def test_map_returns_values_in_order(engine: sp.Engine) -> None:
@@ -328,6 +328,20 @@ def test_many_distinct_functions_then_the_first_again(engine: sp.Engine) -> None
         assert engine.map(fn, [1, 2]).values == [1 + k, 2 + k]
     assert engine.map(fns[0], [5]).values == [5]
     assert engine.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]
+
+
+def test_a_running_submit_cannot_be_cancelled_like_the_stdlib_executors(engine: sp.Engine) -> None:
+    running = engine.submit(_tasks.sleep_for, 0.5)
+    assert wait_until(running.running, timeout=WAIT)
+    assert not running.cancel()  # handed to a worker: it runs to the end
+    assert running.result(timeout=WAIT) == 0.5 and not running.cancelled()
+    # and one that was cancelled while queued never starts, even after others were learned short
+    for _ in range(3):
+        assert engine.submit(_tasks.double, 1).result(timeout=WAIT) == 2
+    blockers = [engine.submit(_tasks.sleep_for, 0.5) for _ in range(engine.workers)]
+    queued = engine.submit(_tasks.double, 7)
+    assert not queued.running() and queued.cancel() and queued.cancelled()
+    assert [f.result(timeout=WAIT) for f in blockers] == [0.5] * engine.workers
 
 
 def test_many_single_submits_stay_fast_and_cancel_alone(engine: sp.Engine) -> None:

@@ -562,8 +562,8 @@ async def submit_async(engine: Engine, fn: Callable[..., R], /, *args: Any, **kw
 
     Cancellation:
         Cancelling the awaiting task (or a ``wait_for`` timing out) raises ``CancelledError``
-        at once. A call that has not started is withdrawn and never runs; a call already
-        running finishes in its worker and its result is dropped (the ``"finish"`` policy: a
+        at once. A call not yet handed to a worker is withdrawn and never runs; a call already
+        handed to one finishes there and its result is dropped (the ``"finish"`` policy: a
         lone call has no ``on_cancel=``, since every keyword goes to ``fn``; for ``"kill"``
         use ``map_async(fn, [x], on_cancel="kill")``).
 

@@ -711,6 +711,9 @@ class Engine:
         self._fns = _FnRegistry()
         self._apply = self._fns.register(apply_call)  # the item function of every submit()
         self._submit_group = Group()  # every submit() call, served in order, shared fairly
+        # Recent duration of a submit() of each function (seconds, smoothed): what lets a worker
+        # take the next short call before it answers the current one (see _Single._send).
+        self._submit_seconds: dict[Any, float] = {}
         self._lock = threading.Lock()
         self._backend: Backend | None = self._start_backend()
         self._executor: _ExecutorView | None = None
@@ -860,8 +863,10 @@ class Engine:
         """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``.
 
         The future raises the function's exception (worker traceback as ``__cause__``),
-        :class:`WorkerCrashed`, :class:`TaskTimeout` or :class:`SerializationError`. Cancelling
-        the future before it runs withdraws it. Raises :class:`EngineClosed` after shutdown.
+        :class:`WorkerCrashed`, :class:`TaskTimeout` or :class:`SerializationError`. As with the
+        stdlib executors, ``future.cancel()`` succeeds (and the call never runs) until the call is
+        handed to a worker; from then on the future is running and ``cancel()`` returns False.
+        Raises :class:`EngineClosed` after shutdown.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -939,7 +944,7 @@ class Engine:
         """Awaitable :meth:`submit`: the value, or the task's exception.
 
         Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
-        started never runs, a running one finishes and its result is dropped.
+        handed to a worker never runs, one already handed over finishes and its result is dropped.
         """
         from ._aio import submit_async
 
@@ -997,8 +1002,37 @@ class _Single:
         timeouts = None
         if timeout is not None:
             timeouts = (timeout(self.call) if callable(timeout) else timeout,)
-        self.task = Task(self.group, self.fn_key, self.fn_blob, blob, 1, self._on_done, timeouts)
+        self.task = Task(self.group, self.fn_key, self.fn_blob, blob, 1, self._on_done, timeouts,
+                         self._expected(), on_start=self._on_start)
         self.backend.submit(self.task)
+
+    def _on_start(self, task: Task) -> bool:
+        """The task goes to a worker: the future is running from now on (``cancel()`` then
+        returns False, as with the stdlib executors), unless it was cancelled just before."""
+        if self.future.running():  # sent again after its worker died, or a retry
+            return True
+        try:
+            return self.future.set_running_or_notify_cancel()
+        except RuntimeError:  # settled meanwhile (engine shut down): nothing to run
+            return False
+
+    def _expected(self) -> float | None:
+        """The recent duration of calls to this function, or None (unknown: a worker then takes
+        it only when idle, since it might take 1000 s and block a short call queued behind it)."""
+        try:
+            return self.engine._submit_seconds.get(self.call[0])
+        except TypeError:  # an unhashable callable
+            return None
+
+    def _learn(self, seconds: float) -> None:
+        known = self.engine._submit_seconds
+        try:
+            old = known.get(self.call[0])
+            if old is None and len(known) >= 256:
+                known.clear()
+            known[self.call[0]] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        except TypeError:
+            pass
 
     def _maybe_withdraw(self, future: concurrent.futures.Future[Any]) -> None:
         if future.cancelled() and self.task is not None:
@@ -1047,11 +1081,12 @@ class _Single:
             return kind, None, error
         assert isinstance(result, bytes)  # Cancelled was handled by the caller
         try:
-            values, _stamps, errors, _pid, _rss = cast(
+            values, stamps, errors, _pid, _rss = cast(
                 ChunkResult, _transport.loads(result, writable=True, unlink=True))
         except BaseException as exc:
             return "serialization", None, SerializationError(
                 f"the result could not be unpickled in the parent: {type(exc).__name__}: {exc}")
+        self._learn(stamps[-1] - stamps[0])
         if errors:
             kind, error, _tb = _rebuild_error(errors[0], 0)
             return kind, None, error

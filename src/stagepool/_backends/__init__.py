@@ -74,6 +74,9 @@ class Task:
     timeouts: tuple[float, ...] | None = None  # per item, seconds; None = no limit
     expected: float | None = None  # the engine's estimate of the chunk's duration, seconds
     per_item_clock: bool = True  # False for tiny items: durations become the chunk's mean
+    # Called by the backend thread right before the task goes to a worker (again after a requeue);
+    # False withdraws it instead (answered ``Cancelled``). Quick, must not block.
+    on_start: Callable[[Task], bool] | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

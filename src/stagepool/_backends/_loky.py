@@ -519,8 +519,12 @@ class LokyBackend:
                 if bool(lane.tasks) != prefetch:
                     continue
                 task = self._next_task(lane)
-                if task is not None:
-                    self._send(lane, task)
+                if task is None:
+                    continue
+                if task.on_start is not None and not task.on_start(task):
+                    _notify(task, Cancelled("future cancelled"))
+                    continue
+                self._send(lane, task)
 
     def _send(self, lane: _Lane, task: Task) -> None:
         first = task.fn_key not in lane.fn_keys
