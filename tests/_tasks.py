@@ -191,3 +191,14 @@ def raise_timeout_error(x: int) -> int:
 def slow_then(x: int) -> int:
     time.sleep(0.02)
     return x
+
+
+def exit_slowly(pid_file: str) -> int:
+    """Returns at once, but its worker will take 10 s to exit (an atexit hook, as a library
+    flushing a cache might have); writes the worker's pid to ``pid_file``."""
+    import atexit
+
+    atexit.register(time.sleep, 10)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    return os.getpid()

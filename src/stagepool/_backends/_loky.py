@@ -212,6 +212,10 @@ class LokyBackend:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Workers told to stop (recycled, or the pool stopping), with the moment they get killed
+        # if they have not exited: reaped when their sentinel fires, never waited for in a loop
+        # that also feeds the others.
+        self._leaving: dict[_Lane, float] = {}
         self._lanes: list[_Lane] = [self._spawn() for _ in range(workers)]
         self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
         self._thread.start()
@@ -330,18 +334,29 @@ class LokyBackend:
             by_obj[lane.stderr] = ("stderr", lane)
             if lane.tasks:
                 by_obj[lane.conn] = ("result", lane)
+        for lane in self._leaving:
+            by_obj[lane.process.sentinel] = ("left", lane)
+            by_obj[lane.stderr] = ("stderr", lane)
         ready = wait(list(by_obj), timeout=self._next_wake())
         for obj in ready:
             what, owner = by_obj[obj]
             if what == "wake":
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
-            elif owner is None or owner not in self._lanes:
+            elif owner is None:
+                continue
+            elif owner in self._leaving:
+                if what == "left":
+                    self._reap(owner)
+                else:
+                    self._forward_stderr(owner)
+            elif owner not in self._lanes:
                 continue
             elif what == "stderr":
                 self._forward_stderr(owner)
             else:
                 (self._receive if what == "result" else self._bury)(owner)
+        self._expire_leaving()
         self._run_calls()
         self._enforce_limits()
         if self._kill_all:
@@ -438,18 +453,36 @@ class LokyBackend:
         self._free_slots.append(lane.slot)
 
     def _retire(self, lane: _Lane) -> None:
-        """Stop a drained worker politely and start a fresh one in its place."""
+        """Tell a drained worker to stop and start a fresh one in its place at once; the old one
+        is reaped when it has exited (killed if it takes longer than STOP_JOIN_TIMEOUT)."""
         with contextlib.suppress(OSError):
             lane.conn.send_bytes(b"")
-        lane.process.join(STOP_JOIN_TIMEOUT)
-        if lane.process.exitcode is None:
-            kill_tree(lane.pid, grace=0)
         self._lanes.remove(lane)
-        self._release(lane)
+        self._leaving[lane] = time.monotonic() + STOP_JOIN_TIMEOUT
         if not self._stopping:
             self._lanes.append(self._spawn())
 
+    def _reap(self, lane: _Lane) -> None:
+        """A leaving worker exited: collect it, pass on its last words, free its slot."""
+        lane.process.join(1.0)
+        self._forward_stderr(lane)
+        del self._leaving[lane]
+        self._release(lane)
+
+    def _expire_leaving(self, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for lane, deadline in list(self._leaving.items()):
+            if now >= deadline and lane.process.exitcode is None:
+                kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then _reap
+                self._leaving[lane] = float("inf")
+
     def _spawn(self) -> _Lane:
+        if not self._free_slots:  # every spare slot held by workers slow to leave: wait for one
+            oldest = next(iter(self._leaving))
+            if oldest.process.exitcode is None:
+                oldest.process.join(max(0.0, self._leaving[oldest] - time.monotonic()))
+                kill_tree(oldest.pid, grace=0)
+            self._reap(oldest)
         slot = self._free_slots.pop()
         base = slot * RECORD_FIELDS
         self._ints[base + F_CHUNK] = 0
@@ -552,7 +585,9 @@ class LokyBackend:
                 wake = deadline if wake is None else min(wake, deadline)
         if self._max_rss is not None and any(lane.tasks for lane in self._lanes):
             wake = now + POLL_INTERVAL if wake is None else min(wake, now + POLL_INTERVAL)
-        return None if wake is None else max(0.0, wake - now)
+        for deadline in self._leaving.values():
+            wake = deadline if wake is None else min(wake, deadline)
+        return None if wake is None or wake == float("inf") else max(0.0, wake - now)
 
     def _deadline(self, lane: _Lane, now: float) -> float | None:
         if not lane.tasks or lane.kill_reason is not None:
@@ -611,11 +646,14 @@ class LokyBackend:
                 return False
         if any(lane.tasks for lane in self._lanes):
             return False
-        for lane in list(self._lanes):
+        for lane in list(self._lanes):  # all told at once: they exit side by side
             self._retire(lane)
-        return True
+        return not self._leaving
 
     def _close_everything(self) -> None:
+        for lane in list(self._leaving):
+            kill_tree(lane.pid, grace=0)
+            self._reap(lane)
         for lane in list(self._lanes):
             kill_tree(lane.pid, grace=0)
             for task in lane.tasks:
