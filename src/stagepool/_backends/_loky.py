@@ -469,8 +469,8 @@ class LokyBackend:
         del self._leaving[lane]
         self._release(lane)
 
-    def _expire_leaving(self, *, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+    def _expire_leaving(self) -> None:
+        now = time.monotonic()
         for lane, deadline in list(self._leaving.items()):
             if now >= deadline and lane.process.exitcode is None:
                 kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then _reap
