@@ -211,6 +211,7 @@ class LokyBackend:
         self._startup_failures = 0
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_pending = False
         os.set_blocking(self._wake_w, False)
         # Workers told to stop (recycled, or the pool stopping), with the moment they get killed
         # if they have not exited: reaped when their sentinel fires, never waited for in a loop
@@ -312,6 +313,12 @@ class LokyBackend:
     # ---- the pool thread ----------------------------------------------------------------------
 
     def _wake(self) -> None:
+        # One byte in the pipe is enough: a burst of submits between two turns of the pool loop
+        # costs one write, not one each. The pool thread clears the flag before it drains the
+        # pipe, and only then looks at the queues, so nothing queued is ever left unseen.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"!")
 
@@ -341,6 +348,7 @@ class LokyBackend:
         for obj in ready:
             what, owner = by_obj[obj]
             if what == "wake":
+                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
             elif owner is None:
