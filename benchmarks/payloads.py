@@ -15,7 +15,7 @@ from . import workloads
 from .base import MB, MIB, RssSampler, Target, Workload, check, map_specs, timed_map
 from .peers import Peer, PeerSpec
 
-__all__ = ["BigArrays", "Media", "memcpy_bandwidth"]
+__all__ = ["BigArrays", "BigStream", "Media", "memcpy_bandwidth"]
 
 
 # ---- big-arrays ---------------------------------------------------------------------------------
@@ -55,10 +55,11 @@ class _Counted:
             yield item
 
 
-def window_mb(ahead: float, array_bytes: int) -> float:
-    """The in-flight window in MB: ``ahead`` items in flight, each an input and an output array,
-    plus the result in the consumer's hand."""
-    return (2 * ahead + 1) * array_bytes / MB
+def window_arrays(ahead: float, extra: int) -> float:
+    """The in-flight window in arrays: ``ahead`` items in flight, each an input and an output
+    array, plus ``extra`` (the result in the consumer's hand; for a lazy input also the segment
+    the generator has just made)."""
+    return 2 * ahead + extra
 
 
 class BigArrays(Workload):
@@ -74,6 +75,7 @@ class BigArrays(Workload):
 
     name = "big-arrays"
     SAMPLE_S = 0.005
+    WINDOW_EXTRA = 1  # arrays beyond those in flight: the result in the consumer's hand
 
     def params(self, quick: bool) -> dict[str, Any]:
         array_bytes = 8 * MIB
@@ -169,13 +171,111 @@ class BigArrays(Workload):
 
         def rss(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
             e = row["extra"]
-            window = window_mb(e["ahead"], e["array_bytes"])
+            arrays = window_arrays(e["ahead"], self.WINDOW_EXTRA)
+            window = arrays * e["array_bytes"] / MB
             return (e["rss_growth_mb"] <= window,
-                    f"+{e['rss_growth_mb']:,.0f} MB, window {2 * e['ahead'] + 1:.0f} arrays = "
-                    f"{window:,.0f} MB")
+                    f"+{e['rss_growth_mb']:,.0f} MB, window {arrays:.0f} arrays = {window:,.0f} MB")
 
         return [Target("MB/s >= 3x PPE", vs_ppe), Target("MB/s >= 1.5x joblib", vs_joblib),
                 Target("peak RSS growth <= in-flight window", rss)]
+
+
+# ---- big-stream ---------------------------------------------------------------------------------
+
+class _Segments:
+    """``n`` float32 arrays of ``nbytes`` (array i is full of i), each made only when a pool takes
+    it, as a decoder would produce segments; counts how many were taken."""
+
+    def __init__(self, n: int, nbytes: int) -> None:
+        self.n, self.nbytes = n, nbytes
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        import numpy as np
+
+        for i in range(self.n):
+            self.taken += 1
+            yield np.full(self.nbytes // 4, i, dtype=np.float32)
+
+
+class BigStream(BigArrays):
+    """Does the parent's memory stay bounded while 2 GiB of segments stream through? 256 x 8 MiB
+    float32 arrays made one at a time by a generator, doubled by the workers, read in order.
+
+    The same measurements as big-arrays (payload MB/s in + out, peak RSS growth sampled every 5 ms,
+    "ahead"), but nothing exists before the pool asks for it: a pool that reads its whole input
+    first holds all of it. A lazy pool's parent holds its in-flight window: "ahead" inputs and as
+    many outputs, plus the result in the consumer's hand and the segment the generator has just
+    made (measured: stagepool's parent peaks at 5 inputs as ordinary arrays and 5 results as
+    mapped segments with "ahead" 4). The target is the issue's: growth bounded by that window,
+    not by the input (under 5% of it).
+    """
+
+    name = "big-stream"
+    WINDOW_EXTRA = 2
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        return {**super().params(quick), "tasks": 32 if quick else 256}
+
+    def facts(self, params: dict[str, Any]) -> str:
+        data = params["tasks"] * params["array_bytes"] / MIB
+        return (f"{params['tasks']} x {params['array_bytes'] / MIB:.0f} MiB float32 made lazily "
+                f"({data:,.0f} MiB in, as much out); memcpy {params['memcpy_mb_s']:,.0f} MB/s")
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        eager = ("Executor.map submits the whole input before it yields a result: the same as the "
+                 "ProcessPoolExecutor row (all of the input in the parent)")
+        return [
+            PeerSpec("ppe", "ppe", "ProcessPoolExecutor.map chunksize=1 (reads the whole input)"),
+            PeerSpec("mp", "mp", "multiprocessing.Pool.imap chunksize=1"),
+            PeerSpec("loky", "loky", "loky executor.map", na=eager),
+            PeerSpec("joblib", "joblib", 'joblib Parallel(return_as="generator"), memmapping'),
+            PeerSpec("mpire", "mpire", "mpire WorkerPool.imap (default chunks)"),
+            PeerSpec("pebble", "pebble", "pebble ProcessPool.map",
+                     na="ProcessPool.map schedules every chunk of the input before it returns"),
+            PeerSpec("dask", "dask", "dask client.map",
+                     na="client.map turns the whole input into futures before anything runs"),
+            PeerSpec("stagepool", "stagepool", 'stagepool Engine.imap, shared memory ("1MiB")',
+                     {"shm_threshold": "1MiB"}),
+        ]
+
+    def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
+        return 1, min(repeat, 2)  # 4 GiB moved per run: two runs tell the memory story
+
+    def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
+        return params["tasks"], params["array_bytes"]
+
+    def run(self, peer: Peer, state: Any) -> dict[str, Any]:
+        n, nbytes = state
+        feed = _Segments(n, nbytes)
+        gc.collect()
+        sampler = RssSampler(self.SAMPLE_S)
+        began = time.perf_counter()
+        done = ahead = 0
+        for i, out in enumerate(peer.imap(workloads.double_array, iter(feed))):
+            check(out.shape == (nbytes // 4,) and float(out[0]) == float(out[-1]) == 2.0 * i,
+                  f"segment {i} * 2.0")
+            done += 1
+            ahead = max(ahead, feed.taken - done)
+            del out
+        seconds = time.perf_counter() - began
+        growth = sampler.stop()
+        check(done == n, f"{done} of {n} segments came back")
+        return {"seconds": seconds, "items": done, "payload_mb": 2 * done * nbytes / MB,
+                "rss_growth_mb": growth / MB, "ahead": ahead, "array_bytes": nbytes}
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        streamed = params["tasks"] * params["array_bytes"] / MB
+
+        def rss(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            # Bounded by the window, not by the input: a few arrays, never a share of the stream.
+            e = row["extra"]
+            arrays = window_arrays(e["ahead"], self.WINDOW_EXTRA)
+            return (e["rss_growth_mb"] < 0.05 * streamed,
+                    f"+{e['rss_growth_mb']:,.0f} MB of {streamed:,.0f} MB in; window {arrays:.0f} "
+                    f"arrays = {arrays * e['array_bytes'] / MB:,.0f} MB")
+
+        return [Target("peak RSS growth < 5% of the input streamed", rss)]
 
 
 # ---- media --------------------------------------------------------------------------------------

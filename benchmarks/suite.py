@@ -29,7 +29,7 @@ from .base import (
     workers_of,
 )
 from .faults import Crashes, Failures
-from .payloads import BigArrays, Media
+from .payloads import BigArrays, BigStream, Media
 from .peers import Peer, PeerSpec
 
 __all__ = ["WORKLOADS", "Target", "Workload", "balanced_split", "format_rate", "get",
@@ -456,7 +456,7 @@ class Stream(Workload):
 
 
 WORKLOADS: dict[str, type[Workload]] = {cls.name: cls for cls in (
-    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, Async, Media)}
+    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media)}
 
 
 def get(name: str) -> Workload:

@@ -506,7 +506,20 @@ def _array_rows(runs: dict[str, tuple[float, float, int]]) -> dict[str, dict[str
 
 
 def test_window_is_the_items_in_flight_in_and_out_plus_the_one_in_hand() -> None:
-    assert payloads.window_mb(4, 1_000_000) == 9.0
+    assert payloads.window_arrays(4, 1) == 9
+    # a lazy input: also the segment the generator has just made
+    assert payloads.window_arrays(4, suite.get("big-stream").WINDOW_EXTRA) == 10
+
+
+def test_big_stream_judges_memory_only() -> None:
+    workload = suite.get("big-stream")
+    nbytes = 8 << 20
+    params = {"tasks": 256, "array_bytes": nbytes, "memcpy_mb_s": 10_000.0, "workers": 2}
+    [target] = workload.targets(params)
+    row = {"extra": {"ahead": 4, "array_bytes": nbytes, "rss_growth_mb": 84.0}}
+    assert target.check(row, {}) == (True, "+84 MB of 2,147 MB in; window 10 arrays = 84 MB")
+    row["extra"]["rss_growth_mb"] = 108.0  # 5% of the 2,147 MB streamed is 107 MB
+    assert target.check(row, {})[0] is False
 
 
 def test_big_arrays_targets() -> None:
