@@ -314,8 +314,9 @@ class LokyBackend:
 
     def _wake(self) -> None:
         # One byte in the pipe is enough: a burst of submits between two turns of the pool loop
-        # costs one write, not one each. The pool thread clears the flag before it drains the
-        # pipe, and only then looks at the queues, so nothing queued is ever left unseen.
+        # costs one write, not one each. The pool thread drains the pipe, then clears the flag,
+        # then looks at the queues: a task queued before a skipped write is seen by that look,
+        # and a write after the clear wakes the next turn.
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -348,9 +349,11 @@ class LokyBackend:
         for obj in ready:
             what, owner = by_obj[obj]
             if what == "wake":
-                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
+                # After the read: cleared before it, a byte written in between would be drained
+                # with the flag left set, and every later wake-up skipped (a hang).
+                self._wake_pending = False
             elif owner is None:
                 continue
             elif owner in self._leaving:
