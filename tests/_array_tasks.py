@@ -85,3 +85,15 @@ def double_or_raise(a: np.ndarray) -> np.ndarray:
     if a.size and float(a.flat[0]) < 0:
         raise ValueError(f"negative segment {float(a.flat[0])}")
     return a * 2
+
+
+def keep_and_fail_once(item: tuple[np.ndarray, str]) -> float:
+    """Keeps its input (so the worker unlinks the segment at the end of the chunk) and raises the
+    first time it sees ``marker``; the retry must still carry the original data."""
+    a, marker = item
+    _KEPT.append(a)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return float(a.sum(dtype=np.float64))
+    raise ValueError("first attempt fails")

@@ -194,10 +194,10 @@ def test_big_arrays_travel_one_per_chunk(shm_engine: sp.Engine) -> None:
     assert report.stats.chunks == 6
 
 
-def _rss_mib() -> int:
+def _rss_mib(kinds: tuple[str, ...] = ("RssAnon", "RssShmem")) -> int:
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssShmem")) // 1024
+    return sum(int(fields[k].split()[0]) for k in kinds) // 1024
 
 
 def test_streaming_2_gib_keeps_the_parents_memory_to_the_window(shm_engine: sp.Engine) -> None:
@@ -210,15 +210,20 @@ def test_streaming_2_gib_keeps_the_parents_memory_to_the_window(shm_engine: sp.E
 
     gc.collect()
     base = peak = _rss_mib()
+    anon_base = anon_peak = _rss_mib(("RssAnon",))
     seen = 0
     for outcome in shm_engine.imap(at.double, segments()):
         assert outcome.ok and float(outcome.value[-1]) == 2.0 * outcome.index
         seen += 1
         del outcome
         peak = max(peak, _rss_mib())
+        anon_peak = max(anon_peak, _rss_mib(("RssAnon",)))
     assert seen == 256
     window = (2 * shm_engine.workers + 1) * 8
     assert peak - base <= 2 * window + 32, f"parent grew {peak - base} MiB (window {window} MiB)"
+    # The inputs live in shared memory only: the parent's own heap holds the segment being made
+    # and what the allocator keeps (glibc trims above 16 MiB), not the window's inputs.
+    assert anon_peak - anon_base <= 3 * 8, f"parent heap grew {anon_peak - anon_base} MiB"
     assert not ours()
 
 
@@ -237,6 +242,18 @@ def test_submit_and_retries_move_arrays_both_ways(tmp_path: Path) -> None:
         assert report.ok, report.failed
         assert [float(v[0]) for v in report.values] == [0.0, 2.0, 4.0, 6.0]
         assert [o.attempts for o in report] == [1, 2, 1, 1]
+    assert wait_until(lambda: not ours(), timeout=10), ours()
+
+
+def test_a_retry_carries_the_input_the_worker_kept_and_unlinked(tmp_path: Path) -> None:
+    # The batch keeps only views of its inputs' segments; the worker kept these inputs, so it
+    # unlinked their segments, and the parent recycles nothing that it may send again.
+    items = [(np.full(MiB, i + 1, np.float32), str(tmp_path / f"m{i}")) for i in range(4)]
+    with sp.Engine(workers=1, shm_threshold="1MiB", retries=1, backoff=0) as eng:
+        report = eng.map(at.keep_and_fail_once, items, chunk_size=2)
+    assert report.ok, report.failed
+    assert report.values == [float(MiB * (i + 1)) for i in range(4)]
+    assert [o.attempts for o in report] == [2, 2, 2, 2]
     assert wait_until(lambda: not ours(), timeout=10), ours()
 
 

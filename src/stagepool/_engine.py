@@ -260,6 +260,7 @@ class _Batch:
             self.backend.submit_many(outbox)
         except EngineClosed:
             for task in outbox:
+                _transport.discard(task.items_blob)
                 start, items, tries = self.in_flight.pop(task.id)
                 self.items_out -= len(items)
                 self._cancel_rest(start, items, tries)
@@ -322,15 +323,29 @@ class _Batch:
         self.sizer.observe_payload(len(items), payload)
         timeouts = self._timeouts(start, items)
         if isinstance(timeouts, BaseException):
+            _transport.discard(blob)
             for i in range(len(items)):
                 self._final_failure(start + i, "error", timeouts, tries)
             return
+        if payload > len(blob):  # big arrays went to shared memory: keep them only there
+            items = self._views(blob, items)
         task = Task(self.group, self.fn_key, self.fn_blob, blob, len(items), self._on_done,
                     timeouts, self.sizer.expected_seconds(len(items)),
                     self.sizer.per_item_clock())
         self.outbox.append(task)
         self.in_flight[task.id] = (start, items, tries)
         self.items_out += len(items)
+
+    @staticmethod
+    def _views(blob: bytes, items: list[Any]) -> list[Any]:
+        """The chunk's items again, their big arrays as lazy read-only views of the segments just
+        written: the batch keeps what it may send again (a crash's innocents, a retry) without
+        holding every input twice (segment + the caller's array, which can now be freed). The
+        views stay valid even when a worker unlinks a segment it keeps."""
+        try:
+            return cast(list[Any], _transport.loads(blob, unlink=False, lazy=True))
+        except Exception:  # out of address space, say: keep the originals instead
+            return items
 
     def _cancel_rest(self, start: int, items: list[Any], tries: int) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
@@ -389,6 +404,7 @@ class _Batch:
             if not self.group.cancelled:
                 self.answers.put((task, result))
                 return
+        _transport.discard(task.items_blob)
         if isinstance(result, bytes):
             _transport.discard(result)
 
@@ -397,6 +413,18 @@ class _Batch:
     def _absorb(self, task: Task | None, result: TaskResult | None) -> None:
         if task is None or result is None:  # the wake-up of abandon()
             return
+        again = len(self.again)
+        try:
+            self._absorb_answer(task, result)
+        finally:
+            # The inputs' segments: reused by the next chunks, unless some of these items go out
+            # again (a crash's innocents, a retry, a split), whose views must keep their data.
+            if len(self.again) == again:
+                _transport.recycle(task.items_blob, id(self.group))
+            else:
+                _transport.discard(task.items_blob)
+
+    def _absorb_answer(self, task: Task, result: TaskResult) -> None:
         entry = self.in_flight.pop(task.id, None)
         if entry is None:
             return
@@ -558,9 +586,11 @@ class _Batch:
         self._withdraw(kill_running)
         while True:  # answers that arrived but will never be read
             try:
-                _task, result = self.answers.get_nowait()
+                task, result = self.answers.get_nowait()
             except queue.Empty:
                 break
+            if task is not None:
+                _transport.discard(task.items_blob)
             if isinstance(result, bytes):
                 _transport.discard(result)
 
@@ -1004,7 +1034,11 @@ class _Single:
             timeouts = (timeout(self.call) if callable(timeout) else timeout,)
         self.task = Task(self.group, self.fn_key, self.fn_blob, blob, 1, self._on_done, timeouts,
                          self._expected(), on_start=self._on_start)
-        self.backend.submit(self.task)
+        try:
+            self.backend.submit(self.task)
+        except BaseException:
+            _transport.discard(blob)
+            raise
 
     def _on_start(self, task: Task) -> bool:
         """The task goes to a worker: the future is running from now on (``cancel()`` then
@@ -1039,6 +1073,7 @@ class _Single:
             self.backend.withdraw_task(self.task)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
+        _transport.discard(task.items_blob)  # a retry pickles the call again
         if self.future.done():
             if isinstance(result, bytes):
                 _transport.discard(result)  # nobody will load it

@@ -366,7 +366,7 @@ def claim(blob: _Blob) -> None:
                 pass
 
 
-def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
+def loads(blob: _Blob, *, writable: bool = False, unlink: bool, lazy: bool = False) -> object:
     """Unpickle a blob from ``dumps``; each segment becomes an ndarray that maps it (no copy).
 
     The arrays are read-only views by default (writing raises ``ValueError``: the sender may map
@@ -380,6 +380,10 @@ def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
     fails, every segment it names is unlinked before the exception propagates. With
     ``unlink=False`` (a worker reading inputs) nothing is unlinked, even on failure.
 
+    ``lazy=True`` (read-only, ``unlink=False``) is for the process that wrote the blob and wants
+    its contents back without a second copy: pages are mapped on first read, so an unread view
+    costs no RSS, and the views stay valid when the segments are later unlinked.
+
     Raises ``SegmentMissing`` (a ``FileNotFoundError``) naming the segment if one is gone,
     ``ValueError`` for a blob that is not ours or a segment of the wrong size, and whatever
     unpickling raises.
@@ -389,7 +393,9 @@ def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
         return pickle.loads(memoryview(blob)[offset:])
     file = io.BytesIO(blob)  # shares a bytes blob's buffer
     file.seek(offset)
-    unpickler = _Unpickler(file, names, writable=writable, unlink=unlink)
+    if lazy and (writable or unlink):
+        raise ValueError("lazy=True gives read-only views of segments left in place")
+    unpickler = _Unpickler(file, names, writable=writable, unlink=unlink, lazy=lazy)
     try:
         value = unpickler.load()
     except BaseException:
@@ -409,12 +415,14 @@ def loads(blob: _Blob, *, writable: bool = False, unlink: bool) -> object:
 class _Unpickler(pickle.Unpickler):
     """Resolves segment references (``_attach``) to arrays mapping the segment."""
 
-    def __init__(self, file: io.BytesIO, names: list[str], *, writable: bool, unlink: bool) -> None:
+    def __init__(self, file: io.BytesIO, names: list[str], *, writable: bool, unlink: bool,
+                 lazy: bool) -> None:
         super().__init__(file)
         self.mapped: set[int] = set()
         self._names = names
         self._writable = writable
         self._unlink = unlink
+        self._lazy = lazy
 
     def find_class(self, module: str, name: str, /) -> Any:
         if name == "_attach" and module == __name__:
@@ -425,7 +433,8 @@ class _Unpickler(pickle.Unpickler):
         import numpy
 
         nbytes = math.prod(shape) * dtype.itemsize
-        raw = numpy.asarray(_map(self._names[index], nbytes, writable=self._writable, unlink=self._unlink))
+        raw = numpy.asarray(_map(self._names[index], nbytes, writable=self._writable,
+                                 unlink=self._unlink, lazy=self._lazy))
         self.mapped.add(index)
         return numpy.ndarray(shape, dtype, buffer=raw, order=order)
 
@@ -569,7 +578,7 @@ _MAP_FAILED = (1 << (8 * struct.calcsize("P"))) - 1
 _READ_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
-def _map(name: str, nbytes: int, *, writable: bool, unlink: bool) -> _Mapping:
+def _map(name: str, nbytes: int, *, writable: bool, unlink: bool, lazy: bool = False) -> _Mapping:
     """Map a segment (its claimed spelling first), after checking its size; optionally unlink it."""
     owned = writable and unlink
     fd, path = _open(name, os.O_RDWR if owned else os.O_RDONLY)
@@ -583,7 +592,7 @@ def _map(name: str, nbytes: int, *, writable: bool, unlink: bool) -> _Mapping:
         elif writable:
             prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
         else:
-            prot, flags = mmap.PROT_READ, _READ_FLAGS
+            prot, flags = mmap.PROT_READ, mmap.MAP_SHARED if lazy else _READ_FLAGS
         addr = mmap_fn(None, nbytes, prot, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             import ctypes
@@ -595,7 +604,7 @@ def _map(name: str, nbytes: int, *, writable: bool, unlink: bool) -> _Mapping:
     if unlink:
         _unlink(path)
     mapping = _Mapping(addr, nbytes, not writable, munmap_fn)
-    if not unlink:  # an input in a worker: see release_inputs
+    if not unlink and not lazy:  # an input in a worker: see release_inputs
         _live_inputs[name] = mapping
     return mapping
 

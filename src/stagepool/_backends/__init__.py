@@ -62,7 +62,9 @@ class Task:
 
     ``items_blob`` is already pickled by the submitting thread (the backend thread never pickles);
     ``fn_blob`` is sent once per worker for each ``fn_key``. ``on_done`` is called exactly once,
-    from a backend thread, with the result; it must be quick and must not block.
+    from a backend thread, with the result; it must be quick and must not block. From then on it
+    owns the shared-memory segments ``items_blob`` names: the submitter may still need the inputs
+    (to send some again), so the backend never frees them itself.
     """
 
     group: Group

@@ -132,8 +132,7 @@ class _Lane:
 def _notify(task: Task, result: TaskResult) -> None:
     """Deliver a result; a faulty callback must never take the pool thread down with it.
 
-    The task is answered: its input arrays in shared memory are no longer needed by anyone."""
-    _transport.recycle(task.items_blob, id(task.group))
+    The input segments of ``items_blob`` are the callback's to free (see ``Task``)."""
     try:
         task.on_done(task, result)
     except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
