@@ -156,6 +156,12 @@ class _CpuBound(Workload):
     def schedule(self, spec: PeerSpec, repeat: int) -> tuple[int, int]:
         return (0, 1) if spec.peer == "serial" else (1, repeat)
 
+    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
+        return params["tasks"], "tasks"
+
+    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return annotate_ceiling(rows)
+
 
 class Cpu(_CpuBound):
     """Do the workers stay busy on uniform CPU work? 200 numpy tasks of ~20 ms, efficiency.
@@ -198,12 +204,6 @@ class Cpu(_CpuBound):
         eff = params["serial_total_s"] / (workers * row["median_s"])
         speedup = params["serial_total_s"] / row["median_s"]
         return eff, f"eff {eff:.3f}, speedup {speedup:.2f}x"
-
-    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
-        return params["tasks"], "tasks"
-
-    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return annotate_ceiling(rows)
 
     def targets(self, params: dict[str, Any]) -> list[Target]:
         def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
@@ -328,12 +328,6 @@ class Uneven(_CpuBound):
         ideal = ideal_makespan(params["durations_s"], workers_of(row, params))
         value = row["median_s"] / ideal
         return value, f"makespan/ideal {value:.3f}"
-
-    def work(self, row: dict[str, Any], params: dict[str, Any]) -> tuple[float, str] | None:
-        return params["tasks"], "tasks"
-
-    def derive(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return annotate_ceiling(rows)
 
     def targets(self, params: dict[str, Any]) -> list[Target]:
         def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
