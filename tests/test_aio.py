@@ -376,9 +376,9 @@ def test_a_chunk_submitted_after_the_cancel_never_runs(engine: sp.Engine) -> Non
 
     backend, group, answers = engine._backend_or_raise(), Group(), []
     backend.withdraw(group, kill_running=True)
-    fn_key, fn_blob = engine._fns.register(_tasks.double)
-    backend.submit(Task(group, fn_key, fn_blob, engine._encode([0])[0], 1,
-                        lambda t, r: answers.append(r)))
+    fn_key, fn_form = backend.codec.function(_tasks.double)
+    backend.submit_many([Task(group, fn_key, fn_form, backend.codec.encode([0], None).payload, 1,
+                              lambda t, r: answers.append(r))])
     assert len(answers) == 1 and isinstance(answers[0], Cancelled)
 
 

@@ -4,15 +4,15 @@ The loop thread never pickles, waits on a pipe, joins a process or reads psutil.
 the same batch driver as ``Engine.map`` / ``Engine.imap`` in a helper thread of its own; the loop
 only starts it, awaits a future and, for an async source, steps the source's ``__anext__``.
 
-    event loop thread                          batch thread (one per call)            pool thread
-    map_async ----start----------------------> engine._batch(fn, _Source | _AsyncFeed)
-      |                                          _run_to_report / _outcome_lists -----> backend
+    event loop thread                          batch thread (pooled, <= MAX_THREADS)  pool thread
+    map_async ----start----------------------> make_batch(_Source | _AsyncFeed, relay)
+      |                                          run_to_report / outcome_lists ---------> backend
       |   async source: _AsyncFeed._pump  ----->  bounded read-ahead (READ_AHEAD items)
       |   on_progress <--- call_soon_threadsafe - progress after each chunk
       |   report      <--- wrap_future --------- report, or the exception (.report attached)
       |   imap_async  <--- call_soon_threadsafe - one list of outcomes per chunk, at most
       |                                          STREAM_AHEAD lists ahead of the consumer
-    cancel -> _Call.cancel() -> _Batch.abandon(): no chunk is sent after this point, queued
+    cancel -> _Call.cancel() -> Batch.abandon(): no chunk is sent after this point, queued
               chunks are withdrawn, running ones finish unobserved ("finish") or their workers
               are killed ("kill"); the source stops being read; the batch thread is woken and
               leaves the batch. Returns at once: nothing here waits.
@@ -30,14 +30,12 @@ import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from ._config import DEFAULT
-
-if TYPE_CHECKING:
-    from ._engine import Engine, _Batch
-    from ._outcome import BatchReport, Outcome
-    from ._progress import Progress
+from ._batch import Batch
+from ._outcome import BatchReport, Outcome
+from ._progress import Progress
+from ._streams import outcome_lists, run_to_report
 
 __all__ = ["imap_async", "map_async", "shutdown_async", "submit_async"]
 
@@ -55,6 +53,16 @@ READ_AHEAD = 16
 STREAM_AHEAD = 4
 # How long a helper thread blocks at most before it looks again at "cancelled" or "loop closed".
 WAIT_SLICE = 0.2
+# Batch threads at once, whatever the number of concurrent calls (each runs one call's batch
+# loop; further calls wait for a free thread). More lets more calls make progress at once; a
+# thread costs ~8 MiB of address space and a slot in the GIL's rotation. Idle threads exit
+# after THREAD_IDLE_SECONDS.
+MAX_THREADS = 32
+THREAD_IDLE_SECONDS = 10.0
+
+# What builds a call's batch from its source (sync or fed from an async one) and its progress
+# relay; the engine makes it, with every option already validated.
+MakeBatch = Callable[[Iterable[Any], "Callable[[Progress], object] | None"], Batch]
 
 _ITEM, _END, _ERROR = 0, 1, 2
 
@@ -72,23 +80,71 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _start_thread(target: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
-    """Run ``target`` in a new daemon thread; its result or exception lands in the future.
+class _Threads:
+    """A bounded set of daemon threads running call bodies in arrival order.
 
-    The future is marked running from the start, so cancelling the awaiting task (which makes
-    ``wrap_future`` call ``future.cancel()``) cannot cancel it: the thread always settles it."""
+    Each call's future is marked running from the start, so cancelling the awaiting task (which
+    makes ``wrap_future`` call ``future.cancel()``) cannot cancel it: the thread always settles
+    it (a call cancelled while it waits for a thread leaves at once through its own flag)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._work: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            collections.deque())
+        self._cond = threading.Condition()
+        self._threads = self._idle = 0
+
+    def start(self, target: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        with self._cond:
+            self._work.append((target, future))
+            if self._idle:
+                self._cond.notify()
+                return future
+            if self._threads >= self._limit:
+                return future
+            self._threads += 1
+        threading.Thread(target=self._serve, name="stagepool-aio-batch", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._work:
+                    self._idle += 1
+                    woken = self._cond.wait(THREAD_IDLE_SECONDS)
+                    self._idle -= 1
+                    if not woken and not self._work:
+                        self._threads -= 1
+                        return
+                target, future = self._work.popleft()
+            _settle(future, target)
+
+    def busy(self) -> int:
+        """Threads running a call now (for tests and diagnostics)."""
+        with self._cond:
+            return self._threads - self._idle
+
+
+def _settle(future: concurrent.futures.Future[T], target: Callable[[], T]) -> None:
+    try:
+        result = target()
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+_threads = _Threads(MAX_THREADS)
+
+
+def _start_thread(target: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
+    """Run ``target`` in a new daemon thread of its own (for work that must not wait for a
+    pooled thread, such as a shutdown); its result or exception lands in the future."""
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
     future.set_running_or_notify_cancel()
-
-    def run() -> None:
-        try:
-            result = target()
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=_settle, args=(future, target), name=name, daemon=True).start()
     return future
 
 
@@ -118,7 +174,7 @@ class _Call:
         self.kill = _check_on_cancel(on_cancel)
         self.cancelled = False
         self._lock = threading.Lock()
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self._feed: _AsyncFeed | None = None
 
     def source(self, items: Any) -> Iterable[Any]:
@@ -130,7 +186,7 @@ class _Call:
             return _SizedSource(items, self)
         return _Source(items, self)
 
-    def attach(self, batch: _Batch) -> _Batch:
+    def attach(self, batch: Batch) -> Batch:
         """In the batch thread, before it runs: from now on a cancel abandons this batch."""
         with self._lock:
             self._batch = batch
@@ -167,7 +223,7 @@ class _Call:
         return relay
 
     def run(self, work: Callable[[], T]) -> concurrent.futures.Future[T]:
-        return _start_thread(work, "stagepool-aio-batch")
+        return _threads.start(work)
 
 
 class _Source:
@@ -289,18 +345,12 @@ class _AsyncFeed:
 
 
 async def map_async(
-    engine: Engine,
-    fn: Callable[[T], R],
+    make_batch: MakeBatch,
     items: Any,
     *,
-    max_concurrent: int | None = None,
     on_cancel: str = "finish",
-    chunk_size: int | str | None = None,
-    timeout: Any = DEFAULT,
-    progress: bool | None = None,
-    desc: str | None = None,
     on_progress: Callable[[Progress], object] | None = None,
-) -> BatchReport[R]:
+) -> BatchReport[Any]:
     """Awaitable ``Engine.map``: run ``fn`` on every item; return the same :class:`BatchReport`.
 
     ``items`` may be a list, a sync iterable or an **async** iterable. An async source is read
@@ -334,13 +384,11 @@ async def map_async(
     call = _Call(asyncio.get_running_loop(), on_cancel)
     source = call.source(items)
 
-    def work() -> BatchReport[R]:
-        from ._engine import _run_to_report
-
-        batch = engine._batch(fn, source, chunk_size=chunk_size, progress=progress, desc=desc,
-                              on_progress=call.relay(on_progress), timeout=timeout,
-                              max_concurrent=max_concurrent)
-        return _run_to_report(call.attach(batch))  # after a cancel: partial, and unawaited
+    def work() -> BatchReport[Any]:
+        if call.cancelled:  # cancelled while it waited for a thread: build nothing
+            raise asyncio.CancelledError
+        batch = make_batch(source, call.relay(on_progress))
+        return run_to_report(call.attach(batch))  # after a cancel: partial, and unawaited
 
     try:
         return await asyncio.wrap_future(call.run(work))
@@ -355,20 +403,13 @@ async def map_async(
 
 
 def imap_async(
-    engine: Engine,
-    fn: Callable[[T], R],
+    make_batch: MakeBatch,
     items: Any,
     *,
     ordered: bool = False,
     on_cancel: str = "finish",
-    max_concurrent: int | None = None,
-    max_in_flight: int | None = None,
-    chunk_size: int | str | None = None,
-    timeout: Any = DEFAULT,
-    progress: bool | None = None,
-    desc: str | None = None,
     on_progress: Callable[[Progress], object] | None = None,
-) -> OutcomeStream[R]:
+) -> OutcomeStream[Any]:
     """Stream outcomes as they finish: ``async for outcome in engine.imap_async(fn, items)``.
 
     Unordered by default (``ordered=True`` for input order). ``items`` may be a sync or an async
@@ -394,12 +435,6 @@ def imap_async(
         taken that never ran, then ends.
     """
     _check_on_cancel(on_cancel)
-
-    def make_batch(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> _Batch:
-        return engine._batch(fn, source, chunk_size=chunk_size, progress=progress, desc=desc,
-                             on_progress=relay, timeout=timeout, max_in_flight=max_in_flight,
-                             max_concurrent=max_concurrent)
-
     return OutcomeStream(_Stream(make_batch, items, on_progress, ordered=ordered,
                                  on_cancel=on_cancel))
 
@@ -408,7 +443,7 @@ class _Stream(Generic[R]):
     """The state an ``OutcomeStream`` shares with its batch thread. The thread holds this, not
     the stream, so dropping the stream (after a ``break``) finalizes it and withdraws the rest."""
 
-    def __init__(self, make_batch: Callable[..., _Batch], items: Any,
+    def __init__(self, make_batch: MakeBatch, items: Any,
                  on_progress: Callable[[Progress], object] | None, *, ordered: bool,
                  on_cancel: str) -> None:
         self.make_batch, self.items, self.on_progress = make_batch, items, on_progress
@@ -428,11 +463,13 @@ class _Stream(Generic[R]):
         self.items = None
         call.run(lambda: self.run(call, lambda: call.attach(self.make_batch(source, relay))))
 
-    def run(self, call: _Call, make: Callable[[], _Batch]) -> None:
+    def run(self, call: _Call, make: Callable[[], Batch]) -> None:
         """In the batch thread: post one list of outcomes per chunk, within the credits."""
         lists: Generator[list[Outcome[R]], None, None] | None = None
         try:
-            lists = _outcome_lists(make(), self.ordered)
+            if call.cancelled:  # cancelled while it waited for a thread
+                return
+            lists = outcome_lists(make, self.ordered)
             for outcomes in lists:
                 if not self.credit(call):
                     break
@@ -525,34 +562,11 @@ class OutcomeStream(AsyncIterator["Outcome[R]"], Generic[R]):
             pass
 
 
-def _outcome_lists(batch: _Batch, ordered: bool) -> Generator[list[Outcome[Any]], None, None]:
-    """``_engine._outcomes``, one list per piece: one loop wake-up per chunk, not per item."""
-    from ._engine import _piece_outcomes
-
-    pending: dict[int, Outcome[Any]] = {}
-    batch.ordered = ordered
-    for piece in batch.pieces():
-        fresh = list(_piece_outcomes(piece))
-        if not ordered:
-            if fresh:
-                yield fresh
-            continue
-        for outcome in fresh:
-            pending[outcome.index] = outcome
-        out = []
-        while batch.emitted in pending:
-            out.append(pending.pop(batch.emitted))
-            batch.emitted += 1
-        if out:
-            yield out
-    if batch.source_error is not None:
-        raise batch.source_error
-
-
 # ---- submit_async and shutdown ------------------------------------------------------------------
 
 
-async def submit_async(engine: Engine, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+async def submit_async(submit: Callable[..., concurrent.futures.Future[R]], fn: Callable[..., R],
+                       /, *args: Any, **kwargs: Any) -> R:
     """Awaitable ``Engine.submit``: run ``fn(*args, **kwargs)`` in a worker; return its value.
 
     Raises what ``fn`` raised (the worker's traceback as ``__cause__``), or
@@ -571,7 +585,7 @@ async def submit_async(engine: Engine, fn: Callable[..., R], /, *args: Any, **kw
         An engine shut down with ``cancel_futures=True`` before the call started raises
         ``TaskCancelled`` here.
     """
-    sent = _handoff().submit(engine.submit, fn, *args, **kwargs)
+    sent = _handoff().submit(submit, fn, *args, **kwargs)
     try:
         future = await asyncio.wrap_future(sent)
     except asyncio.CancelledError:
@@ -585,13 +599,11 @@ def _cancel_sent(sent: concurrent.futures.Future[concurrent.futures.Future[Any]]
         sent.result().cancel()
 
 
-async def shutdown_async(engine: Engine, *, cancel_futures: bool = False, kill: bool = False) -> None:
+async def shutdown_async(shutdown: Callable[[], None]) -> None:
     """``Engine.shutdown(wait=True)`` from async code: the waiting happens in a helper thread.
 
     Cancellation:
         Cancelling the awaiting task raises ``CancelledError`` at once; the shutdown goes on in
         its thread and completes as it would have (the engine is closed to new work already).
     """
-    await asyncio.wrap_future(_start_thread(
-        lambda: engine.shutdown(True, cancel_futures=cancel_futures, kill=kill),
-        "stagepool-aio-shutdown"))
+    await asyncio.wrap_future(_start_thread(shutdown, "stagepool-aio-shutdown"))

@@ -179,3 +179,24 @@ def _positive_size(value: int | float | str, name: str) -> int:
     if size <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
     return size
+
+
+def item_timeouts(timeout: Timeout, items: list[Any],
+                  start: int) -> tuple[float, ...] | BaseException | None:
+    """Each item's limit in seconds (inf: none), or the error a callable ``timeout`` gave."""
+    if timeout is None:
+        return None
+    if not callable(timeout):
+        return (timeout,) * len(items)
+    out = []
+    for i, item in enumerate(items):
+        try:
+            given = timeout(item)
+            if callable(given):
+                raise TypeError(f"timeout(item {start + i}) must return seconds or None, "
+                                f"not a callable ({given!r})")
+            value = check_timeout(given, f"timeout(item {start + i})")
+        except Exception as exc:
+            return exc
+        out.append(float(value) if isinstance(value, int | float) else float("inf"))
+    return tuple(out)

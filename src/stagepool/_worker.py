@@ -26,7 +26,7 @@ import time
 import traceback
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import cloudpickle
 
@@ -37,10 +37,12 @@ __all__ = [
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
+    "TaskHeader",
     "WorkerSetup",
     "apply_call",
     "dumps",
     "encode_result",
+    "failed_chunk",
     "lane_main",
     "run_chunk",
     "star_call",
@@ -55,10 +57,37 @@ PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE = 0, 1, 2, 3
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
-# (kind, pickled exception or None, type name, message, formatted traceback)
-ErrInfo = tuple[str, bytes | None, str, str, str]
-# (values, timestamps (len n + 1: start of each item, then the end), errors by offset, pid, rss)
-ChunkResult = tuple[list[Any], "array[float]", dict[int, ErrInfo] | None, int, int]
+
+
+class ErrInfo(NamedTuple):
+    """An item's failure as a worker packs it for the parent."""
+
+    kind: str  # "error", "serialization" or "unpickle" (an argument failed to unpickle here)
+    blob: bytes | None  # the pickled exception, or None when it cannot be pickled and rebuilt
+    type_name: str
+    message: str
+    traceback: str  # formatted in the worker
+
+
+class ChunkResult(NamedTuple):
+    """A chunk's answer: one value per item (None where it failed) and how the items went."""
+
+    values: list[Any]
+    stamps: array[float]  # n + 1 timestamps (each item's start, then the end), or start and end
+    errors: dict[int, ErrInfo] | None  # by offset in the chunk
+    pid: int
+    rss: int
+
+
+class TaskHeader(NamedTuple):
+    """The first of a task's two messages to a worker (the second is the encoded items)."""
+
+    chunk_id: int
+    fn_key: int
+    fn_blob: bytes | None  # only when the worker does not have this function cached yet
+    n_items: int
+    timed: bool  # a per-item timeout is running: always clock items
+    per_item_clock: bool
 
 
 class _Record:
@@ -96,7 +125,7 @@ def _exc_info(kind: str, exc: BaseException) -> ErrInfo:
         pickle.loads(blob)  # an exception whose __init__ cannot be replayed fails here, not later
     except BaseException:
         blob = None
-    return (kind, blob, _type_name(exc), _safe_str(exc), tb)
+    return ErrInfo(kind, blob, _type_name(exc), _safe_str(exc), tb)
 
 
 def _type_name(obj: object) -> str:
@@ -126,6 +155,7 @@ def run_chunk(
     chunk_id: int = 0,
     timed: bool = False,
     per_item_clock: bool = True,
+    passthrough: tuple[type[BaseException], ...] = (),
 ) -> ChunkResult:
     """Run ``fn`` on each item; capture each value or exception, and when each item started.
 
@@ -135,6 +165,7 @@ def run_chunk(
     ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
+    Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
     """
     values: list[Any] = []
     errors: dict[int, ErrInfo] | None = None
@@ -156,6 +187,8 @@ def run_chunk(
             try:
                 keep(fn(item))
             except BaseException as exc:
+                if isinstance(exc, passthrough):
+                    raise
                 keep(None)
                 errors = _add_error(errors, offset, exc)
                 del exc
@@ -165,11 +198,13 @@ def run_chunk(
             try:
                 keep(fn(item))
             except BaseException as exc:
+                if isinstance(exc, passthrough):
+                    raise
                 keep(None)
                 errors = _add_error(errors, offset, exc)
                 del exc
     stamps.append(clock())
-    return (values, stamps, errors, os.getpid(), _rss())
+    return ChunkResult(values, stamps, errors, os.getpid(), _rss())
 
 
 def _add_error(errors: dict[int, ErrInfo] | None, offset: int,
@@ -211,9 +246,9 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
             clean.append(None)
             msg = (f"the result ({_type_name(value)}) cannot be pickled to send it back: "
                    f"{type(exc).__name__}: {_safe_str(exc)}")
-            errors[offset] = ("serialization", None, "SerializationError", msg,
-                              "".join(traceback.format_exception(exc)))
-    return encode((clean, stamps, errors, pid, rss))
+            errors[offset] = ErrInfo("serialization", None, "SerializationError", msg,
+                                     "".join(traceback.format_exception(exc)))
+    return encode(ChunkResult(clean, stamps, errors, pid, rss))
 
 
 def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
@@ -279,33 +314,36 @@ def _capture_stderr(stderr: Any) -> None:
     faulthandler.enable(all_threads=False)  # the crashing thread; ours only watch the parent
 
 
-def _decode_failure(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
+def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
+    """The answer of a chunk none of whose items could run (``kind`` "error": the initializer
+    failed; "serialization" / "unpickle": the function / an argument did not unpickle)."""
     info = _exc_info(kind, exc)
-    message = f"{what}: {info[2]}: {info[3]}"
+    message = f"{what}: {info.type_name}: {info.message}"
     if kind == "error":
         from ._errors import InitializerError
 
-        info = (kind, dumps(InitializerError(message)), "InitializerError", message, info[4])
+        info = ErrInfo(kind, dumps(InitializerError(message)), "InitializerError", message,
+                       info.traceback)
     else:
-        info = (kind, None, info[2], message, info[4])
-    return ([None] * n_items, array("d", [0.0] * (n_items + 1)),
-            dict.fromkeys(range(n_items), info), os.getpid(), _rss())
+        info = info._replace(blob=None, message=message)
+    return ChunkResult([None] * n_items, array("d", [0.0] * (n_items + 1)),
+                       dict.fromkeys(range(n_items), info), os.getpid(), _rss())
 
 
 def _handle(
     header: bytes, items_blob: bytes, fns: _FnCache, record: _Record,
     init_error: BaseException | None, setup: WorkerSetup,
 ) -> bytes:
-    chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock = pickle.loads(header)
+    chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock = cast(TaskHeader, pickle.loads(header))
     ints = record.ints
     ints[F_CHUNK], ints[F_OFFSET], ints[F_PHASE] = chunk_id, -1, PHASE_DECODE
     if init_error is not None:
-        result = _decode_failure(n_items, "error", init_error, "the worker initializer failed")
+        result = failed_chunk(n_items, "error", init_error, "the worker initializer failed")
     else:
         try:
             fn = fns.get(fn_key, fn_blob)
         except BaseException as exc:
-            result = _decode_failure(n_items, "serialization", exc,
+            result = failed_chunk(n_items, "serialization", exc,
                                      "the function could not be unpickled in the worker")
         else:
             try:
@@ -313,7 +351,7 @@ def _handle(
                     items_blob, writable=setup.writable_inputs, unlink=False))
             except BaseException as exc:
                 # Not one item's fault yet: the parent re-sends the items one by one to find it.
-                result = _decode_failure(n_items, "unpickle", exc,
+                result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,

@@ -51,12 +51,18 @@ from .._worker import (
     PHASE_IDLE,
     PHASE_RUN,
     RECORD_FIELDS,
+    TaskHeader,
     WorkerSetup,
     lane_main,
 )
-from . import Cancelled, Group, LaneDied, Task, TaskResult
+from . import BackendOptions, Cancelled, Capabilities, DeathReason, Group, LaneDied, Task, TaskResult
+from ._shm_codec import SharedMemoryCodec
 
-__all__ = ["LokyBackend"]
+__all__ = ["LocalBackend"]
+
+CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
+                            kills_running=True, shared_memory=True, memory_limits=True,
+                            processes=True)
 
 # A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
 # in an empty pipe, so the send can never block while that worker is itself blocked writing a big
@@ -110,9 +116,10 @@ class _Lane:
     tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
     fn_keys: dict[int, None] = dataclasses.field(default_factory=dict)  # mirrors _FnCache
     items_done: int = 0
+    quota: int | None = None  # items it may still be given (max_tasks_per_worker), None: any
     answered: bool = False
     retiring: bool = False
-    kill_reason: str | None = None
+    kill_reason: DeathReason | None = None
     kill_offset: int = -1
 
     @property
@@ -124,7 +131,9 @@ class _Lane:
             return False
         if not self.tasks:
             return True
-        if len(self.tasks) > 1 or len(task.items_blob) > PREFETCH_MAX_BYTES:
+        if self.quota is not None and self.quota <= sum(t.n_items for t in self.tasks):
+            return False  # prefetching would run it past max_tasks_per_worker
+        if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
             return False
         return _short(task.expected) and _short(self.tasks[0].expected)
 
@@ -132,7 +141,7 @@ class _Lane:
 def _notify(task: Task, result: TaskResult) -> None:
     """Deliver a result; a faulty callback must never take the pool thread down with it.
 
-    The input segments of ``items_blob`` are the callback's to free (see ``Task``)."""
+    The input segments of ``task.items`` are the callback's to free (see ``Task``)."""
     try:
         task.on_done(task, result)
     except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
@@ -171,29 +180,22 @@ def _short(expected: float | None) -> bool:
     return expected is not None and expected < PREFETCH_MAX_SECONDS
 
 
-class LokyBackend:
+class LocalBackend:
     """A fixed number of worker processes, each fed through its own pipe by one pool thread."""
 
-    def __init__(
-        self,
-        workers: int,
-        *,
-        initializer: Callable[..., object] | None = None,
-        initargs: tuple[Any, ...] = (),
-        env: dict[str, str] | None = None,
-        max_rss: int | None = None,
-        max_tasks: int | None = None,
-        kill_grace: float = 0.5,
-        shm_threshold: int = 0,
-        writable_inputs: bool = False,
-    ) -> None:
-        self._workers = workers
-        self._initializer, self._initargs, self._env = initializer, initargs, env or {}
-        self._max_rss, self._max_tasks, self._kill_grace = max_rss, max_tasks, kill_grace
+    def __init__(self, options: BackendOptions, *, kill_grace: float = 0.5) -> None:
+        self._workers = workers = options.workers
+        self._initializer, self._initargs = options.initializer, tuple(options.initargs)
+        self._env = dict(options.env)
+        self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
+        self._kill_grace = kill_grace
         # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
         # BLAS buffers) before an allocation fails with MemoryError inside the item.
+        max_rss = options.max_rss
         self._data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
-        self._shm_threshold, self._writable_inputs = shm_threshold, writable_inputs
+        self._shm_threshold = options.shm_threshold
+        self._writable_inputs = options.writable_inputs
+        self._codec = SharedMemoryCodec(options.shm_threshold)
         _transport.sweep_stale()  # shared memory of engines whose process died without cleanup
         self._ctx = get_context("loky")
         self._record_file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * 4 * (workers + 1))
@@ -227,8 +229,13 @@ class LokyBackend:
     def workers(self) -> int:
         return self._workers
 
-    def submit(self, task: Task) -> None:
-        self.submit_many([task])
+    @property
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES
+
+    @property
+    def codec(self) -> SharedMemoryCodec:
+        return self._codec
 
     def submit_many(self, tasks: list[Task]) -> None:
         """Queue tasks with one lock and one wake-up of the pool thread: each wake-up costs a GIL
@@ -396,6 +403,8 @@ class LokyBackend:
         _transport.claim(blob)  # ours now: a sweep after this worker's death must not free it
         task = lane.tasks.popleft()
         lane.items_done += task.n_items
+        if lane.quota is not None:
+            lane.quota -= task.n_items
         lane.answered = True
         self._startup_failures = 0
         _notify(task, blob)
@@ -512,7 +521,7 @@ class LokyBackend:
         child_end.close()
         err_write.close()
         os.set_blocking(err_read.fileno(), False)
-        return _Lane(slot, process, parent_end, err_read)
+        return _Lane(slot, process, parent_end, err_read, quota=self._max_tasks)
 
     def _forward_stderr(self, lane: _Lane) -> None:
         """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""
@@ -571,12 +580,13 @@ class LokyBackend:
 
     def _send(self, lane: _Lane, task: Task) -> None:
         first = task.fn_key not in lane.fn_keys
-        header = pickle.dumps((task.id, task.fn_key, task.fn_blob if first else None,
-                               task.n_items, task.timeouts is not None, task.per_item_clock))
+        header = pickle.dumps(TaskHeader(task.id, task.fn_key, task.fn if first else None,
+                                         task.n_items, task.timeouts is not None,
+                                         task.per_item_clock))
         lane.tasks.append(task)
         try:
             lane.conn.send_bytes(header)
-            lane.conn.send_bytes(task.items_blob)
+            lane.conn.send_bytes(task.items)
         except OSError:
             return  # the worker is dying; _bury requeues the task
         if first:  # the same first-in-first-out eviction as the worker's cache
@@ -627,7 +637,7 @@ class LokyBackend:
                     offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
                     self._kill(lane, "memory", offset)
 
-    def _kill(self, lane: _Lane, reason: str, offset: int = -1) -> None:
+    def _kill(self, lane: _Lane, reason: DeathReason, offset: int = -1) -> None:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
@@ -685,7 +695,7 @@ class LokyBackend:
         _live_backends.discard(self)
 
 
-_live_backends: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
+_live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
 
 
 @atexit.register

@@ -1,0 +1,81 @@
+"""The local backend's codec: cloudpickle, with big numpy arrays moved through shared memory.
+
+Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
+(it caches them by key). Items are pickled by the submitting thread; arrays of ``threshold``
+bytes and more go to ``/dev/shm`` segments that the batch's arena recycles between chunks (see
+``_transport``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from .. import _transport
+from .._worker import dumps
+from . import Encoded
+
+__all__ = ["SharedMemoryCodec"]
+
+# Functions remembered by their pickle; past this many the table starts afresh (the workers'
+# own caches are smaller still, see _worker.FN_CACHE_SIZE).
+MAX_FUNCTIONS = 256
+
+
+class SharedMemoryCodec:
+    """Pickles with big arrays in shared memory (``threshold`` 0: plain pickles only)."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._keys: dict[bytes, int] = {}
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
+        blob = dumps(fn)
+        with self._lock:
+            key = self._keys.get(blob)
+            if key is None:
+                if len(self._keys) >= MAX_FUNCTIONS:
+                    self._keys.clear()
+                key = self._keys[blob] = next(self._counter)
+        return key, blob
+
+    def encode(self, items: list[Any], arena: int | None) -> Encoded:
+        blob, nbytes = _transport.dumps_sized(items, threshold=self.threshold, owner=os.getpid(),
+                                              creator="p", arena=arena)
+        return Encoded(blob, nbytes)
+
+    def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:
+        """The chunk's items again, their big arrays as lazy read-only views of the segments just
+        written: the batch keeps what it may send again (a crash's innocents, a retry) without
+        holding every input twice (segment + the caller's array, which can now be freed). The
+        views stay valid even when a worker unlinks a segment it keeps."""
+        if encoded.nbytes <= len(encoded.payload):  # no array went to shared memory
+            return items
+        try:
+            return cast(list[Any], _transport.loads(encoded.payload, unlink=False, lazy=True))
+        except Exception:  # out of address space, say: keep the originals instead
+            return items
+
+    def decode(self, result: bytes) -> Any:
+        return _transport.loads(result, writable=True, unlink=True)
+
+    def release(self, items: bytes, arena: int | None) -> None:
+        if arena is None:
+            _transport.discard(items)
+        else:
+            _transport.recycle(items, arena)
+
+    def drop(self, result: Any) -> None:
+        if isinstance(result, bytes):
+            _transport.discard(result)
+
+    def open_arena(self, arena: int) -> None:
+        _transport.open_arena(arena)
+
+    def close_arena(self, arena: int) -> None:
+        _transport.close_arena(arena)

@@ -1,0 +1,336 @@
+"""The batch driver: turns items into chunks, keeps a bounded number in flight, and gives every
+item exactly one final piece (a run of results or one failure), whatever the backend reports.
+
+    items (list, iterator) --islice--> chunk (start index, items)             Batch._take
+        | ChunkSizer picks the size ("auto": learns per-item time, shrinks at the tail)
+        | encoded HERE by the backend's codec (a chunk that will not encode is sent item by
+        | item, so exactly the items that cannot be encoded fail)
+        v
+    backend.submit_many(Tasks)   at most max_in_flight tasks of this batch at once
+        | the backend runs them: answer / LaneDied / Cancelled
+        v
+    Task.on_done --> this batch's queue --> Batch._wait_answer --> Answers.absorb (_answers.py)
+        v
+    pieces(): Run / Fail pieces, consumed by _streams (report, ordered or unordered outcomes)
+
+Nothing is dropped or duplicated: each taken index is tracked until it has a final piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ._answers import Answers, BatchPolicy, Piece
+from ._backends import Backend, Group, Task, TaskResult
+from ._chunking import ChunkSizer
+from ._config import Timeout, item_timeouts
+from ._errors import EngineClosed, SerializationError, TaskCancelled
+from ._outcome import BatchStats
+from ._progress import Progress, ProgressSink, make_sink
+
+__all__ = ["Batch", "BatchSpec"]
+
+# How long the batch loop sleeps at most when waiting, so Ctrl-C and retry back-off are noticed.
+WAIT_SLICE = 0.2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """One call's validated request (made by the engine at call time; nothing started yet)."""
+
+    fn: Callable[[Any], Any]
+    items: Iterable[Any]
+    total: int | None  # None for an iterator of unknown length
+    chunk_size: int | None  # None: automatic
+    timeout: Timeout
+    policy: BatchPolicy
+    progress: bool = False
+    desc: str | None = None
+    on_progress: Callable[[Progress], object] | None = None
+    max_in_flight: int | None = None  # chunks submitted and not yet consumed
+    max_concurrent: int | None = None  # items of this batch in workers at once
+
+
+class _Sent:
+    __slots__ = ("items", "start", "tries")
+
+    def __init__(self, start: int, items: list[Any], tries: int) -> None:
+        self.start, self.items, self.tries = start, items, tries
+
+
+class Batch:
+    """One call's worth of work: feeds chunks with backpressure and yields final pieces.
+
+    Built when the work starts (the first ``next`` of an ``imap``), not when it is requested.
+    """
+
+    def __init__(self, backend: Backend, spec: BatchSpec) -> None:
+        self.backend, self.spec, self.codec = backend, spec, backend.codec
+        self.total = spec.total
+        self.it = iter(spec.items)
+        self.group = Group()
+        self.arena = id(self.group)
+        self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult]] = queue.SimpleQueue()
+        # Orders _on_done against cancel(). Re-entrant: cancel() also runs from the finalizer of
+        # an abandoned generator, which the garbage collector may start inside _on_done.
+        self.lock = threading.RLock()
+        self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
+        self.sizer = ChunkSizer(spec.chunk_size, backend.workers, self.total)
+        self.max_in_flight = spec.max_in_flight or spec.policy.max_in_flight
+        self.sink: ProgressSink | None = make_sink(
+            progress=spec.progress, on_progress=spec.on_progress, total=self.total,
+            desc=spec.desc)
+        self.items_out = 0
+        try:
+            self.fn_key, self.fn_form = self.codec.function(spec.fn)
+            self.fn_error: Exception | None = None
+        except Exception as exc:
+            self.fn_key, self.fn_form, self.fn_error = 0, None, exc
+        self.next_index = 0
+        self.exhausted = False
+        self.source_error: BaseException | None = None
+        self.in_flight: dict[int, _Sent] = {}  # task id -> what it carries
+        self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
+        # Ordered streaming: outcomes held for reordering count against the window too, or one
+        # slow chunk would let the others run ahead without bound. ``emitted`` is set by the
+        # consumer; ``window`` holds the starts of source chunks not yet fully emitted.
+        self.ordered = False
+        self.emitted = 0
+        self.window: deque[int] = deque()
+        self.started = time.perf_counter()
+        self.codec.open_arena(self.arena)
+
+    # ---- feeding -----------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Take and encode chunks up to the window, then hand them to the backend together."""
+        try:
+            self._fill_outbox()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        if not outbox:
+            return
+        try:
+            self.backend.submit_many(outbox)
+        except EngineClosed:
+            for task in outbox:
+                self.codec.release(task.items, None)
+                sent = self.in_flight.pop(task.id)
+                self.items_out -= len(sent.items)
+                self._cancel_rest(sent)
+
+    def _fill_outbox(self) -> None:
+        again = self.out.again
+        while len(self.in_flight) < self.max_in_flight:
+            if again and again[0].due <= time.monotonic():
+                if self._room() < len(again[0].items):
+                    return
+                resend = again.popleft()
+                self._submit(resend.start, resend.items, resend.tries)
+            elif not self.exhausted and self._window_open() and self._room() > 0:
+                self._take()
+            else:
+                return
+
+    def _room(self) -> int:
+        """How many more items ``max_concurrent`` lets into the workers now."""
+        if self.spec.max_concurrent is None:
+            return 1 << 30
+        return self.spec.max_concurrent - self.items_out
+
+    def _window_open(self) -> bool:
+        if not self.ordered:
+            return True
+        window = self.window
+        while len(window) > 1 and window[1] <= self.emitted:
+            window.popleft()
+        if window and self.emitted >= self.next_index:
+            window.clear()
+        return len(window) < self.max_in_flight
+
+    def _take(self) -> None:
+        size = min(self.sizer.next_size(self.next_index), self._room())
+        chunk: list[Any] = []
+        try:
+            chunk.extend(itertools.islice(self.it, size))
+        except Exception as exc:  # the caller's generator failed: finish what was taken
+            self.source_error = exc
+        if len(chunk) < size:  # list.extend keeps what the iterator gave before it raised
+            self.exhausted = True
+        if chunk:
+            start, self.next_index = self.next_index, self.next_index + len(chunk)
+            if self.ordered:
+                self.window.append(start)
+            self._submit(start, chunk, 1)
+
+    def _submit(self, start: int, items: list[Any], tries: int) -> None:
+        if self.fn_error is not None:
+            for i in range(len(items)):
+                self.out.final(start + i, "serialization", SerializationError(
+                    f"item {start + i}: the function {self.spec.fn!r} cannot be pickled: "
+                    f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
+            return
+        timeouts = item_timeouts(self.spec.timeout, items, start)
+        if isinstance(timeouts, BaseException):
+            for i in range(len(items)):
+                self.out.final(start + i, "error", timeouts, tries)
+            return
+        try:
+            encoded = self.codec.encode(items, self.arena)
+        except Exception as exc:  # not KeyboardInterrupt: Ctrl-C while pickling stops the batch
+            self._submit_singly(start, items, tries, exc)
+            return
+        self.sizer.observe_payload(len(items), encoded.nbytes)
+        task = Task(self.group, self.fn_key, self.fn_form, encoded.payload, len(items),
+                    self._on_done, timeouts, self.sizer.expected_seconds(len(items)),
+                    self.sizer.per_item_clock())
+        self.outbox.append(task)
+        self.in_flight[task.id] = _Sent(start, self.codec.keep(encoded, items), tries)
+        self.items_out += len(items)
+
+    def _submit_singly(self, start: int, items: list[Any], tries: int, exc: Exception) -> None:
+        """The chunk would not encode: one chunk per item, so exactly the culprits fail."""
+        if len(items) == 1:
+            item = items[0]
+            self.out.final(start, "serialization", SerializationError(
+                f"item {start}: the argument ({type(item).__module__}.{type(item).__qualname__})"
+                f" cannot be pickled: {type(exc).__name__}: {exc}"), tries)
+            return
+        for i, item in enumerate(items):
+            self._submit(start + i, [item], tries)
+
+    def _cancel_rest(self, sent: _Sent) -> None:
+        """The engine shut down under this batch: what never ran is cancelled, not lost.
+
+        For a sized input the items not yet taken get their cancelled outcome too; an iterator
+        of unknown length simply stops being read."""
+        runs = [(sent.start, len(sent.items))]
+        if self.total is not None and not self.exhausted:
+            rest = sum(1 for _ in self.it)
+            runs.append((self.next_index, rest))
+            self.next_index += rest
+        self.exhausted = True
+        for first, n in runs:
+            for i in range(first, first + n):
+                self.out.final(i, "cancelled", TaskCancelled(
+                    f"item {i} was cancelled before it ran: the engine was shut down"),
+                    sent.tries)
+
+    def _on_done(self, task: Task, result: TaskResult) -> None:
+        # Runs in a backend thread: hand over, nothing more. A batch that was abandoned will
+        # never read its answers, so their memory is freed here instead.
+        with self.lock:
+            if not self.group.cancelled:
+                self.answers.put((task, result))
+                return
+        self.codec.release(task.items, None)
+        self.codec.drop(result)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def pieces(self) -> Iterator[Piece]:
+        """Yield final pieces until every taken item has one; cancel leftovers on exit."""
+        finished = False
+        try:
+            while not self.group.cancelled:  # abandon() from another thread ends the loop
+                self._fill()
+                if self.out.ready:
+                    yield from self._drain_ready()
+                    continue
+                if not self.in_flight:
+                    if self.exhausted and not self.out.again:
+                        finished = True
+                        return
+                    time.sleep(self._until_resend())
+                    continue
+                self._wait_answer()
+        finally:
+            if not finished:
+                self.cancel(kill_running=False)
+            self.codec.close_arena(self.arena)
+            if self.sink is not None:
+                self.sink.close()
+
+    def _until_resend(self) -> float:
+        again = self.out.again
+        return min(WAIT_SLICE, max(0.0, again[0].due - time.monotonic())) if again else WAIT_SLICE
+
+    def _drain_ready(self) -> Iterator[Piece]:
+        ready, self.out.ready = self.out.ready, []
+        yield from ready
+        if self.sink is not None:
+            self.sink.update(self.out.done, self.out.failed)
+
+    def _wait_answer(self) -> None:
+        try:
+            task, result = self.answers.get(timeout=self._until_resend())
+        except queue.Empty:
+            return
+        while True:  # take every answer already there before refilling
+            if task is not None:  # None: the wake-up of abandon()
+                self._absorb(task, result)
+            try:
+                task, result = self.answers.get_nowait()
+            except queue.Empty:
+                return
+
+    def _absorb(self, task: Task, result: TaskResult) -> None:
+        sent = self.in_flight.pop(task.id, None)
+        if sent is None:
+            self.codec.release(task.items, None)
+            return
+        self.items_out -= len(sent.items)
+        again = len(self.out.again)
+        try:
+            self.out.absorb(sent.start, sent.items, sent.tries, result)
+        finally:
+            # The inputs' memory: reused by the next chunks, unless some of these items go out
+            # again (a crash's innocents, a retry, a split), whose views must keep their data.
+            self.codec.release(task.items, self.arena if len(self.out.again) == again else None)
+
+    # ---- stopping --------------------------------------------------------------------------------
+
+    def _withdraw(self, kill_running: bool) -> None:
+        with self.lock:  # from here on _on_done frees answers instead of queueing them
+            self.group.cancelled = True
+        self.backend.withdraw(self.group, kill_running=kill_running)
+
+    def abandon(self, *, kill_running: bool) -> None:
+        """From any thread, never blocks: the batch stops taking items and sending chunks,
+        queued chunks are withdrawn, running ones are killed (``kill_running``) or finish
+        unobserved, and the thread running :meth:`pieces` leaves it at once."""
+        self._withdraw(kill_running)
+        self.answers.put((None, None))  # wake the batch thread if it waits for an answer
+
+    def cancel(self, *, kill_running: bool) -> None:
+        """In the batch's own thread: withdraw as :meth:`abandon` does, stop taking items, and
+        free the answers already queued (they will never be read)."""
+        self.exhausted = True
+        self.out.again.clear()
+        self._withdraw(kill_running)
+        while True:  # answers that arrived but will never be read
+            try:
+                task, result = self.answers.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                self.codec.release(task.items, None)
+                self.codec.drop(result)
+
+    def stats(self) -> BatchStats:
+        wall = time.perf_counter() - self.started
+        n, chunks = self.next_index, self.out.chunks
+        return BatchStats(items=n, wall_time=wall, busy_time=self.out.busy,
+                          workers=self.backend.workers, chunks=chunks,
+                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried)
+

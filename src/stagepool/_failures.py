@@ -1,0 +1,98 @@
+"""The failure vocabulary shared by batches and single submits: what a dead worker, a worker's
+error report or an undecodable answer means for an item, and whether it deserves a retry."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+
+from ._backends import LaneDied
+from ._errors import RemoteError, SerializationError, TaskCancelled, TaskTimeout, WorkerCrashed
+from ._outcome import Kind, RemoteTraceback
+from ._worker import ErrInfo
+
+__all__ = ["RetryOn", "crash_error", "death_failure", "rebuild_error", "retryable",
+           "unpickled_result_error"]
+
+RetryOn = tuple[str | type[BaseException], ...]
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+_CRASH_HINTS = {
+    "SIGKILL": "SIGKILL: usually the OOM killer; lower mem_per_task or workers",
+    "SIGSEGV": "a segmentation fault, usually a bug in a native extension",
+    "SIGBUS": "a bus error, usually a native extension or a truncated memory-mapped file",
+    "SIGABRT": "abort(), usually a failed assertion in a native library",
+    "SIGTERM": "SIGTERM from outside the engine",
+    "SIGFPE": "a floating-point exception in native code",
+    "SIGILL": "an illegal instruction in native code",
+}
+
+
+def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
+    """A message that says who died, how, on which item, the likely cause and the stderr tail."""
+    code = died.exitcode
+    if died.reason == "memory":
+        how = "was killed by stagepool: its memory passed twice max_rss_per_worker"
+        hint = "the item needs more memory than allowed; raise max_rss_per_worker or split it"
+    elif code is not None and code < 0:
+        how = f"was killed by {_signal_name(-code)}"
+        hint = _CRASH_HINTS.get(_signal_name(-code), "an unexpected signal")
+    elif code is not None:
+        how = f"exited with code {code}"
+        hint = "the task (or a library it called) ended the process, e.g. with os._exit()"
+    else:
+        how, hint = "died", "unknown cause"
+    who = f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
+    msg = f"{who} {how} while {stage} item {index}: {hint}"
+    if died.detail:  # the backend keeps only the last lines of the worker's stderr
+        msg += f"\n--- the worker's last words (stderr tail) ---\n{died.detail}"
+    return WorkerCrashed(msg)
+
+
+def death_failure(died: LaneDied, index: int, stage: str,
+                  seconds: float) -> tuple[Kind, BaseException]:
+    """What a dead worker means for the item it was running (``seconds``: its timeout)."""
+    if died.reason == "timeout":
+        return "timeout", TaskTimeout(
+            f"item {index} ran longer than its timeout of {seconds:g} s in worker {died.pid}; "
+            "the worker and its child processes were killed and replaced")
+    if died.reason == "cancelled":
+        return "cancelled", TaskCancelled(
+            f"item {index} was running when its batch was cancelled; its worker was killed")
+    return "crash", crash_error(died, index, stage)
+
+
+def retryable(retry_on: RetryOn, kind: Kind, error: BaseException) -> bool:
+    """Whether ``retry_on`` names the failure's kind or one of its exception's types."""
+    return any(entry == kind or (isinstance(entry, type) and isinstance(error, entry))
+               for entry in retry_on)
+
+
+def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, BaseException, str]:
+    """The exception a worker reported for item ``index``, rebuilt in the parent with the
+    worker's traceback as ``__cause__`` (a :class:`RemoteError` when it cannot be rebuilt)."""
+    if info.kind in ("serialization", "unpickle"):
+        return "serialization", SerializationError(f"item {index}: {info.message}"), info.traceback
+    error: BaseException | None = None
+    if info.blob is not None:
+        try:
+            error = pickle.loads(info.blob)
+        except BaseException:
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(f"{info.type_name}: {info.message}", type_name=info.type_name,
+                            remote_traceback=info.traceback)
+    error.__cause__ = RemoteTraceback(info.traceback)
+    return "error", error, info.traceback
+
+
+def unpickled_result_error(index: int, exc: BaseException) -> SerializationError:
+    return SerializationError(f"item {index}: its result could not be unpickled in the parent: "
+                              f"{type(exc).__name__}: {exc}")

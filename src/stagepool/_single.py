@@ -1,0 +1,205 @@
+"""Single calls: ``Engine.submit`` (a one-item task resolved from the backend's thread, no
+caller loop) and the standard ``concurrent.futures.Executor`` view of an engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from ._answers import BatchPolicy
+from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
+from ._config import Timeout, item_timeouts
+from ._errors import EngineClosed, SerializationError, TaskCancelled
+from ._failures import death_failure, rebuild_error, retryable, unpickled_result_error
+from ._outcome import Kind
+from ._worker import ChunkResult, apply_call, star_call
+
+__all__ = ["ExecutorView", "Single", "SubmitContext"]
+
+R = TypeVar("R")
+
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# Functions whose recent call time is remembered; past this the table starts afresh.
+MAX_KNOWN_FUNCTIONS = 256
+
+
+class SubmitContext:
+    """What every ``submit`` of one engine shares: its backend, one group (a group per call made
+    dispatch scan thousands of groups: 20,000 run_in_executor calls took 95 s), the policy, and
+    the recent duration of calls per function, which lets a worker take the next short call
+    before it answers the current one."""
+
+    def __init__(self, backend: Backend, policy: BatchPolicy, timeout: Timeout) -> None:
+        self.backend, self.policy, self.timeout = backend, policy, timeout
+        self.group = Group()
+        self.apply = backend.codec.function(apply_call)
+        # Keyed by the function's name, not the function: a key must not keep a bound
+        # method's object alive.
+        self.seconds: dict[tuple[str, str], float] = {}
+
+    def expected(self, fn: Callable[..., Any]) -> float | None:
+        return self.seconds.get(_fn_name(fn))
+
+    def learn(self, fn: Callable[..., Any], seconds: float) -> None:
+        key, known = _fn_name(fn), self.seconds
+        old = known.get(key)
+        if old is None and len(known) >= MAX_KNOWN_FUNCTIONS:
+            known.clear()
+        known[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
+def _fn_name(fn: Callable[..., Any]) -> tuple[str, str]:
+    return (getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or repr(type(fn)))
+
+
+class Single:
+    """One ``submit`` call: its future, and its task while it is owed an answer."""
+
+    def __init__(self, ctx: SubmitContext, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.task: Task | None = None
+        self.tries = 1
+        self.call: Call | None = (fn, args, kwargs)
+        self.future.add_done_callback(self._maybe_withdraw)
+        self._send()
+
+    def _send(self) -> None:
+        call = self.call
+        assert call is not None
+        codec = self.ctx.backend.codec
+        limits = self._limits(call)
+        if isinstance(limits, BaseException):
+            self._settle(None, limits)
+            return
+        try:
+            encoded = codec.encode([call], None)
+        except Exception as exc:
+            self._settle(None, SerializationError(
+                f"the call {call[0]!r} cannot be pickled (function or arguments): "
+                f"{type(exc).__name__}: {exc}"))
+            return
+        key, fn_form = self.ctx.apply
+        self.task = Task(self.ctx.group, key, fn_form, encoded.payload, 1, self._on_done, limits,
+                         self.ctx.expected(call[0]), on_start=self._on_start)
+        try:
+            self.ctx.backend.submit_many([self.task])
+        except BaseException:
+            codec.release(encoded.payload, None)
+            raise
+
+    def _limits(self, call: Call) -> tuple[float, ...] | BaseException | None:
+        """A callable ``timeout`` gets the call's own arguments, as ``fn`` does."""
+        timeout = self.ctx.timeout
+        if callable(timeout):
+            fn_timeout = timeout
+            return item_timeouts(lambda c: fn_timeout(*c[1], **c[2]), [call], 0)
+        return item_timeouts(timeout, [call], 0)
+
+    def _on_start(self, task: Task) -> bool:
+        """The task goes to a worker: the future is running from now on (``cancel()`` then
+        returns False, as with the stdlib executors), unless it was cancelled just before."""
+        if self.future.running():  # sent again after its worker died, or a retry
+            return True
+        try:
+            return self.future.set_running_or_notify_cancel()
+        except RuntimeError:  # settled meanwhile (engine shut down): nothing to run
+            return False
+
+    def _maybe_withdraw(self, future: concurrent.futures.Future[Any]) -> None:
+        task = self.task
+        if future.cancelled() and task is not None:
+            self.ctx.backend.withdraw_task(task)
+        self.call = self.task = None  # the future must not keep the call's objects alive
+
+    def _on_done(self, task: Task, result: TaskResult) -> None:
+        codec = self.ctx.backend.codec
+        codec.release(task.items, None)  # a retry encodes the call again
+        if self.future.done() or self.call is None:
+            codec.drop(result)  # nobody will decode it
+            return
+        if isinstance(result, Cancelled) or (
+                isinstance(result, LaneDied) and result.reason == "cancelled"):
+            self.future.cancel()
+            if not self.future.cancelled():  # it was already running: cancel() cannot apply
+                self._settle(None, TaskCancelled(f"cancelled: {getattr(result, 'reason', '')}"))
+            return
+        kind, value, error = self._decode(task, result)
+        policy = self.ctx.policy
+        if error is not None and self.tries <= policy.retries and retryable(
+                policy.retry_on, kind, error):
+            self.tries += 1
+            delay = policy.backoff * 2 ** (self.tries - 2)
+            threading.Timer(delay, self._resend).start() if delay else self._resend()
+            return
+        self._settle(value, error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by the caller meanwhile: the result is dropped
+        self.call = self.task = None
+
+    def _resend(self) -> None:
+        try:
+            self._send()
+        except EngineClosed as exc:
+            self._settle(None, exc)
+
+    def _decode(self, task: Task, result: TaskResult) -> tuple[Kind, Any, BaseException | None]:
+        if isinstance(result, LaneDied):
+            seconds = task.timeouts[0] if task.timeouts else float("nan")
+            kind, error = death_failure(result, 0, "running", seconds)
+            return kind, None, error
+        try:
+            answer: ChunkResult = self.ctx.backend.codec.decode(result)
+        except Exception as exc:
+            return "serialization", None, unpickled_result_error(0, exc)
+        if self.call is not None:
+            self.ctx.learn(self.call[0], answer.stamps[-1] - answer.stamps[0])
+        if answer.errors:
+            kind, error, _tb = rebuild_error(answer.errors[0], 0)
+            return kind, None, error
+        return "ok", answer.values[0], None
+
+
+class ExecutorView(concurrent.futures.Executor):
+    """The engine as a standard Executor: ``submit``/``map``/``shutdown`` with stdlib semantics.
+
+    ``submit_fn``, ``imap`` and ``shutdown_fn`` are the engine's own methods (this view holds
+    no engine, so it imports none)."""
+
+    def __init__(self, submit_fn: Callable[..., concurrent.futures.Future[Any]],
+                 imap: Callable[..., Iterator[Any]], shutdown_fn: Callable[..., None]) -> None:
+        self._submit, self._imap, self._shutdown = submit_fn, imap, shutdown_fn
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[R]:
+        return self._submit(fn, *args, **kwargs)
+
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[R]:
+        """Like ``ProcessPoolExecutor.map``: results in order; an item's exception is raised when
+        its result is reached; ``timeout`` bounds the whole iteration."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outcomes = self._imap(functools.partial(star_call, fn), zip(*iterables, strict=False),
+                              chunk_size=chunksize if chunksize > 1 else "auto")
+
+        def results() -> Iterator[R]:
+            for outcome in outcomes:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("Executor.map timed out")
+                yield outcome.unwrap()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown(wait, cancel_futures=cancel_futures)

@@ -1,0 +1,100 @@
+"""From a batch's final pieces to what callers see: a report, or outcomes as they finish.
+
+One implementation of the ordering window serves ``Engine.imap`` and the async calls:
+:func:`outcome_lists` yields one list of outcomes per piece (in input order when ``ordered``),
+and :func:`outcomes` flattens it. The batch itself is built lazily, at the first ``next``, so
+an ``imap`` that is never iterated starts nothing and holds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+from ._answers import Fail, Piece
+from ._batch import Batch
+from ._outcome import BatchReport, Outcome, ReportBuilder, make_outcome
+
+__all__ = ["outcome_lists", "outcomes", "piece_outcomes", "run_to_report"]
+
+
+def run_to_report(batch: Batch) -> BatchReport[Any]:
+    """Run the batch to the end in this thread and build its report.
+
+    Cancellation: a ``KeyboardInterrupt`` withdraws the queued chunks, kills the running ones
+    (where the backend can) and propagates. A failing items iterable ends the batch: the items
+    taken finish, and its exception propagates with the partial report as ``.report``."""
+    builder = ReportBuilder(batch.total or 0)
+    try:
+        for piece in batch.pieces():
+            if isinstance(piece, Fail):
+                builder.fail(piece.index, piece.failure)
+            else:
+                builder.place(piece.start, piece.values, piece.durations, piece.pid,
+                              piece.attempts)
+    except KeyboardInterrupt:
+        batch.cancel(kill_running=True)
+        raise
+    report = builder.build(batch.next_index, batch.stats())
+    if batch.source_error is not None:
+        error = batch.source_error
+        error.report = report  # type: ignore[attr-defined]
+        error.add_note(f"stagepool: the items iterable raised after {batch.next_index} items; "
+                       "the partial report is attached as .report")
+        raise error
+    return report
+
+
+def piece_outcomes(piece: Piece) -> list[Outcome[Any]]:
+    if isinstance(piece, Fail):
+        f = piece.failure
+        return [make_outcome((piece.index, False, None, f.error, f.kind, f.traceback,
+                              f.duration, f.worker, f.attempts))]
+    start, values, durations, pid, tries, skip = piece
+    return [make_outcome((start + offset, True, value, None, "ok", None, durations[offset],
+                          pid, tries))
+            for offset, value in enumerate(values) if offset not in skip]
+
+
+def outcome_lists(make_batch: Callable[[], Batch],
+                  ordered: bool) -> Generator[list[Outcome[Any]], None, None]:
+    """The batch's outcomes, one list per finished piece (empty lists are skipped).
+
+    ``ordered``: in input order, holding early finishers back; the batch counts what is held
+    against its in-flight window, so one slow chunk cannot let the rest run ahead unbounded.
+    Closing the generator early withdraws what has not started (see ``Batch.pieces``)."""
+    batch = make_batch()
+    batch.ordered = ordered
+    pending: dict[int, Outcome[Any]] = {}
+    for piece in batch.pieces():
+        fresh = piece_outcomes(piece)
+        if not fresh:
+            continue
+        if not ordered:
+            yield fresh
+            continue
+        if not pending and fresh[0].index == batch.emitted and \
+                fresh[-1].index == batch.emitted + len(fresh) - 1:
+            batch.emitted += len(fresh)  # in order already: no buffering
+            yield fresh
+            continue
+        for outcome in fresh:
+            pending[outcome.index] = outcome
+        out = []
+        while batch.emitted in pending:
+            out.append(pending.pop(batch.emitted))
+            batch.emitted += 1
+        if out:
+            yield out
+    if batch.source_error is not None:
+        raise batch.source_error
+
+
+def outcomes(make_batch: Callable[[], Batch], ordered: bool) -> Iterator[Outcome[Any]]:
+    """:func:`outcome_lists`, one outcome at a time."""
+    lists = outcome_lists(make_batch, ordered)
+    try:
+        for outcomes_ in lists:
+            yield from outcomes_
+    finally:
+        lists.close()
