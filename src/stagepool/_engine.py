@@ -6,7 +6,7 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
     items (list, iterator, async iterator)
       -> Batch (_batch.py): cuts chunks (ChunkSizer: adaptive, payload-bounded), keeps a bounded
             window in flight, has each chunk encoded by the backend's codec
-      -> backend.submit_many(Tasks): local worker processes (_backends/_loky.py: lanes + a shared
+      -> backend.submit_many(Tasks): local worker processes (_backends/_local/: lanes + a shared
             record naming the running item), or in-process (_backends/_serial.py)
       -> _worker.run_chunk in the worker: each item timed, value or exception captured
       -> the backend reports facts: an answer | "worker died while on item k" (k may be unknown:

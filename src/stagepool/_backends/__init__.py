@@ -212,6 +212,6 @@ def make_backend(name: BackendName, options: BackendOptions) -> Backend:
         from ._serial import SerialBackend
 
         return SerialBackend(options)
-    from ._loky import LocalBackend
+    from ._local import LocalBackend
 
     return LocalBackend(options)

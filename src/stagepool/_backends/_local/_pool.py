@@ -24,39 +24,27 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import dataclasses
-import mmap
 import os
 import pickle
-import sys
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from loky.backend.context import get_context
 
-from .. import _transport
-from .._errors import EngineClosed
-from .._resources import kill_tree, rss_of
-from .._worker import (
-    F_CHUNK,
-    F_OFFSET,
-    F_PHASE,
-    F_START,
-    FN_CACHE_SIZE,
-    PHASE_IDLE,
-    PHASE_RUN,
-    RECORD_FIELDS,
-    TaskHeader,
-    WorkerSetup,
-    lane_main,
-)
-from . import BackendOptions, Cancelled, Capabilities, DeathReason, Group, LaneDied, Task, TaskResult
-from ._shm_codec import SharedMemoryCodec
+from ... import _transport
+from ..._errors import EngineClosed
+from ..._resources import kill_tree, rss_of
+from ..._worker import FN_CACHE_SIZE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
+from .. import BackendOptions, Cancelled, Capabilities, DeathReason, Group, LaneDied, Task, TaskResult
+from ._codec import SharedMemoryCodec
+from ._lanes import Lane, readable, start_lane
+from ._limits import POLL_INTERVAL, deadline_of, wait_seconds
+from ._record import SharedRecord
+from ._scheduler import FairShare
 
 __all__ = ["LocalBackend"]
 
@@ -64,78 +52,10 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
                             kills_running=True, shared_memory=True, memory_limits=True,
                             processes=True)
 
-# A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
-# in an empty pipe, so the send can never block while that worker is itself blocked writing a big
-# result (the classic two-full-pipes deadlock), and only if both chunks are expected to be short
-# (a chunk queued behind a long one would idle another worker at the tail of a batch).
-PREFETCH_MAX_BYTES = 32 * 1024
-PREFETCH_MAX_SECONDS = 0.005
-# How often the pool thread looks at the record while some running item has a timeout it cannot
-# compute a deadline for yet (the worker has not started the chunk), and at RSS under a memory cap.
-POLL_INTERVAL = 0.05
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
-# What a chunk of unknown duration counts for in the fair share (a batch's first chunks).
-UNKNOWN_CHUNK_SECONDS = 0.01
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
-# How much of a worker's stderr is kept for the report when it dies.
-STDERR_TAIL_BYTES = 16 * 1024
-STDERR_TAIL_LINES = 30
-
-
-class _SharedFile:
-    """A memory file the workers open by path: a memfd on Linux (freed with its last user, even
-    if the parent is SIGKILLed), else a temporary file removed at close."""
-
-    def __init__(self, name: str, size: int) -> None:
-        self._tmp: str | None = None
-        if hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
-            self.fd = os.memfd_create(name)
-            self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
-        else:  # pragma: no cover - non-Linux
-            self.fd, self._tmp = tempfile.mkstemp(prefix=f"{name}-")
-            self.path = self._tmp
-        os.ftruncate(self.fd, size)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        if self._tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
-
-
-@dataclasses.dataclass(eq=False)
-class _Lane:
-    slot: int
-    process: Any
-    conn: Connection
-    stderr: Connection  # the read end of the worker's fd 2
-    stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
-    tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
-    fn_keys: dict[int, None] = dataclasses.field(default_factory=dict)  # mirrors _FnCache
-    items_done: int = 0
-    quota: int | None = None  # items it may still be given (max_tasks_per_worker), None: any
-    answered: bool = False
-    retiring: bool = False
-    kill_reason: DeathReason | None = None
-    kill_offset: int = -1
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    def can_take(self, task: Task) -> bool:
-        if self.retiring or self.kill_reason is not None:
-            return False
-        if not self.tasks:
-            return True
-        if self.quota is not None and self.quota <= sum(t.n_items for t in self.tasks):
-            return False  # prefetching would run it past max_tasks_per_worker
-        if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
-            return False
-        return _short(task.expected) and _short(self.tasks[0].expected)
 
 
 def _notify(task: Task, result: TaskResult) -> None:
@@ -148,36 +68,6 @@ def _notify(task: Task, result: TaskResult) -> None:
         import traceback
 
         traceback.print_exc()
-
-
-def _readable(conn: Connection) -> bool:
-    try:
-        return conn.poll(0)
-    except (EOFError, OSError):
-        return False
-
-
-def _later_min(task: Task, offset: int) -> float:
-    """The smallest timeout among the items after ``offset`` (inf if none), cached per task."""
-    suffix = _suffix_minima.get(task.id)
-    if suffix is None:
-        timeouts = task.timeouts or ()
-        suffix = [float("inf")] * (len(timeouts) + 1)
-        for i in range(len(timeouts) - 1, -1, -1):
-            suffix[i] = min(timeouts[i], suffix[i + 1])
-        if len(_suffix_minima) > 1024:
-            _suffix_minima.clear()
-        _suffix_minima[task.id] = suffix
-    return suffix[min(offset + 1, len(suffix) - 1)]
-
-
-_suffix_minima: dict[int, list[float]] = {}
-
-
-def _short(expected: float | None) -> bool:
-    # Unknown counts as long: a task of unknown length (a submit, a batch's first chunks) may be
-    # a 1000-second one, and a chunk queued behind it would wait while another worker idles.
-    return expected is not None and expected < PREFETCH_MAX_SECONDS
 
 
 class LocalBackend:
@@ -198,14 +88,10 @@ class LocalBackend:
         self._codec = SharedMemoryCodec(options.shm_threshold)
         _transport.sweep_stale()  # shared memory of engines whose process died without cleanup
         self._ctx = get_context("loky")
-        self._record_file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * 4 * (workers + 1))
-        self._record_map = mmap.mmap(self._record_file.fd, 0)
-        self._ints = memoryview(self._record_map).cast("q")
-        self._floats = memoryview(self._record_map).cast("d")
+        self._record = SharedRecord(4 * (workers + 1))
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
-        self._lock = threading.Lock()
-        self._pending: collections.OrderedDict[Group, collections.deque[Task]] = (
-            collections.OrderedDict())
+        self._queue = FairShare()
+        self._lock = self._queue.lock
         self._closed = False
         self._stopping = False
         self._kill_all = False
@@ -217,8 +103,8 @@ class LocalBackend:
         # Workers told to stop (recycled, or the pool stopping), with the moment they get killed
         # if they have not exited: reaped when their sentinel fires, never waited for in a loop
         # that also feeds the others.
-        self._leaving: dict[_Lane, float] = {}
-        self._lanes: list[_Lane] = [self._spawn() for _ in range(workers)]
+        self._leaving: dict[Lane, float] = {}
+        self._lanes: list[Lane] = [self._spawn() for _ in range(workers)]
         self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
         self._thread.start()
         _live_backends.add(self)
@@ -243,29 +129,11 @@ class LocalBackend:
         with self._lock:
             if self._closed:
                 raise EngineClosed("this engine has been shut down; create a new Engine")
-            refused = [task for task in tasks if not self._queue_locked(task)]
+            refused = [task for task in tasks if not self._queue.queue_locked(task)]
         if len(refused) < len(tasks):
             self._wake()
         for task in refused:
             _notify(task, Cancelled("batch cancelled"))
-
-    def _queue_locked(self, task: Task, *, front: bool = False) -> bool:
-        """Queue a task in its group (the caller holds the lock); False if the group has been
-        withdrawn: _withdraw_now may already have emptied its queue, so it would never run."""
-        if task.group.cancelled:
-            return False
-        queue = self._pending.get(task.group)
-        if queue is None:
-            queue = self._pending[task.group] = collections.deque()
-            # A newcomer starts level with the least-served group, not at zero, so it shares
-            # the workers instead of taking them all until it has caught up.
-            task.group.served = max(task.group.served, min(
-                (g.served for g in self._pending if g is not task.group), default=0.0))
-        if front:
-            queue.appendleft(task)
-        else:
-            queue.append(task)
-        return True
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Never blocks and takes no lock: it may run in a garbage collector's finalizer (an
@@ -279,20 +147,11 @@ class LocalBackend:
         self._call_in_pool(lambda: self._withdraw_task_now(task))
 
     def _withdraw_task_now(self, task: Task) -> None:
-        with self._lock:
-            queue = self._pending.get(task.group)
-            found = queue is not None and task in queue  # Task compares by identity
-            if found:
-                queue.remove(task)  # type: ignore[union-attr]
-                if not queue:
-                    del self._pending[task.group]
-        if found:
+        if self._queue.withdraw_task(task):
             _notify(task, Cancelled("future cancelled"))
 
     def _withdraw_now(self, group: Group, kill_running: bool) -> None:
-        with self._lock:
-            withdrawn = list(self._pending.pop(group, ()))
-        for task in withdrawn:
+        for task in self._queue.withdraw(group):
             _notify(task, Cancelled("batch cancelled"))
         if kill_running:
             self._kill_group(group)
@@ -304,10 +163,7 @@ class LocalBackend:
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         with self._lock:
             self._closed = True
-            withdrawn = [t for q in self._pending.values() for t in q] if cancel_pending else []
-            if cancel_pending:
-                self._pending.clear()
-        for task in withdrawn:
+        for task in self._queue.drain() if cancel_pending else ():
             _notify(task, Cancelled("the engine was shut down"))
         with self._lock:
             self._stopping = True
@@ -342,7 +198,7 @@ class LocalBackend:
 
     def _step(self) -> bool:
         """One turn of the pool loop; returns True when the pool has fully stopped."""
-        by_obj: dict[Any, tuple[str, _Lane | None]] = {self._wake_r: ("wake", None)}
+        by_obj: dict[Any, tuple[str, Lane | None]] = {self._wake_r: ("wake", None)}
         for lane in self._lanes:
             by_obj[lane.process.sentinel] = ("died", lane)
             by_obj[lane.stderr] = ("stderr", lane)
@@ -351,7 +207,7 @@ class LocalBackend:
         for lane in self._leaving:
             by_obj[lane.process.sentinel] = ("left", lane)
             by_obj[lane.stderr] = ("stderr", lane)
-        ready = wait(list(by_obj), timeout=self._next_wake())
+        ready = wait(list(by_obj), timeout=wait_seconds(self._next_wake(), time.monotonic()))
         for obj in ready:
             what, owner = by_obj[obj]
             if what == "wake":
@@ -366,11 +222,11 @@ class LocalBackend:
                 if what == "left":
                     self._reap(owner)
                 else:
-                    self._forward_stderr(owner)
+                    owner.forward_stderr()
             elif owner not in self._lanes:
                 continue
             elif what == "stderr":
-                self._forward_stderr(owner)
+                owner.forward_stderr()
             else:
                 (self._receive if what == "result" else self._bury)(owner)
         self._expire_leaving()
@@ -389,12 +245,12 @@ class LocalBackend:
                 return
             call()
 
-    def _receive(self, lane: _Lane) -> None:
+    def _receive(self, lane: Lane) -> None:
         if not self._receive_one(lane):
             lane.process.join(1.0)  # it is dying: let the sentinel path account for it
             self._bury(lane)
 
-    def _receive_one(self, lane: _Lane, *, dying: bool = False) -> bool:
+    def _receive_one(self, lane: Lane, *, dying: bool = False) -> bool:
         """Take one answer from a worker; False when its pipe is broken (the worker is dying)."""
         try:
             blob = lane.conn.recv_bytes()
@@ -416,17 +272,15 @@ class LocalBackend:
             self._retire(lane)
         return True
 
-    def _bury(self, lane: _Lane) -> None:
+    def _bury(self, lane: Lane) -> None:
         """A worker died: blame the item it was running, requeue what it had not started."""
         lane.process.join(1.0)
-        while lane.tasks and _readable(lane.conn):  # answers it sent before dying still count
+        while lane.tasks and readable(lane.conn):  # answers it sent before dying still count
             if not self._receive_one(lane, dying=True):
                 break
         _transport.sweep(os.getpid(), f"w{lane.pid}")  # results it made but never sent
         self._lanes.remove(lane)
-        base = lane.slot * RECORD_FIELDS
-        chunk, offset, phase = (self._ints[base + F_CHUNK], self._ints[base + F_OFFSET],
-                                self._ints[base + F_PHASE])
+        chunk, offset, phase, _start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
         started = bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE
@@ -436,15 +290,13 @@ class LocalBackend:
             if lane.kill_reason is not None and lane.kill_offset >= 0:
                 offset = lane.kill_offset
             died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, self._stderr_tail(lane))
+                            reason, lane.last_words())
         else:
             requeue = tasks
         if not lane.answered and lane.kill_reason is None:
             self._startup_failures += 1
         self._release(lane)
-        with self._lock:
-            refused = [t for t in reversed(requeue) if not self._queue_locked(t, front=True)]
-        for task in refused:
+        for task in self._queue.queue(requeue, front=True):
             _notify(task, Cancelled("batch cancelled"))
         if started:
             _notify(tasks[0], died)
@@ -454,24 +306,18 @@ class LocalBackend:
     def _respawn_after_death(self) -> None:
         if self._startup_failures >= STARTUP_FAILURE_LIMIT:
             # Workers die before doing anything: fail the queue instead of respawning forever.
-            with self._lock:
-                doomed = [t for q in self._pending.values() for t in q]
-                self._pending.clear()
-            for task in doomed:
+            for task in self._queue.drain():
                 _notify(task, LaneDied(0, None, -1, "crash",
                                             "workers keep dying at start-up; see stderr"))
             self._startup_failures = STARTUP_FAILURE_LIMIT - 1
         time.sleep(min(2.0, 0.05 * 2 ** self._startup_failures) if self._startup_failures else 0)
         self._lanes.append(self._spawn())
 
-    def _release(self, lane: _Lane) -> None:
-        with contextlib.suppress(OSError):
-            lane.conn.close()
-        with contextlib.suppress(OSError):
-            lane.stderr.close()
+    def _release(self, lane: Lane) -> None:
+        lane.close()
         self._free_slots.append(lane.slot)
 
-    def _retire(self, lane: _Lane) -> None:
+    def _retire(self, lane: Lane) -> None:
         """Tell a drained worker to stop and start a fresh one in its place at once; the old one
         is reaped when it has exited (killed if it takes longer than STOP_JOIN_TIMEOUT)."""
         with contextlib.suppress(OSError):
@@ -481,10 +327,10 @@ class LocalBackend:
         if not self._stopping:
             self._lanes.append(self._spawn())
 
-    def _reap(self, lane: _Lane) -> None:
+    def _reap(self, lane: Lane) -> None:
         """A leaving worker exited: collect it, pass on its last words, free its slot."""
         lane.process.join(1.0)
-        self._forward_stderr(lane)
+        lane.forward_stderr()
         del self._leaving[lane]
         self._release(lane)
 
@@ -495,7 +341,7 @@ class LocalBackend:
                 kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then _reap
                 self._leaving[lane] = float("inf")
 
-    def _spawn(self) -> _Lane:
+    def _spawn(self) -> Lane:
         if not self._free_slots:  # every spare slot held by workers slow to leave: wait for one
             oldest = next(iter(self._leaving))
             if oldest.process.exitcode is None:
@@ -503,74 +349,20 @@ class LocalBackend:
                 kill_tree(oldest.pid, grace=0)
             self._reap(oldest)
         slot = self._free_slots.pop()
-        base = slot * RECORD_FIELDS
-        self._ints[base + F_CHUNK] = 0
-        self._ints[base + F_OFFSET] = -1
-        self._ints[base + F_PHASE] = PHASE_IDLE
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        err_read, err_write = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=lane_main,
-            args=(child_end, err_write, WorkerSetup(
-                self._record_file.path, slot, os.getpid(), self._initializer, self._initargs,
-                self._data_limit, self._shm_threshold, self._writable_inputs)),
-            env=self._env,
-            name=f"stagepool-worker-{slot}",
-        )
-        process.start()
-        child_end.close()
-        err_write.close()
-        os.set_blocking(err_read.fileno(), False)
-        return _Lane(slot, process, parent_end, err_read, quota=self._max_tasks)
-
-    def _forward_stderr(self, lane: _Lane) -> None:
-        """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""
-        while True:
-            try:
-                data = os.read(lane.stderr.fileno(), 65536)
-            except (BlockingIOError, OSError):
-                return
-            if not data:
-                return
-            lane.stderr_tail += data
-            del lane.stderr_tail[:-STDERR_TAIL_BYTES]
-            with contextlib.suppress(Exception):
-                sys.stderr.write(data.decode("utf-8", "replace"))
-                sys.stderr.flush()
-
-    def _stderr_tail(self, lane: _Lane) -> str:
-        self._forward_stderr(lane)  # what it wrote just before dying
-        lines = lane.stderr_tail.decode("utf-8", "replace").strip().splitlines()
-        return "\n".join(lines[-STDERR_TAIL_LINES:])
+        self._record.reset(slot)
+        setup = WorkerSetup(self._record.path, slot, os.getpid(), self._initializer,
+                            self._initargs, self._data_limit, self._shm_threshold,
+                            self._writable_inputs)
+        return start_lane(self._ctx, setup, self._env, self._max_tasks)
 
     # ---- dispatch ----------------------------------------------------------------------------
-
-    def _next_task(self, lane: _Lane) -> Task | None:
-        """Fair share by time: the group with the least estimated work served so far goes next
-        (a chunk-by-chunk turn would favour the batch whose chunks are bigger)."""
-        with self._lock:
-            best: Group | None = None
-            for group, queue in self._pending.items():
-                if group.cancelled:  # withdrawn a moment ago: _withdraw_now answers it
-                    continue
-                if queue and lane.can_take(queue[0]) and (best is None or
-                                                         group.served < best.served):
-                    best = group
-            if best is None:
-                return None
-            queue = self._pending[best]
-            task = queue.popleft()
-            if not queue:
-                del self._pending[best]
-            best.served += task.expected if task.expected is not None else UNKNOWN_CHUNK_SECONDS
-            return task
 
     def _dispatch(self) -> None:
         for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
             for lane in list(self._lanes):
                 if bool(lane.tasks) != prefetch:
                     continue
-                task = self._next_task(lane)
+                task = self._queue.take(lane.can_take)
                 if task is None:
                     continue
                 if task.on_start is not None and not task.on_start(task):
@@ -578,7 +370,7 @@ class LocalBackend:
                     continue
                 self._send(lane, task)
 
-    def _send(self, lane: _Lane, task: Task) -> None:
+    def _send(self, lane: Lane, task: Task) -> None:
         first = task.fn_key not in lane.fn_keys
         header = pickle.dumps(TaskHeader(task.id, task.fn_key, task.fn if first else None,
                                          task.n_items, task.timeouts is not None,
@@ -598,46 +390,31 @@ class LocalBackend:
 
     def _next_wake(self) -> float | None:
         now = time.monotonic()
-        wake: float | None = None
-        for lane in self._lanes:
-            deadline = self._deadline(lane, now)
-            if deadline is not None:
-                wake = deadline if wake is None else min(wake, deadline)
+        wakes = [d for d in (self._deadline(lane, now) for lane in self._lanes) if d is not None]
         if self._max_rss is not None and any(lane.tasks for lane in self._lanes):
-            wake = now + POLL_INTERVAL if wake is None else min(wake, now + POLL_INTERVAL)
-        for deadline in self._leaving.values():
-            wake = deadline if wake is None else min(wake, deadline)
-        return None if wake is None or wake == float("inf") else max(0.0, wake - now)
+            wakes.append(now + POLL_INTERVAL)
+        wakes.extend(self._leaving.values())
+        return min(wakes, default=None)
 
-    def _deadline(self, lane: _Lane, now: float) -> float | None:
+    def _deadline(self, lane: Lane, now: float) -> float | None:
         if not lane.tasks or lane.kill_reason is not None:
             return None
-        task, base = lane.tasks[0], lane.slot * RECORD_FIELDS
-        timeouts = task.timeouts
-        if timeouts is None:
-            return None
-        offset = self._ints[base + F_OFFSET]  # read before the start time: see _worker.run_chunk
-        start = self._floats[base + F_START]
-        if self._ints[base + F_CHUNK] != task.id or self._ints[base + F_PHASE] != PHASE_RUN:
-            return now + POLL_INTERVAL
-        # The item running now, or a later item that starts after this moment: whichever could
-        # expire first. (Without the second term a short timeout behind a long one is missed.)
-        return min(start + timeouts[offset], now + _later_min(task, offset))
+        return deadline_of(lane.tasks[0], self._record.state(lane.slot), now)
 
     def _enforce_limits(self) -> None:
         now = time.monotonic()
         for lane in list(self._lanes):
             deadline = self._deadline(lane, now)
             if deadline is not None and now >= deadline and lane.tasks:
-                offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                offset = self._record.offset(lane.slot)
                 self._kill(lane, "timeout", offset)
             elif self._max_rss is not None and lane.tasks and lane.kill_reason is None:
                 rss = rss_of(lane.pid) or 0
                 if rss > 2 * self._max_rss:  # one item blowing far past the cap: stop it now
-                    offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                    offset = self._record.offset(lane.slot)
                     self._kill(lane, "memory", offset)
 
-    def _kill(self, lane: _Lane, reason: DeathReason, offset: int = -1) -> None:
+    def _kill(self, lane: Lane, reason: DeathReason, offset: int = -1) -> None:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
@@ -649,7 +426,7 @@ class LocalBackend:
         # batch's running chunk is short by construction; it runs and its answer is dropped.
         for lane in self._lanes:
             if lane.tasks and lane.tasks[0].group is group:
-                offset = self._ints[lane.slot * RECORD_FIELDS + F_OFFSET]
+                offset = self._record.offset(lane.slot)
                 self._kill(lane, "cancelled", offset)
 
     def _kill_everything(self) -> None:
@@ -662,7 +439,7 @@ class LocalBackend:
 
     def _maybe_stop(self) -> bool:
         with self._lock:
-            if not self._stopping or (self._pending and not self._kill_all):
+            if not self._stopping or (self._queue and not self._kill_all):
                 return False
         if any(lane.tasks for lane in self._lanes):
             return False
@@ -680,18 +457,12 @@ class LocalBackend:
                 _notify(task, Cancelled("the engine was shut down"))
             self._release(lane)
         self._lanes.clear()
-        with self._lock:
-            leftovers = [t for q in self._pending.values() for t in q]
-            self._pending.clear()
-        for task in leftovers:
+        for task in self._queue.drain():
             _notify(task, Cancelled("the engine was shut down"))
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._ints.release()
-        self._floats.release()
-        self._record_map.close()
-        self._record_file.close()
+        self._record.close()
         _live_backends.discard(self)
 
 

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from .. import _transport
-from .._worker import dumps
-from . import Encoded
+from ... import _transport
+from ..._worker import dumps
+from .. import Encoded
 
 __all__ = ["SharedMemoryCodec"]
 

@@ -1,0 +1,117 @@
+"""A lane is one worker process and what the pool thread knows of it: its duplex pipe, the read
+end of its stderr, the tasks sent to it (the first is running, the others prefetched), and the
+state that decides whether it can take more work, must be retired, or is being killed.
+
+This module is the OS side of a lane (starting the process, forwarding its stderr, closing its
+pipes); the decisions live in the pool (``_pool``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..._worker import WorkerSetup, lane_main
+from .. import DeathReason, Task
+
+__all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
+
+# A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
+# in an empty pipe, so the send can never block while that worker is itself blocked writing a big
+# result (the classic two-full-pipes deadlock), and only if both chunks are expected to be short
+# (a chunk queued behind a long one would idle another worker at the tail of a batch).
+PREFETCH_MAX_BYTES = 32 * 1024
+PREFETCH_MAX_SECONDS = 0.005
+# How much of a worker's stderr is kept for the report when it dies.
+STDERR_TAIL_BYTES = 16 * 1024
+STDERR_TAIL_LINES = 30
+
+
+@dataclasses.dataclass(eq=False)
+class Lane:
+    slot: int
+    process: Any
+    conn: Connection
+    stderr: Connection  # the read end of the worker's fd 2
+    stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
+    tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
+    fn_keys: dict[int, None] = dataclasses.field(default_factory=dict)  # mirrors _FnCache
+    items_done: int = 0
+    quota: int | None = None  # items it may still be given (max_tasks_per_worker), None: any
+    answered: bool = False
+    retiring: bool = False
+    kill_reason: DeathReason | None = None
+    kill_offset: int = -1
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def can_take(self, task: Task) -> bool:
+        if self.retiring or self.kill_reason is not None:
+            return False
+        if not self.tasks:
+            return True
+        if self.quota is not None and self.quota <= sum(t.n_items for t in self.tasks):
+            return False  # prefetching would run it past max_tasks_per_worker
+        if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
+            return False
+        return _short(task.expected) and _short(self.tasks[0].expected)
+
+    def forward_stderr(self) -> None:
+        """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""
+        while True:
+            try:
+                data = os.read(self.stderr.fileno(), 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self.stderr_tail += data
+            del self.stderr_tail[:-STDERR_TAIL_BYTES]
+            with contextlib.suppress(Exception):
+                sys.stderr.write(data.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def last_words(self) -> str:
+        """The last lines of its stderr (read now: what it wrote just before dying)."""
+        self.forward_stderr()
+        lines = self.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        with contextlib.suppress(OSError):
+            self.stderr.close()
+
+
+def _short(expected: float | None) -> bool:
+    # Unknown counts as long: a task of unknown length (a submit, a batch's first chunks) may be
+    # a 1000-second one, and a chunk queued behind it would wait while another worker idles.
+    return expected is not None and expected < PREFETCH_MAX_SECONDS
+
+
+def readable(conn: Connection) -> bool:
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return False
+
+
+def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | None) -> Lane:
+    """Start a worker process (loky's context: fork+exec) for ``setup.slot``."""
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    err_read, err_write = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=lane_main, args=(child_end, err_write, setup), env=env,
+                          name=f"stagepool-worker-{setup.slot}")
+    process.start()
+    child_end.close()
+    err_write.close()
+    os.set_blocking(err_read.fileno(), False)
+    return Lane(setup.slot, process, parent_end, err_read, quota=quota)
