@@ -224,6 +224,18 @@ def test_load_profile_says_how_to_make_one(tmp_path: Path) -> None:
         sp.load_profile(tmp_path)
 
 
+def test_reading_a_profile_does_not_import_the_profiler(tmp_path: Path) -> None:
+    # Engine.from_profile sits below the profiler: reading profile.json must not pull it in.
+    (tmp_path / "profile.json").write_text('{"format": "stagepool-profile/1", '
+                                           '"recommended": {"workers": 1}}')
+    code = (f"import sys, stagepool as sp; engine = sp.Engine.from_profile({str(tmp_path)!r}); "
+            "engine.shutdown(); print(sorted(m for m in sys.modules if 'profiling' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 
