@@ -3,10 +3,10 @@
 One call of :func:`profile_stage` runs these steps, in the caller's thread (plus one sampler
 thread during the sweep)::
 
-    sample items --list--> serial pass: Engine(workers=1), one submit per item of _measure_item
+    sample items --list--> serial pass: Engine(workers=1), one submit per item of measure_item
         |                  (in the worker: wall and CPU time, RSS before and peak, result size;
-        |                   in the parent: pickled item size, round trip) and _worker_facts
-        |                  (baseline RSS / USS, BLAS threads)
+        |                   in the parent: pickled item size, round trip) and worker_facts
+        |                  (baseline RSS, BLAS threads; its USS read by pid from the parent)
         v
     sweep plan (pure): worker counts 1 .. min(usable CPUs, memory budget / memory per task),
         |              chunk sizes 1 .. ~0.5 s of work per chunk, items per run (~run_seconds)
@@ -50,16 +50,9 @@ from typing import Any, NamedTuple, TextIO
 from ._chunking import validate_chunk_size
 from ._config import check_positive_int, format_size, parse_size
 from ._engine import Engine
+from ._probe import KEEP_MALLOC_BYTES, keep_malloc_memory, measure_item, worker_facts
 from ._profile_file import PROFILE_FORMAT, load_profile  # lives below the engine; named here too
-from ._resources import (
-    THREAD_ENV_VARS,
-    ResourceSnapshot,
-    cpu_rss_sampler,
-    peak_rss,
-    reset_peak_rss,
-    rss_of,
-    uss_of,
-)
+from ._resources import THREAD_ENV_VARS, ResourceSnapshot, cpu_rss_sampler, uss_of
 from ._worker import dumps
 
 __all__ = [
@@ -110,10 +103,8 @@ TIMEOUT_FLOOR = 1.0
 # Workers idle this share of the time waiting for pickling and pipes: the parent is what limits,
 # whatever the worker count.
 IPC_BOUND = 0.5
-# glibc mallopt parameters, and the threshold tried when items page-fault more than
-# FAULT_NOTE_BYTES each: blocks under KEEP_MALLOC_BYTES stay in the heap once freed.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEEP_MALLOC_BYTES = 32 * 2**20
+# Items that page-fault more than FAULT_NOTE_BYTES each are timed again with malloc keeping its
+# big blocks (the probe's KEEP_MALLOC_BYTES).
 FAULT_NOTE_BYTES = 2 * 2**20
 PAGE_BYTES = 4096
 MALLOC_EXPERIMENT_SECONDS = 2.0
@@ -626,108 +617,26 @@ class _Say:
 
 
 # --------------------------------------------------------------------------------------------------
-# The serial pass (these two functions run in the worker)
+# The serial pass (what runs in the worker is in _probe: see there why)
 # --------------------------------------------------------------------------------------------------
 
 
-def _measure_item(fn: Callable[[Any], Any], item: Any) -> tuple[Any, ...]:
-    """In the worker: run ``fn(item)`` once; wall, CPU, RSS before and peak, pickled result size.
-
-    The cost of the clock reads themselves (a microsecond for the CPU clock, a syscall) is
-    measured around an empty call and subtracted, so sub-microsecond items read right.
-    """
-    peak_ok = reset_peak_rss()
-    before = rss_of(os.getpid())
-    error: str | None = None
-    value: Any = None
-    faults0 = _minor_faults()
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    try:
-        value = fn(item)
-    except BaseException as exc:  # the item's failure (SystemExit too), not the worker's
-        error = f"{type(exc).__name__}: {exc}"
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    faults = _minor_faults() - faults0
-    idle_wall, idle_cpu = _clock_cost()
-    peak = peak_rss() if peak_ok else None
-    size = 0
-    if error is None:
-        try:
-            size = len(dumps(value))
-        except BaseException as exc:
-            error = f"the result cannot be pickled: {type(exc).__name__}: {exc}"
-    return max(0.0, wall - idle_wall), max(0.0, cpu - idle_cpu), before, peak, size, error, faults
-
-
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (0 where getrusage is missing)."""
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-    except (ImportError, OSError):  # pragma: no cover - Windows
-        return 0
-
-
-def _keep_malloc_memory() -> bool:
-    """In the worker: make glibc's malloc keep big blocks instead of returning them to the system
-    after each item (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do at start-up). Only
-    ever called in the serial pass's own worker, which is discarded afterwards."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_MALLOC_BYTES)
-                    and libc.mallopt(M_TRIM_THRESHOLD, 2 * KEEP_MALLOC_BYTES))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def _noop(item: Any) -> None:
-    return None
-
-
-def _clock_cost(repeat: int = 5) -> tuple[float, float]:
-    """Wall and CPU time that the measurement in ``_measure_item`` reads around a no-op call."""
-    walls, cpus = [], []
-    for _ in range(repeat):
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        _noop(None)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - cpu0)
-    return min(walls), min(cpus)
-
-
-def _worker_facts() -> dict[str, Any]:
-    """In the worker: its pid, RSS, USS, peak RSS and BLAS thread pools."""
-    pid = os.getpid()
-    return {"pid": pid, "rss": rss_of(pid) or 0, "uss": uss_of(pid) or 0,
-            "peak": peak_rss() or 0, "blas": _blas_threads()}
-
-
-def _blas_threads() -> dict[str, Any]:
-    """Native thread pools: threadpoolctl's view when it is installed, else the env variables."""
-    try:
-        threadpoolctl: Any = importlib.import_module("threadpoolctl")
-    except ImportError:
-        env = {name: os.environ[name] for name in THREAD_ENV_VARS if os.environ.get(name)}
-        counts = [int(v) for v in env.values() if v.strip().isdigit()]
-        return {"source": "env", "threads": min(counts) if counts else None, "detail": env}
-    pools = [{"api": p.get("internal_api"), "library": p.get("prefix"),
-              "threads": p.get("num_threads")} for p in threadpoolctl.threadpool_info()]
-    counts = [p["threads"] for p in pools if isinstance(p["threads"], int)]
-    return {"source": "threadpoolctl", "threads": max(counts) if counts else None, "detail": pools}
+def _worker_facts(engine: Engine) -> dict[str, Any]:
+    """The probe's facts about the engine's one worker, and its USS: psutil reads that from here,
+    by pid, so that the probe (and the worker measured) never imports psutil."""
+    facts = engine.submit(worker_facts, THREAD_ENV_VARS).result()
+    return {**facts, "uss": uss_of(facts["pid"]) or 0}
 
 
 def _serial_pass(fn: Callable[[Any], Any], items: list[Any], say: _Say) -> SerialPass:
     with Engine(workers=1) as engine:
-        fresh = engine.submit(_worker_facts).result()
+        fresh = _worker_facts(engine)
         warmup = _measure_one(engine, fn, items[0], -1)
         measured: list[ItemMeasurement] = []
         for index, item in enumerate(items):
             say.tick(f"serial pass {index + 1}/{len(items)}")
             measured.append(_measure_one(engine, fn, item, index))
-        final = engine.submit(_worker_facts).result()
+        final = _worker_facts(engine)
         tuned = _malloc_experiment(engine, fn, items, measured, say)
     ok = [m for m in measured if m.error is None] or [warmup]
     growth = [g for g in (m.rss_growth for m in ok) if g is not None]
@@ -754,7 +663,7 @@ def _malloc_experiment(engine: Engine, fn: Callable[[Any], Any], items: list[Any
     ok = [(item, m) for item, m in zip(items, measured, strict=True) if m.error is None]
     if not ok or statistics.fmean(m.faults for _, m in ok) * PAGE_BYTES < FAULT_NOTE_BYTES:
         return None
-    if not engine.submit(_keep_malloc_memory).result():
+    if not engine.submit(keep_malloc_memory).result():
         return None
     mean = statistics.fmean(m.wall for _, m in ok)
     count = max(2, min(8, int(MALLOC_EXPERIMENT_SECONDS / max(mean, 1e-9))))
@@ -775,7 +684,7 @@ def _measure_one(engine: Engine, fn: Callable[[Any], Any], item: Any, index: int
     start = time.perf_counter()
     try:
         wall, cpu, before, peak, size, error, faults = engine.submit(
-            _measure_item, fn, item).result()
+            measure_item, fn, item).result()
     except Exception as exc:  # the worker crashed, or the function could not be shipped
         return ItemMeasurement(index, time.perf_counter() - start, 0.0, None, None, bytes_in, 0,
                                time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
