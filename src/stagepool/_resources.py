@@ -622,7 +622,7 @@ def _signal_all(procs: list[psutil.Process], *, kill: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Measurement helpers for the profiler (``_profiling``), read from the parent; psutil stays here
+# Measurement helpers for the profiler (``_profiling/``), read from the parent; psutil stays here
 # --------------------------------------------------------------------------------------------------
 
 # (pid, CPU % since the previous sample of that pid or None on first sight, RSS bytes or None)
