@@ -202,3 +202,10 @@ def exit_slowly(pid_file: str) -> int:
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
     return os.getpid()
+
+
+def loaded_modules(names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` this process has imported (this module imports nothing heavy itself)."""
+    import sys
+
+    return sorted(name for name in names if name in sys.modules)

@@ -6,6 +6,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import pytest
+
 import stagepool as sp
 
 PUBLIC_MODULES = {"cli", "demo"}  # the command line and the demo workload are public by design
@@ -46,11 +48,12 @@ def test_exports_table_matches_all() -> None:
     assert set(sp._EXPORTS) == set(sp.__all__)
 
 
-def test_a_worker_import_stays_light() -> None:
+@pytest.mark.parametrize("module", ["stagepool._worker", "stagepool._probe"])
+def test_a_worker_import_stays_light(module: str) -> None:
     import subprocess
     import sys
 
-    code = ("import sys, stagepool._worker; "
+    code = (f"import sys, {module}; "
             "print(sorted(m for m in ('numpy', 'psutil', 'tqdm', 'loky', 'stagepool._engine') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -17,10 +17,13 @@ from typing import Any
 import pytest
 
 import _profile_tasks as tasks
+import _tasks
 import stagepool as sp
 from conftest import WAIT
+from stagepool import _probe
 from stagepool._config import parse_size
 from stagepool._profiling import chunk_candidates, recommend_timeout
+from stagepool._resources import THREAD_ENV_VARS
 from stagepool.cli import main
 
 RUN = 0.3  # seconds per measured run: enough for these stages, keeps the module ~30 s
@@ -130,6 +133,22 @@ def test_serial_pass_measures_time_memory_payload_and_threads(cpu_profile: sp.St
     assert serial.blas_threads["source"] in ("env", "threadpoolctl")
 
 
+def test_the_worker_probe_imports_nothing_of_the_engine() -> None:
+    # The probe's functions travel by reference: a worker running one imports its module and all
+    # that module imports, which would then count in the "fresh worker" memory baseline. Read
+    # from inside a real worker, before and after every probe function ran there.
+    heavy = ("numpy", "psutil", "stagepool._engine", "stagepool._resources", "stagepool._profiling")
+    with sp.Engine(workers=1) as engine:
+        before = engine.submit(_tasks.loaded_modules, heavy).result(timeout=WAIT)
+        facts = engine.submit(_probe.worker_facts, THREAD_ENV_VARS).result(timeout=WAIT)
+        measured = engine.submit(_probe.measure_item, _tasks.double, 21).result(timeout=WAIT)
+        engine.submit(_probe.keep_malloc_memory).result(timeout=WAIT)
+        after = engine.submit(_tasks.loaded_modules, heavy).result(timeout=WAIT)
+    assert facts["rss"] > 0 and measured[5] is None  # the probe did run
+    assert "numpy" not in before and "stagepool._engine" not in before  # else this proves nothing
+    assert after == before, f"the probe imported {sorted(set(after) - set(before))} in the worker"
+
+
 def test_sampler_reads_every_worker_without_disturbing_them(cpu_profile: sp.StageProfile) -> None:
     assert cpu_profile.samples
     top = [r for r in cpu_profile.runs if r.workers == CPUS]
@@ -222,6 +241,18 @@ def test_load_profile_rejects_what_engine_would_not_take(tmp_path: Path, content
 def test_load_profile_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="stagepool profile"):
         sp.load_profile(tmp_path)
+
+
+def test_reading_a_profile_does_not_import_the_profiler(tmp_path: Path) -> None:
+    # Engine.from_profile sits below the profiler: reading profile.json must not pull it in.
+    (tmp_path / "profile.json").write_text('{"format": "stagepool-profile/1", '
+                                           '"recommended": {"workers": 1}}')
+    code = (f"import sys, stagepool as sp; engine = sp.Engine.from_profile({str(tmp_path)!r}); "
+            "engine.shutdown(); print(sorted(m for m in sys.modules if 'profiling' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 # ---- the command line ---------------------------------------------------------------------------

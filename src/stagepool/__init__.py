@@ -26,7 +26,8 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
     )
     from ._outcome import BatchReport, BatchStats, Outcome
-    from ._profiling import StageProfile, load_profile, profile_stage
+    from ._profile_file import load_profile
+    from ._profiling import StageProfile, profile_stage
     from ._progress import Progress
     from ._resources import ResourceSnapshot, WorkerPlan, plan_workers
 
@@ -49,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "TaskTimeout": "._errors",
     "WorkerCrashed": "._errors",
     "WorkerPlan": "._resources",
-    "load_profile": "._profiling",
+    "load_profile": "._profile_file",
     "plan_workers": "._resources",
     "profile_stage": "._profiling",
 }

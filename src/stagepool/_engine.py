@@ -154,7 +154,7 @@ class Engine:
         """An engine with the settings ``stagepool profile --out DIR`` recommended: ``path`` is
         its ``profile.json`` or DIR; keyword ``overrides`` win over the file. Raises ``ValueError``
         for a file that is not a stagepool profile."""
-        from ._profiling import load_profile  # the profiler's layer, imported only when used
+        from ._profile_file import load_profile  # json and validation, imported only when used
 
         return cls(**{**load_profile(path), **overrides})
 

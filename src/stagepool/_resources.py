@@ -17,8 +17,8 @@ limit". The one thing that does raise is a malformed ``STAGEPOOL_MAX_WORKERS``, 
 an explicit override should not be silently ignored.
 
 The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``, and the
-profiler's ``cpu_rss_sampler``, ``uss_of``, ``reset_peak_rss``, ``peak_rss``) live here so that
-psutil stays in one module.
+profiler's ``cpu_rss_sampler`` and ``uss_of``) live here so that psutil stays in one module. (What
+the profiler reads inside a worker, without psutil, is in ``_probe``.)
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ __all__ = [
     "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
-    "peak_rss",
     "plan_from_snapshot",
     "plan_workers",
     "process_tree_pids",
-    "reset_peak_rss",
     "rss_of",
     "uss_of",
 ]
@@ -624,7 +622,7 @@ def _signal_all(procs: list[psutil.Process], *, kill: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Measurement helpers for the profiler (``_profiling.py``); psutil stays in this module
+# Measurement helpers for the profiler (``_profiling/``), read from the parent; psutil stays here
 # --------------------------------------------------------------------------------------------------
 
 # (pid, CPU % since the previous sample of that pid or None on first sight, RSS bytes or None)
@@ -674,39 +672,3 @@ def uss_of(pid: int) -> int | None:
             return int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where unsupported.
-
-    Linux >= 4.0 resets the high-water mark when "5" is written to ``/proc/self/clear_refs``.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    """This process's peak RSS in bytes since start or the last :func:`reset_peak_rss`.
-
-    ``VmHWM`` from ``/proc/self/status`` on Linux; elsewhere ``ru_maxrss`` (never reset), or None.
-    """
-    text = _read_text(Path("/proc/self/status"))
-    for line in (text or "").splitlines():
-        if line.startswith("VmHWM:"):
-            fields = line.split()
-            try:
-                return int(fields[1]) * 1024  # always reported in kB
-            except (IndexError, ValueError):
-                break
-    try:
-        import resource
-        import sys
-
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (ImportError, OSError):  # pragma: no cover - Windows
-        return None
-    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
