@@ -64,7 +64,7 @@ def read_fake(proc: Path, root: Path, **overrides: Any) -> ResourceSnapshot:
     return ResourceSnapshot.read(proc_root=proc, cgroup_root=root, **kwargs)
 
 
-def test_v2_limited_reads_the_leaf_not_the_root(tmp_path: Path) -> None:
+def test_v2_limited_leaf(tmp_path: Path) -> None:
     proc, root = make_tree(
         tmp_path,
         "0::/app.slice/job.scope\n",
@@ -72,7 +72,7 @@ def test_v2_limited_reads_the_leaf_not_the_root(tmp_path: Path) -> None:
             "app.slice/job.scope/cpu.max": "150000 100000",
             "app.slice/job.scope/memory.max": str(2 * GiB),
             "app.slice/job.scope/memory.current": str(512 * MiB),
-            # Decoys at the root: must be ignored because the leaf directory exists.
+            # Looser limits above the leaf: the tightest level wins.
             "cpu.max": "400000 100000",
             "memory.max": str(8 * GiB),
         },
@@ -181,6 +181,92 @@ def test_v1_container_falls_back_to_the_controller_root(tmp_path: Path) -> None:
     snap = read_fake(proc, root)
     assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit) == (1.0, 3 * GiB)
     assert snap.effective_mem_available == 2 * GiB
+
+
+def test_v2_limits_of_a_parent_cgroup_apply(tmp_path: Path) -> None:
+    # A job in a child cgroup of a 1.5 GiB / 0.5-CPU slice: the leaf itself sets no limit.
+    proc, root = make_tree(
+        tmp_path,
+        "0::/batch.slice/job-7.scope\n",
+        {
+            "batch.slice/cpu.max": "50000 100000",
+            "batch.slice/memory.max": str(int(1.5 * GiB)),
+            "batch.slice/memory.current": str(600 * MiB),  # siblings use the slice's memory too
+            "batch.slice/job-7.scope/cpu.max": "max 100000",
+            "batch.slice/job-7.scope/memory.max": "max",
+            "batch.slice/job-7.scope/memory.current": str(100 * MiB),
+        },
+    )
+    snap = read_fake(proc, root, logical_cpus=2, affinity_cpus=2, mem_available=20 * GiB)
+    assert snap.cgroup_cpu_quota == 0.5
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (int(1.5 * GiB), 600 * MiB)
+    assert snap.effective_mem_available == int(1.5 * GiB) - 600 * MiB
+    plan = plan_from_snapshot(snap, mem_per_task="512MiB")
+    assert (plan.workers, plan.limited_by) == (1, "cpu")
+    assert "cgroup quota 0.5" in plan.reason
+    assert "cgroup limit 1.5 GiB" in format_snapshot(snap)
+
+
+def test_v2_the_tightest_level_wins(tmp_path: Path) -> None:
+    # The grandparent has the least CPU. The parent's memory limit is the higher one, but its
+    # other children use most of it: the least headroom, not the lowest limit, bounds new work.
+    proc, root = make_tree(
+        tmp_path,
+        "0::/a/b/c\n",
+        {
+            "a/cpu.max": "120000 100000",
+            "a/b/cpu.max": "300000 100000",
+            "a/b/c/cpu.max": "200000 100000",
+            "a/b/memory.max": str(8 * GiB),
+            "a/b/memory.current": str(int(7.5 * GiB)),
+            "a/b/c/memory.max": str(4 * GiB),
+            "a/b/c/memory.current": str(1 * GiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_cpu_quota == 1.2
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (8 * GiB, int(7.5 * GiB))
+    assert snap.effective_mem_available == 512 * MiB
+
+
+def test_v1_hierarchical_memory_limit_and_parent_cpu_quota(tmp_path: Path) -> None:
+    # The parent's limits are not visible as the leaf's own files: memory.stat carries the
+    # effective (hierarchical) memory limit, and the parent's CFS quota is found by walking up.
+    proc, root = make_tree(
+        tmp_path,
+        "4:memory:/jobs/j1\n3:cpu,cpuacct:/jobs/j1\n",
+        {
+            "cpu,cpuacct/jobs/cpu.cfs_quota_us": "50000",
+            "cpu,cpuacct/jobs/cpu.cfs_period_us": "100000",
+            "cpu,cpuacct/jobs/j1/cpu.cfs_quota_us": "-1",
+            "cpu,cpuacct/jobs/j1/cpu.cfs_period_us": "100000",
+            "memory/jobs/j1/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/jobs/j1/memory.usage_in_bytes": str(200 * MiB),
+            "memory/jobs/j1/memory.stat": f"cache 0\nrss 0\nhierarchical_memory_limit {int(1.5 * GiB)}\n"
+            f"hierarchical_memsw_limit {V1_UNLIMITED}\n",
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 1
+    assert snap.cgroup_cpu_quota == 0.5
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (int(1.5 * GiB), 200 * MiB)
+
+
+def test_v1_parent_memory_usage_counts(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "4:memory:/jobs/j1\n",
+        {
+            "memory/jobs/memory.limit_in_bytes": str(2 * GiB),
+            "memory/jobs/memory.usage_in_bytes": str(int(1.5 * GiB)),
+            "memory/jobs/j1/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/jobs/j1/memory.usage_in_bytes": str(100 * MiB),
+            "memory/jobs/j1/memory.stat": f"hierarchical_memory_limit {2 * GiB}\n",
+        },
+    )
+    snap = read_fake(proc, root)
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (2 * GiB, int(1.5 * GiB))
+    assert snap.effective_mem_available == 512 * MiB
 
 
 def test_missing_cgroup_files_mean_no_limit(tmp_path: Path) -> None:

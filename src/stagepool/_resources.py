@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import psutil
@@ -246,7 +246,12 @@ class _CgroupLimits:
 
 
 def _read_cgroup(proc_root: Path, cgroup_root: Path) -> _CgroupLimits:
-    """Find this process's cgroups in ``{proc_root}/self/cgroup`` and read their limits."""
+    """Find this process's cgroups in ``{proc_root}/self/cgroup`` and read their effective limits.
+
+    A limit set on any ancestor binds the process as much as one on its own cgroup (a job in a
+    child of a 1.5 GiB slice has 1.5 GiB), so each controller is read from the process's cgroup
+    up to the mount root: the smallest CPU quota, and the memory level with the least headroom.
+    """
     text = _read_text(proc_root / "self" / "cgroup")
     if text is None:
         return _CgroupLimits()
@@ -266,26 +271,35 @@ def _read_cgroup(proc_root: Path, cgroup_root: Path) -> _CgroupLimits:
     if v1_paths:
         return _read_cgroup_v1(cgroup_root, v1_paths)
     if v2_path is not None:
-        return _read_cgroup_v2(_cgroup_dir(cgroup_root, v2_path))
+        return _read_cgroup_v2(_cgroup_levels(cgroup_root, v2_path))
     return _CgroupLimits()
 
 
-def _cgroup_dir(root: Path, path: str) -> Path:
-    """``root/path``, or ``root`` itself when that directory is absent.
+def _cgroup_levels(root: Path, path: str) -> list[Path]:
+    """The directory of cgroup ``path`` under the mount ``root`` and its ancestors, leaf first,
+    ending with ``root``.
 
-    Inside a container, /proc/self/cgroup shows the host-side path while the container's own
-    cgroup is mounted at the root.
+    Only ``[root]`` when that directory is absent: inside a container, /proc/self/cgroup shows the
+    host-side path while the container's own cgroup is mounted at the root (its ancestors are not
+    visible; cgroup v1's ``hierarchical_memory_limit`` still accounts for them).
     """
-    candidate = root / path.lstrip("/")
-    return candidate if candidate.is_dir() else root
+    parts = PurePosixPath(path).relative_to("/").parts if path.startswith("/") else ()
+    if not parts or ".." in parts or not root.joinpath(*parts).is_dir():
+        return [root]
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
 
 
-def _read_cgroup_v2(directory: Path) -> _CgroupLimits:
+def _read_cgroup_v2(levels: list[Path]) -> _CgroupLimits:
+    leaf_usage = _read_int(levels[0] / "memory.current")
+    limit, usage = _tightest_memory(
+        leaf_usage,
+        [(_read_int(d / "memory.max"), _read_int(d / "memory.current")) for d in levels],
+    )
     return _CgroupLimits(
         version=2,
-        cpu_quota=_parse_cpu_max(_read_text(directory / "cpu.max")),
-        mem_limit=_limit_or_none(_read_int(directory / "memory.max")),
-        mem_usage=_read_int(directory / "memory.current"),
+        cpu_quota=_smallest(_parse_cpu_max(_read_text(d / "cpu.max")) for d in levels),
+        mem_limit=limit,
+        mem_usage=usage,
     )
 
 
@@ -296,17 +310,55 @@ def _read_cgroup_v1(root: Path, paths: Mapping[str, tuple[str, str]]) -> _Cgroup
         # The mount point is named after the co-mounted controllers; "cpu" is usually a symlink.
         for name in dict.fromkeys((controllers, "cpu,cpuacct", "cpu")):
             if (root / name).is_dir():
-                directory = _cgroup_dir(root / name, path)
-                cpu_quota = _cpu_quota(
-                    _read_int(directory / "cpu.cfs_quota_us"),
-                    _read_int(directory / "cpu.cfs_period_us"),
+                cpu_quota = _smallest(
+                    _cpu_quota(_read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us"))
+                    for d in _cgroup_levels(root / name, path)
                 )
                 break
     if "memory" in paths:
-        directory = _cgroup_dir(root / "memory", paths["memory"][1])
-        mem_limit = _limit_or_none(_read_int(directory / "memory.limit_in_bytes"))
-        mem_usage = _read_int(directory / "memory.usage_in_bytes")
+        levels = _cgroup_levels(root / "memory", paths["memory"][1])
+        leaf_usage = _read_int(levels[0] / "memory.usage_in_bytes")
+        candidates = [(_read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes"))
+                      for d in levels]
+        # The kernel's own minimum over every ancestor, including those outside our view.
+        candidates.append((_v1_hierarchical_limit(levels[0]), leaf_usage))
+        mem_limit, mem_usage = _tightest_memory(leaf_usage, candidates)
     return _CgroupLimits(1, cpu_quota, mem_limit, mem_usage)
+
+
+def _v1_hierarchical_limit(directory: Path) -> int | None:
+    """``hierarchical_memory_limit`` from a v1 ``memory.stat``: the smallest limit on the path."""
+    for line in (_read_text(directory / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "hierarchical_memory_limit":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _tightest_memory(
+    leaf_usage: int | None, levels: Iterable[tuple[int | None, int | None]]
+) -> tuple[int | None, int | None]:
+    """The (limit, usage) of the level with the least headroom; (None, leaf usage) if none has a
+    limit.
+
+    The least headroom, not the lowest limit: a parent's higher limit binds first when its other
+    children use most of it. A level whose usage is unknown is charged the leaf's usage, which
+    its own usage includes.
+    """
+    limited = [(limit, leaf_usage if usage is None else usage)
+               for limit, usage in levels if _limit_or_none(limit) is not None]
+    if not limited:
+        return None, leaf_usage
+    return min(limited, key=lambda level: (level[0] or 0) - (level[1] or 0))  # first of ties: leaf
+
+
+def _smallest(values: Iterable[float | None]) -> float | None:
+    """The smallest known value (a CPU quota), or None when no level sets one."""
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
 
 
 def _parse_cpu_max(text: str | None) -> float | None:
