@@ -20,6 +20,7 @@ from stagepool._resources import (
     THREAD_ENV_VARS,
     ResourceSnapshot,
     WorkerPlan,
+    choose_workers,
     format_snapshot,
     kill_tree,
     plan_from_snapshot,
@@ -416,11 +417,44 @@ def test_ties_prefer_cpu_then_memory(kwargs: dict[str, Any], expected: str) -> N
     assert plan_from_snapshot(fake_snapshot(), **kwargs).limited_by == expected
 
 
-def test_env_overrides_everything() -> None:
-    snap = fake_snapshot(affinity_cpus=2, env_max_workers=4)
-    plan = plan_from_snapshot(snap, mem_per_task="8GiB", max_workers=1)
-    assert (plan.workers, plan.limited_by) == (4, "env")
-    assert plan.reason.startswith("4 workers: set by STAGEPOOL_MAX_WORKERS=4")
+@pytest.mark.parametrize("env", [4, 99999])
+def test_env_is_a_maximum_that_never_raises_the_plan(env: int) -> None:
+    snap = fake_snapshot(affinity_cpus=2, env_max_workers=env)
+    plan = plan_from_snapshot(snap, mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by) == (2, "cpu")
+    assert plan_from_snapshot(snap, max_workers=1).workers == 1
+
+
+def test_env_caps_the_plan_and_says_what_it_would_be() -> None:
+    plan = plan_from_snapshot(fake_snapshot(env_max_workers=3), mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by) == (3, "env")
+    assert plan.reason == (
+        "3 workers: limited by STAGEPOOL_MAX_WORKERS=3 (without it 8: limited by cpu, "
+        "8 usable CPUs (logical 8, affinity 8, cgroup quota none))"
+    )
+
+
+def test_env_equal_to_the_plan_leaves_the_machine_limit_named() -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=4, env_max_workers=4))
+    assert (plan.workers, plan.limited_by) == (4, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("env", "requested", "expected", "how"),
+    [
+        (None, None, 2, "auto: limited by cpu, 2 usable CPUs"),
+        (8, 1, 1, "explicit; the machine plan allows 2: limited by cpu"),
+        (None, 4, 4, "explicit; the machine plan allows 2: limited by cpu"),
+        (3, 4, 3, "explicit 4, capped by STAGEPOOL_MAX_WORKERS=3"),
+        (1, None, 1, "auto: limited by STAGEPOOL_MAX_WORKERS=1 (without it 2"),
+    ],
+)
+def test_choose_workers(env: int | None, requested: int | None, expected: int, how: str) -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2, env_max_workers=env))
+    workers, described = choose_workers(plan, requested)
+    assert workers == expected
+    noun = "worker" if expected == 1 else "workers"
+    assert described.startswith(f"{expected} {noun} ({how}")
 
 
 def test_reserve_cores() -> None:
@@ -483,8 +517,8 @@ def test_thread_env_splits_cpus_and_skips_user_set_vars() -> None:
 
 
 def test_thread_env_never_below_one_thread() -> None:
-    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2, env_max_workers=16))
-    assert set(plan.thread_env({}).values()) == {"1"}
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2))
+    assert set(plan.thread_env({}, workers=16).values()) == {"1"}
 
 
 def test_format_snapshot_mentions_every_source() -> None:
@@ -542,8 +576,10 @@ def test_workers_always_within_bounds(
     )
     assert plan.reason.startswith(f"{plan.workers} worker")
     if snap.env_max_workers is not None:
-        assert (plan.workers, plan.limited_by) == (snap.env_max_workers, "env")
-        return
+        assert plan.workers <= snap.env_max_workers
+        assert (plan.limited_by == "env") == (plan.workers < plan_from_snapshot(
+            dataclasses.replace(snap, env_max_workers=None), mem_per_task=mem_per_task,
+            reserve_cores=reserve_cores, max_workers=max_workers).workers)
     assert 1 <= plan.workers <= max(1, snap.usable_cpus)
     if max_workers is not None:
         assert plan.workers <= max_workers

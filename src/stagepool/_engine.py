@@ -62,7 +62,7 @@ from ._outcome import (
     make_outcome,
 )
 from ._progress import Progress, ProgressSink, make_sink
-from ._resources import WorkerPlan, plan_workers
+from ._resources import WorkerPlan, choose_workers, plan_workers
 
 if TYPE_CHECKING:
     from ._aio import OutcomeStream
@@ -672,9 +672,13 @@ def _piece_outcomes(piece: Piece) -> list[Outcome[Any]]:
 class Engine:
     """A pool of worker processes that gives every item exactly one :class:`Outcome`.
 
-    ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quota, memory per task);
-    ``engine.plan`` says what it chose and why. The workers start here, once, and serve every
-    batch until :meth:`shutdown` (or the end of a ``with`` block).
+    ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);
+    ``engine.plan`` says what the machine allows and why, ``engine.workers`` what runs, and
+    ``repr(engine)`` how that was chosen. An explicit ``workers=N`` may exceed the plan. The
+    environment variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count,
+    never raises it.
+    The workers start here, once, and serve every batch until :meth:`shutdown` (or the end of a
+    ``with`` block).
 
     All options are keyword-only and validated here: a bad value raises ``TypeError`` or
     ``ValueError`` naming the argument, before any process starts.
@@ -729,12 +733,8 @@ class Engine:
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs)
-        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
-                                             max_workers=self.config.workers)
-        if self.config.workers is not None and self.plan.limited_by != "env":
-            self.workers = self.config.workers
-        else:
-            self.workers = self.plan.workers
+        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
+        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
         # The array size that goes through shared memory (0 where there is no /dev/shm); checked
         # once, not per chunk.
         self._shm_threshold = self.config.shm_threshold if _transport.available() else 0
@@ -783,8 +783,8 @@ class Engine:
         return backend
 
     def __repr__(self) -> str:
-        state = "closed" if self._backend is None else f"{self.workers} workers"
-        return f"<stagepool.Engine {state}: {self.plan.reason}>"
+        closed = ", closed" if self._backend is None else ""
+        return f"<stagepool.Engine {self._sizing}{closed}>"
 
     # ---- context management ------------------------------------------------------------------
 

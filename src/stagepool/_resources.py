@@ -14,7 +14,8 @@ psutil, os, environ --/                                        |
 
 Reading never raises because of a missing or odd cgroup: an absent or unreadable file means "no
 limit". The one thing that does raise is a malformed ``STAGEPOOL_MAX_WORKERS``, because a typo in
-an explicit override should not be silently ignored.
+an operator's ceiling should not be silently ignored. That variable is a maximum: it lowers a
+worker count, never raises one.
 
 The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``, and the
 profiler's ``cpu_rss_sampler``, ``uss_of``, ``reset_peak_rss``, ``peak_rss``) live here so that
@@ -41,6 +42,7 @@ __all__ = [
     "ProcessSample",
     "ResourceSnapshot",
     "WorkerPlan",
+    "choose_workers",
     "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
@@ -423,6 +425,11 @@ class WorkerPlan:
     def __str__(self) -> str:
         return self.reason
 
+    @property
+    def detail(self) -> str:
+        """The reason without its leading worker count: "limited by cpu, 2 usable CPUs (...)"."""
+        return self.reason.partition(": ")[2]
+
     def thread_env(self, environ: Mapping[str, str] | None = None, *,
                    workers: int | None = None) -> dict[str, str]:
         """Environment variables capping BLAS/OpenMP threads per worker at ``cpus // workers``
@@ -448,7 +455,8 @@ def plan_from_snapshot(
     The tightest of three bounds wins: usable CPUs minus ``reserve_cores``, effective available
     memory // ``mem_per_task`` (when given), and ``max_workers`` (when given); ties go to "cpu",
     then "memory", then "max_workers". At least one worker always runs. ``STAGEPOOL_MAX_WORKERS``
-    (``snapshot.env_max_workers``) overrides all of it.
+    (``snapshot.env_max_workers``) is one more maximum: it lowers the count when it is tighter
+    (``limited_by == "env"``) and never raises it.
     """
     per_task = _validate_mem_per_task(mem_per_task)
     _check_int("reserve_cores", reserve_cores, minimum=0)
@@ -462,25 +470,39 @@ def plan_from_snapshot(
     limited_by, bound = min(bounds, key=lambda item: item[1])  # min() keeps the first of ties
     workers = max(1, bound)
     detail = _reason_detail(snapshot, limited_by, workers, per_task, reserve_cores)
-    reason = f"{_workers(workers)}: {detail}"
 
-    if snapshot.env_max_workers is not None:
-        env_workers = snapshot.env_max_workers
-        reason = (
-            f"{_workers(env_workers)}: set by {ENV_MAX_WORKERS}={env_workers} "
-            f"(without it {workers}, {detail})"
-        )
-        workers = env_workers
-        limited_by = "env"
+    env_workers = snapshot.env_max_workers
+    if env_workers is not None and env_workers < workers:  # a tie leaves the machine's reason
+        detail = f"limited by {ENV_MAX_WORKERS}={env_workers} (without it {workers}: {detail})"
+        workers, limited_by = env_workers, "env"
     return WorkerPlan(
         workers=workers,
         cpus=snapshot.usable_cpus,
         mem_available=snapshot.effective_mem_available,
         mem_per_task=per_task,
         limited_by=limited_by,
-        reason=reason,
+        reason=f"{_workers(workers)}: {detail}",
         snapshot=snapshot,
     )
+
+
+def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
+    """An engine's worker count, and a description of the choice for its ``repr`` (pure):
+    ``(4, "4 workers (explicit; the machine plan allows 2: limited by cpu, ...)")``.
+
+    ``requested`` None ("auto") takes ``plan.workers``. An explicit count is the user insisting:
+    it may exceed the machine plan, but ``STAGEPOOL_MAX_WORKERS`` still caps it, since that
+    variable is the operator's ceiling for every engine.
+    """
+    ceiling = plan.snapshot.env_max_workers
+    if requested is None:
+        workers, how = plan.workers, f"auto: {plan.detail}"
+    elif ceiling is not None and requested > ceiling:
+        workers, how = ceiling, f"explicit {requested}, capped by {ENV_MAX_WORKERS}={ceiling}"
+    else:
+        workers = requested
+        how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
+    return workers, f"{_workers(workers)} ({how})"
 
 
 def plan_workers(
