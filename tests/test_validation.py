@@ -62,3 +62,35 @@ def test_repr_says_how_the_count_was_chosen(monkeypatch: pytest.MonkeyPatch) -> 
         noun = "worker" if plan.workers == 1 else "workers"
         assert repr(engine) == f"<stagepool.Engine {plan.workers} {noun} (auto: {plan.detail})>"
         assert "workers: " not in repr(engine)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seconds: backoff and timeout
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backoff", "error", "match"),
+    [
+        (float("nan"), ValueError, "backoff must be a finite number of seconds, got nan"),
+        (float("inf"), ValueError, "backoff must be a finite number of seconds, got inf"),
+        (-0.5, ValueError, "backoff must be >= 0 seconds, got -0.5"),
+        (10**400, ValueError, "backoff must be a finite number of seconds"),
+        (True, TypeError, "backoff must be a number of seconds"),
+        ("1s", TypeError, "backoff must be a number of seconds"),
+    ],
+)
+def test_bad_backoff_is_refused(backoff: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        sp.Engine(workers=1, retries=1, backoff=backoff)  # type: ignore[arg-type]
+
+
+def test_backoff_whose_last_wait_cannot_be_waited_is_refused() -> None:
+    # 0.1 * 2**1999 s overflows a float: the retry itself would raise OverflowError mid-batch.
+    with pytest.raises(ValueError, match=r"backoff=0.1 with retries=2000 .* lower retries or backoff"):
+        sp.Engine(workers=1, retries=2000, backoff=0.1)
+
+
+def test_many_retries_without_backoff_are_fine() -> None:
+    with sp.Engine(workers=1, retries=5000, backoff=0) as engine:
+        assert engine.map(_tasks.double, [1], timeout=WAIT).values == [2]

@@ -7,7 +7,9 @@ the argument) come out. Nothing reads the machine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -93,6 +95,26 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = False) ->
     return value
 
 
+def check_seconds(value: object, name: str, *, zero_ok: bool = False) -> float:
+    """``value`` as a finite float of seconds, > 0 (>= 0 with ``zero_ok``).
+
+    Raises ``TypeError`` for a non-number (bool included) and ``ValueError`` for NaN, infinity or
+    a number out of range, each naming ``name``: a NaN deadline never comes and an infinite one
+    never fires, so either would hang a batch instead of failing it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float range
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not zero_ok):
+        raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0 seconds, got {value!r}")
+    return seconds
+
+
 def check_timeout(value: object, name: str = "timeout") -> Timeout:
     """A positive number of seconds, a callable of the item returning one, or None."""
     if value is None or callable(value):
@@ -103,6 +125,20 @@ def check_timeout(value: object, name: str = "timeout") -> Timeout:
     if not value > 0:
         raise ValueError(f"{name} must be > 0 seconds, got {value}")
     return float(value)
+
+
+def check_backoff(backoff: object, retries: int) -> float:
+    """``backoff`` as finite seconds >= 0 whose longest wait, before the last retry
+    (``backoff * 2**(retries - 1)``), can still be waited for (``threading.TIMEOUT_MAX``)."""
+    seconds = check_seconds(backoff, "backoff", zero_ok=True)
+    # Compared in logarithms: the product itself overflows a float for a few thousand retries.
+    if seconds and retries and math.log2(seconds) + retries - 1 > math.log2(threading.TIMEOUT_MAX):
+        raise ValueError(
+            f"backoff={backoff!r} with retries={retries} would wait backoff * 2**{retries - 1} "
+            f"seconds before the last retry, more than can be waited for "
+            f"({threading.TIMEOUT_MAX:.3g} s); lower retries or backoff"
+        )
+    return seconds
 
 
 def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
@@ -148,9 +184,6 @@ class EngineConfig:
         retries = kw["retries"]
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        backoff = kw["backoff"]
-        if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
-            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}")
         initializer = kw["initializer"]
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
@@ -163,7 +196,7 @@ class EngineConfig:
             timeout=check_timeout(kw["timeout"]),
             retries=retries,
             retry_on=check_retry_on(kw["retry_on"]),
-            backoff=float(backoff),
+            backoff=check_backoff(kw["backoff"], retries),
             max_rss_per_worker=None if rss is None else _positive_size(rss, "max_rss_per_worker"),
             max_tasks_per_worker=check_positive_int(kw["max_tasks_per_worker"],
                                                     "max_tasks_per_worker", allow_none=True),
