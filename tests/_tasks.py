@@ -202,3 +202,10 @@ def exit_slowly(pid_file: str) -> int:
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
     return os.getpid()
+
+
+def touch(path: str) -> str:
+    """Leave a file behind: proof that the item ran."""
+    with open(path, "w") as f:
+        f.write("ran")
+    return path

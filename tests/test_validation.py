@@ -5,6 +5,9 @@ Engines here are real (their workers start); a constructor that raises starts no
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 import _tasks
@@ -94,3 +97,79 @@ def test_backoff_whose_last_wait_cannot_be_waited_is_refused() -> None:
 def test_many_retries_without_backoff_are_fine() -> None:
     with sp.Engine(workers=1, retries=5000, backoff=0) as engine:
         assert engine.map(_tasks.double, [1], timeout=WAIT).values == [2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes, initargs, booleans
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mem_per_task", "max_rss_per_worker", "shm_threshold"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_sizes_that_are_not_finite_are_named(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a finite number of bytes"):
+        sp.Engine(workers=1, **{name: value})  # type: ignore[arg-type]
+
+
+def test_plan_workers_refuses_an_infinite_mem_per_task() -> None:
+    with pytest.raises(ValueError, match="mem_per_task must be a finite number of bytes"):
+        sp.plan_workers(mem_per_task=float("inf"))
+
+
+@pytest.mark.parametrize("initargs", [5, "ab", {"a": 1}, None, iter([1])])
+def test_initargs_must_be_a_tuple_or_list(initargs: object) -> None:
+    with pytest.raises(TypeError, match=r"initargs must be a tuple or list .* initargs=\(x,\)"):
+        sp.Engine(workers=1, initializer=_tasks.double, initargs=initargs)  # type: ignore[arg-type]
+
+
+def test_initargs_as_a_list_reach_the_initializer() -> None:
+    with sp.Engine(workers=1, initializer=_tasks.init_set, initargs=[7]) as engine:
+        assert engine.map(_tasks.read_init, [0], timeout=WAIT).values == [[7]]
+
+
+@pytest.mark.parametrize("name", ["progress", "writable_inputs"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_engine_flags_must_be_bools(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        sp.Engine(workers=1, **{name: value})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-call progress options: refused at the call, before any item runs
+# --------------------------------------------------------------------------------------------------
+
+BAD_CALL_OPTIONS = [
+    ({"on_progress": "x"}, "on_progress must be a callable"),
+    ({"progress": "no"}, "progress must be a bool"),
+    ({"desc": 5}, "desc must be a str"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_CALL_OPTIONS)
+def test_bad_progress_options_fail_map_and_imap_before_any_item(
+    engine: sp.Engine, tmp_path: Path, kwargs: dict[str, object], match: str
+) -> None:
+    marker = tmp_path / "ran"
+    with pytest.raises(TypeError, match=match):
+        engine.map(_tasks.touch, [str(marker)], **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=match):
+        engine.imap(_tasks.touch, [str(marker)], **kwargs)  # type: ignore[arg-type]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_CALL_OPTIONS)
+def test_bad_progress_options_fail_the_async_calls_before_any_item(
+    engine: sp.Engine, tmp_path: Path, kwargs: dict[str, object], match: str
+) -> None:
+    marker = tmp_path / "ran"
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match=match):
+            await asyncio.wait_for(
+                engine.map_async(_tasks.touch, [str(marker)], **kwargs),  # type: ignore[arg-type]
+                WAIT)
+        with pytest.raises(TypeError, match=match):
+            engine.imap_async(_tasks.touch, [str(marker)], **kwargs)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert not marker.exists()

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._config import DEFAULT
+from ._progress import check_progress_options
 
 if TYPE_CHECKING:
     from ._engine import Engine, _Batch
@@ -331,6 +332,8 @@ async def map_async(
         If the engine is shut down while the call runs, the items that never ran get outcome
         kind ``"cancelled"`` in the report (``EngineClosed`` if it was already shut down).
     """
+    # Here, not in the batch thread: the relay below would hide a non-callable on_progress.
+    check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
     call = _Call(asyncio.get_running_loop(), on_cancel)
     source = call.source(items)
 
@@ -394,6 +397,7 @@ def imap_async(
         taken that never ran, then ends.
     """
     _check_on_cancel(on_cancel)
+    check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
 
     def make_batch(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> _Batch:
         return engine._batch(fn, source, chunk_size=chunk_size, progress=progress, desc=desc,

@@ -40,13 +40,15 @@ def parse_size(value: int | float | str, *, name: str = "size") -> int:
     Accepts a non-negative int, or a string such as ``"512MiB"``, ``"2GB"``, ``"1.5 GiB"``, ``"4096"``.
     Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB) of 1024.
 
-    Raises ``TypeError`` for other types and ``ValueError`` (naming ``name``) for malformed or
-    negative sizes.
+    Raises ``TypeError`` for other types and ``ValueError`` (naming ``name``) for malformed,
+    negative or non-finite sizes.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number of bytes or a size string like '512MiB', not bool")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of bytes, got {value!r}")
+        if value < 0:
             raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
         return int(value)
     if not isinstance(value, str):
@@ -95,6 +97,14 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = False) ->
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool; otherwise a ``TypeError`` naming ``name`` (a string such as
+    ``"no"`` is truthy, so accepting it would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), not {value!r}")
+    return value
+
+
 def check_seconds(value: object, name: str, *, zero_ok: bool = False) -> float:
     """``value`` as a finite float of seconds, > 0 (>= 0 with ``zero_ok``).
 
@@ -139,6 +149,15 @@ def check_backoff(backoff: object, retries: int) -> float:
             f"({threading.TIMEOUT_MAX:.3g} s); lower retries or backoff"
         )
     return seconds
+
+
+def check_initargs(value: object) -> tuple[Any, ...]:
+    """The initializer's arguments as a tuple; only a tuple or a list is taken, since anything
+    else iterable (a string, a dict) would be spread into arguments nobody meant."""
+    if not isinstance(value, tuple | list):
+        raise TypeError(f"initargs must be a tuple or list of the initializer's arguments, not "
+                        f"{type(value).__name__}; for a single argument x write initargs=(x,)")
+    return tuple(value)
 
 
 def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
@@ -189,25 +208,27 @@ class EngineConfig:
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         return cls(
             workers=None if workers == "auto" else check_positive_int(workers, "workers"),
-            mem_per_task=None if mem is None else _positive_size(mem, "mem_per_task"),
+            mem_per_task=None if mem is None else positive_size(mem, "mem_per_task"),
             chunk_size=validate_chunk_size(kw["chunk_size"]),
             max_in_flight=check_positive_int(kw["max_in_flight"], "max_in_flight", allow_none=True),
-            progress=bool(kw["progress"]),
+            progress=check_bool(kw["progress"], "progress"),
             timeout=check_timeout(kw["timeout"]),
             retries=retries,
             retry_on=check_retry_on(kw["retry_on"]),
             backoff=check_backoff(kw["backoff"], retries),
-            max_rss_per_worker=None if rss is None else _positive_size(rss, "max_rss_per_worker"),
+            max_rss_per_worker=None if rss is None else positive_size(rss, "max_rss_per_worker"),
             max_tasks_per_worker=check_positive_int(kw["max_tasks_per_worker"],
                                                     "max_tasks_per_worker", allow_none=True),
             initializer=initializer,
-            initargs=tuple(kw["initargs"]),
+            initargs=check_initargs(kw["initargs"]),
             shm_threshold=parse_size(kw["shm_threshold"], name="shm_threshold"),
-            writable_inputs=bool(kw["writable_inputs"]),
+            writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
         )
 
 
-def _positive_size(value: int | float | str, name: str) -> int:
+def positive_size(value: int | float | str, name: str) -> int:
+    """:func:`parse_size`, and a ``ValueError`` naming ``name`` for 0 bytes (or a size that
+    rounds down to 0)."""
     size = parse_size(value, name=name)
     if size <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")

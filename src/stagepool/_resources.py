@@ -33,7 +33,7 @@ from typing import Literal
 
 import psutil
 
-from ._config import format_size, parse_size
+from ._config import format_size, positive_size
 
 __all__ = [
     "ENV_MAX_WORKERS",
@@ -534,12 +534,7 @@ def plan_workers(
 
 
 def _validate_mem_per_task(mem_per_task: int | str | None) -> int | None:
-    if mem_per_task is None:
-        return None
-    per_task: int = parse_size(mem_per_task, name="mem_per_task")
-    if per_task <= 0:
-        raise ValueError(f"mem_per_task must be > 0 bytes, got {mem_per_task!r}")
-    return per_task
+    return None if mem_per_task is None else positive_size(mem_per_task, "mem_per_task")
 
 
 def _reason_detail(
