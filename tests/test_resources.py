@@ -23,6 +23,7 @@ from stagepool._resources import (
     choose_workers,
     format_snapshot,
     kill_tree,
+    overcommit_warning,
     plan_from_snapshot,
     plan_workers,
     process_tree_pids,
@@ -455,6 +456,31 @@ def test_choose_workers(env: int | None, requested: int | None, expected: int, h
     assert workers == expected
     noun = "worker" if expected == 1 else "workers"
     assert described.startswith(f"{expected} {noun} ({how}")
+
+
+def test_overcommit_warning_only_past_the_memory_bound() -> None:
+    snap = fake_snapshot(mem_available=int(23 * GiB))
+    plan = plan_from_snapshot(snap, mem_per_task="8GiB")
+    assert overcommit_warning(plan, 2) is None
+    assert overcommit_warning(plan, 4) == (
+        "workers=4 x mem_per_task=8.0 GiB needs 32.0 GiB, but 23.0 GiB is available: memory "
+        "allows 2 workers. Starting 4 anyway risks swapping or the OOM killer; use "
+        "workers='auto', fewer workers or a smaller mem_per_task"
+    )
+    assert overcommit_warning(plan_from_snapshot(snap), 64) is None  # no mem_per_task: no claim
+
+
+def test_overcommit_warning_names_the_cgroup() -> None:
+    snap = fake_snapshot(cgroup_version=2, cgroup_mem_limit=2 * GiB, cgroup_mem_usage=0)
+    message = overcommit_warning(plan_from_snapshot(snap, mem_per_task="1GiB"), 3)
+    assert message is not None
+    assert "2.0 GiB is available under the cgroup limit: memory allows 2 workers" in message
+
+
+def test_one_worker_that_does_not_fit_is_the_plans_own_choice() -> None:
+    plan = plan_from_snapshot(fake_snapshot(mem_available=GiB), mem_per_task="4GiB")
+    assert plan.workers == 1
+    assert overcommit_warning(plan, 1) is None
 
 
 def test_reserve_cores() -> None:

@@ -173,3 +173,30 @@ def test_bad_progress_options_fail_the_async_calls_before_any_item(
 
     asyncio.run(main())
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Explicit workers x mem_per_task beyond what memory allows: a warning at the caller's line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_explicit_workers_beyond_the_memory_plan_warn_at_the_callers_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("STAGEPOOL_MAX_WORKERS", raising=False)
+    available = sp.plan_workers().mem_available
+    per_task = available // 3 + 1  # memory allows 2 workers, asked for 4
+    with pytest.warns(sp.OvercommitWarning, match=r"workers=4 x mem_per_task=.* memory allows 2 "
+                      r"workers") as record:
+        engine = sp.Engine(workers=4, mem_per_task=per_task)
+    with engine:
+        assert engine.workers == 4
+        assert repr(engine).startswith("<stagepool.Engine 4 workers (explicit; the machine plan "
+                                       "allows ")
+    assert issubclass(sp.OvercommitWarning, UserWarning)
+    assert [w.filename for w in record] == [__file__]
+
+
+def test_explicit_workers_within_the_memory_plan_do_not_warn() -> None:
+    with sp.Engine(workers=1, mem_per_task="1MiB") as engine:  # filterwarnings = error
+        assert engine.workers == 1

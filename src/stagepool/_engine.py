@@ -33,6 +33,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from array import array
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -45,6 +46,7 @@ from ._chunking import ChunkSizer, validate_chunk_size
 from ._config import DEFAULT, EngineConfig, Timeout, check_timeout
 from ._errors import (
     EngineClosed,
+    OvercommitWarning,
     RemoteError,
     SerializationError,
     TaskCancelled,
@@ -62,7 +64,7 @@ from ._outcome import (
     make_outcome,
 )
 from ._progress import Progress, ProgressSink, make_sink
-from ._resources import WorkerPlan, choose_workers, plan_workers
+from ._resources import WorkerPlan, choose_workers, overcommit_warning, plan_workers
 
 if TYPE_CHECKING:
     from ._aio import OutcomeStream
@@ -674,9 +676,9 @@ class Engine:
 
     ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);
     ``engine.plan`` says what the machine allows and why, ``engine.workers`` what runs, and
-    ``repr(engine)`` how that was chosen. An explicit ``workers=N`` may exceed the plan. The
-    environment variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count,
-    never raises it.
+    ``repr(engine)`` how that was chosen. An explicit ``workers=N`` may exceed the plan (with an
+    :class:`OvercommitWarning` when N x ``mem_per_task`` does not fit in memory). The environment
+    variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count, never raises it.
     The workers start here, once, and serve every batch until :meth:`shutdown` (or the end of a
     ``with`` block).
 
@@ -735,6 +737,9 @@ class Engine:
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs)
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
+        overcommit = overcommit_warning(self.plan, self.workers)
+        if overcommit is not None:  # the user insisted: start as told, but say so at their line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=2)
         # The array size that goes through shared memory (0 where there is no /dev/shm); checked
         # once, not per chunk.
         self._shm_threshold = self.config.shm_threshold if _transport.available() else 0

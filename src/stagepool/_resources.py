@@ -46,6 +46,7 @@ __all__ = [
     "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
+    "overcommit_warning",
     "peak_rss",
     "plan_from_snapshot",
     "plan_workers",
@@ -503,6 +504,24 @@ def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
         workers = requested
         how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
     return workers, f"{_workers(workers)} ({how})"
+
+
+def overcommit_warning(plan: WorkerPlan, workers: int) -> str | None:
+    """Why ``workers`` tasks of ``plan.mem_per_task`` do not fit where the plan says fewer do, or
+    None when they fit (or no ``mem_per_task`` was given); pure."""
+    per_task = plan.mem_per_task
+    if per_task is None:
+        return None
+    fits = max(1, plan.mem_available // per_task)  # the plan's own memory bound
+    if workers <= fits:
+        return None
+    need, have = _same_unit(workers * per_task, plan.mem_available)
+    where = " under the cgroup limit" if plan.snapshot.memory_limited_by_cgroup else ""
+    return (
+        f"workers={workers} x mem_per_task={format_size(per_task)} needs {need}, but {have} is "
+        f"available{where}: memory allows {_workers(fits)}. Starting {workers} anyway risks "
+        f"swapping or the OOM killer; use workers='auto', fewer workers or a smaller mem_per_task"
+    )
 
 
 def plan_workers(
