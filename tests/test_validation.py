@@ -200,3 +200,78 @@ def test_explicit_workers_beyond_the_memory_plan_warn_at_the_callers_line(
 def test_explicit_workers_within_the_memory_plan_do_not_warn() -> None:
     with sp.Engine(workers=1, mem_per_task="1MiB") as engine:  # filterwarnings = error
         assert engine.workers == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Other hostile values: infinite timeouts, sizes no machine has, bools for ints
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "match"),
+    [
+        (float("inf"), ValueError, "timeout must be a finite number of seconds, got inf; use None"),
+        (float("nan"), ValueError, "timeout must be a finite number of seconds, got nan"),
+        (10**400, ValueError, "timeout must be a finite number of seconds"),
+        (0, ValueError, "timeout must be > 0 seconds, got 0"),
+        (-1.5, ValueError, "timeout must be > 0 seconds, got -1.5"),
+        (True, TypeError, "timeout must be seconds"),
+    ],
+)
+def test_bad_timeouts_are_refused_by_the_engine_and_per_call(
+    engine: sp.Engine, timeout: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        sp.Engine(workers=1, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        engine.map(_tasks.double, [1], timeout=timeout)
+
+
+def test_a_month_long_timeout_is_accepted(engine: sp.Engine) -> None:
+    with sp.Engine(workers=1, timeout=30 * 86400) as month:
+        assert month.config.timeout == 30 * 86400.0
+    assert engine.map(_tasks.double, [1, 2], timeout=30 * 86400).values == [2, 4]
+
+
+def test_a_callable_timeout_returning_inf_fails_its_item_clearly(engine: sp.Engine) -> None:
+    report = engine.map(_tasks.double, [1, 2], timeout=_tasks.inf_for_two)
+    assert report[0].ok
+    assert report[1].kind == "error"
+    assert "timeout(1) must be a finite number of seconds, got inf; use None" in str(report[1].error)
+
+
+@pytest.mark.parametrize("name", ["mem_per_task", "max_rss_per_worker"])
+def test_sizes_beyond_any_machine_are_refused(name: str) -> None:
+    # max_rss_per_worker=2**62 used to start workers that all died at start-up (the memory cap
+    # 2 x the limit overflowed setrlimit), failing every item as a crash.
+    with pytest.raises(ValueError, match=f"{name} must be at most 1 EiB"):
+        sp.Engine(workers=1, **{name: 2**62})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"retries": True}, TypeError, "retries must be an int >= 0, not True"),
+        ({"retries": 1.0}, TypeError, "retries must be an int >= 0, not 1.0"),
+        ({"retries": -1}, ValueError, "retries must be >= 0, got -1"),
+        ({"workers": "Auto"}, TypeError, "workers must be an int >= 1 or 'auto', not 'Auto'"),
+        ({"workers": True}, TypeError, "workers must be an int >= 1 or 'auto', not True"),
+        ({"max_tasks_per_worker": False}, TypeError, "max_tasks_per_worker must be an int >= 1"),
+    ],
+)
+def test_ints_refuse_bools_floats_and_typos(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        sp.Engine(**kwargs)  # type: ignore[arg-type]
+
+
+def test_ordered_must_be_a_bool(engine: sp.Engine) -> None:
+    with pytest.raises(TypeError, match="ordered must be a bool"):
+        engine.imap(_tasks.double, [1], ordered="no")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match="ordered must be a bool"):
+            engine.imap_async(_tasks.double, [1], ordered=1)  # type: ignore[arg-type]
+
+    asyncio.run(main())

@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._config import DEFAULT
+from ._config import DEFAULT, check_bool
 from ._progress import check_progress_options
 
 if TYPE_CHECKING:
@@ -397,6 +397,7 @@ def imap_async(
         taken that never ran, then ends.
     """
     _check_on_cancel(on_cancel)
+    check_bool(ordered, "ordered")
     check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
 
     def make_batch(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> _Batch:

@@ -31,6 +31,9 @@ _UNITS: dict[str, int] = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
+# No machine has this much memory; a budget above it is a unit mistake, and twice it must still
+# fit the signed 64-bit rlimit a worker's memory cap is written to.
+MAX_BYTES = 2**60
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -85,16 +88,31 @@ FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancel
 DEFAULT_RETRY_ON: tuple[str, ...] = ("error", "crash", "timeout")
 
 
+def check_int(value: object, name: str, *, minimum: int, also: str = "") -> int:
+    """``value`` as an int >= ``minimum``; ``TypeError`` for anything else (a bool or a float
+    included), ``ValueError`` below the minimum, both naming ``name``. ``also`` names the other
+    accepted values in the message (" or None")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}{also}, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
     """``value`` as an int >= 1 (or None when allowed); otherwise an error naming ``name``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, "
-                        f"not {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_int(value, name, minimum=1, also=" or None" if allow_none else "")
+
+
+def check_workers(value: object) -> int | None:
+    """``workers``: an int >= 1, or "auto" (None)."""
+    if value == "auto":
+        return None
+    if isinstance(value, str):  # "Auto", "4": a typo, not a count
+        raise TypeError(f"workers must be an int >= 1 or 'auto', not {value!r}")
+    return check_int(value, "workers", minimum=1, also=" or 'auto'")
 
 
 def check_bool(value: object, name: str) -> bool:
@@ -126,15 +144,17 @@ def check_seconds(value: object, name: str, *, zero_ok: bool = False) -> float:
 
 
 def check_timeout(value: object, name: str = "timeout") -> Timeout:
-    """A positive number of seconds, a callable of the item returning one, or None."""
+    """A positive, finite number of seconds (however large), a callable of the item returning
+    one, or None (no limit)."""
     if value is None or callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be seconds (a number), a callable of the item, or None; "
                         f"not {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value}")
-    return float(value)
+    if value == math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds, got inf; "
+                         f"use None for no timeout")
+    return check_seconds(value, name)
 
 
 def check_backoff(backoff: object, retries: int) -> float:
@@ -198,16 +218,13 @@ class EngineConfig:
     def create(cls, **kw: Any) -> EngineConfig:
         from ._chunking import validate_chunk_size
 
-        workers = kw["workers"]
         mem, rss = kw["mem_per_task"], kw["max_rss_per_worker"]
-        retries = kw["retries"]
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        retries = check_int(kw["retries"], "retries", minimum=0)
         initializer = kw["initializer"]
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         return cls(
-            workers=None if workers == "auto" else check_positive_int(workers, "workers"),
+            workers=check_workers(kw["workers"]),
             mem_per_task=None if mem is None else positive_size(mem, "mem_per_task"),
             chunk_size=validate_chunk_size(kw["chunk_size"]),
             max_in_flight=check_positive_int(kw["max_in_flight"], "max_in_flight", allow_none=True),
@@ -227,9 +244,12 @@ class EngineConfig:
 
 
 def positive_size(value: int | float | str, name: str) -> int:
-    """:func:`parse_size`, and a ``ValueError`` naming ``name`` for 0 bytes (or a size that
-    rounds down to 0)."""
+    """:func:`parse_size` of a memory budget: a ``ValueError`` naming ``name`` for 0 bytes (or a
+    size that rounds down to 0) and for more than ``MAX_BYTES``."""
     size = parse_size(value, name=name)
     if size <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    if size > MAX_BYTES:
+        raise ValueError(f"{name} must be at most 1 EiB (more memory than any machine has), "
+                         f"got {value!r}")
     return size

@@ -43,7 +43,7 @@ import numpy as np
 from . import _transport
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._chunking import ChunkSizer, validate_chunk_size
-from ._config import DEFAULT, EngineConfig, Timeout, check_timeout
+from ._config import DEFAULT, EngineConfig, Timeout, check_bool, check_timeout
 from ._errors import (
     EngineClosed,
     OvercommitWarning,
@@ -887,6 +887,7 @@ class Engine:
         ahead of what the consumer has read. Closing the iterator early (``break``, ``close()``)
         withdraws chunks that have not started; running ones finish and are dropped.
         """
+        check_bool(ordered, "ordered")
         batch = self._batch(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                             on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                             max_concurrent=max_concurrent)

@@ -33,7 +33,7 @@ from typing import Literal
 
 import psutil
 
-from ._config import format_size, positive_size
+from ._config import MAX_BYTES, format_size, positive_size
 
 __all__ = [
     "ENV_MAX_WORKERS",
@@ -71,7 +71,7 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 
 # cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712); anything this
 # large cannot be a real limit on any machine we run on.
-_UNLIMITED_BYTES = 2**60
+_UNLIMITED_BYTES = MAX_BYTES
 _DEFAULT_CFS_PERIOD_US = 100_000
 
 LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
