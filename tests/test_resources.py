@@ -458,6 +458,24 @@ def test_choose_workers(env: int | None, requested: int | None, expected: int, h
     assert described.startswith(f"{expected} {noun} ({how}")
 
 
+@pytest.mark.parametrize("requested", [60, None])
+def test_more_workers_than_open_files_allow_is_refused(requested: int | None) -> None:
+    snap = fake_snapshot(open_files_limit=128, logical_cpus=60, affinity_cpus=60)
+    with pytest.raises(ValueError, match=r"workers=60 needs about 304 file descriptors .* only "
+                       r"128 \(ulimit -n\); raise the limit or use fewer workers"):
+        choose_workers(plan_from_snapshot(snap), requested)
+    assert choose_workers(plan_from_snapshot(snap), 16)[0] == 16
+
+
+def test_read_takes_the_soft_open_files_limit(tmp_path: Path) -> None:
+    import resource
+
+    proc, root = make_tree(tmp_path, None, {})
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    expected = None if soft == resource.RLIM_INFINITY else soft
+    assert read_fake(proc, root).open_files_limit == expected
+
+
 def test_overcommit_warning_only_past_the_memory_bound() -> None:
     snap = fake_snapshot(mem_available=int(23 * GiB))
     plan = plan_from_snapshot(snap, mem_per_task="8GiB")

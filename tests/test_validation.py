@@ -6,6 +6,9 @@ Engines here are real (their workers start); a constructor that raises starts no
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,3 +278,39 @@ def test_ordered_must_be_a_bool(engine: sp.Engine) -> None:
             engine.imap_async(_tasks.double, [1], ordered=1)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# More workers than the process may open files for
+# --------------------------------------------------------------------------------------------------
+
+LOW_ULIMIT = """
+import resource, sys
+import psutil
+import stagepool as sp
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+try:
+    sp.Engine(workers=60)
+except ValueError as exc:
+    print("refused:", exc)
+except BaseException as exc:
+    print("other:", type(exc).__name__, exc)
+else:
+    print("started")
+print("children:", len(psutil.Process().children(recursive=True)))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits")
+def test_workers_beyond_the_open_files_limit_are_refused_before_any_start() -> None:
+    # Before: spawning failed deep inside loky after ~40 workers (EMFILE, or loky's own
+    # UnboundLocalError), and the workers already started were left running.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("STAGEPOOL_MAX_WORKERS", None)
+    out = subprocess.run([sys.executable, "-c", LOW_ULIMIT], capture_output=True, text=True,
+                         timeout=WAIT, env=env).stdout
+    assert "refused: workers=60 needs about 304 file descriptors" in out, out
+    assert "ulimit -n" in out
+    assert "children: 0" in out, out

@@ -74,6 +74,12 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 _UNLIMITED_BYTES = MAX_BYTES
 _DEFAULT_CFS_PERIOD_US = 100_000
 
+# A worker costs the parent 3 descriptors for as long as it lives (its pipe, its stderr pipe, its
+# process sentinel) and one more while it is being spawned; the reserve is for the process's own
+# files, the pool thread's wake-up pipe and shared memory segments being opened.
+FDS_PER_WORKER = 4
+FDS_RESERVED = 64
+
 LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
 
 
@@ -84,7 +90,7 @@ LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
 
 @dataclass(frozen=True, slots=True)
 class ResourceSnapshot:
-    """CPU and memory resources of this process, read once by :meth:`read`, then pure data.
+    """CPU, memory and open-file limits of this process, read once by :meth:`read`, then pure data.
 
     Build one by hand in tests: every field is a plain value and the properties only compute.
     """
@@ -98,11 +104,13 @@ class ResourceSnapshot:
     cgroup_mem_limit: int | None
     cgroup_mem_usage: int | None
     env_max_workers: int | None
+    open_files_limit: int | None = None  # soft RLIMIT_NOFILE; None: unlimited or unknown
 
     def __post_init__(self) -> None:
         _check_int("logical_cpus", self.logical_cpus, minimum=1)
         _check_int("affinity_cpus", self.affinity_cpus, minimum=1, optional=True)
         _check_int("env_max_workers", self.env_max_workers, minimum=1, optional=True)
+        _check_int("open_files_limit", self.open_files_limit, minimum=0, optional=True)
         _check_int("mem_total", self.mem_total, minimum=0)
         _check_int("mem_available", self.mem_available, minimum=0)
         _check_int("cgroup_mem_limit", self.cgroup_mem_limit, minimum=0, optional=True)
@@ -160,7 +168,8 @@ class ResourceSnapshot:
         mem_total: int | None = None,
         mem_available: int | None = None,
     ) -> ResourceSnapshot:
-        """Read the machine once: os, psutil, the cgroup files and ``STAGEPOOL_MAX_WORKERS``.
+        """Read the machine once: os, psutil, the cgroup files, the open-files limit and
+        ``STAGEPOOL_MAX_WORKERS``.
 
         ``proc_root`` and ``cgroup_root`` let tests point at fake trees. The keyword overrides
         (``logical_cpus``, ``affinity_cpus``, ``mem_total``, ``mem_available``) replace the value
@@ -187,6 +196,7 @@ class ResourceSnapshot:
             cgroup_mem_limit=cgroup.mem_limit,
             cgroup_mem_usage=cgroup.mem_usage,
             env_max_workers=env_max_workers,
+            open_files_limit=_read_open_files_limit(),
         )
 
 
@@ -216,6 +226,17 @@ def _read_affinity_cpus() -> int | None:
         return len(psutil.Process().cpu_affinity()) or None  # Windows, FreeBSD
     except (AttributeError, OSError, psutil.Error):
         return None
+
+
+def _read_open_files_limit() -> int | None:
+    """The soft limit on open file descriptors, or None when unlimited or unknown (Windows)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on this platform
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _parse_env_max_workers(environ: Mapping[str, str]) -> int | None:
@@ -493,7 +514,8 @@ def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
 
     ``requested`` None ("auto") takes ``plan.workers``. An explicit count is the user insisting:
     it may exceed the machine plan, but ``STAGEPOOL_MAX_WORKERS`` still caps it, since that
-    variable is the operator's ceiling for every engine.
+    variable is the operator's ceiling for every engine. Raises ``ValueError`` when the count
+    needs more file descriptors than the process may open (``ulimit -n``).
     """
     ceiling = plan.snapshot.env_max_workers
     if requested is None:
@@ -503,7 +525,21 @@ def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
     else:
         workers = requested
         how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
+    _check_open_files(plan.snapshot, workers)
     return workers, f"{_workers(workers)} ({how})"
+
+
+def _check_open_files(snapshot: ResourceSnapshot, workers: int) -> None:
+    """Refuse a worker count the process cannot open the files for: past the limit, spawning
+    fails deep inside loky with the workers already started left running."""
+    limit = snapshot.open_files_limit
+    need = workers * FDS_PER_WORKER + FDS_RESERVED
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"workers={workers} needs about {need} file descriptors ({FDS_PER_WORKER} per worker "
+            f"+ {FDS_RESERVED}), but this process may open only {limit} (ulimit -n); raise the "
+            f"limit or use fewer workers"
+        )
 
 
 def overcommit_warning(plan: WorkerPlan, workers: int) -> str | None:
