@@ -209,3 +209,15 @@ def loaded_modules(names: tuple[str, ...]) -> list[str]:
     import sys
 
     return sorted(name for name in names if name in sys.modules)
+
+
+def touch(path: str) -> str:
+    """Leave a file behind: proof that the item ran."""
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+def inf_for_two(x: int) -> float:
+    """A per-item timeout that is infinite for item 2."""
+    return float("inf") if x == 2 else 30.0

@@ -20,8 +20,10 @@ from stagepool._resources import (
     THREAD_ENV_VARS,
     ResourceSnapshot,
     WorkerPlan,
+    choose_workers,
     format_snapshot,
     kill_tree,
+    overcommit_warning,
     plan_from_snapshot,
     plan_workers,
     process_tree_pids,
@@ -64,7 +66,7 @@ def read_fake(proc: Path, root: Path, **overrides: Any) -> ResourceSnapshot:
     return ResourceSnapshot.read(proc_root=proc, cgroup_root=root, **kwargs)
 
 
-def test_v2_limited_reads_the_leaf_not_the_root(tmp_path: Path) -> None:
+def test_v2_limited_leaf(tmp_path: Path) -> None:
     proc, root = make_tree(
         tmp_path,
         "0::/app.slice/job.scope\n",
@@ -72,7 +74,7 @@ def test_v2_limited_reads_the_leaf_not_the_root(tmp_path: Path) -> None:
             "app.slice/job.scope/cpu.max": "150000 100000",
             "app.slice/job.scope/memory.max": str(2 * GiB),
             "app.slice/job.scope/memory.current": str(512 * MiB),
-            # Decoys at the root: must be ignored because the leaf directory exists.
+            # Looser limits above the leaf: the tightest level wins.
             "cpu.max": "400000 100000",
             "memory.max": str(8 * GiB),
         },
@@ -181,6 +183,92 @@ def test_v1_container_falls_back_to_the_controller_root(tmp_path: Path) -> None:
     snap = read_fake(proc, root)
     assert (snap.cgroup_cpu_quota, snap.cgroup_mem_limit) == (1.0, 3 * GiB)
     assert snap.effective_mem_available == 2 * GiB
+
+
+def test_v2_limits_of_a_parent_cgroup_apply(tmp_path: Path) -> None:
+    # A job in a child cgroup of a 1.5 GiB / 0.5-CPU slice: the leaf itself sets no limit.
+    proc, root = make_tree(
+        tmp_path,
+        "0::/batch.slice/job-7.scope\n",
+        {
+            "batch.slice/cpu.max": "50000 100000",
+            "batch.slice/memory.max": str(int(1.5 * GiB)),
+            "batch.slice/memory.current": str(600 * MiB),  # siblings use the slice's memory too
+            "batch.slice/job-7.scope/cpu.max": "max 100000",
+            "batch.slice/job-7.scope/memory.max": "max",
+            "batch.slice/job-7.scope/memory.current": str(100 * MiB),
+        },
+    )
+    snap = read_fake(proc, root, logical_cpus=2, affinity_cpus=2, mem_available=20 * GiB)
+    assert snap.cgroup_cpu_quota == 0.5
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (int(1.5 * GiB), 600 * MiB)
+    assert snap.effective_mem_available == int(1.5 * GiB) - 600 * MiB
+    plan = plan_from_snapshot(snap, mem_per_task="512MiB")
+    assert (plan.workers, plan.limited_by) == (1, "cpu")
+    assert "cgroup quota 0.5" in plan.reason
+    assert "cgroup limit 1.5 GiB" in format_snapshot(snap)
+
+
+def test_v2_the_tightest_level_wins(tmp_path: Path) -> None:
+    # The grandparent has the least CPU. The parent's memory limit is the higher one, but its
+    # other children use most of it: the least headroom, not the lowest limit, bounds new work.
+    proc, root = make_tree(
+        tmp_path,
+        "0::/a/b/c\n",
+        {
+            "a/cpu.max": "120000 100000",
+            "a/b/cpu.max": "300000 100000",
+            "a/b/c/cpu.max": "200000 100000",
+            "a/b/memory.max": str(8 * GiB),
+            "a/b/memory.current": str(int(7.5 * GiB)),
+            "a/b/c/memory.max": str(4 * GiB),
+            "a/b/c/memory.current": str(1 * GiB),
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_cpu_quota == 1.2
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (8 * GiB, int(7.5 * GiB))
+    assert snap.effective_mem_available == 512 * MiB
+
+
+def test_v1_hierarchical_memory_limit_and_parent_cpu_quota(tmp_path: Path) -> None:
+    # The parent's limits are not visible as the leaf's own files: memory.stat carries the
+    # effective (hierarchical) memory limit, and the parent's CFS quota is found by walking up.
+    proc, root = make_tree(
+        tmp_path,
+        "4:memory:/jobs/j1\n3:cpu,cpuacct:/jobs/j1\n",
+        {
+            "cpu,cpuacct/jobs/cpu.cfs_quota_us": "50000",
+            "cpu,cpuacct/jobs/cpu.cfs_period_us": "100000",
+            "cpu,cpuacct/jobs/j1/cpu.cfs_quota_us": "-1",
+            "cpu,cpuacct/jobs/j1/cpu.cfs_period_us": "100000",
+            "memory/jobs/j1/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/jobs/j1/memory.usage_in_bytes": str(200 * MiB),
+            "memory/jobs/j1/memory.stat": f"cache 0\nrss 0\nhierarchical_memory_limit {int(1.5 * GiB)}\n"
+            f"hierarchical_memsw_limit {V1_UNLIMITED}\n",
+        },
+    )
+    snap = read_fake(proc, root)
+    assert snap.cgroup_version == 1
+    assert snap.cgroup_cpu_quota == 0.5
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (int(1.5 * GiB), 200 * MiB)
+
+
+def test_v1_parent_memory_usage_counts(tmp_path: Path) -> None:
+    proc, root = make_tree(
+        tmp_path,
+        "4:memory:/jobs/j1\n",
+        {
+            "memory/jobs/memory.limit_in_bytes": str(2 * GiB),
+            "memory/jobs/memory.usage_in_bytes": str(int(1.5 * GiB)),
+            "memory/jobs/j1/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/jobs/j1/memory.usage_in_bytes": str(100 * MiB),
+            "memory/jobs/j1/memory.stat": f"hierarchical_memory_limit {2 * GiB}\n",
+        },
+    )
+    snap = read_fake(proc, root)
+    assert (snap.cgroup_mem_limit, snap.cgroup_mem_usage) == (2 * GiB, int(1.5 * GiB))
+    assert snap.effective_mem_available == 512 * MiB
 
 
 def test_missing_cgroup_files_mean_no_limit(tmp_path: Path) -> None:
@@ -330,11 +418,87 @@ def test_ties_prefer_cpu_then_memory(kwargs: dict[str, Any], expected: str) -> N
     assert plan_from_snapshot(fake_snapshot(), **kwargs).limited_by == expected
 
 
-def test_env_overrides_everything() -> None:
-    snap = fake_snapshot(affinity_cpus=2, env_max_workers=4)
-    plan = plan_from_snapshot(snap, mem_per_task="8GiB", max_workers=1)
-    assert (plan.workers, plan.limited_by) == (4, "env")
-    assert plan.reason.startswith("4 workers: set by STAGEPOOL_MAX_WORKERS=4")
+@pytest.mark.parametrize("env", [4, 99999])
+def test_env_is_a_maximum_that_never_raises_the_plan(env: int) -> None:
+    snap = fake_snapshot(affinity_cpus=2, env_max_workers=env)
+    plan = plan_from_snapshot(snap, mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by) == (2, "cpu")
+    assert plan_from_snapshot(snap, max_workers=1).workers == 1
+
+
+def test_env_caps_the_plan_and_says_what_it_would_be() -> None:
+    plan = plan_from_snapshot(fake_snapshot(env_max_workers=3), mem_per_task="1GiB")
+    assert (plan.workers, plan.limited_by) == (3, "env")
+    assert plan.reason == (
+        "3 workers: limited by STAGEPOOL_MAX_WORKERS=3 (without it 8: limited by cpu, "
+        "8 usable CPUs (logical 8, affinity 8, cgroup quota none))"
+    )
+
+
+def test_env_equal_to_the_plan_leaves_the_machine_limit_named() -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=4, env_max_workers=4))
+    assert (plan.workers, plan.limited_by) == (4, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("env", "requested", "expected", "how"),
+    [
+        (None, None, 2, "auto: limited by cpu, 2 usable CPUs"),
+        (8, 1, 1, "explicit; the machine plan allows 2: limited by cpu"),
+        (None, 4, 4, "explicit; the machine plan allows 2: limited by cpu"),
+        (3, 4, 3, "explicit 4, capped by STAGEPOOL_MAX_WORKERS=3"),
+        (1, None, 1, "auto: limited by STAGEPOOL_MAX_WORKERS=1 (without it 2"),
+    ],
+)
+def test_choose_workers(env: int | None, requested: int | None, expected: int, how: str) -> None:
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2, env_max_workers=env))
+    workers, described = choose_workers(plan, requested)
+    assert workers == expected
+    noun = "worker" if expected == 1 else "workers"
+    assert described.startswith(f"{expected} {noun} ({how}")
+
+
+@pytest.mark.parametrize("requested", [60, None])
+def test_more_workers_than_open_files_allow_is_refused(requested: int | None) -> None:
+    snap = fake_snapshot(open_files_limit=128, logical_cpus=60, affinity_cpus=60)
+    with pytest.raises(ValueError, match=r"workers=60 needs about 304 file descriptors .* only "
+                       r"128 \(ulimit -n\); raise the limit or use fewer workers"):
+        choose_workers(plan_from_snapshot(snap), requested)
+    assert choose_workers(plan_from_snapshot(snap), 16)[0] == 16
+
+
+def test_read_takes_the_soft_open_files_limit(tmp_path: Path) -> None:
+    import resource
+
+    proc, root = make_tree(tmp_path, None, {})
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    expected = None if soft == resource.RLIM_INFINITY else soft
+    assert read_fake(proc, root).open_files_limit == expected
+
+
+def test_overcommit_warning_only_past_the_memory_bound() -> None:
+    snap = fake_snapshot(mem_available=int(23 * GiB))
+    plan = plan_from_snapshot(snap, mem_per_task="8GiB")
+    assert overcommit_warning(plan, 2) is None
+    assert overcommit_warning(plan, 4) == (
+        "workers=4 x mem_per_task=8.0 GiB needs 32.0 GiB, but 23.0 GiB is available: memory "
+        "allows 2 workers. Starting 4 anyway risks swapping or the OOM killer; use "
+        "workers='auto', fewer workers or a smaller mem_per_task"
+    )
+    assert overcommit_warning(plan_from_snapshot(snap), 64) is None  # no mem_per_task: no claim
+
+
+def test_overcommit_warning_names_the_cgroup() -> None:
+    snap = fake_snapshot(cgroup_version=2, cgroup_mem_limit=2 * GiB, cgroup_mem_usage=0)
+    message = overcommit_warning(plan_from_snapshot(snap, mem_per_task="1GiB"), 3)
+    assert message is not None
+    assert "2.0 GiB is available under the cgroup limit: memory allows 2 workers" in message
+
+
+def test_one_worker_that_does_not_fit_is_the_plans_own_choice() -> None:
+    plan = plan_from_snapshot(fake_snapshot(mem_available=GiB), mem_per_task="4GiB")
+    assert plan.workers == 1
+    assert overcommit_warning(plan, 1) is None
 
 
 def test_reserve_cores() -> None:
@@ -397,8 +561,8 @@ def test_thread_env_splits_cpus_and_skips_user_set_vars() -> None:
 
 
 def test_thread_env_never_below_one_thread() -> None:
-    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2, env_max_workers=16))
-    assert set(plan.thread_env({}).values()) == {"1"}
+    plan = plan_from_snapshot(fake_snapshot(affinity_cpus=2))
+    assert set(plan.thread_env({}, workers=16).values()) == {"1"}
 
 
 def test_format_snapshot_mentions_every_source() -> None:
@@ -456,8 +620,10 @@ def test_workers_always_within_bounds(
     )
     assert plan.reason.startswith(f"{plan.workers} worker")
     if snap.env_max_workers is not None:
-        assert (plan.workers, plan.limited_by) == (snap.env_max_workers, "env")
-        return
+        assert plan.workers <= snap.env_max_workers
+        assert (plan.limited_by == "env") == (plan.workers < plan_from_snapshot(
+            dataclasses.replace(snap, env_max_workers=None), mem_per_task=mem_per_task,
+            reserve_cores=reserve_cores, max_workers=max_workers).workers)
     assert 1 <= plan.workers <= max(1, snap.usable_cpus)
     if max_workers is not None:
         assert plan.workers <= max_workers

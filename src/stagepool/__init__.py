@@ -18,6 +18,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import (
         EngineClosed,
         InitializerError,
+        OvercommitWarning,
         RemoteError,
         SerializationError,
         StagepoolError,
@@ -40,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "EngineClosed": "._errors",
     "InitializerError": "._errors",
     "Outcome": "._outcome",
+    "OvercommitWarning": "._errors",
     "Progress": "._progress",
     "RemoteError": "._errors",
     "ResourceSnapshot": "._resources",
@@ -62,6 +64,7 @@ __all__ = (
     "EngineClosed",
     "InitializerError",
     "Outcome",
+    "OvercommitWarning",
     "Progress",
     "RemoteError",
     "ResourceSnapshot",

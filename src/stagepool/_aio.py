@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import Any, Generic, TypeVar
 
 from ._batch import Batch
+from ._config import check_bool
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._streams import outcome_lists, run_to_report
@@ -435,6 +436,7 @@ def imap_async(
         taken that never ran, then ends.
     """
     _check_on_cancel(on_cancel)
+    check_bool(ordered, "ordered")
     return OutcomeStream(_Stream(make_batch, items, on_progress, ordered=ordered,
                                  on_cancel=on_cancel))
 

@@ -181,9 +181,12 @@ class Batch:
                     f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
             return
         timeouts = item_timeouts(self.spec.timeout, items, start)
-        if isinstance(timeouts, BaseException):
-            for i in range(len(items)):
-                self.out.final(start + i, "error", timeouts, tries)
+        if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
+            if len(items) == 1:
+                self.out.final(start, "error", timeouts, tries)
+            else:
+                for i, item in enumerate(items):
+                    self._submit(start + i, [item], tries)
             return
         try:
             encoded = self.codec.encode(items, self.arena)

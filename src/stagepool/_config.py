@@ -7,7 +7,9 @@ the argument) come out. Nothing reads the machine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,9 @@ _UNITS: dict[str, int] = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
+# No machine has this much memory; a budget above it is a unit mistake, and twice it must still
+# fit the signed 64-bit rlimit a worker's memory cap is written to.
+MAX_BYTES = 2**60
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -38,13 +43,15 @@ def parse_size(value: int | float | str, *, name: str = "size") -> int:
     Accepts a non-negative int, or a string such as ``"512MiB"``, ``"2GB"``, ``"1.5 GiB"``, ``"4096"``.
     Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB) of 1024.
 
-    Raises ``TypeError`` for other types and ``ValueError`` (naming ``name``) for malformed or
-    negative sizes.
+    Raises ``TypeError`` for other types and ``ValueError`` (naming ``name``) for malformed,
+    negative or non-finite sizes.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number of bytes or a size string like '512MiB', not bool")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of bytes, got {value!r}")
+        if value < 0:
             raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
         return int(value)
     if not isinstance(value, str):
@@ -81,28 +88,96 @@ FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancel
 DEFAULT_RETRY_ON: tuple[str, ...] = ("error", "crash", "timeout")
 
 
+def check_int(value: object, name: str, *, minimum: int, also: str = "") -> int:
+    """``value`` as an int >= ``minimum``; ``TypeError`` for anything else (a bool or a float
+    included), ``ValueError`` below the minimum, both naming ``name``. ``also`` names the other
+    accepted values in the message (" or None")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}{also}, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
     """``value`` as an int >= 1 (or None when allowed); otherwise an error naming ``name``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, "
-                        f"not {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    return check_int(value, name, minimum=1, also=" or None" if allow_none else "")
+
+
+def check_workers(value: object) -> int | None:
+    """``workers``: an int >= 1, or "auto" (None)."""
+    if value == "auto":
+        return None
+    if isinstance(value, str):  # "Auto", "4": a typo, not a count
+        raise TypeError(f"workers must be an int >= 1 or 'auto', not {value!r}")
+    return check_int(value, "workers", minimum=1, also=" or 'auto'")
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool; otherwise a ``TypeError`` naming ``name`` (a string such as
+    ``"no"`` is truthy, so accepting it would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), not {value!r}")
     return value
 
 
+def check_seconds(value: object, name: str, *, zero_ok: bool = False) -> float:
+    """``value`` as a finite float of seconds, > 0 (>= 0 with ``zero_ok``).
+
+    Raises ``TypeError`` for a non-number (bool included) and ``ValueError`` for NaN, infinity or
+    a number out of range, each naming ``name``: a NaN deadline never comes and an infinite one
+    never fires, so either would hang a batch instead of failing it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float range
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not zero_ok):
+        raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0 seconds, got {value!r}")
+    return seconds
+
+
 def check_timeout(value: object, name: str = "timeout") -> Timeout:
-    """A positive number of seconds, a callable of the item returning one, or None."""
+    """A positive, finite number of seconds (however large), a callable of the item returning
+    one, or None (no limit)."""
     if value is None or callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be seconds (a number), a callable of the item, or None; "
                         f"not {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value}")
-    return float(value)
+    if value == math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds, got inf; "
+                         f"use None for no timeout")
+    return check_seconds(value, name)
+
+
+def check_backoff(backoff: object, retries: int) -> float:
+    """``backoff`` as finite seconds >= 0 whose longest wait, before the last retry
+    (``backoff * 2**(retries - 1)``), can still be waited for (``threading.TIMEOUT_MAX``)."""
+    seconds = check_seconds(backoff, "backoff", zero_ok=True)
+    # Compared in logarithms: the product itself overflows a float for a few thousand retries.
+    if seconds and retries and math.log2(seconds) + retries - 1 > math.log2(threading.TIMEOUT_MAX):
+        raise ValueError(
+            f"backoff={backoff!r} with retries={retries} would wait backoff * 2**{retries - 1} "
+            f"seconds before the last retry, more than can be waited for "
+            f"({threading.TIMEOUT_MAX:.3g} s); lower retries or backoff"
+        )
+    return seconds
+
+
+def check_initargs(value: object) -> tuple[Any, ...]:
+    """The initializer's arguments as a tuple; only a tuple or a list is taken, since anything
+    else iterable (a string, a dict) would be spread into arguments nobody meant."""
+    if not isinstance(value, tuple | list):
+        raise TypeError(f"initargs must be a tuple or list of the initializer's arguments, not "
+                        f"{type(value).__name__}; for a single argument x write initargs=(x,)")
+    return tuple(value)
 
 
 def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
@@ -143,41 +218,40 @@ class EngineConfig:
     def create(cls, **kw: Any) -> EngineConfig:
         from ._chunking import validate_chunk_size
 
-        workers = kw["workers"]
         mem, rss = kw["mem_per_task"], kw["max_rss_per_worker"]
-        retries = kw["retries"]
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        backoff = kw["backoff"]
-        if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
-            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}")
+        retries = check_int(kw["retries"], "retries", minimum=0)
         initializer = kw["initializer"]
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         return cls(
-            workers=None if workers == "auto" else check_positive_int(workers, "workers"),
-            mem_per_task=None if mem is None else _positive_size(mem, "mem_per_task"),
+            workers=check_workers(kw["workers"]),
+            mem_per_task=None if mem is None else positive_size(mem, "mem_per_task"),
             chunk_size=validate_chunk_size(kw["chunk_size"]),
             max_in_flight=check_positive_int(kw["max_in_flight"], "max_in_flight", allow_none=True),
-            progress=bool(kw["progress"]),
+            progress=check_bool(kw["progress"], "progress"),
             timeout=check_timeout(kw["timeout"]),
             retries=retries,
             retry_on=check_retry_on(kw["retry_on"]),
-            backoff=float(backoff),
-            max_rss_per_worker=None if rss is None else _positive_size(rss, "max_rss_per_worker"),
+            backoff=check_backoff(kw["backoff"], retries),
+            max_rss_per_worker=None if rss is None else positive_size(rss, "max_rss_per_worker"),
             max_tasks_per_worker=check_positive_int(kw["max_tasks_per_worker"],
                                                     "max_tasks_per_worker", allow_none=True),
             initializer=initializer,
-            initargs=tuple(kw["initargs"]),
+            initargs=check_initargs(kw["initargs"]),
             shm_threshold=parse_size(kw["shm_threshold"], name="shm_threshold"),
-            writable_inputs=bool(kw["writable_inputs"]),
+            writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
         )
 
 
-def _positive_size(value: int | float | str, name: str) -> int:
+def positive_size(value: int | float | str, name: str) -> int:
+    """:func:`parse_size` of a memory budget: a ``ValueError`` naming ``name`` for 0 bytes (or a
+    size that rounds down to 0) and for more than ``MAX_BYTES``."""
     size = parse_size(value, name=name)
     if size <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    if size > MAX_BYTES:
+        raise ValueError(f"{name} must be at most 1 EiB (more memory than any machine has), "
+                         f"got {value!r}")
     return size
 
 

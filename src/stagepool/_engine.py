@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import os
 import threading
+import warnings
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -34,11 +35,18 @@ from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._batch import Batch, BatchSpec
 from ._chunking import validate_chunk_size
-from ._config import DEFAULT, EngineConfig, Timeout, check_positive_int, check_timeout
-from ._errors import EngineClosed
+from ._config import (
+    DEFAULT,
+    EngineConfig,
+    Timeout,
+    check_bool,
+    check_positive_int,
+    check_timeout,
+)
+from ._errors import EngineClosed, OvercommitWarning
 from ._outcome import BatchReport, Outcome
-from ._progress import Progress
-from ._resources import WorkerPlan, plan_workers
+from ._progress import Progress, check_progress_options
+from ._resources import WorkerPlan, choose_workers, overcommit_warning, plan_workers
 from ._single import ExecutorView, Single, SubmitContext
 from ._streams import outcomes, run_to_report
 
@@ -64,9 +72,13 @@ BACKENDS: tuple[BackendName, ...] = ("local", "serial")
 class Engine:
     """A pool of workers that gives every item exactly one :class:`Outcome`.
 
-    ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quota, memory per task);
-    ``engine.plan`` says what it chose and why. The workers start here, once, and serve every
-    batch until :meth:`shutdown` (or the end of a ``with`` block).
+    ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);
+    ``engine.plan`` says what the machine allows and why, ``engine.workers`` what runs, and
+    ``repr(engine)`` how that was chosen. An explicit ``workers=N`` may exceed the plan (with an
+    :class:`OvercommitWarning` when N x ``mem_per_task`` does not fit in memory). The environment
+    variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count, never raises it.
+    The workers start here, once, and serve every batch until :meth:`shutdown` (or the end of a
+    ``with`` block).
 
     All options are keyword-only and validated here: a bad value raises ``TypeError`` or
     ``ValueError`` naming the argument, before any process starts.
@@ -131,12 +143,11 @@ class Engine:
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs)
-        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
-                                             max_workers=self.config.workers)
-        if self.config.workers is not None and self.plan.limited_by != "env":
-            self.workers = self.config.workers
-        else:
-            self.workers = self.plan.workers
+        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
+        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
+        overcommit = overcommit_warning(self.plan, self.workers)
+        if overcommit is not None:  # the user insisted: start as told, but say so at their line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=2)
         self._lock = threading.Lock()
         self._executor: ExecutorView | None = None
         started = self._start_backend(backend)
@@ -198,8 +209,8 @@ class Engine:
         return backend
 
     def __repr__(self) -> str:
-        state = "closed" if self._backend is None else f"{self.workers} workers"
-        return f"<stagepool.Engine {state}: {self.plan.reason}>"
+        closed = ", closed" if self._backend is None else ""
+        return f"<stagepool.Engine {self._sizing}{closed}>"
 
     # ---- context management ------------------------------------------------------------------
 
@@ -237,6 +248,7 @@ class Engine:
             raise ValueError(_serial_cannot("timeout"))
         check_positive_int(max_concurrent, "max_concurrent", allow_none=True)
         check_positive_int(max_in_flight, "max_in_flight", allow_none=True)
+        check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
         return BatchSpec(
             fn, items, len(items) if hasattr(items, "__len__") else None,  # type: ignore[arg-type]
             self.config.chunk_size if chunk_size is None else validate_chunk_size(chunk_size),
@@ -298,6 +310,7 @@ class Engine:
         withdraws chunks that have not started; running ones finish and are dropped. Nothing
         starts (and nothing is held) until the first ``next``; arguments are checked here.
         """
+        check_bool(ordered, "ordered")
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                           max_concurrent=max_concurrent)

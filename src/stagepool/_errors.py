@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "EngineClosed",
     "InitializerError",
+    "OvercommitWarning",
     "RemoteError",
     "SerializationError",
     "StagepoolError",
@@ -88,3 +89,14 @@ class RemoteError(_Rebuildable):
 
     def __setstate__(self, state: dict[str, Any] | None) -> None:
         self.__dict__.update(state or {})
+
+
+class OvercommitWarning(UserWarning):
+    """Explicit settings ask for more than the machine allows: ``Engine(workers=N,
+    mem_per_task=...)`` where N tasks of that size do not fit in the available memory.
+
+    The engine still starts N workers (you insisted); expect swapping or the OOM killer. The
+    warning points at the line that created the engine. Fix: ``workers="auto"``, fewer workers or
+    a smaller ``mem_per_task``; or silence it with
+    ``warnings.filterwarnings("ignore", category=stagepool.OvercommitWarning)``.
+    """

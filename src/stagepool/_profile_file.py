@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._chunking import validate_chunk_size
-from ._config import _positive_size, check_positive_int, check_timeout
+from ._config import check_positive_int, check_timeout, positive_size
 
 __all__ = ["ENGINE_KEYS", "PROFILE_FORMAT", "load_profile"]
 
@@ -64,7 +64,7 @@ def _check_engine_kwargs(rec: Mapping[str, Any], where: str) -> dict[str, Any]:
         if "chunk_size" in rec:
             validate_chunk_size(rec["chunk_size"])
         if rec.get("mem_per_task") is not None:
-            _positive_size(rec["mem_per_task"], "mem_per_task")
+            positive_size(rec["mem_per_task"], "mem_per_task")
         if callable(rec.get("timeout")):
             raise TypeError("timeout must be seconds (a number) or None")
         check_timeout(rec.get("timeout"))

@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
-__all__ = ["Progress", "ProgressSink", "make_sink"]
+from ._config import check_bool
+
+__all__ = ["Progress", "ProgressSink", "check_progress_options", "make_sink"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,6 +106,21 @@ class _Bar:
             self._line(time.perf_counter())
 
 
+def check_progress_options(*, progress: object, on_progress: object, desc: object) -> None:
+    """Refuse bad per-call progress options when the call is made, before any item runs: left to
+    the sink, a non-callable ``on_progress`` would fail only after the first chunk had run.
+
+    Raises ``TypeError`` naming the argument. ``progress`` None means "the engine's setting".
+    """
+    if progress is not None:
+        check_bool(progress, "progress")
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress must be a callable taking a Progress, or None; "
+                        f"not {on_progress!r}")
+    if desc is not None and not isinstance(desc, str):
+        raise TypeError(f"desc must be a str or None, not {desc!r}")
+
+
 def make_sink(
     *,
     progress: bool,
@@ -112,7 +129,12 @@ def make_sink(
     desc: str | None,
     file: TextIO | None = None,
 ) -> ProgressSink | None:
-    """The sink for one batch, or None when nobody is watching (the fast path)."""
+    """The sink for one batch, or None when nobody is watching (the fast path).
+
+    Raises ``TypeError`` naming the argument for a bad option (see
+    :func:`check_progress_options`), before the batch starts.
+    """
+    check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
     sinks: list[ProgressSink] = []
     if progress:
         sinks.append(_Bar(total, desc, file or sys.stderr))

@@ -14,7 +14,8 @@ psutil, os, environ --/                                        |
 
 Reading never raises because of a missing or odd cgroup: an absent or unreadable file means "no
 limit". The one thing that does raise is a malformed ``STAGEPOOL_MAX_WORKERS``, because a typo in
-an explicit override should not be silently ignored.
+an operator's ceiling should not be silently ignored. That variable is a maximum: it lowers a
+worker count, never raises one.
 
 The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``, and the
 profiler's ``cpu_rss_sampler`` and ``uss_of``) live here so that psutil stays in one module. (What
@@ -27,12 +28,12 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import psutil
 
-from ._config import format_size, parse_size
+from ._config import MAX_BYTES, format_size, positive_size
 
 __all__ = [
     "ENV_MAX_WORKERS",
@@ -41,9 +42,11 @@ __all__ = [
     "ProcessSample",
     "ResourceSnapshot",
     "WorkerPlan",
+    "choose_workers",
     "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
+    "overcommit_warning",
     "plan_from_snapshot",
     "plan_workers",
     "process_tree_pids",
@@ -66,8 +69,14 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 
 # cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712); anything this
 # large cannot be a real limit on any machine we run on.
-_UNLIMITED_BYTES = 2**60
+_UNLIMITED_BYTES = MAX_BYTES
 _DEFAULT_CFS_PERIOD_US = 100_000
+
+# A worker costs the parent 3 descriptors for as long as it lives (its pipe, its stderr pipe, its
+# process sentinel) and one more while it is being spawned; the reserve is for the process's own
+# files, the pool thread's wake-up pipe and shared memory segments being opened.
+FDS_PER_WORKER = 4
+FDS_RESERVED = 64
 
 LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
 
@@ -79,7 +88,7 @@ LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
 
 @dataclass(frozen=True, slots=True)
 class ResourceSnapshot:
-    """CPU and memory resources of this process, read once by :meth:`read`, then pure data.
+    """CPU, memory and open-file limits of this process, read once by :meth:`read`, then pure data.
 
     Build one by hand in tests: every field is a plain value and the properties only compute.
     """
@@ -93,11 +102,13 @@ class ResourceSnapshot:
     cgroup_mem_limit: int | None
     cgroup_mem_usage: int | None
     env_max_workers: int | None
+    open_files_limit: int | None = None  # soft RLIMIT_NOFILE; None: unlimited or unknown
 
     def __post_init__(self) -> None:
         _check_int("logical_cpus", self.logical_cpus, minimum=1)
         _check_int("affinity_cpus", self.affinity_cpus, minimum=1, optional=True)
         _check_int("env_max_workers", self.env_max_workers, minimum=1, optional=True)
+        _check_int("open_files_limit", self.open_files_limit, minimum=0, optional=True)
         _check_int("mem_total", self.mem_total, minimum=0)
         _check_int("mem_available", self.mem_available, minimum=0)
         _check_int("cgroup_mem_limit", self.cgroup_mem_limit, minimum=0, optional=True)
@@ -155,7 +166,8 @@ class ResourceSnapshot:
         mem_total: int | None = None,
         mem_available: int | None = None,
     ) -> ResourceSnapshot:
-        """Read the machine once: os, psutil, the cgroup files and ``STAGEPOOL_MAX_WORKERS``.
+        """Read the machine once: os, psutil, the cgroup files, the open-files limit and
+        ``STAGEPOOL_MAX_WORKERS``.
 
         ``proc_root`` and ``cgroup_root`` let tests point at fake trees. The keyword overrides
         (``logical_cpus``, ``affinity_cpus``, ``mem_total``, ``mem_available``) replace the value
@@ -182,6 +194,7 @@ class ResourceSnapshot:
             cgroup_mem_limit=cgroup.mem_limit,
             cgroup_mem_usage=cgroup.mem_usage,
             env_max_workers=env_max_workers,
+            open_files_limit=_read_open_files_limit(),
         )
 
 
@@ -211,6 +224,17 @@ def _read_affinity_cpus() -> int | None:
         return len(psutil.Process().cpu_affinity()) or None  # Windows, FreeBSD
     except (AttributeError, OSError, psutil.Error):
         return None
+
+
+def _read_open_files_limit() -> int | None:
+    """The soft limit on open file descriptors, or None when unlimited or unknown (Windows)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on this platform
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _parse_env_max_workers(environ: Mapping[str, str]) -> int | None:
@@ -244,7 +268,12 @@ class _CgroupLimits:
 
 
 def _read_cgroup(proc_root: Path, cgroup_root: Path) -> _CgroupLimits:
-    """Find this process's cgroups in ``{proc_root}/self/cgroup`` and read their limits."""
+    """Find this process's cgroups in ``{proc_root}/self/cgroup`` and read their effective limits.
+
+    A limit set on any ancestor binds the process as much as one on its own cgroup (a job in a
+    child of a 1.5 GiB slice has 1.5 GiB), so each controller is read from the process's cgroup
+    up to the mount root: the smallest CPU quota, and the memory level with the least headroom.
+    """
     text = _read_text(proc_root / "self" / "cgroup")
     if text is None:
         return _CgroupLimits()
@@ -264,26 +293,35 @@ def _read_cgroup(proc_root: Path, cgroup_root: Path) -> _CgroupLimits:
     if v1_paths:
         return _read_cgroup_v1(cgroup_root, v1_paths)
     if v2_path is not None:
-        return _read_cgroup_v2(_cgroup_dir(cgroup_root, v2_path))
+        return _read_cgroup_v2(_cgroup_levels(cgroup_root, v2_path))
     return _CgroupLimits()
 
 
-def _cgroup_dir(root: Path, path: str) -> Path:
-    """``root/path``, or ``root`` itself when that directory is absent.
+def _cgroup_levels(root: Path, path: str) -> list[Path]:
+    """The directory of cgroup ``path`` under the mount ``root`` and its ancestors, leaf first,
+    ending with ``root``.
 
-    Inside a container, /proc/self/cgroup shows the host-side path while the container's own
-    cgroup is mounted at the root.
+    Only ``[root]`` when that directory is absent: inside a container, /proc/self/cgroup shows the
+    host-side path while the container's own cgroup is mounted at the root (its ancestors are not
+    visible; cgroup v1's ``hierarchical_memory_limit`` still accounts for them).
     """
-    candidate = root / path.lstrip("/")
-    return candidate if candidate.is_dir() else root
+    parts = PurePosixPath(path).relative_to("/").parts if path.startswith("/") else ()
+    if not parts or ".." in parts or not root.joinpath(*parts).is_dir():
+        return [root]
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
 
 
-def _read_cgroup_v2(directory: Path) -> _CgroupLimits:
+def _read_cgroup_v2(levels: list[Path]) -> _CgroupLimits:
+    leaf_usage = _read_int(levels[0] / "memory.current")
+    limit, usage = _tightest_memory(
+        leaf_usage,
+        [(_read_int(d / "memory.max"), _read_int(d / "memory.current")) for d in levels],
+    )
     return _CgroupLimits(
         version=2,
-        cpu_quota=_parse_cpu_max(_read_text(directory / "cpu.max")),
-        mem_limit=_limit_or_none(_read_int(directory / "memory.max")),
-        mem_usage=_read_int(directory / "memory.current"),
+        cpu_quota=_smallest(_parse_cpu_max(_read_text(d / "cpu.max")) for d in levels),
+        mem_limit=limit,
+        mem_usage=usage,
     )
 
 
@@ -294,17 +332,55 @@ def _read_cgroup_v1(root: Path, paths: Mapping[str, tuple[str, str]]) -> _Cgroup
         # The mount point is named after the co-mounted controllers; "cpu" is usually a symlink.
         for name in dict.fromkeys((controllers, "cpu,cpuacct", "cpu")):
             if (root / name).is_dir():
-                directory = _cgroup_dir(root / name, path)
-                cpu_quota = _cpu_quota(
-                    _read_int(directory / "cpu.cfs_quota_us"),
-                    _read_int(directory / "cpu.cfs_period_us"),
+                cpu_quota = _smallest(
+                    _cpu_quota(_read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us"))
+                    for d in _cgroup_levels(root / name, path)
                 )
                 break
     if "memory" in paths:
-        directory = _cgroup_dir(root / "memory", paths["memory"][1])
-        mem_limit = _limit_or_none(_read_int(directory / "memory.limit_in_bytes"))
-        mem_usage = _read_int(directory / "memory.usage_in_bytes")
+        levels = _cgroup_levels(root / "memory", paths["memory"][1])
+        leaf_usage = _read_int(levels[0] / "memory.usage_in_bytes")
+        candidates = [(_read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes"))
+                      for d in levels]
+        # The kernel's own minimum over every ancestor, including those outside our view.
+        candidates.append((_v1_hierarchical_limit(levels[0]), leaf_usage))
+        mem_limit, mem_usage = _tightest_memory(leaf_usage, candidates)
     return _CgroupLimits(1, cpu_quota, mem_limit, mem_usage)
+
+
+def _v1_hierarchical_limit(directory: Path) -> int | None:
+    """``hierarchical_memory_limit`` from a v1 ``memory.stat``: the smallest limit on the path."""
+    for line in (_read_text(directory / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "hierarchical_memory_limit":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _tightest_memory(
+    leaf_usage: int | None, levels: Iterable[tuple[int | None, int | None]]
+) -> tuple[int | None, int | None]:
+    """The (limit, usage) of the level with the least headroom; (None, leaf usage) if none has a
+    limit.
+
+    The least headroom, not the lowest limit: a parent's higher limit binds first when its other
+    children use most of it. A level whose usage is unknown is charged the leaf's usage, which
+    its own usage includes.
+    """
+    limited = [(limit, leaf_usage if usage is None else usage)
+               for limit, usage in levels if _limit_or_none(limit) is not None]
+    if not limited:
+        return None, leaf_usage
+    return min(limited, key=lambda level: (level[0] or 0) - (level[1] or 0))  # first of ties: leaf
+
+
+def _smallest(values: Iterable[float | None]) -> float | None:
+    """The smallest known value (a CPU quota), or None when no level sets one."""
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
 
 
 def _parse_cpu_max(text: str | None) -> float | None:
@@ -369,6 +445,11 @@ class WorkerPlan:
     def __str__(self) -> str:
         return self.reason
 
+    @property
+    def detail(self) -> str:
+        """The reason without its leading worker count: "limited by cpu, 2 usable CPUs (...)"."""
+        return self.reason.partition(": ")[2]
+
     def thread_env(self, environ: Mapping[str, str] | None = None, *,
                    workers: int | None = None) -> dict[str, str]:
         """Environment variables capping BLAS/OpenMP threads per worker at ``cpus // workers``
@@ -394,7 +475,8 @@ def plan_from_snapshot(
     The tightest of three bounds wins: usable CPUs minus ``reserve_cores``, effective available
     memory // ``mem_per_task`` (when given), and ``max_workers`` (when given); ties go to "cpu",
     then "memory", then "max_workers". At least one worker always runs. ``STAGEPOOL_MAX_WORKERS``
-    (``snapshot.env_max_workers``) overrides all of it.
+    (``snapshot.env_max_workers``) is one more maximum: it lowers the count when it is tighter
+    (``limited_by == "env"``) and never raises it.
     """
     per_task = _validate_mem_per_task(mem_per_task)
     _check_int("reserve_cores", reserve_cores, minimum=0)
@@ -408,24 +490,71 @@ def plan_from_snapshot(
     limited_by, bound = min(bounds, key=lambda item: item[1])  # min() keeps the first of ties
     workers = max(1, bound)
     detail = _reason_detail(snapshot, limited_by, workers, per_task, reserve_cores)
-    reason = f"{_workers(workers)}: {detail}"
 
-    if snapshot.env_max_workers is not None:
-        env_workers = snapshot.env_max_workers
-        reason = (
-            f"{_workers(env_workers)}: set by {ENV_MAX_WORKERS}={env_workers} "
-            f"(without it {workers}, {detail})"
-        )
-        workers = env_workers
-        limited_by = "env"
+    env_workers = snapshot.env_max_workers
+    if env_workers is not None and env_workers < workers:  # a tie leaves the machine's reason
+        detail = f"limited by {ENV_MAX_WORKERS}={env_workers} (without it {workers}: {detail})"
+        workers, limited_by = env_workers, "env"
     return WorkerPlan(
         workers=workers,
         cpus=snapshot.usable_cpus,
         mem_available=snapshot.effective_mem_available,
         mem_per_task=per_task,
         limited_by=limited_by,
-        reason=reason,
+        reason=f"{_workers(workers)}: {detail}",
         snapshot=snapshot,
+    )
+
+
+def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
+    """An engine's worker count, and a description of the choice for its ``repr`` (pure):
+    ``(4, "4 workers (explicit; the machine plan allows 2: limited by cpu, ...)")``.
+
+    ``requested`` None ("auto") takes ``plan.workers``. An explicit count is the user insisting:
+    it may exceed the machine plan, but ``STAGEPOOL_MAX_WORKERS`` still caps it, since that
+    variable is the operator's ceiling for every engine. Raises ``ValueError`` when the count
+    needs more file descriptors than the process may open (``ulimit -n``).
+    """
+    ceiling = plan.snapshot.env_max_workers
+    if requested is None:
+        workers, how = plan.workers, f"auto: {plan.detail}"
+    elif ceiling is not None and requested > ceiling:
+        workers, how = ceiling, f"explicit {requested}, capped by {ENV_MAX_WORKERS}={ceiling}"
+    else:
+        workers = requested
+        how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
+    _check_open_files(plan.snapshot, workers)
+    return workers, f"{_workers(workers)} ({how})"
+
+
+def _check_open_files(snapshot: ResourceSnapshot, workers: int) -> None:
+    """Refuse a worker count the process cannot open the files for: past the limit, spawning
+    fails deep inside loky with the workers already started left running."""
+    limit = snapshot.open_files_limit
+    need = workers * FDS_PER_WORKER + FDS_RESERVED
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"workers={workers} needs about {need} file descriptors ({FDS_PER_WORKER} per worker "
+            f"+ {FDS_RESERVED}), but this process may open only {limit} (ulimit -n); raise the "
+            f"limit or use fewer workers"
+        )
+
+
+def overcommit_warning(plan: WorkerPlan, workers: int) -> str | None:
+    """Why ``workers`` tasks of ``plan.mem_per_task`` do not fit where the plan says fewer do, or
+    None when they fit (or no ``mem_per_task`` was given); pure."""
+    per_task = plan.mem_per_task
+    if per_task is None:
+        return None
+    fits = max(1, plan.mem_available // per_task)  # the plan's own memory bound
+    if workers <= fits:
+        return None
+    need, have = _same_unit(workers * per_task, plan.mem_available)
+    where = " under the cgroup limit" if plan.snapshot.memory_limited_by_cgroup else ""
+    return (
+        f"workers={workers} x mem_per_task={format_size(per_task)} needs {need}, but {have} is "
+        f"available{where}: memory allows {_workers(fits)}. Starting {workers} anyway risks "
+        f"swapping or the OOM killer; use workers='auto', fewer workers or a smaller mem_per_task"
     )
 
 
@@ -458,12 +587,7 @@ def plan_workers(
 
 
 def _validate_mem_per_task(mem_per_task: int | str | None) -> int | None:
-    if mem_per_task is None:
-        return None
-    per_task: int = parse_size(mem_per_task, name="mem_per_task")
-    if per_task <= 0:
-        raise ValueError(f"mem_per_task must be > 0 bytes, got {mem_per_task!r}")
-    return per_task
+    return None if mem_per_task is None else positive_size(mem_per_task, "mem_per_task")
 
 
 def _reason_detail(

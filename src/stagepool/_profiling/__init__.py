@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._chunking import validate_chunk_size
-from .._config import _positive_size, check_positive_int
+from .._config import check_positive_int, positive_size
 from .._profile_file import PROFILE_FORMAT, load_profile  # lives below the engine; named here too
 from .._resources import ResourceSnapshot
 from ._measured import SerialPass, Spread, SweepRun, WorkerSample
@@ -142,7 +142,7 @@ def profile_stage(
     check_positive_int(repeat, "repeat")
     sizes = _check_chunk_sizes(chunk_sizes)
     counts = _check_workers(workers)
-    budget = None if mem_limit is None else _positive_size(mem_limit, "mem_limit")
+    budget = None if mem_limit is None else positive_size(mem_limit, "mem_limit")
     items = list(sample)
     if not items:
         raise ValueError("sample is empty: give at least one item to profile the stage on")
