@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ChunkSizer", "validate_chunk_size"]
+__all__ = ["ChunkSizer"]
 
 # Trade-off: longer chunks cost less overhead per item but make load balancing coarser and
 # progress jumpier. 20 ms keeps the per-chunk overhead under ~0.5% for tiny items.
@@ -43,17 +43,6 @@ MAX_CHUNK = 1 << 16
 # An input of unknown length is usually a stream: its chunks stay small enough that the items
 # held in flight (max_in_flight chunks of them) cost megabytes, not hundreds.
 MAX_STREAM_CHUNK = 4096
-
-
-def validate_chunk_size(value: object, *, name: str = "chunk_size") -> int | None:
-    """Return an int for a fixed size, None for "auto"; raise naming ``name`` otherwise."""
-    if value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1 or 'auto', not {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 or 'auto', got {value}")
-    return value
 
 
 class ChunkSizer:

@@ -85,7 +85,6 @@ Timeout = float | Callable[[Any], float] | None
 # A per-call option left at this value means "use the engine's setting" (None is a real value).
 DEFAULT: Any = ...
 FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
-DEFAULT_RETRY_ON: tuple[str, ...] = ("error", "crash", "timeout")
 
 
 def check_int(value: object, name: str, *, minimum: int, also: str = "") -> int:
@@ -216,8 +215,6 @@ class EngineConfig:
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
-        from ._chunking import validate_chunk_size
-
         mem, rss = kw["mem_per_task"], kw["max_rss_per_worker"]
         retries = check_int(kw["retries"], "retries", minimum=0)
         initializer = kw["initializer"]
@@ -274,3 +271,14 @@ def item_timeouts(timeout: Timeout, items: list[Any],
             return exc
         out.append(float(value) if isinstance(value, int | float) else float("inf"))
     return tuple(out)
+
+
+def validate_chunk_size(value: object, *, name: str = "chunk_size") -> int | None:
+    """Return an int for a fixed size, None for "auto"; raise naming ``name`` otherwise."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1 or 'auto', not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 or 'auto', got {value}")
+    return value

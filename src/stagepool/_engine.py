@@ -34,7 +34,6 @@ from ._aio import OutcomeStream, imap_async, map_async, shutdown_async, submit_a
 from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._batch import Batch, BatchSpec
-from ._chunking import validate_chunk_size
 from ._config import (
     DEFAULT,
     EngineConfig,
@@ -42,6 +41,7 @@ from ._config import (
     check_bool,
     check_positive_int,
     check_timeout,
+    validate_chunk_size,
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._outcome import BatchReport, Outcome

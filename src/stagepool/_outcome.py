@@ -19,7 +19,6 @@ __all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback"]
 
 T = TypeVar("T")
 Kind = Literal["ok", "error", "timeout", "crash", "serialization", "cancelled"]
-KINDS: tuple[Kind, ...] = ("ok", "error", "timeout", "crash", "serialization", "cancelled")
 
 
 class RemoteTraceback(Exception):

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._chunking import validate_chunk_size
-from ._config import check_positive_int, check_timeout, positive_size
+from ._config import check_positive_int, check_timeout, positive_size, validate_chunk_size
 
 __all__ = ["ENGINE_KEYS", "PROFILE_FORMAT", "load_profile"]
 

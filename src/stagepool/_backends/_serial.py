@@ -20,7 +20,7 @@ from typing import Any
 
 from .._errors import EngineClosed
 from .._worker import ChunkResult, failed_chunk, run_chunk
-from . import BackendOptions, Cancelled, Capabilities, Encoded, Group, Task
+from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, Task
 
 __all__ = ["InProcessCodec", "SerialBackend"]
 

@@ -54,8 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .._chunking import validate_chunk_size
-from .._config import check_positive_int, positive_size
+from .._config import check_positive_int, positive_size, validate_chunk_size
 from .._profile_file import PROFILE_FORMAT, load_profile  # lives below the engine; named here too
 from .._resources import ResourceSnapshot
 from ._measured import SerialPass, Spread, SweepRun, WorkerSample

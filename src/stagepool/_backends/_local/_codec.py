@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from ... import _transport
 from ..._worker import dumps
-from .. import Encoded
+from .._protocol import Encoded
 
 __all__ = ["SharedMemoryCodec"]
 

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..._worker import WorkerSetup, lane_main
-from .. import DeathReason, Task
+from .._protocol import DeathReason, Task
 
 __all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
 

@@ -7,7 +7,7 @@ must I look again?" and "has this worker's item expired?" without a clock read p
 from __future__ import annotations
 
 from ..._worker import PHASE_RUN
-from .. import Task
+from .._protocol import Task
 from ._record import SlotState
 
 __all__ = ["MAX_WAIT", "POLL_INTERVAL", "deadline_of", "wait_seconds"]

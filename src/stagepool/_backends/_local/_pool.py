@@ -39,7 +39,16 @@ from ... import _transport
 from ..._errors import EngineClosed
 from ..._resources import kill_tree, rss_of
 from ..._worker import FN_CACHE_SIZE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
-from .. import BackendOptions, Cancelled, Capabilities, DeathReason, Group, LaneDied, Task, TaskResult
+from .._protocol import (
+    BackendOptions,
+    Cancelled,
+    Capabilities,
+    DeathReason,
+    Group,
+    LaneDied,
+    Task,
+    TaskResult,
+)
 from ._codec import SharedMemoryCodec
 from ._lanes import Lane, readable, start_lane
 from ._limits import POLL_INTERVAL, deadline_of, wait_seconds

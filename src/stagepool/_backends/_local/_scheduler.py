@@ -14,7 +14,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from .. import Group, Task
+from .._protocol import Group, Task
 
 __all__ = ["UNKNOWN_CHUNK_SECONDS", "FairShare"]
 

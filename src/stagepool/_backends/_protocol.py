@@ -1,0 +1,199 @@
+"""The seam between the engine and a place that runs chunks: the protocol and its value types.
+
+See the package docstring (``stagepool._backends``) for the picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "Backend",
+    "BackendName",
+    "BackendOptions",
+    "Cancelled",
+    "Capabilities",
+    "Codec",
+    "DeathReason",
+    "Encoded",
+    "Group",
+    "LaneDied",
+    "Task",
+    "TaskResult",
+]
+
+_task_ids = itertools.count(1)
+
+BackendName = Literal["local", "serial"]
+DeathReason = Literal["crash", "timeout", "memory", "cancelled"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the engine adapts to it and refuses options it cannot honour."""
+
+    exact_blame: bool  # a dead worker's item is known (else: offset -1 and the engine bisects)
+    survives_crash: bool  # a segfault / os._exit in an item fails that item, not the caller
+    hard_timeouts: bool  # a running item can be stopped at its timeout (its process tree killed)
+    kills_running: bool  # running work can be killed on cancel (on_cancel="kill", shutdown(kill))
+    shared_memory: bool  # big numpy arrays travel through /dev/shm
+    memory_limits: bool  # max_rss_per_worker / max_tasks_per_worker are enforced
+    processes: bool  # work runs in other processes (worker_pids() names them)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaneDied:
+    """The worker running a task died (or was killed by us) before answering.
+
+    ``offset`` is the position in the chunk of the item it was running, or -1 when the backend
+    cannot say (it was decoding or encoding, or the backend has no exact blame): the engine then
+    finds the guilty item by running the chunk again in halves.
+    """
+
+    pid: int
+    exitcode: int | None
+    offset: int
+    reason: DeathReason
+    detail: str = ""  # the last lines the worker wrote to stderr (faulthandler dump included)
+    where: str = ""  # a worker's name where a pid says little (a cluster worker's address)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The task was withdrawn before it ran (shutdown with ``cancel_futures`` or a cancelled batch)."""
+
+    reason: str
+
+
+# The answer of a task: the codec's encoded chunk result (decode it with ``Codec.decode``), or
+# one of the two facts above.
+TaskResult = Any
+
+
+class Group:
+    """The tasks of one batch (or of every ``submit``): served by fair share against other groups.
+
+    Once ``cancelled``, no task of the group is started again, even one that was requeued
+    because its worker died after the cancellation.
+    """
+
+    __slots__ = ("cancelled", "served")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.served = 0.0  # estimated seconds of work dispatched: the backend's fair share
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encoded:
+    """A chunk's items as the backend's codec encoded them, and their size in bytes."""
+
+    payload: Any
+    nbytes: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Task:
+    """One chunk on its way to a worker.
+
+    ``items`` is already encoded by the submitting thread (a backend thread never pickles);
+    ``fn`` is the codec's form of the function, sent once per worker for each ``fn_key``.
+    ``on_done`` is called exactly once, from a backend thread (or, for the serial backend, the
+    submitting one), with the result; it must be quick and must not block. From then on it owns
+    ``items``: the submitter may still need the inputs (to send some again), so the backend
+    never frees them itself.
+    """
+
+    group: Group
+    fn_key: int
+    fn: Any
+    items: Any
+    n_items: int
+    on_done: Callable[[Task, TaskResult], None]
+    timeouts: tuple[float, ...] | None = None  # per item, seconds; None = no limit
+    expected: float | None = None  # the engine's estimate of the chunk's duration, seconds
+    per_item_clock: bool = True  # False for tiny items: durations become the chunk's mean
+    # Called by the backend right before the task goes to a worker (again after a requeue);
+    # False withdraws it instead (answered ``Cancelled``). Quick, must not block.
+    on_start: Callable[[Task], bool] | None = None
+    id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
+
+
+class Codec(Protocol):
+    """How a backend's tasks carry functions, items and results.
+
+    Locally: cloudpickle with big arrays in shared memory; in-process: the objects themselves.
+    Every method may be called from any submitting thread; ``encode`` raises what pickling
+    raises (the engine then isolates the item that will not encode).
+    """
+
+    def function(self, fn: Callable[..., Any]) -> tuple[int, Any]:
+        """A key (equal for equal functions) and the form workers receive; raises if it cannot
+        be encoded (an unpicklable function)."""
+
+    def encode(self, items: list[Any], arena: int | None) -> Encoded:
+        """The chunk's items for the workers; ``arena`` groups one batch's reusable memory."""
+
+    def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:
+        """What the batch holds to send again (a crash's innocents, retries): the items, or
+        lighter views of what ``encode`` made."""
+
+    def decode(self, result: Any) -> Any:
+        """The ``_worker.ChunkResult`` of an answer; raises if it cannot be decoded."""
+
+    def release(self, items: Any, arena: int | None) -> None:
+        """The task's inputs are no longer needed; reuse their memory in ``arena`` if given."""
+
+    def drop(self, result: Any) -> None:
+        """An answer nobody will decode: free what it holds."""
+
+    def open_arena(self, arena: int) -> None: ...
+
+    def close_arena(self, arena: int) -> None: ...
+
+
+class Backend(Protocol):
+    """What the engine needs from a place that runs chunks."""
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def codec(self) -> Codec: ...
+
+    def submit_many(self, tasks: list[Task]) -> None:
+        """Queue tasks (one wake-up); raises ``EngineClosed`` after shutdown."""
+
+    def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
+        """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running
+        ones. Never blocks and takes no lock: it may run inside a garbage collector finalizer."""
+
+    def withdraw_task(self, task: Task) -> None:
+        """Cancel one queued task (``on_done(Cancelled)``); a running or finished one is left."""
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live worker processes (empty for remote or in-process backends)."""
+
+    def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
+        """Stop the workers. ``wait`` lets queued tasks finish first unless ``cancel_pending``;
+        ``kill`` kills running work at once. Every task still owed an answer gets ``Cancelled``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """What every backend is built from (the engine's validated settings, already resolved)."""
+
+    workers: int
+    initializer: Callable[..., object] | None = None
+    initargs: Sequence[Any] = ()
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_rss: int | None = None
+    max_tasks: int | None = None
+    shm_threshold: int = 0
+    writable_inputs: bool = False
