@@ -221,3 +221,10 @@ def touch(path: str) -> str:
 def inf_for_two(x: int) -> float:
     """A per-item timeout that is infinite for item 2."""
     return float("inf") if x == 2 else 30.0
+
+
+class InterruptsPickling:
+    """An argument whose pickling is interrupted, as by a Ctrl-C in the middle of a big chunk."""
+
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt

@@ -50,11 +50,37 @@ def wait_until(predicate, timeout: float = WAIT, interval: float = 0.05) -> bool
     return bool(predicate())
 
 
+BACKENDS = ("local", "serial")
+
+
 @pytest.fixture(scope="session")
-def engine() -> Iterator[sp.Engine]:
+def local_engine(request: pytest.FixtureRequest) -> Iterator[sp.Engine]:
     """A shared 2-worker engine: tests that break workers must leave it serving (they check)."""
     with sp.Engine(workers=2) as eng:
+        request.session.__dict__["_stagepool_engine"] = eng  # its workers are no leftovers
         yield eng
+
+
+@pytest.fixture(scope="session")
+def serial_engine() -> Iterator[sp.Engine]:
+    with sp.Engine(backend="serial") as eng:
+        yield eng
+
+
+@pytest.fixture(params=BACKENDS)
+def engine(request: pytest.FixtureRequest) -> sp.Engine:
+    """The shared engine of each backend: one suite, every backend.
+
+    A test that needs what not every backend can do says so with ``@pytest.mark.needs(...)``,
+    naming fields of :class:`stagepool._backends.Capabilities` (``survives_crash``,
+    ``hard_timeouts``, ``processes``, ...); it is skipped, by that declared capability, on a
+    backend that does not have them."""
+    eng: sp.Engine = request.getfixturevalue(f"{request.param}_engine")
+    needed = [name for mark in request.node.iter_markers("needs") for name in mark.args]
+    missing = [name for name in needed if not getattr(eng.capabilities, name)]
+    if missing:
+        pytest.skip(f"the {request.param} backend does not declare {', '.join(missing)}")
+    return eng
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,12 +96,6 @@ def no_leftover_workers(request: pytest.FixtureRequest) -> Iterator[None]:
     if not wait_until(clean, timeout=10):
         leftovers = stagepool_workers() - allowed
         pytest.fail(f"worker processes left behind after {request.module.__name__}: {leftovers}")
-
-
-@pytest.fixture(autouse=True)
-def _remember_engine(request: pytest.FixtureRequest) -> None:
-    if "engine" in request.fixturenames:
-        request.session.__dict__["_stagepool_engine"] = request.getfixturevalue("engine")
 
 
 def shm_entries() -> set[str]:

@@ -295,6 +295,7 @@ async def cancel_with_kill(engine: sp.Engine, folder: str) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.needs("kills_running")
 async def test_cancel_with_kill_kills_the_workers_running_its_items(
         engine: sp.Engine, tmp_path: Path) -> None:
     await cancel_with_kill(engine, str(tmp_path))
@@ -350,6 +351,7 @@ async def test_imap_async_early_exit_withdraws_what_has_not_started(
 
 
 @pytest.mark.asyncio
+@pytest.mark.needs("kills_running")
 async def test_cancelling_the_consumer_of_imap_async_closes_it(
         engine: sp.Engine, tmp_path: Path) -> None:
     folder = str(tmp_path)
@@ -386,6 +388,7 @@ def test_a_chunk_submitted_after_the_cancel_never_runs(engine: sp.Engine) -> Non
 
 
 @pytest.mark.asyncio
+@pytest.mark.needs("survives_crash")
 async def test_submit_async_returns_values_and_raises_errors(engine: sp.Engine) -> None:
     assert await bounded(engine.submit_async(_tasks.double, 21)) == 42
     with pytest.raises(ValueError, match="bad item 1") as info:
@@ -402,6 +405,7 @@ async def test_submit_async_returns_values_and_raises_errors(engine: sp.Engine) 
 
 
 @pytest.mark.asyncio
+@pytest.mark.needs("processes")
 async def test_submit_async_cancellation(engine: sp.Engine, tmp_path: Path) -> None:
     folder = str(tmp_path)
     busy = [asyncio.create_task(engine.submit_async(_aio_tasks.mark_and_sleep, (folder, i, 0.8)))
@@ -445,6 +449,7 @@ async def tour(engine: sp.Engine, folder: str) -> None:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", pytest.param("uvloop", marks=needs_uvloop)])
+@pytest.mark.needs("kills_running")
 def test_on_each_event_loop(engine: sp.Engine, tmp_path: Path, loop: str) -> None:
     if loop == "uvloop":
         import uvloop

@@ -77,6 +77,7 @@ def test_exception_keeps_type_and_worker_traceback(engine: sp.Engine) -> None:
     assert report[0].unwrap() == 0
 
 
+@pytest.mark.needs("serializes")
 def test_exception_that_cannot_be_rebuilt_becomes_remote_error(engine: sp.Engine) -> None:
     for fn, type_name in [(_tasks.raise_unrebuildable, "NeedsTwoArgs"),
                           (_tasks.raise_unpicklable, "HoldsLock")]:
@@ -89,6 +90,7 @@ def test_exception_that_cannot_be_rebuilt_becomes_remote_error(engine: sp.Engine
     assert engine.map(_tasks.double, [1]).values == [2]  # the pool is fine
 
 
+@pytest.mark.needs("serializes")
 def test_unpicklable_argument_fails_only_its_item(engine: sp.Engine) -> None:
     items = [1, 2, threading.Lock(), 4]
     report = engine.map(_tasks.identity, items, chunk_size=4)
@@ -99,12 +101,14 @@ def test_unpicklable_argument_fails_only_its_item(engine: sp.Engine) -> None:
     assert report.values == [1, 2, 4]
 
 
+@pytest.mark.needs("serializes")
 def test_unpicklable_result_fails_only_its_item(engine: sp.Engine) -> None:
     report = engine.map(_tasks.return_lock, range(5), chunk_size=5)
     assert [o.kind for o in report] == ["ok", "ok", "serialization", "ok", "ok"]
     assert "item 2" in str(report[2].error) and "cannot be pickled" in str(report[2].error)
 
 
+@pytest.mark.needs("serializes")
 def test_unpicklable_function_fails_every_item(engine: sp.Engine) -> None:
     lock = threading.Lock()
     report = engine.map(lambda x: (lock, x), range(3))
@@ -112,6 +116,7 @@ def test_unpicklable_function_fails_every_item(engine: sp.Engine) -> None:
     assert "cannot be pickled" in str(report[0].error) and "item 0" in str(report[0].error)
 
 
+@pytest.mark.needs("serializes")
 def test_argument_that_fails_to_unpickle_in_worker(engine: sp.Engine) -> None:
     items = [1, _tasks.BreaksInWorker(2), 3, 4]
     report = engine.map(_tasks.identity, items, chunk_size=4)
@@ -119,12 +124,14 @@ def test_argument_that_fails_to_unpickle_in_worker(engine: sp.Engine) -> None:
     assert "item 1" in str(report[1].error) and "unpickled in the worker" in str(report[1].error)
 
 
+@pytest.mark.needs("serializes")
 def test_result_that_fails_to_unpickle_in_parent(engine: sp.Engine) -> None:
     report = engine.map(_tasks.return_breaks_in_parent, range(6), chunk_size=6)
     assert [o.kind for o in report] == ["ok"] * 3 + ["serialization"] + ["ok"] * 2
     assert "item 3" in str(report[3].error) and "unpickled in the parent" in str(report[3].error)
 
 
+@pytest.mark.needs("processes")
 def test_systemexit_and_keyboardinterrupt_are_item_errors(engine: sp.Engine) -> None:
     before = set(engine.worker_pids())
     report = engine.map(_tasks.raise_systemexit, range(4), chunk_size=4)
@@ -238,6 +245,7 @@ def test_many_threads_share_one_engine(engine: sp.Engine) -> None:
         assert values == [2 * i for i in range(k, k + 200)]
 
 
+@pytest.mark.needs("processes")
 def test_engine_is_reused_and_threads_are_budgeted(engine: sp.Engine) -> None:
     pids = set(engine.worker_pids())
     for _ in range(5):
@@ -330,6 +338,7 @@ def test_many_distinct_functions_then_the_first_again(engine: sp.Engine) -> None
     assert engine.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]
 
 
+@pytest.mark.needs("processes")
 def test_a_running_submit_cannot_be_cancelled_like_the_stdlib_executors(engine: sp.Engine) -> None:
     running = engine.submit(_tasks.sleep_for, 0.5)
     assert wait_until(running.running, timeout=WAIT)
@@ -344,6 +353,7 @@ def test_a_running_submit_cannot_be_cancelled_like_the_stdlib_executors(engine: 
     assert [f.result(timeout=WAIT) for f in blockers] == [0.5] * engine.workers
 
 
+@pytest.mark.needs("processes")
 def test_many_single_submits_stay_fast_and_cancel_alone(engine: sp.Engine) -> None:
     import time as _time
 

@@ -59,3 +59,16 @@ def test_a_worker_import_stays_light(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_public_classes_name_the_package() -> None:
+    import inspect
+
+    for name in sp.__all__:
+        obj = getattr(sp, name)
+        if inspect.isclass(obj):
+            assert obj.__module__ == "stagepool", name
+            assert getattr(sp, obj.__qualname__) is obj  # pickling by reference finds it
+    assert repr(sp.TaskTimeout("x")) == "TaskTimeout('x')"
+    assert "stagepool.TaskTimeout" in "".join(
+        __import__("traceback").format_exception_only(sp.TaskTimeout("x")))

@@ -230,12 +230,14 @@ def test_bad_timeouts_are_refused_by_the_engine_and_per_call(
         engine.map(_tasks.double, [1], timeout=timeout)
 
 
+@pytest.mark.needs("hard_timeouts")
 def test_a_month_long_timeout_is_accepted(engine: sp.Engine) -> None:
     with sp.Engine(workers=1, timeout=30 * 86400) as month:
         assert month.config.timeout == 30 * 86400.0
     assert engine.map(_tasks.double, [1, 2], timeout=30 * 86400).values == [2, 4]
 
 
+@pytest.mark.needs("hard_timeouts")
 def test_a_callable_timeout_returning_inf_fails_its_item_clearly(engine: sp.Engine) -> None:
     report = engine.map(_tasks.double, [1, 2, 3, 4], timeout=_tasks.inf_for_two, chunk_size=4)
     assert [o.kind for o in report] == ["ok", "error", "ok", "ok"]  # only the item whose limit is bad

@@ -14,6 +14,7 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from ._aio import OutcomeStream
     from ._engine import Engine
     from ._errors import (
         EngineClosed,
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "EngineClosed": "._errors",
     "InitializerError": "._errors",
     "Outcome": "._outcome",
+    "OutcomeStream": "._aio",
     "OvercommitWarning": "._errors",
     "Progress": "._progress",
     "RemoteError": "._errors",
@@ -64,6 +66,7 @@ __all__ = (
     "EngineClosed",
     "InitializerError",
     "Outcome",
+    "OutcomeStream",
     "OvercommitWarning",
     "Progress",
     "RemoteError",

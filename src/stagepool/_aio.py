@@ -609,3 +609,8 @@ async def shutdown_async(shutdown: Callable[[], None]) -> None:
         its thread and completes as it would have (the engine is closed to new work already).
     """
     await asyncio.wrap_future(_start_thread(shutdown, "stagepool-aio-shutdown"))
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (OutcomeStream,):
+    _public.__module__ = "stagepool"

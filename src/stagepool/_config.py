@@ -7,13 +7,14 @@ the argument) come out. Nothing reads the machine.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["DEFAULT", "EngineConfig", "format_size", "parse_size"]
+__all__ = ["DEFAULT", "Default", "EngineConfig", "format_size", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -83,7 +84,16 @@ def format_size(n: float) -> str:
 
 Timeout = float | Callable[[Any], float] | None
 # A per-call option left at this value means "use the engine's setting" (None is a real value).
-DEFAULT: Any = ...
+class Default(enum.Enum):
+    """The type of :data:`DEFAULT`: a per-call option left out means the engine's setting."""
+
+    TOKEN = "DEFAULT"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = Default.TOKEN
 FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
 
 

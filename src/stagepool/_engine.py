@@ -36,6 +36,7 @@ from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._batch import Batch, BatchSpec
 from ._config import (
     DEFAULT,
+    Default,
     EngineConfig,
     Timeout,
     check_bool,
@@ -155,6 +156,7 @@ class Engine:
         if backend == "serial":
             self._refuse_on_serial()
             self.workers = started.workers
+            self._sizing = "serial: 1 worker, this process"
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1)
@@ -233,7 +235,7 @@ class Engine:
 
     def _spec(self, fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], *,
               chunk_size: Any, progress: bool | None, desc: str | None,
-              on_progress: Callable[[Progress], object] | None, timeout: Any,
+              on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
               max_in_flight: int | None = None, max_concurrent: int | None = None) -> BatchSpec:
         """Validate one call's arguments (before anything starts) into its spec."""
         if not callable(fn):
@@ -262,7 +264,7 @@ class Engine:
         items: Iterable[T],
         *,
         chunk_size: int | str | None = None,
-        timeout: Any = DEFAULT,
+        timeout: Timeout | Default = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -296,7 +298,7 @@ class Engine:
         *,
         ordered: bool = True,
         chunk_size: int | str | None = None,
-        timeout: Any = DEFAULT,
+        timeout: Timeout | Default = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -353,7 +355,7 @@ class Engine:
         max_concurrent: int | None = None,
         on_cancel: OnCancel = "finish",
         chunk_size: int | str | None = None,
-        timeout: Any = DEFAULT,
+        timeout: Timeout | Default = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -384,7 +386,7 @@ class Engine:
         max_concurrent: int | None = None,
         max_in_flight: int | None = None,
         chunk_size: int | str | None = None,
-        timeout: Any = DEFAULT,
+        timeout: Timeout | Default = DEFAULT,
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
@@ -444,3 +446,8 @@ def _serial_cannot(option: str) -> str:
     return (f"{option}= needs a backend that runs items in worker processes: the serial backend "
             "runs them in this process, where a running item cannot be stopped or capped; use "
             "backend='local'")
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (Engine,):
+    _public.__module__ = "stagepool"

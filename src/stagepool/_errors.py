@@ -100,3 +100,18 @@ class OvercommitWarning(UserWarning):
     a smaller ``mem_per_task``; or silence it with
     ``warnings.filterwarnings("ignore", category=stagepool.OvercommitWarning)``.
     """
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (
+    EngineClosed,
+    InitializerError,
+    OvercommitWarning,
+    RemoteError,
+    SerializationError,
+    StagepoolError,
+    TaskCancelled,
+    TaskTimeout,
+    WorkerCrashed,
+):
+    _public.__module__ = "stagepool"

@@ -272,3 +272,8 @@ class BatchReport(Sequence[Outcome[T]]):
                 err.add_note(note)
             errors.append(err)
         raise BaseExceptionGroup(f"{len(errors)} of {len(self)} items failed", errors)
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (BatchReport, BatchStats, Outcome):
+    _public.__module__ = "stagepool"

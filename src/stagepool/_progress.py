@@ -143,3 +143,8 @@ def make_sink(
     if not sinks:
         return None
     return sinks[0] if len(sinks) == 1 else _Fanout(sinks)
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (Progress,):
+    _public.__module__ = "stagepool"

@@ -796,3 +796,8 @@ def uss_of(pid: int) -> int | None:
             return int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (ResourceSnapshot, WorkerPlan):
+    _public.__module__ = "stagepool"

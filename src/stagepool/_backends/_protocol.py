@@ -41,7 +41,8 @@ class Capabilities:
     kills_running: bool  # running work can be killed on cancel (on_cancel="kill", shutdown(kill))
     shared_memory: bool  # big numpy arrays travel through /dev/shm
     memory_limits: bool  # max_rss_per_worker / max_tasks_per_worker are enforced
-    processes: bool  # work runs in other processes (worker_pids() names them)
+    processes: bool  # work runs in other processes, so a raised KeyboardInterrupt is the item's
+    serializes: bool  # items, functions and results are pickled: what cannot be fails its item
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,7 +179,8 @@ class Backend(Protocol):
         """Cancel one queued task (``on_done(Cancelled)``); a running or finished one is left."""
 
     def worker_pids(self) -> list[int]:
-        """Pids of the live worker processes (empty for remote or in-process backends)."""
+        """Pids of the live processes that run items (this process for the serial backend,
+        none for a remote one)."""
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         """Stop the workers. ``wait`` lets queued tasks finish first unless ``cancel_pending``;

@@ -14,6 +14,7 @@ the caller's own Ctrl-C here, so it propagates instead of becoming the item's er
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ __all__ = ["InProcessCodec", "SerialBackend"]
 
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=False, hard_timeouts=False,
                             kills_running=False, shared_memory=False, memory_limits=False,
-                            processes=False)
+                            processes=False, serializes=False)
 
 
 class InProcessCodec:
@@ -112,7 +113,7 @@ class SerialBackend:
         pass  # a task runs as it is submitted: never queued
 
     def worker_pids(self) -> list[int]:
-        return []
+        return [os.getpid()]  # the process that runs the items (outcomes name it too)
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         self._closed = True

@@ -176,3 +176,8 @@ def _finite(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+for _public in (StageProfile,):
+    _public.__module__ = "stagepool"

@@ -59,7 +59,7 @@ __all__ = ["LocalBackend"]
 
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=True, memory_limits=True,
-                            processes=True)
+                            processes=True, serializes=True)
 
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
