@@ -19,7 +19,7 @@ import _aio_tasks
 import _tasks
 import stagepool as sp
 from conftest import WAIT, wait_until
-from stagepool import _aio
+from stagepool import _aio, _bridge
 
 needs_uvloop = pytest.mark.skipif(importlib.util.find_spec("uvloop") is None,
                                   reason="uvloop is not installed")
@@ -179,7 +179,7 @@ async def test_async_source_is_read_lazily(engine: sp.Engine) -> None:
             got += 1
             if got == 50:
                 break
-    bound = 50 + _aio.READ_AHEAD + (2 * engine.workers + 1) + _aio.STREAM_AHEAD + 5
+    bound = 50 + _bridge.READ_AHEAD + (2 * engine.workers + 1) + _aio.STREAM_AHEAD + 5
     assert len(seen) <= bound, (len(seen), bound)
     await asyncio.sleep(0.3)
     assert len(seen) <= bound  # nothing read after the stream was closed
@@ -327,10 +327,9 @@ async def test_cancel_at_random_moments_leaves_nothing_behind(engine: sp.Engine)
             await bounded(task)
     await serves(engine)
 
-    from stagepool import _aio
 
     # Every call has left its (pooled) batch thread; idle threads stay a while for the next calls.
-    assert wait_until(lambda: _aio._threads.busy() == 0, 10), _aio._threads.busy()
+    assert wait_until(lambda: _bridge.threads.busy() == 0, 10), _bridge.threads.busy()
 
 
 @pytest.mark.asyncio

@@ -12,7 +12,7 @@ import pytest
 import _tasks
 import stagepool as sp
 from conftest import WAIT
-from stagepool import _aio, _transport
+from stagepool import _bridge, _transport
 
 
 def test_an_unknown_backend_is_named() -> None:
@@ -77,7 +77,7 @@ def test_an_imap_never_iterated_holds_nothing(engine: sp.Engine) -> None:
 
 def test_concurrent_async_calls_share_a_bounded_set_of_threads(engine: sp.Engine) -> None:
     """Each map_async call started a thread of its own: 1,000 calls, 1,000 threads."""
-    calls = 3 * _aio.MAX_THREADS
+    calls = 3 * _bridge.MAX_THREADS
     peak = 0
 
     async def main() -> list[sp.BatchReport[int]]:
@@ -91,4 +91,4 @@ def test_concurrent_async_calls_share_a_bounded_set_of_threads(engine: sp.Engine
 
     reports = asyncio.run(asyncio.wait_for(main(), WAIT))
     assert all(r.ok for r in reports) and len(reports) == calls
-    assert 0 < peak <= _aio.MAX_THREADS
+    assert 0 < peak <= _bridge.MAX_THREADS

@@ -1,8 +1,9 @@
 """The asyncio bridge: await batches without blocking the event loop.
 
 The loop thread never pickles, waits on a pipe, joins a process or reads psutil. Each call runs
-the same batch driver as ``Engine.map`` / ``Engine.imap`` in a helper thread of its own; the loop
-only starts it, awaits a future and, for an async source, steps the source's ``__anext__``.
+the same batch driver as ``Engine.map`` / ``Engine.imap`` in a pooled helper thread; the loop
+only starts it, awaits a future and, for an async source, steps the source's ``__anext__``
+(the plumbing is in ``_bridge``). :class:`AsyncCalls` is the engine's async surface.
 
     event loop thread                          batch thread (pooled, <= MAX_THREADS)  pool thread
     map_async ----start----------------------> make_batch(_Source | _AsyncFeed, relay)
@@ -12,7 +13,7 @@ only starts it, awaits a future and, for an async source, steps the source's ``_
       |   report      <--- wrap_future --------- report, or the exception (.report attached)
       |   imap_async  <--- call_soon_threadsafe - one list of outcomes per chunk, at most
       |                                          STREAM_AHEAD lists ahead of the consumer
-    cancel -> _Call.cancel() -> Batch.abandon(): no chunk is sent after this point, queued
+    cancel -> Call.cancel() -> Batch.abandon(): no chunk is sent after this point, queued
               chunks are withdrawn, running ones finish unobserved ("finish") or their workers
               are killed ("kill"); the source stops being read; the batch thread is woken and
               leaves the batch. Returns at once: nothing here waits.
@@ -26,320 +27,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
-import queue
+import dataclasses
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Self, TypeVar
 
-from ._batch import Batch
-from ._config import check_bool
+from ._backends import Backend
+from ._batch import Batch, BatchSpec
+from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
+from ._config import DEFAULT, Default, Timeout, check_bool
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._streams import outcome_lists, run_to_report
 
-__all__ = ["imap_async", "map_async", "shutdown_async", "submit_async"]
+__all__ = ["AsyncCalls", "OutcomeStream", "imap_async", "map_async", "shutdown_async", "submit_async"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
+OnCancel = Literal["finish", "kill"]
 
-_ON_CANCEL = ("finish", "kill")
-
-# Items of an async source read ahead of what the batch has taken. More hides the round trip
-# between the batch thread and the loop (one wake-up per READ_AHEAD / 2 items); fewer keeps
-# memory flat when items are big (a decoded frame, a segment in memory).
-READ_AHEAD = 16
 # Lists of outcomes (one per finished chunk) an ``imap_async`` stream may hold before its consumer
 # reads them. With the batch's own ``max_in_flight`` this bounds what a slow consumer costs.
 STREAM_AHEAD = 4
-# How long a helper thread blocks at most before it looks again at "cancelled" or "loop closed".
-WAIT_SLICE = 0.2
-# Batch threads at once, whatever the number of concurrent calls (each runs one call's batch
-# loop; further calls wait for a free thread). More lets more calls make progress at once; a
-# thread costs ~8 MiB of address space and a slot in the GIL's rotation. Idle threads exit
-# after THREAD_IDLE_SECONDS.
-MAX_THREADS = 32
-THREAD_IDLE_SECONDS = 10.0
-
-# What builds a call's batch from its source (sync or fed from an async one) and its progress
-# relay; the engine makes it, with every option already validated.
-MakeBatch = Callable[[Iterable[Any], "Callable[[Progress], object] | None"], Batch]
-
-_ITEM, _END, _ERROR = 0, 1, 2
-
-
-def _check_on_cancel(on_cancel: str) -> bool:
-    """True for "kill"; a ValueError for anything but the two policies."""
-    if on_cancel not in _ON_CANCEL:
-        raise ValueError(f"on_cancel must be 'finish' or 'kill', got {on_cancel!r}")
-    return on_cancel == "kill"
-
-
-def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
-    """``call_soon_threadsafe`` that tolerates a loop closed meanwhile (nobody is listening)."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
-
-
-class _Threads:
-    """A bounded set of daemon threads running call bodies in arrival order.
-
-    Each call's future is marked running from the start, so cancelling the awaiting task (which
-    makes ``wrap_future`` call ``future.cancel()``) cannot cancel it: the thread always settles
-    it (a call cancelled while it waits for a thread leaves at once through its own flag)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._work: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
-            collections.deque())
-        self._cond = threading.Condition()
-        self._threads = self._idle = 0
-
-    def start(self, target: Callable[[], T]) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        with self._cond:
-            self._work.append((target, future))
-            if self._idle:
-                self._cond.notify()
-                return future
-            if self._threads >= self._limit:
-                return future
-            self._threads += 1
-        threading.Thread(target=self._serve, name="stagepool-aio-batch", daemon=True).start()
-        return future
-
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._work:
-                    self._idle += 1
-                    woken = self._cond.wait(THREAD_IDLE_SECONDS)
-                    self._idle -= 1
-                    if not woken and not self._work:
-                        self._threads -= 1
-                        return
-                target, future = self._work.popleft()
-            _settle(future, target)
-
-    def busy(self) -> int:
-        """Threads running a call now (for tests and diagnostics)."""
-        with self._cond:
-            return self._threads - self._idle
-
-
-def _settle(future: concurrent.futures.Future[T], target: Callable[[], T]) -> None:
-    try:
-        result = target()
-    except BaseException as exc:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-_threads = _Threads(MAX_THREADS)
-
-
-def _start_thread(target: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
-    """Run ``target`` in a new daemon thread of its own (for work that must not wait for a
-    pooled thread, such as a shutdown); its result or exception lands in the future."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-    future.set_running_or_notify_cancel()
-    threading.Thread(target=_settle, args=(future, target), name=name, daemon=True).start()
-    return future
-
-
-_handoff_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_handoff_lock = threading.Lock()
-
-
-def _handoff() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that pickle and submit single calls for ``submit_async`` (never the loop)."""
-    global _handoff_pool
-    with _handoff_lock:
-        if _handoff_pool is None:
-            _handoff_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="stagepool-aio-submit")
-        return _handoff_pool
-
-
-# ---- one call's shared state --------------------------------------------------------------------
-
-
-class _Call:
-    """One async batch call, seen from both threads. The loop may cancel it at any moment, even
-    before the batch thread has built the batch; ``cancel`` never blocks."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: str) -> None:
-        self.loop = loop
-        self.kill = _check_on_cancel(on_cancel)
-        self.cancelled = False
-        self._lock = threading.Lock()
-        self._batch: Batch | None = None
-        self._feed: _AsyncFeed | None = None
-
-    def source(self, items: Any) -> Iterable[Any]:
-        """On the loop: an async source starts its pump here; a sync one is wrapped as it is."""
-        if hasattr(items, "__aiter__"):
-            self._feed = _AsyncFeed(items.__aiter__(), self)
-            return self._feed
-        if hasattr(items, "__len__"):
-            return _SizedSource(items, self)
-        return _Source(items, self)
-
-    def attach(self, batch: Batch) -> Batch:
-        """In the batch thread, before it runs: from now on a cancel abandons this batch."""
-        with self._lock:
-            self._batch = batch
-            cancelled = self.cancelled
-        if cancelled:
-            batch.abandon(kill_running=self.kill)
-        return batch
-
-    def cancel(self) -> None:
-        """From any thread, idempotent, never blocks: stop reading the source, withdraw what has
-        not started, kill by policy, and make the batch thread leave the batch."""
-        with self._lock:
-            if self.cancelled:
-                return
-            self.cancelled = True
-            batch = self._batch
-        if batch is not None:
-            batch.abandon(kill_running=self.kill)
-        self.close_source()
-
-    def close_source(self) -> None:
-        if self._feed is not None:
-            self._feed.stop()
-
-    def relay(self, fn: Callable[[Progress], object] | None) -> Callable[[Progress], object] | None:
-        """``on_progress`` runs on the loop (it may touch loop objects), never after a cancel."""
-        if fn is None:
-            return None
-
-        def relay(progress: Progress) -> None:
-            if not self.cancelled:
-                _post(self.loop, fn, progress)
-
-        return relay
-
-    def run(self, work: Callable[[], T]) -> concurrent.futures.Future[T]:
-        return _threads.start(work)
-
-
-class _Source:
-    """A sync iterable read by the batch thread; it ends early once the call is cancelled, so
-    a cancelled batch stops taking items instead of turning every remaining one into a chunk."""
-
-    def __init__(self, items: Iterable[Any], call: _Call) -> None:
-        try:
-            self._it = iter(items)
-        except TypeError:
-            raise TypeError("items must be an iterable or an async iterable, "
-                            f"not {type(items).__name__}") from None
-        self._call = call
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        if self._call.cancelled:
-            raise StopIteration
-        return next(self._it)
-
-
-class _SizedSource(_Source):
-    """A sized source keeps its length: the chunk sizer and the progress bar use it."""
-
-    def __init__(self, items: Any, call: _Call) -> None:
-        super().__init__(items, call)
-        self._len = len(items)
-
-    def __len__(self) -> int:
-        return self._len
-
-
-class _AsyncFeed:
-    """An async iterator stepped on the loop, read by the batch thread as a plain iterator.
-
-    A pump task on the loop reads up to ``READ_AHEAD`` items ahead into a thread-safe queue and
-    waits when it is full; the batch thread wakes it when the queue is half empty. An exception
-    from the source is handed over as it is, so it ends the batch like a sync generator's:
-    items taken finish, the exception propagates with ``.report``."""
-
-    def __init__(self, source: AsyncIterator[Any], call: _Call) -> None:
-        self._source, self._call, self._loop = source, call, call.loop
-        self._items: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._queued = 0  # items the pump put and the batch thread has not taken
-        self._pump_waiting = False
-        self._room = asyncio.Event()
-        self._over = False  # batch thread side: the end or an error was seen
-        self._task = self._loop.create_task(self._pump(), name="stagepool-aio-feed")
-
-    # -- loop side
-    async def _pump(self) -> None:
-        try:
-            while True:
-                await self._wait_room()
-                try:
-                    item = await self._source.__anext__()
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:
-                    self._items.put((_ERROR, exc))
-                    return
-                with self._lock:
-                    self._queued += 1
-                self._items.put((_ITEM, item))
-        finally:
-            self._items.put((_END, None))  # after an error it is never read; harmless
-
-    async def _wait_room(self) -> None:
-        while True:
-            with self._lock:
-                if self._queued < READ_AHEAD:
-                    self._pump_waiting = False
-                    return
-                self._pump_waiting = True
-                self._room.clear()  # under the lock: a wake-up posted after this is not lost
-            await self._room.wait()
-
-    def stop(self) -> None:
-        """From any thread: stop reading the source (a pending ``__anext__`` is cancelled)."""
-        _post(self._loop, self._task.cancel)
-
-    # -- batch thread side
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        while not self._over:
-            try:
-                kind, payload = self._items.get(timeout=WAIT_SLICE)
-            except queue.Empty:
-                if self._call.cancelled or self._loop.is_closed():
-                    self._over = True
-                continue
-            if kind == _ITEM:
-                self._took_one()
-                if self._call.cancelled:
-                    self._over = True
-                    break
-                return payload
-            self._over = True
-            if kind == _ERROR:
-                raise payload
-        raise StopIteration
-
-    def _took_one(self) -> None:
-        with self._lock:
-            self._queued -= 1
-            wake = self._pump_waiting and self._queued <= READ_AHEAD // 2
-            if wake:
-                self._pump_waiting = False
-        if wake:
-            _post(self._loop, self._room.set)
 
 
 # ---- map_async ------------------------------------------------------------------------------------
@@ -382,7 +92,7 @@ async def map_async(
         If the engine is shut down while the call runs, the items that never ran get outcome
         kind ``"cancelled"`` in the report (``EngineClosed`` if it was already shut down).
     """
-    call = _Call(asyncio.get_running_loop(), on_cancel)
+    call = Call(asyncio.get_running_loop(), on_cancel)
     source = call.source(items)
 
     def work() -> BatchReport[Any]:
@@ -435,7 +145,7 @@ def imap_async(
         An engine shut down under the stream yields ``"cancelled"`` outcomes for items already
         taken that never ran, then ends.
     """
-    _check_on_cancel(on_cancel)
+    check_on_cancel(on_cancel)
     check_bool(ordered, "ordered")
     return OutcomeStream(_Stream(make_batch, items, on_progress, ordered=ordered,
                                  on_cancel=on_cancel))
@@ -450,7 +160,7 @@ class _Stream(Generic[R]):
                  on_cancel: str) -> None:
         self.make_batch, self.items, self.on_progress = make_batch, items, on_progress
         self.ordered, self.on_cancel = ordered, on_cancel
-        self.call: _Call | None = None
+        self.call: Call | None = None
         self.lists: collections.deque[list[Outcome[R]]] = collections.deque()
         self.credits = threading.Semaphore(STREAM_AHEAD)
         self.arrived = asyncio.Event()
@@ -459,13 +169,13 @@ class _Stream(Generic[R]):
 
     def start(self) -> None:
         """On the loop: open the source (an async one is stepped here), then start the thread."""
-        call = self.call = _Call(asyncio.get_running_loop(), self.on_cancel)
+        call = self.call = Call(asyncio.get_running_loop(), self.on_cancel)
         source = call.source(self.items)
         relay = call.relay(self.on_progress)
         self.items = None
         call.run(lambda: self.run(call, lambda: call.attach(self.make_batch(source, relay))))
 
-    def run(self, call: _Call, make: Callable[[], Batch]) -> None:
+    def run(self, call: Call, make: Callable[[], Batch]) -> None:
         """In the batch thread: post one list of outcomes per chunk, within the credits."""
         lists: Generator[list[Outcome[R]], None, None] | None = None
         try:
@@ -475,16 +185,16 @@ class _Stream(Generic[R]):
             for outcomes in lists:
                 if not self.credit(call):
                     break
-                _post(call.loop, self.deliver, outcomes)
+                post(call.loop, self.deliver, outcomes)
         except BaseException as exc:
-            _post(call.loop, self.end, exc)
+            post(call.loop, self.end, exc)
         else:
-            _post(call.loop, self.end, None)
+            post(call.loop, self.end, None)
         finally:
             if lists is not None:
                 lists.close()  # leaving early: the batch withdraws what it still has queued
 
-    def credit(self, call: _Call) -> bool:
+    def credit(self, call: Call) -> bool:
         while not call.cancelled and not call.loop.is_closed():
             if self.credits.acquire(timeout=WAIT_SLICE):
                 return True
@@ -587,7 +297,7 @@ async def submit_async(submit: Callable[..., concurrent.futures.Future[R]], fn: 
         An engine shut down with ``cancel_futures=True`` before the call started raises
         ``TaskCancelled`` here.
     """
-    sent = _handoff().submit(submit, fn, *args, **kwargs)
+    sent = handoff().submit(submit, fn, *args, **kwargs)
     try:
         future = await asyncio.wrap_future(sent)
     except asyncio.CancelledError:
@@ -608,9 +318,113 @@ async def shutdown_async(shutdown: Callable[[], None]) -> None:
         Cancelling the awaiting task raises ``CancelledError`` at once; the shutdown goes on in
         its thread and completes as it would have (the engine is closed to new work already).
     """
-    await asyncio.wrap_future(_start_thread(shutdown, "stagepool-aio-shutdown"))
+    await asyncio.wrap_future(start_thread(shutdown, "stagepool-aio-shutdown"))
 
 
 # Public classes name the package they are imported from, in reprs and tracebacks.
 for _public in (OutcomeStream,):
     _public.__module__ = "stagepool"
+
+# ---- the engine's async surface -----------------------------------------------------------------
+
+
+class AsyncCalls:
+    """The async methods of ``Engine`` (the facade inherits them): each validates its arguments
+    through the engine, then hands the work to the bridge above; the loop never blocks."""
+
+    if TYPE_CHECKING:  # provided by Engine
+        def _spec(self, fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], *,
+                  chunk_size: Any, progress: bool | None, desc: str | None,
+                  on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
+                  max_in_flight: int | None = None,
+                  max_concurrent: int | None = None) -> BatchSpec: ...
+
+        def _backend_or_raise(self) -> Backend: ...
+
+        def submit(self, fn: Callable[P, R], /, *args: P.args,
+                   **kwargs: P.kwargs) -> concurrent.futures.Future[R]: ...
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                     kill: bool = False) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Shut down without blocking the loop; an exception (or a cancellation) leaving the
+        block cancels queued work instead of waiting for it."""
+        cancel = exc[0] is not None
+        await shutdown_async(lambda: self.shutdown(True, cancel_futures=cancel))
+
+    async def map_async(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T] | AsyncIterable[T],
+        *,
+        max_concurrent: int | None = None,
+        on_cancel: OnCancel = "finish",
+        chunk_size: int | str | None = None,
+        timeout: Timeout | Default = DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> BatchReport[R]:
+        """Awaitable :meth:`Engine.map`, without blocking the event loop; same report.
+
+        ``items`` may also be an async iterable (read lazily, with backpressure). Concurrent
+        calls share the workers fairly by estimated work, so a small request started during a
+        big one finishes long before it.
+
+        Cancellation: cancelling the awaiting task (or ``wait_for`` expiring) raises
+        ``CancelledError`` at once; chunks not started never start; running items finish with
+        their results dropped (``on_cancel="finish"``) or are killed with their workers, which
+        are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
+        """
+        spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
+                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
+        return await map_async(self._batches(spec), items, on_cancel=on_cancel,
+                               on_progress=on_progress)
+
+    def imap_async(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T] | AsyncIterable[T],
+        *,
+        ordered: bool = False,
+        on_cancel: OnCancel = "finish",
+        max_concurrent: int | None = None,
+        max_in_flight: int | None = None,
+        chunk_size: int | str | None = None,
+        timeout: Timeout | Default = DEFAULT,
+        progress: bool | None = None,
+        desc: str | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> OutcomeStream[R]:
+        """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
+
+        Cancellation: leaving the loop early (``break``, an exception, ``aclose()``, the end of
+        ``async with``) or cancelling the consuming task withdraws what has not started; running
+        items follow ``on_cancel`` as in :meth:`map_async`.
+        """
+        spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
+                          on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
+                          max_concurrent=max_concurrent)
+        return imap_async(self._batches(spec), items, ordered=ordered, on_cancel=on_cancel,
+                          on_progress=on_progress)
+
+    def _batches(self, spec: BatchSpec) -> Callable[..., Batch]:
+        """What an async call builds its batch with, from its source and progress relay."""
+        backend = self._backend_or_raise()
+
+        def make(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> Batch:
+            return Batch(backend, dataclasses.replace(spec, items=source, on_progress=relay))
+
+        return make
+
+    async def submit_async(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Awaitable :meth:`Engine.submit`: the value, or the task's exception.
+
+        Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
+        handed to a worker never runs, one already handed over finishes and its result is dropped.
+        """
+        return await submit_async(self.submit, fn, *args, **kwargs)

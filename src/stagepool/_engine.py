@@ -23,14 +23,13 @@ piece.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import os
 import threading
 import warnings
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from ._aio import OutcomeStream, imap_async, map_async, shutdown_async, submit_async
+from ._aio import AsyncCalls
 from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._batch import Batch, BatchSpec
@@ -70,7 +69,7 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
 BACKENDS: tuple[BackendName, ...] = ("local", "serial")
 
 
-class Engine:
+class Engine(AsyncCalls):
     """A pool of workers that gives every item exactly one :class:`Outcome`.
 
     ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);
@@ -222,15 +221,6 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
-    async def __aenter__(self) -> Engine:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Shut down without blocking the loop; an exception (or a cancellation) leaving the
-        block cancels queued work instead of waiting for it."""
-        cancel = exc[0] is not None
-        await shutdown_async(lambda: self.shutdown(True, cancel_futures=cancel))
-
     # ---- batches --------------------------------------------------------------------------------
 
     def _spec(self, fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], *,
@@ -344,81 +334,6 @@ class Engine:
             if self._executor is None:
                 self._executor = ExecutorView(self.submit, self.imap, self.shutdown)
             return self._executor
-
-    # ---- async (the bridge lives in _aio) -----------------------------------------------------
-
-    async def map_async(
-        self,
-        fn: Callable[[T], R],
-        items: Iterable[T] | AsyncIterable[T],
-        *,
-        max_concurrent: int | None = None,
-        on_cancel: OnCancel = "finish",
-        chunk_size: int | str | None = None,
-        timeout: Timeout | Default = DEFAULT,
-        progress: bool | None = None,
-        desc: str | None = None,
-        on_progress: Callable[[Progress], object] | None = None,
-    ) -> BatchReport[R]:
-        """Awaitable :meth:`map`, without blocking the event loop; same report.
-
-        ``items`` may also be an async iterable (read lazily, with backpressure). Concurrent
-        calls share the workers fairly by estimated work, so a small request started during a
-        big one finishes long before it.
-
-        Cancellation: cancelling the awaiting task (or ``wait_for`` expiring) raises
-        ``CancelledError`` at once; chunks not started never start; running items finish with
-        their results dropped (``on_cancel="finish"``) or are killed with their workers, which
-        are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
-        """
-        spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
-        return await map_async(self._batches(spec), items, on_cancel=on_cancel,
-                               on_progress=on_progress)
-
-    def imap_async(
-        self,
-        fn: Callable[[T], R],
-        items: Iterable[T] | AsyncIterable[T],
-        *,
-        ordered: bool = False,
-        on_cancel: OnCancel = "finish",
-        max_concurrent: int | None = None,
-        max_in_flight: int | None = None,
-        chunk_size: int | str | None = None,
-        timeout: Timeout | Default = DEFAULT,
-        progress: bool | None = None,
-        desc: str | None = None,
-        on_progress: Callable[[Progress], object] | None = None,
-    ) -> OutcomeStream[R]:
-        """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
-
-        Cancellation: leaving the loop early (``break``, an exception, ``aclose()``, the end of
-        ``async with``) or cancelling the consuming task withdraws what has not started; running
-        items follow ``on_cancel`` as in :meth:`map_async`.
-        """
-        spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                          on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
-                          max_concurrent=max_concurrent)
-        return imap_async(self._batches(spec), items, ordered=ordered, on_cancel=on_cancel,
-                          on_progress=on_progress)
-
-    def _batches(self, spec: BatchSpec) -> Callable[..., Batch]:
-        """What an async call builds its batch with, from its source and progress relay."""
-        backend = self._backend_or_raise()
-
-        def make(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> Batch:
-            return Batch(backend, dataclasses.replace(spec, items=source, on_progress=relay))
-
-        return make
-
-    async def submit_async(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Awaitable :meth:`submit`: the value, or the task's exception.
-
-        Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
-        handed to a worker never runs, one already handed over finishes and its result is dropped.
-        """
-        return await submit_async(self.submit, fn, *args, **kwargs)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
