@@ -228,3 +228,24 @@ class InterruptsPickling:
 
     def __reduce__(self) -> Any:
         raise KeyboardInterrupt
+
+
+def logged(arg: tuple[int, str, str]) -> int:
+    """Append this run to the item's log, then do what ``action`` says: "ok", "error",
+    "crash" (os._exit), "hang" (sleep far past any timeout) or "crash_once" (crash on the first
+    run only). The log counts runs, whatever becomes of the process."""
+    index, action, folder = arg
+    path = os.path.join(folder, str(index))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        runs = os.fstat(fd).st_size
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    if action == "crash" or (action == "crash_once" and runs == 0):
+        os._exit(3)
+    if action == "hang":
+        time.sleep(3600)
+    if action == "error":
+        raise ValueError(f"item {index} failed on purpose")
+    return index

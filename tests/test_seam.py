@@ -9,6 +9,7 @@ plumbing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import hypothesis.strategies as st
@@ -88,8 +89,23 @@ def test_a_backend_that_cannot_blame_still_gets_exactly_the_guilty_item() -> Non
 def test_retries_apply_after_the_halving_found_the_culprit() -> None:
     backend = BlindBackend(poison={5})
     report = run_to_report(Batch(backend, _spec(list(range(8)), chunk_size=8, retries=2)))
-    assert report[5].kind == "crash" and report[5].attempts == 3
+    assert report[5].kind == "crash" and report.stats.retries == 2
     assert all(o.ok for i, o in enumerate(report) if i != 5)
+    # Every run counts: exactly for the culprit and the items before it (they ran each time);
+    # a backend that cannot name the item cannot say whether the later ones ran: never fewer.
+    assert report[5].attempts == backend.runs[5] == 6  # 3 halvings + the first run + 2 retries
+    assert all(o.attempts >= backend.runs[o.index] for o in report)
+
+
+def test_rerun_innocent_false_reports_instead_of_running_twice() -> None:
+    backend = BlindBackend(poison={5})
+    spec = _spec(list(range(8)), chunk_size=8)
+    spec = dataclasses.replace(spec, policy=dataclasses.replace(spec.policy, rerun_innocent=False))
+    report = run_to_report(Batch(backend, spec))
+    assert max(backend.runs.values()) == 1  # nothing ran twice
+    # Without exact blame every item of the chunk may have run: none is run again.
+    assert [o.kind for o in report] == ["crash"] * 8
+    assert "not run again because rerun_innocent=False" in str(report[0].error)
 
 
 @settings(max_examples=60, deadline=None)
@@ -108,6 +124,7 @@ def test_any_mix_gives_one_outcome_per_item(n: int, chunk: int | None, poison: s
         got = list(run_to_report(Batch(backend, spec)))
     assert [o.index for o in got] == list(range(n))
     for o in got:
+        assert o.attempts >= backend.runs[o.index], o  # a run is never hidden
         if o.index in backend.poison:
             assert o.kind == "crash", o
         else:

@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 from ._backends import Cancelled, Codec, LaneDied, TaskResult
 from ._chunking import ChunkSizer
 from ._config import Timeout, item_timeouts
-from ._errors import TaskCancelled
+from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Failure, Kind
 from ._worker import ChunkResult
 
-__all__ = ["Answers", "BatchPolicy", "Fail", "Piece", "Resend", "Run"]
+__all__ = ["Answers", "BatchPolicy", "Fail", "Lot", "Piece", "Resend", "Run"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,10 +37,12 @@ class BatchPolicy:
     retry_on: RetryOn = ("error", "crash", "timeout")
     backoff: float = 0.0
     max_in_flight: int = 5
+    rerun_innocent: bool = True  # re-run items whose results died with their worker
 
 
 class Run(NamedTuple):
-    """Consecutive results of one chunk; the offsets in ``skip`` failed (see their Fail)."""
+    """Consecutive results of one chunk; the offsets in ``skip`` failed (see their Fail).
+    ``attempts``: how often each ran, this run included."""
 
     start: int
     values: list[Any]
@@ -60,13 +62,20 @@ class Fail(NamedTuple):
 Piece = Run | Fail
 
 
+class Lot(NamedTuple):
+    """Consecutive items of a batch that travel together, and their history."""
+
+    start: int  # the index of the first
+    items: list[Any]
+    tries: int  # 1 + the retries they have used (what ``retries`` budgets)
+    runs: int  # how often they already ran (failed, or results lost with a worker)
+
+
 class Resend(NamedTuple):
     """Items that go out again at ``due`` (time.monotonic): innocents, halves, retries."""
 
     due: float
-    start: int
-    items: list[Any]
-    tries: int
+    lot: Lot
 
 
 def durations_of(stamps: array[float], n: int) -> tuple[array[float], float]:
@@ -90,76 +99,102 @@ class Answers:
         self.done = self.failed = self.chunks = self.retried = 0
         self.busy = 0.0
 
-    def absorb(self, start: int, items: list[Any], tries: int, result: TaskResult) -> None:
+    def absorb(self, lot: Lot, result: TaskResult) -> None:
         self.chunks += 1
         if isinstance(result, LaneDied):
-            self._death(start, items, tries, result)
+            self._death(lot, result)
         elif isinstance(result, Cancelled):
-            for i in range(start, start + len(items)):
+            for i in range(lot.start, lot.start + len(lot.items)):
                 self.final(i, "cancelled", TaskCancelled(
-                    f"item {i} was cancelled before it ran: {result.reason}"), tries)
+                    f"item {i} was cancelled before it ran: {result.reason}"), lot.runs)
         else:
-            self._answer(start, items, tries, result)
+            self._answer(lot, result)
 
-    def _answer(self, start: int, items: list[Any], tries: int, result: Any) -> None:
+    def _answer(self, lot: Lot, result: Any) -> None:
+        start, items, tries, runs = lot
         try:
             answer: ChunkResult = self.codec.decode(result)
-        except Exception as exc:
+        except Exception as exc:  # they ran; their results will not decode: find the culprit
             if len(items) > 1:
-                self._halve(start, items, tries)
+                self._halve(lot._replace(runs=runs + 1))
             else:
-                self.final(start, "serialization", unpickled_result_error(start, exc), tries)
+                self.final(start, "serialization", unpickled_result_error(start, exc), runs + 1)
             return
         durations, busy = durations_of(answer.stamps, len(answer.values))
         self.busy += busy
         self.sizer.observe(len(answer.values), busy)
         errors = answer.errors or {}
         if len(items) > 1 and any(info.kind == "unpickle" for info in errors.values()):
-            self._halve(start, items, tries)  # which argument would not unpickle? find it
+            self._halve(lot)  # nothing ran: which argument would not unpickle? find it
             return
         for offset, info in errors.items():
             kind, error, tb = rebuild_error(info, start + offset)
-            self.failure_or_retry(start + offset, items[offset], kind, error, tries, tb,
-                                  durations[offset], answer.pid)
-        self.ready.append(Run(start, answer.values, durations, answer.pid, tries,
+            ran = info.kind != "unpickle"
+            self.failure_or_retry(Lot(start + offset, [items[offset]], tries, runs + ran), kind,
+                                  error, tb, durations[offset], answer.pid)
+        self.ready.append(Run(start, answer.values, durations, answer.pid, runs + 1,
                               frozenset(errors)))
         self.done += len(answer.values) - len(errors)
 
-    def _death(self, start: int, items: list[Any], tries: int, died: LaneDied) -> None:
+    def _death(self, lot: Lot, died: LaneDied) -> None:
+        start, items, tries, runs = lot
         if died.offset < 0 and len(items) > 1:
-            self._halve(start, items, tries)
+            if died.ran == 0:  # it died before any item ran: halving repeats nothing
+                self._halve(lot)
+            elif self.policy.rerun_innocent:
+                self._halve(lot._replace(runs=runs + 1))  # they may have run: count it
+            else:
+                self._lost(lot._replace(runs=runs + 1), died, None)
             return
-        stage = "running" if died.offset >= 0 else "unpickling, running or pickling the data of"
         offset = max(0, died.offset)
+        stage = "running" if died.offset >= 0 else "unpickling, running or pickling the data of"
         index = start + offset
         limit = item_timeouts(self.timeout, [items[offset]], index) if died.reason == "timeout" else None
         seconds = limit[0] if isinstance(limit, tuple) else float("nan")
         kind, error = death_failure(died, index, stage, seconds)
-        self.failure_or_retry(index, items[offset], kind, error, tries, None, 0.0, died.pid)
+        ran = died.offset >= 0 or died.ran != 0
+        self.failure_or_retry(Lot(index, [items[offset]], tries, runs + ran), kind, error, None,
+                              0.0, died.pid)
         # The innocent: what ran before (results lost with the worker) and what had not started.
-        if offset > 0:
-            self.again.appendleft(Resend(0.0, start, items[:offset], tries))
         if offset + 1 < len(items):
-            self.again.appendleft(Resend(0.0, index + 1, items[offset + 1:], tries))
+            self.again.appendleft(Resend(0.0, Lot(index + 1, items[offset + 1:], tries, runs)))
+        if offset > 0:
+            before = Lot(start, items[:offset], tries, runs + 1)
+            if self.policy.rerun_innocent:
+                self.again.appendleft(Resend(0.0, before))
+            else:
+                self._lost(before, died, index)
 
-    def _halve(self, start: int, items: list[Any], tries: int) -> None:
+    def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
+        """``rerun_innocent=False``: items that ran, whose results died with their worker, are
+        reported instead of run again (for stages that must not run twice)."""
+        on = f"on item {guilty}" if guilty is not None else "on an item of their chunk"
+        for i in range(lot.start, lot.start + len(lot.items)):
+            self.final(i, "crash", WorkerCrashed(
+                f"item {i} ran, but its result was lost when worker {died.pid} died {on}; not "
+                "run again because rerun_innocent=False"), lot.runs, pid=died.pid)
+
+    def _halve(self, lot: Lot) -> None:
+        start, items, tries, runs = lot
         mid = len(items) // 2
-        self.again.appendleft(Resend(0.0, start + mid, items[mid:], tries))
-        self.again.appendleft(Resend(0.0, start, items[:mid], tries))
+        self.again.appendleft(Resend(0.0, Lot(start + mid, items[mid:], tries, runs)))
+        self.again.appendleft(Resend(0.0, Lot(start, items[:mid], tries, runs)))
 
-    def failure_or_retry(self, index: int, item: Any, kind: Kind, error: BaseException,
-                         tries: int, tb: str | None, duration: float, pid: int | None) -> None:
+    def failure_or_retry(self, one: Lot, kind: Kind, error: BaseException, tb: str | None,
+                         duration: float, pid: int | None) -> None:
+        """One item's failure: final, or (``retry_on`` and budget allowing) run again."""
         policy = self.policy
-        if tries <= policy.retries and retryable(policy.retry_on, kind, error):
+        if one.tries <= policy.retries and retryable(policy.retry_on, kind, error):
             self.retried += 1
-            delay = policy.backoff * 2 ** (tries - 1)
-            self.again.append(Resend(time.monotonic() + delay, index, [item], tries + 1))
+            delay = policy.backoff * 2 ** (one.tries - 1)
+            self.again.append(Resend(time.monotonic() + delay, one._replace(tries=one.tries + 1)))
             return
-        self.final(index, kind, error, tries, tb, duration, pid)
+        self.final(one.start, kind, error, one.runs, tb, duration, pid)
 
-    def final(self, index: int, kind: Kind, error: BaseException, tries: int,
+    def final(self, index: int, kind: Kind, error: BaseException, attempts: int,
               tb: str | None = None, duration: float = 0.0, pid: int | None = None) -> None:
-        self.ready.append(Fail(index, Failure(kind, error, tb, duration, pid, tries)))
+        """The item's final failure; ``attempts``: how often it ran (0: never)."""
+        self.ready.append(Fail(index, Failure(kind, error, tb, duration, pid, attempts)))
         self.failed += 1
         self.done += 1
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._answers import Answers, BatchPolicy, Piece
+from ._answers import Answers, BatchPolicy, Lot, Piece
 from ._backends import Backend, Group, Task, TaskResult
 from ._chunking import ChunkSizer
 from ._config import Timeout, item_timeouts
@@ -56,13 +56,6 @@ class BatchSpec:
     on_progress: Callable[[Progress], object] | None = None
     max_in_flight: int | None = None  # chunks submitted and not yet consumed
     max_concurrent: int | None = None  # items of this batch in workers at once
-
-
-class _Sent:
-    __slots__ = ("items", "start", "tries")
-
-    def __init__(self, start: int, items: list[Any], tries: int) -> None:
-        self.start, self.items, self.tries = start, items, tries
 
 
 class Batch:
@@ -96,7 +89,7 @@ class Batch:
         self.next_index = 0
         self.exhausted = False
         self.source_error: BaseException | None = None
-        self.in_flight: dict[int, _Sent] = {}  # task id -> what it carries
+        self.in_flight: dict[int, Lot] = {}  # task id -> what it carries
         self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
         # Ordered streaming: outcomes held for reordering count against the window too, or one
         # slow chunk would let the others run ahead without bound. ``emitted`` is set by the
@@ -125,18 +118,17 @@ class Batch:
         except EngineClosed:
             for task in outbox:
                 self.codec.release(task.items, None)
-                sent = self.in_flight.pop(task.id)
-                self.items_out -= len(sent.items)
-                self._cancel_rest(sent)
+                lot = self.in_flight.pop(task.id)
+                self.items_out -= len(lot.items)
+                self._cancel_rest(lot)
 
     def _fill_outbox(self) -> None:
         again = self.out.again
         while len(self.in_flight) < self.max_in_flight:
             if again and again[0].due <= time.monotonic():
-                if self._room() < len(again[0].items):
+                if self._room() < len(again[0].lot.items):
                     return
-                resend = again.popleft()
-                self._submit(resend.start, resend.items, resend.tries)
+                self._submit(again.popleft().lot)
             elif not self.exhausted and self._window_open() and self._room() > 0:
                 self._take()
             else:
@@ -171,53 +163,52 @@ class Batch:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
             if self.ordered:
                 self.window.append(start)
-            self._submit(start, chunk, 1)
+            self._submit(Lot(start, chunk, 1, 0))
 
-    def _submit(self, start: int, items: list[Any], tries: int) -> None:
+    def _submit(self, lot: Lot) -> None:
+        start, items = lot.start, lot.items
         if self.fn_error is not None:
             for i in range(len(items)):
                 self.out.final(start + i, "serialization", SerializationError(
                     f"item {start + i}: the function {self.spec.fn!r} cannot be pickled: "
-                    f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
+                    f"{type(self.fn_error).__name__}: {self.fn_error}"), lot.runs)
             return
         timeouts = item_timeouts(self.spec.timeout, items, start)
         if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
             if len(items) == 1:
-                self.out.final(start, "error", timeouts, tries)
+                self.out.final(start, "error", timeouts, lot.runs)
             else:
-                for i, item in enumerate(items):
-                    self._submit(start + i, [item], tries)
+                self._singly(lot)
             return
         try:
             encoded = self.codec.encode(items, self.arena)
         except Exception as exc:  # not KeyboardInterrupt: Ctrl-C while pickling stops the batch
-            self._submit_singly(start, items, tries, exc)
+            if len(items) == 1:
+                self.out.final(start, "serialization", SerializationError(
+                    f"item {start}: the argument ({type(items[0]).__module__}."
+                    f"{type(items[0]).__qualname__}) cannot be pickled: "
+                    f"{type(exc).__name__}: {exc}"), lot.runs)
+            else:
+                self._singly(lot)  # so exactly the items that cannot be encoded fail
             return
         self.sizer.observe_payload(len(items), encoded.nbytes)
         task = Task(self.group, self.fn_key, self.fn_form, encoded.payload, len(items),
                     self._on_done, timeouts, self.sizer.expected_seconds(len(items)),
                     self.sizer.per_item_clock())
         self.outbox.append(task)
-        self.in_flight[task.id] = _Sent(start, self.codec.keep(encoded, items), tries)
+        self.in_flight[task.id] = lot._replace(items=self.codec.keep(encoded, items))
         self.items_out += len(items)
 
-    def _submit_singly(self, start: int, items: list[Any], tries: int, exc: Exception) -> None:
-        """The chunk would not encode: one chunk per item, so exactly the culprits fail."""
-        if len(items) == 1:
-            item = items[0]
-            self.out.final(start, "serialization", SerializationError(
-                f"item {start}: the argument ({type(item).__module__}.{type(item).__qualname__})"
-                f" cannot be pickled: {type(exc).__name__}: {exc}"), tries)
-            return
-        for i, item in enumerate(items):
-            self._submit(start + i, [item], tries)
+    def _singly(self, lot: Lot) -> None:
+        for i, item in enumerate(lot.items):
+            self._submit(lot._replace(start=lot.start + i, items=[item]))
 
-    def _cancel_rest(self, sent: _Sent) -> None:
+    def _cancel_rest(self, lot: Lot) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
 
         For a sized input the items not yet taken get their cancelled outcome too; an iterator
         of unknown length simply stops being read."""
-        runs = [(sent.start, len(sent.items))]
+        runs = [(lot.start, len(lot.items))]
         if self.total is not None and not self.exhausted:
             rest = sum(1 for _ in self.it)
             runs.append((self.next_index, rest))
@@ -227,7 +218,7 @@ class Batch:
             for i in range(first, first + n):
                 self.out.final(i, "cancelled", TaskCancelled(
                     f"item {i} was cancelled before it ran: the engine was shut down"),
-                    sent.tries)
+                    lot.runs)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
         # Runs in a backend thread: hand over, nothing more. A batch that was abandoned will
@@ -288,14 +279,14 @@ class Batch:
                 return
 
     def _absorb(self, task: Task, result: TaskResult) -> None:
-        sent = self.in_flight.pop(task.id, None)
-        if sent is None:
+        lot = self.in_flight.pop(task.id, None)
+        if lot is None:
             self.codec.release(task.items, None)
             return
-        self.items_out -= len(sent.items)
+        self.items_out -= len(lot.items)
         again = len(self.out.again)
         try:
-            self.out.absorb(sent.start, sent.items, sent.tries, result)
+            self.out.absorb(lot, result)
         finally:
             # The inputs' memory: reused by the next chunks, unless some of these items go out
             # again (a crash's innocents, a retry, a split), whose views must keep their data.

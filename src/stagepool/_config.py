@@ -222,6 +222,7 @@ class EngineConfig:
     initargs: tuple[Any, ...]
     shm_threshold: int  # arrays this big or bigger travel through shared memory; 0 = never
     writable_inputs: bool  # workers get private copy-on-write arrays instead of read-only views
+    rerun_innocent: bool = True  # re-run items whose results were lost with a dead worker
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -247,6 +248,7 @@ class EngineConfig:
             initargs=check_initargs(kw["initargs"]),
             shm_threshold=parse_size(kw["shm_threshold"], name="shm_threshold"),
             writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
+            rerun_innocent=check_bool(kw.get("rerun_innocent", True), "rerun_innocent"),
         )
 
 

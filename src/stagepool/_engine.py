@@ -97,6 +97,11 @@ class Engine(AsyncCalls):
       submitted and not yet consumed (default 2 per worker + 1); with ``imap`` on an endless
       iterator this is the memory bound.
     * ``timeout`` (seconds, or a function of the item), ``retries``, ``retry_on``, ``backoff``.
+    * ``rerun_innocent``: when a worker dies, the items of its chunk that had already run lost
+      their results with it. True (default): they run again, and ``attempts`` counts every run.
+      False (at most once, for stages that must not run twice: uploads, charges, appends): they
+      are reported as kind ``"crash"`` saying their result was lost; items that had not started
+      still run. Retries you ask for with ``retries`` still apply.
     * ``max_rss_per_worker``, ``max_tasks_per_worker``: recycle a worker that grew past a size or
       ran that many items; a runaway allocation becomes that item's ``MemoryError``.
     * ``initializer(*initargs)`` runs once in each worker; if it fails, every item sent to that
@@ -132,6 +137,7 @@ class Engine(AsyncCalls):
         initargs: tuple[Any, ...] = (),
         shm_threshold: int | str = "1MiB",
         writable_inputs: bool = False,
+        rerun_innocent: bool = True,
         backend: BackendName = "local",
     ) -> None:
         if backend not in BACKENDS:
@@ -142,7 +148,8 @@ class Engine(AsyncCalls):
             workers=workers, mem_per_task=mem_per_task, chunk_size=chunk_size,
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
-            max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs)
+            max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
+            rerun_innocent=rerun_innocent)
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
         overcommit = overcommit_warning(self.plan, self.workers)
@@ -158,7 +165,8 @@ class Engine(AsyncCalls):
             self._sizing = "serial: 1 worker, this process"
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
-            self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1)
+            self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
+            self.config.rerun_innocent)
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
 
     @classmethod

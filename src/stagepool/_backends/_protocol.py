@@ -51,7 +51,9 @@ class LaneDied:
 
     ``offset`` is the position in the chunk of the item it was running, or -1 when the backend
     cannot say (it was decoding or encoding, or the backend has no exact blame): the engine then
-    finds the guilty item by running the chunk again in halves.
+    finds the guilty item by running the chunk again in halves. ``ran`` is how many of the
+    chunk's items had finished running (their results lost with the worker), None when unknown:
+    the engine counts each such run in the items' ``attempts``.
     """
 
     pid: int
@@ -60,6 +62,7 @@ class LaneDied:
     reason: DeathReason
     detail: str = ""  # the last lines the worker wrote to stderr (faulthandler dump included)
     where: str = ""  # a worker's name where a pid says little (a cluster worker's address)
+    ran: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from loky.backend.context import get_context
 from ... import _transport
 from ..._errors import EngineClosed
 from ..._resources import kill_tree, rss_of
-from ..._worker import FN_CACHE_SIZE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
+from ..._worker import FN_CACHE_SIZE, PHASE_ENCODE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
 from .._protocol import (
     BackendOptions,
     Cancelled,
@@ -77,6 +77,13 @@ def _notify(task: Task, result: TaskResult) -> None:
         import traceback
 
         traceback.print_exc()
+
+
+def _ran(phase: int, offset: int, task: Task) -> int:
+    """How many items of a dead worker's chunk had finished, from the phase it died in."""
+    if phase == PHASE_RUN:
+        return max(0, offset)
+    return task.n_items if phase == PHASE_ENCODE else 0  # encoding results / still decoding
 
 
 class LocalBackend:
@@ -299,11 +306,11 @@ class LocalBackend:
             if lane.kill_reason is not None and lane.kill_offset >= 0:
                 offset = lane.kill_offset
             died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, lane.last_words())
+                            reason, lane.last_words(), ran=_ran(phase, offset, tasks[0]))
         else:
             requeue = tasks
-        if not lane.answered and lane.kill_reason is None:
-            self._startup_failures += 1
+        if not lane.answered and lane.kill_reason is None and not (started and phase == PHASE_RUN):
+            self._startup_failures += 1  # died before running anything: not an item's fault
         self._release(lane)
         for task in self._queue.queue(requeue, front=True):
             _notify(task, Cancelled("batch cancelled"))
@@ -317,7 +324,7 @@ class LocalBackend:
             # Workers die before doing anything: fail the queue instead of respawning forever.
             for task in self._queue.drain():
                 _notify(task, LaneDied(0, None, -1, "crash",
-                                            "workers keep dying at start-up; see stderr"))
+                                       "workers keep dying at start-up; see stderr", ran=0))
             self._startup_failures = STARTUP_FAILURE_LIMIT - 1
         time.sleep(min(2.0, 0.05 * 2 ** self._startup_failures) if self._startup_failures else 0)
         self._lanes.append(self._spawn())

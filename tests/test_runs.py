@@ -1,0 +1,84 @@
+"""Every run of an item is counted in its ``attempts``, and ``rerun_innocent=False`` runs nothing
+twice: real workers, real crashes and hangs, and a side-effect log that counts what really ran."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import _tasks
+import stagepool as sp
+
+
+def runs_of(folder: Path, n: int) -> list[int]:
+    return [os.path.getsize(folder / str(i)) if (folder / str(i)).exists() else 0
+            for i in range(n)]
+
+
+def test_items_that_ran_before_a_crash_count_their_second_run(tmp_path: Path) -> None:
+    """One worker, one 10-item chunk, item 5 kills the worker: 0-4 had run; their results died
+    with it. They run again (attempts 2, as the log says), 6-9 run once."""
+    items = [(i, "crash" if i == 5 else "ok", str(tmp_path)) for i in range(10)]
+    with sp.Engine(workers=1) as eng:
+        report = eng.map(_tasks.logged, items, chunk_size=10)
+    assert [o.kind for o in report] == ["ok"] * 5 + ["crash"] + ["ok"] * 4
+    assert runs_of(tmp_path, 10) == [2] * 5 + [1] * 5
+    assert [o.attempts for o in report] == runs_of(tmp_path, 10)
+
+
+def test_rerun_innocent_false_runs_nothing_twice(tmp_path: Path) -> None:
+    items = [(i, "crash" if i == 5 else "ok", str(tmp_path)) for i in range(10)]
+    with sp.Engine(workers=1, rerun_innocent=False) as eng:
+        report = eng.map(_tasks.logged, items, chunk_size=10)
+        assert eng.map(_tasks.double, [1]).values == [2]  # still serving
+    assert runs_of(tmp_path, 10) == [1] * 10
+    assert [o.kind for o in report] == ["crash"] * 6 + ["ok"] * 4  # 0-4: ran, result lost
+    assert "result was lost when worker" in str(report[0].error)
+    assert "rerun_innocent=False" in str(report[0].error)
+    assert [o.attempts for o in report] == [1] * 10
+
+
+def test_items_that_crash_fresh_workers_in_a_row_are_not_a_start_up_failure(tmp_path: Path) -> None:
+    """Each item kills the fresh worker that runs it first: after three such deaths the pool took
+    it for workers dying at start-up and failed every queued item unrun (attempts said 1)."""
+    items = [(i, "crash" if i < 6 else "ok", str(tmp_path)) for i in range(8)]
+    with sp.Engine(workers=1) as eng:
+        report = eng.map(_tasks.logged, items, chunk_size=1)
+    assert [o.kind for o in report] == ["crash"] * 6 + ["ok"] * 2
+    assert all(f"item {o.index}" in str(o.error) for o in report.failed)
+    assert [o.attempts for o in report] == runs_of(tmp_path, 8) == [1] * 8
+
+
+def test_rerun_innocent_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="rerun_innocent"):
+        sp.Engine(rerun_innocent="no")  # type: ignore[arg-type]
+
+
+ACTIONS = st.sampled_from(["ok"] * 8 + ["error", "crash", "crash_once", "hang"])
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["retries0", "retries1"])
+def runs_engine(request: pytest.FixtureRequest) -> sp.Engine:
+    eng = sp.Engine(workers=2, timeout=0.3, retries=request.param, backoff=0)
+    request.addfinalizer(eng.shutdown)
+    return eng
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(ACTIONS, min_size=1, max_size=16),
+       chunk=st.one_of(st.none(), st.integers(1, 12)))
+def test_attempts_equal_the_runs_the_log_saw(runs_engine: sp.Engine, tmp_path_factory: pytest.TempPathFactory,
+                                             actions: list[str], chunk: int | None) -> None:
+    folder = tmp_path_factory.mktemp("runs")
+    items = [(i, action, str(folder)) for i, action in enumerate(actions)]
+    report = runs_engine.map(_tasks.logged, items, chunk_size=chunk or "auto")
+    assert [o.index for o in report] == list(range(len(items)))
+    assert [o.attempts for o in report] == runs_of(folder, len(items)), [o.kind for o in report]
+    for o, action in zip(report, actions, strict=True):
+        expected = {"ok": "ok", "error": "error", "crash": "crash", "hang": "timeout",
+                    "crash_once": "ok" if runs_engine.config.retries else "crash"}[action]
+        assert o.kind == expected, (o, action)
