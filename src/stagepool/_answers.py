@@ -147,7 +147,7 @@ class Answers:
         self.again.appendleft(Resend(0.0, start + mid, items[mid:], tries))
         self.again.appendleft(Resend(0.0, start, items[:mid], tries))
 
-    def failure_or_retry(self, index: int, item: Any, kind: Kind, error: BaseException,
+    def failure_or_retry(self, index: int, item: Any, kind: Kind, error: Exception,
                          tries: int, tb: str | None, duration: float, pid: int | None) -> None:
         policy = self.policy
         if tries <= policy.retries and retryable(policy.retry_on, kind, error):
@@ -157,7 +157,7 @@ class Answers:
             return
         self.final(index, kind, error, tries, tb, duration, pid)
 
-    def final(self, index: int, kind: Kind, error: BaseException, tries: int,
+    def final(self, index: int, kind: Kind, error: Exception, tries: int,
               tb: str | None = None, duration: float = 0.0, pid: int | None = None) -> None:
         self.ready.append(Fail(index, Failure(kind, error, tb, duration, pid, tries)))
         self.failed += 1
