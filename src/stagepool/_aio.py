@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from ._batch import Batch
 from ._config import check_bool
+from ._errors import TaskCancelled
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._streams import outcome_lists, run_to_report
@@ -593,7 +594,21 @@ async def submit_async(submit: Callable[..., concurrent.futures.Future[R]], fn: 
     except asyncio.CancelledError:
         sent.add_done_callback(_cancel_sent)  # the hand-off already ran or is running
         raise
-    return await asyncio.wrap_future(future)  # cancelling this cancels ``future``: withdrawn
+    try:
+        return await asyncio.wrap_future(future)  # cancelling this cancels ``future``: withdrawn
+    except asyncio.CancelledError:
+        if future.cancelled() and not _being_cancelled():
+            # The engine cancelled the call (a shutdown), not our caller: a bare CancelledError
+            # would read as "this task was cancelled" and end it without a word.
+            raise TaskCancelled("the call was cancelled before it ran: the engine was shut down "
+                                "with cancel_futures=True") from None
+        raise
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself has been asked to cancel."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _cancel_sent(sent: concurrent.futures.Future[concurrent.futures.Future[Any]]) -> None:

@@ -415,6 +415,8 @@ class Engine:
 
         Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
         handed to a worker never runs, one already handed over finishes and its result is dropped.
+        Shutdown: a call the engine cancels (``shutdown(cancel_futures=True)`` before it started)
+        raises :class:`TaskCancelled`, never a bare ``CancelledError``.
         """
         return await submit_async(self.submit, fn, *args, **kwargs)
 
