@@ -218,16 +218,20 @@ class Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        """Shut down. Leaving normally waits for the queued and running work; an exception or
+        Ctrl-C leaving the block stops it instead (``shutdown(kill=True)``: queued and running
+        items get kind ``"cancelled"``), within about a second even with a hung item, as
+        ``map``'s own Ctrl-C does: nobody is left to read those results."""
+        self.shutdown(wait=True, kill=exc[0] is not None)
 
     async def __aenter__(self) -> Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        """Shut down without blocking the loop; an exception (or a cancellation) leaving the
-        block cancels queued work instead of waiting for it."""
-        cancel = exc[0] is not None
-        await shutdown_async(lambda: self.shutdown(True, cancel_futures=cancel))
+        """Shut down without blocking the loop; as with ``with``, an exception (or a
+        cancellation) leaving the block kills queued and running work instead of waiting."""
+        kill = exc[0] is not None
+        await shutdown_async(lambda: self.shutdown(True, kill=kill))
 
     # ---- batches --------------------------------------------------------------------------------
 
@@ -435,6 +439,9 @@ class Engine:
         ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
         (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
         with hung tasks); its items get kind ``"cancelled"``.
+
+        KeyboardInterrupt: Ctrl-C while waiting turns the shutdown into ``kill=True`` (running
+        work is killed in the background) and propagates.
         """
         with self._lock:
             backend, self._backend = self._backend, None

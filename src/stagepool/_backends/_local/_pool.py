@@ -170,7 +170,13 @@ class LocalBackend:
             self._kill_all = self._kill_all or kill
         self._wake()
         if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+            try:
+                self._thread.join()
+            except BaseException:  # Ctrl-C while waiting for a hung item: kill it, then go
+                with self._lock:
+                    self._kill_all = True
+                self._wake()
+                raise
 
     # ---- the pool thread ----------------------------------------------------------------------
 
