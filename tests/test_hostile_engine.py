@@ -5,13 +5,18 @@ calls. Real worker processes; every wait bounded."""
 from __future__ import annotations
 
 import asyncio
-import time
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
 
+import psutil
 import pytest
 
 import _tasks
 import stagepool as sp
-from conftest import WAIT
+from conftest import WAIT, wait_until
+from stagepool._backends import Cancelled, Group, Task
 
 
 @pytest.mark.asyncio
@@ -28,3 +33,102 @@ async def test_submit_async_cancelled_by_shutdown_raises_task_cancelled() -> Non
         assert busy.result(timeout=WAIT) == 0.5
     finally:
         await asyncio.to_thread(eng.shutdown)
+
+
+# ---- the pool thread: user code in it, and its own failure (issue 17.5) ---------------------------
+
+
+def test_a_done_callback_that_exits_leaves_the_engine_serving(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    ran_in: list[str] = []
+
+    def leave(_: object) -> None:
+        ran_in.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            sys.exit(3)  # in the pool thread: used to end it without a word
+
+    with sp.Engine(workers=1) as eng:
+        future = eng.submit(_tasks.sleep_for, 1.0)
+        future.add_done_callback(leave)
+        assert future.result(timeout=WAIT) == 1.0
+        assert eng.submit(_tasks.double, 21).result(timeout=WAIT) == 42
+        assert eng.map(_tasks.double, range(5)).values == [0, 2, 4, 6, 8]
+    assert ran_in == ["stagepool-pool"]
+    assert "completion callback raised" in capfd.readouterr().err
+
+
+def test_a_start_hook_that_raises_fails_only_its_task() -> None:
+    def refuse(task: Task) -> bool:
+        raise RuntimeError("the start hook broke")
+
+    with sp.Engine(workers=1) as eng:
+        answers = raw_task(eng, _tasks.double, 1, on_start=refuse)
+        assert wait_until(lambda: bool(answers), timeout=WAIT)
+        (answer,) = answers
+        assert isinstance(answer, Cancelled) and "the start hook broke" in answer.reason
+        assert isinstance(answer.cause, RuntimeError)
+        assert eng.map(_tasks.double, range(5)).values == [0, 2, 4, 6, 8]
+
+
+def test_a_failing_pool_thread_closes_the_engine_loudly(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    eng = sp.Engine(workers=2)
+    try:
+        pids = eng.worker_pids()
+        running = eng.submit(_tasks.sleep_for, 1000)
+        assert wait_until(running.running, timeout=WAIT)
+        # A chunk whose timeouts tuple is malformed: its deadline cannot be computed, so the pool
+        # thread raises (a stand-in for any bug in it).
+        answers = raw_task(eng, _tasks.sleep_for, 0.5, timeouts=("soon",))
+        error = running.exception(timeout=WAIT)  # answered, not left running forever
+        assert isinstance(error, sp.TaskCancelled) and "pool thread failed" in str(error)
+        assert isinstance(error.__cause__, TypeError)
+        assert wait_until(lambda: bool(answers), timeout=WAIT)
+        assert isinstance(answers[0], Cancelled) and isinstance(answers[0].cause, TypeError)
+        with pytest.raises(sp.EngineClosed, match="pool thread failed") as info:
+            eng.submit(_tasks.double, 1)
+        assert isinstance(info.value.__cause__, TypeError)
+        with pytest.raises(sp.EngineClosed, match="pool thread failed"):
+            eng.map(_tasks.double, range(3))
+        assert "the pool thread failed" in capfd.readouterr().err
+        assert wait_until(lambda: not alive(pids), timeout=WAIT), alive(pids)
+    finally:
+        eng.shutdown()
+
+
+def test_a_callable_timeout_on_submit_is_checked_and_never_runs_in_the_pool_thread() -> None:
+    with sp.Engine(workers=1, timeout=lambda *args: "soon") as eng, \
+            pytest.raises(TypeError, match="must be seconds"):
+        eng.submit(_tasks.double, 1).result(timeout=WAIT)
+    with sp.Engine(workers=1, timeout=lambda *args: None) as eng:  # None: no limit, as for map
+        assert eng.submit(_tasks.double, 1).result(timeout=WAIT) == 2
+    calls: list[str] = []
+
+    def second_call_exits(*args: object) -> float:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:  # the retry's
+            raise SystemExit("the timeout function gave up")
+        return 30.0
+
+    with sp.Engine(workers=1, retries=1, timeout=second_call_exits) as eng:
+        future = eng.submit(_tasks.fail_on, (1, True))  # fails, so it is retried
+        assert isinstance(future.exception(timeout=WAIT), SystemExit)
+        assert eng.submit(_tasks.double, 4).result(timeout=WAIT) == 8
+    assert "stagepool-pool" not in calls
+
+
+def raw_task(eng: sp.Engine, fn: Callable[[Any], Any], item: Any, **task_options: Any) -> list[Any]:
+    """Queue a one-item task straight on the engine's backend; its answers land in the list."""
+    backend = eng._backend
+    assert backend is not None
+    answers: list[Any] = []
+    fn_key, fn_form = backend.codec.function(fn)
+    payload = backend.codec.encode([item], None).payload
+    backend.submit_many([Task(Group(), fn_key, fn_form, payload, 1,
+                              lambda task, result: answers.append(result), **task_options)])
+    return answers
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid)
+            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

@@ -96,8 +96,9 @@ class Answers:
             self._death(start, items, tries, result)
         elif isinstance(result, Cancelled):
             for i in range(start, start + len(items)):
-                self.final(i, "cancelled", TaskCancelled(
-                    f"item {i} was cancelled before it ran: {result.reason}"), tries)
+                error = TaskCancelled(f"item {i} was cancelled before it ran: {result.reason}")
+                error.__cause__ = result.cause  # the backend's own failure, if that was why
+                self.final(i, "cancelled", error, tries)
         else:
             self._answer(start, items, tries, result)
 

@@ -122,12 +122,12 @@ class Batch:
             return
         try:
             self.backend.submit_many(outbox)
-        except EngineClosed:
+        except EngineClosed as exc:
             for task in outbox:
                 self.codec.release(task.items, None)
                 sent = self.in_flight.pop(task.id)
                 self.items_out -= len(sent.items)
-                self._cancel_rest(sent)
+                self._cancel_rest(sent, exc)
 
     def _fill_outbox(self) -> None:
         again = self.out.again
@@ -212,7 +212,7 @@ class Batch:
         for i, item in enumerate(items):
             self._submit(start + i, [item], tries)
 
-    def _cancel_rest(self, sent: _Sent) -> None:
+    def _cancel_rest(self, sent: _Sent, closed: EngineClosed) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
 
         For a sized input the items not yet taken get their cancelled outcome too; an iterator
@@ -225,9 +225,9 @@ class Batch:
         self.exhausted = True
         for first, n in runs:
             for i in range(first, first + n):
-                self.out.final(i, "cancelled", TaskCancelled(
-                    f"item {i} was cancelled before it ran: the engine was shut down"),
-                    sent.tries)
+                error = TaskCancelled(f"item {i} was cancelled before it ran: {closed}")
+                error.__cause__ = closed  # whose own cause says why, if the engine failed
+                self.out.final(i, "cancelled", error, sent.tries)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
         # Runs in a backend thread: hand over, nothing more. A batch that was abandoned will

@@ -206,6 +206,7 @@ class Engine:
         backend = self._backend
         if backend is None:
             raise EngineClosed("this engine has been shut down; create a new Engine")
+        backend.check_open()  # it may have failed on its own: EngineClosed, naming the cause
         return backend
 
     def __repr__(self) -> str:
