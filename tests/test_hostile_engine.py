@@ -5,6 +5,7 @@ calls. Real worker processes; every wait bounded."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -115,6 +116,22 @@ def test_a_callable_timeout_on_submit_is_checked_and_never_runs_in_the_pool_thre
         assert isinstance(future.exception(timeout=WAIT), SystemExit)
         assert eng.submit(_tasks.double, 4).result(timeout=WAIT) == 8
     assert "stagepool-pool" not in calls
+
+
+def test_a_late_wake_up_never_writes_to_a_reused_descriptor() -> None:
+    eng = sp.Engine(workers=1)
+    backend = eng._backend
+    eng.shutdown()
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.dup2(write, backend._wake_w)  # type: ignore[union-attr]  # the number now means our pipe
+    try:
+        backend.withdraw(Group())  # type: ignore[union-attr]  # e.g. an imap finalized late
+        with pytest.raises(BlockingIOError):
+            os.read(read, 16)
+    finally:
+        for fd in (read, write, backend._wake_w):  # type: ignore[union-attr]
+            os.close(fd)
 
 
 def raw_task(eng: sp.Engine, fn: Callable[[Any], Any], item: Any, **task_options: Any) -> list[Any]:

@@ -510,6 +510,9 @@ class LocalBackend:
         self._lanes.clear()
         for task in self._queue.drain():
             _notify(task, ended)
+        # A wake-up after this point must not write: the fd number may already belong to a file
+        # or socket opened elsewhere in the process (withdraw() can run at any time, even late).
+        self._wake_pending = True
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
