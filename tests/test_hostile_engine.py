@@ -5,6 +5,8 @@ calls. Real worker processes; every wait bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sys
 import threading
@@ -18,6 +20,72 @@ import _tasks
 import stagepool as sp
 from conftest import WAIT, wait_until
 from stagepool._backends import Cancelled, Group, Task
+
+# ---- progress that fails (issue 17.3) ---------------------------------------------------------------
+
+
+class FailsOnCall:
+    """An ``on_progress`` callback that raises on its n-th call."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, progress: sp.Progress) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise ValueError(f"the callback broke on call {self.n}")
+
+
+def logged(caplog: pytest.LogCaptureFixture, what: str) -> logging.LogRecord:
+    (record,) = [r for r in caplog.records if r.name == "stagepool"]
+    assert record.levelno == logging.WARNING and what in record.getMessage()
+    assert "no result is lost" in record.getMessage()
+    return record
+
+
+# 200 one-item chunks: at least 40 progress updates (at most 5 chunks in flight per update).
+ITEMS = 200
+
+
+@pytest.mark.parametrize("call", ["map", "imap"])
+def test_a_progress_callback_that_raises_costs_no_result(
+        engine: sp.Engine, caplog: pytest.LogCaptureFixture, call: str) -> None:
+    callback = FailsOnCall(20)
+    run = engine.map if call == "map" else engine.imap
+    outcomes = list(run(_tasks.double, range(ITEMS), chunk_size=1, on_progress=callback))
+    assert sorted(o.index for o in outcomes) == list(range(ITEMS))
+    assert all(o.ok and o.value == 2 * o.index for o in outcomes)
+    assert callback.calls == 20  # not called again after it raised
+    record = logged(caplog, "on_progress callback")
+    assert record.exc_info is not None and record.exc_info[0] is ValueError  # the traceback
+
+
+def test_a_progress_bar_on_a_broken_pipe_costs_no_result(
+        engine: sp.Engine, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    read, write = os.pipe()
+    os.close(read)  # as with `python job.py 2>&1 | head` once head has exited
+    stream = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        report = engine.map(_tasks.double, range(ITEMS), chunk_size=1, progress=True)
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
+    assert report.values == [2 * i for i in range(ITEMS)]
+    record = logged(caplog, "progress bar")
+    assert record.exc_info is not None and record.exc_info[0] is BrokenPipeError
+
+
+@pytest.mark.asyncio
+async def test_an_async_progress_callback_that_raises_costs_no_result(
+        engine: sp.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    callback = FailsOnCall(3)
+    report = await asyncio.wait_for(engine.map_async(
+        _tasks.double, range(ITEMS), chunk_size=1, on_progress=callback), WAIT)
+    assert report.values == [2 * i for i in range(ITEMS)]
+    assert callback.calls == 3
+    logged(caplog, "on_progress callback")
 
 
 @pytest.mark.asyncio

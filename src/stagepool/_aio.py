@@ -36,7 +36,7 @@ from ._batch import Batch
 from ._config import check_bool
 from ._errors import TaskCancelled
 from ._outcome import BatchReport, Outcome
-from ._progress import Progress
+from ._progress import Progress, Shield
 from ._streams import outcome_lists, run_to_report
 
 __all__ = ["imap_async", "map_async", "shutdown_async", "submit_async"]
@@ -214,13 +214,15 @@ class _Call:
             self._feed.stop()
 
     def relay(self, fn: Callable[[Progress], object] | None) -> Callable[[Progress], object] | None:
-        """``on_progress`` runs on the loop (it may touch loop objects), never after a cancel."""
+        """``on_progress`` runs on the loop (it may touch loop objects), never after a cancel;
+        if it raises, that is logged once and it is not called again (see ``_progress``)."""
         if fn is None:
             return None
+        shield = Shield(f"the on_progress callback {fn!r}")
 
         def relay(progress: Progress) -> None:
-            if not self.cancelled:
-                _post(self.loop, fn, progress)
+            if not self.cancelled and not shield.broken:
+                _post(self.loop, shield, fn, progress)
 
         return relay
 
@@ -364,7 +366,8 @@ async def map_async(
     ``max_concurrent`` bounds how many items of this call are in the workers at once, whatever
     the worker count. Concurrent calls share the workers fairly by estimated work time, so a
     small request is not queued behind a big one. ``on_progress`` is called on the event loop after
-    each chunk (an exception it raises goes to the loop's exception handler).
+    each chunk; if it raises, the exception is logged as a warning (logger ``"stagepool"``), the
+    callback is not called again for this call, and the call goes on: no result is lost.
 
     The loop thread only starts the call and awaits it: pickling, waiting on workers and
     building the report happen in a helper thread.

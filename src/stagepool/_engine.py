@@ -283,7 +283,10 @@ class Engine:
         Never raises because an item failed. ``items`` is consumed lazily (at most
         ``max_in_flight`` chunks ahead), so a generator works. If the generator itself raises,
         the items already taken finish and its exception propagates with the partial report
-        attached as ``.report``.
+        attached as ``.report``. Nor because progress failed: an ``on_progress`` callback (or the
+        bar) that raises is logged as a warning with its traceback (logger ``"stagepool"``) and
+        not called again; the batch goes on and no result is lost. The same holds for
+        :meth:`imap` and the async calls (whose callback runs on the event loop).
 
         Cancellation: on ``KeyboardInterrupt`` the batch's queued chunks are withdrawn, the
         workers running its items are killed and replaced, and the interrupt propagates
