@@ -88,6 +88,22 @@ async def test_an_async_progress_callback_that_raises_costs_no_result(
     logged(caplog, "on_progress callback")
 
 
+# ---- a month-long timeout (issue 17.4) -----------------------------------------------------------
+
+MONTH = 30 * 86400.0  # past 2**31 ms, the most one poll() may wait
+
+
+def test_a_month_long_timeout_works_for_map_and_submit(engine: sp.Engine) -> None:
+    # The items run long enough for the pool thread to wait on their (month-away) deadline.
+    report = engine.map(_tasks.sleep_for, [0.3] * 4, chunk_size=1, timeout=MONTH)
+    assert [o.kind for o in report] == ["ok"] * 4
+    with sp.Engine(workers=1, timeout=MONTH) as eng:
+        assert eng.submit(_tasks.sleep_for, 0.3).result(timeout=WAIT) == 0.3
+        assert eng.map(_tasks.sleep_for, [0.3, 0.3]).values == [0.3, 0.3]
+        assert eng.submit(_tasks.double, 4).result(timeout=WAIT) == 8  # still serving
+    assert engine.map(_tasks.double, range(5)).values == [0, 2, 4, 6, 8]
+
+
 @pytest.mark.asyncio
 async def test_submit_async_cancelled_by_shutdown_raises_task_cancelled() -> None:
     eng = sp.Engine(workers=1)
