@@ -136,9 +136,27 @@ def test_systemexit_and_keyboardinterrupt_are_item_errors(engine: sp.Engine) -> 
     before = set(engine.worker_pids())
     report = engine.map(_tasks.raise_systemexit, range(4), chunk_size=4)
     assert [o.kind for o in report] == ["ok", "error", "error", "ok"]
-    assert isinstance(report[1].error, SystemExit) and report[1].error.code == 7
-    assert isinstance(report[2].error, KeyboardInterrupt)
+    # Wrapped: a worker's exit or Ctrl-C must not pass for the caller's own.
+    exit_, interrupt = report[1].error, report[2].error
+    assert isinstance(exit_, sp.RemoteError) and exit_.type_name == "SystemExit"
+    assert isinstance(exit_.__cause__, SystemExit) and exit_.__cause__.code == 7
+    assert "in raise_systemexit" in str(exit_.__cause__.__cause__)  # the worker's traceback
+    assert isinstance(interrupt, sp.RemoteError)
+    assert isinstance(interrupt.__cause__, KeyboardInterrupt)
+    with pytest.raises(sp.RemoteError, match="KeyboardInterrupt"):
+        report[2].unwrap()
+    with pytest.raises(ExceptionGroup) as info:  # not a BaseExceptionGroup: except Exception works
+        report.raise_on_failure()
+    assert [type(e.__cause__) for e in info.value.exceptions] == [SystemExit, KeyboardInterrupt]
+    with pytest.raises(sp.RemoteError, match="SystemExit: 7"):
+        engine.submit(_tasks.raise_systemexit, 1).result(timeout=WAIT)
     assert set(engine.worker_pids()) == before  # nobody died
+
+
+def test_retry_on_names_the_wrapped_base_exception() -> None:
+    with sp.Engine(workers=1, retries=1, retry_on=(KeyboardInterrupt,)) as eng:
+        report = eng.map(_tasks.raise_systemexit, [1, 2])
+    assert [o.attempts for o in report] == [1, 2]
 
 
 def test_lambdas_and_closures(engine: sp.Engine) -> None:

@@ -171,3 +171,60 @@ def test_nothing_of_ours_in_dev_shm_after_a_crash() -> None:
     with sp.Engine(workers=2) as eng:
         eng.map(os._exit, [3])  # type: ignore[arg-type]
     assert not shm_entries() - before
+
+
+# ---- leaving ``with Engine()`` while an item hangs (issue 17.6) ---------------------------------
+
+HUNG_IN_BLOCK = """
+    import signal, time, stagepool as sp
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C
+    try:
+        with sp.Engine(workers=1) as eng:
+            print("PIDS", *eng.worker_pids(), flush=True)
+            future = eng.submit(time.sleep, 1000)
+            {body}
+    except KeyboardInterrupt:
+        print("INTERRUPTED", type(future.exception(timeout=5)).__name__, flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["in the block", "waiting in __exit__"])
+def test_ctrl_c_in_with_engine_stops_a_hung_item(script: Callable[[str], Script],
+                                                 where: str) -> None:
+    body = "time.sleep(1000)" if where == "in the block" else 'print("EXITING", flush=True)'
+    proc = script(HUNG_IN_BLOCK.format(body=body))
+    pids = proc.pids()
+    time.sleep(1.0)  # the item is running, and the script is where it should be
+    proc.proc.send_signal(signal.SIGINT)
+    out, err = proc.finish()  # bounded: WAIT, where it used to wait for the item forever
+    assert "INTERRUPTED TaskCancelled" in out, err
+    assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
+
+
+def test_an_exception_leaving_with_engine_stops_a_hung_item() -> None:
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the caller failed"), sp.Engine(workers=1) as eng:
+        pids = eng.worker_pids()
+        future = eng.submit(time.sleep, 1000)
+        assert wait_until(future.running, timeout=WAIT)
+        raise RuntimeError("the caller failed")
+    assert time.monotonic() - started < WAIT  # a bound, not a speed test: the item hangs 1000 s
+    assert isinstance(future.exception(timeout=WAIT), sp.TaskCancelled)
+    assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
+
+
+def test_an_exception_leaving_async_with_engine_stops_a_hung_item() -> None:
+    import asyncio
+
+    async def main() -> tuple[list[int], sp.BatchReport[None]]:
+        with pytest.raises(RuntimeError, match="the caller failed"):
+            async with sp.Engine(workers=1) as eng:
+                pids = eng.worker_pids()
+                task = asyncio.create_task(eng.map_async(time.sleep, [1000]))
+                await asyncio.sleep(1.0)
+                raise RuntimeError("the caller failed")
+        return pids, await task
+
+    pids, report = asyncio.run(asyncio.wait_for(main(), WAIT))
+    assert [o.kind for o in report] == ["cancelled"]
+    assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)

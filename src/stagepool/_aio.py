@@ -36,6 +36,7 @@ from ._backends import Backend
 from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
 from ._config import DEFAULT, Default, Timeout, check_bool
+from ._errors import TaskCancelled
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._streams import outcome_lists, run_to_report
@@ -73,7 +74,8 @@ async def map_async(
     ``max_concurrent`` bounds how many items of this call are in the workers at once, whatever
     the worker count. Concurrent calls share the workers fairly by estimated work time, so a
     small request is not queued behind a big one. ``on_progress`` is called on the event loop after
-    each chunk (an exception it raises goes to the loop's exception handler).
+    each chunk; if it raises, the exception is logged as a warning (logger ``"stagepool"``), the
+    callback is not called again for this call, and the call goes on: no result is lost.
 
     The loop thread only starts the call and awaits it: pickling, waiting on workers and
     building the report happen in a helper thread.
@@ -303,7 +305,21 @@ async def submit_async(submit: Callable[..., concurrent.futures.Future[R]], fn: 
     except asyncio.CancelledError:
         sent.add_done_callback(_cancel_sent)  # the hand-off already ran or is running
         raise
-    return await asyncio.wrap_future(future)  # cancelling this cancels ``future``: withdrawn
+    try:
+        return await asyncio.wrap_future(future)  # cancelling this cancels ``future``: withdrawn
+    except asyncio.CancelledError:
+        if future.cancelled() and not _being_cancelled():
+            # The engine cancelled the call (a shutdown), not our caller: a bare CancelledError
+            # would read as "this task was cancelled" and end it without a word.
+            raise TaskCancelled("the call was cancelled before it ran: the engine was shut down "
+                                "with cancel_futures=True") from None
+        raise
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself has been asked to cancel."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _cancel_sent(sent: concurrent.futures.Future[concurrent.futures.Future[Any]]) -> None:
@@ -351,10 +367,10 @@ class AsyncCalls:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        """Shut down without blocking the loop; an exception (or a cancellation) leaving the
-        block cancels queued work instead of waiting for it."""
-        cancel = exc[0] is not None
-        await shutdown_async(lambda: self.shutdown(True, cancel_futures=cancel))
+        """Shut down without blocking the loop; as with ``with``, an exception (or a
+        cancellation) leaving the block kills queued and running work instead of waiting."""
+        kill = exc[0] is not None
+        await shutdown_async(lambda: self.shutdown(True, kill=kill))
 
     async def map_async(
         self,
@@ -426,5 +442,7 @@ class AsyncCalls:
 
         Cancellation: cancelling the await raises ``CancelledError`` at once; a call not yet
         handed to a worker never runs, one already handed over finishes and its result is dropped.
+        Shutdown: a call the engine cancels (``shutdown(cancel_futures=True)`` before it started)
+        raises :class:`TaskCancelled`, never a bare ``CancelledError``.
         """
         return await submit_async(self.submit, fn, *args, **kwargs)

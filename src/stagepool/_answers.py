@@ -105,8 +105,9 @@ class Answers:
             self._death(lot, result)
         elif isinstance(result, Cancelled):
             for i in range(lot.start, lot.start + len(lot.items)):
-                self.final(i, "cancelled", TaskCancelled(
-                    f"item {i} was cancelled before it ran: {result.reason}"), lot.runs)
+                error = TaskCancelled(f"item {i} was cancelled before it ran: {result.reason}")
+                error.__cause__ = result.cause  # the backend's own failure, if that was why
+                self.final(i, "cancelled", error, lot.runs)
         else:
             self._answer(lot, result)
 
@@ -180,7 +181,7 @@ class Answers:
         self.again.appendleft(Resend(0.0, Lot(start + mid, items[mid:], tries, runs)))
         self.again.appendleft(Resend(0.0, Lot(start, items[:mid], tries, runs)))
 
-    def failure_or_retry(self, one: Lot, kind: Kind, error: BaseException, tb: str | None,
+    def failure_or_retry(self, one: Lot, kind: Kind, error: Exception, tb: str | None,
                          duration: float, pid: int | None) -> None:
         """One item's failure: final, or (``retry_on`` and budget allowing) run again."""
         policy = self.policy
@@ -191,7 +192,7 @@ class Answers:
             return
         self.final(one.start, kind, error, one.runs, tb, duration, pid)
 
-    def final(self, index: int, kind: Kind, error: BaseException, attempts: int,
+    def final(self, index: int, kind: Kind, error: Exception, attempts: int,
               tb: str | None = None, duration: float = 0.0, pid: int | None = None) -> None:
         """The item's final failure; ``attempts``: how often it ran (0: never)."""
         self.ready.append(Fail(index, Failure(kind, error, tb, duration, pid, attempts)))

@@ -115,12 +115,12 @@ class Batch:
             return
         try:
             self.backend.submit_many(outbox)
-        except EngineClosed:
+        except EngineClosed as exc:
             for task in outbox:
                 self.codec.release(task.items, None)
                 lot = self.in_flight.pop(task.id)
                 self.items_out -= len(lot.items)
-                self._cancel_rest(lot)
+                self._cancel_rest(lot, exc)
 
     def _fill_outbox(self) -> None:
         again = self.out.again
@@ -203,7 +203,7 @@ class Batch:
         for i, item in enumerate(lot.items):
             self._submit(lot._replace(start=lot.start + i, items=[item]))
 
-    def _cancel_rest(self, lot: Lot) -> None:
+    def _cancel_rest(self, lot: Lot, closed: EngineClosed) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
 
         For a sized input the items not yet taken get their cancelled outcome too; an iterator
@@ -216,9 +216,9 @@ class Batch:
         self.exhausted = True
         for first, n in runs:
             for i in range(first, first + n):
-                self.out.final(i, "cancelled", TaskCancelled(
-                    f"item {i} was cancelled before it ran: the engine was shut down"),
-                    lot.runs)
+                error = TaskCancelled(f"item {i} was cancelled before it ran: {closed}")
+                error.__cause__ = closed  # whose own cause says why, if the engine failed
+                self.out.final(i, "cancelled", error, lot.runs)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
         # Runs in a backend thread: hand over, nothing more. A batch that was abandoned will

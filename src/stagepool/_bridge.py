@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ._batch import Batch
-from ._progress import Progress
+from ._progress import Progress, Shield
 
 __all__ = ["Call", "MakeBatch", "check_on_cancel", "handoff", "post", "start_thread", "threads"]
 
@@ -191,13 +191,15 @@ class Call:
             self._feed.stop()
 
     def relay(self, fn: Callable[[Progress], object] | None) -> Callable[[Progress], object] | None:
-        """``on_progress`` runs on the loop (it may touch loop objects), never after a cancel."""
+        """``on_progress`` runs on the loop (it may touch loop objects), never after a cancel;
+        if it raises, that is logged once and it is not called again (see ``_progress``)."""
         if fn is None:
             return None
+        shield = Shield(f"the on_progress callback {fn!r}")
 
         def relay(progress: Progress) -> None:
-            if not self.cancelled:
-                post(self.loop, fn, progress)
+            if not self.cancelled and not shield.broken:
+                post(self.loop, shield, fn, progress)
 
         return relay
 

@@ -265,7 +265,7 @@ def positive_size(value: int | float | str, name: str) -> int:
 
 
 def item_timeouts(timeout: Timeout, items: list[Any],
-                  start: int) -> tuple[float, ...] | BaseException | None:
+                  start: int) -> tuple[float, ...] | Exception | None:
     """Each item's limit in seconds (inf: none), or the error a callable ``timeout`` gave."""
     if timeout is None:
         return None

@@ -215,6 +215,7 @@ class Engine(AsyncCalls):
         backend = self._backend
         if backend is None:
             raise EngineClosed("this engine has been shut down; create a new Engine")
+        backend.check_open()  # it may have failed on its own: EngineClosed, naming the cause
         return backend
 
     def __repr__(self) -> str:
@@ -227,7 +228,11 @@ class Engine(AsyncCalls):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        """Shut down. Leaving normally waits for the queued and running work; an exception or
+        Ctrl-C leaving the block stops it instead (``shutdown(kill=True)``: queued and running
+        items get kind ``"cancelled"``), within about a second even with a hung item, as
+        ``map``'s own Ctrl-C does: nobody is left to read those results."""
+        self.shutdown(wait=True, kill=exc[0] is not None)
 
     # ---- batches --------------------------------------------------------------------------------
 
@@ -278,7 +283,10 @@ class Engine(AsyncCalls):
         Never raises because an item failed. ``items`` is consumed lazily (at most
         ``max_in_flight`` chunks ahead), so a generator works. If the generator itself raises,
         the items already taken finish and its exception propagates with the partial report
-        attached as ``.report``.
+        attached as ``.report``. Nor because progress failed: an ``on_progress`` callback (or the
+        bar) that raises is logged as a warning with its traceback (logger ``"stagepool"``) and
+        not called again; the batch goes on and no result is lost. The same holds for
+        :meth:`imap` and the async calls (whose callback runs on the event loop).
 
         Cancellation: on ``KeyboardInterrupt`` the batch's queued chunks are withdrawn, the
         workers running its items are killed and replaced, and the interrupt propagates
@@ -358,6 +366,9 @@ class Engine(AsyncCalls):
         ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
         (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
         with hung tasks); its items get kind ``"cancelled"``.
+
+        KeyboardInterrupt: Ctrl-C while waiting turns the shutdown into ``kill=True`` (running
+        work is killed in the background) and propagates.
         """
         with self._lock:
             backend, self._backend = self._backend, None

@@ -69,11 +69,16 @@ class EngineClosed(StagepoolError, RuntimeError):
 
 
 class RemoteError(_Rebuildable):
-    """An exception raised in the worker that could not be sent back as itself.
+    """An exception raised in the worker that could not, or must not, be sent back as itself.
 
     Happens when the exception's class cannot be pickled or rebuilt (for example an ``__init__``
     that requires two arguments). ``type_name``, ``message`` and ``remote_traceback`` keep what is
     known of the original.
+
+    A function that raises ``KeyboardInterrupt``, ``SystemExit`` or any other ``BaseException``
+    that is not an ``Exception`` is reported with this error too, the original as ``__cause__``:
+    raised as itself in the caller, a worker's Ctrl-C or exit would pass for the caller's own
+    and escape ``except Exception``. ``retry_on`` entries match the original's type.
     """
 
     def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:

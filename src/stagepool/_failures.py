@@ -57,7 +57,7 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
 
 
 def death_failure(died: LaneDied, index: int, stage: str,
-                  seconds: float) -> tuple[Kind, BaseException]:
+                  seconds: float) -> tuple[Kind, Exception]:
     """What a dead worker means for the item it was running (``seconds``: its timeout)."""
     if died.reason == "timeout":
         return "timeout", TaskTimeout(
@@ -70,12 +70,14 @@ def death_failure(died: LaneDied, index: int, stage: str,
 
 
 def retryable(retry_on: RetryOn, kind: Kind, error: BaseException) -> bool:
-    """Whether ``retry_on`` names the failure's kind or one of its exception's types."""
-    return any(entry == kind or (isinstance(entry, type) and isinstance(error, entry))
-               for entry in retry_on)
+    """Whether ``retry_on`` names the failure's kind or one of its exception's types (for a
+    worker's wrapped ``SystemExit``, say, the type of the original)."""
+    errors = (error, error.__cause__) if isinstance(error, RemoteError) else (error,)
+    return any(entry == kind or (isinstance(entry, type) and isinstance(err, entry))
+               for entry in retry_on for err in errors)
 
 
-def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, BaseException, str]:
+def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, Exception, str]:
     """The exception a worker reported for item ``index``, rebuilt in the parent with the
     worker's traceback as ``__cause__`` (a :class:`RemoteError` when it cannot be rebuilt)."""
     if info.kind in ("serialization", "unpickle"):
@@ -90,7 +92,23 @@ def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, BaseException, str]:
         error = RemoteError(f"{info.type_name}: {info.message}", type_name=info.type_name,
                             remote_traceback=info.traceback)
     error.__cause__ = RemoteTraceback(info.traceback)
+    if not isinstance(error, Exception):
+        error = _not_the_callers(error, info)
     return "error", error, info.traceback
+
+
+def _not_the_callers(original: BaseException, info: ErrInfo) -> RemoteError:
+    """A worker's ``KeyboardInterrupt``, ``SystemExit`` (any BaseException that is not an
+    Exception) wrapped in a :class:`RemoteError`: raised as itself by ``unwrap()``,
+    ``future.result()`` or ``await``, it would pass for the caller's own Ctrl-C or exit and slip
+    past ``except Exception``; ``raise_on_failure()`` could not make an ``ExceptionGroup`` of it."""
+    shown = f"{info.type_name}: {info.message}" if info.message else info.type_name
+    wrapper = RemoteError(
+        f"the function raised {shown} in its worker; reported as a RemoteError so that it "
+        f"cannot pass for this process's own {info.type_name} (the original is __cause__)",
+        type_name=info.type_name, remote_traceback=info.traceback)
+    wrapper.__cause__ = original
+    return wrapper
 
 
 def unpickled_result_error(index: int, exc: BaseException) -> SerializationError:

@@ -37,7 +37,7 @@ class Failure:
     """What the parent keeps of one failed item (private: the public view is :class:`Outcome`)."""
 
     kind: Kind
-    error: BaseException
+    error: Exception
     traceback: str | None = None
     duration: float = 0.0
     worker: int | None = None
@@ -59,7 +59,7 @@ class Outcome(NamedTuple, Generic[T]):
     index: int  # type: ignore[assignment]  # the field hides tuple.index, on purpose
     ok: bool
     value: T | None
-    error: BaseException | None
+    error: Exception | None
     kind: Kind
     traceback: str | None
     duration: float
@@ -259,6 +259,9 @@ class BatchReport(Sequence[Outcome[T]]):
     def raise_on_failure(self) -> BatchReport[T]:
         """Raise an ``ExceptionGroup`` of every failure, each noted with its item index.
 
+        Always an ``ExceptionGroup`` (caught by ``except Exception``): a worker's
+        ``KeyboardInterrupt`` or ``SystemExit`` is already a :class:`RemoteError` in the outcome.
+
         Returns the report unchanged when nothing failed, so it chains:
         ``values = engine.map(f, xs).raise_on_failure().values``.
         """
@@ -271,7 +274,7 @@ class BatchReport(Sequence[Outcome[T]]):
             if note not in getattr(err, "__notes__", ()):
                 err.add_note(note)
             errors.append(err)
-        raise BaseExceptionGroup(f"{len(errors)} of {len(self)} items failed", errors)
+        raise ExceptionGroup(f"{len(errors)} of {len(self)} items failed", errors)
 
 
 # Public classes name the package they are imported from, in reprs and tracebacks.

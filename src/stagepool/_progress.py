@@ -2,19 +2,30 @@
 
 The engine calls ``sink.update(done, failed)`` once per finished chunk, from the thread that runs
 the batch, and ``sink.close()`` exactly once at the end (also on error or cancellation).
+
+A sink that fails (an ``on_progress`` callback that raises, a bar writing to a closed pipe) fails
+alone: its first exception is logged as a warning on the ``"stagepool"`` logger, with its
+traceback, the sink is not called again for that batch, and the batch goes on. Progress is an
+observer: its failure must never cost the results (as with ``concurrent.futures``' done-callbacks,
+which are logged too, a log record cannot itself raise into the batch as a warning made an
+error by ``-W error`` would).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from ._config import check_bool
 
-__all__ = ["Progress", "ProgressSink", "check_progress_options", "make_sink"]
+__all__ = ["Progress", "ProgressSink", "Shield", "check_progress_options", "make_sink"]
+
+_log = logging.getLogger("stagepool")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,6 +46,39 @@ class Progress:
 class ProgressSink(Protocol):
     def update(self, done: int, failed: int) -> None: ...
     def close(self) -> None: ...
+
+
+class Shield:
+    """Calls one user-facing hook until it first raises; then logs that, once, and drops it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.broken = False
+
+    def __call__(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)``, or None once it has raised."""
+        if self.broken:
+            return None
+        try:
+            return fn(*args)
+        except Exception:  # not KeyboardInterrupt: a Ctrl-C in the batch's thread stops the batch
+            self.broken = True
+            _log.warning("%s raised; it is not called again for this batch, which goes on "
+                         "(no result is lost)", self.what, exc_info=True)
+            return None
+
+
+class _Shielded:
+    """A sink that fails alone (see the module's docstring)."""
+
+    def __init__(self, sink: ProgressSink, shield: Shield) -> None:
+        self._sink, self._shield = sink, shield
+
+    def update(self, done: int, failed: int) -> None:
+        self._shield(self._sink.update, done, failed)
+
+    def close(self) -> None:
+        self._shield(self._sink.close)
 
 
 class _Fanout:
@@ -137,9 +181,13 @@ def make_sink(
     check_progress_options(progress=progress, on_progress=on_progress, desc=desc)
     sinks: list[ProgressSink] = []
     if progress:
-        sinks.append(_Bar(total, desc, file or sys.stderr))
+        shield = Shield("the progress bar")
+        bar = shield(_Bar, total, desc, file or sys.stderr)  # a closed stderr: no bar, logged
+        if bar is not None:
+            sinks.append(_Shielded(bar, shield))
     if on_progress is not None:
-        sinks.append(_Callback(on_progress, total))
+        sinks.append(_Shielded(_Callback(on_progress, total),
+                               Shield(f"the on_progress callback {on_progress!r}")))
     if not sinks:
         return None
     return sinks[0] if len(sinks) == 1 else _Fanout(sinks)

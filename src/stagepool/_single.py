@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from ._answers import BatchPolicy
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._config import Timeout, item_timeouts
-from ._errors import EngineClosed, SerializationError, TaskCancelled
+from ._errors import SerializationError, TaskCancelled
 from ._failures import death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Kind
 from ._worker import ChunkResult, apply_call, star_call
@@ -118,10 +118,24 @@ class Single:
         self.call = self.task = None  # the future must not keep the call's objects alive
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
+        """In the backend's thread. Whatever fails here still settles the future (a pending one
+        would leave its caller waiting forever), then is reported by the backend."""
+        try:
+            self._answer(task, result)
+        except BaseException as exc:  # a done-callback's SystemExit lands here too
+            self._settle(None, exc)
+            raise
+
+    def _answer(self, task: Task, result: TaskResult) -> None:
         codec = self.ctx.backend.codec
         codec.release(task.items, None)  # a retry encodes the call again
         if self.future.done() or self.call is None:
             codec.drop(result)  # nobody will decode it
+            return
+        if isinstance(result, Cancelled) and result.cause is not None:  # the backend failed
+            failed = TaskCancelled(f"the call never finished: {result.reason}")
+            failed.__cause__ = result.cause
+            self._settle(None, failed)
             return
         if isinstance(result, Cancelled) or (
                 isinstance(result, LaneDied) and result.reason == "cancelled"):
@@ -134,8 +148,9 @@ class Single:
         if error is not None and self.tries <= policy.retries and retryable(
                 policy.retry_on, kind, error):
             self.tries += 1
-            delay = policy.backoff * 2 ** (self.tries - 2)
-            threading.Timer(delay, self._resend).start() if delay else self._resend()
+            # From a timer thread even without a delay: a resend pickles the call and runs a
+            # callable timeout (user code), neither of which may stall or end the pool thread.
+            threading.Timer(policy.backoff * 2 ** (self.tries - 2), self._resend).start()
             return
         self._settle(value, error)
 
@@ -152,7 +167,7 @@ class Single:
     def _resend(self) -> None:
         try:
             self._send()
-        except EngineClosed as exc:
+        except BaseException as exc:  # EngineClosed, or a callable timeout's own exception
             self._settle(None, exc)
 
     def _decode(self, task: Task, result: TaskResult) -> tuple[Kind, Any, BaseException | None]:

@@ -201,3 +201,10 @@ def _only_expected_failures(failed: Sequence[_Failure], corrupt: frozenset[int])
     indices = {failure.index for failure in failed}
     rejected = all(isinstance(failure.error, CorruptSegmentError) for failure in failed)
     return indices == corrupt and rejected
+
+
+# The public names say they come from here (tracebacks, profiles, pickles by reference).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", __name__).startswith("stagepool._demo"):
+        _obj.__module__ = __name__

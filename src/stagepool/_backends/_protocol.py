@@ -67,9 +67,11 @@ class LaneDied:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Cancelled:
-    """The task was withdrawn before it ran (shutdown with ``cancel_futures`` or a cancelled batch)."""
+    """The task was withdrawn before it ran (shutdown with ``cancel_futures`` or a cancelled batch),
+    or will never run because the backend failed: ``cause`` is then that failure."""
 
     reason: str
+    cause: BaseException | None = None
 
 
 # The answer of a task: the codec's encoded chunk result (decode it with ``Codec.decode``), or
@@ -171,8 +173,12 @@ class Backend(Protocol):
     @property
     def codec(self) -> Codec: ...
 
+    def check_open(self) -> None:
+        """Raise ``EngineClosed`` if this backend takes no more work: it was shut down, or it
+        failed on its own (the failure is then the error's ``__cause__``)."""
+
     def submit_many(self, tasks: list[Task]) -> None:
-        """Queue tasks (one wake-up); raises ``EngineClosed`` after shutdown."""
+        """Queue tasks (one wake-up); raises ``EngineClosed`` after shutdown (see ``check_open``)."""
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Cancel a group's queued tasks (``on_done(Cancelled)``); optionally kill its running

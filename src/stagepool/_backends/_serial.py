@@ -84,9 +84,12 @@ class SerialBackend:
     def codec(self) -> InProcessCodec:
         return self._codec
 
-    def submit_many(self, tasks: list[Task]) -> None:
+    def check_open(self) -> None:
         if self._closed:
             raise EngineClosed("this engine has been shut down; create a new Engine")
+
+    def submit_many(self, tasks: list[Task]) -> None:
+        self.check_open()
         for task in tasks:
             self._run(task)
 

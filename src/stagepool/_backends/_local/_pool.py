@@ -26,8 +26,10 @@ import collections
 import contextlib
 import os
 import pickle
+import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -68,14 +70,15 @@ DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 
 
 def _notify(task: Task, result: TaskResult) -> None:
-    """Deliver a result; a faulty callback must never take the pool thread down with it.
+    """Deliver a result; a faulty callback must never take the pool thread down with it. Not
+    even a BaseException: a future's done-callbacks run inside ``on_done``, and one that calls
+    ``sys.exit()`` would end the pool thread without a word, leaving every later call waiting.
 
     The input segments of ``task.items`` are the callback's to free (see ``Task``)."""
     try:
         task.on_done(task, result)
-    except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
-        import traceback
-
+    except BaseException:  # reported, not fatal
+        print("stagepool: a task's completion callback raised (ignored):", file=sys.stderr)
         traceback.print_exc()
 
 
@@ -109,6 +112,7 @@ class LocalBackend:
         self._queue = FairShare()
         self._lock = self._queue.lock
         self._closed = False
+        self._failure: BaseException | None = None  # why the pool thread stopped on its own
         self._stopping = False
         self._kill_all = False
         self._startup_failures = 0
@@ -139,12 +143,26 @@ class LocalBackend:
     def codec(self) -> SharedMemoryCodec:
         return self._codec
 
+    def check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> EngineClosed:
+        failure = self._failure
+        if failure is None:
+            return EngineClosed("this engine has been shut down; create a new Engine")
+        error = EngineClosed(
+            f"this engine stopped serving: its pool thread failed with {type(failure).__name__}: "
+            f"{failure} (a stagepool bug: please report it); create a new Engine")
+        error.__cause__ = failure
+        return error
+
     def submit_many(self, tasks: list[Task]) -> None:
         """Queue tasks with one lock and one wake-up of the pool thread: each wake-up costs a GIL
         hand-off, which on a busy 2-core machine is a scheduling delay of up to a millisecond."""
         with self._lock:
             if self._closed:
-                raise EngineClosed("this engine has been shut down; create a new Engine")
+                raise self._closed_error()
             refused = [task for task in tasks if not self._queue.queue_locked(task)]
         if len(refused) < len(tasks):
             self._wake()
@@ -186,7 +204,13 @@ class LocalBackend:
             self._kill_all = self._kill_all or kill
         self._wake()
         if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+            try:
+                self._thread.join()
+            except BaseException:  # Ctrl-C while waiting for a hung item: kill it, then go
+                with self._lock:
+                    self._kill_all = True
+                self._wake()
+                raise
 
     # ---- the pool thread ----------------------------------------------------------------------
 
@@ -209,8 +233,20 @@ class LocalBackend:
         try:
             while not self._step():
                 pass
+        except BaseException as exc:  # a bug: close loudly rather than leave callers waiting
+            self._fail(exc)
         finally:
             self._close_everything()
+
+    def _fail(self, exc: BaseException) -> None:
+        """The pool thread cannot go on: refuse new work (``EngineClosed`` with ``exc`` as its
+        cause) and say so; ``_close_everything`` then answers every task still owed one."""
+        with self._lock:
+            self._closed = True
+            self._failure = exc
+        print("stagepool: the pool thread failed; the engine is closed, its pending tasks are "
+              "cancelled and later calls raise EngineClosed:", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
 
     def _step(self) -> bool:
         """One turn of the pool loop; returns True when the pool has fully stopped."""
@@ -379,12 +415,24 @@ class LocalBackend:
                 if bool(lane.tasks) != prefetch:
                     continue
                 task = self._queue.take(lane.can_take)
-                if task is None:
-                    continue
-                if task.on_start is not None and not task.on_start(task):
-                    _notify(task, Cancelled("future cancelled"))
+                if task is None or not self._starts(task):
                     continue
                 self._send(lane, task)
+
+    @staticmethod
+    def _starts(task: Task) -> bool:
+        """Ask the task's ``on_start`` whether it still goes; if not (or if the hook raises: that
+        fails this task only, never the pool thread), answer it ``Cancelled``."""
+        if task.on_start is None:
+            return True
+        try:
+            if task.on_start(task):
+                return True
+            result = Cancelled("future cancelled")
+        except BaseException as exc:
+            result = Cancelled(f"its start hook raised {type(exc).__name__}: {exc}", exc)
+        _notify(task, result)
+        return False
 
     def _send(self, lane: Lane, task: Task) -> None:
         first = task.fn_key not in lane.fn_keys
@@ -464,17 +512,23 @@ class LocalBackend:
         return not self._leaving
 
     def _close_everything(self) -> None:
+        ended = Cancelled("the engine was shut down") if self._failure is None else Cancelled(
+            f"the engine's pool thread failed ({type(self._failure).__name__}: {self._failure})",
+            self._failure)
         for lane in list(self._leaving):
             kill_tree(lane.pid, grace=0)
             self._reap(lane)
         for lane in list(self._lanes):
             kill_tree(lane.pid, grace=0)
             for task in lane.tasks:
-                _notify(task, Cancelled("the engine was shut down"))
+                _notify(task, ended)
             self._release(lane)
         self._lanes.clear()
         for task in self._queue.drain():
-            _notify(task, Cancelled("the engine was shut down"))
+            _notify(task, ended)
+        # A wake-up after this point must not write: the fd number may already belong to a file
+        # or socket opened elsewhere in the process (withdraw() can run at any time, even late).
+        self._wake_pending = True
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
