@@ -16,19 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stagepool._resources import (
-    THREAD_ENV_VARS,
-    ResourceSnapshot,
+from stagepool._planning import (
     WorkerPlan,
     choose_workers,
     format_snapshot,
-    kill_tree,
     overcommit_warning,
     plan_from_snapshot,
     plan_workers,
-    process_tree_pids,
-    rss_of,
 )
+from stagepool._resources import THREAD_ENV_VARS, ResourceSnapshot, kill_tree, process_tree_pids, rss_of
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 writes for "no limit" (2**63 page-aligned)

@@ -28,10 +28,11 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
     )
     from ._outcome import BatchReport, BatchStats, Outcome
+    from ._planning import WorkerPlan, plan_workers
     from ._profile_file import load_profile
     from ._profiling import StageProfile, profile_stage
     from ._progress import Progress
-    from ._resources import ResourceSnapshot, WorkerPlan, plan_workers
+    from ._resources import ResourceSnapshot
 
 __version__ = "0.1.0"
 
@@ -53,9 +54,9 @@ _EXPORTS: dict[str, str] = {
     "TaskCancelled": "._errors",
     "TaskTimeout": "._errors",
     "WorkerCrashed": "._errors",
-    "WorkerPlan": "._resources",
+    "WorkerPlan": "._planning",
     "load_profile": "._profile_file",
-    "plan_workers": "._resources",
+    "plan_workers": "._planning",
     "profile_stage": "._profiling",
 }
 

@@ -45,8 +45,8 @@ from ._config import (
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._outcome import BatchReport, Outcome
+from ._planning import WorkerPlan, choose_workers, overcommit_warning, plan_workers
 from ._progress import Progress, check_progress_options
-from ._resources import WorkerPlan, choose_workers, overcommit_warning, plan_workers
 from ._single import ExecutorView, Single, SubmitContext
 from ._streams import outcomes, run_to_report
 

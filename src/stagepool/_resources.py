@@ -1,15 +1,16 @@
-"""What the machine offers, read once; how many workers that buys, decided purely.
+"""What the machine offers, read once (how many workers that buys is decided in ``_planning``).
 
-This is the only module of the package that imports psutil or reads ``/proc`` and
-``/sys/fs/cgroup``. Everything else gets plain data:
+This is the only module of the package that imports psutil; with ``_cgroups`` it is the only one
+that reads ``/proc`` and ``/sys/fs/cgroup``. Everything else gets plain data:
 
 ```
 /proc/self/cgroup ----\
 /sys/fs/cgroup/...  ---+--> ResourceSnapshot.read() --> ResourceSnapshot (frozen, plain data)
 psutil, os, environ --/                                        |
                                                                v
-             mem_per_task, reserve_cores, max_workers --> plan_from_snapshot() --> WorkerPlan
-                                                          (pure: workers, limited_by, reason)
+             mem_per_task, reserve_cores, max_workers --> _planning.plan_from_snapshot()
+                                                          --> WorkerPlan (pure: workers,
+                                                              limited_by, reason)
 ```
 
 Reading never raises because of a missing or odd cgroup: an absent or unreadable file means "no
@@ -28,27 +29,22 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
 
 import psutil
 
-from ._config import MAX_BYTES, format_size, positive_size
+from ._cgroups import read_cgroup
 
 __all__ = [
     "ENV_MAX_WORKERS",
+    "FDS_PER_WORKER",
+    "FDS_RESERVED",
     "THREAD_ENV_VARS",
-    "LimitedBy",
     "ProcessSample",
     "ResourceSnapshot",
-    "WorkerPlan",
-    "choose_workers",
+    "check_field",
     "cpu_rss_sampler",
-    "format_snapshot",
     "kill_tree",
-    "overcommit_warning",
-    "plan_from_snapshot",
-    "plan_workers",
     "process_tree_pids",
     "rss_of",
     "uss_of",
@@ -69,8 +65,6 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 
 # cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712); anything this
 # large cannot be a real limit on any machine we run on.
-_UNLIMITED_BYTES = MAX_BYTES
-_DEFAULT_CFS_PERIOD_US = 100_000
 
 # A worker costs the parent 3 descriptors for as long as it lives (its pipe, its stderr pipe, its
 # process sentinel) and one more while it is being spawned; the reserve is for the process's own
@@ -78,7 +72,6 @@ _DEFAULT_CFS_PERIOD_US = 100_000
 FDS_PER_WORKER = 4
 FDS_RESERVED = 64
 
-LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,14 +98,14 @@ class ResourceSnapshot:
     open_files_limit: int | None = None  # soft RLIMIT_NOFILE; None: unlimited or unknown
 
     def __post_init__(self) -> None:
-        _check_int("logical_cpus", self.logical_cpus, minimum=1)
-        _check_int("affinity_cpus", self.affinity_cpus, minimum=1, optional=True)
-        _check_int("env_max_workers", self.env_max_workers, minimum=1, optional=True)
-        _check_int("open_files_limit", self.open_files_limit, minimum=0, optional=True)
-        _check_int("mem_total", self.mem_total, minimum=0)
-        _check_int("mem_available", self.mem_available, minimum=0)
-        _check_int("cgroup_mem_limit", self.cgroup_mem_limit, minimum=0, optional=True)
-        _check_int("cgroup_mem_usage", self.cgroup_mem_usage, minimum=0, optional=True)
+        check_field("logical_cpus", self.logical_cpus, minimum=1)
+        check_field("affinity_cpus", self.affinity_cpus, minimum=1, optional=True)
+        check_field("env_max_workers", self.env_max_workers, minimum=1, optional=True)
+        check_field("open_files_limit", self.open_files_limit, minimum=0, optional=True)
+        check_field("mem_total", self.mem_total, minimum=0)
+        check_field("mem_available", self.mem_available, minimum=0)
+        check_field("cgroup_mem_limit", self.cgroup_mem_limit, minimum=0, optional=True)
+        check_field("cgroup_mem_usage", self.cgroup_mem_usage, minimum=0, optional=True)
         if self.cgroup_version not in (None, 1, 2):
             raise ValueError(f"cgroup_version must be 1, 2 or None, got {self.cgroup_version!r}")
         quota = self.cgroup_cpu_quota
@@ -179,7 +172,7 @@ class ResourceSnapshot:
         """
         env = os.environ if environ is None else environ
         env_max_workers = _parse_env_max_workers(env)  # first: a bad override fails fast
-        cgroup = _read_cgroup(Path(proc_root), Path(cgroup_root))
+        cgroup = read_cgroup(Path(proc_root), Path(cgroup_root))
         if mem_total is None or mem_available is None:
             vm = psutil.virtual_memory()
             mem_total = int(vm.total) if mem_total is None else mem_total
@@ -198,7 +191,7 @@ class ResourceSnapshot:
         )
 
 
-def _check_int(name: str, value: object, *, minimum: int, optional: bool = False) -> None:
+def check_field(name: str, value: object, *, minimum: int, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
@@ -252,442 +245,6 @@ def _parse_env_max_workers(environ: Mapping[str, str]) -> int | None:
             f"fix or unset the environment variable"
         )
     return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading cgroups (v1 and v2)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _CgroupLimits:
-    version: int | None = None
-    cpu_quota: float | None = None
-    mem_limit: int | None = None
-    mem_usage: int | None = None
-
-
-def _read_cgroup(proc_root: Path, cgroup_root: Path) -> _CgroupLimits:
-    """Find this process's cgroups in ``{proc_root}/self/cgroup`` and read their effective limits.
-
-    A limit set on any ancestor binds the process as much as one on its own cgroup (a job in a
-    child of a 1.5 GiB slice has 1.5 GiB), so each controller is read from the process's cgroup
-    up to the mount root: the smallest CPU quota, and the memory level with the least headroom.
-    """
-    text = _read_text(proc_root / "self" / "cgroup")
-    if text is None:
-        return _CgroupLimits()
-    v1_paths: dict[str, tuple[str, str]] = {}  # controller -> (hierarchy dir name, cgroup path)
-    v2_path: str | None = None
-    for line in text.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if hierarchy == "0" and not controllers:
-            v2_path = path
-        for controller in controllers.split(","):
-            if controller in ("cpu", "memory"):
-                v1_paths[controller] = (controllers, path)
-    # Hybrid hosts list both v1 controllers and an empty "0::/" line; the limits then live in v1.
-    if v1_paths:
-        return _read_cgroup_v1(cgroup_root, v1_paths)
-    if v2_path is not None:
-        return _read_cgroup_v2(_cgroup_levels(cgroup_root, v2_path))
-    return _CgroupLimits()
-
-
-def _cgroup_levels(root: Path, path: str) -> list[Path]:
-    """The directory of cgroup ``path`` under the mount ``root`` and its ancestors, leaf first,
-    ending with ``root``.
-
-    Only ``[root]`` when that directory is absent: inside a container, /proc/self/cgroup shows the
-    host-side path while the container's own cgroup is mounted at the root (its ancestors are not
-    visible; cgroup v1's ``hierarchical_memory_limit`` still accounts for them).
-    """
-    parts = PurePosixPath(path).relative_to("/").parts if path.startswith("/") else ()
-    if not parts or ".." in parts or not root.joinpath(*parts).is_dir():
-        return [root]
-    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
-
-
-def _read_cgroup_v2(levels: list[Path]) -> _CgroupLimits:
-    leaf_usage = _read_int(levels[0] / "memory.current")
-    limit, usage = _tightest_memory(
-        leaf_usage,
-        [(_read_int(d / "memory.max"), _read_int(d / "memory.current")) for d in levels],
-    )
-    return _CgroupLimits(
-        version=2,
-        cpu_quota=_smallest(_parse_cpu_max(_read_text(d / "cpu.max")) for d in levels),
-        mem_limit=limit,
-        mem_usage=usage,
-    )
-
-
-def _read_cgroup_v1(root: Path, paths: Mapping[str, tuple[str, str]]) -> _CgroupLimits:
-    cpu_quota = mem_limit = mem_usage = None
-    if "cpu" in paths:
-        controllers, path = paths["cpu"]
-        # The mount point is named after the co-mounted controllers; "cpu" is usually a symlink.
-        for name in dict.fromkeys((controllers, "cpu,cpuacct", "cpu")):
-            if (root / name).is_dir():
-                cpu_quota = _smallest(
-                    _cpu_quota(_read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us"))
-                    for d in _cgroup_levels(root / name, path)
-                )
-                break
-    if "memory" in paths:
-        levels = _cgroup_levels(root / "memory", paths["memory"][1])
-        leaf_usage = _read_int(levels[0] / "memory.usage_in_bytes")
-        candidates = [(_read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes"))
-                      for d in levels]
-        # The kernel's own minimum over every ancestor, including those outside our view.
-        candidates.append((_v1_hierarchical_limit(levels[0]), leaf_usage))
-        mem_limit, mem_usage = _tightest_memory(leaf_usage, candidates)
-    return _CgroupLimits(1, cpu_quota, mem_limit, mem_usage)
-
-
-def _v1_hierarchical_limit(directory: Path) -> int | None:
-    """``hierarchical_memory_limit`` from a v1 ``memory.stat``: the smallest limit on the path."""
-    for line in (_read_text(directory / "memory.stat") or "").splitlines():
-        key, _, value = line.partition(" ")
-        if key == "hierarchical_memory_limit":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _tightest_memory(
-    leaf_usage: int | None, levels: Iterable[tuple[int | None, int | None]]
-) -> tuple[int | None, int | None]:
-    """The (limit, usage) of the level with the least headroom; (None, leaf usage) if none has a
-    limit.
-
-    The least headroom, not the lowest limit: a parent's higher limit binds first when its other
-    children use most of it. A level whose usage is unknown is charged the leaf's usage, which
-    its own usage includes.
-    """
-    limited = [(limit, leaf_usage if usage is None else usage)
-               for limit, usage in levels if _limit_or_none(limit) is not None]
-    if not limited:
-        return None, leaf_usage
-    return min(limited, key=lambda level: (level[0] or 0) - (level[1] or 0))  # first of ties: leaf
-
-
-def _smallest(values: Iterable[float | None]) -> float | None:
-    """The smallest known value (a CPU quota), or None when no level sets one."""
-    known = [v for v in values if v is not None]
-    return min(known) if known else None
-
-
-def _parse_cpu_max(text: str | None) -> float | None:
-    """cgroup v2 ``cpu.max`` ("max 100000" or "150000 100000") as a number of CPUs."""
-    if text is None:
-        return None
-    fields = text.split()
-    if not fields or fields[0] == "max":
-        return None
-    try:
-        quota = int(fields[0])
-        period = int(fields[1]) if len(fields) > 1 else _DEFAULT_CFS_PERIOD_US
-    except ValueError:
-        return None
-    return _cpu_quota(quota, period)
-
-
-def _cpu_quota(quota: int | None, period: int | None) -> float | None:
-    """quota / period in CPUs; None when unlimited (v1 writes -1) or unknown."""
-    if quota is None or period is None or quota <= 0 or period <= 0:
-        return None
-    return quota / period
-
-
-def _limit_or_none(limit: int | None) -> int | None:
-    return None if limit is None or limit >= _UNLIMITED_BYTES else limit
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    """An integer file; None when missing, unreadable or not an integer ("max" reads as None)."""
-    text = _read_text(path)
-    try:
-        return None if text is None else int(text)
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Planning (pure)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerPlan:
-    """How many workers to start, which limit decided it, and why (``str(plan)`` is the reason)."""
-
-    workers: int
-    cpus: int
-    mem_available: int
-    mem_per_task: int | None
-    limited_by: LimitedBy
-    reason: str
-    snapshot: ResourceSnapshot
-
-    def __str__(self) -> str:
-        return self.reason
-
-    @property
-    def detail(self) -> str:
-        """The reason without its leading worker count: "limited by cpu, 2 usable CPUs (...)"."""
-        return self.reason.partition(": ")[2]
-
-    def thread_env(self, environ: Mapping[str, str] | None = None, *,
-                   workers: int | None = None) -> dict[str, str]:
-        """Environment variables capping BLAS/OpenMP threads per worker at ``cpus // workers``
-        (``workers`` defaults to the plan's; an engine told to run more passes its own count).
-
-        Variables the user already set (non-empty) in ``environ`` (default ``os.environ``) are left
-        out, so an explicit choice always wins. Never less than 1 thread.
-        """
-        env = os.environ if environ is None else environ
-        threads = str(max(1, self.cpus // (workers or self.workers)))
-        return {name: threads for name in THREAD_ENV_VARS if not env.get(name)}
-
-
-def plan_from_snapshot(
-    snapshot: ResourceSnapshot,
-    *,
-    mem_per_task: int | str | None = None,
-    reserve_cores: int = 0,
-    max_workers: int | None = None,
-) -> WorkerPlan:
-    """Decide the number of workers from ``snapshot`` alone (pure; see :func:`plan_workers`).
-
-    The tightest of three bounds wins: usable CPUs minus ``reserve_cores``, effective available
-    memory // ``mem_per_task`` (when given), and ``max_workers`` (when given); ties go to "cpu",
-    then "memory", then "max_workers". At least one worker always runs. ``STAGEPOOL_MAX_WORKERS``
-    (``snapshot.env_max_workers``) is one more maximum: it lowers the count when it is tighter
-    (``limited_by == "env"``) and never raises it.
-    """
-    per_task = _validate_mem_per_task(mem_per_task)
-    _check_int("reserve_cores", reserve_cores, minimum=0)
-    _check_int("max_workers", max_workers, minimum=1, optional=True)
-
-    bounds: list[tuple[LimitedBy, int]] = [("cpu", snapshot.usable_cpus - reserve_cores)]
-    if per_task is not None:
-        bounds.append(("memory", snapshot.effective_mem_available // per_task))
-    if max_workers is not None:
-        bounds.append(("max_workers", max_workers))
-    limited_by, bound = min(bounds, key=lambda item: item[1])  # min() keeps the first of ties
-    workers = max(1, bound)
-    detail = _reason_detail(snapshot, limited_by, workers, per_task, reserve_cores)
-
-    env_workers = snapshot.env_max_workers
-    if env_workers is not None and env_workers < workers:  # a tie leaves the machine's reason
-        detail = f"limited by {ENV_MAX_WORKERS}={env_workers} (without it {workers}: {detail})"
-        workers, limited_by = env_workers, "env"
-    return WorkerPlan(
-        workers=workers,
-        cpus=snapshot.usable_cpus,
-        mem_available=snapshot.effective_mem_available,
-        mem_per_task=per_task,
-        limited_by=limited_by,
-        reason=f"{_workers(workers)}: {detail}",
-        snapshot=snapshot,
-    )
-
-
-def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
-    """An engine's worker count, and a description of the choice for its ``repr`` (pure):
-    ``(4, "4 workers (explicit; the machine plan allows 2: limited by cpu, ...)")``.
-
-    ``requested`` None ("auto") takes ``plan.workers``. An explicit count is the user insisting:
-    it may exceed the machine plan, but ``STAGEPOOL_MAX_WORKERS`` still caps it, since that
-    variable is the operator's ceiling for every engine. Raises ``ValueError`` when the count
-    needs more file descriptors than the process may open (``ulimit -n``).
-    """
-    ceiling = plan.snapshot.env_max_workers
-    if requested is None:
-        workers, how = plan.workers, f"auto: {plan.detail}"
-    elif ceiling is not None and requested > ceiling:
-        workers, how = ceiling, f"explicit {requested}, capped by {ENV_MAX_WORKERS}={ceiling}"
-    else:
-        workers = requested
-        how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
-    _check_open_files(plan.snapshot, workers)
-    return workers, f"{_workers(workers)} ({how})"
-
-
-def _check_open_files(snapshot: ResourceSnapshot, workers: int) -> None:
-    """Refuse a worker count the process cannot open the files for: past the limit, spawning
-    fails deep inside loky with the workers already started left running."""
-    limit = snapshot.open_files_limit
-    need = workers * FDS_PER_WORKER + FDS_RESERVED
-    if limit is not None and need > limit:
-        raise ValueError(
-            f"workers={workers} needs about {need} file descriptors ({FDS_PER_WORKER} per worker "
-            f"+ {FDS_RESERVED}), but this process may open only {limit} (ulimit -n); raise the "
-            f"limit or use fewer workers"
-        )
-
-
-def overcommit_warning(plan: WorkerPlan, workers: int) -> str | None:
-    """Why ``workers`` tasks of ``plan.mem_per_task`` do not fit where the plan says fewer do, or
-    None when they fit (or no ``mem_per_task`` was given); pure."""
-    per_task = plan.mem_per_task
-    if per_task is None:
-        return None
-    fits = max(1, plan.mem_available // per_task)  # the plan's own memory bound
-    if workers <= fits:
-        return None
-    need, have = _same_unit(workers * per_task, plan.mem_available)
-    where = " under the cgroup limit" if plan.snapshot.memory_limited_by_cgroup else ""
-    return (
-        f"workers={workers} x mem_per_task={format_size(per_task)} needs {need}, but {have} is "
-        f"available{where}: memory allows {_workers(fits)}. Starting {workers} anyway risks "
-        f"swapping or the OOM killer; use workers='auto', fewer workers or a smaller mem_per_task"
-    )
-
-
-def plan_workers(
-    *,
-    mem_per_task: int | str | None = None,
-    reserve_cores: int = 0,
-    max_workers: int | None = None,
-    snapshot: ResourceSnapshot | None = None,
-) -> WorkerPlan:
-    """Plan the worker count for this machine (or for ``snapshot``, when given).
-
-    Reads :meth:`ResourceSnapshot.read` once when ``snapshot`` is None, then applies
-    :func:`plan_from_snapshot`. Raises ``ValueError``/``TypeError`` naming the argument for bad
-    arguments, and ``ValueError`` for a malformed ``STAGEPOOL_MAX_WORKERS``.
-
-    Example::
-
-        >>> plan = plan_workers(mem_per_task="1.5GiB", reserve_cores=1)
-        >>> plan.workers >= 1
-        True
-        >>> print(plan)  # doctest: +SKIP
-        2 workers: limited by memory, 3.1 GiB available / 1.5 GiB per task
-    """
-    if snapshot is None:
-        snapshot = ResourceSnapshot.read()
-    return plan_from_snapshot(
-        snapshot, mem_per_task=mem_per_task, reserve_cores=reserve_cores, max_workers=max_workers
-    )
-
-
-def _validate_mem_per_task(mem_per_task: int | str | None) -> int | None:
-    return None if mem_per_task is None else positive_size(mem_per_task, "mem_per_task")
-
-
-def _reason_detail(
-    snapshot: ResourceSnapshot,
-    limited_by: LimitedBy,
-    workers: int,
-    mem_per_task: int | None,
-    reserve_cores: int,
-) -> str:
-    if limited_by == "cpu":
-        detail = f"limited by cpu, {_cpu_reason(snapshot, reserve_cores)}"
-    elif limited_by == "memory":
-        assert mem_per_task is not None
-        detail = f"limited by memory, {_memory_reason(snapshot, mem_per_task)}"
-    else:
-        detail = f"limited by max_workers={workers}"
-    if reserve_cores and limited_by != "cpu":
-        detail += f" (reserve_cores={reserve_cores})"
-    return detail
-
-
-def _cpu_reason(snapshot: ResourceSnapshot, reserve_cores: int) -> str:
-    usable = snapshot.usable_cpus
-    sources = (
-        f"logical {snapshot.logical_cpus}, affinity {_or_none(snapshot.affinity_cpus)}, "
-        f"cgroup quota {_or_none(snapshot.cgroup_cpu_quota)}"
-    )
-    if not reserve_cores:
-        return f"{_count(usable, 'usable CPU')} ({sources})"
-    detail = f"{_count(usable, 'usable CPU')} minus reserve_cores={reserve_cores} ({sources})"
-    if usable <= reserve_cores:
-        detail += ": no CPU left, running 1 worker anyway"
-    return detail
-
-
-def _memory_reason(snapshot: ResourceSnapshot, mem_per_task: int) -> str:
-    available = snapshot.effective_mem_available
-    have, need = _same_unit(available, mem_per_task)
-    where = ""
-    if snapshot.memory_limited_by_cgroup:
-        where = (
-            f" under the cgroup limit ({format_size(snapshot.cgroup_mem_limit or 0)} limit, "
-            f"{format_size(snapshot.cgroup_mem_usage or 0)} used)"
-        )
-    if available < mem_per_task:
-        return (
-            f"memory is insufficient: only {have} available{where} "
-            f"for {need} per task: running 1 worker anyway"
-        )
-    return f"{have} available{where} / {need} per task"
-
-
-_BINARY_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
-def _same_unit(*sizes: int) -> list[str]:
-    """Format sizes in the unit of the largest, so "0.8 GiB for 1.0 GiB" compares at a glance."""
-    unit = format_size(max(sizes)).split()[-1]
-    scale = _BINARY_UNITS[unit]
-    if scale == 1:
-        return [f"{size} B" for size in sizes]
-    return [f"{size / scale:.1f} {unit}" for size in sizes]
-
-
-def _workers(n: int) -> str:
-    return _count(n, "worker")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _or_none(value: float | None) -> str:
-    return "none" if value is None else f"{value:g}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Human description (``stagepool plan``)
-# --------------------------------------------------------------------------------------------------
-
-
-def format_snapshot(snapshot: ResourceSnapshot) -> str:
-    """Describe ``snapshot`` for humans, one topic per line (used by ``stagepool plan``)."""
-    s = snapshot
-    limit = "none" if s.cgroup_mem_limit is None else format_size(s.cgroup_mem_limit)
-    usage = "unknown" if s.cgroup_mem_usage is None else format_size(s.cgroup_mem_usage)
-    source = " (cgroup limit)" if s.memory_limited_by_cgroup else ""
-    version = "none" if s.cgroup_version is None else f"v{s.cgroup_version}"
-    env = "not set" if s.env_max_workers is None else str(s.env_max_workers)
-    return "\n".join(
-        [
-            f"CPUs:    logical {s.logical_cpus}, affinity {_or_none(s.affinity_cpus)}, "
-            f"cgroup quota {_or_none(s.cgroup_cpu_quota)} -> usable {s.usable_cpus}",
-            f"Memory:  total {format_size(s.mem_total)}, available {format_size(s.mem_available)}, "
-            f"cgroup limit {limit}, cgroup usage {usage} "
-            f"-> effective {format_size(s.effective_mem_available)}{source}",
-            f"cgroup:  {version}",
-            f"{ENV_MAX_WORKERS}: {env}",
-        ]
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -799,5 +356,5 @@ def uss_of(pid: int) -> int | None:
 
 
 # Public classes name the package they are imported from, in reprs and tracebacks.
-for _public in (ResourceSnapshot, WorkerPlan):
+for _public in (ResourceSnapshot,):
     _public.__module__ = "stagepool"

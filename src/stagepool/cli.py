@@ -85,7 +85,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ._resources import ResourceSnapshot, format_snapshot, plan_workers
+    from ._planning import format_snapshot, plan_workers
+    from ._resources import ResourceSnapshot
 
     snapshot = ResourceSnapshot.read()
     plan = plan_workers(mem_per_task=args.mem_per_task, reserve_cores=args.reserve_cores,
