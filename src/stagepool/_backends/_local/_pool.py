@@ -318,13 +318,16 @@ class LocalBackend:
         self._free_slots.append(lane.slot)
 
     def _retire(self, lane: Lane) -> None:
-        """Tell a drained worker to stop and start a fresh one in its place at once; the old one
-        is reaped when it has exited (killed if it takes longer than STOP_JOIN_TIMEOUT)."""
+        """Tell a drained worker to stop and start a fresh one in its place at once (unless the
+        pool is stopping with nothing queued); the old one is reaped when it has exited (killed
+        if it takes longer than STOP_JOIN_TIMEOUT)."""
         with contextlib.suppress(OSError):
             lane.conn.send_bytes(b"")
         self._lanes.remove(lane)
         self._leaving[lane] = time.monotonic() + STOP_JOIN_TIMEOUT
-        if not self._stopping:
+        # Stopping gracefully still owes the queued tasks a worker: without this replacement,
+        # max_tasks_per_worker=1 and shutdown(wait=True) hung forever (CPython gh-115634).
+        if not self._stopping or (self._queue and not self._kill_all):
             self._lanes.append(self._spawn())
 
     def _reap(self, lane: Lane) -> None:
