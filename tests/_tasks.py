@@ -221,3 +221,39 @@ def touch(path: str) -> str:
 def inf_for_two(x: int) -> float:
     """A per-item timeout that is infinite for item 2."""
     return float("inf") if x == 2 else 30.0
+
+
+# ---- the executor view: references, tracebacks, pickling ----------------------------------------
+
+class Token:
+    """A result (or argument) the tests hold only by weak reference."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def method(self, x: int) -> int:
+        return self.value + x
+
+
+def make_token(value: int) -> Token:
+    return Token(value)
+
+
+class Parser:
+    @classmethod
+    def parse(cls, text: str) -> int:
+        raise ValueError(f"cannot parse {text!r}")  # the line a traceback must show
+
+
+class RefusesPickle:
+    """Pickling it fails with ``pickle.PicklingError``, as an unpicklable object usually does."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("RefusesPickle cannot be pickled")
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -57,3 +57,32 @@ def test_max_tasks_one_then_shutdown_wait_runs_the_whole_queue() -> None:
     assert len(set(pids)) == 6  # each call in a fresh worker
 
 
+# ---- exceptions the standard library's handlers catch ----------------------------------------
+
+def test_an_unpicklable_argument_is_a_pickling_error_caused_by_the_original(
+        engine: sp.Engine) -> None:
+    error = engine.submit(_tasks.identity, threading.Lock()).exception(timeout=WAIT)
+    assert isinstance(error, sp.SerializationError) and isinstance(error, pickle.PicklingError)
+    assert isinstance(error.__cause__, TypeError) and "lock" in str(error.__cause__)
+    outcome = engine.map(_tasks.identity, [threading.Lock()])[0]
+    assert isinstance(outcome.error, pickle.PicklingError)
+    assert isinstance(outcome.error.__cause__, TypeError)
+
+
+def test_an_argument_that_fails_to_unpickle_in_the_worker_is_one_serialization_error(
+        engine: sp.Engine) -> None:
+    via_submit = engine.submit(_tasks.identity, _tasks.BreaksInWorker(1)).exception(timeout=WAIT)
+    via_map = engine.map(_tasks.identity, [_tasks.BreaksInWorker(1)])[0]
+    assert via_map.kind == "serialization"
+    for error in (via_submit, via_map.error):
+        assert isinstance(error, sp.SerializationError), repr(error)
+        assert "cannot be rebuilt in a worker" in str(error)
+        assert "cannot be rebuilt in a worker" in str(error.__cause__)  # the worker's traceback
+
+
+def test_a_dead_worker_is_a_broken_process_pool_yet_the_engine_serves(engine: sp.Engine) -> None:
+    error = engine.submit(_tasks.hard_exit, 0).exception(timeout=WAIT)
+    assert isinstance(error, sp.WorkerCrashed) and isinstance(error, BrokenProcessPool)
+    assert engine.submit(_tasks.double, 21).result(timeout=WAIT) == 42
+
+

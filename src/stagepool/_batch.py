@@ -178,7 +178,7 @@ class Batch:
             for i in range(len(items)):
                 self.out.final(start + i, "serialization", SerializationError(
                     f"item {start + i}: the function {self.spec.fn!r} cannot be pickled: "
-                    f"{type(self.fn_error).__name__}: {self.fn_error}"), tries)
+                    f"{type(self.fn_error).__name__}: {self.fn_error}", cause=self.fn_error), tries)
             return
         timeouts = item_timeouts(self.spec.timeout, items, start)
         if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
@@ -207,7 +207,7 @@ class Batch:
             item = items[0]
             self.out.final(start, "serialization", SerializationError(
                 f"item {start}: the argument ({type(item).__module__}.{type(item).__qualname__})"
-                f" cannot be pickled: {type(exc).__name__}: {exc}"), tries)
+                f" cannot be pickled: {type(exc).__name__}: {exc}", cause=exc), tries)
             return
         for i, item in enumerate(items):
             self._submit(start + i, [item], tries)

@@ -82,7 +82,7 @@ class Single:
         except Exception as exc:
             self._settle(None, SerializationError(
                 f"the call {call[0]!r} cannot be pickled (function or arguments): "
-                f"{type(exc).__name__}: {exc}"))
+                f"{type(exc).__name__}: {exc}", cause=exc))
             return
         key, fn_form = self.ctx.apply
         self.task = Task(self.ctx.group, key, fn_form, encoded.payload, 1, self._on_done, limits,
