@@ -86,3 +86,25 @@ def test_a_dead_worker_is_a_broken_process_pool_yet_the_engine_serves(engine: sp
     assert engine.submit(_tasks.double, 21).result(timeout=WAIT) == 42
 
 
+# ---- tracebacks of callables pickled by value ---------------------------------------------------
+
+def _closure_raising() -> Callable[[int], int]:
+    limit = 3
+
+    def check(x: int) -> int:
+        raise ValueError(f"{x} is over {limit}")  # the line a traceback must show
+
+    return check
+
+
+@pytest.mark.parametrize("fn", [_tasks.Parser.parse, _closure_raising()],
+                         ids=["classmethod", "closure"])
+def test_by_value_callables_keep_their_file_and_line_in_tracebacks(
+        engine: sp.Engine, fn: Callable[[str], int]) -> None:
+    error = engine.submit(fn, "x").exception(timeout=WAIT)
+    assert isinstance(error, ValueError)
+    remote = str(error.__cause__)
+    assert "<dynamic-code>" not in remote, remote
+    assert ".py" in remote and "# the line a traceback must show" in remote, remote
+
+
