@@ -86,6 +86,18 @@ def test_a_dead_worker_is_a_broken_process_pool_yet_the_engine_serves(engine: sp
     assert engine.submit(_tasks.double, 21).result(timeout=WAIT) == 42
 
 
+# ---- the cancellation race: idle workers take work as soon as it is submitted -------------------
+
+def test_shutdown_cancel_futures_right_after_submits_lets_idle_workers_start() -> None:
+    eng = sp.Engine(workers=2)
+    futures = [eng.executor.submit(_tasks.double, i) for i in range(50)]
+    eng.executor.shutdown(wait=True, cancel_futures=True)
+    ran = [f for f in futures if not f.cancelled()]
+    assert len(ran) >= 2, "every call was cancelled, though two workers were idle"
+    assert all(f.result(timeout=WAIT) == 2 * futures.index(f) for f in ran)
+    assert all(f.done() for f in futures)
+
+
 # ---- tracebacks of callables pickled by value ---------------------------------------------------
 
 def _closure_raising() -> Callable[[int], int]:

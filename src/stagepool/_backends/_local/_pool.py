@@ -55,6 +55,9 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+# How long shutdown(cancel_pending=True) waits for the pool thread to start idle workers before
+# cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
+CANCEL_TURN_TIMEOUT = 10.0
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 
 
@@ -163,14 +166,33 @@ class LocalBackend:
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         with self._lock:
             self._closed = True
-        for task in self._queue.drain() if cancel_pending else ():
-            _notify(task, Cancelled("the engine was shut down"))
+        if cancel_pending:
+            self._cancel_queued(start_idle=not kill)
         with self._lock:
             self._stopping = True
             self._kill_all = self._kill_all or kill
         self._wake()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
+
+    def _cancel_queued(self, *, start_idle: bool) -> None:
+        """Cancel the queued tasks; with ``start_idle``, idle workers first take the tasks they
+        would have taken at the pool thread's next turn. Submitting 50 calls and at once shutting
+        down with cancel_futures=True cancelled all 50 while every worker sat idle (the standard
+        library starts the calls already handed to its call queue)."""
+        if start_idle and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            turn = threading.Event()
+
+            def start_then_cancel() -> None:
+                self._dispatch()
+                self._cancel_queued(start_idle=False)
+                turn.set()
+
+            self._call_in_pool(start_then_cancel)
+            if turn.wait(CANCEL_TURN_TIMEOUT):
+                return
+        for task in self._queue.drain():
+            _notify(task, Cancelled("the engine was shut down"))
 
     # ---- the pool thread ----------------------------------------------------------------------
 
