@@ -315,7 +315,9 @@ class LocalBackend:
                             reason, lane.last_words())
         else:
             requeue = tasks
-        if not lane.answered and lane.kill_reason is None:
+        if started:  # it took a task, so start-up works: that task killed it
+            self._startup_failures = 0
+        elif not lane.answered and lane.kill_reason is None:
             self._startup_failures += 1
         self._release(lane)
         for task in self._queue.queue(requeue, front=True):
