@@ -57,6 +57,78 @@ def test_max_tasks_one_then_shutdown_wait_runs_the_whole_queue() -> None:
     assert len(set(pids)) == 6  # each call in a fresh worker
 
 
+# ---- references: nothing the caller dropped stays alive ----------------------------------------
+
+def test_a_finished_future_keeps_neither_the_function_nor_the_arguments(
+        engine: sp.Engine, no_gc: None) -> None:
+    holder, argument = _tasks.Token(1), _tasks.Token(2)
+    refs = weakref.ref(holder), weakref.ref(argument)
+    future = engine.submit(holder.method, 2)
+    assert future.result(timeout=WAIT) == 3
+    kept = engine.submit(_tasks.identity, argument)
+    assert kept.result(timeout=WAIT).value == 2
+    del holder, argument
+    assert [ref() for ref in refs] == [None, None]
+    assert future.done() and kept.done()  # the futures themselves are still held
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_the_map_iterator_holds_no_result_it_has_yielded(
+        engine: sp.Engine, no_gc: None, chunksize: int) -> None:
+    results = engine.executor.map(_tasks.make_token, range(6), chunksize=chunksize)
+    first = next(results)
+    ref = weakref.ref(first)
+    del first
+    assert ref() is None, "the map iterator still holds a result it yielded"
+    assert [t.value for t in results] == [1, 2, 3, 4, 5]
+
+
+# ---- Executor.map: deadline, chunksize, submission at call time ----------------------------
+
+def test_map_timeout_fires_at_the_deadline_while_a_call_hangs() -> None:
+    with sp.Engine(workers=2) as eng:
+        results = eng.executor.map(_tasks.sleep_for, [0.0, 60.0], timeout=1.0)
+        assert next(results) == 0.0
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            next(results)
+        assert time.monotonic() - started < WAIT / 2  # at the deadline, not when the call ends
+        eng.shutdown(kill=True)
+
+
+def test_map_deadline_counts_from_the_map_call(engine: sp.Engine) -> None:
+    results = engine.executor.map(_tasks.sleep_for, [0.0, 3.0], timeout=0.5)
+    time.sleep(1.0)  # the deadline passes before the caller asks for anything
+    assert next(results) == 0.0  # done already: a late consumer still gets it
+    with pytest.raises(TimeoutError):
+        next(results)
+
+
+def test_map_chunksize_one_is_honoured_not_replaced_by_automatic_chunks() -> None:
+    # With one call per worker, chunksize=1 shows as one fresh worker per item.
+    with sp.Engine(workers=2, max_tasks_per_worker=1) as eng:
+        pids = list(eng.executor.map(_tasks.pid_of, range(12)))
+    assert len(set(pids)) == 12
+
+
+def test_map_chunksize_groups_items_per_call(engine: sp.Engine) -> None:
+    pids = list(engine.executor.map(_tasks.pid_of, range(9), chunksize=3))
+    assert all(len(set(pids[k:k + 3])) == 1 for k in (0, 3, 6))
+
+
+@pytest.mark.parametrize("chunksize", [0, -1])
+def test_map_refuses_a_chunksize_below_one(engine: sp.Engine, chunksize: int) -> None:
+    with pytest.raises(ValueError, match="chunksize must be >= 1"):
+        engine.executor.map(_tasks.double, [1], chunksize=chunksize)
+
+
+def test_map_submits_at_call_time_so_shutdown_after_it_still_runs_everything() -> None:
+    eng = sp.Engine(workers=2)
+    results = eng.executor.map(_tasks.double, range(10))
+    assert shutdown_within(eng)
+    assert list(results) == [2 * i for i in range(10)]
+
+
 # ---- exceptions the standard library's handlers catch ----------------------------------------
 
 def test_an_unpicklable_argument_is_a_pickling_error_caused_by_the_original(

@@ -340,7 +340,7 @@ class Engine:
         """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)."""
         with self._lock:
             if self._executor is None:
-                self._executor = ExecutorView(self.submit, self.imap, self.shutdown)
+                self._executor = ExecutorView(self.submit, self.shutdown)
             return self._executor
 
     # ---- async (the bridge lives in _aio) -----------------------------------------------------

@@ -38,12 +38,12 @@ __all__ = [
     "TaskHeader",
     "WorkerSetup",
     "apply_call",
+    "call_chunk",
     "dumps",
     "encode_result",
     "failed_chunk",
     "lane_main",
     "run_chunk",
-    "star_call",
 ]
 
 # Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
@@ -256,9 +256,10 @@ def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]])
     return fn(*args, **kwargs)
 
 
-def star_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """``Executor.map`` over several iterables: each item is a tuple of arguments."""
-    return fn(*args)
+def call_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """``Executor.map(..., chunksize=n)``: one call runs ``fn`` on n argument tuples (the first
+    exception fails the chunk, as in the standard library's executor)."""
+    return [fn(*args) for args in chunk]
 
 
 # ---- the worker's main loop -------------------------------------------------------------------
