@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -19,7 +21,6 @@ import pytest
 import _tasks
 import stagepool as sp
 from conftest import WAIT
-from test_lifecycle import Script, script  # noqa: F401  # the fixture, used by name
 
 
 @pytest.fixture
@@ -192,3 +193,89 @@ def test_by_value_callables_keep_their_file_and_line_in_tracebacks(
     assert ".py" in remote and "# the line a traceback must show" in remote, remote
 
 
+# ---- interpreter exit ---------------------------------------------------------------------------
+
+EXIT_SCRIPT = """
+import sys, time
+sys.path[:0] = [{src!r}, {tests!r}]
+import stagepool as sp, _tasks
+
+def slow_touch(path):
+    time.sleep(1.0)
+    return _tasks.touch(path)
+
+{make}
+executor.submit(slow_touch, {path!r})
+{stop}
+"""
+
+
+@pytest.mark.parametrize(("make", "stop"), [
+    ("executor = sp.Engine(workers=1).executor", "executor.shutdown(wait=False)"),
+    ("executor = sp.ProcessPoolExecutor(max_workers=1)", "executor.shutdown(wait=False)"),
+    ("executor = sp.ProcessPoolExecutor(max_workers=1)", "pass"),
+], ids=["engine-view-shutdown-nowait", "drop-in-shutdown-nowait", "drop-in-left-open"])
+def test_work_left_running_at_exit_finishes_as_with_the_stdlib(
+        tmp_path: Path, make: str, stop: str) -> None:
+    # An Engine left open is still killed at exit (test_lifecycle): nobody asked for its work.
+    path = tmp_path / "ran.txt"
+    code = EXIT_SCRIPT.format(src=str(Path(sp.__file__).parent.parent),
+                              tests=str(Path(__file__).parent), make=make, stop=stop,
+                              path=str(path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    assert path.exists(), "the call was killed at interpreter exit"
+
+
+def test_futures_of_the_engine_view_are_standard(engine: sp.Engine) -> None:
+    future = engine.executor.submit(_tasks.double, 2)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=WAIT) == 4
+# ---- the drop-in constructor ---------------------------------------------------------------------
+
+def test_the_drop_in_owns_its_engine() -> None:
+    executor = sp.ProcessPoolExecutor(max_workers=2)
+    assert isinstance(executor, concurrent.futures.Executor)
+    assert executor.engine.workers == 2 and "ProcessPoolExecutor" in repr(executor)
+    assert executor.submit(_tasks.double, 4).result(timeout=WAIT) == 8
+    executor.shutdown()
+    with pytest.raises(sp.EngineClosed):
+        executor.engine.map(_tasks.double, [1])
+
+
+def test_a_dropped_drop_in_shuts_down_and_still_runs_its_calls() -> None:
+    executor = sp.ProcessPoolExecutor(max_workers=1)
+    engine = executor.engine
+    future = executor.submit(_tasks.sleep_for, 0.3)
+    del executor  # no shutdown: as with the standard library, the calls run, then it stops
+    assert future.result(timeout=WAIT) == 0.3
+    with pytest.raises(sp.EngineClosed):
+        engine.submit(_tasks.double, 1)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"max_workers": 0}, ValueError, "max_workers must be greater than 0"),
+    ({"max_workers": "2"}, TypeError, "max_workers must be an int"),
+    ({"max_workers": True}, TypeError, "max_workers must be an int"),
+    ({"mp_context": "spawn"}, TypeError, "mp_context must be a multiprocessing context"),
+    ({"max_tasks_per_child": 0}, ValueError, "max_tasks_per_child must be >= 1"),
+    ({"max_tasks_per_child": 1.5}, TypeError, "max_tasks_per_child must be an int"),
+    ({"initializer": 3}, TypeError, "initializer must be callable"),
+    ({"initargs": "ab"}, TypeError, "initargs must be a tuple or list"),
+])
+def test_the_drop_in_refuses_bad_arguments_at_the_door(
+        kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        sp.ProcessPoolExecutor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_any_start_method_is_accepted_with_max_tasks_per_child() -> None:
+    # The standard library refuses "fork" with max_tasks_per_child; stagepool's workers never fork
+    # the caller's state (loky: fork + exec), so the combination is safe.
+    import multiprocessing
+
+    with sp.ProcessPoolExecutor(1, multiprocessing.get_context("fork"),
+                                max_tasks_per_child=1) as executor:
+        pids = [executor.submit(_tasks.pid_of, i).result(timeout=WAIT) for i in range(2)]
+    assert len(set(pids)) == 2

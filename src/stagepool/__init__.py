@@ -26,6 +26,7 @@ if _typing.TYPE_CHECKING:
         TaskTimeout,
         WorkerCrashed,
     )
+    from ._executor import ProcessPoolExecutor
     from ._outcome import BatchReport, BatchStats, Outcome
     from ._profile_file import load_profile
     from ._profiling import StageProfile, profile_stage
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "InitializerError": "._errors",
     "Outcome": "._outcome",
     "OvercommitWarning": "._errors",
+    "ProcessPoolExecutor": "._executor",
     "Progress": "._progress",
     "RemoteError": "._errors",
     "ResourceSnapshot": "._resources",
@@ -65,6 +67,7 @@ __all__ = (
     "InitializerError",
     "Outcome",
     "OvercommitWarning",
+    "ProcessPoolExecutor",
     "Progress",
     "RemoteError",
     "ResourceSnapshot",

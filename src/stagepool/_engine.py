@@ -429,7 +429,10 @@ class Engine:
                  kill: bool = False) -> None:
         """Stop the workers. Idempotent.
 
-        ``wait``: block until queued work is done and the workers have exited.
+        ``wait``: block until queued work is done and the workers have exited. Without waiting,
+        the queued and running work still finishes, even when the interpreter exits meanwhile
+        (the exit waits for it, as with the standard library's executors); an engine never shut
+        down is killed at interpreter exit instead, so a forgotten one cannot hang it.
         ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
         (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
         with hung tasks); its items get kind ``"cancelled"``.

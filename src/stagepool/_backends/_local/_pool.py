@@ -497,7 +497,11 @@ _live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    """An engine left open at interpreter exit must not hang it: kill its workers now."""
+def _at_exit() -> None:
+    """Interpreter exit. An engine shut down without waiting (``shutdown(wait=False)``) finishes
+    its queued and running work first, as the standard library's executors do: the caller asked
+    for that work. An engine left open must not hang the exit: its workers are killed now."""
     for backend in list(_live_backends):
-        backend.shutdown(wait=True, cancel_pending=True, kill=True)
+        with backend._lock:
+            finish = backend._stopping and not backend._kill_all
+        backend.shutdown(wait=True, cancel_pending=not finish, kill=not finish)
