@@ -257,3 +257,20 @@ class RefusesPickle:
 def sleep_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def add(a: int, b: int, c: int = 0) -> int:
+    return a + b + c
+
+
+def kwargs_of(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
+
+
+def return_refuses_pickle(_: Any) -> RefusesPickle:
+    return RefusesPickle()
+
+
+def sleep_then_touch(path: str, seconds: float) -> str:
+    time.sleep(seconds)
+    return touch(path)

@@ -7,14 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import pickle
-import subprocess
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 import pytest
 
@@ -193,45 +190,6 @@ def test_by_value_callables_keep_their_file_and_line_in_tracebacks(
     assert ".py" in remote and "# the line a traceback must show" in remote, remote
 
 
-# ---- interpreter exit ---------------------------------------------------------------------------
-
-EXIT_SCRIPT = """
-import sys, time
-sys.path[:0] = [{src!r}, {tests!r}]
-import stagepool as sp, _tasks
-
-def slow_touch(path):
-    time.sleep(1.0)
-    return _tasks.touch(path)
-
-{make}
-executor.submit(slow_touch, {path!r})
-{stop}
-"""
-
-
-@pytest.mark.parametrize(("make", "stop"), [
-    ("executor = sp.Engine(workers=1).executor", "executor.shutdown(wait=False)"),
-    ("executor = sp.ProcessPoolExecutor(max_workers=1)", "executor.shutdown(wait=False)"),
-    ("executor = sp.ProcessPoolExecutor(max_workers=1)", "pass"),
-], ids=["engine-view-shutdown-nowait", "drop-in-shutdown-nowait", "drop-in-left-open"])
-def test_work_left_running_at_exit_finishes_as_with_the_stdlib(
-        tmp_path: Path, make: str, stop: str) -> None:
-    # An Engine left open is still killed at exit (test_lifecycle): nobody asked for its work.
-    path = tmp_path / "ran.txt"
-    code = EXIT_SCRIPT.format(src=str(Path(sp.__file__).parent.parent),
-                              tests=str(Path(__file__).parent), make=make, stop=stop,
-                              path=str(path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=WAIT)
-    assert done.returncode == 0, done.stderr
-    assert path.exists(), "the call was killed at interpreter exit"
-
-
-def test_futures_of_the_engine_view_are_standard(engine: sp.Engine) -> None:
-    future = engine.executor.submit(_tasks.double, 2)
-    assert isinstance(future, concurrent.futures.Future)
-    assert future.result(timeout=WAIT) == 4
 # ---- the drop-in constructor ---------------------------------------------------------------------
 
 def test_the_drop_in_owns_its_engine() -> None:
