@@ -337,7 +337,9 @@ class Engine:
 
     @property
     def executor(self) -> concurrent.futures.Executor:
-        """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)."""
+        """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)
+        with ``ProcessPoolExecutor``'s semantics, except that a failing call never breaks the
+        pool (README: "Drop-in for concurrent.futures"). Its ``shutdown`` shuts this engine down."""
         with self._lock:
             if self._executor is None:
                 self._executor = ExecutorView(self.submit, self.shutdown)
