@@ -83,23 +83,22 @@ def test_the_map_iterator_holds_no_result_it_has_yielded(
 
 # ---- Executor.map: deadline, chunksize, submission at call time ----------------------------
 
-def test_map_timeout_fires_at_the_deadline_while_a_call_hangs() -> None:
+def test_map_timeout_is_a_deadline_from_the_call_raised_while_a_call_hangs() -> None:
     with sp.Engine(workers=2) as eng:
-        results = eng.executor.map(_tasks.sleep_for, [0.0, 60.0], timeout=1.0)
+        assert list(eng.executor.map(_tasks.double, [1, 2])) == [2, 4]  # the workers are up
+        results = eng.executor.map(_tasks.sleep_for, [0.0, 60.0], timeout=2.0)
         assert next(results) == 0.0
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            next(results)
-        assert time.monotonic() - started < WAIT / 2  # at the deadline, not when the call ends
+            next(results)  # raised at the deadline, while the call still hangs
+        assert time.monotonic() - started < WAIT / 2
+        # Counted from the map call: it passes before the caller asks for anything.
+        late = eng.executor.map(_tasks.sleep_for, [0.0, 60.0], timeout=0.5)
+        time.sleep(2.0)
+        assert next(late) == 0.0  # done already: a late consumer still gets it
+        with pytest.raises(TimeoutError):
+            next(late)
         eng.shutdown(kill=True)
-
-
-def test_map_deadline_counts_from_the_map_call(engine: sp.Engine) -> None:
-    results = engine.executor.map(_tasks.sleep_for, [0.0, 3.0], timeout=0.5)
-    time.sleep(1.0)  # the deadline passes before the caller asks for anything
-    assert next(results) == 0.0  # done already: a late consumer still gets it
-    with pytest.raises(TimeoutError):
-        next(results)
 
 
 def test_map_chunksize_one_is_honoured_not_replaced_by_automatic_chunks() -> None:
