@@ -231,8 +231,10 @@ class _SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle 
     cloudpickle without ``_code_reduce`` keeps its own behaviour)."""
 
     if _cloudpickle_code_reduce is not None:
-        dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_file},
-                                  cloudpickle.Pickler.dispatch_table)
+        # cloudpickle's own table with one entry replaced, not one more map in front: the C
+        # pickler looks up every object's type here, and each map it misses costs a KeyError.
+        _own, *_rest = cloudpickle.Pickler.dispatch_table.maps
+        dispatch_table = ChainMap({**_own, types.CodeType: _code_reduce_keeping_file}, *_rest)
 
 
 def dumps_plain(obj: object) -> bytes:
