@@ -189,8 +189,10 @@ class LocalBackend:
                 turn.set()
 
             self._call_in_pool(start_then_cancel)
-            if turn.wait(CANCEL_TURN_TIMEOUT):
-                return
+            deadline = time.monotonic() + CANCEL_TURN_TIMEOUT
+            while self._thread.is_alive() and time.monotonic() < deadline:  # it may stop first
+                if turn.wait(0.05):
+                    return
         for task in self._queue.drain():
             _notify(task, Cancelled("the engine was shut down"))
 
