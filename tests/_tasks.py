@@ -249,3 +249,56 @@ def logged(arg: tuple[int, str, str]) -> int:
     if action == "error":
         raise ValueError(f"item {index} failed on purpose")
     return index
+
+
+# ---- the executor view: references, tracebacks, pickling ----------------------------------------
+
+class Token:
+    """A result (or argument) the tests hold only by weak reference."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def method(self, x: int) -> int:
+        return self.value + x
+
+
+def make_token(value: int) -> Token:
+    return Token(value)
+
+
+class Parser:
+    @classmethod
+    def parse(cls, text: str) -> int:
+        raise ValueError(f"cannot parse {text!r}")  # the line a traceback must show
+
+
+class RefusesPickle:
+    """Pickling it fails with ``pickle.PicklingError``, as an unpicklable object usually does."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("RefusesPickle cannot be pickled")
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def add(a: int, b: int, c: int = 0) -> int:
+    return a + b + c
+
+
+def kwargs_of(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
+
+
+def return_refuses_pickle(_: Any) -> RefusesPickle:
+    return RefusesPickle()
+
+
+def sleep_then_touch(path: str, seconds: float) -> str:
+    time.sleep(seconds)
+    return touch(path)

@@ -266,3 +266,20 @@ def test_submit_reports_a_timeout_with_its_limit(fault_engine: sp.Engine) -> Non
         future.result(timeout=WAIT)
     assert fault_engine.submit(_tasks.double, 4).result(timeout=WAIT) == 8
     assert wait_until(lambda: len(fault_engine.worker_pids()) == 2)
+
+
+def test_calls_that_kill_fresh_workers_do_not_fail_the_innocent_queued_behind_them() -> None:
+    # Three workers in a row killed by their first call used to count as "workers keep dying at
+    # start-up": the queue was failed wholesale, the innocent call included.
+    with sp.Engine(workers=1) as eng:
+        crashing = [eng.submit(_tasks.hard_exit, 0) for _ in range(3)]
+        innocent = eng.submit(_tasks.double, 21)
+        assert all(isinstance(f.exception(timeout=WAIT), sp.WorkerCrashed) for f in crashing)
+        assert innocent.result(timeout=WAIT) == 42
+
+
+def test_workers_dying_at_start_up_fail_the_queue_instead_of_respawning_forever() -> None:
+    with sp.Engine(workers=1, initializer=_tasks.hard_exit, initargs=(0,)) as eng:
+        error = eng.submit(_tasks.double, 1).exception(timeout=WAIT)
+        assert isinstance(error, sp.WorkerCrashed)
+        assert "dying at start-up" in str(error)

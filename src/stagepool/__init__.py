@@ -27,6 +27,7 @@ if _typing.TYPE_CHECKING:
         TaskTimeout,
         WorkerCrashed,
     )
+    from ._executor import ProcessPoolExecutor
     from ._outcome import BatchReport, BatchStats, Outcome
     from ._planning import WorkerPlan, plan_workers
     from ._profile_file import load_profile
@@ -45,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "Outcome": "._outcome",
     "OutcomeStream": "._aio",
     "OvercommitWarning": "._errors",
+    "ProcessPoolExecutor": "._executor",
     "Progress": "._progress",
     "RemoteError": "._errors",
     "ResourceSnapshot": "._resources",
@@ -69,6 +71,7 @@ __all__ = (
     "Outcome",
     "OutcomeStream",
     "OvercommitWarning",
+    "ProcessPoolExecutor",
     "Progress",
     "RemoteError",
     "ResourceSnapshot",

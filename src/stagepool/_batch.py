@@ -171,7 +171,7 @@ class Batch:
             for i in range(len(items)):
                 self.out.final(start + i, "serialization", SerializationError(
                     f"item {start + i}: the function {self.spec.fn!r} cannot be pickled: "
-                    f"{type(self.fn_error).__name__}: {self.fn_error}"), lot.runs)
+                    f"{type(self.fn_error).__name__}: {self.fn_error}", cause=self.fn_error), lot.runs)
             return
         timeouts = item_timeouts(self.spec.timeout, items, start)
         if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
@@ -187,7 +187,7 @@ class Batch:
                 self.out.final(start, "serialization", SerializationError(
                     f"item {start}: the argument ({type(items[0]).__module__}."
                     f"{type(items[0]).__qualname__}) cannot be pickled: "
-                    f"{type(exc).__name__}: {exc}"), lot.runs)
+                    f"{type(exc).__name__}: {exc}", cause=exc), lot.runs)
             else:
                 self._singly(lot)  # so exactly the items that cannot be encoded fail
             return

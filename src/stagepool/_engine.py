@@ -345,10 +345,12 @@ class Engine(AsyncCalls):
 
     @property
     def executor(self) -> concurrent.futures.Executor:
-        """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)."""
+        """A standard ``concurrent.futures.Executor`` view (for ``loop.run_in_executor`` etc.)
+        with ``ProcessPoolExecutor``'s semantics, except that a failing call never breaks the
+        pool (README: "Drop-in for concurrent.futures"). Its ``shutdown`` shuts this engine down."""
         with self._lock:
             if self._executor is None:
-                self._executor = ExecutorView(self.submit, self.imap, self.shutdown)
+                self._executor = ExecutorView(self.submit, self.shutdown)
             return self._executor
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -362,7 +364,10 @@ class Engine(AsyncCalls):
                  kill: bool = False) -> None:
         """Stop the workers. Idempotent.
 
-        ``wait``: block until queued work is done and the workers have exited.
+        ``wait``: block until queued work is done and the workers have exited. Without waiting,
+        the queued and running work still finishes, even when the interpreter exits meanwhile
+        (the exit waits for it, as with the standard library's executors); an engine never shut
+        down is killed at interpreter exit instead, so a forgotten one cannot hang it.
         ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
         (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
         with hung tasks); its items get kind ``"cancelled"``.

@@ -7,6 +7,8 @@ function itself, and what ``outcome.unwrap()`` / ``report.raise_on_failure()`` r
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = [
@@ -33,19 +35,28 @@ class _Rebuildable(StagepoolError):
         return (type(self), (str(self),))
 
 
-class SerializationError(_Rebuildable):
+class SerializationError(_Rebuildable, pickle.PicklingError):
     """The function, an argument or a result could not be pickled or unpickled.
 
-    The message names the item index, the object's type and the pickling error. Fix: make the
-    object picklable (module-level functions and classes, no open files, locks or sockets), or
-    build it inside the worker from something that is.
+    The message names the item index, the object's type and the pickling error; ``__cause__`` is
+    the original exception (or, when it happened in a worker, the worker's traceback). A
+    ``pickle.PicklingError``, so ``except PicklingError`` written for the standard library's
+    executors still catches it. Fix: make the object picklable (module-level functions and
+    classes, no open files, locks or sockets), or build it inside the worker from something that is.
     """
 
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.__cause__ = cause
 
-class WorkerCrashed(_Rebuildable):
+
+class WorkerCrashed(_Rebuildable, BrokenProcessPool):
     """The worker process died while running this item (segfault, ``os._exit``, a signal, OOM).
 
-    Only the item that was running is blamed; the rest of its chunk ran again elsewhere.
+    Only the item that was running is blamed; the rest of its chunk ran again elsewhere. A
+    ``concurrent.futures.process.BrokenProcessPool`` (as loky's ``TerminatedWorkerError`` is), so
+    handlers written for the standard library still catch a dead worker; but the engine is not
+    broken: the worker is replaced and every other call runs.
     """
 
 
@@ -57,10 +68,12 @@ class TaskCancelled(_Rebuildable):
     """The item never ran to completion because its batch or the engine was cancelled."""
 
 
-class InitializerError(_Rebuildable):
+class InitializerError(_Rebuildable, BrokenProcessPool):
     """The engine's ``initializer`` raised in the worker; every item it would run fails with this.
 
-    The worker stays up (no respawn storm); fix the initializer and start a new engine.
+    The worker stays up (no respawn storm); fix the initializer and start a new engine. A
+    ``BrokenProcessPool``, which is what the standard library's executors raise for a failed
+    initializer.
     """
 
 

@@ -81,7 +81,8 @@ def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, Exception, str]:
     """The exception a worker reported for item ``index``, rebuilt in the parent with the
     worker's traceback as ``__cause__`` (a :class:`RemoteError` when it cannot be rebuilt)."""
     if info.kind in ("serialization", "unpickle"):
-        return "serialization", SerializationError(f"item {index}: {info.message}"), info.traceback
+        return "serialization", SerializationError(
+            f"item {index}: {info.message}", cause=RemoteTraceback(info.traceback)), info.traceback
     error: BaseException | None = None
     if info.blob is not None:
         try:
@@ -113,4 +114,4 @@ def _not_the_callers(original: BaseException, info: ErrInfo) -> RemoteError:
 
 def unpickled_result_error(index: int, exc: BaseException) -> SerializationError:
     return SerializationError(f"item {index}: its result could not be unpickled in the parent: "
-                              f"{type(exc).__name__}: {exc}")
+                              f"{type(exc).__name__}: {exc}", cause=exc)

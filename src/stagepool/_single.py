@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, TypeVar, cast
 
 from ._answers import BatchPolicy
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
-from ._config import Timeout, item_timeouts
+from ._config import Timeout, check_int, item_timeouts
 from ._errors import SerializationError, TaskCancelled
 from ._failures import death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Kind
-from ._worker import ChunkResult, apply_call, star_call
+from ._worker import ChunkResult, apply_call, call_chunk
 
 __all__ = ["ExecutorView", "Single", "SubmitContext"]
 
@@ -39,7 +40,7 @@ class SubmitContext:
         self.apply = backend.codec.function(apply_call)
         # Keyed by the function's name, not the function: a key must not keep a bound
         # method's object alive.
-        self.seconds: dict[tuple[str, str], float] = {}
+        self.seconds: dict[tuple[str, ...], float] = {}
 
     def expected(self, fn: Callable[..., Any]) -> float | None:
         return self.seconds.get(_fn_name(fn))
@@ -52,7 +53,12 @@ class SubmitContext:
         known[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
 
-def _fn_name(fn: Callable[..., Any]) -> tuple[str, str]:
+def _fn_name(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """A key naming ``fn``; a partial is named by its function and the callables it binds, so
+    ``Executor.map``'s chunks of different functions are timed apart."""
+    if isinstance(fn, functools.partial):
+        bound = (part for arg in fn.args if callable(arg) for part in _fn_name(arg))
+        return (*_fn_name(fn.func), *bound)
     return (getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or repr(type(fn)))
 
 
@@ -66,7 +72,10 @@ class Single:
         self.task: Task | None = None
         self.tries = 1
         self.call: Call | None = (fn, args, kwargs)
-        self.future.add_done_callback(self._maybe_withdraw)
+        # By weak reference: the future outlives this object (the caller holds it), and a
+        # future -> Single -> future cycle kept every finished future and its result alive
+        # until the garbage collector ran. The task holds this object while it is owed an answer.
+        self.future.add_done_callback(functools.partial(_when_done, weakref.ref(self)))
         self._send()
 
     def _send(self) -> None:
@@ -82,7 +91,7 @@ class Single:
         except Exception as exc:
             self._settle(None, SerializationError(
                 f"the call {call[0]!r} cannot be pickled (function or arguments): "
-                f"{type(exc).__name__}: {exc}"))
+                f"{type(exc).__name__}: {exc}", cause=exc))
             return
         key, fn_form = self.ctx.apply
         self.task = Task(self.ctx.group, key, fn_form, encoded.payload, 1, self._on_done, limits,
@@ -187,34 +196,62 @@ class Single:
         return "ok", answer.values[0], None
 
 
-class ExecutorView(concurrent.futures.Executor):
-    """The engine as a standard Executor: ``submit``/``map``/``shutdown`` with stdlib semantics.
+def _when_done(single: weakref.ref[Single], future: concurrent.futures.Future[Any]) -> None:
+    alive = single()
+    if alive is not None:
+        alive._maybe_withdraw(future)
 
-    ``submit_fn``, ``imap`` and ``shutdown_fn`` are the engine's own methods (this view holds
-    no engine, so it imports none)."""
+
+class ExecutorView(concurrent.futures.Executor):
+    """The engine as a standard Executor: ``submit``/``map``/``shutdown`` with the semantics of
+    ``concurrent.futures.ProcessPoolExecutor`` (a dead worker fails only its call).
+
+    ``submit_fn`` and ``shutdown_fn`` are the engine's own methods (this view holds no engine,
+    so it imports none)."""
 
     def __init__(self, submit_fn: Callable[..., concurrent.futures.Future[Any]],
-                 imap: Callable[..., Iterator[Any]], shutdown_fn: Callable[..., None]) -> None:
-        self._submit, self._imap, self._shutdown = submit_fn, imap, shutdown_fn
+                 shutdown_fn: Callable[..., None]) -> None:
+        self._submit, self._shutdown = submit_fn, shutdown_fn
 
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker: see ``Engine.submit``."""
         return self._submit(fn, *args, **kwargs)
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[R]:
-        """Like ``ProcessPoolExecutor.map``: results in order; an item's exception is raised when
-        its result is reached; ``timeout`` bounds the whole iteration."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        outcomes = self._imap(functools.partial(star_call, fn), zip(*iterables, strict=False),
-                              chunk_size=chunksize if chunksize > 1 else "auto")
+        """Like ``ProcessPoolExecutor.map``: the iterables are read and every call submitted
+        here, at once (so a ``shutdown()`` right after still runs them all); results come in
+        order, an exception is raised when its result is reached.
 
-        def results() -> Iterator[R]:
-            for outcome in outcomes:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError("Executor.map timed out")
-                yield outcome.unwrap()
-
-        return results()
+        ``timeout``: a deadline counted from this call; ``TimeoutError`` is raised when it passes,
+        even while a call still runs. ``chunksize``: this many calls travel to a worker together
+        (the first exception fails its whole chunk, as in the standard library); ``ValueError``
+        below 1. Leaving the iterator early (an exception, the timeout, dropping it) cancels the
+        calls that have not started; the iterator holds no result it has yielded.
+        """
+        if check_int(chunksize, "chunksize", minimum=1) == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(functools.partial(call_chunk, fn),
+                             _batched(zip(*iterables, strict=False), chunksize), timeout=timeout)
+        return _flatten(cast(Generator[list[R], None, None], chunks))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the engine: see ``Engine.shutdown``."""
         self._shutdown(wait, cancel_futures=cancel_futures)
+
+
+def _batched(pairs: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(pairs, n)):
+        yield chunk
+
+
+def _flatten(chunks: Generator[list[R], None, None]) -> Iterator[R]:
+    """The chunks' results one by one; a result is dropped from the chunk as it is yielded, so
+    the caller alone decides how long it lives (as the standard library's own iterator does)."""
+    try:
+        for chunk in chunks:
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
+    finally:
+        chunks.close()  # the calls not yet started are cancelled now, not when collected

@@ -56,7 +56,9 @@ import re
 import struct
 import sys
 import threading
+import types
 import weakref
+from collections import ChainMap
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -73,6 +75,7 @@ __all__ = [
     "claim",
     "discard",
     "dumps",
+    "dumps_plain",
     "dumps_sized",
     "loads",
     "segment_names",
@@ -183,7 +186,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     file.write(_EMPTY_HEADER)
     numpy = sys.modules.get("numpy") if threshold > 0 else None
     if numpy is None:  # without numpy imported there is no ndarray to move
-        cloudpickle.Pickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
+        _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
         return blob, len(blob)
     pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena)
@@ -209,9 +212,39 @@ def _attach(index: int, dtype: object, shape: tuple[int, ...], order: _Order) ->
 
 
 _cloudpickle_reducer_override = cloudpickle.Pickler.reducer_override
+_cloudpickle_code_reduce: Any = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+def _code_reduce_keeping_file(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its real file name back in it.
+
+    cloudpickle writes "<dynamic-code>" there (so that pickles of notebook code are
+    reproducible), which made the worker's traceback of every callable pickled by value (a lambda,
+    a closure, a classmethod, a function of ``__main__``) read 'File "<dynamic-code>"' with no
+    source line. With the file name, the worker's traceback shows the file, line and source."""
+    rebuild, args = _cloudpickle_code_reduce(code)
+    return rebuild, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+
+
+class _SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+    """cloudpickle's pickler, keeping the file names of the code it pickles by value (a newer
+    cloudpickle without ``_code_reduce`` keeps its own behaviour)."""
+
+    if _cloudpickle_code_reduce is not None:
+        # cloudpickle's own table with one entry replaced, not one more map in front: the C
+        # pickler looks up every object's type here, and each map it misses costs a KeyError.
+        _own, *_rest = cloudpickle.Pickler.dispatch_table.maps
+        dispatch_table = ChainMap({**_own, types.CodeType: _code_reduce_keeping_file}, *_rest)
+
+
+def dumps_plain(obj: object) -> bytes:
+    """A plain pickle (no shared memory, no header) made by :class:`_SourcePickler`."""
+    file = io.BytesIO()
+    _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
+    return file.getvalue()
+
+
+class _Pickler(_SourcePickler):
     """cloudpickle's pickler, plus: big plain-dtype ndarrays become segment references.
 
     ``reducer_override`` rather than ``persistent_id``: the C pickler calls it only for non-builtin

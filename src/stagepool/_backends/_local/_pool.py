@@ -66,6 +66,9 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+# How long shutdown(cancel_pending=True) waits for the pool thread to start idle workers before
+# cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
+CANCEL_TURN_TIMEOUT = 10.0
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 
 
@@ -197,8 +200,8 @@ class LocalBackend:
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         with self._lock:
             self._closed = True
-        for task in self._queue.drain() if cancel_pending else ():
-            _notify(task, Cancelled("the engine was shut down"))
+        if cancel_pending:
+            self._cancel_queued(start_idle=not kill)
         with self._lock:
             self._stopping = True
             self._kill_all = self._kill_all or kill
@@ -211,6 +214,27 @@ class LocalBackend:
                     self._kill_all = True
                 self._wake()
                 raise
+
+    def _cancel_queued(self, *, start_idle: bool) -> None:
+        """Cancel the queued tasks; with ``start_idle``, idle workers first take the tasks they
+        would have taken at the pool thread's next turn. Submitting 50 calls and at once shutting
+        down with cancel_futures=True cancelled all 50 while every worker sat idle (the standard
+        library starts the calls already handed to its call queue)."""
+        if start_idle and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            turn = threading.Event()
+
+            def start_then_cancel() -> None:
+                self._dispatch()
+                self._cancel_queued(start_idle=False)
+                turn.set()
+
+            self._call_in_pool(start_then_cancel)
+            deadline = time.monotonic() + CANCEL_TURN_TIMEOUT
+            while self._thread.is_alive() and time.monotonic() < deadline:  # it may stop first
+                if turn.wait(0.05):
+                    return
+        for task in self._queue.drain():
+            _notify(task, Cancelled("the engine was shut down"))
 
     # ---- the pool thread ----------------------------------------------------------------------
 
@@ -345,8 +369,10 @@ class LocalBackend:
                             reason, lane.last_words(), ran=_ran(phase, offset, tasks[0]))
         else:
             requeue = tasks
-        if not lane.answered and lane.kill_reason is None and not (started and phase == PHASE_RUN):
-            self._startup_failures += 1  # died before running anything: not an item's fault
+        if started:  # it took a task, so start-up works: that task killed it
+            self._startup_failures = 0
+        elif not lane.answered and lane.kill_reason is None:
+            self._startup_failures += 1
         self._release(lane)
         for task in self._queue.queue(requeue, front=True):
             _notify(task, Cancelled("batch cancelled"))
@@ -370,13 +396,16 @@ class LocalBackend:
         self._free_slots.append(lane.slot)
 
     def _retire(self, lane: Lane) -> None:
-        """Tell a drained worker to stop and start a fresh one in its place at once; the old one
-        is reaped when it has exited (killed if it takes longer than STOP_JOIN_TIMEOUT)."""
+        """Tell a drained worker to stop and start a fresh one in its place at once (unless the
+        pool is stopping with nothing queued); the old one is reaped when it has exited (killed
+        if it takes longer than STOP_JOIN_TIMEOUT)."""
         with contextlib.suppress(OSError):
             lane.conn.send_bytes(b"")
         self._lanes.remove(lane)
         self._leaving[lane] = time.monotonic() + STOP_JOIN_TIMEOUT
-        if not self._stopping:
+        # Stopping gracefully still owes the queued tasks a worker: without this replacement,
+        # max_tasks_per_worker=1 and shutdown(wait=True) hung forever (CPython gh-115634).
+        if not self._stopping or (self._queue and not self._kill_all):
             self._lanes.append(self._spawn())
 
     def _reap(self, lane: Lane) -> None:
@@ -540,7 +569,11 @@ _live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    """An engine left open at interpreter exit must not hang it: kill its workers now."""
+def _at_exit() -> None:
+    """Interpreter exit. An engine shut down without waiting (``shutdown(wait=False)``) finishes
+    its queued and running work first, as the standard library's executors do: the caller asked
+    for that work. An engine left open must not hang the exit: its workers are killed now."""
     for backend in list(_live_backends):
-        backend.shutdown(wait=True, cancel_pending=True, kill=True)
+        with backend._lock:
+            finish = backend._stopping and not backend._kill_all
+        backend.shutdown(wait=True, cancel_pending=not finish, kill=not finish)
