@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -202,3 +203,30 @@ def exit_slowly(pid_file: str) -> int:
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
     return os.getpid()
+
+
+# ---- hostile items: forks, child processes, closed standard fds, crashing initializers ----------
+
+def fork_then_return(x: int) -> int:
+    """Forks, and both processes return: only the worker's answer may reach the parent."""
+    os.fork()
+    return x * 10
+
+
+def fork_and_wait(item: tuple[int, str]) -> tuple[int, int]:
+    """The forked child ends as ``how`` says ("return", "raise" or "exit"); the item waits for it
+    and returns its value with the child's exit code, as a program that forks would check it."""
+    x, how = item
+    pid = os.fork()
+    if pid == 0:
+        if how == "raise":
+            raise RuntimeError("the child fails")
+        if how == "exit":
+            sys.exit(x % 7)
+        return -x
+    _, status = os.waitpid(pid, 0)
+    return x * 10, os.waitstatus_to_exitcode(status)
+
+
+def init_fork() -> None:
+    os.fork()  # the child returns from the initializer too

@@ -14,6 +14,7 @@ shared memory, cheap enough for items that take a microsecond.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import mmap
@@ -26,7 +27,7 @@ import time
 import traceback
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import cloudpickle
 
@@ -135,6 +136,9 @@ def run_chunk(
     ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
+
+    In a pool worker, a child process that ``fn`` forked and that comes back here (returning or
+    raising, ``sys.exit`` included) exits at once: only the worker itself may answer.
     """
     values: list[Any] = []
     errors: dict[int, ErrInfo] | None = None
@@ -144,6 +148,7 @@ def run_chunk(
     ints, floats = record.ints, record.floats
     ints[F_CHUNK] = chunk_id
     ints[F_PHASE] = PHASE_RUN
+    forked = _forked  # non-empty only in a child that the item forked: it must not go on
     stamps = array("d", [clock()])
     if per_item_clock or timed:
         stamp, now = stamps.append, time.monotonic
@@ -155,7 +160,11 @@ def run_chunk(
             stamp(clock())
             try:
                 keep(fn(item))
+                if forked:
+                    _leave_fork(None)
             except BaseException as exc:
+                if forked:
+                    _leave_fork(exc)
                 keep(None)
                 errors = _add_error(errors, offset, exc)
                 del exc
@@ -164,7 +173,11 @@ def run_chunk(
             ints[F_OFFSET] = offset
             try:
                 keep(fn(item))
+                if forked:
+                    _leave_fork(None)
             except BaseException as exc:
+                if forked:
+                    _leave_fork(exc)
                 keep(None)
                 errors = _add_error(errors, offset, exc)
                 del exc
@@ -362,18 +375,15 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     A task is two messages (a small header, then the pickled items); the answer is one.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    os.register_at_fork(after_in_child=_mark_forked)
     threading.Thread(target=_watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
     _capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
-    init_error: BaseException | None = None
-    if setup.initializer is not None:
-        try:
-            setup.initializer(*setup.initargs)
-        except BaseException as exc:  # reported on every item, so the pool does not respawn-loop
-            init_error = exc
+    init_error = _initialize(setup)
     fns = _FnCache()
+    worker = os.getpid()
     while True:
         try:
             header = conn.recv_bytes()
@@ -384,10 +394,64 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             if _parent_gone(setup.ppid):
                 _transport.sweep(setup.ppid)  # the watch thread may not have had its turn yet
             break
-        conn.send_bytes(_handle(header, items_blob, fns, record, init_error, setup))
-        del items_blob
+        blob = _handle(header, items_blob, fns, record, init_error, setup)
+        if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
+            _leave_fork(None)
+        conn.send_bytes(blob)
+        del items_blob, blob
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _initialize(setup: WorkerSetup) -> BaseException | None:
+    """Run the initializer; its exception is returned (reported on every item, so the pool does
+    not respawn-loop)."""
+    if setup.initializer is None:
+        return None
+    error: BaseException | None = None
+    try:
+        setup.initializer(*setup.initargs)
+        if _forked:
+            _leave_fork(None)
+    except BaseException as exc:
+        if _forked:
+            _leave_fork(exc)
+        error = exc
+    return error
+
+
+# ---- hostile items: forks -------------------------------------------------------------------------
+
+# In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
+# empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
+_forked: list[int] = []
+
+
+def _mark_forked() -> None:
+    _forked.append(os.getpid())
+
+
+def _leave_fork(exc: BaseException | None) -> NoReturn:
+    """A child forked by an item came back to the worker's code: end it now, as if it had run
+    as a script, without touching the pipe or the record, which belong to the worker.
+
+    The exit status is what the item's parent side may wait for: 0 after a return, the code of
+    ``sys.exit(code)``, 1 (and the traceback on stderr) after any other exception. Buffered
+    stdout is not flushed: it may hold the worker's own output, copied by the fork.
+    """
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            code = 1
+            print(exc.code, file=sys.stderr)
+    elif exc is not None:
+        code = 1
+        traceback.print_exception(exc)
+    with contextlib.suppress(BaseException):
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def _parent_gone(ppid: int) -> bool:

@@ -1,0 +1,64 @@
+"""Items that attack their own worker by forking. Each must cost at most its own outcome, never
+the engine."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+import _tasks
+import stagepool as sp
+from conftest import wait_until
+from test_lifecycle import alive
+
+
+def gone(pid: int) -> bool:
+    return not alive([pid])
+
+
+def live_children(pids: list[int]) -> list[int]:
+    """Descendants of ``pids`` still running (zombies waiting for their parent do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            out += alive([c.pid for c in psutil.Process(pid).children(recursive=True)])
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# ---- forks ------------------------------------------------------------------------------------
+
+
+def test_a_child_forked_by_an_item_never_answers_for_its_worker() -> None:
+    eng = sp.Engine(workers=2)
+    try:
+        report = eng.map(_tasks.fork_then_return, range(100))
+        assert [o.kind for o in report] == ["ok"] * 100, report.failed
+        assert report.values == [10 * i for i in range(100)]
+        assert wait_until(lambda: not live_children(eng.worker_pids()), timeout=10)
+        assert eng.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]
+        pids = eng.worker_pids()
+    finally:
+        started = time.monotonic()
+        eng.shutdown(kill=True)
+    assert time.monotonic() - started < 5
+    assert wait_until(lambda: all(gone(p) for p in pids), timeout=10)
+
+
+@pytest.mark.parametrize(("how", "exit_code"), [("return", 0), ("raise", 1), ("exit", None)])
+def test_a_forked_child_exits_with_the_status_its_code_gives(engine: sp.Engine, how: str,
+                                                            exit_code: int | None) -> None:
+    report = engine.map(_tasks.fork_and_wait, [(x, how) for x in range(12)])
+    assert report.ok, report.failed
+    expected = [(10 * x, x % 7 if exit_code is None else exit_code) for x in range(12)]
+    assert report.values == expected
+    assert wait_until(lambda: not live_children(engine.worker_pids()), timeout=10)
+
+
+def test_a_fork_in_the_initializer_does_not_make_a_second_worker() -> None:
+    with sp.Engine(workers=1, initializer=_tasks.init_fork) as eng:
+        assert eng.map(_tasks.pid_of, range(20), chunk_size=1).values == [eng.worker_pids()[0]] * 20
+        assert wait_until(lambda: not live_children(eng.worker_pids()), timeout=10)
