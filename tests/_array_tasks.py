@@ -97,3 +97,13 @@ def keep_and_fail_once(item: tuple[np.ndarray, str]) -> float:
     except FileExistsError:
         return float(a.sum(dtype=np.float64))
     raise ValueError("first attempt fails")
+
+
+def double_after_the_caller_dies(a: np.ndarray) -> np.ndarray:
+    """From value 6 on, waits until the caller has died (the worker is re-parented), then
+    answers: an item that ends a moment after its caller was killed, made certain."""
+    if float(a.flat[0]) >= 6:
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.001)
+    return a * 2

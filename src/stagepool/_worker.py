@@ -276,12 +276,12 @@ class _FnCache:
 
 
 def _watch_parent(ppid: int) -> None:
-    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind."""
+    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind,
+    even while an item runs (the main thread notices only when it next uses the pipe)."""
     while True:
         time.sleep(0.25)
         if _parent_gone(ppid):
-            _transport.sweep(ppid)  # its shared memory: nobody else will free it now
-            os._exit(3)
+            _die_with_parent(ppid)
 
 
 def _capture_stderr(stderr: Any) -> None:
@@ -372,7 +372,9 @@ def _limit_memory(limit: int | None) -> None:
 def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     """The worker process: read tasks from ``conn`` until EOF or an empty message, answer each.
 
-    A task is two messages (a small header, then the pickled items); the answer is one.
+    A task is two messages (a small header, then the pickled items); the answer is one. When the
+    parent dies (the pipe breaks, or the watch thread sees it), the worker frees the parent's
+    shared memory and exits, without a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     os.register_at_fork(after_in_child=_mark_forked)
@@ -391,16 +393,18 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
                 break
             items_blob = conn.recv_bytes()
         except (EOFError, OSError):  # the parent closed the pipe, or died
-            if _parent_gone(setup.ppid):
-                _transport.sweep(setup.ppid)  # the watch thread may not have had its turn yet
+            _pipe_broken(setup.ppid)
             break
         blob = _handle(header, items_blob, fns, record, init_error, setup)
         if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
             _leave_fork(None)
-        conn.send_bytes(blob)
+        try:
+            conn.send_bytes(blob)
+        except OSError:
+            _pipe_broken(setup.ppid)
+            break
         del items_blob, blob
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_std_streams()
 
 
 def _initialize(setup: WorkerSetup) -> BaseException | None:
@@ -420,7 +424,7 @@ def _initialize(setup: WorkerSetup) -> BaseException | None:
     return error
 
 
-# ---- hostile items: forks -------------------------------------------------------------------------
+# ---- hostile items: forks, a dead parent ----------------------------------------------------------
 
 # In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
 # empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
@@ -452,6 +456,43 @@ def _leave_fork(exc: BaseException | None) -> NoReturn:
     with contextlib.suppress(BaseException):
         sys.stderr.flush()
     os._exit(code)
+
+
+def _pipe_broken(ppid: int) -> None:
+    """The pipe to the parent broke (EOF, or EPIPE on send). If the parent died, clean up after
+    it and exit (never returns); if it closed the pipe on purpose, return: the worker ends.
+
+    The pipe closes a moment before the kernel re-parents the worker, so "alive" at this point
+    is checked again for a while before it is believed.
+    """
+    deadline = time.monotonic() + PARENT_EXIT_WAIT
+    while not _parent_gone(ppid):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+    _die_with_parent(ppid)
+
+
+PARENT_EXIT_WAIT = 2.0  # seconds; see _pipe_broken
+_dying = threading.Lock()
+
+
+def _die_with_parent(ppid: int) -> NoReturn:
+    """The parent is gone: nobody else will free its shared memory, so do it, then exit. Called
+    by the watch thread or the main loop, whichever notices first; the other waits on the lock
+    until the process is gone."""
+    with _dying:
+        _transport.abandon(ppid)
+        _flush_std_streams()
+        os._exit(3)
+
+
+def _flush_std_streams() -> None:
+    """What items printed is real output; the parent end of stderr may be gone (EPIPE)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            if stream is not None:
+                stream.flush()
 
 
 def _parent_gone(ppid: int) -> bool:
