@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -230,3 +231,22 @@ def fork_and_wait(item: tuple[int, str]) -> tuple[int, int]:
 
 def init_fork() -> None:
     os.fork()  # the child returns from the initializer too
+
+
+def start_sleeper(item: tuple[str, str, str]) -> int:
+    """Starts ``sleep 777`` ("direct": a child; "orphan": through a shell that exits at once, so
+    it belongs to no process tree), writes its pid to ``pid_file``, then ends as ``then`` says:
+    "crash" (os._exit), "hang", or "return"."""
+    how, then, pid_file = item
+    if how == "direct":
+        pid = subprocess.Popen(["sleep", "777"]).pid
+    else:
+        pid = int(subprocess.run(["sh", "-c", "sleep 777 >/dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True, check=True).stdout)
+    with open(pid_file, "w") as f:
+        f.write(str(pid))
+    if then == "crash":
+        os._exit(1)
+    if then == "hang":
+        time.sleep(10**6)
+    return pid

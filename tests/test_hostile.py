@@ -1,9 +1,10 @@
-"""Items that attack their own worker by forking. Each must cost at most its own outcome, never
-the engine."""
+"""Items that attack their own worker: they fork, or start processes and die. Each must cost at
+most its own outcome, never the engine."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -62,3 +63,33 @@ def test_a_fork_in_the_initializer_does_not_make_a_second_worker() -> None:
     with sp.Engine(workers=1, initializer=_tasks.init_fork) as eng:
         assert eng.map(_tasks.pid_of, range(20), chunk_size=1).values == [eng.worker_pids()[0]] * 20
         assert wait_until(lambda: not live_children(eng.worker_pids()), timeout=10)
+
+
+# ---- processes an item started ------------------------------------------------------------------
+
+ENDINGS = {  # how the worker ends: (what the item does, engine options, the item's outcome)
+    "crash": ("crash", {}, "crash"),
+    "timeout": ("hang", {"timeout": 1.5}, "timeout"),
+    "recycled": ("return", {"max_tasks_per_worker": 1}, "ok"),
+    "shutdown": ("return", {}, "ok"),
+}
+
+
+@pytest.mark.parametrize("how", ["direct", "orphan"])
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_what_an_item_started_dies_with_its_worker(tmp_path: Path, ending: str, how: str) -> None:
+    # "orphan": started through a shell that exits at once, so no process tree leads to it.
+    then, options, kind = ENDINGS[ending]
+    pid_file = tmp_path / "sleep.pid"
+    try:
+        with sp.Engine(workers=1, **options) as eng:
+            report = eng.map(_tasks.start_sleeper, [(how, then, str(pid_file))])
+            assert report[0].kind == kind, report[0]
+            sleeper = int(pid_file.read_text())
+            if ending != "shutdown":
+                assert wait_until(lambda: gone(sleeper), timeout=10)
+                assert eng.map(_tasks.double, [4]).values == [8]  # and the engine still serves
+        assert wait_until(lambda: gone(sleeper), timeout=10)
+    finally:
+        if pid_file.exists() and not gone(int(pid_file.read_text())):
+            psutil.Process(int(pid_file.read_text())).kill()

@@ -171,3 +171,52 @@ def test_nothing_of_ours_in_dev_shm_after_a_crash() -> None:
         eng.map(os._exit, [3])  # type: ignore[arg-type]
     after = set(os.listdir("/dev/shm"))
     assert not {n for n in after - before if "stagepool" in n or "loky" in n}
+
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def test_a_killed_caller_leaves_no_grandchild(script: Callable[[str], Script], tmp_path: Path) -> None:
+    # One sleeper is the item's child, the other an orphan in its worker's process group.
+    pid_files = [tmp_path / "direct.pid", tmp_path / "orphan.pid"]
+    proc = script(f"""
+        sys.path.insert(0, {TESTS!r})
+        import stagepool as sp, _tasks
+        eng = sp.Engine(workers=2)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        eng.map(_tasks.start_sleeper, [("direct", "hang", {str(pid_files[0])!r}),
+                                       ("orphan", "hang", {str(pid_files[1])!r})], chunk_size=1)
+    """)
+    workers = proc.pids()
+    try:
+        assert wait_until(lambda: all(f.exists() and f.read_text() for f in pid_files)), proc.finish()
+        sleepers = [int(f.read_text()) for f in pid_files]
+        proc.finish(kill=True)
+        assert wait_until(lambda: not alive(workers + sleepers), timeout=10), alive(workers + sleepers)
+    finally:
+        for pid in alive([int(f.read_text()) for f in pid_files if f.exists() and f.read_text()]):
+            psutil.Process(pid).kill()
+
+
+def test_a_crashed_items_child_does_not_hold_the_callers_stdout(tmp_path: Path) -> None:
+    # `python job.py | cat`: the reader ends when every holder of the pipe has closed it.
+    pid_file = tmp_path / "sleep.pid"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{SRC!r}, {TESTS!r}]
+        import stagepool as sp, _tasks
+        with sp.Engine(workers=1) as eng:
+            print(eng.map(_tasks.start_sleeper, [("direct", "crash", {str(pid_file)!r})])[0].kind)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=WAIT)
+        assert out.strip() == "crash"
+    finally:  # the sleeper first: while it holds the pipe, reading it never ends
+        if pid_file.exists():
+            for pid in alive([int(pid_file.read_text())]):
+                psutil.Process(pid).kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=WAIT)

@@ -374,9 +374,10 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
 
     A task is two messages (a small header, then the pickled items); the answer is one. When the
     parent dies (the pipe breaks, or the watch thread sees it), the worker frees the parent's
-    shared memory and exits, without a traceback.
+    shared memory, kills what its items started and exits, without a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _lead_own_group()
     os.register_at_fork(after_in_child=_mark_forked)
     threading.Thread(target=_watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
@@ -424,7 +425,7 @@ def _initialize(setup: WorkerSetup) -> BaseException | None:
     return error
 
 
-# ---- hostile items: forks, a dead parent ----------------------------------------------------------
+# ---- hostile items: forks, descendants, a dead parent ---------------------------------------------
 
 # In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
 # empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
@@ -458,6 +459,15 @@ def _leave_fork(exc: BaseException | None) -> NoReturn:
     os._exit(code)
 
 
+def _lead_own_group() -> None:
+    """Put the worker in a process group of its own, which everything its items start joins:
+    when the worker dies, the parent kills that group (``_resources.kill_group``), so a child
+    process cannot outlive a crash and hold the caller's stdout open (``job.py | cat`` waiting
+    forever). Processes that start their own session escape; they are the item's to manage."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+
+
 def _pipe_broken(ppid: int) -> None:
     """The pipe to the parent broke (EOF, or EPIPE on send). If the parent died, clean up after
     it and exit (never returns); if it closed the pipe on purpose, return: the worker ends.
@@ -478,12 +488,14 @@ _dying = threading.Lock()
 
 
 def _die_with_parent(ppid: int) -> NoReturn:
-    """The parent is gone: nobody else will free its shared memory, so do it, then exit. Called
-    by the watch thread or the main loop, whichever notices first; the other waits on the lock
-    until the process is gone."""
+    """The parent is gone: nobody else will free its shared memory or stop what this worker's
+    items started, so do both, then exit. Called by the watch thread or the main loop, whichever
+    notices first; the other waits on the lock until the process is gone."""
     with _dying:
         _transport.abandon(ppid)
         _flush_std_streams()
+        if os.getpgrp() == os.getpid():  # never the caller's group (if setpgid failed)
+            os.killpg(0, signal.SIGKILL)  # this process too: it is the last thing it does
         os._exit(3)
 
 

@@ -41,7 +41,7 @@ from loky.backend.context import get_context
 
 from .. import _transport
 from .._errors import EngineClosed
-from .._resources import kill_tree, rss_of
+from .._resources import kill_group, kill_tree, rss_of
 from .._worker import (
     F_CHUNK,
     F_OFFSET,
@@ -409,6 +409,8 @@ class LokyBackend:
 
     def _bury(self, lane: _Lane) -> None:
         """A worker died: blame the item it was running, requeue what it had not started."""
+        if lane.kill_reason is None:  # else _kill's kill_tree gives the group its grace, then this
+            kill_group(lane.pid)  # what its items started dies with it (before the reaping join)
         lane.process.join(1.0)
         while lane.tasks and _readable(lane.conn):  # answers it sent before dying still count
             if not self._receive_one(lane, dying=True):
@@ -474,6 +476,7 @@ class LokyBackend:
 
     def _reap(self, lane: _Lane) -> None:
         """A leaving worker exited: collect it, pass on its last words, free its slot."""
+        kill_group(lane.pid)  # what its items left running
         lane.process.join(1.0)
         self._forward_stderr(lane)
         del self._leaving[lane]
