@@ -250,3 +250,17 @@ def start_sleeper(item: tuple[str, str, str]) -> int:
     if then == "hang":
         time.sleep(10**6)
     return pid
+
+
+def close_std_fds(x: int) -> int:
+    os.close(0)
+    os.close(1)
+    os.close(2)
+    return x
+
+
+def say_hello(x: int) -> int:
+    print(f"item {x} says hello", flush=True)
+    print(f"item {x} to stderr", file=sys.stderr, flush=True)
+    os.fstat(0)
+    return x

@@ -1,5 +1,5 @@
-"""Items that attack their own worker: they fork, or start processes and die. Each must cost at
-most its own outcome, never the engine."""
+"""Items that attack their own worker: they fork, start processes and die, or close its standard
+fds. Each must cost at most its own outcome, never the engine."""
 
 from __future__ import annotations
 
@@ -93,3 +93,19 @@ def test_what_an_item_started_dies_with_its_worker(tmp_path: Path, ending: str, 
     finally:
         if pid_file.exists() and not gone(int(pid_file.read_text())):
             psutil.Process(int(pid_file.read_text())).kill()
+
+
+# ---- standard fds -------------------------------------------------------------------------------
+
+
+def test_an_item_that_closes_the_standard_fds_does_not_poison_its_worker(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    with sp.Engine(workers=1) as eng:  # started here: its worker's stdout is captured
+        assert eng.map(_tasks.close_std_fds, [1]).values == [1]
+        report = eng.map(_tasks.say_hello, [2, 3], chunk_size=1)
+        assert report.ok, report.failed
+        pid = eng.worker_pids()[0]
+        assert eng.map(_tasks.pid_of, [0]).values == [pid]  # the same worker all along
+    out, err = capfd.readouterr()
+    assert "item 2 says hello" in out and "item 3 says hello" in out
+    assert "item 3 to stderr" in err

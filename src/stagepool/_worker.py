@@ -385,6 +385,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
     init_error = _initialize(setup)
+    std_fds = _StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()
     worker = os.getpid()
     while True:
@@ -405,6 +406,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             _pipe_broken(setup.ppid)
             break
         del items_blob, blob
+        std_fds.restore()
     _flush_std_streams()
 
 
@@ -425,7 +427,7 @@ def _initialize(setup: WorkerSetup) -> BaseException | None:
     return error
 
 
-# ---- hostile items: forks, descendants, a dead parent ---------------------------------------------
+# ---- hostile items: forks, closed standard fds, descendants, a dead parent ------------------------
 
 # In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
 # empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
@@ -466,6 +468,29 @@ def _lead_own_group() -> None:
     forever). Processes that start their own session escape; they are the item's to manage."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
+
+
+class _StdFds:
+    """Keeps a copy of fds 0, 1 and 2 and puts one back when an item closed it: else every later
+    item that prints fails with EBADF, and the next file opened takes the number.
+
+    One fstat per fd and chunk. An fd an item replaced (``dup2``) is left as it is: silencing a
+    noisy library for good is a thing workers do.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, int] = {}
+        for fd in (0, 1, 2):
+            with contextlib.suppress(OSError):  # closed at start-up: nothing to put back
+                self._copies[fd] = os.dup(fd)  # not inherited by the items' child processes
+
+    def restore(self) -> None:
+        for fd, copy in self._copies.items():
+            try:
+                os.fstat(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd)
 
 
 def _pipe_broken(ppid: int) -> None:
