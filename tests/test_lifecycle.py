@@ -220,3 +220,34 @@ def test_a_crashed_items_child_does_not_hold_the_callers_stdout(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=WAIT)
+
+
+def test_an_engine_inherited_by_a_fork_refuses_to_work_there(script: Callable[[str], Script]) -> None:
+    proc = script("""
+        import os, stagepool as sp
+        eng = sp.Engine(workers=1)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        assert eng.map(abs, [-1]).values == [1]
+        pid = os.fork()
+        if pid == 0:
+            for call in (lambda: eng.map(abs, [-2]), lambda: list(eng.imap(abs, [-2])),
+                         lambda: eng.submit(abs, -2)):
+                try:
+                    call()
+                except sp.EngineClosed as exc:
+                    print("CHILD", exc, flush=True)
+            sys.exit(0)  # a normal exit: atexit hooks run
+        _, status = os.waitpid(pid, 0)
+        print("CHILD EXIT", os.waitstatus_to_exitcode(status), flush=True)
+        print("PARENT", eng.map(abs, [-3]).values, flush=True)
+        eng.shutdown()
+    """)
+    workers = proc.pids()
+    out, err = proc.finish()
+    assert proc.proc.returncode == 0, err
+    refusals = [line for line in out.splitlines() if line.startswith("CHILD this Engine")]
+    assert len(refusals) == 3, out
+    assert f"created in process {proc.proc.pid}" in refusals[0] and "create a new Engine" in refusals[0]
+    assert "CHILD EXIT 0" in out and "PARENT [3]" in out
+    assert "can only join a child process" not in err and "Traceback" not in err, err
+    assert wait_until(lambda: not alive(workers), timeout=10)

@@ -745,6 +745,7 @@ class Engine:
         # take the next short call before it answers the current one (see _Single._send).
         self._submit_seconds: dict[Any, float] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._backend: Backend | None = self._start_backend()
         self._executor: _ExecutorView | None = None
 
@@ -780,6 +781,11 @@ class Engine:
         backend = self._backend
         if backend is None:
             raise EngineClosed("this engine has been shut down; create a new Engine")
+        if os.getpid() != self._pid:  # else the batch would wait forever for an absent thread
+            raise EngineClosed(
+                f"this Engine was created in process {self._pid}; this process ({os.getpid()}) "
+                "is a fork of it, where its workers and pool thread do not exist: create a new "
+                "Engine in the child")
         return backend
 
     def __repr__(self) -> str:
@@ -896,7 +902,7 @@ class Engine:
         :class:`WorkerCrashed`, :class:`TaskTimeout` or :class:`SerializationError`. As with the
         stdlib executors, ``future.cancel()`` succeeds (and the call never runs) until the call is
         handed to a worker; from then on the future is running and ``cancel()`` returns False.
-        Raises :class:`EngineClosed` after shutdown.
+        Raises :class:`EngineClosed` after shutdown, and in a process forked from the creator.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")

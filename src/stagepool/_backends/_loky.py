@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import mmap
+import multiprocessing.process
 import os
 import pickle
 import sys
@@ -188,6 +189,7 @@ class LokyBackend:
         writable_inputs: bool = False,
     ) -> None:
         self._workers = workers
+        self._pid = os.getpid()  # the workers' parent: a forked child must leave them alone
         self._initializer, self._initargs, self._env = initializer, initargs, env or {}
         self._max_rss, self._max_tasks, self._kill_grace = max_rss, max_tasks, kill_grace
         # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
@@ -295,6 +297,8 @@ class LokyBackend:
             return [lane.pid for lane in self._lanes]
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
+        if os.getpid() != self._pid:  # a fork's copy (its lock may be held for good): not ours
+            return
         with self._lock:
             self._closed = True
             withdrawn = [t for q in self._pending.values() for t in q] if cancel_pending else []
@@ -689,6 +693,20 @@ class LokyBackend:
 
 
 _live_backends: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a child forked from the caller: its copies of the engines have no pool thread and the
+    workers are not its children. Forget them, so that its exit neither shuts them down nor has
+    multiprocessing join them ("can only join a child process")."""
+    children: set[Any] = getattr(multiprocessing.process, "_children", set())
+    for backend in list(_live_backends):
+        for lane in [*backend._lanes, *backend._leaving]:
+            children.discard(lane.process)
+    _live_backends.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 @atexit.register
