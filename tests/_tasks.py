@@ -264,3 +264,14 @@ def say_hello(x: int) -> int:
     print(f"item {x} to stderr", file=sys.stderr, flush=True)
     os.fstat(0)
     return x
+
+
+def init_crash(how: str, log: str) -> None:
+    """An initializer that kills its worker ("exit": os._exit(3); else a segfault), after
+    logging its pid to ``log`` and saying what it was doing on stderr."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    print("loading the model from /models/big.onnx", file=sys.stderr, flush=True)
+    if how == "exit":
+        os._exit(3)
+    ctypes.string_at(0)

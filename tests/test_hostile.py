@@ -1,5 +1,5 @@
-"""Items that attack their own worker: they fork, start processes and die, or close its standard
-fds. Each must cost at most its own outcome, never the engine."""
+"""Items that attack their own worker: they fork, start processes and die, close its standard fds,
+or the initializer kills it. Each must cost at most its own outcome, never the engine."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import _tasks
 import stagepool as sp
-from conftest import wait_until
+from conftest import WAIT, wait_until
 from test_lifecycle import alive
 
 
@@ -109,3 +109,26 @@ def test_an_item_that_closes_the_standard_fds_does_not_poison_its_worker(
     out, err = capfd.readouterr()
     assert "item 2 says hello" in out and "item 3 says hello" in out
     assert "item 3 to stderr" in err
+
+
+# ---- initializers that kill their worker -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("exit", ("exited with code 3",)),
+    ("segfault", ("SIGSEGV", "Fatal Python error: Segmentation fault")),
+])
+def test_an_initializer_that_kills_its_worker_is_named(tmp_path: Path, how: str,
+                                                      words: tuple[str, ...]) -> None:
+    log = tmp_path / "init.log"
+    with sp.Engine(workers=2, initializer=_tasks.init_crash, initargs=(how, str(log))) as eng:
+        report = eng.map(_tasks.double, range(6))
+        assert [o.kind for o in report] == ["crash"] * 6
+        message = str(report[3].error)
+        for word in ("while running the initializer _tasks.init_crash", "fix the initializer",
+                     "loading the model from /models/big.onnx", *words):
+            assert word in message, (word, message)
+        assert eng.map(_tasks.double, [1])[0].kind == "crash"  # answered at once, no new worker
+        with pytest.raises(sp.WorkerCrashed, match="initializer"):
+            eng.submit(_tasks.double, 1).result(timeout=WAIT)
+    assert len(log.read_text().split()) == 2  # one run per worker: no respawn loop

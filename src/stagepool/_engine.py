@@ -123,6 +123,9 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
         hint = "the task (or a library it called) ended the process, e.g. with os._exit()"
     else:
         how, hint = "died", "unknown cause"
+    if died.reason == "initializer":  # the backend starts no new worker: a doomed engine
+        stage = f"running the initializer {died.initializer}, before"
+        hint += "; no worker is started again and every item fails so: fix the initializer"
     msg = f"worker {died.pid} {how} while {stage} item {index}: {hint}"
     if died.detail:  # the backend keeps only the last lines of the worker's stderr
         msg += f"\n--- the worker's last words (stderr tail) ---\n{died.detail}"
@@ -695,8 +698,10 @@ class Engine:
     * ``timeout`` (seconds, or a function of the item), ``retries``, ``retry_on``, ``backoff``.
     * ``max_rss_per_worker``, ``max_tasks_per_worker``: recycle a worker that grew past a size or
       ran that many items; a runaway allocation becomes that item's ``MemoryError``.
-    * ``initializer(*initargs)`` runs once in each worker; if it fails, every item sent to that
-      worker fails with :class:`InitializerError`.
+    * ``initializer(*initargs)`` runs once in each worker; if it raises, every item sent to that
+      worker fails with :class:`InitializerError`; if it kills the worker (segfault,
+      ``os._exit``), no worker is started again and every item fails with :class:`WorkerCrashed`
+      naming the initializer.
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
       ``/dev/shm`` in both directions. Workers see read-only views of their inputs
       (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary

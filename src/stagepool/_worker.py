@@ -52,7 +52,7 @@ __all__ = [
 # worker was doing: a death while decoding or encoding is not any single item's fault.
 RECORD_FIELDS = 5
 F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
-PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE = 0, 1, 2, 3
+PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -384,7 +384,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     _capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
-    init_error = _initialize(setup)
+    init_error = _initialize(setup, record)
     std_fds = _StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()
     worker = os.getpid()
@@ -410,11 +410,13 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     _flush_std_streams()
 
 
-def _initialize(setup: WorkerSetup) -> BaseException | None:
+def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
     """Run the initializer; its exception is returned (reported on every item, so the pool does
-    not respawn-loop)."""
+    not respawn-loop). The phase says "initializing" meanwhile: if the initializer kills the
+    process (segfault, ``os._exit``), the parent blames the initializer, not an item."""
     if setup.initializer is None:
         return None
+    record.ints[F_PHASE] = PHASE_INIT
     error: BaseException | None = None
     try:
         setup.initializer(*setup.initargs)
@@ -424,6 +426,7 @@ def _initialize(setup: WorkerSetup) -> BaseException | None:
         if _forked:
             _leave_fork(exc)
         error = exc
+    record.ints[F_PHASE] = PHASE_IDLE
     return error
 
 

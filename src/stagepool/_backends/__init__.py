@@ -28,8 +28,9 @@ class LaneDied:
     pid: int
     exitcode: int | None
     offset: int
-    reason: str  # "crash", "timeout", "memory" or "cancelled"
+    reason: str  # "crash", "timeout", "memory", "cancelled" or "initializer" (it died in it)
     detail: str = ""  # the last lines the worker wrote to stderr (faulthandler dump included)
+    initializer: str = ""  # reason "initializer": the initializer's qualified name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from .._worker import (
     F_START,
     FN_CACHE_SIZE,
     PHASE_IDLE,
+    PHASE_INIT,
     PHASE_RUN,
     RECORD_FIELDS,
     WorkerSetup,
@@ -210,6 +211,8 @@ class LokyBackend:
         self._stopping = False
         self._kill_all = False
         self._startup_failures = 0
+        # Set when a worker died in the initializer: every task gets this answer, nothing respawns.
+        self._init_died: LaneDied | None = None
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_pending = False
@@ -426,6 +429,10 @@ class LokyBackend:
                                 self._ints[base + F_PHASE])
         tasks = list(lane.tasks)
         lane.tasks.clear()
+        if phase == PHASE_INIT and lane.kill_reason is None:
+            self._fail_initializer(lane, tasks)
+            self._release(lane)
+            return
         started = bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE
         if started:
             requeue = tasks[1:]
@@ -447,6 +454,19 @@ class LokyBackend:
             _notify(tasks[0], died)
         if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
             self._respawn_after_death()
+
+    def _fail_initializer(self, lane: _Lane, tasks: list[Task]) -> None:
+        """The worker died in the initializer (segfault, os._exit): a new one would most likely
+        die the same way, so none is started, and every task, queued or yet to come, is answered
+        with this death (_dispatch), as when the initializer raises."""
+        if self._init_died is None:
+            name = getattr(self._initializer, "__qualname__", repr(self._initializer))
+            module = getattr(self._initializer, "__module__", None)
+            self._init_died = LaneDied(
+                lane.pid, lane.process.exitcode, -1, "initializer", self._stderr_tail(lane),
+                f"{module}.{name}" if module else name)
+        for task in tasks:
+            _notify(task, self._init_died)
 
     def _respawn_after_death(self) -> None:
         if self._startup_failures >= STARTUP_FAILURE_LIMIT:
@@ -564,6 +584,13 @@ class LokyBackend:
             return task
 
     def _dispatch(self) -> None:
+        if self._init_died is not None:
+            with self._lock:
+                doomed = [t for q in self._pending.values() for t in q]
+                self._pending.clear()
+            for waiting in doomed:
+                _notify(waiting, self._init_died)
+            return
         for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
             for lane in list(self._lanes):
                 if bool(lane.tasks) != prefetch:
