@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,6 +81,23 @@ def test_inputs_are_read_only_unless_asked(shm_engine: sp.Engine) -> None:
     with sp.Engine(workers=1, writable_inputs=True) as eng:
         assert eng.map(at.write_in_place, [big]).values == [42.0]
     assert big[0] == 0  # the caller's array is never touched
+
+
+@pytest.mark.parametrize(("fn", "numpy_says"), [
+    (at.write_in_place, "assignment destination is read-only"),
+    (at.scale_in_place, "output array is read-only"),
+])
+def test_writing_a_shared_input_says_how_to_get_a_writable_one(shm_engine: sp.Engine, fn: Any,
+                                                               numpy_says: str) -> None:
+    report = shm_engine.map(fn, [np.ones(MiB, np.float32), np.ones(16, np.float32)], chunk_size=2)
+    error = report[0].error
+    assert isinstance(error, ValueError) and numpy_says in str(error)
+    notes = getattr(error, "__notes__", [])
+    assert any("writable_inputs=True" in note and "copy()" in note for note in notes), notes
+    assert report[1].ok  # a small input is a private copy: writable
+    # Without shared-memory inputs a read-only error is the function's own business: no note.
+    [other] = shm_engine.map(at.write_frozen_buffer, [8]).failed
+    assert "read-only" in str(other.error) and not getattr(other.error, "__notes__", [])
 
 
 def test_results_are_ordinary_writable_arrays(shm_engine: sp.Engine) -> None:

@@ -127,6 +127,7 @@ def run_chunk(
     chunk_id: int = 0,
     timed: bool = False,
     per_item_clock: bool = True,
+    readonly_inputs: bool = False,
 ) -> ChunkResult:
     """Run ``fn`` on each item; capture each value or exception, and when each item started.
 
@@ -136,6 +137,8 @@ def run_chunk(
     ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
+    ``readonly_inputs``: some items hold read-only views of shared memory, so a "read-only"
+    ValueError gets a note saying how to get writable inputs.
 
     In a pool worker, a child process that ``fn`` forked and that comes back here (returning or
     raising, ``sys.exit`` included) exits at once: only the worker itself may answer.
@@ -166,7 +169,7 @@ def run_chunk(
                 if forked:
                     _leave_fork(exc)
                 keep(None)
-                errors = _add_error(errors, offset, exc)
+                errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     else:
         for offset, item in enumerate(items):
@@ -179,17 +182,29 @@ def run_chunk(
                 if forked:
                     _leave_fork(exc)
                 keep(None)
-                errors = _add_error(errors, offset, exc)
+                errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     stamps.append(clock())
     return (values, stamps, errors, os.getpid(), _rss())
 
 
-def _add_error(errors: dict[int, ErrInfo] | None, offset: int,
-               exc: BaseException) -> dict[int, ErrInfo]:
+def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseException,
+               readonly_inputs: bool = False) -> dict[int, ErrInfo]:
     errors = {} if errors is None else errors
+    if readonly_inputs:
+        _explain_read_only(exc)
     errors[offset] = _exc_info("error", exc)
     return errors
+
+
+def _explain_read_only(exc: BaseException) -> None:
+    """numpy's "assignment destination is read-only" / "output array is read-only" alone does
+    not say why a function that works on small test arrays fails on big ones in the pool."""
+    if isinstance(exc, ValueError) and "read-only" in _safe_str(exc):
+        exc.add_note(
+            "stagepool: numpy arrays of shm_threshold (default 1 MiB) and more arrive in workers as "
+            "read-only views of shared memory. To change an input in place, create the Engine "
+            "with writable_inputs=True (private copy-on-write views), or work on a.copy().")
 
 
 def _rss() -> int:
@@ -329,8 +344,9 @@ def _handle(
                 result = _decode_failure(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
+                readonly = not setup.writable_inputs and bool(_transport.segment_names(items_blob))
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
-                                   per_item_clock=per_item_clock)
+                                   per_item_clock=per_item_clock, readonly_inputs=readonly)
                 del items
                 _transport.release_inputs(items_blob)  # before answering: then it may recycle
     ints[F_PHASE] = PHASE_ENCODE
