@@ -97,3 +97,24 @@ def keep_and_fail_once(item: tuple[np.ndarray, str]) -> float:
     except FileExistsError:
         return float(a.sum(dtype=np.float64))
     raise ValueError("first attempt fails")
+
+
+def scale_in_place(a: np.ndarray) -> float:
+    a *= 2  # numpy's "output array is read-only" on a read-only view
+    return float(a[0])
+
+
+def write_frozen_buffer(n: int) -> int:
+    a = np.frombuffer(bytes(n), dtype=np.uint8)  # read-only, and nothing to do with the inputs
+    a[0] = 1
+    return n
+
+
+def double_after_the_caller_dies(a: np.ndarray) -> np.ndarray:
+    """From value 6 on, waits until the caller has died (the worker is re-parented), then
+    answers: an item that ends a moment after its caller was killed, made certain."""
+    if float(a.flat[0]) >= 6:
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.001)
+    return a * 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -302,3 +304,74 @@ def return_refuses_pickle(_: Any) -> RefusesPickle:
 def sleep_then_touch(path: str, seconds: float) -> str:
     time.sleep(seconds)
     return touch(path)
+
+
+# ---- hostile items: forks, child processes, closed standard fds, crashing initializers ----------
+
+def fork_then_return(x: int) -> int:
+    """Forks, and both processes return: only the worker's answer may reach the parent."""
+    os.fork()
+    return x * 10
+
+
+def fork_and_wait(item: tuple[int, str]) -> tuple[int, int]:
+    """The forked child ends as ``how`` says ("return", "raise" or "exit"); the item waits for it
+    and returns its value with the child's exit code, as a program that forks would check it."""
+    x, how = item
+    pid = os.fork()
+    if pid == 0:
+        if how == "raise":
+            raise RuntimeError("the child fails")
+        if how == "exit":
+            sys.exit(x % 7)
+        return -x
+    _, status = os.waitpid(pid, 0)
+    return x * 10, os.waitstatus_to_exitcode(status)
+
+
+def init_fork() -> None:
+    os.fork()  # the child returns from the initializer too
+
+
+def start_sleeper(item: tuple[str, str, str]) -> int:
+    """Starts ``sleep 777`` ("direct": a child; "orphan": through a shell that exits at once, so
+    it belongs to no process tree), writes its pid to ``pid_file``, then ends as ``then`` says:
+    "crash" (os._exit), "hang", or "return"."""
+    how, then, pid_file = item
+    if how == "direct":
+        pid = subprocess.Popen(["sleep", "777"]).pid
+    else:
+        pid = int(subprocess.run(["sh", "-c", "sleep 777 >/dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True, check=True).stdout)
+    with open(pid_file, "w") as f:
+        f.write(str(pid))
+    if then == "crash":
+        os._exit(1)
+    if then == "hang":
+        time.sleep(10**6)
+    return pid
+
+
+def close_std_fds(x: int) -> int:
+    os.close(0)
+    os.close(1)
+    os.close(2)
+    return x
+
+
+def say_hello(x: int) -> int:
+    print(f"item {x} says hello", flush=True)
+    print(f"item {x} to stderr", file=sys.stderr, flush=True)
+    os.fstat(0)
+    return x
+
+
+def init_crash(how: str, log: str) -> None:
+    """An initializer that kills its worker ("exit": os._exit(3); else a segfault), after
+    logging its pid to ``log`` and saying what it was doing on stderr."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    print("loading the model from /models/big.onnx", file=sys.stderr, flush=True)
+    if how == "exit":
+        os._exit(3)
+    ctypes.string_at(0)

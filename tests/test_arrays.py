@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ import _array_tasks as at
 import stagepool as sp
 from conftest import WAIT, wait_until
 from test_faults import CRASH_TABLE, GUILTY
+from test_lifecycle import alive
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 MiB = 2**20
@@ -79,6 +81,23 @@ def test_inputs_are_read_only_unless_asked(shm_engine: sp.Engine) -> None:
     with sp.Engine(workers=1, writable_inputs=True) as eng:
         assert eng.map(at.write_in_place, [big]).values == [42.0]
     assert big[0] == 0  # the caller's array is never touched
+
+
+@pytest.mark.parametrize(("fn", "numpy_says"), [
+    (at.write_in_place, "assignment destination is read-only"),
+    (at.scale_in_place, "output array is read-only"),
+])
+def test_writing_a_shared_input_says_how_to_get_a_writable_one(shm_engine: sp.Engine, fn: Any,
+                                                               numpy_says: str) -> None:
+    report = shm_engine.map(fn, [np.ones(MiB, np.float32), np.ones(16, np.float32)], chunk_size=2)
+    error = report[0].error
+    assert isinstance(error, ValueError) and numpy_says in str(error)
+    notes = getattr(error, "__notes__", [])
+    assert any("writable_inputs=True" in note and "copy()" in note for note in notes), notes
+    assert report[1].ok  # a small input is a private copy: writable
+    # Without shared-memory inputs a read-only error is the function's own business: no note.
+    [other] = shm_engine.map(at.write_frozen_buffer, [8]).failed
+    assert "read-only" in str(other.error) and not getattr(other.error, "__notes__", [])
 
 
 def test_results_are_ordinary_writable_arrays(shm_engine: sp.Engine) -> None:
@@ -185,6 +204,47 @@ def test_no_segment_survives_a_killed_or_interrupted_parent(tmp_path: Path, sig:
         assert "INTERRUPTED" in (tmp_path / "out").read_text() and proc.returncode == 0
     # SIGKILL: the orphaned workers clean up; Ctrl-C: the engine's shutdown does
     assert wait_until(lambda: not mine(), timeout=10), mine()
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["answering", "idle"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_caller_killed_while_streaming_leaves_nothing(tmp_path: Path, sig: int, busy: bool) -> None:
+    # 16 MB arrays through imap, both ways. When the caller dies, inputs and results are in
+    # /dev/shm, and the workers either finish an item just then (busy: the first news is EPIPE
+    # on sending the answer) or wait for the next chunk while the caller dawdles over an outcome
+    # (idle: the first news is EOF). Either way they must free it all, then exit.
+    src = str(Path(sp.__file__).resolve().parent.parent)
+    tests = str(Path(__file__).parent)
+    script = textwrap.dedent(f"""
+        import sys, os, itertools, time
+        sys.path[:0] = [{src!r}, {tests!r}]
+        import numpy as np, stagepool as sp, _array_tasks as at
+        with sp.Engine(workers=2) as eng:
+            arrays = (np.full(4 * 2**20, i, np.float32) for i in itertools.count())
+            for outcome in eng.imap(at.double_after_the_caller_dies if {busy} else at.double,
+                                   arrays):
+                if outcome.index == 5:
+                    print(os.getpid(), *eng.worker_pids(), flush=True)
+                    if not {busy}:
+                        time.sleep(10**6)
+    """)
+    out_path = tmp_path / "out"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: out_path.read_text().strip() != "", timeout=WAIT)
+        caller, *workers = (int(p) for p in out_path.read_text().split())
+        mine = lambda: {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{caller}-")}  # noqa: E731
+        time.sleep(0.3)
+        assert mine()  # the test is worth something only if there is something to free
+        proc.send_signal(sig)
+        proc.wait(WAIT)
+        assert wait_until(lambda: not mine(), timeout=10), mine()
+        assert wait_until(lambda: not alive(workers), timeout=10), alive(workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
 
 
 def test_big_arrays_travel_one_per_chunk(shm_engine: sp.Engine) -> None:

@@ -228,3 +228,83 @@ def test_an_exception_leaving_async_with_engine_stops_a_hung_item() -> None:
     pids, report = asyncio.run(asyncio.wait_for(main(), WAIT))
     assert [o.kind for o in report] == ["cancelled"]
     assert wait_until(lambda: not alive(pids), timeout=10), alive(pids)
+
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def test_a_killed_caller_leaves_no_grandchild(script: Callable[[str], Script], tmp_path: Path) -> None:
+    # One sleeper is the item's child, the other an orphan in its worker's process group.
+    pid_files = [tmp_path / "direct.pid", tmp_path / "orphan.pid"]
+    proc = script(f"""
+        sys.path.insert(0, {TESTS!r})
+        import stagepool as sp, _tasks
+        eng = sp.Engine(workers=2)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        eng.map(_tasks.start_sleeper, [("direct", "hang", {str(pid_files[0])!r}),
+                                       ("orphan", "hang", {str(pid_files[1])!r})], chunk_size=1)
+    """)
+    workers = proc.pids()
+    try:
+        assert wait_until(lambda: all(f.exists() and f.read_text() for f in pid_files)), proc.finish()
+        sleepers = [int(f.read_text()) for f in pid_files]
+        proc.finish(kill=True)
+        assert wait_until(lambda: not alive(workers + sleepers), timeout=10), alive(workers + sleepers)
+    finally:
+        for pid in alive([int(f.read_text()) for f in pid_files if f.exists() and f.read_text()]):
+            psutil.Process(pid).kill()
+
+
+def test_a_crashed_items_child_does_not_hold_the_callers_stdout(tmp_path: Path) -> None:
+    # `python job.py | cat`: the reader ends when every holder of the pipe has closed it.
+    pid_file = tmp_path / "sleep.pid"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{SRC!r}, {TESTS!r}]
+        import stagepool as sp, _tasks
+        with sp.Engine(workers=1) as eng:
+            print(eng.map(_tasks.start_sleeper, [("direct", "crash", {str(pid_file)!r})])[0].kind)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=WAIT)
+        assert out.strip() == "crash"
+    finally:  # the sleeper first: while it holds the pipe, reading it never ends
+        if pid_file.exists():
+            for pid in alive([int(pid_file.read_text())]):
+                psutil.Process(pid).kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=WAIT)
+
+
+def test_an_engine_inherited_by_a_fork_refuses_to_work_there(script: Callable[[str], Script]) -> None:
+    proc = script("""
+        import os, stagepool as sp
+        eng = sp.Engine(workers=1)
+        print("PIDS", *eng.worker_pids(), flush=True)
+        assert eng.map(abs, [-1]).values == [1]
+        pid = os.fork()
+        if pid == 0:
+            for call in (lambda: eng.map(abs, [-2]), lambda: list(eng.imap(abs, [-2])),
+                         lambda: eng.submit(abs, -2)):
+                try:
+                    call()
+                except sp.EngineClosed as exc:
+                    print("CHILD", exc, flush=True)
+            sys.exit(0)  # a normal exit: atexit hooks run
+        _, status = os.waitpid(pid, 0)
+        print("CHILD EXIT", os.waitstatus_to_exitcode(status), flush=True)
+        print("PARENT", eng.map(abs, [-3]).values, flush=True)
+        eng.shutdown()
+    """)
+    workers = proc.pids()
+    out, err = proc.finish()
+    assert proc.proc.returncode == 0, err
+    refusals = [line for line in out.splitlines() if line.startswith("CHILD this Engine")]
+    assert len(refusals) == 3, out
+    assert f"created in process {proc.proc.pid}" in refusals[0] and "create a new Engine" in refusals[0]
+    assert "CHILD EXIT 0" in out and "PARENT [3]" in out
+    assert "can only join a child process" not in err and "Traceback" not in err, err
+    assert wait_until(lambda: not alive(workers), timeout=10)

@@ -100,12 +100,15 @@ class Engine(AsyncCalls):
     * ``rerun_innocent``: when a worker dies, the items of its chunk that had already run lost
       their results with it. True (default): they run again, and ``attempts`` counts every run.
       False (at most once, for stages that must not run twice: uploads, charges, appends): they
-      are reported as kind ``"crash"`` saying their result was lost; items that had not started
-      still run. Retries you ask for with ``retries`` still apply.
+      are reported as kind ``"crash"`` saying their result was lost, and not retried either (a
+      retry would be their second run); items that had not started still run. Retries of
+      items that failed on their own (``retries``, ``retry_on``) still apply.
     * ``max_rss_per_worker``, ``max_tasks_per_worker``: recycle a worker that grew past a size or
       ran that many items; a runaway allocation becomes that item's ``MemoryError``.
-    * ``initializer(*initargs)`` runs once in each worker; if it fails, every item sent to that
-      worker fails with :class:`InitializerError`.
+    * ``initializer(*initargs)`` runs once in each worker; if it raises, every item sent to that
+      worker fails with :class:`InitializerError`; if it kills the worker (segfault,
+      ``os._exit``), no worker is started again and every item fails with :class:`WorkerCrashed`
+      naming the initializer.
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
       ``/dev/shm`` in both directions. Workers see read-only views of their inputs
       (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
@@ -156,6 +159,7 @@ class Engine(AsyncCalls):
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
             warnings.warn(overcommit, OvercommitWarning, stacklevel=2)
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._executor: ExecutorView | None = None
         started = self._start_backend(backend)
         self._backend: Backend | None = started
@@ -215,6 +219,11 @@ class Engine(AsyncCalls):
         backend = self._backend
         if backend is None:
             raise EngineClosed("this engine has been shut down; create a new Engine")
+        if os.getpid() != self._pid:  # else the batch would wait forever for an absent thread
+            raise EngineClosed(
+                f"this Engine was created in process {self._pid}; this process ({os.getpid()}) "
+                "is a fork of it, where its workers and pool thread do not exist: create a new "
+                "Engine in the child")
         backend.check_open()  # it may have failed on its own: EngineClosed, naming the cause
         return backend
 
@@ -335,8 +344,8 @@ class Engine(AsyncCalls):
         :class:`WorkerCrashed`, :class:`TaskTimeout` or :class:`SerializationError`. As with the
         stdlib executors, ``future.cancel()`` succeeds (and the call never runs) until the call is
         handed to a worker; from then on the future is running and ``cancel()`` returns False.
-        Raises :class:`EngineClosed` after shutdown. A callable ``timeout`` is called with the
-        call's own arguments.
+        Raises :class:`EngineClosed` after shutdown, and in a process forked from the creator.
+        A callable ``timeout`` is called with the call's own arguments.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")

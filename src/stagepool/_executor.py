@@ -99,3 +99,7 @@ def _finish_at_exit() -> None:
     """Interpreter exit: an executor left open finishes its calls, as the standard library's."""
     for executor in list(_live):
         executor.shutdown(wait=True)
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+ProcessPoolExecutor.__module__ = "stagepool"

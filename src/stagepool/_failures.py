@@ -49,6 +49,9 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
         hint = "the task (or a library it called) ended the process, e.g. with os._exit()"
     else:
         how, hint = "died", "unknown cause"
+    if died.reason == "initializer":  # the backend starts no new worker: a doomed engine
+        stage = f"running the initializer {died.initializer}, before"
+        hint += "; no worker is started again and every item fails so: fix the initializer"
     who = f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
     msg = f"{who} {how} while {stage} item {index}: {hint}"
     if died.detail:  # the backend keeps only the last lines of the worker's stderr

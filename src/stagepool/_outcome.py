@@ -243,7 +243,7 @@ class BatchReport(Sequence[Outcome[T]]):
         n = len(self)
         head = (f"{n} items: {n - len(self._failures)} ok, {len(self._failures)} failed "
                 f"({self.success_rate:.1%} success) in {s.wall_time:.2f} s "
-                f"({s.items_per_second:,.0f} items/s, {s.workers} workers, "
+                f"({s.items_per_second:,.0f} items/s, {s.workers} worker{'s' * (s.workers != 1)}, "
                 f"parallel efficiency {s.parallel_efficiency:.0%}, {s.chunks} chunks)")
         lines = [head]
         if self._failures:

@@ -18,15 +18,16 @@ limit". The one thing that does raise is a malformed ``STAGEPOOL_MAX_WORKERS``, 
 an operator's ceiling should not be silently ignored. That variable is a maximum: it lowers a
 worker count, never raises one.
 
-The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``, and the
-profiler's ``cpu_rss_sampler`` and ``uss_of``) live here so that psutil stays in one module. (What
-the profiler reads inside a worker, without psutil, is in ``_probe``.)
+The small process helpers at the end (``process_tree_pids``, ``rss_of``, ``kill_tree``,
+``kill_group``, and the profiler's ``cpu_rss_sampler`` and ``uss_of``) live here so that psutil
+stays in one module. (What the profiler reads inside a worker, without psutil, is in ``_probe``.)
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "ResourceSnapshot",
     "check_field",
     "cpu_rss_sampler",
+    "kill_group",
     "kill_tree",
     "process_tree_pids",
     "rss_of",
@@ -272,8 +274,11 @@ def kill_tree(pid: int, *, grace: float = 0.5) -> None:
     """SIGTERM ``pid`` and all its descendants, wait up to ``grace`` s, then SIGKILL survivors.
 
     Descendants are listed before anything is signalled: once the parent dies they are reparented
-    and can no longer be found. Processes that are already gone are ignored. After the SIGKILL it
-    waits up to ``grace`` again for them to exit, so the call returns within about ``2 * grace``.
+    and can no longer be found. When ``pid`` leads a process group (a worker does), the whole
+    group is signalled too: it also holds what an item started through a process that has already
+    exited (``sh -c "cmd &"``), which no longer descends from ``pid``. Processes that are already
+    gone are ignored. After the SIGKILL it waits up to ``grace`` again for them to exit, so the
+    call returns within about ``2 * grace``.
     """
     if grace < 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
@@ -282,13 +287,33 @@ def kill_tree(pid: int, *, grace: float = 0.5) -> None:
     try:
         parent = psutil.Process(pid)
         procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
+        group = pid if os.getpgid(pid) == pid else None
+    except (psutil.NoSuchProcess, ProcessLookupError):
         return
     _signal_all(procs, kill=False)
+    if group is not None:
+        _signal_group(group, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=grace)
+    if group is not None:  # members that psutil could not see get no second chance either
+        _signal_group(group, signal.SIGKILL)
     if alive:
         _signal_all(alive, kill=True)
         psutil.wait_procs(alive, timeout=grace)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid``: what a dead worker's items left running (see
+    ``_worker._lead_own_group``). Call it before the worker is reaped: its zombie keeps the
+    group id from being reused. Does nothing if the group is gone or is not ours to signal."""
+    if pgid > 0 and pgid != os.getpgrp():  # never the caller's own group
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_all(procs: list[psutil.Process], *, kill: bool) -> None:

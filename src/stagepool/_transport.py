@@ -30,6 +30,8 @@ Who frees what (nothing else ever unlinks a segment):
                                              received the result
     ``c{pid}``  renamed by the parent        ``loads(unlink=True)``, or ``discard`` when the
                                              result is dropped; ``sweep(owner)`` at shutdown
+    any         any                          ``abandon(owner)`` in each worker that sees its
+                                             parent die (SIGKILL, SIGTERM), before it exits
     any         any                          ``sweep_stale()`` once the owner pid is gone (the
                                              path that does not need the parent to exit cleanly)
     ==========  ===========================  =====================================================
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SHM_DIR",
     "SegmentMissing",
+    "abandon",
     "available",
     "claim",
     "discard",
@@ -259,6 +262,7 @@ class _Pickler(_SourcePickler):
         self._np = numpy
         self._array_types = (numpy.ndarray, numpy.memmap)
         self._threshold = threshold
+        self._owner = owner
         self._prefix = f"{PREFIX}{owner}-{creator}-"
         self._arena = arena if creator == "p" and owner == os.getpid() else None
 
@@ -287,10 +291,13 @@ class _Pickler(_SourcePickler):
         else:
             name = f"{self._prefix}{next(_counter)}-{os.urandom(4).hex()}"
             path = os.path.join(SHM_DIR, name)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            except OSError:
-                return None
+            with _abandon_lock:  # a file made after abandon()'s sweep would outlive everyone
+                if self._owner in _abandoned:
+                    return None
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                except OSError:
+                    return None
         self.segments.append(name)  # from here on, a failure of dump() unlinks it
         try:
             _fill(fd, arr, self._np)
@@ -665,6 +672,23 @@ def sweep(owner: int, creator: str | None = None) -> int:
     """
     prefix = f"{PREFIX}{owner}-" if creator is None else f"{PREFIX}{owner}-{creator}-"
     return sum(_unlink(os.path.join(SHM_DIR, name)) for name in _listing() if name.startswith(prefix))
+
+
+def abandon(owner: int) -> int:
+    """The engine process ``owner`` died: unlink its segments (nobody else will now), and from
+    now on make none for it in this process (such arrays are pickled inline). Returns how many
+    files were unlinked.
+
+    For a worker on its way out, in whichever thread notices first: a segment the other thread
+    is creating at that moment is either made before the sweep (and swept) or refused.
+    """
+    with _abandon_lock:
+        _abandoned.add(owner)
+    return sweep(owner)
+
+
+_abandoned: set[int] = set()
+_abandon_lock = threading.Lock()
 
 
 def sweep_stale() -> int:

@@ -14,6 +14,7 @@ shared memory, cheap enough for items that take a microsecond.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import mmap
@@ -26,7 +27,7 @@ import time
 import traceback
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 
 from . import _transport
 
@@ -51,7 +52,7 @@ __all__ = [
 # worker was doing: a death while decoding or encoding is not any single item's fault.
 RECORD_FIELDS = 5
 F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
-PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE = 0, 1, 2, 3
+PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -155,6 +156,7 @@ def run_chunk(
     timed: bool = False,
     per_item_clock: bool = True,
     passthrough: tuple[type[BaseException], ...] = (),
+    readonly_inputs: bool = False,
 ) -> ChunkResult:
     """Run ``fn`` on each item; capture each value or exception, and when each item started.
 
@@ -165,6 +167,11 @@ def run_chunk(
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
+    ``readonly_inputs``: some items hold read-only views of shared memory, so a "read-only"
+    ValueError gets a note saying how to get writable inputs.
+
+    In a pool worker, a child process that ``fn`` forked and that comes back here (returning or
+    raising, ``sys.exit`` included) exits at once: only the worker itself may answer.
     """
     values: list[Any] = []
     errors: dict[int, ErrInfo] | None = None
@@ -174,6 +181,7 @@ def run_chunk(
     ints, floats = record.ints, record.floats
     ints[F_CHUNK] = chunk_id
     ints[F_PHASE] = PHASE_RUN
+    forked = _forked  # non-empty only in a child that the item forked: it must not go on
     stamps = array("d", [clock()])
     if per_item_clock or timed:
         stamp, now = stamps.append, time.monotonic
@@ -185,32 +193,52 @@ def run_chunk(
             stamp(clock())
             try:
                 keep(fn(item))
+                if forked:
+                    _leave_fork(None)
             except BaseException as exc:
+                if forked:
+                    _leave_fork(exc)
                 if isinstance(exc, passthrough):
                     raise
                 keep(None)
-                errors = _add_error(errors, offset, exc)
+                errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     else:
         for offset, item in enumerate(items):
             ints[F_OFFSET] = offset
             try:
                 keep(fn(item))
+                if forked:
+                    _leave_fork(None)
             except BaseException as exc:
+                if forked:
+                    _leave_fork(exc)
                 if isinstance(exc, passthrough):
                     raise
                 keep(None)
-                errors = _add_error(errors, offset, exc)
+                errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     stamps.append(clock())
     return ChunkResult(values, stamps, errors, os.getpid(), _rss())
 
 
-def _add_error(errors: dict[int, ErrInfo] | None, offset: int,
-               exc: BaseException) -> dict[int, ErrInfo]:
+def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseException,
+               readonly_inputs: bool = False) -> dict[int, ErrInfo]:
     errors = {} if errors is None else errors
+    if readonly_inputs:
+        _explain_read_only(exc)
     errors[offset] = _exc_info("error", exc)
     return errors
+
+
+def _explain_read_only(exc: BaseException) -> None:
+    """numpy's "assignment destination is read-only" / "output array is read-only" alone does
+    not say why a function that works on small test arrays fails on big ones in the pool."""
+    if isinstance(exc, ValueError) and "read-only" in _safe_str(exc):
+        exc.add_note(
+            "stagepool: numpy arrays of shm_threshold (default 1 MiB) and more arrive in workers as "
+            "read-only views of shared memory. To change an input in place, create the Engine "
+            "with writable_inputs=True (private copy-on-write views), or work on a.copy().")
 
 
 def _rss() -> int:
@@ -298,12 +326,12 @@ class _FnCache:
 
 
 def _watch_parent(ppid: int) -> None:
-    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind."""
+    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind,
+    even while an item runs (the main thread notices only when it next uses the pipe)."""
     while True:
         time.sleep(0.25)
         if _parent_gone(ppid):
-            _transport.sweep(ppid)  # its shared memory: nobody else will free it now
-            os._exit(3)
+            _die_with_parent(ppid)
 
 
 def _capture_stderr(stderr: Any) -> None:
@@ -354,8 +382,9 @@ def _handle(
                 result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
+                readonly = not setup.writable_inputs and bool(_transport.segment_names(items_blob))
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
-                                   per_item_clock=per_item_clock)
+                                   per_item_clock=per_item_clock, readonly_inputs=readonly)
                 del items
                 _transport.release_inputs(items_blob)  # before answering: then it may recycle
     ints[F_PHASE] = PHASE_ENCODE
@@ -397,21 +426,22 @@ def _limit_memory(limit: int | None) -> None:
 def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     """The worker process: read tasks from ``conn`` until EOF or an empty message, answer each.
 
-    A task is two messages (a small header, then the pickled items); the answer is one.
+    A task is two messages (a small header, then the pickled items); the answer is one. When the
+    parent dies (the pipe breaks, or the watch thread sees it), the worker frees the parent's
+    shared memory, kills what its items started and exits, without a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _lead_own_group()
+    os.register_at_fork(after_in_child=_mark_forked)
     threading.Thread(target=_watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
     _capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
-    init_error: BaseException | None = None
-    if setup.initializer is not None:
-        try:
-            setup.initializer(*setup.initargs)
-        except BaseException as exc:  # reported on every item, so the pool does not respawn-loop
-            init_error = exc
+    init_error = _initialize(setup, record)
+    std_fds = _StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()
+    worker = os.getpid()
     while True:
         try:
             header = conn.recv_bytes()
@@ -419,13 +449,144 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
                 break
             items_blob = conn.recv_bytes()
         except (EOFError, OSError):  # the parent closed the pipe, or died
-            if _parent_gone(setup.ppid):
-                _transport.sweep(setup.ppid)  # the watch thread may not have had its turn yet
+            _pipe_broken(setup.ppid)
             break
-        conn.send_bytes(_handle(header, items_blob, fns, record, init_error, setup))
-        del items_blob
-    sys.stdout.flush()
-    sys.stderr.flush()
+        blob = _handle(header, items_blob, fns, record, init_error, setup)
+        if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
+            _leave_fork(None)
+        try:
+            conn.send_bytes(blob)
+        except OSError:
+            _pipe_broken(setup.ppid)
+            break
+        del items_blob, blob
+        std_fds.restore()
+    _flush_std_streams()
+
+
+def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
+    """Run the initializer; its exception is returned (reported on every item, so the pool does
+    not respawn-loop). The phase says "initializing" meanwhile: if the initializer kills the
+    process (segfault, ``os._exit``), the parent blames the initializer, not an item."""
+    if setup.initializer is None:
+        return None
+    record.ints[F_PHASE] = PHASE_INIT
+    error: BaseException | None = None
+    try:
+        setup.initializer(*setup.initargs)
+        if _forked:
+            _leave_fork(None)
+    except BaseException as exc:
+        if _forked:
+            _leave_fork(exc)
+        error = exc
+    record.ints[F_PHASE] = PHASE_IDLE
+    return error
+
+
+# ---- hostile items: forks, closed standard fds, descendants, a dead parent ------------------------
+
+# In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
+# empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
+_forked: list[int] = []
+
+
+def _mark_forked() -> None:
+    _forked.append(os.getpid())
+
+
+def _leave_fork(exc: BaseException | None) -> NoReturn:
+    """A child forked by an item came back to the worker's code: end it now, as if it had run
+    as a script, without touching the pipe or the record, which belong to the worker.
+
+    The exit status is what the item's parent side may wait for: 0 after a return, the code of
+    ``sys.exit(code)``, 1 (and the traceback on stderr) after any other exception. Buffered
+    stdout is not flushed: it may hold the worker's own output, copied by the fork.
+    """
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            code = 1
+            print(exc.code, file=sys.stderr)
+    elif exc is not None:
+        code = 1
+        traceback.print_exception(exc)
+    with contextlib.suppress(BaseException):
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _lead_own_group() -> None:
+    """Put the worker in a process group of its own, which everything its items start joins:
+    when the worker dies, the parent kills that group (``_resources.kill_group``), so a child
+    process cannot outlive a crash and hold the caller's stdout open (``job.py | cat`` waiting
+    forever). Processes that start their own session escape; they are the item's to manage."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+
+
+class _StdFds:
+    """Keeps a copy of fds 0, 1 and 2 and puts one back when an item closed it: else every later
+    item that prints fails with EBADF, and the next file opened takes the number.
+
+    One fstat per fd and chunk. An fd an item replaced (``dup2``) is left as it is: silencing a
+    noisy library for good is a thing workers do.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, int] = {}
+        for fd in (0, 1, 2):
+            with contextlib.suppress(OSError):  # closed at start-up: nothing to put back
+                self._copies[fd] = os.dup(fd)  # not inherited by the items' child processes
+
+    def restore(self) -> None:
+        for fd, copy in self._copies.items():
+            try:
+                os.fstat(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd)
+
+
+def _pipe_broken(ppid: int) -> None:
+    """The pipe to the parent broke (EOF, or EPIPE on send). If the parent died, clean up after
+    it and exit (never returns); if it closed the pipe on purpose, return: the worker ends.
+
+    The pipe closes a moment before the kernel re-parents the worker, so "alive" at this point
+    is checked again for a while before it is believed.
+    """
+    deadline = time.monotonic() + PARENT_EXIT_WAIT
+    while not _parent_gone(ppid):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+    _die_with_parent(ppid)
+
+
+PARENT_EXIT_WAIT = 2.0  # seconds; see _pipe_broken
+_dying = threading.Lock()
+
+
+def _die_with_parent(ppid: int) -> NoReturn:
+    """The parent is gone: nobody else will free its shared memory or stop what this worker's
+    items started, so do both, then exit. Called by the watch thread or the main loop, whichever
+    notices first; the other waits on the lock until the process is gone."""
+    with _dying:
+        _transport.abandon(ppid)
+        _flush_std_streams()
+        if os.getpgrp() == os.getpid():  # never the caller's group (if setpgid failed)
+            os.killpg(0, signal.SIGKILL)  # this process too: it is the last thing it does
+        os._exit(3)
+
+
+def _flush_std_streams() -> None:
+    """What items printed is real output; the parent end of stderr may be gone (EPIPE)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            if stream is not None:
+                stream.flush()
 
 
 def _parent_gone(ppid: int) -> bool:

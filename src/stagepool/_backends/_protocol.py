@@ -28,7 +28,7 @@ __all__ = [
 _task_ids = itertools.count(1)
 
 BackendName = Literal["local", "serial"]
-DeathReason = Literal["crash", "timeout", "memory", "cancelled"]
+DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +63,7 @@ class LaneDied:
     detail: str = ""  # the last lines the worker wrote to stderr (faulthandler dump included)
     where: str = ""  # a worker's name where a pid says little (a cluster worker's address)
     ran: int | None = None
+    initializer: str = ""  # reason "initializer" (it died in it): the initializer's name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

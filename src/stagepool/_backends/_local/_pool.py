@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import multiprocessing.process
 import os
 import pickle
 import sys
@@ -39,8 +40,8 @@ from loky.backend.context import get_context
 
 from ... import _transport
 from ..._errors import EngineClosed
-from ..._resources import kill_tree, rss_of
-from ..._worker import FN_CACHE_SIZE, PHASE_ENCODE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
+from ..._resources import kill_group, kill_tree, rss_of
+from ..._worker import FN_CACHE_SIZE, PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, TaskHeader, WorkerSetup
 from .._protocol import (
     BackendOptions,
     Cancelled,
@@ -97,6 +98,7 @@ class LocalBackend:
 
     def __init__(self, options: BackendOptions, *, kill_grace: float = 0.5) -> None:
         self._workers = workers = options.workers
+        self._pid = os.getpid()  # the workers' parent: a forked child must leave them alone
         self._initializer, self._initargs = options.initializer, tuple(options.initargs)
         self._env = dict(options.env)
         self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
@@ -119,6 +121,8 @@ class LocalBackend:
         self._stopping = False
         self._kill_all = False
         self._startup_failures = 0
+        # Set when a worker died in the initializer: every task gets this answer, nothing respawns.
+        self._init_died: LaneDied | None = None
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_pending = False
@@ -198,6 +202,8 @@ class LocalBackend:
             return [lane.pid for lane in self._lanes]
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
+        if os.getpid() != self._pid:  # a fork's copy (its lock may be held for good): not ours
+            return
         with self._lock:
             self._closed = True
         if cancel_pending:
@@ -350,6 +356,8 @@ class LocalBackend:
 
     def _bury(self, lane: Lane) -> None:
         """A worker died: blame the item it was running, requeue what it had not started."""
+        if lane.kill_reason is None:  # else _kill's kill_tree gives the group its grace, then this
+            kill_group(lane.pid)  # what its items started dies with it (before the reaping join)
         lane.process.join(1.0)
         while lane.tasks and readable(lane.conn):  # answers it sent before dying still count
             if not self._receive_one(lane, dying=True):
@@ -359,6 +367,10 @@ class LocalBackend:
         chunk, offset, phase, _start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
+        if phase == PHASE_INIT and lane.kill_reason is None:
+            self._fail_initializer(lane, tasks)
+            self._release(lane)
+            return
         started = bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE
         if started:
             requeue = tasks[1:]
@@ -380,6 +392,19 @@ class LocalBackend:
             _notify(tasks[0], died)
         if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
             self._respawn_after_death()
+
+    def _fail_initializer(self, lane: Lane, tasks: list[Task]) -> None:
+        """The worker died in the initializer (segfault, os._exit): a new one would most likely
+        die the same way, so none is started, and every task, queued or yet to come, is answered
+        with this death (_dispatch), as when the initializer raises."""
+        if self._init_died is None:
+            name = getattr(self._initializer, "__qualname__", repr(self._initializer))
+            module = getattr(self._initializer, "__module__", None)
+            self._init_died = LaneDied(
+                lane.pid, lane.process.exitcode, -1, "initializer", lane.last_words(), ran=0,
+                initializer=f"{module}.{name}" if module else name)
+        for task in tasks:
+            _notify(task, self._init_died)
 
     def _respawn_after_death(self) -> None:
         if self._startup_failures >= STARTUP_FAILURE_LIMIT:
@@ -410,6 +435,7 @@ class LocalBackend:
 
     def _reap(self, lane: Lane) -> None:
         """A leaving worker exited: collect it, pass on its last words, free its slot."""
+        kill_group(lane.pid)  # what its items left running
         lane.process.join(1.0)
         lane.forward_stderr()
         del self._leaving[lane]
@@ -439,6 +465,10 @@ class LocalBackend:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        if self._init_died is not None:
+            for waiting in self._queue.drain():
+                _notify(waiting, self._init_died)
+            return
         for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
             for lane in list(self._lanes):
                 if bool(lane.tasks) != prefetch:
@@ -566,6 +596,20 @@ class LocalBackend:
 
 
 _live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a child forked from the caller: its copies of the engines have no pool thread and the
+    workers are not its children. Forget them, so that its exit neither shuts them down nor has
+    multiprocessing join them ("can only join a child process")."""
+    children: set[Any] = getattr(multiprocessing.process, "_children", set())
+    for backend in list(_live_backends):
+        for lane in [*backend._lanes, *backend._leaving]:
+            children.discard(lane.process)
+    _live_backends.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 @atexit.register
