@@ -116,7 +116,8 @@ class Engine(AsyncCalls):
       retries, progress and report: for debugging (breakpoints, coverage and profilers work as
       in plain Python) and fast tests. It cannot stop a running item (``timeout=`` raises
       ``ValueError``), survive an item that kills the process, kill running work on cancel, or
-      cap memory per worker (``max_rss_per_worker`` / ``max_tasks_per_worker`` raise).
+      cap memory per worker (``max_rss_per_worker`` / ``max_tasks_per_worker`` raise), all
+      checked before the initializer runs. ``workers`` is ignored there: no process starts.
     """
 
     def __init__(
@@ -151,18 +152,15 @@ class Engine(AsyncCalls):
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
             rerun_innocent=rerun_innocent)
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
-        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
-        overcommit = overcommit_warning(self.plan, self.workers)
-        if overcommit is not None:  # the user insisted: start as told, but say so at their line
-            warnings.warn(overcommit, OvercommitWarning, stacklevel=2)
+        if backend == "serial":  # no process to size, warn about or open files for
+            self._refuse_on_serial()  # before the initializer runs, in this process
+            self.workers, self._sizing = 1, "serial: 1 worker, this process"
+        else:
+            self._size_workers()
         self._lock = threading.Lock()
         self._executor: ExecutorView | None = None
         started = self._start_backend(backend)
         self._backend: Backend | None = started
-        if backend == "serial":
-            self._refuse_on_serial()
-            self.workers = started.workers
-            self._sizing = "serial: 1 worker, this process"
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
@@ -193,12 +191,17 @@ class Engine(AsyncCalls):
             shm_threshold=cfg.shm_threshold if available() else 0,
             writable_inputs=cfg.writable_inputs))
 
+    def _size_workers(self) -> None:
+        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
+        overcommit = overcommit_warning(self.plan, self.workers)
+        if overcommit is not None:  # the user insisted: start as told, but say so at their line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
+
     def _refuse_on_serial(self) -> None:
         cfg = self.config
         for name, value in (("timeout", cfg.timeout), ("max_rss_per_worker", cfg.max_rss_per_worker),
                             ("max_tasks_per_worker", cfg.max_tasks_per_worker)):
             if value is not None:
-                self.shutdown()
                 raise ValueError(_serial_cannot(name))
 
     @property
