@@ -74,6 +74,17 @@ def test_serial_initializer_failure_fails_every_item() -> None:
     assert all(isinstance(o.error, sp.InitializerError) for o in report)
 
 
+def test_serial_initializer_calling_sys_exit_fails_every_item() -> None:
+    """It escaped the constructor as SystemExit (ending a script), where a local worker's
+    initializer exit fails each item with InitializerError."""
+    import sys
+
+    with sp.Engine(backend="serial", initializer=sys.exit, initargs=(4,)) as eng:
+        report = eng.map(_tasks.double, range(2))
+    assert all(isinstance(o.error, sp.InitializerError) for o in report), report
+    assert "SystemExit: 4" in str(report[0].error)
+
+
 @pytest.mark.needs("serializes")
 def test_ctrl_c_while_pickling_a_chunk_stops_the_batch(engine: sp.Engine) -> None:
     """It was caught as an encoding failure: the batch went on, item by item."""
