@@ -23,6 +23,7 @@ piece.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import os
 import threading
 import warnings
@@ -244,8 +245,7 @@ class Engine(AsyncCalls):
               on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
               max_in_flight: int | None = None, max_concurrent: int | None = None) -> BatchSpec:
         """Validate one call's arguments (before anything starts) into its spec."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        _check_fn(fn)
         if not hasattr(items, "__aiter__"):
             try:
                 iter(items)
@@ -341,8 +341,7 @@ class Engine(AsyncCalls):
         Raises :class:`EngineClosed` after shutdown. A callable ``timeout`` is called with the
         call's own arguments.
         """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        _check_fn(fn)
         self._backend_or_raise()
         return Single(self._submits, fn, args, kwargs).future
 
@@ -377,6 +376,18 @@ class Engine(AsyncCalls):
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.shutdown(wait=wait, cancel_pending=cancel_futures or kill, kill=kill)
+
+
+def _check_fn(fn: object) -> None:
+    """Refuse what cannot be an item's function: a non-callable, or a coroutine function, whose
+    coroutine nobody would await (an unpicklable result in a worker, a silent "ok" in process)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"fn must be a plain function, not a coroutine function ({fn!r}): the engine calls it "
+            "and nothing awaits the coroutine; make it a plain def (the async calls await the "
+            "engine, not fn)")
 
 
 def _serial_cannot(option: str) -> str:
