@@ -296,6 +296,7 @@ class Engine(AsyncCalls):
         (within about ``WAIT_SLICE`` seconds). Shutdown from another thread fails the remaining
         items with kind ``"cancelled"``.
         """
+        _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
         return run_to_report(Batch(self._backend_or_raise(), spec))
@@ -322,6 +323,7 @@ class Engine(AsyncCalls):
         starts (and nothing is held) until the first ``next``; arguments are checked here.
         """
         check_bool(ordered, "ordered")
+        _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                           max_concurrent=max_concurrent)
@@ -388,6 +390,13 @@ def _check_fn(fn: object) -> None:
             f"fn must be a plain function, not a coroutine function ({fn!r}): the engine calls it "
             "and nothing awaits the coroutine; make it a plain def (the async calls await the "
             "engine, not fn)")
+
+
+def _refuse_async_items(items: object) -> None:
+    """``map`` and ``imap`` read ``items`` with ``for``; the async calls take async iterables."""
+    if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
+        raise TypeError(f"items is an async iterable ({type(items).__name__}): use map_async or "
+                        "imap_async, or pass a plain iterable")
 
 
 def _serial_cannot(option: str) -> str:
