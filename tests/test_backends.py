@@ -27,6 +27,24 @@ def test_serial_refuses_what_it_cannot_do(option: dict[str, Any]) -> None:
         sp.Engine(backend="serial", **option)
 
 
+def test_serial_refuses_before_running_the_initializer() -> None:
+    """The initializer (a model load, say) ran in this process first, then the refusal came."""
+    ran: list[int] = []
+    with pytest.raises(ValueError, match="timeout= needs a backend"):
+        sp.Engine(backend="serial", timeout=1.0, initializer=ran.append, initargs=(1,))
+    assert ran == []
+
+
+def test_serial_neither_warns_nor_refuses_for_processes_it_never_starts() -> None:
+    """A local configuration switched to backend="serial" for debugging raised an
+    OvercommitWarning ("Starting 64 anyway risks the OOM killer") and refused a worker count
+    over ``ulimit -n``: the serial backend starts no process."""
+    memory = sp.plan_workers().mem_available
+    for options in ({"workers": 64, "mem_per_task": memory}, {"workers": 10**6}):
+        with sp.Engine(backend="serial", **options) as eng:  # warnings are errors here
+            assert eng.workers == 1 and eng.map(_tasks.double, [1]).values == [2]
+
+
 def test_serial_refuses_a_per_call_timeout(serial_engine: sp.Engine) -> None:
     with pytest.raises(ValueError, match="timeout= needs a backend"):
         serial_engine.map(_tasks.double, [1], timeout=5)
@@ -54,6 +72,17 @@ def test_serial_initializer_failure_fails_every_item() -> None:
         report = eng.map(_tasks.double, range(3))
     assert [o.kind for o in report] == ["error"] * 3
     assert all(isinstance(o.error, sp.InitializerError) for o in report)
+
+
+def test_serial_initializer_calling_sys_exit_fails_every_item() -> None:
+    """It escaped the constructor as SystemExit (ending a script), where a local worker's
+    initializer exit fails each item with InitializerError."""
+    import sys
+
+    with sp.Engine(backend="serial", initializer=sys.exit, initargs=(4,)) as eng:
+        report = eng.map(_tasks.double, range(2))
+    assert all(isinstance(o.error, sp.InitializerError) for o in report), report
+    assert "SystemExit: 4" in str(report[0].error)
 
 
 @pytest.mark.needs("serializes")

@@ -6,6 +6,7 @@ import concurrent.futures
 import io
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -218,6 +219,42 @@ def test_bad_call_arguments_are_named(engine: sp.Engine) -> None:
         engine.map(_tasks.double, 5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         engine.map(_tasks.double, [1], chunk_size=0)
+
+
+async def _coroutine_double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_coroutine_function_is_refused_at_the_door(engine: sp.Engine) -> None:
+    """Its items were silent "ok"s holding never-awaited coroutines on the serial backend, and
+    "serialization" failures (a coroutine cannot be pickled) on the local one."""
+    import asyncio
+
+    calls: list[Callable[[], object]] = [
+        lambda: engine.map(_coroutine_double, [1]),
+        lambda: engine.imap(_coroutine_double, [1]),
+        lambda: engine.submit(_coroutine_double, 1),
+        lambda: engine.imap_async(_coroutine_double, [1]),
+        lambda: asyncio.run(engine.map_async(_coroutine_double, [1])),
+        lambda: asyncio.run(engine.submit_async(_coroutine_double, 1)),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="fn must be a plain function, not a coroutine function"):
+            call()
+    assert engine.map(_tasks.double, [1]).values == [2]
+
+
+def test_an_async_iterable_given_to_map_or_imap_points_to_the_async_calls(
+        engine: sp.Engine) -> None:
+    """It failed with Python's own "'async_generator' object is not iterable", naming neither
+    the argument nor the calls that take one (imap's only at the first next())."""
+    async def numbers() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match=r"items is an async iterable .*: use map_async"):
+        engine.map(_tasks.double, numbers())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"items is an async iterable .*: use map_async"):
+        engine.imap(_tasks.double, numbers())  # type: ignore[arg-type]
 
 
 def test_imap_streams_an_endless_generator_lazily(engine: sp.Engine) -> None:

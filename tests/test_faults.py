@@ -8,6 +8,7 @@ and nothing is left behind.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,6 +213,24 @@ def test_memory_guard_recycles_a_growing_worker() -> None:
     with sp.Engine(workers=1, chunk_size=1, max_rss_per_worker="150MiB") as eng:
         pids = eng.map(grow, range(12)).values
     assert len(set(pids)) >= 2  # the worker was replaced at least once
+
+
+def test_a_memory_cap_below_a_fresh_worker_still_gives_every_item_an_outcome() -> None:
+    # A fresh worker already holds more than 2 x 4 MiB. It used to be killed while starting,
+    # before its chunk began; that death was no item's and no start-up failure either, so the
+    # chunk was requeued onto a fresh worker, killed the same way, forever: map never returned.
+    done: list[sp.BatchReport[int]] = []
+    with sp.Engine(workers=1, chunk_size=1, max_rss_per_worker="4MiB") as eng:
+        runner = threading.Thread(target=lambda: done.append(eng.map(_tasks.double, range(3))),
+                                  daemon=True)
+        runner.start()
+        runner.join(WAIT)
+        assert done, "map did not return"
+        report = done[0]
+        assert [o.value for o in report if o.ok] == [2 * o.index for o in report if o.ok]
+        for failed in report.failed:  # killed while running: its item's own outcome, and why
+            assert failed.kind == "crash" and "max_rss_per_worker" in str(failed.error)
+        assert eng.submit(_tasks.double, 5).result(timeout=WAIT) == 10
 
 
 def test_max_tasks_per_worker_recycles() -> None:

@@ -519,3 +519,36 @@ def test_a_dead_workers_unclaimed_results_are_swept() -> None:
     assert sweep(OWNER, creator) == 2
     with pytest.raises(SegmentMissing):
         loads(result, unlink=True)
+
+
+HALF_IMPORTED = textwrap.dedent("""
+    import sys, threading
+    import stagepool as sp
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Pause:  # holds numpy's import half-way: in sys.modules, no ndarray yet
+        def find_spec(self, name, path=None, target=None):
+            if name.startswith("numpy.") and not entered.is_set():
+                entered.set()
+                release.wait(30)
+
+    with sp.Engine(workers=1) as engine:
+        assert "numpy" not in sys.modules
+        sys.meta_path.insert(0, Pause())
+        threading.Thread(target=__import__, args=("numpy",), daemon=True).start()
+        assert entered.wait(30)
+        threading.Timer(0.5, release.set).start()  # the import finishes meanwhile
+        report = engine.map(abs, [-1, -2])
+        print(report.values, [str(o.error) for o in report.failed])
+""")
+
+
+def test_items_sent_while_another_thread_imports_numpy_are_not_unpicklable() -> None:
+    # Found with 200 concurrent map_async calls on a fresh engine: one batch thread imported
+    # numpy while another encoded, saw the half-built module and failed every item with
+    # "the argument (builtins.int) cannot be pickled: ... has no attribute 'ndarray'".
+    done = subprocess.run([sys.executable, "-c", HALF_IMPORTED], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1, 2] []", done.stdout

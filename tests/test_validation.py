@@ -245,6 +245,15 @@ def test_a_callable_timeout_returning_inf_fails_its_item_clearly(engine: sp.Engi
         report[1].error)
 
 
+@pytest.mark.needs("hard_timeouts")
+def test_a_callable_timeout_that_raises_is_named_as_the_cause(engine: sp.Engine) -> None:
+    # The item's error was the callable's bare ZeroDivisionError: it read as the function's.
+    report = engine.map(_tasks.double, [1, 0, 3], timeout=lambda x: 10 / x, chunk_size=3)
+    assert [o.kind for o in report] == ["ok", "error", "ok"]
+    assert "timeout(item 1) raised ZeroDivisionError: division by zero" in str(report[1].error)
+    assert isinstance(report[1].error.__cause__, ZeroDivisionError)
+
+
 @pytest.mark.parametrize("name", ["mem_per_task", "max_rss_per_worker"])
 def test_sizes_beyond_any_machine_are_refused(name: str) -> None:
     # max_rss_per_worker=2**62 used to start workers that all died at start-up (the memory cap

@@ -275,9 +275,15 @@ def item_timeouts(timeout: Timeout, items: list[Any],
     for i, item in enumerate(items):
         try:
             given = timeout(item)
-            if callable(given):
-                raise TypeError(f"timeout(item {start + i}) must return seconds or None, "
-                                f"not a callable ({given!r})")
+        except Exception as exc:  # say whose error it is: the item's function never ran
+            error = ValueError(f"timeout(item {start + i}) raised {type(exc).__name__}: {exc}; "
+                               "the item did not run")
+            error.__cause__ = exc
+            return error
+        if callable(given):
+            return TypeError(f"timeout(item {start + i}) must return seconds or None, "
+                             f"not a callable ({given!r})")
+        try:
             value = check_timeout(given, f"timeout(item {start + i})")
         except Exception as exc:
             return exc

@@ -23,6 +23,7 @@ piece.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import os
 import threading
 import warnings
@@ -119,7 +120,8 @@ class Engine(AsyncCalls):
       retries, progress and report: for debugging (breakpoints, coverage and profilers work as
       in plain Python) and fast tests. It cannot stop a running item (``timeout=`` raises
       ``ValueError``), survive an item that kills the process, kill running work on cancel, or
-      cap memory per worker (``max_rss_per_worker`` / ``max_tasks_per_worker`` raise).
+      cap memory per worker (``max_rss_per_worker`` / ``max_tasks_per_worker`` raise), all
+      checked before the initializer runs. ``workers`` is ignored there: no process starts.
     """
 
     def __init__(
@@ -154,19 +156,16 @@ class Engine(AsyncCalls):
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
             rerun_innocent=rerun_innocent)
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
-        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
-        overcommit = overcommit_warning(self.plan, self.workers)
-        if overcommit is not None:  # the user insisted: start as told, but say so at their line
-            warnings.warn(overcommit, OvercommitWarning, stacklevel=2)
+        if backend == "serial":  # no process to size, warn about or open files for
+            self._refuse_on_serial()  # before the initializer runs, in this process
+            self.workers, self._sizing = 1, "serial: 1 worker, this process"
+        else:
+            self._size_workers()
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._executor: ExecutorView | None = None
         started = self._start_backend(backend)
         self._backend: Backend | None = started
-        if backend == "serial":
-            self._refuse_on_serial()
-            self.workers = started.workers
-            self._sizing = "serial: 1 worker, this process"
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
@@ -197,12 +196,17 @@ class Engine(AsyncCalls):
             shm_threshold=cfg.shm_threshold if available() else 0,
             writable_inputs=cfg.writable_inputs))
 
+    def _size_workers(self) -> None:
+        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
+        overcommit = overcommit_warning(self.plan, self.workers)
+        if overcommit is not None:  # the user insisted: start as told, but say so at their line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
+
     def _refuse_on_serial(self) -> None:
         cfg = self.config
         for name, value in (("timeout", cfg.timeout), ("max_rss_per_worker", cfg.max_rss_per_worker),
                             ("max_tasks_per_worker", cfg.max_tasks_per_worker)):
             if value is not None:
-                self.shutdown()
                 raise ValueError(_serial_cannot(name))
 
     @property
@@ -250,8 +254,7 @@ class Engine(AsyncCalls):
               on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
               max_in_flight: int | None = None, max_concurrent: int | None = None) -> BatchSpec:
         """Validate one call's arguments (before anything starts) into its spec."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        _check_fn(fn)
         if not hasattr(items, "__aiter__"):
             try:
                 iter(items)
@@ -302,6 +305,7 @@ class Engine(AsyncCalls):
         (within about ``WAIT_SLICE`` seconds). Shutdown from another thread fails the remaining
         items with kind ``"cancelled"``.
         """
+        _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
         return run_to_report(Batch(self._backend_or_raise(), spec))
@@ -328,6 +332,7 @@ class Engine(AsyncCalls):
         starts (and nothing is held) until the first ``next``; arguments are checked here.
         """
         check_bool(ordered, "ordered")
+        _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                           max_concurrent=max_concurrent)
@@ -347,8 +352,7 @@ class Engine(AsyncCalls):
         Raises :class:`EngineClosed` after shutdown, and in a process forked from the creator.
         A callable ``timeout`` is called with the call's own arguments.
         """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        _check_fn(fn)
         self._backend_or_raise()
         return Single(self._submits, fn, args, kwargs).future
 
@@ -388,6 +392,25 @@ class Engine(AsyncCalls):
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.shutdown(wait=wait, cancel_pending=cancel_futures or kill, kill=kill)
+
+
+def _check_fn(fn: object) -> None:
+    """Refuse what cannot be an item's function: a non-callable, or a coroutine function, whose
+    coroutine nobody would await (an unpicklable result in a worker, a silent "ok" in process)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"fn must be a plain function, not a coroutine function ({fn!r}): the engine calls it "
+            "and nothing awaits the coroutine; make it a plain def (the async calls await the "
+            "engine, not fn)")
+
+
+def _refuse_async_items(items: object) -> None:
+    """``map`` and ``imap`` read ``items`` with ``for``; the async calls take async iterables."""
+    if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
+        raise TypeError(f"items is an async iterable ({type(items).__name__}): use map_async or "
+                        "imap_async, or pass a plain iterable")
 
 
 def _serial_cannot(option: str) -> str:

@@ -187,7 +187,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
         raise ValueError(f"creator must be 'p' or 'w<pid>', got {creator!r}")
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
-    numpy = sys.modules.get("numpy") if threshold > 0 else None
+    numpy = _imported_numpy() if threshold > 0 else None
     if numpy is None:  # without numpy imported there is no ndarray to move
         _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
@@ -205,6 +205,18 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     with file.getbuffer() as pickled:  # small by now: the big arrays went to segments
         blob = b"".join((_HEADER.pack(MAGIC, len(names)), names, pickled[_HEADER.size :]))
     return blob, len(blob) + pickler.shm_bytes
+
+
+def _imported_numpy() -> Any:
+    """numpy if this process imported it, else None (no array can need moving, and none is
+    imported for nothing). ``import`` rather than ``sys.modules`` alone: while another thread is
+    still importing numpy, ``sys.modules`` holds a half-built module without ``ndarray``;
+    ``import`` waits for that thread to finish."""
+    if "numpy" not in sys.modules:
+        return None
+    import numpy
+
+    return numpy
 
 
 def _attach(index: int, dtype: object, shape: tuple[int, ...], order: _Order) -> object:

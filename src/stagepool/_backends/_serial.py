@@ -69,7 +69,9 @@ class SerialBackend:
         if options.initializer is not None:
             try:
                 options.initializer(*options.initargs)
-            except Exception as exc:  # as in a worker: every item then fails with it
+            except KeyboardInterrupt:  # the caller's own Ctrl-C, as inside an item
+                raise
+            except BaseException as exc:  # as in a worker (SystemExit too): every item fails
                 self._init_error = exc
 
     @property

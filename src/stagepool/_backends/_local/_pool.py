@@ -531,11 +531,19 @@ class LocalBackend:
             if deadline is not None and now >= deadline and lane.tasks:
                 offset = self._record.offset(lane.slot)
                 self._kill(lane, "timeout", offset)
-            elif self._max_rss is not None and lane.tasks and lane.kill_reason is None:
+            elif (self._max_rss is not None and lane.tasks and lane.kill_reason is None
+                  and self._running_item(lane)):
                 rss = rss_of(lane.pid) or 0
                 if rss > 2 * self._max_rss:  # one item blowing far past the cap: stop it now
                     offset = self._record.offset(lane.slot)
                     self._kill(lane, "memory", offset)
+
+    def _running_item(self, lane: Lane) -> bool:
+        """Whether the worker is inside one of its chunk's items. Only then is its memory an
+        item's fault: a worker killed while starting (a cap below a fresh worker's size) would
+        blame no item, and its chunk would be requeued onto the next worker, killed alike, forever."""
+        state = self._record.state(lane.slot)
+        return state.chunk == lane.tasks[0].id and state.phase == PHASE_RUN
 
     def _kill(self, lane: Lane, reason: DeathReason, offset: int = -1) -> None:
         if lane.kill_reason is not None:
