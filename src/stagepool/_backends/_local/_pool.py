@@ -53,7 +53,7 @@ from ._codec import SharedMemoryCodec
 from ._lanes import Lane, readable, start_lane
 from ._limits import POLL_INTERVAL, deadline_of, wait_seconds
 from ._record import SharedRecord
-from ._scheduler import FairShare
+from .._fairshare import FairShare
 
 __all__ = ["LocalBackend"]
 
