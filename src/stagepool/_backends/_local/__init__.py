@@ -4,7 +4,6 @@
     _lanes.py      a worker process and its pipes, stderr, and what it may take
     _limits.py     per-item deadlines from the shared record (pure)
     _record.py     the parent's side of the shared record (which item each worker is on)
-    _codec.py      cloudpickle with big numpy arrays through shared memory
 """
 
 from ._pool import CAPABILITIES, LocalBackend

@@ -49,7 +49,7 @@ from .._protocol import (
     Task,
     TaskResult,
 )
-from ._codec import SharedMemoryCodec
+from .._codec import SharedMemoryCodec
 from ._lanes import Lane, readable, start_lane
 from ._limits import POLL_INTERVAL, deadline_of, wait_seconds
 from ._record import SharedRecord

@@ -1,6 +1,7 @@
-"""The local backend's codec: cloudpickle, with big numpy arrays moved through shared memory.
+"""The pickling codec: cloudpickle, with big numpy arrays moved through shared memory.
 
-Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
+The local backend uses it as is; the dask backend with ``threshold`` 0 (nothing in shared memory:
+its workers may be on other machines) and its own wrapping for dask's transport. Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
 (it caches them by key). Items are pickled by the submitting thread; arrays of ``threshold``
 bytes and more go to ``/dev/shm`` segments that the batch's arena recycles between chunks (see
 ``_transport``).
@@ -14,9 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from ... import _transport
-from ..._worker import dumps
-from .._protocol import Encoded
+from .. import _transport
+from .._worker import dumps
+from ._protocol import Encoded
 
 __all__ = ["SharedMemoryCodec"]
 
