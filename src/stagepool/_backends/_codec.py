@@ -1,7 +1,9 @@
 """The pickling codec: cloudpickle, with big numpy arrays moved through shared memory.
 
 The local backend uses it as is; the dask backend with ``threshold`` 0 (nothing in shared memory:
-its workers may be on other machines) and its own wrapping for dask's transport. Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
+its workers may be on other machines) and its own wrapping for dask's transport.
+
+Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
 (it caches them by key). Items are pickled by the submitting thread; arrays of ``threshold``
 bytes and more go to ``/dev/shm`` segments that the batch's arena recycles between chunks (see
 ``_transport``).

@@ -39,6 +39,8 @@ from ... import _transport
 from ..._errors import EngineClosed
 from ..._resources import kill_tree, rss_of
 from ..._worker import FN_CACHE_SIZE, PHASE_IDLE, PHASE_RUN, TaskHeader, WorkerSetup
+from .._codec import SharedMemoryCodec
+from .._fairshare import FairShare
 from .._protocol import (
     BackendOptions,
     Cancelled,
@@ -49,11 +51,9 @@ from .._protocol import (
     Task,
     TaskResult,
 )
-from .._codec import SharedMemoryCodec
 from ._lanes import Lane, readable, start_lane
 from ._limits import POLL_INTERVAL, deadline_of, wait_seconds
 from ._record import SharedRecord
-from .._fairshare import FairShare
 
 __all__ = ["LocalBackend"]
 
