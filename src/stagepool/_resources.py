@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -43,6 +43,7 @@ __all__ = [
     "ResourceSnapshot",
     "WorkerPlan",
     "choose_workers",
+    "cluster_plan",
     "cpu_rss_sampler",
     "format_snapshot",
     "kill_tree",
@@ -78,7 +79,7 @@ _DEFAULT_CFS_PERIOD_US = 100_000
 FDS_PER_WORKER = 4
 FDS_RESERVED = 64
 
-LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
+LimitedBy = Literal["cpu", "memory", "max_workers", "env", "cluster"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +526,14 @@ def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
         how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
     _check_open_files(plan.snapshot, workers)
     return workers, f"{_workers(workers)} ({how})"
+
+
+def cluster_plan(plan: WorkerPlan, threads: int, where: str) -> tuple[WorkerPlan, str]:
+    """On a cluster the cluster decides (pure): its ``threads`` are the workers, ``where`` says
+    which cluster. Returns the plan (``limited_by == "cluster"``) and the engine's ``repr`` text."""
+    reason = f"{_workers(threads)}: limited by cluster, {where}"
+    return (replace(plan, workers=threads, limited_by="cluster", reason=reason),
+            f"{_workers(threads)} (dask: {where})")
 
 
 def _check_open_files(snapshot: ResourceSnapshot, workers: int) -> None:

@@ -64,7 +64,7 @@ class SharedMemoryCodec:
         except Exception:  # out of address space, say: keep the originals instead
             return items
 
-    def decode(self, result: bytes) -> Any:
+    def decode(self, result: bytes | memoryview) -> Any:
         return _transport.loads(result, writable=True, unlink=True)
 
     def release(self, items: bytes, arena: int | None) -> None:

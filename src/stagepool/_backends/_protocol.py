@@ -27,7 +27,7 @@ __all__ = [
 
 _task_ids = itertools.count(1)
 
-BackendName = Literal["local", "serial"]
+BackendName = Literal["local", "serial", "dask"]
 DeathReason = Literal["crash", "timeout", "memory", "cancelled"]
 
 
