@@ -180,6 +180,19 @@ def test_a_hung_item_times_out_and_its_child_process_is_killed(
                       psutil.Process(child).status() == psutil.STATUS_ZOMBIE, timeout=10)
 
 
+def test_initializer_and_memory_cap_reach_the_lanes_on_the_workers(cluster: str, client: Any) -> None:
+    def allocate(gib: int) -> int:
+        return len(bytearray(gib * 2**30))  # far beyond 2 x max_rss + headroom
+
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine(backend="dask", address=cluster, initializer=_tasks.init_set, initargs=(42,),
+                   max_rss_per_worker="200MiB") as eng:
+        assert eng.map(_tasks.read_init, range(4), chunk_size=1).values == [[42]] * 4
+        report = eng.map(allocate, [0, 4, 0])
+        assert [o.kind for o in report] == ["ok", "error", "ok"]
+        assert isinstance(report[1].error, MemoryError)
+
+
 # ---- connecting, and what an engine leaves behind -----------------------------------------------
 
 def test_the_plan_and_repr_name_the_cluster(cli_engine: sp.Engine, cluster: str) -> None:
