@@ -295,6 +295,24 @@ def test_without_dask_the_error_says_how_to_install_it() -> None:
     assert 'pip install "stagepool[dask]"' in out
 
 
+def test_dask_chunks_carry_more_work_than_local_ones(dask_engine: sp.Engine,
+                                                   local_engine: sp.Engine) -> None:
+    """A dask chunk costs a scheduler round trip: it is sized for 0.2 s of work, not 20 ms."""
+    items = [0.01] * 200
+    local, dask = (eng.map(_tasks.sleep_for, items) for eng in (local_engine, dask_engine))
+    assert local.values == dask.values == items
+    assert dask.stats.chunks < local.stats.chunks / 2
+
+
+def test_a_local_engine_never_imports_distributed() -> None:
+    code = ("import sys, stagepool as sp\n"
+            "with sp.Engine(workers=1) as eng:\n    eng.map(abs, [-1])\n"
+            "print(sorted({'dask', 'distributed'} & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # ---- data: dask's transport, never shared memory ------------------------------------------------
 
 def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine) -> None:

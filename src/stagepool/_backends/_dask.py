@@ -90,7 +90,8 @@ __all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]
 
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=False, memory_limits=True,
-                            processes=True, serializes=True, fast_round_trip=False)
+                            processes=True, serializes=True, fast_round_trip=False,
+                            chunk_seconds=0.2)
 
 # How often the dispatcher asks the scheduler which workers there are while chunks are running or
 # queued: how long a dead worker's chunks wait before they run again. One small RPC each time.

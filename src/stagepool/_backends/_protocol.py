@@ -47,6 +47,8 @@ class Capabilities:
     # every task is a round trip through its scheduler (~10-20 ms): thousands of single calls
     # are then slow, though chunked batches are not.
     fast_round_trip: bool = True
+    # Work per automatic chunk, seconds: enough to amortise the round trip of one chunk.
+    chunk_seconds: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
