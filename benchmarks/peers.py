@@ -508,12 +508,14 @@ class StagepoolPeer(Peer):
 
     name = "stagepool"
     ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight")
+    BACKEND = "local"
 
     def _start(self) -> None:
         import stagepool as sp
 
         options = {k: v for k, v in self.options.items() if k in self.ENGINE_OPTIONS}
-        self.engine = sp.Engine(workers=self.workers, **{"chunk_size": "auto", **options})
+        self.engine = sp.Engine(workers=self.workers, backend=self.BACKEND,
+                                **{"chunk_size": "auto", **options})
         self._stats: dict[str, Any] = {}
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -561,6 +563,22 @@ class StagepoolPeer(Peer):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "worker_pids": self.engine.worker_pids(),
                 "plan": self.engine.plan.reason}
+
+
+class StagepoolDaskPeer(StagepoolPeer):
+    """stagepool on dask: ``Engine(backend="dask", workers)``, an in-process
+    ``LocalCluster(processes=True)`` of that many one-thread workers, each hosting its own
+    stagepool worker process; the same calls as the local row. Not judged by stagepool's targets
+    (they are the local engine's); it answers "what does the cluster path cost?"."""
+
+    name = "stagepool-dask"
+    BACKEND = "dask"
+
+    def _start(self) -> None:
+        import logging
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)  # as the dask row: no chatter
+        super()._start()
 
 
 class CeilingPeer(Peer):
@@ -614,7 +632,7 @@ class CeilingPeer(Peer):
 
 PEERS: dict[str, type[Peer]] = {cls.name: cls for cls in (
     SerialPeer, CeilingPeer, PPEPeer, MpPoolPeer, LokyPeer, JoblibPeer, MpirePeer, PebblePeer,
-    DaskPeer, StagepoolPeer)}
+    DaskPeer, StagepoolPeer, StagepoolDaskPeer)}
 
 
 def make_peer(spec: PeerSpec, workers: int) -> Peer:

@@ -72,6 +72,7 @@ class Tiny(Workload):
             PeerSpec("dask", "dask", f"dask.distributed client.map ({dask:,} items)",
                      case={"items": dask}),
             PeerSpec("stagepool", "stagepool", 'stagepool Engine.map chunk_size="auto"'),
+            STAGEPOOL_ON_DASK,
         ]
 
     def prepare(self, params: dict[str, Any], spec: PeerSpec) -> Any:
@@ -163,6 +164,11 @@ class _CpuBound(Workload):
         return annotate_ceiling(rows)
 
 
+# stagepool on a dask LocalCluster, beside client.map and the local engine (tiny and cpu).
+STAGEPOOL_ON_DASK = PeerSpec("stagepool-dask", "stagepool-dask",
+                             'stagepool Engine(backend="dask").map chunk_size="auto"')
+
+
 class Cpu(_CpuBound):
     """Do the workers stay busy on uniform CPU work? 200 numpy tasks of ~20 ms, efficiency.
 
@@ -173,6 +179,9 @@ class Cpu(_CpuBound):
     """
 
     name = "cpu"
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        return [*super().specs(params), STAGEPOOL_ON_DASK]
 
     def params(self, quick: bool) -> dict[str, Any]:
         tasks = 20 if quick else 200

@@ -375,3 +375,37 @@ def init_crash(how: str, log: str) -> None:
     if how == "exit":
         os._exit(3)
     ctypes.string_at(0)
+
+
+# ---- on a dask cluster: the process above a lane is the dask worker ---------------------------
+
+def kill_dask_worker(x: int) -> int:
+    """At value 0, SIGKILL the dask worker hosting this lane (the lane then exits by itself)."""
+    if x == 0:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
+    return x
+
+
+def note_then_sleep(item: tuple[int, float, str]) -> int:
+    """Write ``<dask worker pid>`` to ``folder/<index>`` when it starts, then sleep."""
+    index, seconds, folder = item
+    with open(os.path.join(folder, f"{index}.tmp"), "w") as f:
+        f.write(str(os.getppid()))
+    os.replace(os.path.join(folder, f"{index}.tmp"), os.path.join(folder, str(index)))
+    time.sleep(seconds)
+    return index
+
+
+def hang_with_child_noting(item: tuple[int, str]) -> int:
+    """At value 0, start a child process, write its pid to ``path`` and hang."""
+    x, path = item
+    if x == 0:
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10**6)"])
+        with open(path, "w") as f:
+            f.write(str(child.pid))
+        time.sleep(10**6)
+    return x

@@ -50,7 +50,7 @@ def wait_until(predicate, timeout: float = WAIT, interval: float = 0.05) -> bool
     return bool(predicate())
 
 
-BACKENDS = ("local", "serial")
+BACKENDS = ("local", "serial", "dask")
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +64,16 @@ def local_engine(request: pytest.FixtureRequest) -> Iterator[sp.Engine]:
 @pytest.fixture(scope="session")
 def serial_engine() -> Iterator[sp.Engine]:
     with sp.Engine(backend="serial") as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+def dask_engine(request: pytest.FixtureRequest) -> Iterator[sp.Engine]:
+    """An in-process LocalCluster(processes=True) of 2 one-thread workers, each hosting its
+    lanes (skipped where dask.distributed is not installed)."""
+    pytest.importorskip("distributed")
+    with sp.Engine(backend="dask", workers=2) as eng:
+        request.session.__dict__["_stagepool_dask_engine"] = eng  # its lanes are no leftovers
         yield eng
 
 
@@ -87,8 +97,11 @@ def engine(request: pytest.FixtureRequest) -> sp.Engine:
 def no_leftover_workers(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test module, only the session engine's workers may remain."""
     yield
-    session_engine = request.session.__dict__.get("_stagepool_engine")
-    allowed = set(session_engine.worker_pids()) if session_engine is not None else set()
+    allowed: set[int] = set()
+    for name in ("_stagepool_engine", "_stagepool_dask_engine"):
+        session_engine = request.session.__dict__.get(name)
+        if session_engine is not None:
+            allowed.update(session_engine.worker_pids())
 
     def clean() -> bool:
         return stagepool_workers() <= allowed

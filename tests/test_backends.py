@@ -16,8 +16,9 @@ from stagepool import _bridge, _transport
 
 
 def test_an_unknown_backend_is_named() -> None:
-    with pytest.raises(ValueError, match="backend must be one of 'local', 'serial', got 'dask'"):
-        sp.Engine(backend="dask")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"backend must be one of 'local', 'serial', 'dask' or a "
+                                         r"distributed\.Client, got 'cluster'"):
+        sp.Engine(backend="cluster")
 
 
 @pytest.mark.parametrize("option", [{"timeout": 1.0}, {"max_rss_per_worker": "1GiB"},

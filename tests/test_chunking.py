@@ -43,3 +43,21 @@ def test_a_chunk_never_carries_more_than_chunk_bytes_unless_it_is_one_item(
     assert size == 1 or size * item_bytes <= CHUNK_BYTES
     if total is None:
         assert size <= MAX_STREAM_CHUNK
+
+
+def test_a_backend_with_a_long_round_trip_gets_longer_chunks() -> None:
+    """On a cluster each chunk is a scheduler round trip of ~10-20 ms: 20 ms chunks of 20 ms
+    items (one item each) left the workers idle about half the time."""
+    local, cluster = (ChunkSizer(None, workers=2, total=200, target=t) for t in (0.02, 0.2))
+    for sizer in (local, cluster):
+        sizer.observe_payload(1, 100)
+        sizer.observe(1, 0.02)
+    assert local.next_size(1) == 1
+    assert cluster.next_size(1) == 10  # 0.2 s of 20 ms items
+    # and the tail stops shrinking at ten times the local floor of work per chunk
+    local_tail, cluster_tail = (ChunkSizer(None, workers=2, total=10**6, target=t)
+                                for t in (0.02, 0.2))
+    for sizer in (local_tail, cluster_tail):
+        sizer.observe_payload(1, 100)
+        sizer.observe(1, 1e-6)
+    assert cluster_tail.next_size(10**6 - 10) == 10 * local_tail.next_size(10**6 - 10)

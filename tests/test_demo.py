@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import stagepool as sp
 from conftest import WAIT
 from stagepool import demo
@@ -23,6 +25,18 @@ def test_run_demo_reports_exactly_the_corrupt_segments() -> None:
     assert any(line.startswith("throughput: ") for line in lines)
     assert any(line.startswith("realtime factor: ") for line in lines)
     assert lines[-1].startswith("speedup over serial: ")
+
+
+def test_run_demo_on_a_dask_cluster() -> None:
+    pytest.importorskip("distributed")
+    lines: list[str] = []
+    code = demo.run_demo(seconds=16.0, workers=2, progress=False, sample=0, out=lines.append,
+                         backend="dask")
+    assert code == 0, "\n".join(lines)
+    assert lines[0].startswith("plan: 2 workers: limited by cluster, in-process LocalCluster")
+    bad = subprocess.run([sys.executable, "-m", "stagepool", "demo", "--address", "tcp://x:1"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert bad.returncode != 0 and "add --backend dask" in bad.stderr
 
 
 def test_an_unexpected_failure_makes_the_demo_fail(engine: sp.Engine) -> None:

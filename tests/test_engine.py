@@ -408,14 +408,18 @@ def test_a_running_submit_cannot_be_cancelled_like_the_stdlib_executors(engine: 
     assert [f.result(timeout=WAIT) for f in blockers] == [0.5] * engine.workers
 
 
-@pytest.mark.needs("processes")
-def test_many_single_submits_stay_fast_and_cancel_alone(engine: sp.Engine) -> None:
+@pytest.mark.needs("processes", "fast_round_trip")
+def test_many_single_submits_stay_fast(engine: sp.Engine) -> None:
     import time as _time
 
     started = _time.monotonic()
     futures = [engine.submit(_tasks.double, i) for i in range(3000)]
     assert [f.result(timeout=WAIT) for f in futures] == [2 * i for i in range(3000)]
     assert _time.monotonic() - started < WAIT  # was quadratic: one fair-share group per call
+
+
+@pytest.mark.needs("processes")
+def test_a_queued_single_submit_cancels_alone(engine: sp.Engine) -> None:
     blockers = [engine.submit(_tasks.sleep_for, 0.5) for _ in range(engine.workers)]
     queued = [engine.submit(_tasks.double, i) for i in range(5)]
     assert queued[2].cancel()

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 
 from stagepool._answers import BatchPolicy
 from stagepool._backends import Capabilities, Group, LaneDied, Task
-from stagepool._backends._local._scheduler import UNKNOWN_CHUNK_SECONDS, FairShare
+from stagepool._backends._fairshare import UNKNOWN_CHUNK_SECONDS, FairShare
 from stagepool._backends._serial import InProcessCodec
 from stagepool._batch import Batch, BatchSpec
 from stagepool._streams import outcomes, run_to_report

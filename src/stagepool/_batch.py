@@ -75,7 +75,8 @@ class Batch:
         # an abandoned generator, which the garbage collector may start inside _on_done.
         self.lock = threading.RLock()
         self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
-        self.sizer = ChunkSizer(spec.chunk_size, backend.workers, self.total)
+        self.sizer = ChunkSizer(spec.chunk_size, backend.workers, self.total,
+                                backend.capabilities.chunk_seconds)
         self.max_in_flight = spec.max_in_flight or spec.policy.max_in_flight
         self.sink: ProgressSink | None = make_sink(
             progress=spec.progress, on_progress=spec.on_progress, total=self.total,

@@ -26,7 +26,9 @@ import math
 __all__ = ["ChunkSizer"]
 
 # Trade-off: longer chunks cost less overhead per item but make load balancing coarser and
-# progress jumpier. 20 ms keeps the per-chunk overhead under ~0.5% for tiny items.
+# progress jumpier. 20 ms keeps the per-chunk overhead under ~0.5% for tiny items. A backend whose
+# round trip is longer (a cluster's scheduler: ~10-20 ms, not pipelined) asks for more: see
+# Capabilities.chunk_seconds, and MIN_CHUNK_SECONDS scales with it.
 TARGET_CHUNK_SECONDS = 0.02
 # Share of the remaining items one chunk may take: 4 per worker keeps the tail balanced.
 TAIL_SHARES = 4
@@ -48,8 +50,11 @@ MAX_STREAM_CHUNK = 4096
 class ChunkSizer:
     """Decides the size of the next chunk of one batch. Not thread-safe: one per batch."""
 
-    def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
+    def __init__(self, fixed: int | None, workers: int, total: int | None,
+                 target: float = TARGET_CHUNK_SECONDS) -> None:
         self.fixed = fixed
+        self.target = target
+        self.min_seconds = MIN_CHUNK_SECONDS * target / TARGET_CHUNK_SECONDS
         self.workers = max(1, workers)
         self.total = total
         self._items = 0
@@ -82,12 +87,12 @@ class ChunkSizer:
         if not self._encoded_items:
             return 1  # learn the payload per item first (see the module docstring)
         per_item = self.per_item
-        size = self._blind if per_item is None else int(TARGET_CHUNK_SECONDS / max(per_item, 1e-9))
+        size = self._blind if per_item is None else int(self.target / max(per_item, 1e-9))
         if self.total is not None:
             remaining = max(1, self.total - submitted)
             tail = math.ceil(remaining / (TAIL_SHARES * self.workers))
             if per_item is not None:
-                tail = max(tail, int(MIN_CHUNK_SECONDS / max(per_item, 1e-9)))
+                tail = max(tail, int(self.min_seconds / max(per_item, 1e-9)))
             size = min(size, tail)
         else:
             size = min(size, MAX_STREAM_CHUNK)

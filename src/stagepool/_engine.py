@@ -7,7 +7,8 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
       -> Batch (_batch.py): cuts chunks (ChunkSizer: adaptive, payload-bounded), keeps a bounded
             window in flight, has each chunk encoded by the backend's codec
       -> backend.submit_many(Tasks): local worker processes (_backends/_local/: lanes + a shared
-            record naming the running item), or in-process (_backends/_serial.py)
+            record naming the running item), in-process (_backends/_serial.py), or a dask cluster
+            (_backends/_dask.py: a chunk is one dask task, run by lanes hosted on its worker)
       -> _worker.run_chunk in the worker: each item timed, value or exception captured
       -> the backend reports facts: an answer | "worker died while on item k" (k may be unknown:
             the driver then halves the chunk until the guilty item is alone) | cancelled
@@ -46,7 +47,7 @@ from ._config import (
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._outcome import BatchReport, Outcome
-from ._planning import WorkerPlan, choose_workers, overcommit_warning, plan_workers
+from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._progress import Progress, check_progress_options
 from ._single import ExecutorView, Single, SubmitContext
 from ._streams import outcomes, run_to_report
@@ -67,7 +68,7 @@ IN_FLIGHT_PER_WORKER = 2
 # profiler's finding). Up to 64 MiB of freed heap stays in each worker. A user's own setting wins.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
                      "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
-BACKENDS: tuple[BackendName, ...] = ("local", "serial")
+BACKENDS: tuple[BackendName, ...] = ("local", "serial", "dask")
 
 
 class Engine(AsyncCalls):
@@ -122,6 +123,13 @@ class Engine(AsyncCalls):
       ``ValueError``), survive an item that kills the process, kill running work on cancel, or
       cap memory per worker (``max_rss_per_worker`` / ``max_tasks_per_worker`` raise), all
       checked before the initializer runs. ``workers`` is ignored there: no process starts.
+      ``"dask"``: on a dask.distributed cluster (``pip install "stagepool[dask]"``): the one at
+      ``address`` (``"tcp://host:8786"``), or an in-process ``LocalCluster`` of ``workers``
+      processes on this machine (closed with the engine); or pass an existing
+      ``distributed.Client`` as ``backend``. The cluster's threads are the workers (``engine.plan``
+      says so). Outcomes, blame, timeouts, retries, memory caps and cancellation are as locally
+      (each dask worker hosts one worker process per thread); arrays travel with dask's transport,
+      not shared memory. A worker the cluster loses fails only the item it was running.
     """
 
     def __init__(
@@ -143,11 +151,11 @@ class Engine(AsyncCalls):
         shm_threshold: int | str = "1MiB",
         writable_inputs: bool = False,
         rerun_innocent: bool = True,
-        backend: BackendName = "local",
+        backend: BackendName | Any = "local",
+        address: str | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
-                             f"got {backend!r}")
+        name, client = _backend_choice(backend, address)
+        remote = client is not None or address is not None
         self.config = EngineConfig.create(
             shm_threshold=shm_threshold, writable_inputs=writable_inputs,
             workers=workers, mem_per_task=mem_per_task, chunk_size=chunk_size,
@@ -155,17 +163,24 @@ class Engine(AsyncCalls):
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
             rerun_innocent=rerun_innocent)
+        if remote and self.config.workers is not None:
+            raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
+                             "connect to (address= or a Client) brings its own workers")
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
-        if backend == "serial":  # no process to size, warn about or open files for
+        if name == "serial":  # no process to size, warn about or open files for
             self._refuse_on_serial()  # before the initializer runs, in this process
             self.workers, self._sizing = 1, "serial: 1 worker, this process"
         else:
-            self._size_workers()
+            self._size_workers(warn=not remote)
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._executor: ExecutorView | None = None
-        started = self._start_backend(backend)
+        started = self._start_backend(name, address, client)
         self._backend: Backend | None = started
+        self._backend_name = name
+        if name == "dask":  # the cluster decides
+            self.workers = started.workers
+            self.plan, self._sizing = cluster_plan(self.plan, started.workers, str(started))
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
@@ -181,8 +196,9 @@ class Engine(AsyncCalls):
 
         return cls(**{**load_profile(path), **overrides})
 
-    def _start_backend(self, name: BackendName) -> Backend:
-        env = self.plan.thread_env(workers=self.workers)
+    def _start_backend(self, name: BackendName, address: str | None, client: Any) -> Backend:
+        # BLAS threads: a cluster's workers size them from their own host (see _backends._dask).
+        env = {} if name == "dask" else self.plan.thread_env(workers=self.workers)
         for var, value in WORKER_MALLOC_ENV.items():
             if var not in os.environ:
                 env[var] = value
@@ -194,11 +210,11 @@ class Engine(AsyncCalls):
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
             shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs))
+            writable_inputs=cfg.writable_inputs), address=address, client=client)
 
-    def _size_workers(self) -> None:
+    def _size_workers(self, *, warn: bool) -> None:
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
-        overcommit = overcommit_warning(self.plan, self.workers)
+        overcommit = overcommit_warning(self.plan, self.workers) if warn else None
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
             warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
 
@@ -211,8 +227,8 @@ class Engine(AsyncCalls):
 
     @property
     def backend(self) -> str:
-        """The name of the backend this engine runs on (``"local"`` or ``"serial"``)."""
-        return "serial" if not self.capabilities.processes else "local"
+        """The name of the backend this engine runs on (``"local"``, ``"serial"`` or ``"dask"``)."""
+        return self._backend_name
 
     @property
     def capabilities(self) -> Any:
@@ -369,7 +385,7 @@ class Engine(AsyncCalls):
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def worker_pids(self) -> list[int]:
-        """Pids of the live worker processes."""
+        """Pids of the live worker processes (on dask: on the workers' hosts, asked for now)."""
         backend = self._backend
         return backend.worker_pids() if backend is not None else []
 
@@ -411,6 +427,28 @@ def _refuse_async_items(items: object) -> None:
     if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
         raise TypeError(f"items is an async iterable ({type(items).__name__}): use map_async or "
                         "imap_async, or pass a plain iterable")
+
+
+def _backend_choice(backend: object, address: object) -> tuple[BackendName, Any]:
+    """The backend's name and, for ``Engine(backend=client)``, the ``distributed.Client``."""
+    choices = f"{', '.join(map(repr, BACKENDS))} or a distributed.Client"
+    client: Any = None
+    if isinstance(backend, str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+        name = backend
+    elif type(backend).__module__.partition(".")[0] == "distributed":  # checked again there
+        name, client = "dask", backend
+    else:
+        raise TypeError(f"backend must be one of {choices}, not {type(backend).__name__}")
+    if address is not None:
+        if name != "dask" or client is not None:
+            raise ValueError("address= is the dask scheduler to connect to: it needs "
+                             "backend='dask' (a Client already knows its scheduler)")
+        if not isinstance(address, str) or not address:
+            raise TypeError(f"address must be a scheduler address such as "
+                            f"'tcp://127.0.0.1:8786', not {address!r}")
+    return name, client
 
 
 def _serial_cannot(option: str) -> str:

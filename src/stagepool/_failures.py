@@ -52,11 +52,15 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
     if died.reason == "initializer":  # the backend starts no new worker: a doomed engine
         stage = f"running the initializer {died.initializer}, before"
         hint += "; no worker is started again and every item fails so: fix the initializer"
-    who = f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
-    msg = f"{who} {how} while {stage} item {index}: {hint}"
+    msg = f"{_who(died)} {how} while {stage} item {index}: {hint}"
     if died.detail:  # the backend keeps only the last lines of the worker's stderr
         msg += f"\n--- the worker's last words (stderr tail) ---\n{died.detail}"
     return WorkerCrashed(msg)
+
+
+def _who(died: LaneDied) -> str:
+    """"worker 123", and where it ran when a pid says little (a cluster worker's address)."""
+    return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 
 def death_failure(died: LaneDied, index: int, stage: str,
@@ -64,7 +68,7 @@ def death_failure(died: LaneDied, index: int, stage: str,
     """What a dead worker means for the item it was running (``seconds``: its timeout)."""
     if died.reason == "timeout":
         return "timeout", TaskTimeout(
-            f"item {index} ran longer than its timeout of {seconds:g} s in worker {died.pid}; "
+            f"item {index} ran longer than its timeout of {seconds:g} s in {_who(died)}; "
             "the worker and its child processes were killed and replaced")
     if died.reason == "cancelled":
         return "cancelled", TaskCancelled(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ._config import format_size, positive_size
@@ -22,10 +22,11 @@ from ._resources import (
     check_field,
 )
 
-__all__ = ["LimitedBy", "WorkerPlan", "choose_workers", "format_snapshot", "overcommit_warning",
+__all__ = ["LimitedBy", "WorkerPlan", "choose_workers", "cluster_plan", "format_snapshot",
+           "overcommit_warning",
            "plan_from_snapshot", "plan_workers"]
 
-LimitedBy = Literal["cpu", "memory", "max_workers", "env"]
+LimitedBy = Literal["cpu", "memory", "max_workers", "env", "cluster"]
 
 # --------------------------------------------------------------------------------------------------
 # Planning (pure)
@@ -127,6 +128,14 @@ def choose_workers(plan: WorkerPlan, requested: int | None) -> tuple[int, str]:
         how = f"explicit; the machine plan allows {plan.workers}: {plan.detail}"
     _check_open_files(plan.snapshot, workers)
     return workers, f"{_workers(workers)} ({how})"
+
+
+def cluster_plan(plan: WorkerPlan, threads: int, where: str) -> tuple[WorkerPlan, str]:
+    """On a cluster the cluster decides (pure): its ``threads`` are the workers, ``where`` says
+    which cluster. Returns the plan (``limited_by == "cluster"``) and the engine's ``repr`` text."""
+    reason = f"{_workers(threads)}: limited by cluster, {where}"
+    return (replace(plan, workers=threads, limited_by="cluster", reason=reason),
+            f"{_workers(threads)} (dask: {where})")
 
 
 def _check_open_files(snapshot: ResourceSnapshot, workers: int) -> None:

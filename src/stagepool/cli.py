@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment-seconds", type=float, default=2.0)
     demo.add_argument("--workers", default="auto", help="worker count or 'auto' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--backend", choices=("local", "dask"), default="local",
+                      help="local worker processes (default), or a dask cluster")
+    demo.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                      help="the dask scheduler to use (default: a LocalCluster on this machine)")
 
     plan = sub.add_parser("plan", help="show the machine's resources and the worker plan")
     plan.add_argument("--mem-per-task", default=None, help="memory one task needs, e.g. 1GiB")
@@ -80,8 +84,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     seconds = args.seconds if args.segments is None else args.segments * args.segment_seconds
+    if args.address is not None and args.backend != "dask":
+        raise SystemExit("stagepool: --address is the dask scheduler to use: add --backend dask")
     return run_demo(seconds=seconds, segment_seconds=args.segment_seconds,
-                    workers=_workers(args.workers), progress=not args.no_progress)
+                    workers=_workers(args.workers), progress=not args.no_progress,
+                    backend=args.backend, address=args.address)
 
 
 def _plan(args: argparse.Namespace) -> int:

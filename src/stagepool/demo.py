@@ -113,6 +113,8 @@ def run_demo(
     progress: bool = True,
     sample: int = 8,
     out: Callable[[str], None] = print,
+    backend: str = "local",
+    address: str | None = None,
 ) -> int:
     """Process a synthetic soundtrack on a stagepool ``Engine`` and print what happened.
 
@@ -121,6 +123,9 @@ def run_demo(
     plan's reason, the report summary, one line per failed segment, throughput, the realtime
     factor and the speedup over running ``process_segment`` serially here (timed on ``sample``
     valid segments after the pool has shut down and extrapolated; ``sample=0`` skips it).
+
+    ``backend="dask"`` runs it on a dask cluster: the one at ``address``, else an in-process
+    ``LocalCluster`` of ``workers`` processes; the plan line then describes the cluster.
 
     Returns 0 when exactly the deliberately corrupt segments failed, with ``CorruptSegmentError``,
     and 1 otherwise. Raises ``ValueError`` for non-positive durations or a negative ``sample``.
@@ -135,11 +140,11 @@ def run_demo(
     if sample < 0:
         raise ValueError(f"sample must be >= 0 segments, got {sample!r}")
     corrupt = default_corrupt(count)
-    plan = sp.plan_workers(mem_per_task=_MEM_PER_TASK)
-    out(f"plan: {plan.reason}")
-    out(_workload_line(count, seconds, segment_seconds, corrupt))
-    chosen = plan.workers if workers == "auto" else workers
-    with sp.Engine(workers=chosen, mem_per_task=_MEM_PER_TASK) as engine:
+    # A cluster at an address brings its own workers: "auto" lets the engine ask it.
+    with sp.Engine(workers="auto" if address else workers, mem_per_task=_MEM_PER_TASK,
+                   backend=backend, address=address) as engine:
+        out(f"plan: {engine.plan.reason}")
+        out(_workload_line(count, seconds, segment_seconds, corrupt))
         # Warm-up: start every worker and import this module there, so the measured batch is
         # the steady state a long-running service sees, not interpreter start-up.
         warm = synth_segment(0, segment_seconds=segment_seconds)

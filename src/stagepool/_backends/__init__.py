@@ -1,4 +1,4 @@
-"""Backends run chunk tasks somewhere: local worker processes, in-process, or (later) a cluster.
+"""Backends run chunk tasks somewhere: local worker processes, in-process, or a dask cluster.
 
 The engine speaks to a backend only through :class:`Backend`, its :class:`Codec` and the small
 value classes below. A backend never imports the engine, the asyncio bridge or progress; it
@@ -11,6 +11,8 @@ survive a crashing item, stop a running item at its timeout, or move arrays thro
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ._protocol import (
     Backend,
@@ -28,6 +30,7 @@ from ._protocol import (
 )
 
 __all__ = [
+    "DASK_HINT",
     "Backend",
     "BackendName",
     "BackendOptions",
@@ -44,12 +47,29 @@ __all__ = [
 ]
 
 
-def make_backend(name: BackendName, options: BackendOptions) -> Backend:
-    """Start the backend called ``name``; each is imported only when asked for."""
+DASK_HINT = 'backend="dask" needs dask.distributed: pip install "stagepool[dask]"'
+
+
+def make_backend(name: BackendName, options: BackendOptions, *, address: str | None = None,
+                 client: Any = None) -> Backend:
+    """Start the backend called ``name``; each is imported only when asked for.
+
+    ``"dask"`` connects to ``address`` or uses ``client`` (else starts an in-process cluster) and
+    hosts a local backend on each dask worker; raises ``ImportError`` with the install command
+    when dask.distributed is missing."""
     if name == "serial":
         from ._serial import SerialBackend
 
         return SerialBackend(options)
     from ._local import LocalBackend
 
+    if name == "dask":
+        try:
+            from ._dask import DaskBackend
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in ("dask", "distributed"):
+                raise
+            raise ImportError(DASK_HINT) from exc
+        # The hosted backend is handed in, not imported there: the backends stay independent.
+        return DaskBackend(options, hosted=LocalBackend, address=address, client=client)
     return LocalBackend(options)

@@ -27,7 +27,7 @@ __all__ = [
 
 _task_ids = itertools.count(1)
 
-BackendName = Literal["local", "serial"]
+BackendName = Literal["local", "serial", "dask"]
 DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer"]
 
 
@@ -43,6 +43,12 @@ class Capabilities:
     memory_limits: bool  # max_rss_per_worker / max_tasks_per_worker are enforced
     processes: bool  # work runs in other processes, so a raised KeyboardInterrupt is the item's
     serializes: bool  # items, functions and results are pickled: what cannot be fails its item
+    # A one-item task costs well under a millisecond (same-host pipes). Not on a cluster, where
+    # every task is a round trip through its scheduler (~10-20 ms): thousands of single calls
+    # are then slow, though chunked batches are not.
+    fast_round_trip: bool = True
+    # Work per automatic chunk, seconds: enough to amortise the round trip of one chunk.
+    chunk_seconds: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,10 +2,8 @@
 
     _pool.py       LocalBackend: the Backend protocol and the pool thread's loop
     _lanes.py      a worker process and its pipes, stderr, and what it may take
-    _scheduler.py  fair share between batches (pure)
     _limits.py     per-item deadlines from the shared record (pure)
     _record.py     the parent's side of the shared record (which item each worker is on)
-    _codec.py      cloudpickle with big numpy arrays through shared memory
 """
 
 from ._pool import CAPABILITIES, LocalBackend

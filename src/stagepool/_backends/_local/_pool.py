@@ -42,6 +42,8 @@ from ... import _transport
 from ..._errors import EngineClosed
 from ..._resources import kill_group, kill_tree, rss_of
 from ..._worker import FN_CACHE_SIZE, PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, TaskHeader, WorkerSetup
+from .._codec import SharedMemoryCodec
+from .._fairshare import FairShare
 from .._protocol import (
     BackendOptions,
     Cancelled,
@@ -52,11 +54,9 @@ from .._protocol import (
     Task,
     TaskResult,
 )
-from ._codec import SharedMemoryCodec
 from ._lanes import Lane, readable, start_lane
 from ._limits import POLL_INTERVAL, deadline_of, wait_seconds
 from ._record import SharedRecord
-from ._scheduler import FairShare
 
 __all__ = ["LocalBackend"]
 

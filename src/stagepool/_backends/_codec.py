@@ -1,4 +1,7 @@
-"""The local backend's codec: cloudpickle, with big numpy arrays moved through shared memory.
+"""The pickling codec: cloudpickle, with big numpy arrays moved through shared memory.
+
+The local backend uses it as is; the dask backend with ``threshold`` 0 (nothing in shared memory:
+its workers may be on other machines) and its own wrapping for dask's transport.
 
 Functions are pickled once and keyed by their pickle, so a worker unpickles each function once
 (it caches them by key). Items are pickled by the submitting thread; arrays of ``threshold``
@@ -14,9 +17,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from ... import _transport
-from ..._worker import dumps
-from .._protocol import Encoded
+from .. import _transport
+from .._worker import dumps
+from ._protocol import Encoded
 
 __all__ = ["SharedMemoryCodec"]
 
@@ -61,7 +64,7 @@ class SharedMemoryCodec:
         except Exception:  # out of address space, say: keep the originals instead
             return items
 
-    def decode(self, result: bytes) -> Any:
+    def decode(self, result: bytes | memoryview) -> Any:
         return _transport.loads(result, writable=True, unlink=True)
 
     def release(self, items: bytes, arena: int | None) -> None:

@@ -4,8 +4,8 @@ Pure bookkeeping, no processes: every batch (and the engine's single submits) is
 :class:`Group` with a queue of tasks. The group with the least estimated work served so far
 goes next (a chunk-by-chunk turn would favour the batch whose chunks are bigger), and a group
 that arrives starts level with the least-served one, so it shares the workers at once instead
-of taking them all until it has "caught up". Thread-safe: the engine's threads queue, the pool
-thread takes.
+of taking them all until it has "caught up". Thread-safe: the engine's threads queue, the
+backend's thread takes. Shared by the backends that keep their own queue (local, dask).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from .._protocol import Group, Task
+from ._protocol import Group, Task
 
 __all__ = ["UNKNOWN_CHUNK_SECONDS", "FairShare"]
 

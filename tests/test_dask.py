@@ -1,0 +1,328 @@
+"""The dask backend on a real cluster on 127.0.0.1: ``dask scheduler`` and two ``dask worker``
+processes started here (their nannies restart a worker that dies), and what only a cluster can
+do to a batch: lose a worker in the middle of it.
+
+The shared suite (conftest's ``engine`` fixture) runs everything else on the dask backend too,
+on an in-process ``LocalCluster``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import _tasks
+import stagepool as sp
+from conftest import WAIT, shm_entries, wait_until
+
+distributed = pytest.importorskip("distributed")
+
+N = 12
+GUILTY = 5
+TESTS = str(Path(__file__).parent)
+
+
+def items() -> list[int]:
+    return [0 if i == GUILTY else i + 1 for i in range(N)]
+
+
+# ---- a cluster of real processes --------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(*args: str) -> subprocess.Popen[bytes]:
+    """A ``dask`` command in a session of its own, so that stopping it reaches every process it
+    started (nanny, worker, lanes); the workers import the tests' task module."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [TESTS, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.Popen([sys.executable, "-m", "dask", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _session_members(sessions: set[int]) -> list[int]:
+    alive = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(proc.pid) in sessions and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return alive
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every session (workers first), SIGKILL what is left after 10 s; then nothing of
+    them may run, lanes and resource trackers included."""
+    sessions = {proc.pid for proc in procs}
+    for proc in reversed(procs):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in _session_members(sessions):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        proc.wait(timeout=WAIT)
+    assert wait_until(lambda: not _session_members(sessions), timeout=10), (
+        f"left running: {_session_members(sessions)}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """``dask scheduler`` + 2 x ``dask worker --nworkers 1 --nthreads 1``, on free ports."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [_start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")]
+    try:
+        for _ in range(2):
+            procs.append(_start("worker", address, "--nworkers", "1", "--nthreads", "1",
+                                "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "30"))
+        with distributed.Client(address, timeout=WAIT, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=WAIT)
+        yield address
+    finally:
+        _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def client(cluster: str) -> Iterator[Any]:
+    with distributed.Client(cluster, timeout=WAIT, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture
+def cli_engine(cluster: str, client: Any) -> Iterator[sp.Engine]:
+    """An engine on the cluster, once both workers serve (a test before may have killed one)."""
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine(backend="dask", address=cluster, chunk_size=4) as eng:
+        yield eng
+
+
+def _dask_worker_pids(client: Any) -> set[int]:
+    return set(client.run(os.getpid).values())
+
+
+# ---- a worker lost in the middle of a batch ---------------------------------------------------
+
+def test_an_item_that_kills_its_dask_worker_fails_alone(cli_engine: sp.Engine) -> None:
+    report = cli_engine.map(_tasks.kill_dask_worker, items())
+    assert [o.index for o in report] == list(range(N))
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
+    assert report.values == [i + 1 for i in range(N) if i != GUILTY]
+    error = str(report[GUILTY].error)
+    assert f"item {GUILTY}" in error and "dask worker tcp://127.0.0.1:" in error
+    assert cli_engine.map(_tasks.double, range(6)).values == [0, 2, 4, 6, 8, 10]
+
+
+def test_a_dask_worker_sigkilled_mid_batch_fails_only_the_item_it_was_running(
+        cli_engine: sp.Engine, tmp_path: Path) -> None:
+    """One chunk per worker thread: the other items of the batch were queued by us, not by the
+    dying worker, so they run elsewhere instead of being blamed."""
+    work = [(i, 8.0 if i == GUILTY else 0.2, str(tmp_path)) for i in range(N)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cli_engine.map, _tasks.note_then_sleep, work, chunk_size=1)
+        started = tmp_path / str(GUILTY)
+        assert wait_until(started.exists, timeout=WAIT)
+        os.kill(int(started.read_text()), signal.SIGKILL)  # the dask worker running it
+        report = running.result(timeout=WAIT)
+    assert [o.index for o in report] == list(range(N))
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
+    assert report.values == [i for i in range(N) if i != GUILTY]
+    assert "dask worker tcp://127.0.0.1:" in str(report[GUILTY].error)
+
+
+def test_a_segfault_fails_its_item_and_the_dask_worker_lives_on(
+        cli_engine: sp.Engine, client: Any) -> None:
+    before = _dask_worker_pids(client)
+    report = cli_engine.map(_tasks.segfault, items())
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
+    error = str(report[GUILTY].error)
+    assert "SIGSEGV" in error and f"item {GUILTY}" in error and "dask worker tcp://" in error
+    assert _dask_worker_pids(client) == before  # only a lane died, and it was replaced
+
+
+def test_a_hung_item_times_out_and_its_child_process_is_killed(
+        cli_engine: sp.Engine, tmp_path: Path) -> None:
+    child_file = tmp_path / "child.pid"
+    work = [(value, str(child_file)) for value in items()]
+    report = cli_engine.map(_tasks.hang_with_child_noting, work, timeout=1.5)
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["timeout"] + ["ok"] * (N - GUILTY - 1)
+    assert "dask worker tcp://" in str(report[GUILTY].error)
+    child = int(child_file.read_text())
+    assert wait_until(lambda: not psutil.pid_exists(child) or
+                      psutil.Process(child).status() == psutil.STATUS_ZOMBIE, timeout=10)
+
+
+def test_initializer_and_memory_cap_reach_the_lanes_on_the_workers(cluster: str, client: Any) -> None:
+    def allocate(gib: int) -> int:
+        return len(bytearray(gib * 2**30))  # far beyond 2 x max_rss + headroom
+
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine(backend="dask", address=cluster, initializer=_tasks.init_set, initargs=(42,),
+                   max_rss_per_worker="200MiB") as eng:
+        assert eng.map(_tasks.read_init, range(4), chunk_size=1).values == [[42]] * 4
+        report = eng.map(allocate, [0, 4, 0])
+        assert [o.kind for o in report] == ["ok", "error", "ok"]
+        assert isinstance(report[1].error, MemoryError)
+
+
+# ---- connecting, and what an engine leaves behind -----------------------------------------------
+
+def test_the_plan_and_repr_name_the_cluster(cli_engine: sp.Engine, cluster: str) -> None:
+    assert cli_engine.workers == 2 and cli_engine.backend == "dask"
+    assert cli_engine.plan.limited_by == "cluster" and cluster in cli_engine.plan.reason
+    assert cluster in repr(cli_engine) and "2 workers x 1 thread" in repr(cli_engine)
+
+
+def test_an_engine_on_a_client_leaves_the_client_open_and_the_workers_clean(client: Any) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine(backend=client) as eng:
+        assert eng.map(_tasks.double, range(10)).values == [2 * i for i in range(10)]
+        lanes = eng.worker_pids()
+        assert len(lanes) == 2
+    assert client.submit(_tasks.double, 4, pure=False).result(timeout=WAIT) == 8
+    assert _our_plugins(client) == []  # our plugin is gone from every worker
+    assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in lanes), timeout=10)
+
+
+def test_a_worker_that_joins_gets_chunks_and_one_that_leaves_is_no_loss(
+        cluster: str, client: Any, tmp_path: Path) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine(backend="dask", address=cluster) as eng:
+        third = _start("worker", cluster, "--nworkers", "1", "--nthreads", "1", "--host",
+                       "127.0.0.1", "--no-dashboard", "--death-timeout", "30")
+        try:
+            client.wait_for_workers(3, timeout=WAIT)
+            work = [(i, 0.3, str(tmp_path)) for i in range(9)]
+            assert eng.map(_tasks.note_then_sleep, work, chunk_size=1).values == list(range(9))
+            ran_on = {int((tmp_path / str(i)).read_text()) for i in range(9)}
+            assert len(ran_on) == 3  # every dask worker ran some, the new one included
+        finally:
+            _stop([third])
+        assert eng.map(_tasks.double, range(8), chunk_size=1).values == [2 * i for i in range(8)]
+
+
+def _our_plugins(client: Any) -> list[str]:
+    names = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "stagepool" in n])
+    return [name for per_worker in names.values() for name in per_worker]
+
+
+def test_closing_the_client_under_an_engine_cancels_instead_of_hanging(
+        cluster: str, client: Any) -> None:
+    with distributed.Client(cluster, timeout=WAIT, set_as_default=False) as own:
+        eng = sp.Engine(backend=own)
+        assert eng.map(_tasks.double, [1]).values == [2]
+    # Refused at the door, naming why (Backend.check_open), never a hang.
+    with pytest.raises(sp.EngineClosed, match="dask client of this engine was closed"):
+        eng.map(_tasks.double, range(4))
+    with pytest.raises(sp.EngineClosed, match="dask client of this engine was closed"):
+        eng.submit(_tasks.double, 1)
+    eng.shutdown()
+    assert _our_plugins(client) == []  # removed all the same: no lanes idle on the workers
+
+
+def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagepool._backends import _dask
+
+    monkeypatch.setattr(_dask, "RPC_TIMEOUT", 1.0)  # the bound on connecting, shortened
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(OSError, match=f"cannot reach the dask scheduler at {address}"):
+        sp.Engine(backend="dask", address=address)
+    with warnings.catch_warnings():  # tornado's refused connection leaves its socket to the GC
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def test_a_cluster_without_workers_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagepool._backends import _dask
+
+    monkeypatch.setattr(_dask, "FIRST_WORKER_TIMEOUT", 1.0)  # the wait for a worker, shortened
+    port = _free_port()
+    scheduler = _start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
+    try:
+        with pytest.raises(RuntimeError, match=f"has no worker .* dask worker tcp://127.0.0.1:{port}"):
+            sp.Engine(backend="dask", address=f"tcp://127.0.0.1:{port}")
+    finally:
+        _stop([scheduler])
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"backend": "local", "address": "tcp://127.0.0.1:8786"}, ValueError, "needs backend='dask'"),
+    ({"backend": "dask", "address": "tcp://127.0.0.1:8786", "workers": 2}, ValueError,
+     "brings its own workers"),
+    ({"backend": "dask", "address": 8786}, TypeError, "address must be a scheduler address"),
+    ({"backend": object()}, TypeError, "or a distributed.Client, not object"),
+])
+def test_bad_cluster_arguments_are_named_before_anything_starts(
+        kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        sp.Engine(**kwargs)
+
+
+def test_without_dask_the_error_says_how_to_install_it() -> None:
+    code = ("import sys; sys.modules['distributed'] = sys.modules['dask'] = None\n"
+            "import stagepool as sp\n"
+            "try:\n    sp.Engine(backend='dask')\n"
+            "except ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT, check=True).stdout
+    assert 'pip install "stagepool[dask]"' in out
+
+
+def test_dask_chunks_carry_more_work_than_local_ones(dask_engine: sp.Engine,
+                                                   local_engine: sp.Engine) -> None:
+    """A dask chunk costs a scheduler round trip: it is sized for 0.2 s of work, not 20 ms."""
+    items = [0.01] * 200
+    local, dask = (eng.map(_tasks.sleep_for, items) for eng in (local_engine, dask_engine))
+    assert local.values == dask.values == items
+    assert dask.stats.chunks < local.stats.chunks / 2
+
+
+def test_a_local_engine_never_imports_distributed() -> None:
+    code = ("import sys, stagepool as sp\n"
+            "with sp.Engine(workers=1) as eng:\n    eng.map(abs, [-1])\n"
+            "print(sorted({'dask', 'distributed'} & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---- data: dask's transport, never shared memory ------------------------------------------------
+
+def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine) -> None:
+    import numpy as np
+
+    before = shm_entries()
+    arrays = [np.full(1 << 20, i, dtype=np.float64) for i in range(4)]  # 8 MiB each: scattered
+    report = dask_engine.map(_tasks.identity, arrays)
+    assert [float(a[0]) for a in report.values] == [0.0, 1.0, 2.0, 3.0]
+    assert all(a.flags.writeable and a.nbytes == 8 << 20 for a in report.values)
+    assert shm_entries() == before
+    assert not dask_engine.capabilities.shared_memory
