@@ -133,3 +133,28 @@ def test_an_initializer_that_kills_its_worker_is_named(tmp_path: Path, how: str,
         with pytest.raises(sp.WorkerCrashed, match="initializer"):
             eng.submit(_tasks.double, 1).result(timeout=WAIT)
     assert len(log.read_text().split()) == 2  # one run per worker: no respawn loop
+
+
+# ---- an initializer that hangs (17.7) ---------------------------------------------------------------
+
+
+def test_a_hung_initializer_fails_every_item_naming_the_hang() -> None:
+    """It blocked map forever: ``timeout=`` covers items only."""
+    started = time.monotonic()
+    with sp.Engine(workers=1, initializer=_tasks.sleep_for, initargs=(3600,),
+                   init_timeout=1.0) as eng:
+        report = eng.map(_tasks.double, range(3))
+        assert [o.kind for o in report] == ["error"] * 3
+        assert all(isinstance(o.error, sp.InitializerError) for o in report)
+        assert "_tasks.sleep_for ran longer than init_timeout" in str(report[0].error)
+        assert all(o.attempts == 0 for o in report)  # no item ran
+        with pytest.raises(sp.InitializerError):  # later calls fail the same way, at once
+            eng.submit(_tasks.double, 1).result(timeout=WAIT)
+    assert time.monotonic() - started < WAIT
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError),
+                                               (float("nan"), ValueError), ("10", TypeError)])
+def test_init_timeout_is_checked_at_the_door(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="init_timeout"):
+        sp.Engine(init_timeout=value)  # type: ignore[arg-type]

@@ -203,6 +203,16 @@ def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
     return tuple(out)
 
 
+# How long a worker's initializer may run before the engine gives up on it (kills the worker and
+# fails the items with InitializerError). Generous: initializers load models and build tables;
+# but finite, so a hung initializer cannot block every call forever.
+DEFAULT_INIT_TIMEOUT = 600.0
+
+
+def _check_init_timeout(value: object) -> float | None:
+    return None if value is None else check_seconds(value, "init_timeout")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
     """Validated engine settings; build with :meth:`create`, which raises naming the argument."""
@@ -223,6 +233,7 @@ class EngineConfig:
     shm_threshold: int  # arrays this big or bigger travel through shared memory; 0 = never
     writable_inputs: bool  # workers get private copy-on-write arrays instead of read-only views
     rerun_innocent: bool = True  # re-run items whose results were lost with a dead worker
+    init_timeout: float | None = DEFAULT_INIT_TIMEOUT  # seconds the initializer may take
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -249,6 +260,7 @@ class EngineConfig:
             shm_threshold=parse_size(kw["shm_threshold"], name="shm_threshold"),
             writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
             rerun_innocent=check_bool(kw.get("rerun_innocent", True), "rerun_innocent"),
+            init_timeout=_check_init_timeout(kw.get("init_timeout", DEFAULT_INIT_TIMEOUT)),
         )
 
 

@@ -110,7 +110,10 @@ class Engine(AsyncCalls):
     * ``initializer(*initargs)`` runs once in each worker; if it raises, every item sent to that
       worker fails with :class:`InitializerError`; if it kills the worker (segfault,
       ``os._exit``), no worker is started again and every item fails with :class:`WorkerCrashed`
-      naming the initializer.
+      naming the initializer; if it runs longer than ``init_timeout`` seconds (default 600;
+      None: no limit), the worker is killed with its child processes and every item fails with
+      :class:`InitializerError` naming the hang (not enforced on the serial backend, where the
+      initializer runs in your process at construction).
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
       ``/dev/shm`` in both directions. Workers see read-only views of their inputs
       (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
@@ -151,6 +154,7 @@ class Engine(AsyncCalls):
         shm_threshold: int | str = "1MiB",
         writable_inputs: bool = False,
         rerun_innocent: bool = True,
+        init_timeout: float | None = 600.0,
         backend: BackendName | Any = "local",
         address: str | None = None,
     ) -> None:
@@ -162,7 +166,7 @@ class Engine(AsyncCalls):
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
-            rerun_innocent=rerun_innocent)
+            rerun_innocent=rerun_innocent, init_timeout=init_timeout)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
@@ -210,7 +214,8 @@ class Engine(AsyncCalls):
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
             shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs), address=address, client=client)
+            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout),
+            address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)

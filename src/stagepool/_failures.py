@@ -7,7 +7,14 @@ import pickle
 import signal
 
 from ._backends import LaneDied
-from ._errors import RemoteError, SerializationError, TaskCancelled, TaskTimeout, WorkerCrashed
+from ._errors import (
+    InitializerError,
+    RemoteError,
+    SerializationError,
+    TaskCancelled,
+    TaskTimeout,
+    WorkerCrashed,
+)
 from ._outcome import Kind, RemoteTraceback
 from ._worker import ErrInfo
 
@@ -70,6 +77,11 @@ def death_failure(died: LaneDied, index: int, stage: str,
         return "timeout", TaskTimeout(
             f"item {index} ran longer than its timeout of {seconds:g} s in {_who(died)}; "
             "the worker and its child processes were killed and replaced")
+    if died.reason == "init_timeout":
+        return "error", InitializerError(
+            f"the initializer {died.initializer} ran longer than init_timeout in worker "
+            f"{died.pid} (before item {index}): it was killed with its child processes and no "
+            "worker is started again; make it faster, or raise init_timeout (None: no limit)")
     if died.reason == "cancelled":
         return "cancelled", TaskCancelled(
             f"item {index} was running when its batch was cancelled; its worker was killed")

@@ -470,6 +470,7 @@ def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
     process (segfault, ``os._exit``), the parent blames the initializer, not an item."""
     if setup.initializer is None:
         return None
+    record.floats[F_START] = time.monotonic()  # first: the parent reads the phase, then this
     record.ints[F_PHASE] = PHASE_INIT
     error: BaseException | None = None
     try:

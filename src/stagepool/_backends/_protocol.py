@@ -28,7 +28,7 @@ __all__ = [
 _task_ids = itertools.count(1)
 
 BackendName = Literal["local", "serial", "dask"]
-DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer"]
+DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer", "init_timeout"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -215,3 +215,4 @@ class BackendOptions:
     max_tasks: int | None = None
     shm_threshold: int = 0
     writable_inputs: bool = False
+    init_timeout: float | None = None  # seconds the initializer may take in a worker

@@ -102,6 +102,7 @@ class LocalBackend:
         self._initializer, self._initargs = options.initializer, tuple(options.initargs)
         self._env = dict(options.env)
         self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
+        self._init_timeout = options.init_timeout
         self._kill_grace = kill_grace
         # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
         # BLAS buffers) before an allocation fails with MemoryError inside the item.
@@ -367,7 +368,7 @@ class LocalBackend:
         chunk, offset, phase, _start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
-        if phase == PHASE_INIT and lane.kill_reason is None:
+        if phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
             self._fail_initializer(lane, tasks)
             self._release(lane)
             return
@@ -400,8 +401,9 @@ class LocalBackend:
         if self._init_died is None:
             name = getattr(self._initializer, "__qualname__", repr(self._initializer))
             module = getattr(self._initializer, "__module__", None)
+            reason: DeathReason = lane.kill_reason or "initializer"  # died in it, or hung there
             self._init_died = LaneDied(
-                lane.pid, lane.process.exitcode, -1, "initializer", lane.last_words(), ran=0,
+                lane.pid, lane.process.exitcode, -1, reason, lane.last_words(), ran=0,
                 initializer=f"{module}.{name}" if module else name)
         for task in tasks:
             _notify(task, self._init_died)
@@ -513,11 +515,25 @@ class LocalBackend:
 
     def _next_wake(self) -> float | None:
         now = time.monotonic()
-        wakes = [d for d in (self._deadline(lane, now) for lane in self._lanes) if d is not None]
+        wakes = [d for lane in self._lanes
+                 for d in (self._deadline(lane, now), self._init_deadline(lane)) if d is not None]
         if self._max_rss is not None and any(lane.tasks for lane in self._lanes):
             wakes.append(now + POLL_INTERVAL)
         wakes.extend(self._leaving.values())
         return min(wakes, default=None)
+
+    def _init_deadline(self, lane: Lane) -> float | None:
+        """When a worker still in its initializer must be stopped (None: it is past it, or no
+        limit). A worker that has not reached its initializer yet writes nothing the pool thread
+        would wake for: look again in POLL_INTERVAL until it has."""
+        if self._init_timeout is None or lane.kill_reason is not None or lane.answered:
+            return None
+        state = self._record.state(lane.slot)
+        if state.phase == PHASE_INIT:
+            return state.start + self._init_timeout
+        if self._record.pid(lane.slot) != lane.pid:  # not started yet
+            return time.monotonic() + POLL_INTERVAL
+        return None
 
     def _deadline(self, lane: Lane, now: float) -> float | None:
         if not lane.tasks or lane.kill_reason is not None:
@@ -528,7 +544,10 @@ class LocalBackend:
         now = time.monotonic()
         for lane in list(self._lanes):
             deadline = self._deadline(lane, now)
-            if deadline is not None and now >= deadline and lane.tasks:
+            init_deadline = self._init_deadline(lane)
+            if init_deadline is not None and now >= init_deadline:
+                self._kill(lane, "init_timeout")  # _bury then fails every task, naming it
+            elif deadline is not None and now >= deadline and lane.tasks:
                 offset = self._record.offset(lane.slot)
                 self._kill(lane, "timeout", offset)
             elif (self._max_rss is not None and lane.tasks and lane.kill_reason is None

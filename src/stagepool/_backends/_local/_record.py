@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import NamedTuple
 
-from ..._worker import F_CHUNK, F_OFFSET, F_PHASE, F_START, PHASE_IDLE, RECORD_FIELDS
+from ..._worker import F_CHUNK, F_OFFSET, F_PHASE, F_PID, F_START, PHASE_IDLE, RECORD_FIELDS
 
 __all__ = ["SharedRecord", "SlotState"]
 
@@ -66,9 +66,14 @@ class SharedRecord:
     def reset(self, slot: int) -> None:
         """A fresh worker's slot: on no chunk, no item, idle."""
         base = slot * RECORD_FIELDS
+        self._ints[base + F_PID] = 0  # the worker writes its pid when it has mapped the record
         self._ints[base + F_CHUNK] = 0
         self._ints[base + F_OFFSET] = -1
         self._ints[base + F_PHASE] = PHASE_IDLE
+
+    def pid(self, slot: int) -> int:
+        """The pid of the worker using the slot, 0 until it has started."""
+        return int(self._ints[slot * RECORD_FIELDS + F_PID])
 
     def offset(self, slot: int) -> int:
         return int(self._ints[slot * RECORD_FIELDS + F_OFFSET])
