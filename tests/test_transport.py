@@ -1,4 +1,4 @@
-"""Tests for ``stagepool._transport``: numpy arrays through /dev/shm segments.
+"""Tests for ``stagepool._transport`` and ``stagepool._shm``: numpy arrays through /dev/shm segments.
 
 Mostly in-process round trips (dumps -> claim -> loads, what a result goes through), compared with
 the plain-pickle path; then the segment lifecycle (unlink, discard, sweep, sweep_stale, failures);
@@ -32,19 +32,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stagepool import _transport as tp
-from stagepool._transport import (
+from stagepool import _shm
+from stagepool._shm import (
     SHM_DIR,
     SegmentMissing,
     available,
     claim,
     discard,
-    dumps,
-    loads,
     segment_names,
     sweep,
     sweep_stale,
 )
+from stagepool._transport import dumps, loads
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not available(),
                                 reason="needs a writable /dev/shm")
@@ -283,21 +282,21 @@ def test_loads_unlink_frees_the_file_and_the_array_keeps_the_memory() -> None:
     a = RNG.standard_normal((300, 300))
     got, blob = result_roundtrip(a)
     [name] = segment_names(blob)
-    assert not ours() & {name, tp._claimed(name)}  # unlinked right after mapping
-    assert tp._claimed(name) in _maps()
+    assert not ours() & {name, _shm._claimed(name)}  # unlinked right after mapping
+    assert _shm._claimed(name) in _maps()
     view = got[10:20]
     del got
     gc.collect()
-    assert tp._claimed(name) in _maps()  # a view still holds the mapping
+    assert _shm._claimed(name) in _maps()  # a view still holds the mapping
     assert np.array_equal(view, a[10:20])
     del view
     gc.collect()
-    assert tp._claimed(name) not in _maps() and name not in _maps()
+    assert _shm._claimed(name) not in _maps() and name not in _maps()
 
 
 def _mapping_of(arr: np.ndarray[Any, Any]) -> Any:
     base = arr
-    while not isinstance(base, tp._Mapping):
+    while not isinstance(base, _shm._Mapping):
         base = base.base
     return base
 
@@ -336,12 +335,12 @@ def test_claim_renames_worker_segments_and_loads_finds_either_spelling() -> None
     names = segment_names(blob)
     assert all(f"-{WORKER}-" in n for n in names) and set(names) <= ours()
     claim(blob)
-    assert {tp._claimed(n) for n in names} <= ours() and not set(names) & ours()
+    assert {_shm._claimed(n) for n in names} <= ours() and not set(names) & ours()
     claim(blob)  # again: the w files are gone, nothing raises
     got: Any = loads(blob, unlink=False)
     assert got[1][0] == 1.0
     discard(blob)  # removes the claimed spelling
-    assert not {tp._claimed(n) for n in names} & ours()
+    assert not {_shm._claimed(n) for n in names} & ours()
 
     unclaimed = dumps(np.zeros(100), threshold=T, owner=OWNER, creator=WORKER)
     assert loads(unclaimed, unlink=True)[0] == 0.0  # type: ignore[index]
@@ -372,7 +371,7 @@ def test_a_failed_loads_with_unlink_frees_every_segment_of_the_blob() -> None:
                  creator=WORKER)
     claim(blob)
     second = segment_names(blob)[1]
-    os.unlink(os.path.join(SHM_DIR, tp._claimed(second)))
+    os.unlink(os.path.join(SHM_DIR, _shm._claimed(second)))
     with pytest.raises(SegmentMissing, match=second):
         loads(blob, unlink=True)
     # the fixture checks that the first and third segments are gone too
@@ -408,7 +407,7 @@ def test_a_full_dev_shm_falls_back_to_pickling(monkeypatch: pytest.MonkeyPatch) 
     def full(fd: int, arr: Any, numpy: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tp, "_fill", full)
+    monkeypatch.setattr(_shm, "_fill", full)
     got, blob = result_roundtrip([np.arange(100), np.arange(200)])
     assert segment_names(blob) == []
     assert_same(got, [np.arange(100), np.arange(200)])

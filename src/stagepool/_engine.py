@@ -207,7 +207,7 @@ class Engine(AsyncCalls):
             if var not in os.environ:
                 env[var] = value
         # The array size that goes through shared memory (0 where there is no /dev/shm).
-        from ._transport import available
+        from ._shm import available
 
         cfg = self.config
         return make_backend(name, BackendOptions(

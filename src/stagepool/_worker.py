@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn, cast
 
-from . import _transport
+from . import _shm, _transport
 
 __all__ = [
     "FN_CACHE_SIZE",
@@ -382,11 +382,11 @@ def _handle(
                 result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
-                readonly = not setup.writable_inputs and bool(_transport.segment_names(items_blob))
+                readonly = not setup.writable_inputs and bool(_shm.segment_names(items_blob))
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock, readonly_inputs=readonly)
                 del items
-                _transport.release_inputs(items_blob)  # before answering: then it may recycle
+                _shm.release_inputs(items_blob)  # before answering: then it may recycle
     ints[F_PHASE] = PHASE_ENCODE
     blob = encode_result(result, setup)
     ints[F_PHASE] = PHASE_IDLE
@@ -575,7 +575,7 @@ def _die_with_parent(ppid: int) -> NoReturn:
     items started, so do both, then exit. Called by the watch thread or the main loop, whichever
     notices first; the other waits on the lock until the process is gone."""
     with _dying:
-        _transport.abandon(ppid)
+        _shm.abandon(ppid)
         _flush_std_streams()
         if os.getpgrp() == os.getpid():  # never the caller's group (if setpgid failed)
             os.killpg(0, signal.SIGKILL)  # this process too: it is the last thing it does

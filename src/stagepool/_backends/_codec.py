@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from .. import _transport
+from .. import _shm, _transport
 from .._worker import dumps
 from ._protocol import Encoded
 
@@ -69,16 +69,16 @@ class SharedMemoryCodec:
 
     def release(self, items: bytes, arena: int | None) -> None:
         if arena is None:
-            _transport.discard(items)
+            _shm.discard(items)
         else:
-            _transport.recycle(items, arena)
+            _shm.recycle(items, arena)
 
     def drop(self, result: Any) -> None:
         if isinstance(result, bytes):
-            _transport.discard(result)
+            _shm.discard(result)
 
     def open_arena(self, arena: int) -> None:
-        _transport.open_arena(arena)
+        _shm.open_arena(arena)
 
     def close_arena(self, arena: int) -> None:
-        _transport.close_arena(arena)
+        _shm.close_arena(arena)

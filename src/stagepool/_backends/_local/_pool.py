@@ -38,7 +38,7 @@ from typing import Any
 
 from loky.backend.context import get_context
 
-from ... import _transport
+from ... import _shm
 from ..._errors import EngineClosed
 from ..._resources import kill_group, kill_tree, rss_of
 from ..._worker import FN_CACHE_SIZE, PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, TaskHeader, WorkerSetup
@@ -111,7 +111,7 @@ class LocalBackend:
         self._shm_threshold = options.shm_threshold
         self._writable_inputs = options.writable_inputs
         self._codec = SharedMemoryCodec(options.shm_threshold)
-        _transport.sweep_stale()  # shared memory of engines whose process died without cleanup
+        _shm.sweep_stale()  # shared memory of engines whose process died without cleanup
         self._ctx = get_context("loky")
         self._record = SharedRecord(4 * (workers + 1))
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
@@ -339,7 +339,7 @@ class LocalBackend:
             blob = lane.conn.recv_bytes()
         except (EOFError, OSError):
             return False
-        _transport.claim(blob)  # ours now: a sweep after this worker's death must not free it
+        _shm.claim(blob)  # ours now: a sweep after this worker's death must not free it
         task = lane.tasks.popleft()
         lane.items_done += task.n_items
         if lane.quota is not None:
@@ -363,7 +363,7 @@ class LocalBackend:
         while lane.tasks and readable(lane.conn):  # answers it sent before dying still count
             if not self._receive_one(lane, dying=True):
                 break
-        _transport.sweep(os.getpid(), f"w{lane.pid}")  # results it made but never sent
+        _shm.sweep(os.getpid(), f"w{lane.pid}")  # results it made but never sent
         self._lanes.remove(lane)
         chunk, offset, phase, _start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
