@@ -254,9 +254,9 @@ def test_closing_the_client_under_an_engine_cancels_instead_of_hanging(
 
 
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stagepool._backends import _dask
+    from stagepool._backends._dask import _cluster
 
-    monkeypatch.setattr(_dask, "RPC_TIMEOUT", 1.0)  # the bound on connecting, shortened
+    monkeypatch.setattr(_cluster, "RPC_TIMEOUT", 1.0)  # the bound on connecting, shortened
     address = f"tcp://127.0.0.1:{_free_port()}"
     with pytest.raises(OSError, match=f"cannot reach the dask scheduler at {address}"):
         sp.Engine(backend="dask", address=address)
@@ -266,9 +266,9 @@ def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_cluster_without_workers_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stagepool._backends import _dask
+    from stagepool._backends._dask import _cluster
 
-    monkeypatch.setattr(_dask, "FIRST_WORKER_TIMEOUT", 1.0)  # the wait for a worker, shortened
+    monkeypatch.setattr(_cluster, "FIRST_WORKER_TIMEOUT", 1.0)  # the wait for a worker, shortened
     port = _free_port()
     scheduler = _start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
     try:

@@ -8,7 +8,7 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
             window in flight, has each chunk encoded by the backend's codec
       -> backend.submit_many(Tasks): local worker processes (_backends/_local/: lanes + a shared
             record naming the running item), in-process (_backends/_serial.py), or a dask cluster
-            (_backends/_dask.py: a chunk is one dask task, run by lanes hosted on its worker)
+            (_backends/_dask/: a chunk is one dask task, run by lanes hosted on its worker)
       -> _worker.run_chunk in the worker: each item timed, value or exception captured
       -> the backend reports facts: an answer | "worker died while on item k" (k may be unknown:
             the driver then halves the chunk until the guilty item is alone) | cancelled

@@ -1,65 +1,14 @@
-"""The dask backend: chunks run on a dask.distributed cluster, one dask task per chunk. The only
-module that imports ``distributed``, and only when ``backend="dask"`` is asked for: importing it
-takes a noticeable fraction of a second and registers ~185 exception reducers in
-``copyreg.dispatch_table``, which every pickler that copies that table pays for on each message
-(ours do not copy it: with distributed imported, the local codec's pickling measured the same).
-
-    Engine thread(s) --submit(Task)--> FairShare queue
-                                          |
-                  [dispatcher thread] --client.submit(_run_chunk, pinned to a worker with a free
-                          |              thread; big payloads scattered to it first)
-                          |                                      |
-                          |              dask worker: _run_chunk -> this engine's _HostPlugin
-                          |                 -> a hosted LocalBackend (one lane per worker thread)
-                          |                 -> lane process: _worker.run_chunk, the shared record
-                          |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
-                          |  <--the dask worker left (died, killed, retired): LaneDied(offset -1)
-                  Task.on_done(result | LaneDied | Cancelled)
-
-Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in
-the dask worker's own thread: everything the local backend guarantees comes with it, from code
-we already trust. An item that segfaults kills a lane, not the dask worker (whose death would
-fail every chunk it ran, and which dask would then count against the task); the shared record
-names the exact item; a timeout kills the lane's whole process tree (dask has no way to stop a
-running task); memory caps and initializers work per lane. The dask worker never unpickles
-anything of the caller's: items travel as the opaque bytes of our codec, so an argument whose
-unpickling crashes or imports heavy modules does so in a lane. What remains dask's is placement,
-transport and the cluster's membership.
-
-Faults, and why no item is blamed twice or wrongly:
-
-* A worker runs at most as many of our chunks as it has threads: each chunk is pinned to a
-  worker with a free thread (``workers=[address]``, ``allow_other_workers=False``), the rest wait
-  in our queue. So every chunk on a worker that dies was running there, never merely queued.
-* Dask itself never re-runs our tasks elsewhere (``retries=0``; a pinned task cannot move) and
-  never decides a verdict for us: the dispatcher polls the cluster's membership and answers each
-  chunk of a worker that left with ``LaneDied(offset=-1)``, exactly once (a ``KilledWorker`` that
-  arrives later is ignored). The batch then runs the chunk again in halves until the guilty item
-  is alone, so a worker killed by an item (or by anyone) fails at most the one item it was running.
-  The in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
-* Cancelling a batch withdraws its queued chunks (they never became dask tasks); its running
-  ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask
-  futures are cancelled and the worker side, which watches its task's state while it waits,
-  kills the lanes running them. A client that disconnects gets the same from the scheduler.
-
-Big numpy arrays: no shared memory here (the workers may be on other machines). A payload is the
-codec's pickle viewed as a ``uint8`` array, which dask sends as an out-of-band pickle-5 buffer (no
-copy into a message); payloads over ``SCATTER_BYTES`` are scattered straight to the chosen worker
-rather than riding in the task graph through the scheduler. Arrays inside that pickle are in-band
-(a memcpy at each end, about a millisecond per 8 MiB, small beside the network): the price of a
-dask worker that never unpickles the caller's data. Results come back the same way.
-"""
+"""The client side of the dask backend: ``DaskBackend`` and its dispatcher thread, which queues
+chunks fairly, pins each to a dask worker with a free thread, follows the cluster's membership and
+turns dask's answers into task results (see the package docstring for the faults it handles)."""
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import dataclasses
 import functools
 import itertools
-import multiprocessing
-import os
 import queue
 import threading
 import time
@@ -69,16 +18,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import dask
-import distributed
 import numpy as np
-from distributed.diagnostics.plugin import WorkerPlugin
 
-from .._errors import EngineClosed
-from .._planning import plan_workers
-from ._codec import SharedMemoryCodec
-from ._fairshare import FairShare
-from ._protocol import (
+from ..._errors import EngineClosed
+from .._codec import SharedMemoryCodec
+from .._fairshare import FairShare
+from .._protocol import (
     Backend,
     BackendOptions,
     Cancelled,
@@ -89,6 +34,9 @@ from ._protocol import (
     Task,
     TaskResult,
 )
+from . import _cluster
+from ._cluster import RPC_TIMEOUT
+from ._plugin import SHUT_DOWN, HostPlugin
 
 __all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]
 
@@ -100,21 +48,6 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # How often the dispatcher asks the scheduler which workers there are while chunks are running or
 # queued: how long a dead worker's chunks wait before they run again. One small RPC each time.
 MEMBERSHIP_POLL = 0.5
-# How often a waiting chunk on a worker looks at its dask task's state (cancelled: kill it).
-CANCEL_POLL = 0.1
-# Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
-# the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
-SCATTER_BYTES = 1 << 20
-# The bound on connecting to the scheduler and on the calls that take one (the membership poll, a
-# scatter, fetching a result).
-RPC_TIMEOUT = 30.0
-# Connecting again only to clean up after a client closed under the engine: not for long.
-CLEANUP_TIMEOUT = 5.0
-# An engine on a cluster with no worker yet waits this long for one, then says so.
-FIRST_WORKER_TIMEOUT = 30.0
-
-
-SHUT_DOWN = Cancelled("the engine was shut down")
 
 
 # ---- the codec --------------------------------------------------------------------------------
@@ -143,98 +76,6 @@ class PickleCodec(SharedMemoryCodec):
     def drop(self, result: Any) -> None:
         pass
 
-
-# ---- the worker side: a backend hosted in each dask worker ----------------------------------
-
-
-class _HostPlugin(WorkerPlugin):
-    """One engine's presence on a dask worker: a hosted backend with one lane per worker thread.
-
-    Registered by the engine under its own name, so engines sharing a cluster never share lanes,
-    initializers or function keys; removed (and its lanes killed) when the engine shuts down.
-    """
-
-    def __init__(self, name: str, options: BackendOptions,
-                 hosted: Callable[[BackendOptions], Backend]) -> None:
-        self.name = name
-        self.options, self.hosted = options, hosted
-        self.backend: Backend | None = None
-        self.worker: Any = None
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_HostPlugin, (self.name, self.options, self.hosted))  # never a live backend
-
-    def setup(self, worker: Any) -> None:
-        # Dask starts worker processes as daemons, and a daemonic process may not start children.
-        # The flag exists so that children cannot outlive their parent; our lanes watch their
-        # parent and exit within 0.25 s of its death (see _worker._watch_parent), so lifting it
-        # keeps that promise.
-        multiprocessing.current_process().daemon = False
-        self.worker = worker
-        threads = worker.state.nthreads
-        # The worker's own environment decides BLAS threads (dask's nanny sets 1 per worker);
-        # unset variables get this host's CPUs // threads.
-        env = {**plan_workers().thread_env(workers=threads), **self.options.env}
-        self.backend = self.hosted(dataclasses.replace(self.options, workers=threads, env=env,
-                                                       shm_threshold=0))
-
-    async def teardown(self, worker: Any) -> None:
-        backend, self.backend = self.backend, None
-        if backend is not None:  # in a thread: killing and joining must not stall the worker
-            await asyncio.to_thread(backend.shutdown, wait=True, cancel_pending=True, kill=True)
-
-    def run(self, key: str, fn_key: int, fn: bytes, items: Any, n_items: int,
-            timeouts: tuple[float, ...] | None, per_item_clock: bool) -> TaskResult:
-        """Run one chunk on this worker's lanes and return their answer; kill the chunk if its
-        dask task is cancelled meanwhile (the engine's kill, or its client gone)."""
-        backend = self.backend
-        answers: queue.SimpleQueue[TaskResult] = queue.SimpleQueue()
-        task = Task(Group(), fn_key, fn, memoryview(items), n_items,
-                    lambda _task, answer: answers.put(answer), timeouts,
-                    per_item_clock=per_item_clock)
-        if backend is None:  # torn down: the engine is shutting down
-            return SHUT_DOWN
-        try:
-            backend.submit_many([task])
-        except EngineClosed:
-            return SHUT_DOWN
-        while True:
-            try:
-                return self._reply(answers.get(timeout=CANCEL_POLL))
-            except queue.Empty:
-                if not task.group.cancelled and self._abandoned(key):
-                    backend.withdraw(task.group, kill_running=True)
-
-    def _abandoned(self, key: str) -> bool:
-        """Whether dask gave up on our task (the engine cancelled it, or its client is gone)."""
-        state = self.worker.state.tasks.get(key)  # a dict read: safe from this thread
-        return state is None or state.state in ("cancelled", "released", "forgotten")
-
-    def _reply(self, answer: TaskResult) -> TaskResult:
-        if isinstance(answer, LaneDied):
-            return dataclasses.replace(answer, where=f"dask worker {self.worker.address}")
-        if isinstance(answer, Cancelled):
-            return answer
-        return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
-
-
-def _run_chunk(name: str, key: str, *chunk: Any) -> TaskResult:
-    """The dask task of one chunk: runs in a dask worker's thread, which waits while this
-    engine's lanes on that worker run the items (``chunk``: see ``_HostPlugin.run``)."""
-    worker = distributed.get_worker()
-    host = worker.plugins.get(name)
-    if not isinstance(host, _HostPlugin):
-        return LaneDied(os.getpid(), None, -1, "crash",
-                        f"stagepool is not set up on this dask worker (plugin {name} missing)",
-                        where=f"dask worker {worker.address}")
-    return host.run(key, *chunk)
-
-
-def _lane_pids(name: str, dask_worker: Any) -> list[int]:
-    """Run by ``client.run`` on each worker: the pids of this engine's lanes there."""
-    host = dask_worker.plugins.get(name)
-    backend = host.backend if isinstance(host, _HostPlugin) else None
-    return backend.worker_pids() if backend is not None else []
 
 
 # ---- the client side ----------------------------------------------------------------------------
@@ -294,14 +135,13 @@ def _on_future_done(inbox: queue.SimpleQueue[_Done | _Call | None], key: str, fu
     except BaseException as exc:  # lost with its worker, or the client is closing
         inbox.put(_Done(key, None, f"{type(exc).__name__}: {exc}"))
 
-
 class DaskBackend:
     """Runs chunks on a dask cluster: an in-process ``LocalCluster``, one at ``address``, or the
     cluster of an existing ``client`` (never closed here)."""
 
     def __init__(self, options: BackendOptions, *, hosted: Callable[[BackendOptions], Backend],
                  address: str | None = None, client: Any = None) -> None:
-        self._cluster, self._client = _connect(options.workers, address, client)
+        self._cluster, self._client = _cluster.connect(options.workers, address, client)
         self._own_client = client is None
         self._address: str = self._client.scheduler.address  # gone from a closed client
         self._name = f"stagepool-{uuid.uuid4().hex[:12]}"
@@ -317,7 +157,7 @@ class DaskBackend:
         self._polled = 0.0
         self._thread = threading.Thread(target=self._run, name="stagepool-dask", daemon=True)
         try:
-            self._client.register_plugin(_HostPlugin(self._name, options, hosted), name=self._name)
+            self._client.register_plugin(HostPlugin(self._name, options, hosted), name=self._name)
             self._await_first_worker()
         except BaseException:
             self._close()
@@ -327,16 +167,9 @@ class DaskBackend:
 
     def _await_first_worker(self) -> None:
         self._refresh_workers()
-        if self._workers:
-            return
-        try:
-            self._client.wait_for_workers(1, timeout=FIRST_WORKER_TIMEOUT)
-        except TimeoutError:
-            raise RuntimeError(
-                f"the dask cluster at {self._address} has no worker after "
-                f"{FIRST_WORKER_TIMEOUT:g} s; start some with: dask worker {self._address}"
-            ) from None
-        self._refresh_workers()
+        if not self._workers:
+            _cluster.wait_for_first_worker(self._client, self._address)
+            self._refresh_workers()
 
     def __str__(self) -> str:
         workers = list(self._workers.values())
@@ -385,13 +218,7 @@ class DaskBackend:
 
     def worker_pids(self) -> list[int]:
         """The lanes' pids on every worker (on their hosts: a remote pid names a remote process)."""
-        if self._closed:
-            return []
-        try:
-            per_worker = self._client.run(_lane_pids, self._name, on_error="return")
-        except Exception:  # the client is closing
-            return []
-        return sorted(pid for pids in per_worker.values() if isinstance(pids, list) for pid in pids)
+        return [] if self._closed else _cluster.worker_lane_pids(self._client, self._name)
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         with self._lock:
@@ -479,16 +306,8 @@ class DaskBackend:
     def _send(self, worker: _Worker, task: Task) -> bool:
         """Submit one chunk pinned to ``worker``; False (the task queued again) if dask refused."""
         key = f"{self._name}-{next(self._keys)}"
-        payload: Any = task.items
-        data = None
         try:
-            if payload.nbytes > SCATTER_BYTES:
-                payload = data = self._client.scatter(payload, workers=[worker.address], hash=False,
-                                                      timeout=RPC_TIMEOUT)
-            future = self._client.submit(
-                _run_chunk, self._name, key, task.fn_key, task.fn, payload, task.n_items,
-                task.timeouts, task.per_item_clock, key=key, workers=[worker.address],
-                allow_other_workers=False, pure=False, retries=0)
+            future, data = _cluster.submit_chunk(self._client, self._name, key, worker.address, task)
             future.add_done_callback(functools.partial(_on_future_done, self._inbox, key))
         except Exception:  # the worker just left, or the client is closing: look again first
             for refused in self._queue.queue([task], front=True):
@@ -560,54 +379,13 @@ class DaskBackend:
         for task in self._queue.drain():
             _notify(task, SHUT_DOWN)
         with contextlib.suppress(Exception):
-            self._unregister()
+            _cluster.unregister(self._client, self._address, self._name)
         if self._own_client:
             with contextlib.suppress(Exception):
                 self._client.close(timeout=RPC_TIMEOUT)
         if self._cluster is not None:
             with contextlib.suppress(Exception):
                 self._cluster.close(timeout=RPC_TIMEOUT)
-
-
-    def _unregister(self) -> None:
-        """Remove our plugin from the workers, which kill our lanes there; through a client of
-        our own if the engine's was closed under it (else the lanes would idle on a shared
-        cluster until its workers exit)."""
-        client = self._client
-        if client.status not in ("closing", "closed"):
-            client.unregister_worker_plugin(self._name)
-            return
-        with distributed.Client(  # type: ignore[no-untyped-call]
-                self._address, security=client.security, timeout=CLEANUP_TIMEOUT,
-                set_as_default=False) as fresh:
-            fresh.unregister_worker_plugin(self._name)
-
-
-def _connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
-    """(the cluster we started or None, the client to use)."""
-    if client is not None:
-        if not isinstance(client, distributed.Client):
-            raise TypeError(f"backend must be 'local', 'serial', 'dask' or a distributed.Client, "
-                            f"not {type(client).__name__}")
-        return None, client
-    if address is not None:
-        try:
-            return None, distributed.Client(  # type: ignore[no-untyped-call]
-                address, timeout=RPC_TIMEOUT, set_as_default=False)
-        except OSError as exc:
-            raise OSError(f"cannot reach the dask scheduler at {address}: {exc}") from exc
-    # Our own cluster: dask must never re-run a task whose worker died (we decide what a death
-    # means), and the cluster listens on this machine only.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address="127.0.0.1:0")  # no fixed port to collide on
-    try:
-        return cluster, distributed.Client(  # type: ignore[no-untyped-call]
-            cluster, set_as_default=False)
-    except BaseException:
-        cluster.close()
-        raise
 
 
 _live_backends: weakref.WeakSet[DaskBackend] = weakref.WeakSet()

@@ -1,0 +1,59 @@
+"""The dask backend: chunks run on a dask.distributed cluster, one dask task per chunk. The only
+module that imports ``distributed``, and only when ``backend="dask"`` is asked for: importing it
+takes a noticeable fraction of a second and registers ~185 exception reducers in
+``copyreg.dispatch_table``, which every pickler that copies that table pays for on each message
+(ours do not copy it: with distributed imported, the local codec's pickling measured the same).
+
+    Engine thread(s) --submit(Task)--> FairShare queue
+                                          |
+                  [dispatcher thread] --client.submit(_run_chunk, pinned to a worker with a free
+                          |              thread; big payloads scattered to it first)
+                          |                                      |
+                          |              dask worker: _run_chunk -> this engine's _HostPlugin
+                          |                 -> a hosted LocalBackend (one lane per worker thread)
+                          |                 -> lane process: _worker.run_chunk, the shared record
+                          |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
+                          |  <--the dask worker left (died, killed, retired): LaneDied(offset -1)
+                  Task.on_done(result | LaneDied | Cancelled)
+
+Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in
+the dask worker's own thread: everything the local backend guarantees comes with it, from code
+we already trust. An item that segfaults kills a lane, not the dask worker (whose death would
+fail every chunk it ran, and which dask would then count against the task); the shared record
+names the exact item; a timeout kills the lane's whole process tree (dask has no way to stop a
+running task); memory caps and initializers work per lane. The dask worker never unpickles
+anything of the caller's: items travel as the opaque bytes of our codec, so an argument whose
+unpickling crashes or imports heavy modules does so in a lane. What remains dask's is placement,
+transport and the cluster's membership.
+
+Faults, and why no item is blamed twice or wrongly:
+
+* A worker runs at most as many of our chunks as it has threads: each chunk is pinned to a
+  worker with a free thread (``workers=[address]``, ``allow_other_workers=False``), the rest wait
+  in our queue. So every chunk on a worker that dies was running there, never merely queued.
+* Dask itself never re-runs our tasks elsewhere (``retries=0``; a pinned task cannot move) and
+  never decides a verdict for us: the dispatcher polls the cluster's membership and answers each
+  chunk of a worker that left with ``LaneDied(offset=-1)``, exactly once (a ``KilledWorker`` that
+  arrives later is ignored). The batch then runs the chunk again in halves until the guilty item
+  is alone, so a worker killed by an item (or by anyone) fails at most the one item it was running.
+  The in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
+* Cancelling a batch withdraws its queued chunks (they never became dask tasks); its running
+  ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask
+  futures are cancelled and the worker side, which watches its task's state while it waits,
+  kills the lanes running them. A client that disconnects gets the same from the scheduler.
+
+Big numpy arrays: no shared memory here (the workers may be on other machines). A payload is the
+codec's pickle viewed as a ``uint8`` array, which dask sends as an out-of-band pickle-5 buffer (no
+copy into a message); payloads over ``SCATTER_BYTES`` are scattered straight to the chosen worker
+rather than riding in the task graph through the scheduler. Arrays inside that pickle are in-band
+(a memcpy at each end, about a millisecond per 8 MiB, small beside the network): the price of a
+dask worker that never unpickles the caller's data. Results come back the same way.
+
+The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
+dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,
+submit a chunk, clean up), ``_client`` the ``DaskBackend`` and its dispatcher thread.
+"""
+
+from ._client import CAPABILITIES, DaskBackend, PickleCodec
+
+__all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]

@@ -1,0 +1,105 @@
+"""The dask backend's calls that reach the cluster: connecting (or starting an in-process
+``LocalCluster``), waiting for a first worker, submitting one chunk, asking a worker for its lanes,
+and removing an engine's plugin. Each is bounded by a timeout below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import distributed
+
+from .._protocol import Task
+from ._plugin import lane_pids, run_chunk
+
+__all__ = ["RPC_TIMEOUT", "connect", "submit_chunk", "unregister", "wait_for_first_worker",
+           "worker_lane_pids"]
+
+# Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
+# the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
+SCATTER_BYTES = 1 << 20
+# The bound on connecting to the scheduler and on the calls that take one (the membership poll, a
+# scatter, fetching a result).
+RPC_TIMEOUT = 30.0
+# Connecting again only to clean up after a client closed under the engine: not for long.
+CLEANUP_TIMEOUT = 5.0
+# An engine on a cluster with no worker yet waits this long for one, then says so.
+FIRST_WORKER_TIMEOUT = 30.0
+
+
+def connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
+    """(the cluster we started or None, the client to use)."""
+    if client is not None:
+        if not isinstance(client, distributed.Client):
+            raise TypeError(f"backend must be 'local', 'serial', 'dask' or a distributed.Client, "
+                            f"not {type(client).__name__}")
+        return None, client
+    if address is not None:
+        try:
+            return None, distributed.Client(  # type: ignore[no-untyped-call]
+                address, timeout=RPC_TIMEOUT, set_as_default=False)
+        except OSError as exc:
+            raise OSError(f"cannot reach the dask scheduler at {address}: {exc}") from exc
+    # Our own cluster: dask must never re-run a task whose worker died (we decide what a death
+    # means), and the cluster listens on this machine only.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address="127.0.0.1:0")  # no fixed port to collide on
+    try:
+        return cluster, distributed.Client(  # type: ignore[no-untyped-call]
+            cluster, set_as_default=False)
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def wait_for_first_worker(client: Any, address: str) -> None:
+    """Wait up to FIRST_WORKER_TIMEOUT for a worker; raise ``RuntimeError`` saying how to start
+    one if none came."""
+    try:
+        client.wait_for_workers(1, timeout=FIRST_WORKER_TIMEOUT)
+    except TimeoutError:
+        raise RuntimeError(
+            f"the dask cluster at {address} has no worker after "
+            f"{FIRST_WORKER_TIMEOUT:g} s; start some with: dask worker {address}"
+        ) from None
+
+
+def submit_chunk(client: Any, name: str, key: str, address: str, task: Task) -> tuple[Any, Any]:
+    """Submit one chunk as the task ``key``, pinned to the worker at ``address`` (its payload
+    scattered there first if big); return (the dask future, the scattered payload's future or
+    None). Raises what dask raises when the worker just left or the client is closing."""
+    payload: Any = task.items
+    data = None
+    if payload.nbytes > SCATTER_BYTES:
+        payload = data = client.scatter(payload, workers=[address], hash=False,
+                                        timeout=RPC_TIMEOUT)
+    future = client.submit(
+        run_chunk, name, key, task.fn_key, task.fn, payload, task.n_items,
+        task.timeouts, task.per_item_clock, key=key, workers=[address],
+        allow_other_workers=False, pure=False, retries=0)
+    return future, data
+
+
+def worker_lane_pids(client: Any, name: str) -> list[int]:
+    """The pids of engine ``name``'s lanes on every worker (on their hosts: a remote pid names a
+    remote process); [] if the client is closing."""
+    try:
+        per_worker = client.run(lane_pids, name, on_error="return")
+    except Exception:  # the client is closing
+        return []
+    return sorted(pid for pids in per_worker.values() if isinstance(pids, list) for pid in pids)
+
+
+def unregister(client: Any, address: str, name: str) -> None:
+    """Remove plugin ``name`` from the workers, which kill our lanes there; through a client of
+    our own if ``client`` was closed under the engine (else the lanes would idle on a shared
+    cluster until its workers exit)."""
+    if client.status not in ("closing", "closed"):
+        client.unregister_worker_plugin(name)
+        return
+    with distributed.Client(  # type: ignore[no-untyped-call]
+            address, security=client.security, timeout=CLEANUP_TIMEOUT,
+            set_as_default=False) as fresh:
+        fresh.unregister_worker_plugin(name)

@@ -1,0 +1,120 @@
+"""The worker side of the dask backend: a local backend hosted in each dask worker, and the task
+function that hands it one chunk. Both run in dask workers, which unpickle them by reference (so
+they stay module-level names here)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import distributed
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..._errors import EngineClosed
+from ..._planning import plan_workers
+from .._protocol import Backend, BackendOptions, Cancelled, Group, LaneDied, Task, TaskResult
+
+__all__ = ["SHUT_DOWN", "HostPlugin", "lane_pids", "run_chunk"]
+
+# How often a waiting chunk on a worker looks at its dask task's state (cancelled: kill it).
+CANCEL_POLL = 0.1
+
+
+SHUT_DOWN = Cancelled("the engine was shut down")
+
+
+class HostPlugin(WorkerPlugin):
+    """One engine's presence on a dask worker: a hosted backend with one lane per worker thread.
+
+    Registered by the engine under its own name, so engines sharing a cluster never share lanes,
+    initializers or function keys; removed (and its lanes killed) when the engine shuts down.
+    """
+
+    def __init__(self, name: str, options: BackendOptions,
+                 hosted: Callable[[BackendOptions], Backend]) -> None:
+        self.name = name
+        self.options, self.hosted = options, hosted
+        self.backend: Backend | None = None
+        self.worker: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (HostPlugin, (self.name, self.options, self.hosted))  # never a live backend
+
+    def setup(self, worker: Any) -> None:
+        # Dask starts worker processes as daemons, and a daemonic process may not start children.
+        # The flag exists so that children cannot outlive their parent; our lanes watch their
+        # parent and exit within 0.25 s of its death (see _worker._watch_parent), so lifting it
+        # keeps that promise.
+        multiprocessing.current_process().daemon = False
+        self.worker = worker
+        threads = worker.state.nthreads
+        # The worker's own environment decides BLAS threads (dask's nanny sets 1 per worker);
+        # unset variables get this host's CPUs // threads.
+        env = {**plan_workers().thread_env(workers=threads), **self.options.env}
+        self.backend = self.hosted(dataclasses.replace(self.options, workers=threads, env=env,
+                                                       shm_threshold=0))
+
+    async def teardown(self, worker: Any) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:  # in a thread: killing and joining must not stall the worker
+            await asyncio.to_thread(backend.shutdown, wait=True, cancel_pending=True, kill=True)
+
+    def run(self, key: str, fn_key: int, fn: bytes, items: Any, n_items: int,
+            timeouts: tuple[float, ...] | None, per_item_clock: bool) -> TaskResult:
+        """Run one chunk on this worker's lanes and return their answer; kill the chunk if its
+        dask task is cancelled meanwhile (the engine's kill, or its client gone)."""
+        backend = self.backend
+        answers: queue.SimpleQueue[TaskResult] = queue.SimpleQueue()
+        task = Task(Group(), fn_key, fn, memoryview(items), n_items,
+                    lambda _task, answer: answers.put(answer), timeouts,
+                    per_item_clock=per_item_clock)
+        if backend is None:  # torn down: the engine is shutting down
+            return SHUT_DOWN
+        try:
+            backend.submit_many([task])
+        except EngineClosed:
+            return SHUT_DOWN
+        while True:
+            try:
+                return self._reply(answers.get(timeout=CANCEL_POLL))
+            except queue.Empty:
+                if not task.group.cancelled and self._abandoned(key):
+                    backend.withdraw(task.group, kill_running=True)
+
+    def _abandoned(self, key: str) -> bool:
+        """Whether dask gave up on our task (the engine cancelled it, or its client is gone)."""
+        state = self.worker.state.tasks.get(key)  # a dict read: safe from this thread
+        return state is None or state.state in ("cancelled", "released", "forgotten")
+
+    def _reply(self, answer: TaskResult) -> TaskResult:
+        if isinstance(answer, LaneDied):
+            return dataclasses.replace(answer, where=f"dask worker {self.worker.address}")
+        if isinstance(answer, Cancelled):
+            return answer
+        return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+
+
+def run_chunk(name: str, key: str, *chunk: Any) -> TaskResult:
+    """The dask task of one chunk: runs in a dask worker's thread, which waits while this
+    engine's lanes on that worker run the items (``chunk``: see ``HostPlugin.run``)."""
+    worker = distributed.get_worker()
+    host = worker.plugins.get(name)
+    if not isinstance(host, HostPlugin):
+        return LaneDied(os.getpid(), None, -1, "crash",
+                        f"stagepool is not set up on this dask worker (plugin {name} missing)",
+                        where=f"dask worker {worker.address}")
+    return host.run(key, *chunk)
+
+
+def lane_pids(name: str, dask_worker: Any) -> list[int]:
+    """Run by ``client.run`` on each worker: the pids of this engine's lanes there."""
+    host = dask_worker.plugins.get(name)
+    backend = host.backend if isinstance(host, HostPlugin) else None
+    return backend.worker_pids() if backend is not None else []
+
