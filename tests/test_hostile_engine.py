@@ -209,13 +209,13 @@ def test_a_late_wake_up_never_writes_to_a_reused_descriptor() -> None:
     eng.shutdown()
     read, write = os.pipe()
     os.set_blocking(read, False)
-    os.dup2(write, backend._wake_w)  # type: ignore[union-attr]  # the number now means our pipe
+    os.dup2(write, backend._mailbox.wake_w)  # type: ignore[union-attr]  # the number now means our pipe
     try:
         backend.withdraw(Group())  # type: ignore[union-attr]  # e.g. an imap finalized late
         with pytest.raises(BlockingIOError):
             os.read(read, 16)
     finally:
-        for fd in (read, write, backend._wake_w):  # type: ignore[union-attr]
+        for fd in (read, write, backend._mailbox.wake_w):  # type: ignore[union-attr]
             os.close(fd)
 
 

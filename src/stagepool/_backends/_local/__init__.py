@@ -1,8 +1,10 @@
 """The local backend: worker processes on this machine, started with loky (the only loky import).
 
-    _pool.py       LocalBackend: the Backend protocol and the pool thread's loop
+    _pool.py       LocalBackend: the Backend protocol, the pool thread's loop, dispatch, answers
+    _crew.py       the workers' lifecycle: spawn, retire, reap, kill, respawn, read a death
     _lanes.py      a worker process and its pipes, stderr, and what it may take
-    _limits.py     per-item deadlines from the shared record (pure)
+    _limits.py     per-item deadlines (pure) and which workers broke a time or memory limit
+    _mailbox.py    how other threads wake the pool thread and post calls to it
     _record.py     the parent's side of the shared record (which item each worker is on)
 """
 

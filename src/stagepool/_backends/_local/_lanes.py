@@ -12,11 +12,12 @@ import collections
 import contextlib
 import dataclasses
 import os
+import pickle
 import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..._worker import WorkerSetup, lane_main
+from ..._worker import FN_CACHE_SIZE, TaskHeader, WorkerSetup, lane_main
 from .._protocol import DeathReason, Task
 
 __all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
@@ -62,6 +63,24 @@ class Lane:
         if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
             return False
         return _short(task.expected) and _short(self.tasks[0].expected)
+
+    def send(self, task: Task) -> None:
+        """Hand the worker a task (its function only the first time). A broken pipe is ignored:
+        the worker is dying, and the pool thread's burial requeues the task."""
+        first = task.fn_key not in self.fn_keys
+        header = pickle.dumps(TaskHeader(task.id, task.fn_key, task.fn if first else None,
+                                         task.n_items, task.timeouts is not None,
+                                         task.per_item_clock))
+        self.tasks.append(task)
+        try:
+            self.conn.send_bytes(header)
+            self.conn.send_bytes(task.items)
+        except OSError:
+            return
+        if first:  # the same first-in-first-out eviction as the worker's cache
+            self.fn_keys[task.fn_key] = None
+            if len(self.fn_keys) > FN_CACHE_SIZE:
+                del self.fn_keys[next(iter(self.fn_keys))]
 
     def forward_stderr(self) -> None:
         """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""

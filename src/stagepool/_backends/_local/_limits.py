@@ -2,15 +2,22 @@
 
 Pure functions of a task and a slot's state (no processes), so the pool thread can ask "when
 must I look again?" and "has this worker's item expired?" without a clock read per item.
+``Limits`` applies them to the serving lanes (reading the record, and RSS under a memory cap):
+it decides which worker must be killed and why; the crew (``_crew``) kills it.
 """
 
 from __future__ import annotations
 
-from ..._worker import PHASE_RUN
-from .._protocol import Task
-from ._record import SlotState
+import time
+from collections.abc import Iterable
 
-__all__ = ["MAX_WAIT", "POLL_INTERVAL", "deadline_of", "wait_seconds"]
+from ..._resources import rss_of
+from ..._worker import PHASE_INIT, PHASE_RUN
+from .._protocol import DeathReason, Task
+from ._lanes import Lane
+from ._record import SharedRecord, SlotState
+
+__all__ = ["MAX_WAIT", "POLL_INTERVAL", "Limits", "deadline_of", "wait_seconds"]
 
 # How often the pool thread looks at the record while some running item has a timeout it cannot
 # compute a deadline for yet (the worker has not started the chunk), and at RSS under a memory cap.
@@ -53,3 +60,66 @@ def wait_seconds(wake: float | None, now: float) -> float | None:
     if wake is None or wake == float("inf"):
         return None
     return min(MAX_WAIT, max(0.0, wake - now))
+
+
+class Limits:
+    """The time and memory limits of the workers sharing ``record``: when the pool thread must
+    wake up to check them, and which workers broke them."""
+
+    def __init__(self, record: SharedRecord, init_timeout: float | None,
+                 max_rss: int | None) -> None:
+        self._record, self._init_timeout, self._max_rss = record, init_timeout, max_rss
+
+    def next_wake(self, lanes: list[Lane], leaving: Iterable[float]) -> float | None:
+        """The next moment a limit may be broken (None: none can be), ``leaving`` included:
+        the moments the leaving workers must be killed."""
+        now = time.monotonic()
+        wakes = [d for lane in lanes
+                 for d in (self._deadline(lane, now), self._init_deadline(lane)) if d is not None]
+        if self._max_rss is not None and any(lane.tasks for lane in lanes):
+            wakes.append(now + POLL_INTERVAL)
+        wakes.extend(leaving)
+        return min(wakes, default=None)
+
+    def broken(self, lanes: list[Lane]) -> list[tuple[Lane, DeathReason, int]]:
+        """The workers to kill: each with why, and the offset of the item to blame (-1: none)."""
+        now = time.monotonic()
+        verdicts: list[tuple[Lane, DeathReason, int]] = []
+        for lane in lanes:
+            deadline = self._deadline(lane, now)
+            init_deadline = self._init_deadline(lane)
+            if init_deadline is not None and now >= init_deadline:
+                verdicts.append((lane, "init_timeout", -1))  # every task fails, naming it
+            elif deadline is not None and now >= deadline and lane.tasks:
+                verdicts.append((lane, "timeout", self._record.offset(lane.slot)))
+            elif (self._max_rss is not None and lane.tasks and lane.kill_reason is None
+                  and self._running_item(lane)):
+                rss = rss_of(lane.pid) or 0
+                if rss > 2 * self._max_rss:  # one item blowing far past the cap: stop it now
+                    verdicts.append((lane, "memory", self._record.offset(lane.slot)))
+        return verdicts
+
+    def _init_deadline(self, lane: Lane) -> float | None:
+        """When a worker still in its initializer must be stopped (None: it is past it, or no
+        limit). A worker that has not reached its initializer yet writes nothing the pool thread
+        would wake for: look again in POLL_INTERVAL until it has."""
+        if self._init_timeout is None or lane.kill_reason is not None or lane.answered:
+            return None
+        state = self._record.state(lane.slot)
+        if state.phase == PHASE_INIT:
+            return state.start + self._init_timeout
+        if self._record.pid(lane.slot) != lane.pid:  # not started yet
+            return time.monotonic() + POLL_INTERVAL
+        return None
+
+    def _deadline(self, lane: Lane, now: float) -> float | None:
+        if not lane.tasks or lane.kill_reason is not None:
+            return None
+        return deadline_of(lane.tasks[0], self._record.state(lane.slot), now)
+
+    def _running_item(self, lane: Lane) -> bool:
+        """Whether the worker is inside one of its chunk's items. Only then is its memory an
+        item's fault: a worker killed while starting (a cap below a fresh worker's size) would
+        blame no item, and its chunk would be requeued onto the next worker, killed alike, forever."""
+        state = self._record.state(lane.slot)
+        return state.chunk == lane.tasks[0].id and state.phase == PHASE_RUN

@@ -1,0 +1,181 @@
+"""The worker processes' lifecycle: which lanes serve, which are leaving, which slots are free.
+
+The pool thread (``_pool``) decides what to run and answers tasks; the crew starts, retires,
+reaps, kills and replaces the workers it runs them on, and reads from the shared record what a
+dead worker was doing. Only the pool thread calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from typing import Any
+
+from ..._resources import kill_group, kill_tree
+from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
+from .._protocol import DeathReason, LaneDied, Task
+from ._lanes import Lane, start_lane
+from ._record import SharedRecord
+
+__all__ = ["STARTUP_FAILURE_LIMIT", "STOP_JOIN_TIMEOUT", "Autopsy", "Crew"]
+
+# A worker that dies this many times in a row before finishing anything is not respawned blindly.
+STARTUP_FAILURE_LIMIT = 3
+STOP_JOIN_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Autopsy:
+    """What a dead worker left: the tasks it held (the first was running if ``died`` is set),
+    and whether it died in the initializer (then ``died`` is None: see ``_fail_initializer``)."""
+
+    tasks: list[Task]
+    in_init: bool
+    died: LaneDied | None
+
+
+def _ran(phase: int, offset: int, task: Task) -> int:
+    """How many items of a dead worker's chunk had finished, from the phase it died in."""
+    if phase == PHASE_RUN:
+        return max(0, offset)
+    return task.n_items if phase == PHASE_ENCODE else 0  # encoding results / still decoding
+
+
+class Crew:
+    """The lanes serving (``lanes``) and leaving (``leaving``), and the record slots they use."""
+
+    def __init__(self, ctx: Any, record: SharedRecord, setup: WorkerSetup, env: dict[str, str],
+                 max_tasks: int | None, kill_grace: float, workers: int) -> None:
+        self._ctx, self._record, self._setup, self._env = ctx, record, setup, env
+        self._max_tasks, self._kill_grace = max_tasks, kill_grace
+        self._free_slots = list(range(4 * (workers + 1)))[::-1]
+        self.startup_failures = 0
+        # Workers told to stop (recycled, or the pool stopping), with the moment they get killed
+        # if they have not exited: reaped when their sentinel fires, never waited for in a loop
+        # that also feeds the others.
+        self.leaving: dict[Lane, float] = {}
+        self.lanes: list[Lane] = [self.spawn() for _ in range(workers)]
+
+    def watch(self) -> dict[Any, tuple[str, Lane]]:
+        """What the pool thread waits on: each object with what it firing means, and its lane."""
+        by_obj: dict[Any, tuple[str, Lane]] = {}
+        for lane in self.lanes:
+            by_obj[lane.process.sentinel] = ("died", lane)
+            by_obj[lane.stderr] = ("stderr", lane)
+            if lane.tasks:
+                by_obj[lane.conn] = ("result", lane)
+        for lane in self.leaving:
+            by_obj[lane.process.sentinel] = ("left", lane)
+            by_obj[lane.stderr] = ("stderr", lane)
+        return by_obj
+
+    def spawn(self) -> Lane:
+        if not self._free_slots:  # every spare slot held by workers slow to leave: wait for one
+            oldest = next(iter(self.leaving))
+            if oldest.process.exitcode is None:
+                oldest.process.join(max(0.0, self.leaving[oldest] - time.monotonic()))
+                kill_tree(oldest.pid, grace=0)
+            self.reap(oldest)
+        slot = self._free_slots.pop()
+        self._record.reset(slot)
+        setup = dataclasses.replace(self._setup, slot=slot, ppid=os.getpid())
+        return start_lane(self._ctx, setup, self._env, self._max_tasks)
+
+    def release(self, lane: Lane) -> None:
+        lane.close()
+        self._free_slots.append(lane.slot)
+
+    def retire(self, lane: Lane, *, replace: bool) -> None:
+        """Tell a drained worker to stop and, with ``replace``, start a fresh one in its place at
+        once; the old one is reaped when it has exited (killed if it takes longer than
+        STOP_JOIN_TIMEOUT)."""
+        with contextlib.suppress(OSError):
+            lane.conn.send_bytes(b"")
+        self.lanes.remove(lane)
+        self.leaving[lane] = time.monotonic() + STOP_JOIN_TIMEOUT
+        if replace:
+            self.lanes.append(self.spawn())
+
+    def reap(self, lane: Lane) -> None:
+        """A leaving worker exited: collect it, pass on its last words, free its slot."""
+        kill_group(lane.pid)  # what its items left running
+        lane.process.join(1.0)
+        lane.forward_stderr()
+        del self.leaving[lane]
+        self.release(lane)
+
+    def expire_leaving(self) -> None:
+        now = time.monotonic()
+        for lane, deadline in list(self.leaving.items()):
+            if now >= deadline and lane.process.exitcode is None:
+                kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then reap
+                self.leaving[lane] = float("inf")
+
+    def kill(self, lane: Lane, reason: DeathReason, offset: int = -1) -> None:
+        if lane.kill_reason is not None:
+            return
+        lane.kill_reason, lane.kill_offset = reason, offset
+        threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
+                         daemon=True, name="stagepool-kill").start()
+
+    def kill_everything(self) -> None:
+        for lane in self.lanes:
+            if lane.kill_reason is None:
+                lane.kill_reason = "cancelled"
+                kill_tree(lane.pid, grace=0)
+
+    def collect(self, lane: Lane) -> None:
+        """A worker died: end what its items started, then reap it."""
+        if lane.kill_reason is None:  # else kill()'s kill_tree gives the group its grace
+            kill_group(lane.pid)  # what its items started dies with it (before the reaping join)
+        lane.process.join(1.0)
+
+    def autopsy(self, lane: Lane) -> Autopsy:
+        """Take a dead worker off the crew and read from the record what it was doing; counts a
+        death before any task towards STARTUP_FAILURE_LIMIT. The caller releases the lane."""
+        self.lanes.remove(lane)
+        chunk, offset, phase, _start = self._record.state(lane.slot)
+        tasks = list(lane.tasks)
+        lane.tasks.clear()
+        if phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
+            return Autopsy(tasks, in_init=True, died=None)
+        died = None
+        if bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE:
+            reason = lane.kill_reason or "crash"
+            if lane.kill_reason is not None and lane.kill_offset >= 0:
+                offset = lane.kill_offset
+            died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
+                            reason, lane.last_words(), ran=_ran(phase, offset, tasks[0]))
+            self.startup_failures = 0  # it took a task, so start-up works: that task killed it
+        elif not lane.answered and lane.kill_reason is None:
+            self.startup_failures += 1
+        return Autopsy(tasks, in_init=False, died=died)
+
+    def gave_up_starting(self) -> bool:
+        """Whether workers keep dying before doing anything (then the caller fails the queue
+        instead of respawning forever); the count drops back so that one more try is made."""
+        if self.startup_failures < STARTUP_FAILURE_LIMIT:
+            return False
+        self.startup_failures = STARTUP_FAILURE_LIMIT - 1
+        return True
+
+    def respawn(self) -> None:
+        """Start a replacement, after a back-off that grows with each start-up failure."""
+        time.sleep(min(2.0, 0.05 * 2 ** self.startup_failures) if self.startup_failures else 0)
+        self.lanes.append(self.spawn())
+
+    def close(self) -> list[Task]:
+        """Kill every worker at once and free its slot; returns the tasks the serving ones held."""
+        for lane in list(self.leaving):
+            kill_tree(lane.pid, grace=0)
+            self.reap(lane)
+        held: list[Task] = []
+        for lane in self.lanes:
+            kill_tree(lane.pid, grace=0)
+            held.extend(lane.tasks)
+            self.release(lane)
+        self.lanes.clear()
+        return held
