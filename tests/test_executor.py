@@ -72,6 +72,9 @@ def test_a_finished_future_keeps_neither_the_function_nor_the_arguments(
 
 
 @pytest.mark.parametrize("chunksize", [1, 3])
+# On a cluster the distributed client keeps each result until its dispatcher thread lets go of the
+# task: when the reference drops is not deterministic there (flaky 1 in 3 on dask).
+@pytest.mark.needs("fast_round_trip")
 def test_the_map_iterator_holds_no_result_it_has_yielded(
         engine: sp.Engine, no_gc: None, chunksize: int) -> None:
     results = engine.executor.map(_tasks.make_token, range(6), chunksize=chunksize)
