@@ -303,7 +303,7 @@ def kill_tree(pid: int, *, grace: float = 0.5) -> None:
 
 def kill_group(pgid: int) -> None:
     """SIGKILL process group ``pgid``: what a dead worker's items left running (see
-    ``_worker._lead_own_group``). Call it before the worker is reaped: its zombie keeps the
+    ``_worker_guards.lead_own_group``). Call it before the worker is reaped: its zombie keeps the
     group id from being reused. Does nothing if the group is gone or is not ours to signal."""
     if pgid > 0 and pgid != os.getpgrp():  # never the caller's own group
         _signal_group(pgid, signal.SIGKILL)

@@ -10,26 +10,37 @@ While it runs, the worker writes *which item it is on* into its slot of a shared
 a memfd owned by the parent). That record is how the parent blames exactly one item when the
 worker dies or overruns its timeout: no guessing, no bisection. The write is a single store into
 shared memory, cheap enough for items that take a microsecond.
+
+The guards against hostile items (forks, closed std fds, descendants, a dead parent) live in
+``_worker_guards``; functions pickled by reference (``lane_main``, ``apply_call``, ...) stay here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import faulthandler
 import mmap
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 import traceback
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, NoReturn, cast
+from typing import Any, NamedTuple, cast
 
 from . import _shm, _transport
+from ._worker_guards import (
+    StdFds,
+    flush_std_streams,
+    forked_children,
+    lead_own_group,
+    leave_fork,
+    mark_forked,
+    pipe_broken,
+    watch_parent,
+)
 
 __all__ = [
     "FN_CACHE_SIZE",
@@ -181,7 +192,7 @@ def run_chunk(
     ints, floats = record.ints, record.floats
     ints[F_CHUNK] = chunk_id
     ints[F_PHASE] = PHASE_RUN
-    forked = _forked  # non-empty only in a child that the item forked: it must not go on
+    forked = forked_children  # non-empty only in a child that the item forked: it must not go on
     stamps = array("d", [clock()])
     if per_item_clock or timed:
         stamp, now = stamps.append, time.monotonic
@@ -194,10 +205,10 @@ def run_chunk(
             try:
                 keep(fn(item))
                 if forked:
-                    _leave_fork(None)
+                    leave_fork(None)
             except BaseException as exc:
                 if forked:
-                    _leave_fork(exc)
+                    leave_fork(exc)
                 if isinstance(exc, passthrough):
                     raise
                 keep(None)
@@ -209,10 +220,10 @@ def run_chunk(
             try:
                 keep(fn(item))
                 if forked:
-                    _leave_fork(None)
+                    leave_fork(None)
             except BaseException as exc:
                 if forked:
-                    _leave_fork(exc)
+                    leave_fork(exc)
                 if isinstance(exc, passthrough):
                     raise
                 keep(None)
@@ -325,15 +336,6 @@ class _FnCache:
         return cached
 
 
-def _watch_parent(ppid: int) -> None:
-    """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind,
-    even while an item runs (the main thread notices only when it next uses the pipe)."""
-    while True:
-        time.sleep(0.25)
-        if _parent_gone(ppid):
-            _die_with_parent(ppid)
-
-
 def _capture_stderr(stderr: Any) -> None:
     """Point fd 2 at the parent's pipe, which forwards it and keeps its tail for crash reports;
     faulthandler's dump (segfault, abort) goes there too."""
@@ -431,15 +433,15 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     shared memory, kills what its items started and exits, without a traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _lead_own_group()
-    os.register_at_fork(after_in_child=_mark_forked)
-    threading.Thread(target=_watch_parent, args=(setup.ppid,), daemon=True,
+    lead_own_group()
+    os.register_at_fork(after_in_child=mark_forked)
+    threading.Thread(target=watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
     _capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
     init_error = _initialize(setup, record)
-    std_fds = _StdFds()  # after the initializer: what it did to fds 0-2 is what items get
+    std_fds = StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()
     worker = os.getpid()
     while True:
@@ -449,19 +451,19 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
                 break
             items_blob = conn.recv_bytes()
         except (EOFError, OSError):  # the parent closed the pipe, or died
-            _pipe_broken(setup.ppid)
+            pipe_broken(setup.ppid)
             break
         blob = _handle(header, items_blob, fns, record, init_error, setup)
         if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
-            _leave_fork(None)
+            leave_fork(None)
         try:
             conn.send_bytes(blob)
         except OSError:
-            _pipe_broken(setup.ppid)
+            pipe_broken(setup.ppid)
             break
         del items_blob, blob
         std_fds.restore()
-    _flush_std_streams()
+    flush_std_streams()
 
 
 def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
@@ -475,128 +477,11 @@ def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
     error: BaseException | None = None
     try:
         setup.initializer(*setup.initargs)
-        if _forked:
-            _leave_fork(None)
+        if forked_children:
+            leave_fork(None)
     except BaseException as exc:
-        if _forked:
-            _leave_fork(exc)
+        if forked_children:
+            leave_fork(exc)
         error = exc
     record.ints[F_PHASE] = PHASE_IDLE
     return error
-
-
-# ---- hostile items: forks, closed standard fds, descendants, a dead parent ------------------------
-
-# In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
-# empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
-_forked: list[int] = []
-
-
-def _mark_forked() -> None:
-    _forked.append(os.getpid())
-
-
-def _leave_fork(exc: BaseException | None) -> NoReturn:
-    """A child forked by an item came back to the worker's code: end it now, as if it had run
-    as a script, without touching the pipe or the record, which belong to the worker.
-
-    The exit status is what the item's parent side may wait for: 0 after a return, the code of
-    ``sys.exit(code)``, 1 (and the traceback on stderr) after any other exception. Buffered
-    stdout is not flushed: it may hold the worker's own output, copied by the fork.
-    """
-    code = 0
-    if isinstance(exc, SystemExit):
-        if isinstance(exc.code, int) or exc.code is None:
-            code = exc.code or 0
-        else:
-            code = 1
-            print(exc.code, file=sys.stderr)
-    elif exc is not None:
-        code = 1
-        traceback.print_exception(exc)
-    with contextlib.suppress(BaseException):
-        sys.stderr.flush()
-    os._exit(code)
-
-
-def _lead_own_group() -> None:
-    """Put the worker in a process group of its own, which everything its items start joins:
-    when the worker dies, the parent kills that group (``_resources.kill_group``), so a child
-    process cannot outlive a crash and hold the caller's stdout open (``job.py | cat`` waiting
-    forever). Processes that start their own session escape; they are the item's to manage."""
-    with contextlib.suppress(OSError):
-        os.setpgid(0, 0)
-
-
-class _StdFds:
-    """Keeps a copy of fds 0, 1 and 2 and puts one back when an item closed it: else every later
-    item that prints fails with EBADF, and the next file opened takes the number.
-
-    One fstat per fd and chunk. An fd an item replaced (``dup2``) is left as it is: silencing a
-    noisy library for good is a thing workers do.
-    """
-
-    def __init__(self) -> None:
-        self._copies: dict[int, int] = {}
-        for fd in (0, 1, 2):
-            with contextlib.suppress(OSError):  # closed at start-up: nothing to put back
-                self._copies[fd] = os.dup(fd)  # not inherited by the items' child processes
-
-    def restore(self) -> None:
-        for fd, copy in self._copies.items():
-            try:
-                os.fstat(fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.dup2(copy, fd)
-
-
-def _pipe_broken(ppid: int) -> None:
-    """The pipe to the parent broke (EOF, or EPIPE on send). If the parent died, clean up after
-    it and exit (never returns); if it closed the pipe on purpose, return: the worker ends.
-
-    The pipe closes a moment before the kernel re-parents the worker, so "alive" at this point
-    is checked again for a while before it is believed.
-    """
-    deadline = time.monotonic() + PARENT_EXIT_WAIT
-    while not _parent_gone(ppid):
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(0.01)
-    _die_with_parent(ppid)
-
-
-PARENT_EXIT_WAIT = 2.0  # seconds; see _pipe_broken
-_dying = threading.Lock()
-
-
-def _die_with_parent(ppid: int) -> NoReturn:
-    """The parent is gone: nobody else will free its shared memory or stop what this worker's
-    items started, so do both, then exit. Called by the watch thread or the main loop, whichever
-    notices first; the other waits on the lock until the process is gone."""
-    with _dying:
-        _shm.abandon(ppid)
-        _flush_std_streams()
-        if os.getpgrp() == os.getpid():  # never the caller's group (if setpgid failed)
-            os.killpg(0, signal.SIGKILL)  # this process too: it is the last thing it does
-        os._exit(3)
-
-
-def _flush_std_streams() -> None:
-    """What items printed is real output; the parent end of stderr may be gone (EPIPE)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
-            if stream is not None:
-                stream.flush()
-
-
-def _parent_gone(ppid: int) -> bool:
-    if os.getppid() != ppid:
-        return True
-    try:
-        os.kill(ppid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
