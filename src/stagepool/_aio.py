@@ -30,11 +30,11 @@ import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, Self, TypeVar
 
-from ._backends import Backend
 from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
+from ._calls import Calls
 from ._config import DEFAULT, Default, Timeout, check_bool
 from ._errors import TaskCancelled
 from ._outcome import BatchReport, Outcome
@@ -344,24 +344,9 @@ for _public in (OutcomeStream,):
 # ---- the engine's async surface -----------------------------------------------------------------
 
 
-class AsyncCalls:
+class AsyncCalls(Calls):
     """The async methods of ``Engine`` (the facade inherits them): each validates its arguments
     through the engine, then hands the work to the bridge above; the loop never blocks."""
-
-    if TYPE_CHECKING:  # provided by Engine
-        def _spec(self, fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], *,
-                  chunk_size: Any, progress: bool | None, desc: str | None,
-                  on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
-                  max_in_flight: int | None = None,
-                  max_concurrent: int | None = None) -> BatchSpec: ...
-
-        def _backend_or_raise(self) -> Backend: ...
-
-        def submit(self, fn: Callable[P, R], /, *args: P.args,
-                   **kwargs: P.kwargs) -> concurrent.futures.Future[R]: ...
-
-        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
-                     kill: bool = False) -> None: ...
 
     async def __aenter__(self) -> Self:
         return self
