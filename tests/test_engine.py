@@ -221,6 +221,15 @@ def test_bad_call_arguments_are_named(engine: sp.Engine) -> None:
         engine.map(_tasks.double, [1], chunk_size=0)
 
 
+def test_a_string_is_one_item_not_a_list_of_characters(engine: sp.Engine) -> None:
+    """``map(decode, "talk.wav")`` ran decode on "t", "a", "l", ... and reported 8 errors."""
+    with pytest.raises(TypeError, match=r"items is a str \('talk.wav'\).*\['talk.wav'\]"):
+        engine.map(_tasks.double, "talk.wav")
+    with pytest.raises(TypeError, match="items is a bytes"):
+        engine.imap(_tasks.double, b"abc")
+    assert engine.map(_tasks.double, list("ab")).values == ["aa", "bb"]
+
+
 async def _coroutine_double(x: int) -> int:
     return 2 * x
 

@@ -66,6 +66,11 @@ class Calls:
                 iter(items)
             except TypeError:
                 raise TypeError(f"items must be iterable, not {type(items).__name__}") from None
+        if isinstance(items, str | bytes | bytearray):  # one path, not a list of characters
+            raise TypeError(
+                f"items is a {type(items).__name__} ({items[:40]!r}): map() would run fn on each "
+                f"character; pass a list such as [{items[:20]!r}], or list(items) if you do mean "
+                "the characters")
         limit = self.config.timeout if timeout is DEFAULT else check_timeout(timeout)
         if limit is not None and not self._backend_or_raise().capabilities.hard_timeouts:
             raise ValueError(serial_cannot("timeout"))
