@@ -45,6 +45,7 @@ from ._worker_guards import (
 __all__ = [
     "FN_CACHE_SIZE",
     "RECORD_FIELDS",
+    "STACK_SIGNAL",
     "ChunkResult",
     "ErrInfo",
     "TaskHeader",
@@ -66,6 +67,11 @@ F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
 PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# The parent sends this before it kills an item that overran its timeout: faulthandler's C-level
+# handler writes every thread's Python stack to the stderr pipe, even while the item is stuck in
+# native code holding the GIL. A real-time signal, so that it clashes with no library's SIGUSR1.
+STACK_SIGNAL = signal.SIGRTMIN + 3
 
 
 
@@ -198,8 +204,9 @@ def run_chunk(
         stamp, now = stamps.append, time.monotonic
         stamps.pop()
         for offset, item in enumerate(items):
-            if timed:  # the start time first: the parent reads the offset first, then the time
-                floats[F_START] = now()
+            # The start time first: the parent reads the offset first, then the time. Always
+            # written (~50 ns): it is also how long a crashed or timed-out item ran.
+            floats[F_START] = now()
             ints[F_OFFSET] = offset
             stamp(clock())
             try:
@@ -215,6 +222,7 @@ def run_chunk(
                 errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     else:
+        floats[F_START] = time.monotonic()  # tiny items: a crashed one ran since about then
         for offset, item in enumerate(items):
             ints[F_OFFSET] = offset
             try:
@@ -342,6 +350,19 @@ def _capture_stderr(stderr: Any) -> None:
     os.dup2(stderr.fileno(), 2)
     stderr.close()
     faulthandler.enable(all_threads=False)  # the crashing thread; ours only watch the parent
+    # A hung item's stack, on the parent's request (see STACK_SIGNAL), through a private copy of
+    # the pipe: an item that points fd 2 elsewhere (silencing a noisy library) cannot lose it.
+    # Then (chained) _await_kill, so the item the signal interrupted never answers.
+    signal.signal(STACK_SIGNAL, _await_kill)
+    faulthandler.register(STACK_SIGNAL, file=os.dup(2), all_threads=True, chain=True)
+
+
+def _await_kill(_signum: int, _frame: object) -> None:
+    """The parent took our stack because the item overran its timeout, and kills us next. An
+    item the signal interrupted (a ``pause()``, a read that gives up on EINTR) must not go on
+    and answer as if it had finished in time: wait here for the kill."""
+    while True:
+        time.sleep(60)
 
 
 def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
