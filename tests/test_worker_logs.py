@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import _tasks
 import pytest
 
+import _tasks
 import stagepool as sp
 from stagepool import _dumps
 
