@@ -3,9 +3,9 @@ libraries that size their own pools (PyAV, OpenCV, torch), without importing any
 
 from __future__ import annotations
 
-import _tasks
 import pytest
 
+import _tasks
 import stagepool as sp
 from stagepool._resources import ResourceSnapshot
 
