@@ -216,7 +216,7 @@ def _sweep_and_confirm(fn: Callable[[Any], Any], good: list[Any], serial: Serial
         runs = sweep(fn, good, serial, plan, say, sampler)
         rec = recommend(runs, serial, plan)
         say(f"recommended: Engine({kwargs_text(rec.kwargs)}), limited by {rec.limited_by}")
-        if _past(plan):
+        if _past(plan, serial.start_seconds + plan.repeat * plan.run_seconds):
             say(f"{SKIPPED_CONFIRMATION}; expected {rate(rec.chosen)} items/s from the sweep")
             return runs, rec, None, sampler
         confirmation = confirm(fn, good, serial, plan, rec.kwargs, "recommended", sampler)
@@ -234,8 +234,9 @@ def _sweep_and_confirm(fn: Callable[[Any], Any], good: list[Any], serial: Serial
 SKIPPED_CONFIRMATION = "time budget spent: the recommendation was not confirmed in an engine of its own"
 
 
-def _past(plan: SweepPlan) -> bool:
-    return plan.deadline is not None and time.perf_counter() > plan.deadline
+def _past(plan: SweepPlan, ahead: float = 0.0) -> bool:
+    """Whether the deadline has passed, or will before ``ahead`` more seconds of work end."""
+    return plan.deadline is not None and time.perf_counter() + ahead > plan.deadline
 
 
 def _fit(plan: SweepPlan, serial: SerialPass, threads: int, budget: float | None,
