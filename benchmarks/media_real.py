@@ -238,6 +238,9 @@ class MediaReal(Workload):
         e = row["extra"]
         return (e["ok"] if e["lost"] == 0 else 0.0), "segments"
 
+    def judged(self, row: dict[str, Any]) -> bool:
+        return row["peer"] == "stagepool" and row["status"] != "n/a"  # no extra: no verdict
+
     def targets(self, params: dict[str, Any]) -> list[Target]:
         def kept(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
             return row["extra"]["lost"] == 0, f"{row['extra']['lost']:.0f} lost"
