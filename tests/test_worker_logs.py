@@ -204,3 +204,12 @@ def test_without_logging_configured_the_lines_still_reach_stderr_prefixed(tmp_pa
     assert len(lines) == 2
     assert re.fullmatch(r"worker \d+, item 0: \[aac @ 0x1\] segment 0: invalid band", lines[0])
     assert re.fullmatch(r"worker \d+, item 1: \[aac @ 0x1\] segment 1: invalid band", lines[1])
+
+
+@pytest.mark.needs("hard_timeouts")
+def test_every_backend_that_stops_hung_items_says_where_and_how_long(engine: sp.Engine) -> None:
+    report = engine.map(_tasks.hang_loop, [0, 1], timeout=1.5, chunk_size=1)
+    assert [o.kind for o in report] == ["timeout", "ok"]
+    assert "stuck in hang_loop (" in str(report[0].error)
+    assert "hang_loop" in (report[0].traceback or "")
+    assert report[0].duration >= 1.3
