@@ -12,13 +12,13 @@ worker dies or overruns its timeout: no guessing, no bisection. The write is a s
 shared memory, cheap enough for items that take a microsecond.
 
 The guards against hostile items (forks, closed std fds, descendants, a dead parent) live in
-``_worker_guards``; functions pickled by reference (``lane_main``, ``apply_call``, ...) stay here.
+``_worker_guards``, the stderr pipe and the stack dump on request in ``_worker_stderr``; functions
+pickled by reference (``lane_main``, ``apply_call``, ...) stay here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import mmap
 import os
 import pickle
@@ -41,11 +41,11 @@ from ._worker_guards import (
     pipe_broken,
     watch_parent,
 )
+from ._worker_stderr import capture_stderr
 
 __all__ = [
     "FN_CACHE_SIZE",
     "RECORD_FIELDS",
-    "STACK_SIGNAL",
     "ChunkResult",
     "ErrInfo",
     "TaskHeader",
@@ -67,11 +67,6 @@ F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
 PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-# The parent sends this before it kills an item that overran its timeout: faulthandler's C-level
-# handler writes every thread's Python stack to the stderr pipe, even while the item is stuck in
-# native code holding the GIL. A real-time signal, so that it clashes with no library's SIGUSR1.
-STACK_SIGNAL = signal.SIGRTMIN + 3
 
 
 
@@ -344,27 +339,6 @@ class _FnCache:
         return cached
 
 
-def _capture_stderr(stderr: Any) -> None:
-    """Point fd 2 at the parent's pipe, which forwards it and keeps its tail for crash reports;
-    faulthandler's dump (segfault, abort) goes there too."""
-    os.dup2(stderr.fileno(), 2)
-    stderr.close()
-    faulthandler.enable(all_threads=False)  # the crashing thread; ours only watch the parent
-    # A hung item's stack, on the parent's request (see STACK_SIGNAL), through a private copy of
-    # the pipe: an item that points fd 2 elsewhere (silencing a noisy library) cannot lose it.
-    # Then (chained) _await_kill, so the item the signal interrupted never answers.
-    signal.signal(STACK_SIGNAL, _await_kill)
-    faulthandler.register(STACK_SIGNAL, file=os.dup(2), all_threads=True, chain=True)
-
-
-def _await_kill(_signum: int, _frame: object) -> None:
-    """The parent took our stack because the item overran its timeout, and kills us next. An
-    item the signal interrupted (a ``pause()``, a read that gives up on EINTR) must not go on
-    and answer as if it had finished in time: wait here for the kill."""
-    while True:
-        time.sleep(60)
-
-
 def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
     """The answer of a chunk none of whose items could run (``kind`` "error": the initializer
     failed; "serialization" / "unpickle": the function / an argument did not unpickle)."""
@@ -458,7 +432,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     os.register_at_fork(after_in_child=mark_forked)
     threading.Thread(target=watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
-    _capture_stderr(stderr)
+    capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
     init_error = _initialize(setup, record)

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..._dumps import last_dump
 from ..._resources import kill_group, kill_tree
-from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, STACK_SIGNAL, WorkerSetup
+from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
+from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, LaneDied, Task
 from ._lanes import Lane, start_lane
 from ._record import SharedRecord
