@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -241,13 +242,29 @@ class _ExecutorPeer(Peer):
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+# What the capped ProcessPoolExecutor row sets (stagepool caps its workers through the same
+# variables; STAGEPOOL_WORKER_THREADS is what stagepool.worker_threads() reads in a task).
+CAPPED_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                      "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS",
+                      "STAGEPOOL_WORKER_THREADS")
+
+
 class PPEPeer(_ExecutorPeer):
-    """``concurrent.futures.ProcessPoolExecutor.map`` (stdlib default start method)."""
+    """``concurrent.futures.ProcessPoolExecutor.map`` (stdlib default start method; with option
+    ``blas_threads``: spawned workers with their native thread pools capped at that)."""
 
     name = "ppe"
 
     def _start(self) -> None:
-        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers)
+        context = None
+        threads = self.options.get("blas_threads")
+        if threads:  # capped: fresh (spawned) workers that read the thread variables at start
+            import multiprocessing
+
+            os.environ.update(dict.fromkeys(CAPPED_THREAD_VARS, str(threads)))  # this row only
+            context = multiprocessing.get_context("spawn")
+        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers,
+                                                           mp_context=context)
         self.chunksize = int(self.options.get("chunksize", 1))
 
     def describe(self) -> dict[str, Any]:

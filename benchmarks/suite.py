@@ -29,6 +29,7 @@ from .base import (
     workers_of,
 )
 from .faults import Crashes, Failures
+from .media_real import MediaReal
 from .payloads import BigArrays, BigStream, Media
 from .peers import Peer, PeerSpec
 
@@ -459,7 +460,7 @@ class Stream(Workload):
 
 
 WORKLOADS: dict[str, type[Workload]] = {cls.name: cls for cls in (
-    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media)}
+    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media, MediaReal)}
 
 
 def get(name: str) -> Workload:

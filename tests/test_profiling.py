@@ -41,7 +41,7 @@ def cpu_profile(out_dir: Path) -> sp.StageProfile:
     # Three rounds: the worker-count test below is the one a burst of other load could flip. Two
     # chunk sizes: this profile is about workers (each configuration costs a fresh engine).
     return sp.profile_stage(tasks.spin, [tasks.SPIN_LOOPS] * 6, progress=False, out=out_dir,
-                            chunk_sizes=[1, 2], run_seconds=RUN, repeat=3)
+                            chunk_sizes=[1, 2], run_seconds=RUN, repeat=3, budget=None)
 
 
 # The chunk size is about the cost of a round trip against an item's: one worker and one round
@@ -181,6 +181,9 @@ def test_failing_items_are_left_out_and_all_failing_is_an_error() -> None:
     ({"mem_limit": "lots"}, ValueError),
     ({"run_seconds": 0}, ValueError),
     ({"repeat": 0}, ValueError),
+    ({"budget": 0}, ValueError),
+    ({"budget": "fast"}, ValueError),
+    ({"cost": 3}, TypeError),
 ])
 def test_bad_arguments_fail_at_the_door(kwargs: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):

@@ -553,7 +553,8 @@ def test_thread_env_splits_cpus_and_skips_user_set_vars() -> None:
     plan = plan_from_snapshot(fake_snapshot(), max_workers=2)
     env = plan.thread_env({"OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "", "PATH": "/bin"})
     assert "OMP_NUM_THREADS" not in env
-    assert env == {name: "4" for name in THREAD_ENV_VARS if name != "OMP_NUM_THREADS"}
+    assert env == {**{name: "4" for name in THREAD_ENV_VARS if name != "OMP_NUM_THREADS"},
+                   "STAGEPOOL_WORKER_THREADS": "7"}  # the user's OpenMP choice is the budget
 
 
 def test_thread_env_never_below_one_thread() -> None:

@@ -154,8 +154,8 @@ class Answers:
         seconds = limit[0] if isinstance(limit, tuple) else float("nan")
         kind, error = death_failure(died, index, stage, seconds)
         ran = died.offset >= 0 or died.ran != 0
-        self.failure_or_retry(Lot(index, [items[offset]], tries, runs + ran), kind, error, None,
-                              0.0, died.pid)
+        self.failure_or_retry(Lot(index, [items[offset]], tries, runs + ran), kind, error,
+                              died.stack or None, died.duration, died.pid)
         # The innocent: what ran before (results lost with the worker) and what had not started.
         if offset + 1 < len(items):
             self.again.appendleft(Resend(0.0, Lot(index + 1, items[offset + 1:], tries, runs)))

@@ -195,7 +195,7 @@ class Batch:
         self.sizer.observe_payload(len(items), encoded.nbytes)
         task = Task(self.group, self.fn_key, self.fn_form, encoded.payload, len(items),
                     self._on_done, timeouts, self.sizer.expected_seconds(len(items)),
-                    self.sizer.per_item_clock())
+                    self.sizer.per_item_clock(), first=start)
         self.outbox.append(task)
         self.in_flight[task.id] = lot._replace(items=self.codec.keep(encoded, items))
         self.items_out += len(items)

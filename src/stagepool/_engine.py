@@ -177,13 +177,15 @@ class Engine(AsyncCalls):
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
 
     @classmethod
-    def from_profile(cls, path: str | os.PathLike[str], **overrides: Any) -> Engine:
+    def from_profile(cls, path: str | os.PathLike[str], *, cost: Callable[[Any], float] | None = None,
+                     **overrides: Any) -> Engine:
         """An engine with the settings ``stagepool profile --out DIR`` recommended: ``path`` is
-        its ``profile.json`` or DIR; keyword ``overrides`` win over the file. Raises ``ValueError``
-        for a file that is not a stagepool profile."""
+        its ``profile.json`` or DIR; keyword ``overrides`` win over the file. With ``cost``, the
+        timeout scales with each item (``load_profile``). Raises ``ValueError`` for a file that
+        is not a stagepool profile."""
         from ._profile_file import load_profile  # json and validation, imported only when used
 
-        return cls(**{**load_profile(path), **overrides})
+        return cls(**{**load_profile(path, cost=cost), **overrides})
 
     def _start_backend(self, name: BackendName, address: str | None, client: Any) -> Backend:
         # BLAS threads: a cluster's workers size them from their own host (see _backends._dask).

@@ -29,10 +29,11 @@ class StagepoolError(Exception):
 
 
 class _Rebuildable(StagepoolError):
-    """An error that pickles by its message alone, so it crosses process boundaries intact."""
+    """An error that pickles by its message (and its attributes), so it crosses process
+    boundaries intact."""
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return (type(self), (str(self),))
+    def __reduce__(self) -> tuple[type, tuple[str], dict[str, Any] | None]:
+        return (type(self), (str(self),), dict(self.__dict__) or None)
 
 
 class SerializationError(_Rebuildable, pickle.PicklingError):
@@ -57,11 +58,30 @@ class WorkerCrashed(_Rebuildable, BrokenProcessPool):
     ``concurrent.futures.process.BrokenProcessPool`` (as loky's ``TerminatedWorkerError`` is), so
     handlers written for the standard library still catch a dead worker; but the engine is not
     broken: the worker is replaced and every other call runs.
+
+    The message is short: how it died, on which item, the likely cause and a few lines of what
+    the worker wrote last (for a segfault, the innermost frames of faulthandler's dump).
+    ``stderr`` is the whole tail of the worker's stderr (up to 16 KiB: the full dump, the
+    "Extension modules" list included); "" when the backend keeps none.
     """
+
+    def __init__(self, message: str, *, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
 
 
 class TaskTimeout(_Rebuildable, TimeoutError):
-    """The item ran longer than its ``timeout``; its worker (and that worker's children) was killed."""
+    """The item ran longer than its ``timeout``; its worker (and that worker's children) was killed.
+
+    Before the kill the worker dumps its Python stack (faulthandler): the message names the
+    innermost frame of the item ("where it hung") and how long it ran; ``stack`` holds the whole
+    dump, every thread (also the outcome's ``traceback``); "" when the worker could not dump it
+    (stuck outside Python's reach, or a backend without it).
+    """
+
+    def __init__(self, message: str, *, stack: str = "") -> None:
+        super().__init__(message)
+        self.stack = stack
 
 
 class TaskCancelled(_Rebuildable):
@@ -100,7 +120,7 @@ class RemoteError(_Rebuildable):
         self.message = message
         self.remote_traceback = remote_traceback
 
-    def __reduce__(self) -> tuple[type, tuple[str], dict[str, str]]:  # type: ignore[override]
+    def __reduce__(self) -> tuple[type, tuple[str], dict[str, str]]:
         return (type(self), (self.message,), {
             "type_name": self.type_name, "remote_traceback": self.remote_traceback,
         })

@@ -7,6 +7,7 @@ import pickle
 import signal
 
 from ._backends import LaneDied
+from ._dumps import brief, where
 from ._errors import (
     InitializerError,
     RemoteError,
@@ -59,10 +60,14 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
     if died.reason == "initializer":  # the backend starts no new worker: a doomed engine
         stage = f"running the initializer {died.initializer}, before"
         hint += "; no worker is started again and every item fails so: fix the initializer"
-    msg = f"{_who(died)} {how} while {stage} item {index}: {hint}"
-    if died.detail:  # the backend keeps only the last lines of the worker's stderr
-        msg += f"\n--- the worker's last words (stderr tail) ---\n{died.detail}"
-    return WorkerCrashed(msg)
+    msg = f"{_who(died)} {how} while {stage} item {index}{_ran_for(died)}: {hint}"
+    if died.detail:  # a few lines here; the whole tail (the full dump) is the .stderr attribute
+        msg += f"\n--- the worker's last words (stderr tail; all of it: .stderr) ---\n{brief(died.detail)}"
+    return WorkerCrashed(msg, stderr=died.detail)
+
+
+def _ran_for(died: LaneDied) -> str:
+    return f" (after {died.duration:.2f} s)" if died.duration > 0 else ""
 
 
 def _who(died: LaneDied) -> str:
@@ -74,9 +79,13 @@ def death_failure(died: LaneDied, index: int, stage: str,
                   seconds: float) -> tuple[Kind, Exception]:
     """What a dead worker means for the item it was running (``seconds``: its timeout)."""
     if died.reason == "timeout":
+        hung = where(died.stack)
         return "timeout", TaskTimeout(
-            f"item {index} ran longer than its timeout of {seconds:g} s in {_who(died)}; "
-            "the worker and its child processes were killed and replaced")
+            f"item {index} ran longer than its timeout of {seconds:g} s in {_who(died)}"
+            f"{_ran_for(died)}" + (f", stuck in {hung}" if hung else "") +
+            "; the worker and its child processes were killed and replaced"
+            + ("" if hung else " (no Python stack: it could not be dumped)"),
+            stack=died.stack)
     if died.reason == "init_timeout":
         return "error", InitializerError(
             f"the initializer {died.initializer} ran longer than init_timeout in worker "

@@ -21,6 +21,7 @@ from ._resources import (
     ResourceSnapshot,
     check_field,
 )
+from ._threads import ENV_WORKER_THREADS
 
 __all__ = ["LimitedBy", "WorkerPlan", "choose_workers", "cluster_plan", "format_snapshot",
            "overcommit_warning",
@@ -59,11 +60,16 @@ class WorkerPlan:
         (``workers`` defaults to the plan's; an engine told to run more passes its own count).
 
         Variables the user already set (non-empty) in ``environ`` (default ``os.environ``) are left
-        out, so an explicit choice always wins. Never less than 1 thread.
+        out, so an explicit choice always wins. Never less than 1 thread. ``STAGEPOOL_WORKER_THREADS``
+        (always there) is the budget ``stagepool.worker_threads()`` reports in a task.
         """
         env = os.environ if environ is None else environ
         threads = str(max(1, self.cpus // (workers or self.workers)))
-        return {name: threads for name in THREAD_ENV_VARS if not env.get(name)}
+        budget = {name: threads for name in THREAD_ENV_VARS if not env.get(name)}
+        # What worker_threads() answers in a task: the user's OpenMP choice, else the share.
+        user = env.get("OMP_NUM_THREADS", "")
+        budget[ENV_WORKER_THREADS] = user if user.isdigit() and int(user) >= 1 else threads
+        return budget
 
 
 def plan_from_snapshot(

@@ -30,6 +30,7 @@ __all__ = [
     "measure_item",
     "minor_faults",
     "peak_rss",
+    "pin_threads",
     "reset_peak_rss",
     "worker_facts",
 ]
@@ -172,3 +173,12 @@ def peak_rss() -> int | None:
     except (ImportError, OSError):  # pragma: no cover - Windows
         return None
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+
+
+def pin_threads(threads: int, thread_env_vars: Iterable[str]) -> None:
+    """Initializer of every engine the profiler starts: the same native thread budget in each
+    worker, whatever the worker count (the engine's default, CPUs // workers, would give the
+    serial pass more BLAS threads than the sweep's widest run and skew every comparison). Runs
+    before the stage is unpickled, so before numpy reads the variables."""
+    for name in (*thread_env_vars, "STAGEPOOL_WORKER_THREADS"):
+        os.environ[name] = str(threads)

@@ -8,25 +8,46 @@ never imports the profiler (which sits above it and imports the engine).
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._config import check_positive_int, check_timeout, positive_size, validate_chunk_size
 
-__all__ = ["ENGINE_KEYS", "PROFILE_FORMAT", "load_profile"]
+__all__ = ["ENGINE_KEYS", "PROFILE_FORMAT", "CostTimeout", "load_profile"]
 
 PROFILE_FORMAT = "stagepool-profile/1"
 ENGINE_KEYS = ("workers", "chunk_size", "mem_per_task", "timeout")
 
 
-def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
+class CostTimeout:
+    """A per-item timeout that grows with the item: ``floor + per_cost x cost(item)`` seconds
+    (what ``profile_stage(cost=...)`` recommends). Called by the engine in the parent, once per
+    item; an exception from ``cost`` fails that item, naming the timeout as the cause."""
+
+    def __init__(self, floor: float, per_cost: float, cost: Callable[[Any], float]) -> None:
+        self.floor, self.per_cost, self.cost = floor, per_cost, cost
+
+    def __call__(self, item: Any) -> float:
+        return self.floor + self.per_cost * max(0.0, float(self.cost(item)))
+
+    def __repr__(self) -> str:
+        name = getattr(self.cost, "__qualname__", repr(self.cost))
+        return f"CostTimeout({self.floor:g} s + {self.per_cost:.3g} s x {name}(item))"
+
+
+def load_profile(path: str | os.PathLike[str], *,
+                 cost: Callable[[Any], float] | None = None) -> dict[str, Any]:
     """The recommended ``Engine`` keyword arguments saved by ``stagepool profile --out DIR``.
 
     ``path`` is the ``profile.json`` file or the directory holding it. The result is validated
-    here and ready for ``Engine(**load_profile(path))``. Raises ``FileNotFoundError`` when there is
-    no such file and ``ValueError`` (naming the file and the key) when it is not a valid profile.
+    here and ready for ``Engine(**load_profile(path))``. With ``cost`` (the callable the profile
+    was made with, ``profile_stage(cost=...)``), ``timeout`` is the profile's cost-scaled rule, a
+    :class:`CostTimeout`, instead of one number for every item. Raises ``FileNotFoundError`` when
+    there is no such file and ``ValueError`` (naming the file and the key) when it is not a valid
+    profile, or when ``cost`` is given and the profile has no cost-scaled timeout.
     """
     file = Path(path)
     if file.is_dir():
@@ -47,7 +68,27 @@ def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
     rec = data.get("recommended")
     if not isinstance(rec, dict):
         raise ValueError(f"{file}: \"recommended\" must be an object of Engine arguments")
-    return _check_engine_kwargs(rec, str(file))
+    kwargs = _check_engine_kwargs(rec, str(file))
+    if cost is not None:
+        kwargs["timeout"] = _cost_timeout(data.get("timeout_per_cost"), cost, str(file))
+    return kwargs
+
+
+def _cost_timeout(rule: Any, cost: Callable[[Any], float], where: str) -> CostTimeout:
+    if not callable(cost):
+        raise TypeError(f"cost must be a callable of the item, not {type(cost).__name__}")
+    if rule is None:
+        raise ValueError(f"{where} has no cost-scaled timeout (\"timeout_per_cost\"): profile "
+                         "the stage with profile_stage(..., cost=...) to get one, or drop cost=")
+    try:
+        floor, per_cost = float(rule["floor"]), float(rule["per_cost"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{where}: \"timeout_per_cost\" must be {{\"floor\": seconds, "
+                         f"\"per_cost\": seconds}}, not {rule!r}") from None
+    if not (math.isfinite(floor) and math.isfinite(per_cost) and floor > 0 and per_cost >= 0):
+        raise ValueError(f"{where}: \"timeout_per_cost\" needs floor > 0 and per_cost >= 0, "
+                         f"got {rule!r}")
+    return CostTimeout(floor, per_cost, cost)
 
 
 def _check_engine_kwargs(rec: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -12,13 +12,13 @@ worker dies or overruns its timeout: no guessing, no bisection. The write is a s
 shared memory, cheap enough for items that take a microsecond.
 
 The guards against hostile items (forks, closed std fds, descendants, a dead parent) live in
-``_worker_guards``; functions pickled by reference (``lane_main``, ``apply_call``, ...) stay here.
+``_worker_guards``, the stderr pipe and the stack dump on request in ``_worker_stderr``; functions
+pickled by reference (``lane_main``, ``apply_call``, ...) stay here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import mmap
 import os
 import pickle
@@ -41,6 +41,7 @@ from ._worker_guards import (
     pipe_broken,
     watch_parent,
 )
+from ._worker_stderr import capture_stderr
 
 __all__ = [
     "FN_CACHE_SIZE",
@@ -198,8 +199,9 @@ def run_chunk(
         stamp, now = stamps.append, time.monotonic
         stamps.pop()
         for offset, item in enumerate(items):
-            if timed:  # the start time first: the parent reads the offset first, then the time
-                floats[F_START] = now()
+            # The start time first: the parent reads the offset first, then the time. Always
+            # written (~50 ns): it is also how long a crashed or timed-out item ran.
+            floats[F_START] = now()
             ints[F_OFFSET] = offset
             stamp(clock())
             try:
@@ -215,6 +217,7 @@ def run_chunk(
                 errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     else:
+        floats[F_START] = time.monotonic()  # tiny items: a crashed one ran since about then
         for offset, item in enumerate(items):
             ints[F_OFFSET] = offset
             try:
@@ -336,14 +339,6 @@ class _FnCache:
         return cached
 
 
-def _capture_stderr(stderr: Any) -> None:
-    """Point fd 2 at the parent's pipe, which forwards it and keeps its tail for crash reports;
-    faulthandler's dump (segfault, abort) goes there too."""
-    os.dup2(stderr.fileno(), 2)
-    stderr.close()
-    faulthandler.enable(all_threads=False)  # the crashing thread; ours only watch the parent
-
-
 def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> ChunkResult:
     """The answer of a chunk none of whose items could run (``kind`` "error": the initializer
     failed; "serialization" / "unpickle": the function / an argument did not unpickle)."""
@@ -437,7 +432,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     os.register_at_fork(after_in_child=mark_forked)
     threading.Thread(target=watch_parent, args=(setup.ppid,), daemon=True,
                      name="watch-parent").start()
-    _capture_stderr(stderr)
+    capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
     init_error = _initialize(setup, record)

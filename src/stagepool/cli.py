@@ -60,6 +60,11 @@ def _add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                          help="length of each measured run (default 1)")
     profile.add_argument("--repeat", type=int, default=3, metavar="R",
                          help="rounds over every configuration; the fastest counts (default 3)")
+    profile.add_argument("--budget", type=_budget, default=15.0, metavar="S",
+                         help="seconds the whole profile should take (default 15; 0: no limit)")
+    profile.add_argument("--cost", default=None, metavar="MODULE:FUNCTION",
+                         help="an item's cost (samples, bytes): also recommend a timeout that "
+                              "scales with it (Engine.from_profile(DIR, cost=...))")
     profile.add_argument("--no-progress", action="store_true", help="print only the result")
 
 
@@ -69,6 +74,17 @@ def _sizes(value: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 1,4,16, got {value!r}") from None
+
+
+def _budget(value: str) -> float | None:
+    """--budget: seconds, 0 for no limit."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds such as 15, got {value!r}") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds or None
 
 
 def _workers(value: str) -> int | str:
@@ -131,11 +147,12 @@ def _profile(args: argparse.Namespace) -> int:
         name = args.items
         factory = resolve_target(args.items, what="items factory")
     items = sample_from_factory(factory, args.sample, name=f"items factory {name!r}")
+    cost = None if args.cost is None else resolve_target(args.cost, what="cost function")
     try:
         profile = profile_stage(fn, items, workers=args.max_workers, mem_limit=args.mem_limit,
                                 chunk_sizes=args.chunk_sizes,
                                 progress=not args.no_progress, run_seconds=args.run_seconds,
-                                repeat=args.repeat)
+                                repeat=args.repeat, budget=args.budget, cost=cost)
     except KeyboardInterrupt:
         print("stagepool profile: interrupted; nothing was written", file=sys.stderr)
         return 130

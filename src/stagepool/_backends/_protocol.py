@@ -70,6 +70,8 @@ class LaneDied:
     where: str = ""  # a worker's name where a pid says little (a cluster worker's address)
     ran: int | None = None
     initializer: str = ""  # reason "initializer" (it died in it): the initializer's name
+    duration: float = 0.0  # seconds the item had run when it died or was killed (0: unknown)
+    stack: str = ""  # the worker's Python stack at the end (faulthandler dump), "" if unknown
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,6 +134,7 @@ class Task:
     # Called by the backend right before the task goes to a worker (again after a requeue);
     # False withdraws it instead (answered ``Cancelled``). Quick, must not block.
     on_start: Callable[[Task], bool] | None = None
+    first: int = -1  # the batch index of its first item (-1: not a batch's), for worker logs
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

@@ -49,6 +49,7 @@ optional extra), imported lazily; without it the plots are skipped with a note.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +58,7 @@ from typing import Any
 from .._config import check_positive_int, positive_size, validate_chunk_size
 from .._profile_file import PROFILE_FORMAT, load_profile  # lives below the engine; named here too
 from .._resources import ResourceSnapshot
+from ._budget import DEFAULT_BUDGET, SERIAL_SHARE, fit_sweep
 from ._measured import SerialPass, Spread, SweepRun, WorkerSample
 from ._notes import (
     failure_notes,
@@ -67,12 +69,13 @@ from ._notes import (
     noise_note,
     waiting_note,
 )
-from ._plan import SweepPlan, chunk_candidates, default_counts, plan_sweep
+from ._plan import SweepPlan, chunk_candidates, default_counts, plan_sweep, profile_threads
 from ._recommend import (
     TIMEOUT_COST,
     Recommendation,
     drop_timeout,
     recommend,
+    recommend_cost_timeout,
     recommend_timeout,
     timeout_may_cost,
 )
@@ -110,6 +113,8 @@ def profile_stage(
     out: str | os.PathLike[str] | None = None,
     run_seconds: float = 1.0,
     repeat: int = 3,
+    budget: float | None = DEFAULT_BUDGET,
+    cost: Callable[[Any], float] | None = None,
 ) -> StageProfile:
     """Measure ``fn`` on ``sample`` and recommend the ``Engine`` settings for it.
 
@@ -128,6 +133,17 @@ def profile_stage(
     what is happening to stderr. ``out``: a directory to write ``profile.json``,
     ``measurements.json`` and PNG plots into.
 
+    ``budget``: seconds the whole profile should take (default 15; None: no limit). The serial
+    pass takes at most a quarter of it (at least 3 items); the sweep then shrinks, in a fixed
+    order, its run length, rounds, chunk sizes and worker counts to fit (see
+    ``_profiling._budget``), and stops adding rounds past the deadline; a note says what was
+    cut. Every engine of the profile gives each worker the same native thread budget (that of
+    the widest run: usable CPUs // most workers), so the serial pass and the sweep compare alike.
+
+    ``cost``: a callable of an item returning its size in any unit (samples, bytes, frames).
+    The profile then also recommends a timeout that grows with it, ``floor + per_cost x
+    cost(item)``, written to profile.json and applied by ``Engine.from_profile(path, cost=...)``.
+
     Raises ``ValueError`` / ``TypeError`` naming the argument for bad arguments, ``ValueError``
     when the sample is empty or every sampled item fails.
 
@@ -139,9 +155,14 @@ def profile_stage(
     if isinstance(run_seconds, bool) or not isinstance(run_seconds, int | float) or run_seconds <= 0:
         raise ValueError(f"run_seconds must be > 0 seconds, got {run_seconds!r}")
     check_positive_int(repeat, "repeat")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                               or not budget > 0):
+        raise ValueError(f"budget must be > 0 seconds or None, got {budget!r}")
+    if cost is not None and not callable(cost):
+        raise TypeError(f"cost must be a callable of an item (or None), not {type(cost).__name__}")
     sizes = _check_chunk_sizes(chunk_sizes)
     counts = _check_workers(workers)
-    budget = None if mem_limit is None else positive_size(mem_limit, "mem_limit")
+    mem_budget = None if mem_limit is None else positive_size(mem_limit, "mem_limit")
     items = list(sample)
     if not items:
         raise ValueError("sample is empty: give at least one item to profile the stage on")
@@ -150,26 +171,35 @@ def profile_stage(
     snapshot = ResourceSnapshot.read()
     load = load_average()
     stage = _stage_name(fn)
-    say(f"{stage}: serial pass on {len(items)} items in one worker")
-    serial = serial_pass(fn, items, say)
-    good = [item for item, m in zip(items, serial.items, strict=True) if m.error is None]
+    threads = profile_threads(snapshot, counts)
+    say(f"{stage}: serial pass on {len(items)} items in one worker ({threads} native "
+        f"thread{'s' * (threads != 1)} per worker in every run)")
+    serial = serial_pass(fn, items, say, threads=threads,
+                         deadline=None if budget is None else started + SERIAL_SHARE * budget,
+                         malloc_seconds=2.0 if budget is None else min(2.0, 0.1 * budget))
+    good = [item for item, m in zip(items, serial.items, strict=False) if m.error is None]
     if not good:
         raise ValueError(f"every sampled item failed in {stage}; the first: {serial.items[0].error}")
     say(serial_line(serial))
-    plan = plan_sweep(serial, snapshot, budget=budget, counts=counts, sizes=sizes,
-                      run_seconds=run_seconds, repeat=repeat)
+    cost_rule = _cost_rule(cost, items, serial, say)  # before the sweep: a bad cost fails fast
+    plan = _fit(plan_sweep(serial, snapshot, budget=mem_budget, counts=counts, sizes=sizes,
+                           run_seconds=run_seconds, repeat=repeat), serial, threads, budget, started)
     for note in plan.notes:
         say(note)
     runs, rec, confirmation, sampler = _sweep_and_confirm(fn, good, serial, plan, say, started)
     samples = sampler.samples
     profile = StageProfile(
-        stage=stage, recommended=rec.kwargs, reasons=rec.reasons, limited_by=rec.limited_by,
+        stage=stage, recommended=rec.kwargs, limited_by=rec.limited_by,
+        reasons=rec.reasons if cost_rule is None else {
+            **rec.reasons, "timeout": f"{rec.reasons['timeout']}; with cost=: {cost_rule[1]}"},
         mem_per_task=rec.mem_per_task, serial=serial,
         runs=tuple(runs),
         confirmation=confirmation, samples=tuple(samples),
-        machine=machine_facts(snapshot, budget, load), sampler_cpu_share=sampler.cpu_share,
+        machine=machine_facts(snapshot, mem_budget, load), sampler_cpu_share=sampler.cpu_share,
         notes=(*load_note(load, snapshot), *noise_note(runs, plan), *plan.notes,
-               *failure_notes(serial), *waiting_note(serial, rec), *malloc_note(serial)))
+               *failure_notes(serial), *waiting_note(serial, rec), *malloc_note(serial),
+               *(() if confirmation is not None else (SKIPPED_CONFIRMATION,))),
+        timeout_per_cost=None if cost_rule is None else cost_rule[0])
     if out is not None:
         profile = profile.write(out, say=say)
         say("wrote " + ", ".join(str(f) for f in profile.files))
@@ -178,16 +208,19 @@ def profile_stage(
 
 def _sweep_and_confirm(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass,
                        plan: SweepPlan, say: Say, started: float,
-                       ) -> tuple[list[SweepRun], Recommendation, SweepRun, Sampler]:
+                       ) -> tuple[list[SweepRun], Recommendation, SweepRun | None, Sampler]:
     """The parallel sweep, the recommendation, and ``Engine(**recommended)`` measured, all while
-    the sampler watches the workers."""
+    the sampler watches the workers. Past the time budget the confirmation is skipped (None):
+    the sweep's own run of the chosen configuration stands for it."""
     with Sampler(started) as sampler:
         runs = sweep(fn, good, serial, plan, say, sampler)
         rec = recommend(runs, serial, plan)
-        say(f"recommended: Engine({kwargs_text(rec.kwargs)}), limited by {rec.limited_by}; "
-            "confirming")
+        say(f"recommended: Engine({kwargs_text(rec.kwargs)}), limited by {rec.limited_by}")
+        if _past(plan, serial.start_seconds + plan.repeat * plan.run_seconds):
+            say(f"{SKIPPED_CONFIRMATION}; expected {rate(rec.chosen)} items/s from the sweep")
+            return runs, rec, None, sampler
         confirmation = confirm(fn, good, serial, plan, rec.kwargs, "recommended", sampler)
-        if timeout_may_cost(rec, confirmation, serial):
+        if timeout_may_cost(rec, confirmation, serial) and not _past(plan):
             say("the timeout seems to cost throughput: confirming without it")
             untimed = confirm(fn, good, serial, plan, {**rec.kwargs, "timeout": None},
                               "recommended, no timeout", sampler)
@@ -196,6 +229,57 @@ def _sweep_and_confirm(fn: Callable[[Any], Any], good: list[Any], serial: Serial
     say(f"confirmed: {rate(confirmation)} items/s (sweep {rate(rec.chosen)}, best "
         f"{max(r.adjusted for r in runs):.4g})")
     return runs, rec, confirmation, sampler
+
+
+SKIPPED_CONFIRMATION = "time budget spent: the recommendation was not confirmed in an engine of its own"
+
+
+def _past(plan: SweepPlan, ahead: float = 0.0) -> bool:
+    """Whether the deadline has passed, or will before ``ahead`` more seconds of work end."""
+    return plan.deadline is not None and time.perf_counter() + ahead > plan.deadline
+
+
+def _fit(plan: SweepPlan, serial: SerialPass, threads: int, budget: float | None,
+         started: float) -> SweepPlan:
+    """The sweep plan with the profile's thread budget, cut to fit the time budget."""
+    plan = dataclasses.replace(plan, threads=threads)
+    if budget is None:
+        return plan
+    deadline = started + budget
+    per_item = max(serial.wall.mean, 1e-7)
+    fit = fit_sweep(deadline - time.perf_counter(), start=serial.start_seconds + 2 * per_item,
+                    per_item=per_item, counts=plan.counts, sizes=plan.sizes, repeat=plan.repeat,
+                    run_seconds=plan.run_seconds)
+    notes = (*plan.notes, fit.note) if fit.note else plan.notes
+    return dataclasses.replace(plan, counts=fit.counts, sizes=fit.sizes, repeat=fit.repeat,
+                               run_seconds=fit.run_seconds, deadline=deadline, notes=notes)
+
+
+def _cost_rule(cost: Callable[[Any], float] | None, items: list[Any], serial: SerialPass,
+               say: Say) -> tuple[dict[str, float], str] | None:
+    """With ``cost``: the cost-scaled timeout from the serial pass, and its reason. ``cost``
+    runs here, in the parent; a failing or non-numeric one raises ValueError naming the item."""
+    if cost is None:
+        return None
+    walls, costs = [], []
+    for item, m in zip(items, serial.items, strict=False):
+        if m.error is None:
+            walls.append(m.wall)
+            costs.append(_cost_of(cost, item, m.position))
+    rule = recommend_cost_timeout(walls, costs)
+    if rule is None:
+        say("cost: no sampled item has a positive cost; no cost-scaled timeout")
+    return rule
+
+
+def _cost_of(cost: Callable[[Any], float], item: Any, position: int) -> float:
+    try:
+        value = float(cost(item))
+    except Exception as exc:
+        raise ValueError(f"cost(item {position}) failed: {type(exc).__name__}: {exc}") from exc
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"cost(item {position}) must be a finite number >= 0, got {value!r}")
+    return value
 
 
 # ---- argument checks ------------------------------------------------------------------------------

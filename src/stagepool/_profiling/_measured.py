@@ -100,6 +100,8 @@ class SerialPass:
     peak_measured: bool  # False where the peak RSS could not be reset per item
     faults: Spread  # minor page faults per item
     kept_malloc_wall: Spread | None  # wall per item again, malloc keeping big blocks (see notes)
+    start_seconds: float = 0.0  # starting the pass's engine and its warm-up item
+    threads: int = 1  # native threads per worker, the same in every engine of the profile
 
     @property
     def ok(self) -> list[ItemMeasurement]:

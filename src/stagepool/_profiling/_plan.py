@@ -12,7 +12,8 @@ import math
 import pickle
 from typing import Any
 
-from .._resources import ResourceSnapshot
+from .._probe import pin_threads
+from .._resources import THREAD_ENV_VARS, ResourceSnapshot
 from .._worker import dumps
 from ._measured import SerialPass
 
@@ -21,9 +22,11 @@ __all__ = [
     "chunk_candidates",
     "default_counts",
     "distinct_pool",
+    "engine_options",
     "items_per_run",
     "mem_per_task",
     "plan_sweep",
+    "profile_threads",
 ]
 
 # The largest chunk worth trying holds this much work. The round trip (~0.1-1 ms) is under 1 % of
@@ -58,6 +61,20 @@ class SweepPlan:
     budget_source: str
     usable_cpus: int
     notes: tuple[str, ...]
+    threads: int = 1  # native threads per worker in every engine (see engine_options)
+    deadline: float | None = None  # time.perf_counter() the profile should be done by
+
+
+def engine_options(threads: int) -> dict[str, Any]:
+    """Engine arguments that give every worker ``threads`` native threads (BLAS, OpenMP,
+    worker_threads()): the serial pass, each sweep run and the confirmation all compare alike."""
+    return {"initializer": pin_threads, "initargs": (threads, THREAD_ENV_VARS)}
+
+
+def profile_threads(snapshot: ResourceSnapshot, counts: tuple[int, ...] | None) -> int:
+    """The thread budget of the widest run (usable CPUs // its workers), for every run."""
+    widest = max(counts) if counts else snapshot.usable_cpus
+    return max(1, snapshot.usable_cpus // widest)
 
 
 def chunk_candidates(per_item: float, *, limit: int = MAX_CHUNK_CANDIDATES) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ __all__ = [
     "Recommendation",
     "drop_timeout",
     "recommend",
+    "recommend_cost_timeout",
     "recommend_timeout",
     "timeout_may_cost",
 ]
@@ -74,6 +75,26 @@ def recommend_timeout(p99: float, slowest: float) -> tuple[float, str]:
     timeout = _round_up_2sig(value)
     others = "; ".join(text for v, text in candidates if text != why)
     return timeout, f"{timeout:g} s from {why} (also considered: {others})"
+
+
+def recommend_cost_timeout(walls: Sequence[float], costs: Sequence[float],
+                           ) -> tuple[dict[str, float], str] | None:
+    """A timeout that grows with the item: ``floor + per_cost x cost(item)``, and its reason.
+
+    ``per_cost`` is TIMEOUT_P99_FACTOR x the most seconds per cost unit any sampled item took
+    (so each sampled item stays 5x inside its limit), rounded up; ``floor`` is TIMEOUT_FLOOR (a
+    tiny item is not killed by a GC pause). None when no sampled item has a positive cost.
+    """
+    rates = [(wall / cost, cost) for wall, cost in zip(walls, costs, strict=True) if cost > 0]
+    if not rates:
+        return None
+    per_unit, its_cost = max(rates)
+    per_cost = _round_up_2sig(per_unit * TIMEOUT_P99_FACTOR)
+    rule = {"floor": TIMEOUT_FLOOR, "per_cost": per_cost}
+    return rule, (f"timeout(item) = {TIMEOUT_FLOOR:g} s + {per_cost:.3g} s x cost(item): "
+                  f"{TIMEOUT_P99_FACTOR:g} x the most seconds per cost unit sampled "
+                  f"({per_unit:.3g} s, an item of cost {its_cost:g}), plus the "
+                  f"{TIMEOUT_FLOOR:g} s floor; Engine.from_profile(path, cost=...) applies it")
 
 
 def _round_up_2sig(x: float) -> float:
@@ -151,9 +172,8 @@ def _limited_by(chosen: SweepRun, runs: Sequence[SweepRun], plan: SweepPlan) -> 
 
 def _workers_reason(chosen: SweepRun, runs: Sequence[SweepRun], limited_by: str, plan: SweepPlan,
                     per_task: int) -> str:
-    head = (f"{chosen.workers}: {rate(chosen)} items/s at chunk {chosen.chunk_size}, "
-            f"speedup {chosen.speedup:.2f}x over the serial pass, parallel efficiency "
-            f"{chosen.efficiency:.2f}")
+    head = f"{chosen.workers}: {rate(chosen)} items/s at chunk {chosen.chunk_size}" + _gain_text(
+        chosen, runs)
     if limited_by == "memory":
         return (f"{head}; limited by memory: {format_size(plan.budget)} ({plan.budget_source}) / "
                 f"{format_size(per_task)} per task allows {max(1, plan.budget // per_task)}")
@@ -175,6 +195,22 @@ def _workers_reason(chosen: SweepRun, runs: Sequence[SweepRun], limited_by: str,
     gain = faster.adjusted / chosen.adjusted - 1
     return (f"{head}; {faster.workers} workers reached {rate(faster)} items/s "
             f"({gain:+.0%}; gains under {TOLERANCE:.0%} count as noise): {why}")
+
+
+def _gain_text(chosen: SweepRun, runs: Sequence[SweepRun]) -> str:
+    """The chosen run against the best run with fewer workers, from the same adjusted figures
+    the choice used (so the text cannot contradict it: more workers are chosen only when every
+    smaller count fell more than TOLERANCE short of the best, so the ratio is above 1), and its
+    parallel efficiency (throughput x
+    serial seconds per item / workers; the serial pass ran with the same threads)."""
+    fewer = [r for r in runs if r.workers < chosen.workers]
+    text = f", parallel efficiency {chosen.efficiency:.2f}"
+    if not fewer:
+        return text
+    base = max(fewer, key=lambda r: r.adjusted)
+    gain = chosen.adjusted / max(base.adjusted, 1e-12)
+    return (f", {gain:.2f}x the best run with fewer workers ({base.workers} at chunk "
+            f"{base.chunk_size}: {rate(base)} items/s){text}")
 
 
 def _contention_text(run: SweepRun) -> str:

@@ -49,6 +49,8 @@ class StageProfile:
     sampler_cpu_share: float  # CPU time of the sampler thread / wall time of the sweep
     notes: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
+    # With profile_stage(cost=...): timeout(item) = floor + per_cost x cost(item), in seconds
+    timeout_per_cost: dict[str, float] | None = None
 
     @property
     def chosen(self) -> SweepRun:
@@ -73,6 +75,8 @@ class StageProfile:
             "limited_by": self.limited_by,
             "expected_throughput": _finite(self.expected_throughput),
             "machine": dict(self.machine),
+            **({} if self.timeout_per_cost is None else
+               {"timeout_per_cost": dict(self.timeout_per_cost)}),
         }
 
     def measurements(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from .._probe import keep_malloc_memory, measure_item, worker_facts
 from .._resources import THREAD_ENV_VARS, uss_of
 from .._worker import dumps
 from ._measured import PAGE_BYTES, ItemMeasurement, SerialPass, Spread
+from ._plan import engine_options
 from ._text import Say
 
 __all__ = ["serial_pass"]
@@ -27,21 +28,32 @@ __all__ = ["serial_pass"]
 FAULT_NOTE_BYTES = 2 * 2**20
 # About this much of the stage's time goes to that second timing (2 to 8 items).
 MALLOC_EXPERIMENT_SECONDS = 2.0
+MIN_SERIAL_ITEMS = 3  # measured whatever the budget says
 
 
-def serial_pass(fn: Callable[[Any], Any], items: list[Any], say: Say) -> SerialPass:
-    """``fn`` on each item alone in one fresh worker (after a warm-up call on the first item).
-    An item that raises, cannot be pickled or kills the worker is recorded as that item's error
-    in the pass, not raised."""
-    with Engine(workers=1) as engine:
+def serial_pass(fn: Callable[[Any], Any], items: list[Any], say: Say, *, threads: int,
+                deadline: float | None = None, malloc_seconds: float = MALLOC_EXPERIMENT_SECONDS,
+                ) -> SerialPass:
+    """``fn`` on each item alone in one fresh worker (after a warm-up call on the first item),
+    with ``threads`` native threads (as every engine of the profile). An item that raises,
+    cannot be pickled or kills the worker is recorded as that item's error in the pass, not
+    raised. Past ``deadline`` (time.perf_counter) no more items are measured, once
+    MIN_SERIAL_ITEMS are: ``items`` of the pass is then a prefix of the sample."""
+    started = time.perf_counter()
+    with Engine(workers=1, **engine_options(threads)) as engine:
         fresh = _worker_facts(engine)
         warmup = _measure_one(engine, fn, items[0], -1)
+        start_seconds = time.perf_counter() - started
         measured: list[ItemMeasurement] = []
         for index, item in enumerate(items):
+            if (deadline is not None and index >= MIN_SERIAL_ITEMS
+                    and time.perf_counter() > deadline):
+                say(f"serial pass: {index} of {len(items)} items measured within the time budget")
+                break
             say.tick(f"serial pass {index + 1}/{len(items)}")
             measured.append(_measure_one(engine, fn, item, index))
         final = _worker_facts(engine)
-        tuned = _malloc_experiment(engine, fn, items, measured, say)
+        tuned = _malloc_experiment(engine, fn, items, measured, say, malloc_seconds)
     ok = [m for m in measured if m.error is None] or [warmup]
     growth = [g for g in (m.rss_growth for m in ok) if g is not None]
     peaks = [m.rss_peak for m in [warmup, *measured] if m.rss_peak is not None]
@@ -54,7 +66,8 @@ def serial_pass(fn: Callable[[Any], Any], items: list[Any], say: Say) -> SerialP
         worker_peak_rss=max([int(final["rss"]), *peaks]),
         overhead=max(0.0, statistics.median(m.round_trip - m.wall for m in [warmup, *measured])),
         blas_threads=dict(final["blas"]), peak_measured=bool(peaks),
-        faults=Spread.of(m.faults for m in ok), kept_malloc_wall=tuned)
+        faults=Spread.of(m.faults for m in ok), kept_malloc_wall=tuned,
+        start_seconds=start_seconds, threads=threads)
 
 
 def _worker_facts(engine: Engine) -> dict[str, Any]:
@@ -65,19 +78,20 @@ def _worker_facts(engine: Engine) -> dict[str, Any]:
 
 
 def _malloc_experiment(engine: Engine, fn: Callable[[Any], Any], items: list[Any],
-                       measured: list[ItemMeasurement], say: Say) -> Spread | None:
+                       measured: list[ItemMeasurement], say: Say,
+                       seconds: float) -> Spread | None:
     """Items that page-fault a lot: time a few again once malloc keeps its big blocks.
 
     glibc hands blocks over its mmap threshold back to the system when they are freed, so a
     stage with big temporaries touches fresh pages (and pays a fault for each) on every item.
     """
-    ok = [(item, m) for item, m in zip(items, measured, strict=True) if m.error is None]
+    ok = [(item, m) for item, m in zip(items, measured, strict=False) if m.error is None]
     if not ok or statistics.fmean(m.faults for _, m in ok) * PAGE_BYTES < FAULT_NOTE_BYTES:
         return None
     if not engine.submit(keep_malloc_memory).result():
         return None
     mean = statistics.fmean(m.wall for _, m in ok)
-    count = max(2, min(8, int(MALLOC_EXPERIMENT_SECONDS / max(mean, 1e-9))))
+    count = max(2, min(8, int(seconds / max(mean, 1e-9))))
     say.tick("serial pass: timing items again with malloc keeping its memory")
     _measure_one(engine, fn, ok[0][0], -1)  # the first one grows the heap: not counted
     again = [_measure_one(engine, fn, item, m.position) for item, m in ok[:count]]

@@ -20,7 +20,7 @@ from typing import Any
 from .._engine import Engine
 from .._resources import cpu_rss_sampler
 from ._measured import SAMPLE_INTERVAL, SerialPass, Spread, SweepRun, WorkerSample, cpu_ratio
-from ._plan import SweepPlan, distinct_pool, items_per_run
+from ._plan import SweepPlan, distinct_pool, engine_options, items_per_run
 from ._text import Say, run_line
 
 __all__ = ["Sampler", "confirm", "sweep"]
@@ -104,20 +104,28 @@ def sweep(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan: S
         n = items_per_run(serial, workers, chunk, plan.run_seconds)
         step = f"[{sum(map(len, done.values())) + 1}/{total}]"
         say.tick(f"{step} {workers} workers, chunk {chunk}, {n} items ...")
-        run = _fresh_run(fn, good, pool, n, workers, chunk, label, serial, sampler)
+        run = _fresh_run(fn, good, pool, n, workers, chunk, label, serial, sampler, plan)
         done.setdefault((workers, chunk), []).append(run)
         say(f"{step} {run_line(run)}{' (disturbed)' if _disturbed(run, serial) else ''}")
 
     for round_ in range(plan.repeat):
+        if round_ and _late(plan):  # one full round always; more only within the budget
+            say(f"time budget: {round_} of {plan.repeat} rounds")
+            break
         flip = -1 if round_ % 2 else 1
         for workers in plan.counts[::flip]:
             for chunk in plan.sizes[::flip]:
                 measure(workers, chunk, f"w{workers} c{chunk} r{round_ + 1}")
     for (workers, chunk), runs in list(done.items()):
-        if all(_disturbed(r, serial) for r in runs):
+        if all(_disturbed(r, serial) for r in runs) and not _late(plan):
             total += 1
             measure(workers, chunk, f"w{workers} c{chunk} r{len(runs) + 1}")
     return [_fastest(done[(w, c)]) for w in plan.counts for c in plan.sizes]
+
+
+def _late(plan: SweepPlan) -> bool:
+    """Past the profile's deadline (the sweep and the confirmation then stop adding runs)."""
+    return plan.deadline is not None and time.perf_counter() > plan.deadline
 
 
 def _disturbed(run: SweepRun, serial: SerialPass) -> bool:
@@ -126,7 +134,8 @@ def _disturbed(run: SweepRun, serial: SerialPass) -> bool:
 
 
 def _fresh_run(fn: Callable[[Any], Any], good: list[Any], pool: list[Any], n: int, workers: int,
-               chunk: int, label: str, serial: SerialPass, sampler: Sampler) -> SweepRun:
+               chunk: int, label: str, serial: SerialPass, sampler: Sampler,
+               plan: SweepPlan) -> SweepRun:
     """One run in an engine of its own, as ``Engine(workers=..., chunk_size=...)`` would start.
 
     Not one engine per worker count reused across chunk sizes: a worker's history changes its
@@ -134,7 +143,7 @@ def _fresh_run(fn: Callable[[Any], Any], good: list[Any], pool: list[Any], n: in
     large temporary arrays stop costing page faults (a third of the demo stage's time here), so a
     small chunk size measured after a big one would look faster than it ever is on its own.
     """
-    with Engine(workers=workers) as engine:
+    with Engine(workers=workers, **engine_options(plan.threads)) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         run = _timed_run(engine, fn, pool, n, chunk, label, serial, sampler)
@@ -209,16 +218,17 @@ def _cpu_share(run: SweepRun, serial: SerialPass) -> float | None:
 
 def confirm(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan: SweepPlan,
             kwargs: dict[str, Any], label: str, sampler: Sampler) -> SweepRun:
-    """Run ``Engine(**kwargs)`` exactly as configured, measured like a sweep run."""
+    """Run ``Engine(**kwargs)`` exactly as configured (with the profile's thread budget),
+    measured like a sweep run; past the deadline, one round only."""
     workers, chunk = kwargs["workers"], kwargs["chunk_size"]
     pool = distinct_pool(good, chunk, serial)
     n = items_per_run(serial, workers, chunk, plan.run_seconds)
-    with Engine(**kwargs) as engine:
+    with Engine(**kwargs, **engine_options(plan.threads)) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         rounds: list[SweepRun] = []
-        while len(rounds) < plan.repeat or (
-                all(_disturbed(r, serial) for r in rounds) and len(rounds) == plan.repeat):
+        while not rounds or (not _late(plan) and (len(rounds) < plan.repeat or (
+                all(_disturbed(r, serial) for r in rounds) and len(rounds) == plan.repeat))):
             run = _timed_run(engine, fn, pool, n, chunk, f"{label} r{len(rounds) + 1}", serial,
                              sampler)
             rounds.append(_with_samples(run, list(sampler.samples), serial))

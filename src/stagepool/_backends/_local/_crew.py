@@ -14,8 +14,10 @@ import threading
 import time
 from typing import Any
 
+from ..._dumps import last_dump
 from ..._resources import kill_group, kill_tree
 from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
+from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, LaneDied, Task
 from ._lanes import Lane, start_lane
 from ._record import SharedRecord
@@ -25,6 +27,9 @@ __all__ = ["STARTUP_FAILURE_LIMIT", "STOP_JOIN_TIMEOUT", "Autopsy", "Crew"]
 # A worker that dies this many times in a row before finishing anything is not respawned blindly.
 STARTUP_FAILURE_LIMIT = 3
 STOP_JOIN_TIMEOUT = 5.0
+# How long a hung worker gets to write its stack (STACK_SIGNAL) before it is killed: the dump is
+# written by a signal handler at once; this only covers a busy machine's scheduling delay.
+STACK_WAIT = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,15 @@ class Autopsy:
     tasks: list[Task]
     in_init: bool
     died: LaneDied | None
+
+
+def _stop(pid: int, grace: float, dump_stack: bool) -> None:
+    """Kill a worker's process tree; with ``dump_stack``, first have it write its stack."""
+    if dump_stack:
+        with contextlib.suppress(OSError):
+            os.kill(pid, STACK_SIGNAL)
+        time.sleep(STACK_WAIT)
+    kill_tree(pid, grace=grace)
 
 
 def _ran(phase: int, offset: int, task: Task) -> int:
@@ -82,7 +96,7 @@ class Crew:
         slot = self._free_slots.pop()
         self._record.reset(slot)
         setup = dataclasses.replace(self._setup, slot=slot, ppid=os.getpid())
-        return start_lane(self._ctx, setup, self._env, self._max_tasks)
+        return start_lane(self._ctx, setup, self._env, self._max_tasks, self._record)
 
     def release(self, lane: Lane) -> None:
         lane.close()
@@ -118,7 +132,10 @@ class Crew:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
-        threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
+        lane.kill_at = time.monotonic()
+        if reason == "timeout":  # a hung item's stack says where it hung (TaskTimeout.stack)
+            lane.stack_mark = lane.err.total
+        threading.Thread(target=_stop, args=(lane.pid, self._kill_grace, reason == "timeout"),
                          daemon=True, name="stagepool-kill").start()
 
     def kill_everything(self) -> None:
@@ -137,7 +154,8 @@ class Crew:
         """Take a dead worker off the crew and read from the record what it was doing; counts a
         death before any task towards STARTUP_FAILURE_LIMIT. The caller releases the lane."""
         self.lanes.remove(lane)
-        chunk, offset, phase, _start = self._record.state(lane.slot)
+        detail = lane.last_words()  # while it still holds its tasks: its last lines name the item
+        chunk, offset, phase, start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
         if phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
@@ -147,8 +165,11 @@ class Crew:
             reason = lane.kill_reason or "crash"
             if lane.kill_reason is not None and lane.kill_offset >= 0:
                 offset = lane.kill_offset
+            ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
             died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, lane.last_words(), ran=_ran(phase, offset, tasks[0]))
+                            reason, detail, ran=_ran(phase, offset, tasks[0]),
+                            duration=max(0.0, ended - start) if phase == PHASE_RUN else 0.0,
+                            stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
             self.startup_failures = 0  # it took a task, so start-up works: that task killed it
         elif not lane.answered and lane.kill_reason is None:
             self.startup_failures += 1

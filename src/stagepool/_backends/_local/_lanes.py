@@ -13,12 +13,13 @@ import contextlib
 import dataclasses
 import os
 import pickle
-import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..._worker import FN_CACHE_SIZE, TaskHeader, WorkerSetup, lane_main
+from ..._worker import FN_CACHE_SIZE, PHASE_RUN, TaskHeader, WorkerSetup, lane_main
 from .._protocol import DeathReason, Task
+from ._record import SharedRecord
+from ._stderr import WorkerStderr
 
 __all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
 
@@ -28,9 +29,6 @@ __all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
 # (a chunk queued behind a long one would idle another worker at the tail of a batch).
 PREFETCH_MAX_BYTES = 32 * 1024
 PREFETCH_MAX_SECONDS = 0.005
-# How much of a worker's stderr is kept for the report when it dies.
-STDERR_TAIL_BYTES = 16 * 1024
-STDERR_TAIL_LINES = 30
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,7 +37,8 @@ class Lane:
     process: Any
     conn: Connection
     stderr: Connection  # the read end of the worker's fd 2
-    stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
+    err: WorkerStderr  # what came out of it: logged by line, its tail kept for reports
+    record: SharedRecord | None = None  # where the worker says which item it is on
     tasks: collections.deque[Task] = dataclasses.field(default_factory=collections.deque)
     fn_keys: dict[int, None] = dataclasses.field(default_factory=dict)  # mirrors _FnCache
     items_done: int = 0
@@ -48,6 +47,8 @@ class Lane:
     retiring: bool = False
     kill_reason: DeathReason | None = None
     kill_offset: int = -1
+    kill_at: float | None = None  # time.monotonic() when the pool decided to kill it
+    stack_mark: int = -1  # err.total when a hung item's stack was asked for (-1: never)
 
     @property
     def pid(self) -> int:
@@ -83,7 +84,7 @@ class Lane:
                 del self.fn_keys[next(iter(self.fn_keys))]
 
     def forward_stderr(self) -> None:
-        """Copy what the worker wrote to stderr to ours, keeping the last few KiB for reports."""
+        """Log what the worker wrote to stderr, line by line with its item (``_stderr``)."""
         while True:
             try:
                 data = os.read(self.stderr.fileno(), 65536)
@@ -91,19 +92,31 @@ class Lane:
                 return
             if not data:
                 return
-            self.stderr_tail += data
-            del self.stderr_tail[:-STDERR_TAIL_BYTES]
-            with contextlib.suppress(Exception):
-                sys.stderr.write(data.decode("utf-8", "replace"))
-                sys.stderr.flush()
+            self.err.feed(data, self.running_item())
+
+    def running_item(self) -> int | None:
+        """The batch index of the item the worker is running now (None: none, or unknown)."""
+        if not self.tasks or self.record is None or self.tasks[0].first < 0:
+            return None
+        state = self.record.state(self.slot)
+        if state.chunk != self.tasks[0].id or state.phase != PHASE_RUN or state.offset < 0:
+            return None
+        return self.tasks[0].first + state.offset
 
     def last_words(self) -> str:
-        """The last lines of its stderr (read now: what it wrote just before dying)."""
+        """The tail of its stderr, read to the end now (what it wrote just before dying), its
+        last unfinished line logged too."""
         self.forward_stderr()
-        lines = self.stderr_tail.decode("utf-8", "replace").strip().splitlines()
-        return "\n".join(lines[-STDERR_TAIL_LINES:])
+        self.err.flush(self.running_item())
+        return self.err.tail.decode("utf-8", "replace").strip()
+
+    def hung_stack(self) -> str:
+        """What the worker wrote since its stack was asked for (``stack_mark``), if it was."""
+        return "" if self.stack_mark < 0 else self.err.since(self.stack_mark)
 
     def close(self) -> None:
+        self.forward_stderr()  # nothing it wrote is lost, its last unfinished line included
+        self.err.flush(None)
         with contextlib.suppress(OSError):
             self.conn.close()
         with contextlib.suppress(OSError):
@@ -123,7 +136,8 @@ def readable(conn: Connection) -> bool:
         return False
 
 
-def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | None) -> Lane:
+def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | None,
+               record: SharedRecord | None = None) -> Lane:
     """Start a worker process (loky's context: fork+exec) for ``setup.slot``."""
     parent_end, child_end = ctx.Pipe(duplex=True)
     err_read, err_write = ctx.Pipe(duplex=False)
@@ -133,4 +147,5 @@ def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | N
     child_end.close()
     err_write.close()
     os.set_blocking(err_read.fileno(), False)
-    return Lane(setup.slot, process, parent_end, err_read, quota=quota)
+    return Lane(setup.slot, process, parent_end, err_read, WorkerStderr(process.pid), record,
+                quota=quota)

@@ -25,7 +25,7 @@ class SlotState(NamedTuple):
     chunk: int  # the task id it is on (0: none yet)
     offset: int  # the item's position in the chunk (-1: not on an item)
     phase: int  # PHASE_IDLE, PHASE_DECODE, PHASE_RUN or PHASE_ENCODE
-    start: float  # time.monotonic() when the item started (written only under a timeout)
+    start: float  # time.monotonic() when the item (tiny items: the chunk) started
 
 
 class _SharedFile:
