@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
+import _profile_tasks
 import _tasks
 import stagepool as sp
 from conftest import WAIT, shm_entries, wait_until
@@ -430,3 +431,33 @@ def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine
     assert all(a.flags.writeable and a.nbytes == 8 << 20 for a in report.values)
     assert shm_entries() == before
     assert not dask_engine.capabilities.shared_memory
+
+
+# ---- the profiler on a cluster ------------------------------------------------------------------
+
+def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``stagepool profile --backend dask --address``: the cluster's size is the one worker count;
+    the chunk sizes are swept on it."""
+    from stagepool.cli import main
+
+    client.wait_for_workers(2, timeout=WAIT)
+    code = main(["profile", "_profile_tasks:nap", "--items", "_profile_tasks:nap_items",
+                 "--sample", "4", "--chunk-sizes", "1,2", "--run-seconds", "0.3", "--repeat", "1",
+                 "--backend", "dask", "--address", cluster, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "recommended: Engine(workers=2" in out
+    profile = sp.profile_stage(_profile_tasks.nap, _profile_tasks.nap_items(), chunk_sizes=[2],
+                               run_seconds=0.3, repeat=1, progress=False, backend="dask",
+                               address=cluster)
+    assert {run.workers for run in profile.runs} == {2}
+
+
+def test_profile_refuses_an_address_without_the_dask_backend() -> None:
+    from stagepool.cli import main
+
+    with pytest.raises(SystemExit, match="add --backend dask"):
+        main(["profile", "--demo", "--address", "tcp://127.0.0.1:8786"])
+    with pytest.raises(ValueError, match="brings its own workers"):
+        sp.profile_stage(abs, [1], workers=2, backend="dask", address="tcp://127.0.0.1:8786")

@@ -49,6 +49,7 @@ optional extra), imported lazily; without it the plots are skipped with a note.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -78,7 +79,7 @@ from ._recommend import (
 )
 from ._report import StageProfile
 from ._serial import serial_pass
-from ._sweep import Sampler, confirm, sweep
+from ._sweep import Sampler, confirm, engine_at, sweep
 from ._targets import TargetError, resolve_target, sample_from_factory
 from ._text import Say, kwargs_text, rate, serial_line
 
@@ -110,6 +111,8 @@ def profile_stage(
     out: str | os.PathLike[str] | None = None,
     run_seconds: float = 1.0,
     repeat: int = 3,
+    backend: str = "local",
+    address: str | None = None,
 ) -> StageProfile:
     """Measure ``fn`` on ``sample`` and recommend the ``Engine`` settings for it.
 
@@ -126,7 +129,10 @@ def profile_stage(
     target length of each sweep run; ``repeat``: rounds over every configuration, of which the
     fastest counts (other load on the machine only ever slows a run down). ``progress``: print
     what is happening to stderr. ``out``: a directory to write ``profile.json``,
-    ``measurements.json`` and PNG plots into.
+    ``measurements.json`` and PNG plots into. ``backend="dask"``: the sweep's engines run on a
+    dask cluster, an in-process ``LocalCluster`` of each worker count, or the one at ``address``
+    (whose size is its own: the sweep then varies the chunk size only). The serial pass stays in
+    a local worker: it measures the stage alone.
 
     Raises ``ValueError`` / ``TypeError`` naming the argument for bad arguments, ``ValueError``
     when the sample is empty or every sampled item fails.
@@ -141,6 +147,7 @@ def profile_stage(
     check_positive_int(repeat, "repeat")
     sizes = _check_chunk_sizes(chunk_sizes)
     counts = _check_workers(workers)
+    where = _check_where(backend, address, counts)
     budget = None if mem_limit is None else positive_size(mem_limit, "mem_limit")
     items = list(sample)
     if not items:
@@ -156,8 +163,12 @@ def profile_stage(
     if not good:
         raise ValueError(f"every sampled item failed in {stage}; the first: {serial.items[0].error}")
     say(serial_line(serial))
-    plan = plan_sweep(serial, snapshot, budget=budget, counts=counts, sizes=sizes,
-                      run_seconds=run_seconds, repeat=repeat)
+    if where.get("address") is not None:  # the cluster's own size is the one count to try
+        with engine_at(where) as probe:
+            counts = (probe.workers,)
+    plan = dataclasses.replace(
+        plan_sweep(serial, snapshot, budget=budget, counts=counts, sizes=sizes,
+                   run_seconds=run_seconds, repeat=repeat), where=where)
     for note in plan.notes:
         say(note)
     runs, rec, confirmation, sampler = _sweep_and_confirm(fn, good, serial, plan, say, started)
@@ -213,6 +224,21 @@ def _check_workers(workers: int | Sequence[int] | None) -> tuple[int, ...] | Non
     for count in workers:
         check_positive_int(count, "workers")
     return tuple(sorted(set(workers)))
+
+
+def _check_where(backend: str, address: str | None,
+                 counts: tuple[int, ...] | None) -> dict[str, Any]:
+    """The Engine options that name where the sweep runs (see ``SweepPlan.where``)."""
+    if backend not in ("local", "dask"):
+        raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+    if address is not None and backend != "dask":
+        raise ValueError("address= is the dask scheduler to use: it needs backend='dask'")
+    if address is not None and counts is not None:
+        raise ValueError("workers= sizes in-process clusters only; a cluster at an address "
+                         "brings its own workers")
+    if backend == "local":
+        return {}
+    return {"backend": "dask"} if address is None else {"backend": "dask", "address": address}
 
 
 def _check_chunk_sizes(sizes: Sequence[int] | None) -> tuple[int, ...] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 from .._resources import ResourceSnapshot
@@ -58,6 +59,9 @@ class SweepPlan:
     budget_source: str
     usable_cpus: int
     notes: tuple[str, ...]
+    # Where the engines run: {} (local workers), or Engine options naming a dask cluster
+    # ({"backend": "dask"} for an in-process one, plus "address" for one that sizes itself).
+    where: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def chunk_candidates(per_item: float, *, limit: int = MAX_CHUNK_CANDIDATES) -> tuple[int, ...]:

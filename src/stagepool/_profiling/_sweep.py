@@ -14,7 +14,7 @@ import dataclasses
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._engine import Engine
@@ -23,7 +23,7 @@ from ._measured import SAMPLE_INTERVAL, SerialPass, Spread, SweepRun, WorkerSamp
 from ._plan import SweepPlan, distinct_pool, items_per_run
 from ._text import Say, run_line
 
-__all__ = ["Sampler", "confirm", "sweep"]
+__all__ = ["Sampler", "confirm", "engine_at", "sweep"]
 
 # Adjusted throughput never credits a run with more than twice what it measured.
 MIN_CPU_SHARE = 0.5
@@ -104,7 +104,7 @@ def sweep(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan: S
         n = items_per_run(serial, workers, chunk, plan.run_seconds)
         step = f"[{sum(map(len, done.values())) + 1}/{total}]"
         say.tick(f"{step} {workers} workers, chunk {chunk}, {n} items ...")
-        run = _fresh_run(fn, good, pool, n, workers, chunk, label, serial, sampler)
+        run = _fresh_run(fn, good, pool, n, workers, chunk, label, serial, sampler, plan.where)
         done.setdefault((workers, chunk), []).append(run)
         say(f"{step} {run_line(run)}{' (disturbed)' if _disturbed(run, serial) else ''}")
 
@@ -126,7 +126,8 @@ def _disturbed(run: SweepRun, serial: SerialPass) -> bool:
 
 
 def _fresh_run(fn: Callable[[Any], Any], good: list[Any], pool: list[Any], n: int, workers: int,
-               chunk: int, label: str, serial: SerialPass, sampler: Sampler) -> SweepRun:
+               chunk: int, label: str, serial: SerialPass, sampler: Sampler,
+               where: Mapping[str, Any]) -> SweepRun:
     """One run in an engine of its own, as ``Engine(workers=..., chunk_size=...)`` would start.
 
     Not one engine per worker count reused across chunk sizes: a worker's history changes its
@@ -134,12 +135,20 @@ def _fresh_run(fn: Callable[[Any], Any], good: list[Any], pool: list[Any], n: in
     large temporary arrays stop costing page faults (a third of the demo stage's time here), so a
     small chunk size measured after a big one would look faster than it ever is on its own.
     """
-    with Engine(workers=workers) as engine:
+    with engine_at(where, workers=workers) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         run = _timed_run(engine, fn, pool, n, chunk, label, serial, sampler)
         sampler.watch(None)
     return _with_samples(run, list(sampler.samples), serial)
+
+
+def engine_at(where: Mapping[str, Any], **kwargs: Any) -> Engine:
+    """``Engine(**kwargs)`` where the sweep runs (``SweepPlan.where``); a cluster at an address
+    brings its own workers, so ``workers`` is left to it (the plan has its count only)."""
+    if where.get("address") is not None:
+        kwargs.pop("workers", None)
+    return Engine(**kwargs, **where)
 
 
 def _fastest(rounds: Sequence[SweepRun]) -> SweepRun:
@@ -213,7 +222,7 @@ def confirm(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan:
     workers, chunk = kwargs["workers"], kwargs["chunk_size"]
     pool = distinct_pool(good, chunk, serial)
     n = items_per_run(serial, workers, chunk, plan.run_seconds)
-    with Engine(**kwargs) as engine:
+    with engine_at(plan.where, **kwargs) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         rounds: list[SweepRun] = []
