@@ -10,6 +10,7 @@ targets. ``results.json`` is rewritten after every workload, so an interrupted r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -21,7 +22,8 @@ from .harness import Job, RawResult, ratio, run_isolated, summarize
 from .machine import machine_facts, one_line
 from .peers import PEERS, PeerSpec
 
-__all__ = ["build_row", "command_line", "finish_rows", "main", "parse_args", "throughput"]
+__all__ = ["build_row", "command_line", "finish_rows", "main", "on_backend", "parse_args",
+           "throughput"]
 
 # Rows that always run: stagepool (the targets) and the PPE baseline (the ratios).
 ALWAYS = ("stagepool", "ppe")
@@ -42,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=_positive, default=None,
                         help="timed repetitions after one warm-up run (default 5, quick 1)")
     parser.add_argument("--workers", type=_positive, default=2, help="workers per pool (default 2)")
+    parser.add_argument("--backend", choices=("local", "dask"), default="local",
+                        help="where stagepool's own rows run: local worker processes (default) "
+                             "or a dask cluster (the stagepool-dask row always runs on one)")
+    parser.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                        help="with --backend dask: the scheduler to use (default: an in-process "
+                             "LocalCluster of --workers workers)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for results.json and the PNG plots")
     parser.add_argument("--timeout", type=float, default=None,
@@ -53,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write the results as Markdown to PATH (BENCHMARKS.md), the "
                              "plots linked relative to it")
     args = parser.parse_args(argv)
+    if args.address is not None and args.backend != "dask":
+        parser.error("--address is the dask scheduler to use: add --backend dask")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 5
     if args.timeout is None:
@@ -76,6 +86,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def on_backend(specs: list[PeerSpec], backend: str, address: str | None) -> list[PeerSpec]:
+    """The rows with stagepool's own rows moved to ``backend`` (at ``address``), their labels
+    saying so; unchanged for the local backend."""
+    if backend == "local":
+        return specs
+    where = f"dask at {address}" if address else "dask, in-process LocalCluster"
+    return [dataclasses.replace(s, label=f"{s.label} [{where}]", options={
+        **s.options, "backend": backend, "address": address}) if s.peer == "stagepool" else s
+        for s in specs]
 
 
 def select(specs: list[PeerSpec], peers: list[str] | None) -> list[PeerSpec]:
@@ -160,7 +181,8 @@ def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     params = {**workload.params(args.quick), "workers": args.workers}
     rows = []
-    for spec in select(workload.specs(params), args.peers):
+    specs = on_backend(workload.specs(params), args.backend, args.address)
+    for spec in select(specs, args.peers):
         foreign: float | None = None
         if spec.na is not None:
             raw = RawResult(status="n/a", reason=spec.na)
@@ -240,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": facts,
         "settings": {"quick": args.quick, "repeat": args.repeat, "warmup": 0 if args.quick else 1,
-                     "workers": args.workers, "timeout_s": args.timeout, "only": names,
+                     "workers": args.workers, "backend": args.backend, "address": args.address,
+                     "timeout_s": args.timeout, "only": names,
                      "peers": args.peers, "argv": argv, "command": command_line(argv)},
         "method": ("each row runs in a fresh spawn subprocess: pool started once (timed apart as "
                    "start s, including a trivial probe batch), one warm-up run, then the timed "

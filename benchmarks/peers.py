@@ -459,80 +459,30 @@ class PebblePeer(Peer):
         self.pool.join()
 
 
-class DaskPeer(Peer):
-    """dask.distributed ``LocalCluster(processes=True, threads_per_worker=1)`` + ``client.map``."""
-
-    name = "dask"
-
-    def _start(self) -> None:
-        import logging
-        import warnings
-
-        from distributed import Client, LocalCluster
-
-        # client.map with big arguments (big-arrays, media) puts them in the task graph, and dask
-        # warns about it on every run; the rows' labels say so once.
-        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-
-        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=logging.CRITICAL)
-        self.client = Client(self.cluster)
-
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        # pure=False: every run computes afresh instead of finding the last run's keys in memory.
-        futures = self.client.map(fn, items, pure=False)
-        values = self.client.gather(futures)
-        del futures
-        return list(values)
-
-    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
-        import collections
-
-        futures = collections.deque(self.client.map(fn, list(items), pure=False))
-        while futures:
-            yield futures.popleft().result()  # the future (and its data) is released as it goes
-
-    def collect(self, fn: Callable[[Any], Any], items: list[Any], *,
-                deadline: float | None = None) -> Collected:
-        from distributed import wait
-
-        futures = self.client.map(fn, items, pure=False)
-        out = Collected()
-        try:
-            wait(futures, timeout=deadline)
-        except TimeoutError:
-            out.hung = True
-        status = [f.status for f in futures]  # one snapshot: a lost task may change it later
-        done = [i for i, s in enumerate(status) if s == "finished"]
-        # one gather for all the values (a result() per future is a round trip each)
-        out.values = dict(zip(done, self.client.gather([futures[i] for i in done]), strict=True))
-        for i, s in enumerate(status):
-            if s == "error":
-                out.errors[i] = type(futures[i].exception()).__name__
-        self.client.cancel(futures)
-        return out
-
-    def close(self) -> None:
-        self.client.close()
-        self.cluster.close()
-
-
 class StagepoolPeer(Peer):
     """``stagepool.Engine(workers, chunk_size="auto")``: ``map(...).values`` and ``imap``.
 
-    Options ``chunk_size``, ``shm_threshold`` and ``max_in_flight`` go to the Engine as given.
+    Options ``chunk_size``, ``shm_threshold``, ``max_in_flight``, ``backend`` and ``address`` go
+    to the Engine as given (a cluster at an ``address`` brings its own workers: no ``workers=``).
+    ``import_distributed``: import dask.distributed first, as a process that also uses a cluster
+    would (it fills ``copyreg.dispatch_table``, which picklers that copy it pay for per message).
     """
 
     name = "stagepool"
-    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight")
+    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight", "backend", "address")
     BACKEND = "local"
 
     def _start(self) -> None:
         import stagepool as sp
 
-        options = {k: v for k, v in self.options.items() if k in self.ENGINE_OPTIONS}
-        self.engine = sp.Engine(workers=self.workers, backend=self.BACKEND,
-                                **{"chunk_size": "auto", **options})
+        if self.options.get("import_distributed"):
+            import distributed  # noqa: F401  (its import is the point of the row)
+        options: dict[str, Any] = {"chunk_size": "auto", "backend": self.BACKEND, **{
+            k: v for k, v in self.options.items() if k in self.ENGINE_OPTIONS}}
+        if options.get("address") is None:
+            options.pop("address", None)
+            options["workers"] = self.workers
+        self.engine = sp.Engine(**options)
         self._stats: dict[str, Any] = {}
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -580,22 +530,6 @@ class StagepoolPeer(Peer):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "worker_pids": self.engine.worker_pids(),
                 "plan": self.engine.plan.reason}
-
-
-class StagepoolDaskPeer(StagepoolPeer):
-    """stagepool on dask: ``Engine(backend="dask", workers)``, an in-process
-    ``LocalCluster(processes=True)`` of that many one-thread workers, each hosting its own
-    stagepool worker process; the same calls as the local row. Not judged by stagepool's targets
-    (they are the local engine's); it answers "what does the cluster path cost?"."""
-
-    name = "stagepool-dask"
-    BACKEND = "dask"
-
-    def _start(self) -> None:
-        import logging
-
-        logging.getLogger("distributed").setLevel(logging.ERROR)  # as the dask row: no chatter
-        super()._start()
 
 
 class CeilingPeer(Peer):
@@ -647,9 +581,13 @@ class CeilingPeer(Peer):
         return {} if self._seconds is None else {"seconds": self._seconds}
 
 
+# The cluster peers build on the adapters above, so they are imported here, at the end (and only
+# through this module: importing cluster_peers first would find this one half made).
+from .cluster_peers import DaskPeer, JoblibDaskPeer, StagepoolDaskPeer  # noqa: E402
+
 PEERS: dict[str, type[Peer]] = {cls.name: cls for cls in (
     SerialPeer, CeilingPeer, PPEPeer, MpPoolPeer, LokyPeer, JoblibPeer, MpirePeer, PebblePeer,
-    DaskPeer, StagepoolPeer, StagepoolDaskPeer)}
+    DaskPeer, JoblibDaskPeer, StagepoolPeer, StagepoolDaskPeer)}
 
 
 def make_peer(spec: PeerSpec, workers: int) -> Peer:

@@ -72,7 +72,16 @@ class Tiny(Workload):
                      {"chunksize": 512}),
             PeerSpec("dask", "dask", f"dask.distributed client.map ({dask:,} items)",
                      case={"items": dask}),
+            PeerSpec("joblib-dask", "joblib-dask",
+                     f'joblib parallel_config(backend="dask") ({dask:,} items)',
+                     case={"items": dask}),
             PeerSpec("stagepool", "stagepool", 'stagepool Engine.map chunk_size="auto"'),
+            # The same local engine in a process that imported dask.distributed (~185 more
+            # reducers in copyreg.dispatch_table): within noise of the row above, or a pickler
+            # is copying that table per message.
+            PeerSpec("stagepool-distributed", "stagepool",
+                     "stagepool Engine.map, dask.distributed imported",
+                     {"import_distributed": True}),
             STAGEPOOL_ON_DASK,
         ]
 

@@ -387,6 +387,17 @@ def kill_dask_worker(x: int) -> int:
     return x
 
 
+def kill_dask_worker_midway(x: int) -> int:
+    """At value 0, SIGKILL the dask worker hosting this lane after 0.3 s of work (a worker that
+    dies mid-item, not in the milliseconds after its previous chunk ended: see the dask
+    package docstring on what a worker's death within that report window blames)."""
+    if x == 0:
+        time.sleep(0.3)
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
+    return x
+
+
 def note_then_sleep(item: tuple[int, float, str]) -> int:
     """Write ``<dask worker pid>`` to ``folder/<index>`` when it starts, then sleep."""
     index, seconds, folder = item

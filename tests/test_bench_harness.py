@@ -673,3 +673,14 @@ def test_render_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_command_line_quotes_what_needs_it() -> None:
     assert cli.command_line(["--out", "my results"]) == "python -m benchmarks --out 'my results'"
+
+
+def test_backend_dask_moves_only_stagepools_rows() -> None:
+    specs = [PeerSpec("ppe", "ppe", "PPE"), PeerSpec("stagepool", "stagepool", "sp", {"x": 1})]
+    assert cli.on_backend(specs, "local", None) == specs
+    moved = cli.on_backend(specs, "dask", "tcp://h:1")
+    assert moved[0] == specs[0]
+    assert moved[1].options == {"x": 1, "backend": "dask", "address": "tcp://h:1"}
+    assert "dask at tcp://h:1" in moved[1].label
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--address", "tcp://h:1"])

@@ -8,7 +8,9 @@ on an in-process ``LocalCluster``.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import os
 import signal
@@ -24,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
+import _profile_tasks
 import _tasks
 import stagepool as sp
 from conftest import WAIT, shm_entries, wait_until
@@ -94,21 +97,32 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         f"left running: {_session_members(sessions)}")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """``dask scheduler`` + 2 x ``dask worker --nworkers 1 --nthreads 1``, on free ports."""
+def _start_worker(address: str, *options: str) -> subprocess.Popen[bytes]:
+    return _start("worker", address, "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard",
+                  "--death-timeout", "30", *options)
+
+
+@contextlib.contextmanager
+def _real_cluster(*workers: tuple[str, ...]) -> Iterator[str]:
+    """``dask scheduler`` on a free port and one ``dask worker`` per entry of ``workers`` (its
+    options); yields the address once every worker serves, and stops them all after."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [_start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")]
     try:
-        for _ in range(2):
-            procs.append(_start("worker", address, "--nworkers", "1", "--nthreads", "1",
-                                "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "30"))
+        procs += [_start_worker(address, *options) for options in workers]
         with distributed.Client(address, timeout=WAIT, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=WAIT)
+            client.wait_for_workers(len(workers), timeout=WAIT)
         yield address
     finally:
         _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """``dask scheduler`` + 2 x ``dask worker --nworkers 1 --nthreads 1``, on free ports."""
+    with _real_cluster(("--nthreads", "1"), ("--nthreads", "1")) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +170,15 @@ def test_a_dask_worker_sigkilled_mid_batch_fails_only_the_item_it_was_running(
     assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
     assert report.values == [i for i in range(N) if i != GUILTY]
     assert "dask worker tcp://127.0.0.1:" in str(report[GUILTY].error)
+
+
+def test_a_dying_in_process_worker_blames_only_its_running_item() -> None:
+    """The in-process cluster fails a dead worker's tasks at once (KilledWorker, allowed-failures
+    0), the chunk waiting in that worker's queue too: that one runs elsewhere, unblamed."""
+    with sp.Engine(backend="dask", workers=2) as eng:
+        report = eng.map(_tasks.kill_dask_worker_midway, items(), chunk_size=1)
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
+    assert all(o.attempts == 1 for o in report)
 
 
 def test_a_segfault_fails_its_item_and_the_dask_worker_lives_on(
@@ -216,8 +239,7 @@ def test_a_worker_that_joins_gets_chunks_and_one_that_leaves_is_no_loss(
         cluster: str, client: Any, tmp_path: Path) -> None:
     client.wait_for_workers(2, timeout=WAIT)
     with sp.Engine(backend="dask", address=cluster) as eng:
-        third = _start("worker", cluster, "--nworkers", "1", "--nthreads", "1", "--host",
-                       "127.0.0.1", "--no-dashboard", "--death-timeout", "30")
+        third = _start_worker(cluster, "--nthreads", "1")
         try:
             client.wait_for_workers(3, timeout=WAIT)
             work = [(i, 0.3, str(tmp_path)) for i in range(9)]
@@ -226,10 +248,85 @@ def test_a_worker_that_joins_gets_chunks_and_one_that_leaves_is_no_loss(
             assert len(ran_on) == 3  # every dask worker ran some, the new one included
         finally:
             _stop([third])
-        # Once the scheduler knows it left, nothing is sent to it. (A chunk dispatched in the
-        # moment a worker leaves is blamed on it, as a crash: the module docstring's known limit.)
+        # Once the scheduler knows it left, nothing is sent to it.
         assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, WAIT)
-        assert eng.map(_tasks.double, range(8), chunk_size=1).values == [2 * i for i in range(8)]
+        last = eng.map(_tasks.double, range(8), chunk_size=1)
+        assert last.values == [2 * i for i in range(8)], last.summary()
+
+
+def test_a_worker_retired_mid_batch_blames_nothing(cluster: str, client: Any,
+                                                  tmp_path: Path) -> None:
+    """A graceful leave (retire_workers, a scale-down) is nobody's crash: the chunks the worker
+    was running or holding go back to the queue and run elsewhere; nothing queued is charged."""
+    client.wait_for_workers(2, timeout=WAIT)
+    before = set(client.scheduler_info()["workers"])
+    third = _start_worker(cluster, "--nthreads", "1")
+    try:
+        client.wait_for_workers(3, timeout=WAIT)
+        (leaving,) = set(client.scheduler_info()["workers"]) - before
+        leaving_pid = client.run(os.getpid, workers=[leaving])[leaving]
+        with sp.Engine(backend="dask", address=cluster) as eng, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            work = [(i, 0.5, str(tmp_path)) for i in range(12)]
+            running = pool.submit(eng.map, _tasks.note_then_sleep, work, chunk_size=1)
+            assert wait_until(lambda: any(
+                p.read_text() == str(leaving_pid) for p in tmp_path.iterdir() if p.is_file()
+                and not p.name.endswith(".tmp")), timeout=WAIT)
+            client.retire_workers([leaving], close_workers=True)
+            report = running.result(timeout=WAIT)
+        assert [o.kind for o in report] == ["ok"] * 12, report.summary()
+        assert report.values == list(range(12))
+        interrupted = {i for i in range(12) if (tmp_path / str(i)).read_text() == str(leaving_pid)}
+        assert all(o.attempts == 1 for o in report if o.index not in interrupted)
+    finally:
+        _stop([third])
+
+
+def test_an_asynchronous_client_is_refused_at_once(cluster: str) -> None:
+    async def refused() -> None:
+        async with distributed.Client(cluster, asynchronous=True, timeout=WAIT,
+                                      set_as_default=False) as client:
+            with pytest.raises(TypeError, match=r"asynchronous distributed.Client .* needs a "
+                                                r"synchronous Client.* address="):
+                sp.Engine(backend=client)
+
+    asyncio.run(asyncio.wait_for(refused(), WAIT))
+
+
+# ---- mem_per_task and the workers' memory --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def memory_cluster() -> Iterator[str]:
+    """Two workers that declare the MEMORY resource: 2 threads with 1 GB, 1 thread with 100 MB."""
+    with _real_cluster(("--nthreads", "2", "--resources", "MEMORY=1e9"),
+                       ("--nthreads", "1", "--resources", "MEMORY=1e8")) as address:
+        yield address
+
+
+def test_mem_per_task_asks_for_the_memory_resource_the_workers_declare(
+        memory_cluster: str, tmp_path: Path) -> None:
+    with sp.Engine(backend="dask", address=memory_cluster, mem_per_task="400MB") as eng:
+        assert eng.workers == 2  # 1 GB holds two chunks of 400 MB, 100 MB none
+        assert "limited by memory" in eng.plan.reason and "MEMORY resource" in eng.plan.reason
+        work = [(i, 0.2, str(tmp_path)) for i in range(8)]
+        assert eng.map(_tasks.note_then_sleep, work, chunk_size=1).values == list(range(8))
+        ran_on = {(tmp_path / str(i)).read_text() for i in range(8)}
+        assert len(ran_on) == 1  # the small worker got no task
+        assert len(eng.worker_pids()) == 2  # and runs no lane: two on the big one
+    with pytest.raises(ValueError, match=r"mem_per_task=1.9 GiB fits no worker .* 953.7 MiB"):
+        sp.Engine(backend="dask", address=memory_cluster, mem_per_task="2GB")
+
+
+def test_without_a_memory_resource_mem_per_task_sizes_by_memory_limit(
+        cluster: str, client: Any) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+    limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+    with sp.Engine(backend="dask", address=cluster, mem_per_task=min(limits) // 2) as eng:
+        assert eng.workers == 2
+        assert "sized by memory_limit" in eng.plan.reason
+        assert eng.map(_tasks.double, range(4)).values == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="fits no worker of the dask cluster"):
+        sp.Engine(backend="dask", address=cluster, mem_per_task=2 * max(limits))
 
 
 def _our_plugins(client: Any) -> list[str]:
@@ -334,3 +431,33 @@ def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine
     assert all(a.flags.writeable and a.nbytes == 8 << 20 for a in report.values)
     assert shm_entries() == before
     assert not dask_engine.capabilities.shared_memory
+
+
+# ---- the profiler on a cluster ------------------------------------------------------------------
+
+def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``stagepool profile --backend dask --address``: the cluster's size is the one worker count;
+    the chunk sizes are swept on it."""
+    from stagepool.cli import main
+
+    client.wait_for_workers(2, timeout=WAIT)
+    code = main(["profile", "_profile_tasks:nap", "--items", "_profile_tasks:nap_items",
+                 "--sample", "4", "--chunk-sizes", "1,2", "--run-seconds", "0.3", "--repeat", "1",
+                 "--backend", "dask", "--address", cluster, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "recommended: Engine(workers=2" in out
+    profile = sp.profile_stage(_profile_tasks.nap, _profile_tasks.nap_items(), chunk_sizes=[2],
+                               run_seconds=0.3, repeat=1, progress=False, backend="dask",
+                               address=cluster)
+    assert {run.workers for run in profile.runs} == {2}
+
+
+def test_profile_refuses_an_address_without_the_dask_backend() -> None:
+    from stagepool.cli import main
+
+    with pytest.raises(SystemExit, match="add --backend dask"):
+        main(["profile", "--demo", "--address", "tcp://127.0.0.1:8786"])
+    with pytest.raises(ValueError, match="brings its own workers"):
+        sp.profile_stage(abs, [1], workers=2, backend="dask", address="tcp://127.0.0.1:8786")

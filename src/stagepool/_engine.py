@@ -201,7 +201,8 @@ class Engine(AsyncCalls):
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
             shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout),
+            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
+            mem_per_task=cfg.mem_per_task),
             address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:

@@ -22,10 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment-seconds", type=float, default=2.0)
     demo.add_argument("--workers", default="auto", help="worker count or 'auto' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    demo.add_argument("--backend", choices=("local", "dask"), default="local",
-                      help="local worker processes (default), or a dask cluster")
-    demo.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
-                      help="the dask scheduler to use (default: a LocalCluster on this machine)")
+    _add_backend_arguments(demo)
 
     plan = sub.add_parser("plan", help="show the machine's resources and the worker plan")
     plan.add_argument("--mem-per-task", default=None, help="memory one task needs, e.g. 1GiB")
@@ -33,6 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-workers", type=int, default=None)
     _add_profile_parser(sub)
     return parser
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--address``: where the command's engines run (see ``_where``)."""
+    parser.add_argument("--backend", choices=("local", "dask"), default="local",
+                        help="local worker processes (default), or a dask cluster")
+    parser.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                        help="the dask scheduler to use (default: a LocalCluster on this machine)")
+
+
+def _where(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(backend, address) from ``_add_backend_arguments``'s flags; an address without
+    ``--backend dask`` is refused naming the fix."""
+    if args.address is not None and args.backend != "dask":
+        raise SystemExit("stagepool: --address is the dask scheduler to use: add --backend dask")
+    return args.backend, args.address
 
 
 def _add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,6 +79,7 @@ def _add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                          help="an item's cost (samples, bytes): also recommend a timeout that "
                               "scales with it (Engine.from_profile(DIR, cost=...))")
     profile.add_argument("--no-progress", action="store_true", help="print only the result")
+    _add_backend_arguments(profile)
 
 
 def _sizes(value: str) -> list[int]:
@@ -100,11 +114,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     seconds = args.seconds if args.segments is None else args.segments * args.segment_seconds
-    if args.address is not None and args.backend != "dask":
-        raise SystemExit("stagepool: --address is the dask scheduler to use: add --backend dask")
+    backend, address = _where(args)
     return run_demo(seconds=seconds, segment_seconds=args.segment_seconds,
                     workers=_workers(args.workers), progress=not args.no_progress,
-                    backend=args.backend, address=args.address)
+                    backend=backend, address=address)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -146,13 +159,15 @@ def _profile(args: argparse.Namespace) -> int:
         fn = resolve_target(args.target, what="stage")
         name = args.items
         factory = resolve_target(args.items, what="items factory")
+    backend, address = _where(args)
     items = sample_from_factory(factory, args.sample, name=f"items factory {name!r}")
     cost = None if args.cost is None else resolve_target(args.cost, what="cost function")
     try:
         profile = profile_stage(fn, items, workers=args.max_workers, mem_limit=args.mem_limit,
                                 chunk_sizes=args.chunk_sizes,
                                 progress=not args.no_progress, run_seconds=args.run_seconds,
-                                repeat=args.repeat, budget=args.budget, cost=cost)
+                                repeat=args.repeat, budget=args.budget, cost=cost,
+                                backend=backend, address=address)
     except KeyboardInterrupt:
         print("stagepool profile: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -219,3 +219,4 @@ class BackendOptions:
     shm_threshold: int = 0
     writable_inputs: bool = False
     init_timeout: float | None = None  # seconds the initializer may take in a worker
+    mem_per_task: int | None = None  # bytes one item needs (a cluster sizes its workers by it)

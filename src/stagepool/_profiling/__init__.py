@@ -81,7 +81,7 @@ from ._recommend import (
 )
 from ._report import StageProfile
 from ._serial import serial_pass
-from ._sweep import Sampler, confirm, sweep
+from ._sweep import Sampler, confirm, engine_at, sweep
 from ._targets import TargetError, resolve_target, sample_from_factory
 from ._text import Say, kwargs_text, rate, serial_line
 
@@ -115,6 +115,8 @@ def profile_stage(
     repeat: int = 3,
     budget: float | None = DEFAULT_BUDGET,
     cost: Callable[[Any], float] | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> StageProfile:
     """Measure ``fn`` on ``sample`` and recommend the ``Engine`` settings for it.
 
@@ -131,7 +133,10 @@ def profile_stage(
     target length of each sweep run; ``repeat``: rounds over every configuration, of which the
     fastest counts (other load on the machine only ever slows a run down). ``progress``: print
     what is happening to stderr. ``out``: a directory to write ``profile.json``,
-    ``measurements.json`` and PNG plots into.
+    ``measurements.json`` and PNG plots into. ``backend="dask"``: the sweep's engines run on a
+    dask cluster, an in-process ``LocalCluster`` of each worker count, or the one at ``address``
+    (whose size is its own: the sweep then varies the chunk size only). The serial pass stays in
+    a local worker: it measures the stage alone.
 
     ``budget``: seconds the whole profile should take (default 15; None: no limit). The serial
     pass takes at most a quarter of it (at least 3 items); the sweep then shrinks, in a fixed
@@ -162,6 +167,7 @@ def profile_stage(
         raise TypeError(f"cost must be a callable of an item (or None), not {type(cost).__name__}")
     sizes = _check_chunk_sizes(chunk_sizes)
     counts = _check_workers(workers)
+    where = _check_where(backend, address, counts)
     mem_budget = None if mem_limit is None else positive_size(mem_limit, "mem_limit")
     items = list(sample)
     if not items:
@@ -182,8 +188,13 @@ def profile_stage(
         raise ValueError(f"every sampled item failed in {stage}; the first: {serial.items[0].error}")
     say(serial_line(serial))
     cost_rule = _cost_rule(cost, items, serial, say)  # before the sweep: a bad cost fails fast
-    plan = _fit(plan_sweep(serial, snapshot, budget=mem_budget, counts=counts, sizes=sizes,
-                           run_seconds=run_seconds, repeat=repeat), serial, threads, budget, started)
+    if where.get("address") is not None:  # the cluster's own size is the one count to try
+        with engine_at(where) as probe:
+            counts = (probe.workers,)
+    plan = _fit(dataclasses.replace(
+        plan_sweep(serial, snapshot, budget=mem_budget, counts=counts, sizes=sizes,
+                   run_seconds=run_seconds, repeat=repeat), where=where),
+        serial, threads, budget, started)
     for note in plan.notes:
         say(note)
     runs, rec, confirmation, sampler = _sweep_and_confirm(fn, good, serial, plan, say, started)
@@ -297,6 +308,21 @@ def _check_workers(workers: int | Sequence[int] | None) -> tuple[int, ...] | Non
     for count in workers:
         check_positive_int(count, "workers")
     return tuple(sorted(set(workers)))
+
+
+def _check_where(backend: str, address: str | None,
+                 counts: tuple[int, ...] | None) -> dict[str, Any]:
+    """The Engine options that name where the sweep runs (see ``SweepPlan.where``)."""
+    if backend not in ("local", "dask"):
+        raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+    if address is not None and backend != "dask":
+        raise ValueError("address= is the dask scheduler to use: it needs backend='dask'")
+    if address is not None and counts is not None:
+        raise ValueError("workers= sizes in-process clusters only; a cluster at an address "
+                         "brings its own workers")
+    if backend == "local":
+        return {}
+    return {"backend": "dask"} if address is None else {"backend": "dask", "address": address}
 
 
 def _check_chunk_sizes(sizes: Sequence[int] | None) -> tuple[int, ...] | None:

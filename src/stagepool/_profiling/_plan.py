@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 from .._probe import pin_threads
@@ -63,6 +64,9 @@ class SweepPlan:
     notes: tuple[str, ...]
     threads: int = 1  # native threads per worker in every engine (see engine_options)
     deadline: float | None = None  # time.perf_counter() the profile should be done by
+    # Where the engines run: {} (local workers), or Engine options naming a dask cluster
+    # ({"backend": "dask"} for an in-process one, plus "address" for one that sizes itself).
+    where: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def engine_options(threads: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import dataclasses
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._engine import Engine
@@ -23,7 +23,7 @@ from ._measured import SAMPLE_INTERVAL, SerialPass, Spread, SweepRun, WorkerSamp
 from ._plan import SweepPlan, distinct_pool, engine_options, items_per_run
 from ._text import Say, run_line
 
-__all__ = ["Sampler", "confirm", "sweep"]
+__all__ = ["Sampler", "confirm", "engine_at", "sweep"]
 
 # Adjusted throughput never credits a run with more than twice what it measured.
 MIN_CPU_SHARE = 0.5
@@ -143,12 +143,20 @@ def _fresh_run(fn: Callable[[Any], Any], good: list[Any], pool: list[Any], n: in
     large temporary arrays stop costing page faults (a third of the demo stage's time here), so a
     small chunk size measured after a big one would look faster than it ever is on its own.
     """
-    with Engine(workers=workers, **engine_options(plan.threads)) as engine:
+    with engine_at(plan.where, workers=workers, **engine_options(plan.threads)) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         run = _timed_run(engine, fn, pool, n, chunk, label, serial, sampler)
         sampler.watch(None)
     return _with_samples(run, list(sampler.samples), serial)
+
+
+def engine_at(where: Mapping[str, Any], **kwargs: Any) -> Engine:
+    """``Engine(**kwargs)`` where the sweep runs (``SweepPlan.where``); a cluster at an address
+    brings its own workers, so ``workers`` is left to it (the plan has its count only)."""
+    if where.get("address") is not None:
+        kwargs.pop("workers", None)
+    return Engine(**kwargs, **where)
 
 
 def _fastest(rounds: Sequence[SweepRun]) -> SweepRun:
@@ -223,7 +231,7 @@ def confirm(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan:
     workers, chunk = kwargs["workers"], kwargs["chunk_size"]
     pool = distinct_pool(good, chunk, serial)
     n = items_per_run(serial, workers, chunk, plan.run_seconds)
-    with Engine(**kwargs, **engine_options(plan.threads)) as engine:
+    with engine_at(plan.where, **kwargs, **engine_options(plan.threads)) as engine:
         sampler.watch(engine)
         _warm_up(engine, fn, good, workers)
         rounds: list[SweepRun] = []

@@ -7,13 +7,13 @@ takes a noticeable fraction of a second and registers ~185 exception reducers in
     Engine thread(s) --submit(Task)--> FairShare queue
                                           |
                   [dispatcher thread] --client.submit(_run_chunk, pinned to a worker with a free
-                          |              thread; big payloads scattered to it first)
+                          |              slot or one chunk ahead; big payloads scattered first)
                           |                                      |
                           |              dask worker: _run_chunk -> this engine's _HostPlugin
-                          |                 -> a hosted LocalBackend (one lane per worker thread)
+                          |                 -> a hosted LocalBackend (one lane per slot)
                           |                 -> lane process: _worker.run_chunk, the shared record
                           |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
-                          |  <--the dask worker left (died, killed, retired): LaneDied(offset -1)
+                          |  <--the dask worker died: LaneDied(offset -1); it retired: requeued
                   Task.on_done(result | LaneDied | Cancelled)
 
 Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in
@@ -26,17 +26,31 @@ anything of the caller's: items travel as the opaque bytes of our codec, so an a
 unpickling crashes or imports heavy modules does so in a lane. What remains dask's is placement,
 transport and the cluster's membership.
 
+Slots: a worker runs as many of our chunks at once as it has threads, fewer when
+``mem_per_task`` says so (its ``MEMORY`` resource, else its ``memory_limit``: see ``_memory``).
+Each slot also holds one chunk ahead, waiting in the worker's own queue, so that no slot idles
+for the round trip between one chunk's end and the next one's arrival (``_roster.AHEAD``).
+
 Faults, and why no item is blamed twice or wrongly:
 
-* A worker runs at most as many of our chunks as it has threads: each chunk is pinned to a
-  worker with a free thread (``workers=[address]``, ``allow_other_workers=False``), the rest wait
-  in our queue. So every chunk on a worker that dies was running there, never merely queued.
+* A worker holds at most two of our chunks per slot: each chunk is pinned to a worker with room
+  (``workers=[address]``, ``allow_other_workers=False``), the rest wait in our queue. Dask starts
+  a worker's chunks in the order they were sent, so when a worker dies, its oldest ``slots``
+  unfinished chunks are the ones that may have been running: only those are answered
+  ``LaneDied(offset=-1)``; the younger ones, and finished ones whose results died with the
+  worker, run again elsewhere unblamed. (The one window: a worker killed within the moment
+  between a chunk's end and dask hearing of it counts that chunk as possibly running. An item
+  cannot kill its dask worker by crashing: it runs in a lane. Only an outside kill can.)
 * Dask itself never re-runs our tasks elsewhere (``retries=0``; a pinned task cannot move) and
-  never decides a verdict for us: the dispatcher polls the cluster's membership and answers each
-  chunk of a worker that left with ``LaneDied(offset=-1)``, exactly once (a ``KilledWorker`` that
-  arrives later is ignored). The batch then runs the chunk again in halves until the guilty item
-  is alone, so a worker killed by an item (or by anyone) fails at most the one item it was running.
-  The in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
+  never decides a verdict for us: the dispatcher polls the cluster's membership and ends each
+  chunk of a worker that left exactly once (a ``KilledWorker`` that arrives later is ignored).
+  A chunk answered ``LaneDied(offset=-1)`` runs again in halves until the guilty item is alone,
+  so a worker killed by an item (or by anyone) fails at most the one item it was running. The
+  in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
+* A worker that is retired (``retire_workers``, a scale-down, ``dask worker`` stopped by
+  SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash: all its
+  chunks go back to the front of our queue and run elsewhere, charged nothing. (A chunk it was
+  running is interrupted and runs again in full; its ``attempts`` count that as one run.)
 * Cancelling a batch withdraws its queued chunks (they never became dask tasks); its running
   ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask
   futures are cancelled and the worker side, which watches its task's state while it waits,
@@ -51,7 +65,9 @@ dask worker that never unpickles the caller's data. Results come back the same w
 
 The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
 dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,
-submit a chunk, clean up), ``_client`` the ``DaskBackend`` and its dispatcher thread.
+submit a chunk, membership, clean up), ``_memory`` the slots ``mem_per_task`` leaves a worker
+(pure), ``_roster`` the workers as the dispatcher sees them, ``_flights`` the book of running
+chunks and every way one ends, ``_client`` the ``DaskBackend`` and its dispatcher thread.
 """
 
 from ._client import CAPABILITIES, DaskBackend, PickleCodec

@@ -10,10 +10,11 @@ import dask
 import distributed
 
 from .._protocol import Task
+from ._memory import MEMORY
 from ._plugin import lane_pids, run_chunk
 
-__all__ = ["RPC_TIMEOUT", "connect", "submit_chunk", "unregister", "wait_for_first_worker",
-           "worker_lane_pids"]
+__all__ = ["RPC_TIMEOUT", "connect", "left_gracefully", "submit_chunk", "unregister",
+           "wait_for_first_worker", "worker_lane_pids", "workers_info"]
 
 # Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
 # the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
@@ -33,6 +34,12 @@ def connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
         if not isinstance(client, distributed.Client):
             raise TypeError(f"backend must be 'local', 'serial', 'dask' or a distributed.Client, "
                             f"not {type(client).__name__}")
+        if client.asynchronous:  # its calls return coroutines that our thread could never await
+            raise TypeError(
+                "backend= got an asynchronous distributed.Client (asynchronous=True): the engine "
+                "drives the cluster from its own thread and needs a synchronous Client; pass "
+                "Client(address) without asynchronous=True, or backend='dask', "
+                "address='tcp://host:8786' (the async calls, such as map_async, work either way)")
         return None, client
     if address is not None:
         try:
@@ -41,11 +48,14 @@ def connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
         except OSError as exc:
             raise OSError(f"cannot reach the dask scheduler at {address}: {exc}") from exc
     # Our own cluster: dask must never re-run a task whose worker died (we decide what a death
-    # means), and the cluster listens on this machine only.
+    # means), and the cluster listens on this machine only. Each worker declares its share of
+    # the memory (dask's own default limit) as the MEMORY resource that mem_per_task asks for.
+    memory = distributed.system.MEMORY_LIMIT // workers
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address="127.0.0.1:0")  # no fixed port to collide on
+            dashboard_address="127.0.0.1:0",  # no fixed port to collide on
+            memory_limit=memory, resources={MEMORY: memory})
     try:
         return cluster, distributed.Client(  # type: ignore[no-untyped-call]
             cluster, set_as_default=False)
@@ -66,10 +76,38 @@ def wait_for_first_worker(client: Any, address: str) -> None:
         ) from None
 
 
-def submit_chunk(client: Any, name: str, key: str, address: str, task: Task) -> tuple[Any, Any]:
+def workers_info(client: Any) -> dict[str, dict[str, Any]]:
+    """The scheduler's view of each worker (threads, status, resources, memory_limit, ...), by
+    address; raises (OSError, TimeoutError) when the scheduler does not answer in RPC_TIMEOUT."""
+    info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=RPC_TIMEOUT)
+    return dict(info["workers"])
+
+
+def left_gracefully(client: Any, address: str) -> bool:
+    """Whether the worker that was at ``address`` was retired (``retire_workers``, a scale-down,
+    ``dask worker`` stopped by SIGTERM): its last departure followed a change to
+    ``closing_gracefully``. False when it died, was killed, or the scheduler cannot say."""
+    try:
+        events = client.sync(client.scheduler.events, topic=address, callback_timeout=RPC_TIMEOUT)
+    except Exception:  # the scheduler is unreachable: assume the worse, as before
+        return False
+    graceful = False
+    for _when, event in events:
+        action = event.get("action") if isinstance(event, dict) else None
+        if action == "worker-status-change" and event.get("status") == "closing_gracefully":
+            graceful = True
+        elif action == "add-worker" or (action == "worker-status-change" and
+                                        event.get("status") == "running"):
+            graceful = False  # a new worker at that address, or its retirement was called off
+    return graceful
+
+
+def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,
+                 resources: dict[str, float] | None) -> tuple[Any, Any]:
     """Submit one chunk as the task ``key``, pinned to the worker at ``address`` (its payload
-    scattered there first if big); return (the dask future, the scattered payload's future or
-    None). Raises what dask raises when the worker just left or the client is closing."""
+    scattered there first if big) and asking for ``resources``; return (the dask future, the
+    scattered payload's future or None). Raises what dask raises when the worker just left or
+    the client is closing."""
     payload: Any = task.items
     data = None
     if payload.nbytes > SCATTER_BYTES:
@@ -78,7 +116,7 @@ def submit_chunk(client: Any, name: str, key: str, address: str, task: Task) -> 
     future = client.submit(
         run_chunk, name, key, task.fn_key, task.fn, payload, task.n_items,
         task.timeouts, task.per_item_clock, key=key, workers=[address],
-        allow_other_workers=False, pure=False, retries=0)
+        allow_other_workers=False, pure=False, retries=0, resources=resources)
     return future, data
 
 

@@ -19,6 +19,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..._errors import EngineClosed
 from ..._planning import plan_workers
 from .._protocol import Backend, BackendOptions, Cancelled, Group, LaneDied, Task, TaskResult
+from ._memory import capacity
 
 __all__ = ["SHUT_DOWN", "HostPlugin", "lane_pids", "run_chunk"]
 
@@ -30,7 +31,8 @@ SHUT_DOWN = Cancelled("the engine was shut down")
 
 
 class HostPlugin(WorkerPlugin):
-    """One engine's presence on a dask worker: a hosted backend with one lane per worker thread.
+    """One engine's presence on a dask worker: a hosted backend with one lane per chunk the
+    worker may run at once (its threads, fewer if ``mem_per_task`` says so: see ``_memory``).
 
     Registered by the engine under its own name, so engines sharing a cluster never share lanes,
     initializers or function keys; removed (and its lanes killed) when the engine shuts down.
@@ -54,10 +56,14 @@ class HostPlugin(WorkerPlugin):
         multiprocessing.current_process().daemon = False
         self.worker = worker
         threads = worker.state.nthreads
+        lanes = capacity(threads, worker.state.total_resources,
+                         worker.memory_manager.memory_limit, self.options.mem_per_task).slots
+        if not lanes:  # mem_per_task fits no chunk here: the engine sends this worker none
+            return
         # The worker's own environment decides BLAS threads (dask's nanny sets 1 per worker);
         # unset variables get this host's CPUs // threads.
         env = {**plan_workers().thread_env(workers=threads), **self.options.env}
-        self.backend = self.hosted(dataclasses.replace(self.options, workers=threads, env=env,
+        self.backend = self.hosted(dataclasses.replace(self.options, workers=lanes, env=env,
                                                        shm_threshold=0))
 
     async def teardown(self, worker: Any) -> None:

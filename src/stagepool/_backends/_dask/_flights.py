@@ -1,0 +1,198 @@
+"""Our chunks on the cluster, by dask key: sending one pinned to a worker, and every way one ends
+(answered, its worker lost, killed, the engine closed). Each ends exactly once: whichever comes
+first takes it out of the book, and what comes later for that key is ignored (a ``KilledWorker``
+after we already answered the loss, say).
+
+The dispatcher thread alone uses a ``Flights``; dask's callback thread only puts ``Done``
+messages in the dispatcher's inbox (``on_future_done``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import queue
+import traceback
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._fairshare import FairShare
+from .._protocol import Cancelled, Group, LaneDied, Task, TaskResult
+from . import _cluster
+from ._cluster import RPC_TIMEOUT
+from ._roster import Member
+
+__all__ = ["Call", "Done", "Flights", "Freed", "Inbox", "notify"]
+
+
+class Done(NamedTuple):
+    """A dask future finished (from dask's callback thread, which also fetched its result)."""
+
+    key: str
+    result: TaskResult
+    error: str | None  # the task failed: why, as dask told it
+
+
+class Freed(NamedTuple):
+    """Dask says the task finished: its worker's slot is free now, while its result is still
+    on the way (fetching it costs round trips that the next chunk need not wait for)."""
+
+    key: str
+
+
+class Call(NamedTuple):
+    """Work for the dispatcher thread (a withdraw, a shutdown): lock-free to send."""
+
+    fn: Callable[[], None]
+
+
+Inbox = queue.SimpleQueue[Done | Freed | Call | None]  # None: only wake up
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Running:
+    key: str
+    task: Task
+    worker: Member
+    future: Any  # distributed.Future
+    data: Any = None  # the scattered payload's future: held until the chunk answers
+    # Set by dask's callback thread the moment dask says the task finished: all its items ran,
+    # even if its result is then lost with its worker (a plain bool store: no lock needed).
+    finished: bool = False
+    holds_slot: bool = True  # counted in its worker's ``busy`` (until Freed or its end)
+
+    def release(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.worker.busy -= 1
+
+
+def notify(task: Task, result: TaskResult) -> None:
+    """Deliver a result; a faulty callback must never take the dispatcher down with it."""
+    try:
+        task.on_done(task, result)
+    except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
+        traceback.print_exc()
+
+
+def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
+    """In dask's callback thread: fetch the answer here, so the dispatcher never waits for bytes
+    to cross the network."""
+    key = run.key
+    try:
+        if future.status == "finished":
+            run.finished = True
+            inbox.put(Freed(key))
+            inbox.put(Done(key, future.result(timeout=RPC_TIMEOUT), None))
+        elif future.status == "error":
+            exc = future.exception(timeout=RPC_TIMEOUT)
+            inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
+        else:
+            inbox.put(Done(key, None, f"dask reports the task {future.status}"))
+    except BaseException as exc:  # lost with its worker, or the client is closing
+        inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
+
+
+class Flights:
+    """The book of one engine's running chunks (see the module docstring)."""
+
+    def __init__(self, client: Any, name: str, fair: FairShare, inbox: Inbox) -> None:
+        self._client, self._name, self._queue, self._inbox = client, name, fair, inbox
+        self._keys = itertools.count()
+        self._running: dict[str, _Running] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._running)
+
+    def send(self, worker: Member, task: Task) -> bool:
+        """Submit one chunk pinned to ``worker``; False (the task queued again, at the front) if
+        dask refused it: the worker just left, or the client is closing."""
+        key = f"{self._name}-{next(self._keys)}"
+        try:
+            future, data = _cluster.submit_chunk(self._client, self._name, key, worker.address,
+                                                 task, worker.capacity.resources)
+        except Exception:
+            self.requeue(task)
+            return False
+        worker.busy += 1
+        run = self._running[key] = _Running(key, task, worker, future, data)
+        future.add_done_callback(functools.partial(on_future_done, self._inbox, run))
+        return True
+
+    def requeue(self, task: Task) -> None:
+        """Back to the front of the queue, to run elsewhere (answered Cancelled if its batch was
+        cancelled meanwhile)."""
+        for refused in self._queue.queue([task], front=True):
+            notify(refused, Cancelled("batch cancelled"))
+
+    def finish(self, done: Done | Freed) -> None:
+        """A chunk answered; or it finished but its result was lost with its worker: it runs
+        again elsewhere; or dask gave up on it: then its worker died (``KilledWorker``), and
+        every chunk of ours there ends at once, as in ``lose``."""
+        run = self._running.get(done.key)
+        if run is None:  # ended already: its worker left, or it was killed
+            return
+        if isinstance(done, Freed):
+            run.release()
+            return
+        if done.error is not None and not run.finished:
+            self._end(run.worker, done.error, graceful=False)
+            return
+        del self._running[done.key]
+        run.release()
+        if done.error is None:
+            notify(run.task, done.result)
+        else:
+            self.requeue(run.task)
+
+    def lose(self, member: Member) -> None:
+        """A worker left the cluster; retired (gracefully) or not, as the scheduler tells."""
+        if any(run.worker is member for run in self._running.values()):
+            self._end(member, "the dask worker left the cluster while running this chunk "
+                              "(killed, crashed or disconnected)",
+                      graceful=_cluster.left_gracefully(self._client, member.address))
+
+    def _end(self, member: Member, why: str, *, graceful: bool) -> None:
+        """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame, and each
+        goes back to the queue to run elsewhere without a charge. Else its oldest ``slots``
+        unfinished chunks may have been running (dask starts them in the order sent): each
+        fails as "died on an unknown item" and the batch finds the culprit; the younger ones
+        were waiting in its queue, and the finished ones lost only their results: they simply
+        run again elsewhere."""
+        member.gone = True
+        lost = [run for run in self._running.values() if run.worker is member]
+        suspects = 0
+        for run in lost:  # the book keeps the order they were sent in
+            del self._running[run.key]
+            run.release()
+            if graceful or run.finished or suspects >= member.capacity.slots:
+                self.requeue(run.task)
+                continue
+            suspects += 1
+            notify(run.task, LaneDied(member.pid, None, -1, "crash", why,
+                                      where=f"dask worker {member.address}"))
+        self._cancel(lost)
+
+    def kill(self, group: Group | None, reason: str) -> None:
+        """Cancel the running chunks of ``group`` (None: all): each worker side sees its task
+        cancelled and kills its lanes; each chunk is answered ``Cancelled(reason)``."""
+        runs = [run for run in self._running.values() if group is None or run.task.group is group]
+        for run in runs:
+            del self._running[run.key]
+            run.release()
+            notify(run.task, Cancelled(reason))
+        self._cancel(runs)
+
+    def abandon(self, answer: Cancelled) -> None:
+        """The engine is closing: every running chunk is answered ``answer``, nothing cancelled
+        (the plugin's removal kills the lanes)."""
+        for run in self._running.values():
+            notify(run.task, answer)
+        self._running.clear()
+
+    def _cancel(self, runs: list[_Running]) -> None:
+        if runs:
+            with contextlib.suppress(Exception):  # the client is closing: nothing left to cancel
+                self._client.cancel([run.future for run in runs])
