@@ -130,7 +130,8 @@ class Batch:
                 if self._room() < len(again[0].lot.items):
                     return
                 self._submit(again.popleft().lot)
-            elif not self.exhausted and self._window_open() and self._room() > 0:
+            elif not self.exhausted and self._window_open() and self._room() > 0 \
+                    and self._available() > 0:
                 self._take()
             else:
                 return
@@ -140,6 +141,13 @@ class Batch:
         if self.spec.max_concurrent is None:
             return 1 << 30
         return self.spec.max_concurrent - self.items_out
+
+    def _available(self) -> int:
+        """Items the source can give now without blocking. A source fed by another thread (a
+        pipeline's next stage) says so with ``available()`` (its end counts as one) and calls
+        :meth:`wake` when it gets more, so the batch keeps draining answers meanwhile."""
+        available = getattr(self.it, "available", None)
+        return (1 << 30) if available is None else int(available())
 
     def _window_open(self) -> bool:
         if not self.ordered:
@@ -152,7 +160,7 @@ class Batch:
         return len(window) < self.max_in_flight
 
     def _take(self) -> None:
-        size = min(self.sizer.next_size(self.next_index), self._room())
+        size = min(self.sizer.next_size(self.next_index), self._room(), self._available())
         chunk: list[Any] = []
         try:
             chunk.extend(itertools.islice(self.it, size))
@@ -246,7 +254,7 @@ class Batch:
                     if self.exhausted and not self.out.again:
                         finished = True
                         return
-                    time.sleep(self._until_resend())
+                    self._wait_answer()  # a sleep that wake() cuts short
                     continue
                 self._wait_answer()
         finally:
@@ -299,6 +307,10 @@ class Batch:
         with self.lock:  # from here on _on_done frees answers instead of queueing them
             self.group.cancelled = True
         self.backend.withdraw(self.group, kill_running=kill_running)
+
+    def wake(self) -> None:
+        """From any thread: the source has more items; look again now."""
+        self.answers.put((None, None))
 
     def abandon(self, *, kill_running: bool) -> None:
         """From any thread, never blocks: the batch stops taking items and sending chunks,

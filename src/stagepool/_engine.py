@@ -38,6 +38,7 @@ from ._config import (
     Timeout,
 )
 from ._errors import EngineClosed, OvercommitWarning
+from ._pipeline._calls import PipelineCalls
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._single import ExecutorView, SubmitContext
 
@@ -56,7 +57,7 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
 BACKENDS: tuple[BackendName, ...] = ("local", "serial", "dask")
 
 
-class Engine(AsyncCalls):
+class Engine(AsyncCalls, PipelineCalls):
     """A pool of workers that gives every item exactly one :class:`Outcome`.
 
     ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);
