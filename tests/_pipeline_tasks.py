@@ -40,7 +40,7 @@ class Step:
             time.sleep(0.6)
         if how == "slow":
             time.sleep(0.2)
-        trail = tuple(sorted({name for seg_ in inputs for name in seg_[2]})) + (self.name,)
+        trail = (*sorted({name for seg_ in inputs for name in seg_[2]}), self.name)
         return (index, plan, trail)
 
 

@@ -69,7 +69,7 @@ def test_a_bad_declaration_is_refused_naming_the_stage(declare: Any, error: type
 def test_bad_run_arguments_are_refused_before_anything_starts(local_engine: sp.Engine) -> None:
     with pytest.raises(ValueError, match="no stages"):
         local_engine.run(sp.Pipeline(), [1])
-    with pytest.raises(TypeError, match="must be a stagepool.Pipeline"):
+    with pytest.raises(TypeError, match=r"must be a stagepool\.Pipeline"):
         local_engine.run(pt.first, [1])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_failure_ratio"):
         local_engine.run(diamond(), [1], max_failure_ratio=2)
@@ -220,7 +220,7 @@ def test_teardown_runs_when_the_worker_exits(tmp_path: Path) -> None:
 
 def test_max_failure_ratio_stops_early_with_the_partial_report(local_engine: sp.Engine) -> None:
     segments = [pt.seg(i, resample="error" if i % 2 else "slow") for i in range(40)]
-    with pytest.raises(sp.PipelineAborted, match="max_failure_ratio=0.1") as info:
+    with pytest.raises(sp.PipelineAborted, match=r"max_failure_ratio=0\.1") as info:
         local_engine.run(diamond(), segments, max_failure_ratio=0.1, window=4)
     partial = info.value.report
     assert 5 <= len(partial) < 40 and len(partial.failed) == 5
