@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment-seconds", type=float, default=2.0)
     demo.add_argument("--workers", default="auto", help="worker count or 'auto' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--pipeline", action="store_true",
+                      help="run the stages as a pipeline (a DAG with one independent branch)")
     demo.add_argument("--backend", choices=("local", "dask"), default="local",
                       help="local worker processes (default), or a dask cluster")
     demo.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
@@ -88,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit("stagepool: --address is the dask scheduler to use: add --backend dask")
     return run_demo(seconds=seconds, segment_seconds=args.segment_seconds,
                     workers=_workers(args.workers), progress=not args.no_progress,
-                    backend=args.backend, address=args.address)
+                    backend=args.backend, address=args.address, pipeline=args.pipeline)
 
 
 def _plan(args: argparse.Namespace) -> int:
