@@ -31,7 +31,7 @@ __all__ = ["demo_pipeline"]
 class Track(NamedTuple):
     """A segment's identity and its audio at ``rate``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field hides tuple.index, on purpose
     start_s: float
     duration_s: float
     rate: int
