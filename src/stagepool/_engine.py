@@ -16,6 +16,9 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
       -> _streams.py: the report (columnar), or outcomes in order or as they finish
       -> BatchReport / Outcome
 
+Pipelines (``run``, ``run_iter`` and their async forms, ``_pipeline/``) are one such batch per
+group of fused stages, all at once on the same backend, linked by bounded inboxes.
+
 Single calls (``submit``, the Executor view) are one-item tasks resolved in the backend's thread
 (_single.py). Nothing is dropped or duplicated: each taken index is tracked until it has a final
 piece.
