@@ -175,7 +175,9 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
     bad = report[1]
     kind = "timeout" if how == "hang" else "crash"
     assert bad.kind == kind and bad.stage == stage, bad
-    assert f"stage {stage!r}" in str(bad.error.__notes__)  # type: ignore[union-attr]
+    notes = str(bad.error.__notes__)  # type: ignore[union-attr]
+    assert f"stage {stage!r}" in notes
+    assert ("sum of their timeouts" in notes) == (how == "hang")
     assert all(s.kind in ("ok", "skipped") for n, s in bad.stages.items() if n != stage)
     downstream = {"decode": STAGES[1:], "loudness": ["encode"], "encode": []}[stage]
     assert all(bad.stages[n].kind == "skipped" for n in downstream)
@@ -193,6 +195,15 @@ def test_groups_run_together_and_pass_failures_on(engine: sp.Engine) -> None:
     for seg, plan in zip(report, plans, strict=True):
         assert {n: s.kind for n, s in seg.stages.items()} == expected_kinds(plan)
     assert report[3].stages["loudness"].kind == "ok"  # the independent branch went on
+
+
+def test_progress_is_one_combined_line(serial_engine: sp.Engine,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    report = serial_engine.run(diamond(), [pt.seg(i) for i in range(5)], progress=True,
+                               desc="segs")
+    assert report.ok
+    err = capsys.readouterr().err
+    assert "segs" in err and "5" in err
 
 
 def test_setup_runs_once_per_worker_and_its_failure_is_named(local_engine: sp.Engine) -> None:

@@ -60,6 +60,10 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
         return
     culprit, known = _culprit(runnable, stages, outcome, crumbs)
     error = outcome.error
+    if error is not None and outcome.kind == "timeout" and len(stages) > 1:
+        limits = " + ".join(f"{s.name} {s.timeout:g} s" for s in stages)
+        error.add_note(f"stagepool: the fused stages share one limit, the sum of their "
+                       f"timeouts ({limits}); give a stage fuse=False for a limit of its own")
     if error is not None and not known and len(runnable) > 1:
         names = ", ".join(s.name for s in runnable)
         error.add_note(f"stagepool: while running one of the fused stages {names} (which one "
