@@ -14,7 +14,7 @@ from .._bridge import check_on_cancel
 from .._config import EngineConfig, check_bool, check_positive_int
 from .._progress import check_progress_options
 from ._async import SegmentStream, run_async, run_iter_async
-from ._declare import Pipeline
+from ._declare import Pipeline, plan_groups
 from ._flow import Flow, FlowOptions
 from ._report import PipelineAborted, PipelineReport, SegmentOutcome
 
@@ -47,7 +47,7 @@ class PipelineCalls:
         check_positive_int(window, "window", allow_none=True)
         check_progress_options(progress=progress, on_progress=None, desc=desc)
         backend = self._backend_or_raise()
-        groups = len(pipeline.stages)  # an upper bound on groups: cheap, and only a default
+        groups = len(plan_groups(pipeline.stages))
         options = FlowOptions(
             window or WINDOW_PER_WORKER * backend.workers * min(groups, 4), ordered,
             self.config.chunk_size, self._policy, kill,

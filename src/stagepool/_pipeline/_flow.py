@@ -109,10 +109,10 @@ class Flow:
         self.groups = plan_groups(self.specs)
         self.items = items
         self.total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-        self.crumbs = tempfile.mkdtemp(prefix="stagepool-pipe-") \
-            if backend.capabilities.processes else None
+        self.uid = pipeline.uid
+        self.crumbs: str | None = None  # made when the run starts (a stream never read: none)
         self.reads, self.keep = _traffic(self.specs, self.groups, self.leaves)
-        self.runners = [self._runner(pipeline.uid, g, i) for i, g in enumerate(self.groups)]
+        self.runners: list[GroupRunner] = []
         self.inboxes = [Inbox() for _ in self.groups]
         self.segments: dict[int, Segment] = {}
         self.finished: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -154,6 +154,9 @@ class Flow:
     # ---- threads ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.backend.capabilities.processes:  # in-process runs need no breadcrumbs
+            self.crumbs = tempfile.mkdtemp(prefix="stagepool-pipe-")
+        self.runners = [self._runner(self.uid, g, i) for i, g in enumerate(self.groups)]
         targets = [(self._feed, "feeder")] + [
             (lambda i=i: self._run_group(i), f"group-{i}") for i in range(len(self.groups))]
         for target, name in targets:
