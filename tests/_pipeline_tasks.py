@@ -103,3 +103,13 @@ def scale(a: Any) -> Any:
 
 def shift(a: Any) -> Any:
     return a + 1
+
+
+def crash_once(item: tuple[int, str]) -> int:
+    """Kill the worker the first time a segment runs (a marker file remembers), then pass."""
+    index, folder = item
+    marker = Path(folder) / f"crashed-{index}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(9)
+    return index

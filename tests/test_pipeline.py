@@ -185,6 +185,15 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
     assert engine.run(diamond(), [pt.seg(0)]).ok  # the engine still serves
 
 
+@pytest.mark.needs("survives_crash")
+def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage(
+        "fragile", pt.crash_once, after="a", retries=1, retry_on=("crash",))
+    report = engine.run(p, [(i, str(tmp_path)) for i in range(3)])
+    assert report.values == [0, 1, 2]
+    assert all(seg.stages["fragile"].attempts == 2 for seg in report)
+
+
 # ---- groups ---------------------------------------------------------------------------------------
 
 
@@ -301,6 +310,24 @@ async def test_run_iter_async_streams_in_order(local_engine: sp.Engine) -> None:
         async for seg in stream:
             got.append((seg.index, seg.kind))
     assert got == [(i, "error" if i == 4 else "ok") for i in range(10)]
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_consumer_of_run_iter_async_stops_the_run(
+        local_engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage("touch", pt.touch_then_pass, after="a")
+
+    async def consume() -> None:
+        async for _ in local_engine.run_iter_async(p, [(i, str(tmp_path)) for i in range(200)],
+                                                   window=4):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.7)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert await asyncio.to_thread(_settled, tmp_path) < 20
 
 
 # ---- memory -------------------------------------------------------------------------------------------
