@@ -68,6 +68,7 @@ class Batch:
         self.backend, self.spec, self.codec = backend, spec, backend.codec
         self.total = spec.total
         self.it = iter(spec.items)
+        self.source_available: Callable[[], int] | None = getattr(self.it, "available", None)
         self.group = Group()
         self.arena = id(self.group)
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult]] = queue.SimpleQueue()
@@ -146,7 +147,7 @@ class Batch:
         """Items the source can give now without blocking. A source fed by another thread (a
         pipeline's next stage) says so with ``available()`` (its end counts as one) and calls
         :meth:`wake` when it gets more, so the batch keeps draining answers meanwhile."""
-        available = getattr(self.it, "available", None)
+        available = self.source_available
         return (1 << 30) if available is None else int(available())
 
     def _window_open(self) -> bool:
@@ -317,7 +318,7 @@ class Batch:
         queued chunks are withdrawn, running ones are killed (``kill_running``) or finish
         unobserved, and the thread running :meth:`pieces` leaves it at once."""
         self._withdraw(kill_running)
-        self.answers.put((None, None))  # wake the batch thread if it waits for an answer
+        self.wake()  # the batch thread may wait for an answer
 
     def cancel(self, *, kill_running: bool) -> None:
         """In the batch's own thread: withdraw as :meth:`abandon` does, stop taking items, and
