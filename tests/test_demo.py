@@ -68,3 +68,27 @@ def test_plan_command_line() -> None:
     bad = subprocess.run([sys.executable, "-m", "stagepool", "plan", "--mem-per-task", "lots"],
                          capture_output=True, text=True, timeout=WAIT)
     assert bad.returncode == 2 and "mem_per_task" in bad.stderr
+
+
+def test_run_demo_as_a_pipeline_fails_the_corrupt_segments_in_decode() -> None:
+    lines: list[str] = []
+    code = demo.run_demo(seconds=16.0, workers=2, progress=False, sample=0, out=lines.append,
+                         pipeline=True)
+    assert code == 0, "\n".join(lines)
+    text = "\n".join(lines)
+    for index in sorted(demo.default_corrupt(8)):
+        assert f"segment {index} failed in 'decode' [error]: CorruptSegmentError" in text
+    assert "  gate: " in text and "  levels: " in text  # one line per stage
+
+
+def test_the_pipeline_demo_measures_what_process_segment_does() -> None:
+    from stagepool._demo_pipeline import demo_pipeline
+
+    segments = [demo.synth_segment(i, segment_seconds=1.0) for i in (0, 1)]
+    with sp.Engine(backend="serial") as engine:
+        report = engine.run(demo_pipeline(), segments)
+    for seg, value in zip(segments, report.values, strict=True):
+        expected = demo.process_segment(seg)
+        assert value.index == expected.index and value.samples_out == expected.samples_out
+        assert abs(value.loudness_dbfs - expected.loudness_dbfs) < 1e-9
+        assert abs(value.speech_ratio - expected.speech_ratio) < 1e-9

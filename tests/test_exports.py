@@ -48,7 +48,8 @@ def test_exports_table_matches_all() -> None:
     assert set(sp._EXPORTS) == set(sp.__all__)
 
 
-@pytest.mark.parametrize("module", ["stagepool._worker", "stagepool._probe"])
+@pytest.mark.parametrize("module", ["stagepool._worker", "stagepool._probe",
+                                    "stagepool._pipeline._runner"])
 def test_a_worker_import_stays_light(module: str) -> None:
     import subprocess
     import sys

@@ -29,6 +29,15 @@ if _typing.TYPE_CHECKING:
     )
     from ._executor import ProcessPoolExecutor
     from ._outcome import BatchReport, BatchStats, Outcome
+    from ._pipeline._async import SegmentStream
+    from ._pipeline._declare import Pipeline
+    from ._pipeline._report import (
+        PipelineAborted,
+        PipelineReport,
+        SegmentOutcome,
+        StageOutcome,
+        StageStats,
+    )
     from ._planning import WorkerPlan, plan_workers
     from ._profile_file import load_profile
     from ._profiling import StageProfile, profile_stage
@@ -47,12 +56,19 @@ _EXPORTS: dict[str, str] = {
     "Outcome": "._outcome",
     "OutcomeStream": "._aio",
     "OvercommitWarning": "._errors",
+    "Pipeline": "._pipeline._declare",
+    "PipelineAborted": "._pipeline._report",
+    "PipelineReport": "._pipeline._report",
     "ProcessPoolExecutor": "._executor",
     "Progress": "._progress",
     "RemoteError": "._errors",
     "ResourceSnapshot": "._resources",
+    "SegmentOutcome": "._pipeline._report",
+    "SegmentStream": "._pipeline._async",
     "SerializationError": "._errors",
+    "StageOutcome": "._pipeline._report",
     "StageProfile": "._profiling",
+    "StageStats": "._pipeline._report",
     "StagepoolError": "._errors",
     "TaskCancelled": "._errors",
     "TaskTimeout": "._errors",
@@ -73,12 +89,19 @@ __all__ = (
     "Outcome",
     "OutcomeStream",
     "OvercommitWarning",
+    "Pipeline",
+    "PipelineAborted",
+    "PipelineReport",
     "ProcessPoolExecutor",
     "Progress",
     "RemoteError",
     "ResourceSnapshot",
+    "SegmentOutcome",
+    "SegmentStream",
     "SerializationError",
+    "StageOutcome",
     "StageProfile",
+    "StageStats",
     "StagepoolError",
     "TaskCancelled",
     "TaskTimeout",

@@ -68,6 +68,7 @@ class Batch:
         self.backend, self.spec, self.codec = backend, spec, backend.codec
         self.total = spec.total
         self.it = iter(spec.items)
+        self.source_available: Callable[[], int] | None = getattr(self.it, "available", None)
         self.group = Group()
         self.arena = id(self.group)
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult]] = queue.SimpleQueue()
@@ -130,7 +131,8 @@ class Batch:
                 if self._room() < len(again[0].lot.items):
                     return
                 self._submit(again.popleft().lot)
-            elif not self.exhausted and self._window_open() and self._room() > 0:
+            elif not self.exhausted and self._window_open() and self._room() > 0 \
+                    and self._available() > 0:
                 self._take()
             else:
                 return
@@ -140,6 +142,13 @@ class Batch:
         if self.spec.max_concurrent is None:
             return 1 << 30
         return self.spec.max_concurrent - self.items_out
+
+    def _available(self) -> int:
+        """Items the source can give now without blocking. A source fed by another thread (a
+        pipeline's next stage) says so with ``available()`` (its end counts as one) and calls
+        :meth:`wake` when it gets more, so the batch keeps draining answers meanwhile."""
+        available = self.source_available
+        return (1 << 30) if available is None else int(available())
 
     def _window_open(self) -> bool:
         if not self.ordered:
@@ -152,7 +161,7 @@ class Batch:
         return len(window) < self.max_in_flight
 
     def _take(self) -> None:
-        size = min(self.sizer.next_size(self.next_index), self._room())
+        size = min(self.sizer.next_size(self.next_index), self._room(), self._available())
         chunk: list[Any] = []
         try:
             chunk.extend(itertools.islice(self.it, size))
@@ -246,7 +255,7 @@ class Batch:
                     if self.exhausted and not self.out.again:
                         finished = True
                         return
-                    time.sleep(self._until_resend())
+                    self._wait_answer()  # a sleep that wake() cuts short
                     continue
                 self._wait_answer()
         finally:
@@ -300,12 +309,16 @@ class Batch:
             self.group.cancelled = True
         self.backend.withdraw(self.group, kill_running=kill_running)
 
+    def wake(self) -> None:
+        """From any thread: the source has more items; look again now."""
+        self.answers.put((None, None))
+
     def abandon(self, *, kill_running: bool) -> None:
         """From any thread, never blocks: the batch stops taking items and sending chunks,
         queued chunks are withdrawn, running ones are killed (``kill_running``) or finish
         unobserved, and the thread running :meth:`pieces` leaves it at once."""
         self._withdraw(kill_running)
-        self.answers.put((None, None))  # wake the batch thread if it waits for an answer
+        self.wake()  # the batch thread may wait for an answer
 
     def cancel(self, *, kill_running: bool) -> None:
         """In the batch's own thread: withdraw as :meth:`abandon` does, stop taking items, and

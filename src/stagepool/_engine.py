@@ -16,6 +16,9 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
       -> _streams.py: the report (columnar), or outcomes in order or as they finish
       -> BatchReport / Outcome
 
+Pipelines (``run``, ``run_iter`` and their async forms, ``_pipeline/``) are one such batch per
+group of fused stages, all at once on the same backend, linked by bounded inboxes.
+
 Single calls (``submit``, the Executor view) are one-item tasks resolved in the backend's thread
 (_single.py). Nothing is dropped or duplicated: each taken index is tracked until it has a final
 piece.
@@ -38,6 +41,7 @@ from ._config import (
     Timeout,
 )
 from ._errors import EngineClosed, OvercommitWarning
+from ._pipeline._calls import PipelineCalls
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._single import ExecutorView, SubmitContext
 
@@ -56,7 +60,7 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
 BACKENDS: tuple[BackendName, ...] = ("local", "serial", "dask")
 
 
-class Engine(AsyncCalls):
+class Engine(AsyncCalls, PipelineCalls):
     """A pool of workers that gives every item exactly one :class:`Outcome`.
 
     ``workers="auto"`` asks :func:`plan_workers` (CPUs, affinity, cgroup quotas, memory per task);

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment-seconds", type=float, default=2.0)
     demo.add_argument("--workers", default="auto", help="worker count or 'auto' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--pipeline", action="store_true",
+                      help="run the stages as a pipeline (a DAG with one independent branch)")
     _add_backend_arguments(demo)
 
     plan = sub.add_parser("plan", help="show the machine's resources and the worker plan")
@@ -117,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
     backend, address = _where(args)
     return run_demo(seconds=seconds, segment_seconds=args.segment_seconds,
                     workers=_workers(args.workers), progress=not args.no_progress,
-                    backend=backend, address=address)
+                    backend=backend, address=address, pipeline=args.pipeline)
 
 
 def _plan(args: argparse.Namespace) -> int:

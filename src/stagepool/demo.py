@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ._demo_stages import (
     loudness,
@@ -115,6 +115,7 @@ def run_demo(
     out: Callable[[str], None] = print,
     backend: str = "local",
     address: str | None = None,
+    pipeline: bool = False,
 ) -> int:
     """Process a synthetic soundtrack on a stagepool ``Engine`` and print what happened.
 
@@ -123,6 +124,9 @@ def run_demo(
     plan's reason, the report summary, one line per failed segment, throughput, the realtime
     factor and the speedup over running ``process_segment`` serially here (timed on ``sample``
     valid segments after the pool has shut down and extrapolated; ``sample=0`` skips it).
+
+    ``pipeline=True`` runs the chain as a ``stagepool.Pipeline`` of six stages with one
+    independent branch (``_demo_pipeline``) and prints its report, with one line per stage.
 
     ``backend="dask"`` runs it on a dask cluster: the one at ``address``, else an in-process
     ``LocalCluster`` of ``workers`` processes; the plan line then describes the cluster.
@@ -149,6 +153,8 @@ def run_demo(
         # the steady state a long-running service sees, not interpreter start-up.
         warm = synth_segment(0, segment_seconds=segment_seconds)
         engine.map(process_segment, [warm] * (2 * engine.workers), chunk_size=1)
+        if pipeline:
+            return _run_pipeline(engine, count, seconds, segment_seconds, corrupt, progress, out)
         report: _Report = engine.map(
             process_segment,
             soundtrack(seconds=seconds, segment_seconds=segment_seconds),
@@ -160,6 +166,23 @@ def run_demo(
         serial = _serial_seconds_per_segment(sample, count, segment_seconds, corrupt)
         out(_speedup_line(serial, sample, len(report), report.stats.wall_time))
     return 0 if _only_expected_failures(report.failed, corrupt) else 1
+
+
+def _run_pipeline(engine: Any, count: int, seconds: float, segment_seconds: float,
+                  corrupt: frozenset[int], progress: bool, out: Callable[[str], None]) -> int:
+    """``--pipeline``: the stages as a DAG on the same engine; its report, stage by stage."""
+    from ._demo_pipeline import demo_pipeline
+
+    report = engine.run(demo_pipeline(), soundtrack(seconds=seconds,
+                                                    segment_seconds=segment_seconds),
+                        progress=progress, desc="segments")
+    out(report.summary())
+    wall = max(report.wall_time, 1e-9)
+    out(f"throughput: {count / wall:.1f} segments/s")
+    out(f"realtime factor: {seconds / wall:.1f}x ({seconds:g} s of audio in {wall:.2f} s)")
+    failed = report.failed
+    return 0 if _only_expected_failures(failed, corrupt) and \
+        all(f.stage == "decode" for f in failed) else 1
 
 
 def _workload_line(count: int, seconds: float, segment_seconds: float, bad: frozenset[int]) -> str:

@@ -1,0 +1,187 @@
+"""The engine's pipeline calls (``Engine`` inherits :class:`PipelineCalls`): validate the
+options into a :class:`FlowOptions`, then run a :class:`Flow` in this thread (``run``,
+``run_iter``) or in a helper thread (the async calls, in ``_async``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from .._answers import BatchPolicy
+from .._backends import Backend
+from .._bridge import check_on_cancel
+from .._config import EngineConfig, check_bool, check_positive_int
+from .._progress import check_progress_options
+from ._async import SegmentStream, run_async, run_iter_async
+from ._declare import Pipeline, plan_groups
+from ._flow import Flow, FlowOptions
+from ._report import PipelineAborted, PipelineReport, SegmentOutcome
+
+__all__ = ["PipelineCalls", "collect"]
+
+# Segments in flight per worker and per group by default: enough to keep every worker fed in
+# every group while results travel; more only holds memory (window x segment size).
+WINDOW_PER_WORKER = 4
+
+
+class PipelineCalls:
+    """``run``, ``run_iter``, ``run_async`` and ``run_iter_async`` of ``Engine``."""
+
+    config: EngineConfig
+    _policy: BatchPolicy
+
+    if TYPE_CHECKING:  # provided by Engine
+        def _backend_or_raise(self) -> Backend: ...
+
+    def _flow(self, pipeline: Pipeline, items: Any, *, ordered: bool, window: int | None,
+              progress: bool | None, desc: str | None, kill: bool = False) -> Flow:
+        """Validate one call (before anything starts) into its flow."""
+        if not isinstance(pipeline, Pipeline):
+            raise TypeError(f"pipeline must be a stagepool.Pipeline, not {type(pipeline).__name__}")
+        if not pipeline.stages:
+            raise ValueError("the pipeline has no stages: declare some with pipeline.stage()")
+        if not hasattr(items, "__iter__") and not hasattr(items, "__aiter__"):
+            raise TypeError(f"items must be iterable, not {type(items).__name__}")
+        check_bool(ordered, "ordered")
+        check_positive_int(window, "window", allow_none=True)
+        check_progress_options(progress=progress, on_progress=None, desc=desc)
+        backend = self._backend_or_raise()
+        groups = len(plan_groups(pipeline.stages))
+        options = FlowOptions(
+            window or WINDOW_PER_WORKER * backend.workers * min(groups, 4), ordered,
+            self.config.chunk_size, self._policy, kill,
+            self.config.progress if progress is None else progress, desc)
+        return Flow(backend, pipeline, items, options)
+
+    def run(self, pipeline: Pipeline, items: Iterable[Any], *, window: int | None = None,
+            max_failure_ratio: float | None = None, progress: bool | None = None,
+            desc: str | None = None) -> PipelineReport:
+        """Run every segment of ``items`` through ``pipeline``; one :class:`PipelineReport`.
+
+        Never raises because a segment failed: its outcome names the stage, the kind and the
+        error, and the stages after it are ``"skipped"``. ``window``: segments in flight at once
+        (default 4 per worker and group, at most 16 per worker): the parent's memory is bounded
+        by it, and ``items`` is read only as fast as segments finish. ``max_failure_ratio``
+        (0..1): stop as soon as more segments have failed than that share of the input (for an
+        iterable of unknown length: of the segments finished, once 10 have), raising
+        :class:`PipelineAborted` with the partial report.
+
+        If ``items`` raises, the segments taken finish and its exception propagates with the
+        partial report as ``.report``.
+
+        Cancellation: Ctrl-C kills the running segments and propagates; segments not started
+        never start. Shutdown from another thread: the segments that never ran are
+        ``"cancelled"``.
+        """
+        _refuse_async_items(items)
+        ratio = _check_ratio(max_failure_ratio)
+        return collect(self._flow(pipeline, items, ordered=False, window=window,
+                                  progress=progress, desc=desc), ratio)
+
+    def run_iter(self, pipeline: Pipeline, items: Iterable[Any], *, ordered: bool = True,
+                 window: int | None = None, progress: bool | None = None,
+                 desc: str | None = None) -> Iterator[SegmentOutcome]:
+        """Stream each segment's :class:`SegmentOutcome` as it finishes (in input order when
+        ``ordered``): memory stays flat for an endless ``items`` (at most ``window`` segments in
+        flight, held-back ones included). Nothing starts until the first ``next``.
+
+        Cancellation: closing the iterator (``break``, ``close()``) stops the run: segments not
+        started never start, running ones finish unobserved. Ctrl-C kills them."""
+        _refuse_async_items(items)
+        flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
+                          desc=desc)
+        return _lazy(flow)
+
+    async def run_async(self, pipeline: Pipeline, items: Iterable[Any] | AsyncIterable[Any], *,
+                        window: int | None = None, max_failure_ratio: float | None = None,
+                        on_cancel: Literal["finish", "kill"] = "finish",
+                        progress: bool | None = None, desc: str | None = None) -> PipelineReport:
+        """Awaitable :meth:`run`; ``items`` may be an async iterable. The event loop never
+        blocks: the run goes on in a helper thread.
+
+        Cancellation: cancelling the awaiting task raises ``CancelledError`` at once; segments
+        not started never start; running ones finish unobserved (``on_cancel="finish"``) or
+        are killed with their workers, which are replaced (``"kill"``)."""
+        ratio = _check_ratio(max_failure_ratio)
+        flow = self._flow(pipeline, items, ordered=False, window=window, progress=progress,
+                          desc=desc, kill=check_on_cancel(on_cancel))
+        return await run_async(flow, items, lambda f: collect(f, ratio))
+
+    def run_iter_async(self, pipeline: Pipeline, items: Iterable[Any] | AsyncIterable[Any], *,
+                       ordered: bool = False, window: int | None = None,
+                       on_cancel: Literal["finish", "kill"] = "finish",
+                       progress: bool | None = None,
+                       desc: str | None = None) -> SegmentStream:
+        """``async for seg in engine.run_iter_async(p, items)``: outcomes as they finish.
+
+        Cancellation: leaving the loop (``break``, ``aclose()``, the end of ``async with``) or
+        cancelling the consuming task stops the run at once; running segments follow
+        ``on_cancel`` as in :meth:`run_async`."""
+        flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
+                          desc=desc, kill=check_on_cancel(on_cancel))
+        return run_iter_async(flow, items)
+
+
+def _lazy(flow: Flow) -> Iterator[SegmentOutcome]:
+    yield from flow.outcomes()
+
+
+def collect(flow: Flow, max_failure_ratio: float | None) -> PipelineReport:
+    """Run the flow to the end (or to ``max_failure_ratio``) and build its report."""
+    started = time.perf_counter()
+    segments: list[SegmentOutcome] = []
+    names = flow.order
+    stream = flow.outcomes()
+    failed = 0
+    try:
+        for seg in stream:
+            segments.append(seg)
+            failed += not seg.ok
+            if max_failure_ratio is not None and _over(failed, len(segments), flow.total,
+                                                       max_failure_ratio):
+                stream.close()
+                report = _report(segments, names, started)
+                raise PipelineAborted(
+                    f"{failed} of {len(segments)} finished segments failed, more than "
+                    f"max_failure_ratio={max_failure_ratio:g} allows"
+                    f"{f' of {flow.total}' if flow.total is not None else ''}: the run stopped "
+                    f"early; the partial report is .report. First failure: {_first(segments)}",
+                    report)
+    except BaseException as exc:
+        if exc is flow.source_error:
+            exc.report = _report(segments, names, started)  # type: ignore[attr-defined]
+            exc.add_note(f"stagepool: the items iterable raised after {flow.fed} segments; "
+                         "the partial report is attached as .report")
+        raise
+    return _report(segments, names, started)
+
+
+def _report(segments: list[SegmentOutcome], names: list[str], started: float) -> PipelineReport:
+    return PipelineReport(sorted(segments, key=lambda s: s.index), names,
+                          time.perf_counter() - started)
+
+
+def _first(segments: list[SegmentOutcome]) -> str:
+    seg = next(s for s in segments if not s.ok)
+    return f"segment {seg.index}, stage {seg.stage!r} [{seg.kind}]: {seg.error!r}"
+
+
+def _over(failed: int, finished: int, total: int | None, ratio: float) -> bool:
+    if total is not None:
+        return failed > ratio * total  # the run can no longer end within the ratio
+    return finished >= 10 and failed > ratio * finished
+
+
+def _check_ratio(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"max_failure_ratio must be a number from 0 to 1, or None; got {value!r}")
+    return float(value)
+
+
+def _refuse_async_items(items: object) -> None:
+    if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
+        raise TypeError(f"items is an async iterable ({type(items).__name__}): use run_async "
+                        "or run_iter_async, or pass a plain iterable")

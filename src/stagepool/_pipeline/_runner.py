@@ -1,0 +1,206 @@
+"""The worker side of a pipeline: one group's stages for one segment, as one task item.
+
+    Carry (values the group reads, stages already failed upstream)
+      -> GroupRunner(carry) in the worker: for each stage, in topological order
+            skipped if an input failed (the record names the root cause), else
+            breadcrumb "stage i is running" -> setup (once per worker) -> fn(*inputs, ctx=)
+            -> retries of its errors -> its own timeout checked -> a StageRecord
+      -> GroupResult (the values later groups or the caller need, one record per stage)
+
+A stage's failure is a value here, so the engine sees an "ok" item and the segment's other
+branches go on. What the runner cannot catch (its worker dies, or the group's hard timeout
+kills it) is the engine's outcome for the whole item; the breadcrumb file tells the parent which
+stage was running then (``_translate``).
+
+Imported in workers: nothing heavy (no numpy, no psutil, no engine).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._errors import InitializerError, TaskTimeout
+from .._worker import ErrInfo, _exc_info
+
+__all__ = ["Carry", "GroupResult", "GroupRunner", "StageCall", "StageRecord"]
+
+
+class Carry(NamedTuple):
+    """What a group's task item holds for one segment."""
+
+    values: dict[str, Any]  # outputs the group reads (INPUT: the segment itself)
+    blocked: dict[str, str]  # stages already failed or skipped upstream -> the failing stage
+
+
+class StageRecord(NamedTuple):
+    """How one stage went for one segment (errors packed as the worker packs item errors)."""
+
+    kind: str  # ok / error / timeout / skipped
+    error: ErrInfo | None
+    duration: float
+    attempts: int
+    cause: str | None  # for "skipped": the stage whose failure it follows
+
+
+class GroupResult(NamedTuple):
+    values: dict[str, Any]  # only what later groups read, and the leaves
+    records: dict[str, StageRecord]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StageCall:
+    """One stage as the worker runs it."""
+
+    name: str
+    fn: Callable[..., Any]
+    after: tuple[str, ...]
+    timeout: float | None
+    retries: int
+    retry_types: tuple[type[BaseException], ...]  # the exception types worth a retry
+    retry_all: bool  # "error" in retry_on: any exception
+    backoff: float
+    setup: Callable[[], Any] | None
+    teardown: Callable[[Any], object] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupRunner:
+    """The task function of one group: called by the worker with a :class:`Carry`."""
+
+    uid: str  # the pipeline's identity: setup results are cached by (uid, stage)
+    stages: tuple[StageCall, ...]
+    emit: frozenset[str]  # outputs the parent needs back
+    crumbs: str | None  # the run's breadcrumb directory (None: in-process, nobody needs it)
+
+    def __call__(self, carry: Carry) -> GroupResult:
+        values, blocked = dict(carry.values), dict(carry.blocked)
+        records: dict[str, StageRecord] = {}
+        for i, stage in enumerate(self.stages):
+            cause = next((blocked[dep] for dep in stage.after if dep in blocked), None)
+            if cause is not None:
+                records[stage.name] = StageRecord("skipped", None, 0.0, 0, cause)
+                blocked[stage.name] = cause
+                continue
+            _crumb(self.crumbs, i)
+            record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
+            records[stage.name] = record
+            if record.kind == "ok":
+                values[stage.name] = value
+            else:
+                blocked[stage.name] = stage.name
+        _crumb(self.crumbs, -1)
+        return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
+
+
+def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord, Any]:
+    """Run one stage with its retries; its failure is a record, never an exception."""
+    try:
+        kwargs = {} if stage.setup is None else {"ctx": _context(uid, stage)}
+    except BaseException as exc:
+        return StageRecord("error", _exc_info("error", exc), 0.0, 0, None), None
+    attempt = 0
+    while True:
+        attempt += 1
+        start = time.perf_counter()
+        try:
+            value = stage.fn(*args, **kwargs)
+        except BaseException as exc:
+            duration = time.perf_counter() - start
+            if attempt <= stage.retries and (stage.retry_all or isinstance(exc, stage.retry_types)):
+                del exc
+                time.sleep(stage.backoff * 2 ** (attempt - 1))
+                continue
+            return StageRecord("error", _exc_info("error", exc), duration, attempt, None), None
+        duration = time.perf_counter() - start
+        if stage.timeout is not None and duration > stage.timeout:
+            late = TaskTimeout(f"stage {stage.name!r} ran {duration:.3g} s, longer than its "
+                               f"timeout of {stage.timeout:g} s; its value was dropped")
+            return StageRecord("timeout", _exc_info("error", late), duration, attempt, None), None
+        return StageRecord("ok", None, duration, attempt, None), value
+
+
+# ---- per-worker state: setups and the breadcrumb -------------------------------------------------
+
+_contexts: dict[tuple[str, str], Any] = {}
+
+
+class _SetupFailed(NamedTuple):
+    error: InitializerError
+
+
+def _context(uid: str, stage: StageCall) -> Any:
+    """The stage's setup value in this worker, made at its first run here; a failed setup is
+    remembered, so every later run here fails the same way instead of trying again."""
+    key = (uid, stage.name)
+    if key not in _contexts:
+        try:
+            _contexts[key] = value = stage.setup()  # type: ignore[misc]
+        except BaseException as exc:
+            error = InitializerError(f"the setup of stage {stage.name!r} failed in worker "
+                                     f"{os.getpid()}: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            _contexts[key] = _SetupFailed(error)
+        else:
+            if stage.teardown is not None:
+                _at_exit(stage.teardown, value)
+    ctx = _contexts[key]
+    if isinstance(ctx, _SetupFailed):
+        raise ctx.error
+    return ctx
+
+
+def _at_exit(teardown: Callable[[Any], object], value: Any) -> None:
+    """Tear down when the worker ends normally. A pool worker leaves through multiprocessing's
+    exit function (atexit is skipped by ``os._exit``); an in-process run, at interpreter exit."""
+    done: list[bool] = []
+
+    def once() -> None:
+        if not done:
+            done.append(True)
+            try:
+                teardown(value)
+            except Exception:  # best effort: a teardown's failure must not hide the exit code
+                pass
+
+    from multiprocessing import util
+
+    util.Finalize(None, once, exitpriority=10)
+    atexit.register(once)
+
+
+_crumb_file: list[Any] = [None, -1]  # [path, fd]: one open breadcrumb per worker
+
+
+def _crumb(directory: str | None, stage: int) -> None:
+    """Write which stage runs now to this worker's breadcrumb (``directory/<pid>``), so the
+    parent can name it when the worker dies or is killed mid-stage. One pwrite per stage."""
+    if directory is None:
+        return
+    path = os.path.join(directory, str(os.getpid()))
+    if _crumb_file[0] != path:
+        if _crumb_file[1] >= 0:
+            os.close(_crumb_file[1])
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:  # another host (a remote cluster): the parent will say "one of"
+            fd = -1
+        _crumb_file[:] = [path, fd]
+    if _crumb_file[1] >= 0:
+        os.pwrite(_crumb_file[1], f"{stage:<8d}".encode(), 0)
+
+
+def read_crumb(directory: str, pid: int | None) -> int | None:
+    """In the parent: the stage the worker ``pid`` was running when it stopped, if it said."""
+    if pid is None:
+        return None
+    try:
+        with open(os.path.join(directory, str(pid)), "rb") as f:
+            stage = int(f.read().strip() or b"-1")
+    except (OSError, ValueError):
+        return None
+    return stage if stage >= 0 else None

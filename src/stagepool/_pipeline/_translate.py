@@ -1,0 +1,127 @@
+"""The parent side of a group: what its task's outcome means for each of its stages.
+
+    outcome ok    -> the runner's GroupResult: one record per stage (errors rebuilt with the
+                     worker's traceback as __cause__), the values later groups read
+    outcome crash / timeout (the worker died or was killed)
+                  -> the breadcrumb names the stage that was running: it gets the kind and the
+                     error, the group's other stages are "skipped" because of it
+    outcome serialization / error (the segment or a value could not travel, a runner bug)
+                  -> the group's first stage that could run gets it
+    outcome cancelled -> every stage of the group that could run: "cancelled"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from .._failures import rebuild_error
+from .._outcome import Outcome
+from ._declare import StageSpec
+from ._report import SegmentOutcome, StageOutcome
+from ._runner import Carry, GroupResult, StageRecord, read_crumb
+
+__all__ = ["Segment", "absorb", "finish"]
+
+
+@dataclasses.dataclass(slots=True)
+class Segment:
+    """One segment's state in the parent while it flows through the groups."""
+
+    index: int
+    values: dict[str, Any]  # outputs later groups read, and the leaves'
+    stages: dict[str, StageOutcome] = dataclasses.field(default_factory=dict)
+    blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> failing stage
+
+    def carry(self, reads: frozenset[str]) -> Carry:
+        return Carry({k: v for k, v in self.values.items() if k in reads}, dict(self.blocked))
+
+
+def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
+           crumbs: str | None) -> None:
+    """Record what the group's task did for this segment."""
+    if outcome.ok:
+        result: GroupResult = outcome.value  # type: ignore[assignment]
+        for spec in stages:
+            _record(seg, spec.name, result.records[spec.name], outcome.attempts)
+        seg.values.update(result.values)
+        return
+    runnable = [s for s in stages if _cause(seg, s) is None]
+    for spec in stages:
+        cause = _cause(seg, spec)
+        if cause is not None:
+            _set(seg, StageOutcome(spec.name, "skipped", cause=cause), cause)
+    if not runnable:
+        return
+    if outcome.kind == "cancelled":
+        for spec in runnable:
+            _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
+        return
+    culprit, known = _culprit(runnable, stages, outcome, crumbs)
+    error = outcome.error
+    if error is not None and outcome.kind == "timeout" and len(stages) > 1:
+        limits = " + ".join(f"{s.name} {s.timeout:g} s" for s in stages)
+        error.add_note(f"stagepool: the fused stages share one limit, the sum of their "
+                       f"timeouts ({limits}); give a stage fuse=False for a limit of its own")
+    if error is not None and not known and len(runnable) > 1:
+        names = ", ".join(s.name for s in runnable)
+        error.add_note(f"stagepool: while running one of the fused stages {names} (which one "
+                       "is unknown: the worker could not say)")
+    _set(seg, StageOutcome(culprit.name, outcome.kind, _noted(error, seg.index, culprit.name),
+                           outcome.duration, outcome.attempts), culprit.name)
+    for spec in runnable:
+        if spec is not culprit:
+            _set(seg, StageOutcome(spec.name, "skipped", cause=culprit.name), culprit.name)
+
+
+def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
+             crumbs: str | None) -> tuple[StageSpec, bool]:
+    """The stage that was running when the worker died or was killed (from its breadcrumb)."""
+    if crumbs is not None and outcome.kind in ("crash", "timeout"):
+        at = read_crumb(crumbs, outcome.worker)
+        if at is not None and at < len(stages):
+            return stages[at], True
+    return runnable[0], len(runnable) == 1
+
+
+def _cause(seg: Segment, spec: StageSpec) -> str | None:
+    return next((seg.blocked[d] for d in spec.after if d in seg.blocked), None)
+
+
+def _record(seg: Segment, name: str, rec: StageRecord, attempts: int) -> None:
+    error: Exception | None = None
+    if rec.error is not None:
+        _kind, error, _tb = rebuild_error(rec.error, seg.index)
+        error = _noted(error, seg.index, name)
+    stage_kind: Any = rec.kind
+    # A re-run of the whole group (its worker died) ran the stage again: count those runs.
+    runs = rec.attempts + (attempts - 1 if rec.attempts else 0)
+    outcome = StageOutcome(name, stage_kind, error, rec.duration, runs, rec.cause)
+    _set(seg, outcome, None if rec.kind == "ok" else (rec.cause or name))
+
+
+def _set(seg: Segment, outcome: StageOutcome, blocked_by: str | None) -> None:
+    seg.stages[outcome.stage] = outcome
+    if blocked_by is not None:
+        seg.blocked[outcome.stage] = blocked_by
+
+
+def _noted(error: Exception | None, index: int, stage: str) -> Exception | None:
+    if error is not None:
+        note = f"stagepool: segment {index}, stage {stage!r}"
+        if note not in getattr(error, "__notes__", ()):
+            error.add_note(note)
+    return error
+
+
+def finish(seg: Segment, order: Sequence[str], leaves: Sequence[str]) -> SegmentOutcome:
+    """The segment's outcome once every group is done with it."""
+    first = next((seg.stages[n] for n in order if seg.stages[n].kind != "ok"), None)
+    outputs = {name: seg.values[name] for name in leaves if name in seg.values}
+    if first is None:
+        value = outputs[leaves[0]] if len(leaves) == 1 else outputs
+        return SegmentOutcome(seg.index, True, value, "ok", None, None, seg.stages, outputs)
+    failed = seg.stages[first.cause] if first.kind == "skipped" and first.cause else first
+    return SegmentOutcome(seg.index, False, None, failed.kind, failed.stage, failed.error,
+                          seg.stages, outputs)

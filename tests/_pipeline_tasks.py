@@ -1,0 +1,115 @@
+"""Stages for the pipeline tests, importable by workers (module-level, pickled by reference).
+
+A segment is ``(index, plan, trail)``: ``plan`` maps a stage name to what that stage does on
+this segment ("error", "crash", "segfault", "hang", "slow", "late"); ``trail`` lists the stages
+that ran before (a join merges its inputs' trails)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+Seg = tuple[int, dict[str, str], tuple[str, ...]]
+
+
+def seg(index: int, **plan: str) -> Seg:
+    return (index, plan, ())
+
+
+class Step:
+    """A stage that passes the segment on, adding its name to the trail, or misbehaves."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *inputs: Seg) -> Seg:
+        index, plan, _ = inputs[0]
+        how = plan.get(self.name)
+        if how == "error":
+            raise ValueError(f"{self.name} refused segment {index}")
+        if how == "crash":
+            os._exit(7)
+        if how == "segfault":
+            ctypes.string_at(0)
+        if how == "hang":
+            time.sleep(10**6)
+        if how == "late":
+            time.sleep(0.6)
+        if how == "slow":
+            time.sleep(0.2)
+        trail = (*sorted({name for seg_ in inputs for name in seg_[2]}), self.name)
+        return (index, plan, trail)
+
+
+def diamond_stages() -> list[tuple[str, tuple[str, ...]]]:
+    return [("decode", ()), ("resample", ("decode",)), ("features", ("resample",)),
+            ("loudness", ("resample",)), ("encode", ("features", "loudness"))]
+
+
+def touch_then_pass(item: tuple[int, str]) -> tuple[int, str]:
+    """Sleep 0.2 s, then leave a file named after the segment: what ran, and when."""
+    index, folder = item
+    time.sleep(0.2)
+    (Path(folder) / str(index)).touch()
+    return item
+
+
+def first(item: Any) -> Any:
+    return item
+
+
+# ---- setup / teardown -----------------------------------------------------------------------------
+
+
+def make_ctx() -> tuple[int, float]:
+    return (os.getpid(), time.monotonic())
+
+
+def with_ctx(x: int, *, ctx: tuple[int, float]) -> tuple[int, tuple[int, float]]:
+    return (x, ctx)
+
+
+def broken_setup() -> None:
+    raise OSError("no model file")
+
+
+def noted_teardown_factory(folder: str) -> Any:
+    return _Teardown(folder)
+
+
+class _Teardown:
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, ctx: tuple[int, float]) -> None:
+        (Path(self.folder) / f"teardown-{ctx[0]}").touch()
+
+
+# ---- arrays ----------------------------------------------------------------------------------------
+
+
+def make_array(i: int) -> Any:
+    import numpy as np
+
+    return np.full(2 * 2**20, i, np.float32)  # 8 MiB
+
+
+def scale(a: Any) -> Any:
+    return a * 2
+
+
+def shift(a: Any) -> Any:
+    return a + 1
+
+
+def crash_once(item: tuple[int, str]) -> int:
+    """Kill the worker the first time a segment runs (a marker file remembers), then pass."""
+    index, folder = item
+    marker = Path(folder) / f"crashed-{index}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(9)
+    return index

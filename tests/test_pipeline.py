@@ -1,0 +1,367 @@
+"""Pipelines on real worker processes: every segment gets one outcome naming the stage that
+failed, later stages are skipped, independent branches and other segments go on, groups run
+at the same time, and stopping a run leaves nothing running."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import _pipeline_tasks as pt
+import _tasks
+import stagepool as sp
+from conftest import WAIT, shm_entries, wait_until
+from stagepool._pipeline._declare import plan_groups
+
+STAGES = [name for name, _ in pt.diamond_stages()]
+
+
+def diamond(**options: dict[str, Any]) -> sp.Pipeline:
+    """decode -> resample -> (features, loudness) -> encode; ``options`` per stage name."""
+    p = sp.Pipeline()
+    for name, after in pt.diamond_stages():
+        p.stage(name, pt.Step(name), after=after, **options.get(name, {}))
+    return p
+
+
+def expected_kinds(plan: dict[str, str]) -> dict[str, str]:
+    """What each diamond stage should record for a segment with this plan (errors only)."""
+    kinds: dict[str, str] = {}
+    for name, after in pt.diamond_stages():
+        if any(kinds[d] != "ok" for d in after):
+            kinds[name] = "skipped"
+        else:
+            kinds[name] = "error" if plan.get(name) == "error" else "ok"
+    return kinds
+
+
+# ---- declaring ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("declare", "error", "words"), [
+    (lambda p: p.stage("a", pt.first).stage("a", pt.first), ValueError, "'a' is declared twice"),
+    (lambda p: p.stage("b", pt.first, after="a"), ValueError, "names no stage declared before"),
+    (lambda p: p.stage("a", pt.first, after="a"), ValueError, "cannot come after itself"),
+    (lambda p: p.stage("a", 42), TypeError, "stage 'a': fn must be callable"),
+    (lambda p: p.stage("a", pt.first, timeout=-1), ValueError, "stage 'a': timeout"),
+    (lambda p: p.stage("a", pt.first, retries=1.5), TypeError, "stage 'a': retries"),
+    (lambda p: p.stage("a", pt.first, max_concurrent=0), ValueError, "stage 'a': max_concurrent"),
+    (lambda p: p.stage("a", pt.first, chunk_size=0), ValueError, "stage 'a': chunk_size"),
+    (lambda p: p.stage("a", pt.first, mem_per_task="lots"), ValueError, "stage 'a': mem_per_task"),
+    (lambda p: p.stage("a", pt.first, setup=3), TypeError, "stage 'a': setup must be callable"),
+    (lambda p: p.stage("a", pt.first, retry_on=("nope",)), ValueError, "stage 'a': retry_on"),
+    (lambda p: p.stage("", pt.first), TypeError, "non-empty str"),
+])
+def test_a_bad_declaration_is_refused_naming_the_stage(declare: Any, error: type, words: str) -> None:
+    with pytest.raises(error, match=words):
+        declare(sp.Pipeline())
+
+
+def test_bad_run_arguments_are_refused_before_anything_starts(local_engine: sp.Engine) -> None:
+    with pytest.raises(ValueError, match="no stages"):
+        local_engine.run(sp.Pipeline(), [1])
+    with pytest.raises(TypeError, match=r"must be a stagepool\.Pipeline"):
+        local_engine.run(pt.first, [1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_failure_ratio"):
+        local_engine.run(diamond(), [1], max_failure_ratio=2)
+    with pytest.raises(TypeError, match="window"):
+        local_engine.run_iter(diamond(), [1], window="big")  # type: ignore[arg-type]
+
+
+def test_groups_fuse_what_may_share_a_task() -> None:
+    p = diamond(features={"max_concurrent": 1})
+    groups = plan_groups(p.stages)
+    names = [[p.stages[i].name for i in g.stages] for g in groups]
+    # loudness, declared after the capped stage, still fuses with the stages before it.
+    assert names == [["decode", "resample", "loudness"], ["features"], ["encode"]]
+    timed = diamond(loudness={"timeout": 5.0})
+    assert [[timed.stages[i].name for i in g.stages] for g in plan_groups(timed.stages)] == [
+        ["decode", "resample", "features"], ["loudness"], ["encode"]]  # encode reads loudness
+
+
+# ---- one outcome per segment, on every backend -----------------------------------------------------
+
+
+def test_a_diamond_runs_every_segment_in_order(engine: sp.Engine) -> None:
+    report = engine.run(diamond(), [pt.seg(i) for i in range(12)])
+    assert len(report) == 12 and report.ok and report.success_rate == 1.0
+    for i, value in enumerate(report.values):
+        assert value == (i, {}, ("decode", "features", "loudness", "resample", "encode"))
+    assert all(st_.counts == {"ok": 12} for st_ in report.stages.values())
+    assert "12 segments: 12 ok" in report.summary()
+    assert [s.index for s in engine.run_iter(diamond(), [pt.seg(i) for i in range(7)])] == \
+        list(range(7))
+
+
+def test_several_leaves_give_a_dict(engine: sp.Engine) -> None:
+    p = sp.Pipeline().stage("a", pt.Step("a")).stage("b", pt.Step("b"), after="a")
+    p.stage("c", pt.Step("c"), after="a")
+    (seg,) = engine.run(p, [pt.seg(0)])
+    assert seg.value == {"b": (0, {}, ("a", "b")), "c": (0, {}, ("a", "c"))}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_error_at_any_stage_skips_its_dependants_only(engine: sp.Engine, stage: str) -> None:
+    plan = {stage: "error"}
+    report = engine.run(diamond(), [pt.seg(i, **(plan if i == 3 else {})) for i in range(6)])
+    bad = report[3]
+    assert not bad.ok and bad.kind == "error" and bad.stage == stage
+    assert isinstance(bad.error, ValueError) and f"stage {stage!r}" in str(bad.error.__notes__)
+    assert {n: s.kind for n, s in bad.stages.items()} == expected_kinds(plan)
+    assert all(s.cause == stage for s in bad.stages.values() if s.kind == "skipped")
+    assert [s.ok for s in report] == [True] * 3 + [False] + [True] * 2
+    if stage in ("features", "loudness"):  # the other branch went on, and is a leaf? no: joined
+        other = "loudness" if stage == "features" else "features"
+        assert bad.stages[other].kind == "ok"
+    assert report.stages[stage].counts == {"ok": 5, "error": 1}
+    with pytest.raises(ExceptionGroup):
+        report.raise_on_failure()
+
+
+def test_retries_rerun_a_stage_in_its_worker(engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage(
+        "flaky", _tasks.fail_on, after="a", retries=2, retry_on=(ValueError,))
+    # fail_on((x, True)) raises ValueError each time: three real runs, then the error.
+    (seg,) = engine.run(p, [(1, True)])
+    assert seg.kind == "error" and seg.stages["flaky"].attempts == 3
+
+
+def test_a_late_stage_is_a_timeout_without_killing(engine: sp.Engine) -> None:
+    report = engine.run(diamond(loudness={"timeout": 0.3, "fuse": False}),
+                        [pt.seg(0, loudness="late"), pt.seg(1)])
+    assert report[0].kind == "timeout" and report[0].stage == "loudness"
+    assert isinstance(report[0].error, sp.TaskTimeout)
+    assert report[0].stages["encode"].kind == "skipped" and report[1].ok
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.dictionaries(st.sampled_from(STAGES), st.just("error"), max_size=2),
+                min_size=0, max_size=25), st.booleans())
+def test_order_and_completeness_on_a_mix_of_failures(
+        local_engine: sp.Engine, plans: list[dict[str, str]], cap: bool) -> None:
+    options = {"features": {"max_concurrent": 1}} if cap else {}
+    segments = [pt.seg(i, **plan) for i, plan in enumerate(plans)]
+    report = local_engine.run(diamond(**options), segments)
+    assert [s.index for s in report] == list(range(len(plans)))
+    for seg, plan in zip(report, plans, strict=True):
+        kinds = expected_kinds(plan)
+        assert {n: s.kind for n, s in seg.stages.items()} == kinds
+        assert seg.ok == all(k == "ok" for k in kinds.values())
+        failed = [n for n in STAGES if kinds[n] == "error"]
+        assert seg.stage == (failed[0] if failed else None)
+        assert all(s.attempts == (0 if s.kind == "skipped" else 1) for s in seg.stages.values())
+    streamed = list(local_engine.run_iter(diamond(**options), segments, window=3))
+    assert [s.index for s in streamed] == list(range(len(plans)))
+
+
+# ---- crashes and hangs name the stage --------------------------------------------------------------
+
+
+@pytest.mark.needs("survives_crash", "hard_timeouts")
+@pytest.mark.parametrize("how", ["crash", "segfault", "hang"])
+@pytest.mark.parametrize("stage", ["decode", "loudness", "encode"])
+def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) -> None:
+    p = diamond(**{name: {"timeout": 3.0} for name in STAGES})
+    report = engine.run(p, [pt.seg(i, **({stage: how} if i == 1 else {})) for i in range(4)])
+    bad = report[1]
+    kind = "timeout" if how == "hang" else "crash"
+    assert bad.kind == kind and bad.stage == stage, bad
+    notes = str(bad.error.__notes__)  # type: ignore[union-attr]
+    assert f"stage {stage!r}" in notes
+    assert ("sum of their timeouts" in notes) == (how == "hang")
+    assert all(s.kind in ("ok", "skipped") for n, s in bad.stages.items() if n != stage)
+    downstream = {"decode": STAGES[1:], "loudness": ["encode"], "encode": []}[stage]
+    assert all(bad.stages[n].kind == "skipped" for n in downstream)
+    assert [s.ok for s in report] == [True, False, True, True]
+    assert engine.run(diamond(), [pt.seg(0)]).ok  # the engine still serves
+
+
+@pytest.mark.needs("survives_crash")
+def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage(
+        "fragile", pt.crash_once, after="a", retries=1, retry_on=("crash",))
+    report = engine.run(p, [(i, str(tmp_path)) for i in range(3)])
+    assert report.values == [0, 1, 2]
+    assert all(seg.stages["fragile"].attempts == 2 for seg in report)
+
+
+# ---- groups ---------------------------------------------------------------------------------------
+
+
+def test_groups_run_together_and_pass_failures_on(engine: sp.Engine) -> None:
+    p = diamond(resample={"max_concurrent": 1}, features={"chunk_size": 2})
+    plans = [{}, {"decode": "error"}, {"loudness": "error"}, {"features": "error"}, {}]
+    report = engine.run(p, [pt.seg(i, **plan) for i, plan in enumerate(plans)])
+    for seg, plan in zip(report, plans, strict=True):
+        assert {n: s.kind for n, s in seg.stages.items()} == expected_kinds(plan)
+    assert report[3].stages["loudness"].kind == "ok"  # the independent branch went on
+
+
+def test_progress_is_one_combined_line(serial_engine: sp.Engine,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    report = serial_engine.run(diamond(), [pt.seg(i) for i in range(5)], progress=True,
+                               desc="segs")
+    assert report.ok
+    err = capsys.readouterr().err
+    assert "segs" in err and "5" in err
+
+
+def test_setup_runs_once_per_worker_and_its_failure_is_named(local_engine: sp.Engine) -> None:
+    p = sp.Pipeline().stage("model", pt.with_ctx, setup=pt.make_ctx)
+    report = local_engine.run(p, range(40), window=4)
+    ctxs = {v[1] for v in report.values}
+    assert len({pid for pid, _ in ctxs}) == len(ctxs)  # one setup per worker
+    broken = sp.Pipeline().stage("model", pt.with_ctx, setup=pt.broken_setup)
+    report = local_engine.run(broken, range(3))
+    assert {s.kind for s in report} == {"error"}
+    assert isinstance(report[0].error, sp.InitializerError)
+    assert "setup of stage 'model' failed" in str(report[0].error)
+
+
+def test_teardown_runs_when_the_worker_exits(tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("model", pt.with_ctx, setup=pt.make_ctx,
+                            teardown=pt.noted_teardown_factory(str(tmp_path)))
+    with sp.Engine(workers=1) as eng:
+        (seg,) = eng.run(p, [1])
+    assert wait_until(lambda: (tmp_path / f"teardown-{seg.value[1][0]}").exists(), timeout=WAIT)
+
+
+# ---- stopping ---------------------------------------------------------------------------------------
+
+
+def test_max_failure_ratio_stops_early_with_the_partial_report(local_engine: sp.Engine) -> None:
+    segments = [pt.seg(i, resample="error" if i % 2 else "slow") for i in range(40)]
+    with pytest.raises(sp.PipelineAborted, match=r"max_failure_ratio=0\.1") as info:
+        local_engine.run(diamond(), segments, max_failure_ratio=0.1, window=4)
+    partial = info.value.report
+    assert 5 <= len(partial) < 40 and len(partial.failed) == 5
+
+
+def test_a_failing_items_iterable_propagates_with_the_report(engine: sp.Engine) -> None:
+    def items() -> Iterator[Any]:
+        yield from (pt.seg(i) for i in range(3))
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone") as info:
+        engine.run(diamond(), items())
+    assert len(info.value.report) == 3 and info.value.report.ok  # type: ignore[attr-defined]
+
+
+def _settled(folder: Path) -> int:
+    """The number of files once no new one has appeared for 0.6 s: nothing is running."""
+    seen = -1
+    while seen != len(list(folder.iterdir())):
+        seen = len(list(folder.iterdir()))
+        time.sleep(0.6)
+    return seen
+
+
+def test_closing_the_stream_mid_pipeline_stops_the_run(engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage("touch", pt.touch_then_pass, after="a")
+    stream = engine.run_iter(p, ((i, str(tmp_path)) for i in itertools.count()), window=4)
+    got = [next(stream).index for _ in range(3)]
+    stream.close()  # type: ignore[attr-defined]
+    assert got == [0, 1, 2]
+    ran = _settled(tmp_path)
+    assert ran <= 3 + 4 + 2  # the window, and what was running; an endless input cut off early
+    assert engine.run(diamond(), [pt.seg(0)]).ok
+    assert not _segments_left()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("on_cancel", ["finish", "kill"])
+async def test_cancelling_run_async_stops_the_run(
+        local_engine: sp.Engine, tmp_path: Path, on_cancel: Any) -> None:
+    async def items() -> AsyncIterator[tuple[int, str]]:
+        for i in range(200):
+            yield (i, str(tmp_path))
+
+    p = sp.Pipeline().stage("a", pt.first).stage("touch", pt.touch_then_pass, after="a")
+    task = asyncio.create_task(local_engine.run_async(p, items(), window=4, on_cancel=on_cancel))
+    await asyncio.sleep(0.7)
+    task.cancel()
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert time.monotonic() - started < 1.0
+    ran = await asyncio.to_thread(_settled, tmp_path)
+    assert ran < 20
+    report = await asyncio.wait_for(local_engine.run_async(diamond(), [pt.seg(0)]), WAIT)
+    assert report.ok
+
+
+@pytest.mark.asyncio
+async def test_run_iter_async_streams_in_order(local_engine: sp.Engine) -> None:
+    async def items() -> AsyncIterator[Any]:
+        for i in range(10):
+            yield pt.seg(i, features="error" if i == 4 else "")
+
+    got = []
+    async with local_engine.run_iter_async(diamond(), items(), ordered=True) as stream:
+        async for seg in stream:
+            got.append((seg.index, seg.kind))
+    assert got == [(i, "error" if i == 4 else "ok") for i in range(10)]
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_consumer_of_run_iter_async_stops_the_run(
+        local_engine: sp.Engine, tmp_path: Path) -> None:
+    p = sp.Pipeline().stage("a", pt.first).stage("touch", pt.touch_then_pass, after="a")
+
+    async def consume() -> None:
+        async for _ in local_engine.run_iter_async(p, [(i, str(tmp_path)) for i in range(200)],
+                                                   window=4):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.7)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert await asyncio.to_thread(_settled, tmp_path) < 20
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def _segments_left() -> set[str]:
+    return {name for name in shm_entries() if name.startswith("stagepool-")}
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssShmem")) // 1024
+
+
+def test_memory_is_bounded_by_the_window(local_engine: sp.Engine) -> None:
+    # 256 x 8 MiB (2 GiB) in; each segment makes two more 8 MiB arrays, one of which crosses
+    # between groups (shift has a batch of its own) and one that comes back. The parent holds
+    # the window's segments, never a growing share of the 6 GiB that pass through.
+    p = sp.Pipeline().stage("scale", pt.scale).stage("shift", pt.shift, after="scale",
+                                                     max_concurrent=2)
+
+    def segments() -> Iterator[Any]:
+        for i in range(256):
+            yield pt.make_array(i)
+
+    gc.collect()
+    base = peak = _rss_mib()
+    seen = 0
+    for seg in local_engine.run_iter(p, segments(), window=4):
+        assert seg.ok and float(seg.value[0]) == 2.0 * seg.index + 1
+        seen += 1
+        del seg
+        peak = max(peak, _rss_mib())
+    assert seen == 256
+    assert peak - base <= 4 * 3 * 8 + 64, f"parent grew {peak - base} MiB"
+    assert not _segments_left()
