@@ -329,6 +329,16 @@ def test_without_a_memory_resource_mem_per_task_sizes_by_memory_limit(
         sp.Engine(backend="dask", address=cluster, mem_per_task=2 * max(limits))
 
 
+def test_an_in_process_cluster_the_user_overcommits_warns_and_runs() -> None:
+    """As locally: an explicit worker count beyond memory / mem_per_task is warned about, then
+    honoured (each in-process worker then declares mem_per_task of MEMORY, not its share)."""
+    per_task = distributed.system.MEMORY_LIMIT * 3 // 4
+    with pytest.warns(sp.OvercommitWarning), \
+            sp.Engine(backend="dask", workers=2, mem_per_task=per_task) as eng:
+        assert eng.workers == 2
+        assert eng.map(_tasks.double, [1, 2, 3]).values == [2, 4, 6]
+
+
 def _our_plugins(client: Any) -> list[str]:
     names = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "stagepool" in n])
     return [name for per_worker in names.values() for name in per_worker]

@@ -84,7 +84,8 @@ class DaskBackend:
 
     def __init__(self, options: BackendOptions, *, hosted: Callable[[BackendOptions], Backend],
                  address: str | None = None, client: Any = None) -> None:
-        self._cluster, self._client = _cluster.connect(options.workers, address, client)
+        self._cluster, self._client = _cluster.connect(options.workers, address, client,
+                                                       options.mem_per_task)
         self._own_client = client is None
         self._address: str = self._client.scheduler.address  # gone from a closed client
         self._name = f"stagepool-{uuid.uuid4().hex[:12]}"

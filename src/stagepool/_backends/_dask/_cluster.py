@@ -28,7 +28,8 @@ CLEANUP_TIMEOUT = 5.0
 FIRST_WORKER_TIMEOUT = 30.0
 
 
-def connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
+def connect(workers: int, address: str | None, client: Any,
+            mem_per_task: int | None = None) -> tuple[Any, Any]:
     """(the cluster we started or None, the client to use)."""
     if client is not None:
         if not isinstance(client, distributed.Client):
@@ -49,8 +50,10 @@ def connect(workers: int, address: str | None, client: Any) -> tuple[Any, Any]:
             raise OSError(f"cannot reach the dask scheduler at {address}: {exc}") from exc
     # Our own cluster: dask must never re-run a task whose worker died (we decide what a death
     # means), and the cluster listens on this machine only. Each worker declares its share of
-    # the memory (dask's own default limit) as the MEMORY resource that mem_per_task asks for.
-    memory = distributed.system.MEMORY_LIMIT // workers
+    # the memory (dask's own default limit) as the MEMORY resource that mem_per_task asks for;
+    # at least mem_per_task: a worker count the user insisted on was warned about by the engine
+    # (OvercommitWarning) and runs, as it would locally.
+    memory = max(distributed.system.MEMORY_LIMIT // workers, mem_per_task or 0)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
