@@ -309,7 +309,7 @@ def test_a_retry_carries_the_input_the_worker_kept_and_unlinked(tmp_path: Path) 
     # The batch keeps only views of its inputs' segments; the worker kept these inputs, so it
     # unlinked their segments, and the parent recycles nothing that it may send again.
     items = [(np.full(MiB, i + 1, np.float32), str(tmp_path / f"m{i}")) for i in range(4)]
-    with sp.Engine(workers=1, shm_threshold="1MiB", retries=1, backoff=0) as eng:
+    with sp.Engine(workers=1, shm_threshold="1MiB", retries=1, retry_on="error", backoff=0) as eng:
         report = eng.map(at.keep_and_fail_once, items, chunk_size=2)
     assert report.ok, report.failed
     assert report.values == [float(MiB * (i + 1)) for i in range(4)]

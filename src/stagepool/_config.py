@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["DEFAULT", "Default", "EngineConfig", "format_size", "parse_size"]
+__all__ = ["DEFAULT", "DEFAULT_RETRY_ON", "Default", "EngineConfig", "format_size", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -95,6 +95,10 @@ class Default(enum.Enum):
 
 DEFAULT: Final = Default.TOKEN
 FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
+# What ``retries`` re-runs unless ``retry_on`` says otherwise: failures that are usually
+# transient (a worker killed by the OOM killer, a stall). An item that raised most likely raises
+# again (a corrupt file decoded twice is twice the noise), so errors are opt-in.
+DEFAULT_RETRY_ON: tuple[str, ...] = ("crash", "timeout")
 
 
 def check_int(value: object, name: str, *, minimum: int, also: str = "") -> int:

@@ -34,6 +34,7 @@ from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._calls import serial_cannot
 from ._config import (
+    DEFAULT_RETRY_ON,
     EngineConfig,
     Timeout,
 )
@@ -72,8 +73,10 @@ class Engine(AsyncCalls):
 
     Failure handling: an item that raises, times out, crashes its worker or cannot be pickled
     fails alone, as an outcome; the engine keeps serving. ``retries`` re-runs failed items whose
-    kind or exception type is in ``retry_on`` (default: errors, crashes, timeouts), after
-    ``backoff * 2**(attempt - 1)`` seconds.
+    kind or exception type is in ``retry_on``, after ``backoff * 2**(attempt - 1)`` seconds. The
+    default retries what is usually transient, ``("crash", "timeout")``: an item that raised (a
+    corrupt file) would most likely raise again, so errors are retried only when ``retry_on``
+    names ``"error"`` or the exception's type.
 
     Options (sizes take ints in bytes or strings such as ``"512MiB"``):
 
@@ -130,7 +133,7 @@ class Engine(AsyncCalls):
         progress: bool = False,
         timeout: Timeout = None,
         retries: int = 0,
-        retry_on: Any = ("error", "crash", "timeout"),
+        retry_on: Any = DEFAULT_RETRY_ON,
         backoff: float = 0.0,
         max_rss_per_worker: int | str | None = None,
         max_tasks_per_worker: int | None = None,
