@@ -94,7 +94,9 @@ def test_writing_a_shared_input_says_how_to_get_a_writable_one(shm_engine: sp.En
     assert isinstance(error, ValueError) and numpy_says in str(error)
     notes = getattr(error, "__notes__", [])
     assert any("writable_inputs=True" in note and "copy()" in note for note in notes), notes
-    assert report[1].ok  # a small input is a private copy: writable
+    # A small input is read-only too (18.2): the same failure, the same advice.
+    assert report[1].kind == "error" and numpy_says in str(report[1].error)
+    assert any("writable_inputs=True" in n for n in getattr(report[1].error, "__notes__", []))
     # Without shared-memory inputs a read-only error is the function's own business: no note.
     [other] = shm_engine.map(at.write_frozen_buffer, [8]).failed
     assert "read-only" in str(other.error) and not getattr(other.error, "__notes__", [])

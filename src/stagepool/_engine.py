@@ -103,8 +103,10 @@ class Engine(AsyncCalls):
       :class:`InitializerError` naming the hang (not enforced on the serial backend, where the
       initializer runs in your process at construction).
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
-      ``/dev/shm`` in both directions. Workers see read-only views of their inputs
-      (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
+      ``/dev/shm`` in both directions. Workers see read-only views of their inputs, and every
+      smaller input array is read-only too, so an in-place change fails at any size
+      (``writable_inputs=True``: private writable copies, copy-on-write for the big ones; the
+      serial backend passes your own objects); results arrive as ordinary
       writable arrays whose memory is freed when the caller drops them.
     * ``progress``: a tqdm bar per batch.
     * ``backend``: where chunks run. ``"local"`` (default): worker processes on this machine.

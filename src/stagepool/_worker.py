@@ -178,8 +178,8 @@ def run_chunk(
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
-    ``readonly_inputs``: some items hold read-only views of shared memory, so a "read-only"
-    ValueError gets a note saying how to get writable inputs.
+    ``readonly_inputs``: the items' arrays are read-only, so a "read-only" ValueError gets a
+    note saying how to get writable inputs.
 
     In a pool worker, a child process that ``fn`` forked and that comes back here (returning or
     raising, ``sys.exit`` included) exits at once: only the worker itself may answer.
@@ -247,9 +247,10 @@ def _explain_read_only(exc: BaseException) -> None:
     not say why a function that works on small test arrays fails on big ones in the pool."""
     if isinstance(exc, ValueError) and "read-only" in _safe_str(exc):
         exc.add_note(
-            "stagepool: numpy arrays of shm_threshold (default 1 MiB) and more arrive in workers as "
-            "read-only views of shared memory. To change an input in place, create the Engine "
-            "with writable_inputs=True (private copy-on-write views), or work on a.copy().")
+            "stagepool: numpy arrays arrive in workers read-only, at every size (from "
+            "shm_threshold, default 1 MiB, up as views of shared memory). To change an input in "
+            "place, create the Engine with writable_inputs=True (private writable copies), or "
+            "work on a.copy().")
 
 
 def _rss() -> int:
@@ -376,6 +377,7 @@ def _handle(
             result = failed_chunk(n_items, "serialization", exc,
                                      "the function could not be unpickled in the worker")
         else:
+            frozen = _transport.read_only_arrays
             try:
                 items = cast(list[Any], _transport.loads(
                     items_blob, writable=setup.writable_inputs, unlink=False))
@@ -384,7 +386,8 @@ def _handle(
                 result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
-                readonly = not setup.writable_inputs and bool(_shm.segment_names(items_blob))
+                readonly = not setup.writable_inputs and (  # some input array is read-only
+                    frozen != _transport.read_only_arrays or bool(_shm.segment_names(items_blob)))
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock, readonly_inputs=readonly)
                 del items

@@ -114,7 +114,8 @@ class LocalBackend:
         self._pid = os.getpid()  # the workers' parent: a forked child must leave them alone
         self._initializer = options.initializer
         self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
-        self._codec = SharedMemoryCodec(options.shm_threshold)
+        self._codec = SharedMemoryCodec(options.shm_threshold,
+                                        read_only_inputs=not options.writable_inputs)
         _shm.sweep_stale()  # shared memory of engines whose process died without cleanup
         self._record = SharedRecord(4 * (workers + 1))
         self._limits = Limits(self._record, options.init_timeout, options.max_rss)
