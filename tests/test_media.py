@@ -5,6 +5,13 @@ Real worker processes throughout; each test failed before the change it covers.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +20,7 @@ import pytest
 import _media_tasks as mt
 import _tasks
 import stagepool as sp
-from conftest import WAIT
+from conftest import WAIT, wait_until
 
 # ---- 18.3: retry defaults -----------------------------------------------------------------------
 
@@ -77,3 +84,98 @@ def test_small_inputs_are_read_only_on_dask_too() -> None:
         report = eng.map(mt.gain_in_place, [_stereo(2)])
     assert report[0].kind == "error" and "writable_inputs=True" in str(
         getattr(report[0].error, "__notes__", ""))
+
+
+# ---- 18.1: shared read-only data, and initargs that never block ------------------------------
+
+MiB = 2**20
+BANK = np.arange(2 * MiB, dtype=np.float32)  # 8 MiB: one copy for the whole pool
+BANK_SUM = float(BANK.sum())
+
+
+def _ours() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{os.getpid()}-s")}
+
+
+@pytest.mark.parametrize("backend", ["local", "serial", "dask"])
+def test_shared_values_reach_every_task_read_only(backend: str) -> None:
+    if backend == "dask":
+        pytest.importorskip("distributed")
+    shared = {"bank": BANK, "table": {"gain": 0.5}, "small": np.ones(4)}
+    with sp.Engine(backend=backend, workers=2, shared=shared) as eng:
+        report = eng.map(mt.shared_sum, ["bank"] * 6, chunk_size=1)
+        assert report.values == [BANK_SUM] * 6
+        assert eng.submit(mt.shared_value, "table").result(timeout=WAIT) == {"gain": 0.5}
+        for name in ("bank", "small"):  # read-only at every size
+            [written] = eng.map(mt.write_shared, [name]).failed
+            assert isinstance(written.error, ValueError) and "read-only" in str(written.error)
+        [missing] = eng.map(mt.shared_value, ["nope"]).failed
+        assert isinstance(missing.error, LookupError)
+        assert "'bank'" in str(missing.error) and "'table'" in str(missing.error)
+    assert float(BANK[0]) == 0.0  # the caller's array is never touched
+
+
+def test_shared_arrays_are_one_mapping_for_every_worker_and_each_replacement() -> None:
+    with sp.Engine(workers=2, shared={"bank": BANK}) as eng:
+        infos = eng.map(mt.shared_info, ["bank"] * 8, chunk_size=1).values
+        assert {(writeable, view) for _pid, writeable, view in infos} == {(False, True)}
+        before = set(eng.worker_pids())
+        [crash] = eng.map(mt.shared_then_exit, ["bank"]).failed
+        assert crash.kind == "crash"
+        report = eng.map(mt.pid_and_shared, ["bank"] * 8, chunk_size=1)
+        assert report.ok and {s for _pid, s in report.values} == {BANK_SUM}
+        assert set(eng.worker_pids()) - before  # a replacement served, with the same data
+        assert _ours()  # while the engine lives, its shared segments stay for respawns
+    assert not _ours()  # freed with the engine
+
+
+def test_shared_data_is_refused_early_and_clearly() -> None:
+    with pytest.raises(TypeError, match="shared must be a dict"):
+        sp.Engine(workers=1, shared=[BANK])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="non-empty str"):
+        sp.Engine(workers=1, shared={1: BANK})  # type: ignore[dict-item]
+    for backend in ("local", "serial"):
+        with pytest.raises(TypeError, match=r"shared\['lock'\] cannot be pickled"):
+            sp.Engine(backend=backend, workers=1, shared={"bank": BANK, "lock": threading.Lock()})
+    assert not _ours()
+    with pytest.raises(LookupError, match="Engine created with shared="):
+        sp.shared("bank")
+
+
+def test_a_killed_caller_leaves_no_shared_segment(tmp_path: Path) -> None:
+    src = str(Path(sp.__file__).resolve().parent.parent)
+    script = textwrap.dedent(f"""
+        import sys, os, numpy as np
+        sys.path[:0] = [{src!r}]
+        import stagepool as sp
+        eng = sp.Engine(workers=2, shared={{"bank": np.ones(2**21, np.float32)}})
+        eng.map(abs, [1, 2])
+        print(os.getpid(), flush=True)
+        import time; time.sleep(60)
+    """)
+    out = tmp_path / "out"
+    with out.open("w") as file:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=file, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: out.read_text().strip() != "", timeout=WAIT)
+        child = int(out.read_text().split()[0])
+        mine = lambda: {n for n in os.listdir("/dev/shm") if n.startswith(f"stagepool-{child}-")}  # noqa: E731
+        assert mine()
+        proc.kill()
+        proc.wait(WAIT)
+        assert wait_until(lambda: not mine(), timeout=10), mine()  # the orphaned workers freed it
+    finally:
+        proc.kill()
+
+
+def test_large_initargs_never_go_through_the_start_pipe() -> None:
+    # A worker's start-up arguments are written into a pipe the child reads only once its
+    # interpreter runs: past 64 KiB, Engine() (and each respawn) waited for that.
+    blob = b"x" * (4 * MiB)
+    with sp.Engine(workers=2, initializer=mt.init_keep, initargs=(blob,)) as eng:
+        setup = eng._backend._crew._setup  # type: ignore[union-attr]
+        assert len(pickle.dumps(setup)) < 4096
+        assert eng.map(mt.kept_len, range(4)).values == [len(blob)] * 4
+        eng.map(_tasks.hard_exit, [0])  # a respawned worker gets them too
+        assert eng.map(mt.kept_len, range(4)).values == [len(blob)] * 4
+    assert not _ours()

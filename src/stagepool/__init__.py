@@ -34,6 +34,7 @@ if _typing.TYPE_CHECKING:
     from ._profiling import StageProfile, profile_stage
     from ._progress import Progress
     from ._resources import ResourceSnapshot
+    from ._shared import shared
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "load_profile": "._profile_file",
     "plan_workers": "._planning",
     "profile_stage": "._profiling",
+    "shared": "._shared",
 }
 
 __all__ = (
@@ -85,6 +87,7 @@ __all__ = (
     "load_profile",
     "plan_workers",
     "profile_stage",
+    "shared",
 )
 
 

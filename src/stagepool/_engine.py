@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._aio import AsyncCalls
@@ -102,6 +102,16 @@ class Engine(AsyncCalls):
       None: no limit), the worker is killed with its child processes and every item fails with
       :class:`InitializerError` naming the hang (not enforced on the serial backend, where the
       initializer runs in your process at construction).
+    * ``shared``: read-only data every task needs (a filterbank, a model's weights, a lookup
+      table), as ``{name: value}``, read inside a task (or the initializer) with
+      ``stagepool.shared(name)``. Passed once: numpy arrays are placed in ``/dev/shm`` and mapped
+      read-only by every worker (the replacements of dead ones too), costing their memory once
+      for the whole pool; other values are pickled once and unpickled once per worker. Freed
+      when the engine shuts down (or, if this process is killed, by its workers on their way
+      out). A value that cannot be pickled raises ``TypeError`` naming it, here. The serial
+      backend serves a read-only copy; on dask each worker host maps its own copy.
+      ``initargs`` travel the same way (their arrays as private copy-on-write views), so large
+      ones never block ``Engine()`` or a respawn.
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
       ``/dev/shm`` in both directions. Workers see read-only views of their inputs, and every
       smaller input array is read-only too, so an in-place change fails at any size
@@ -147,6 +157,7 @@ class Engine(AsyncCalls):
         init_timeout: float | None = 600.0,
         backend: BackendName | Any = "local",
         address: str | None = None,
+        shared: Mapping[str, Any] | None = None,
     ) -> None:
         name, client = _backend_choice(backend, address)
         remote = client is not None or address is not None
@@ -156,7 +167,7 @@ class Engine(AsyncCalls):
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
-            rerun_innocent=rerun_innocent, init_timeout=init_timeout)
+            rerun_innocent=rerun_innocent, init_timeout=init_timeout, shared=shared)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
@@ -204,7 +215,8 @@ class Engine(AsyncCalls):
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
             shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout),
+            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
+            shared=cfg.shared),
             address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:

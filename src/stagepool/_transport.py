@@ -45,7 +45,7 @@ __all__ = ["dumps", "dumps_plain", "dumps_sized", "loads"]
 
 PICKLE_PROTOCOL = 5
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)
-_CREATOR = re.compile(r"p|w[0-9]+")
+_CREATOR = re.compile(r"p|[ws][0-9]+")
 
 
 # Kinds whose bytes are the whole value (bool, ints, floats, complex, datetimes, bytes, str, void and
@@ -59,12 +59,13 @@ _Order = Literal["C", "F"]
 
 
 def dumps(obj: object, *, threshold: int, owner: int, creator: str,
-          arena: int | None = None) -> bytes:
+          arena: int | None = None, read_only: bool = False) -> bytes:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``.
 
     ``dumps_sized`` does the same and also says how many bytes the blob and its segments hold.
     """
-    return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena)[0]
+    return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena,
+                       read_only=read_only)[0]
 
 
 def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
@@ -94,7 +95,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     if owner <= 0:
         raise ValueError(f"owner must be a pid, got {owner}")
     if not _CREATOR.fullmatch(creator):
-        raise ValueError(f"creator must be 'p' or 'w<pid>', got {creator!r}")
+        raise ValueError(f"creator must be 'p', 'w<pid>' or 's<n>', got {creator!r}")
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
     numpy = _imported_numpy() if threshold > 0 or read_only else None

@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
-from . import _shm, _transport
+from . import _shared, _shm, _transport
 from ._worker_guards import (
     StdFds,
     flush_std_streams,
@@ -410,6 +410,10 @@ class WorkerSetup:
     data_limit: int | None = None  # RLIMIT_DATA in bytes: a runaway allocation -> MemoryError
     shm_threshold: int = 0  # result arrays this big go back through shared memory
     writable_inputs: bool = False  # input arrays as private copy-on-write views (else read-only)
+    # Segments (see _shared) holding the engine's shared values and (initializer, initargs):
+    # names, so that what the process start pipe carries stays small whatever the data.
+    shared: str | None = None
+    boot: str | None = None
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -473,13 +477,18 @@ def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
     """Run the initializer; its exception is returned (reported on every item, so the pool does
     not respawn-loop). The phase says "initializing" meanwhile: if the initializer kills the
     process (segfault, ``os._exit``), the parent blames the initializer, not an item."""
-    if setup.initializer is None:
+    if setup.initializer is None and setup.shared is None and setup.boot is None:
         return None
     record.floats[F_START] = time.monotonic()  # first: the parent reads the phase, then this
     record.ints[F_PHASE] = PHASE_INIT
     error: BaseException | None = None
     try:
-        setup.initializer(*setup.initargs)
+        if setup.shared is not None:
+            _shared.attach(setup.shared)
+        initializer, initargs = (_shared.boot(setup.boot) if setup.boot is not None
+                                 else (setup.initializer, setup.initargs))
+        if initializer is not None:
+            initializer(*initargs)
         if forked_children:
             leave_fork(None)
     except BaseException as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -216,3 +216,5 @@ class BackendOptions:
     shm_threshold: int = 0
     writable_inputs: bool = False
     init_timeout: float | None = None  # seconds the initializer may take in a worker
+    # Read-only values every worker sees as stagepool.shared(name) (see _shared).
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -34,7 +34,7 @@ from typing import Any
 
 from loky.backend.context import get_context
 
-from ... import _shm
+from ... import _shared, _shm
 from ..._errors import EngineClosed
 from ..._resources import rss_of
 from ..._worker import WorkerSetup
@@ -117,6 +117,7 @@ class LocalBackend:
         self._codec = SharedMemoryCodec(options.shm_threshold,
                                         read_only_inputs=not options.writable_inputs)
         _shm.sweep_stale()  # shared memory of engines whose process died without cleanup
+        self._published = _publish(options, self._pid)
         self._record = SharedRecord(4 * (workers + 1))
         self._limits = Limits(self._record, options.init_timeout, options.max_rss)
         self._queue = FairShare()
@@ -140,9 +141,14 @@ class LocalBackend:
         # BLAS buffers) before an allocation fails with MemoryError inside the item.
         max_rss = options.max_rss
         data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
-        return WorkerSetup(self._record.path, -1, self._pid, options.initializer,
-                           tuple(options.initargs), data_limit, options.shm_threshold,
-                           options.writable_inputs)
+        published = self._published
+        booted = published is not None and published.boot is not None
+        return WorkerSetup(self._record.path, -1, self._pid,
+                           None if booted else options.initializer,
+                           () if booted else tuple(options.initargs), data_limit,
+                           options.shm_threshold, options.writable_inputs,
+                           shared=published.shared if published is not None else None,
+                           boot=published.boot if published is not None else None)
 
     # ---- the Backend protocol ---------------------------------------------------------------
 
@@ -416,7 +422,21 @@ class LocalBackend:
             _notify(task, ended)
         self._mailbox.close()
         self._record.close()
+        if self._published is not None:  # after the workers: a respawn may still have read them
+            _shared.withdraw(self._published, owner=self._pid)
         _live_backends.discard(self)
+
+
+def _publish(options: BackendOptions, owner: int) -> _shared.Published | None:
+    """Shared values and (initializer, initargs) into /dev/shm, so that a worker's start-up
+    arguments stay small (see _shared); None where there is no /dev/shm: they then go through the
+    start pipe (shared values as the initializer's do, which may block while a worker starts)."""
+    if not _shm.available():
+        if options.shared:
+            raise ValueError("shared= needs /dev/shm, which this machine does not offer")
+        return None
+    return _shared.publish(options.shared, options.initializer, tuple(options.initargs),
+                           owner=owner)
 
 
 _live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
