@@ -179,3 +179,58 @@ def test_large_initargs_never_go_through_the_start_pipe() -> None:
         eng.map(_tasks.hard_exit, [0])  # a respawned worker gets them too
         assert eng.map(mt.kept_len, range(4)).values == [len(blob)] * 4
     assert not _ours()
+
+
+# ---- 18.9: per-call options, and a submit's timeout names the call ------------------------------
+
+
+def test_with_options_gives_a_submit_its_own_timeout_on_the_same_workers() -> None:
+    with sp.Engine(workers=1) as eng:
+        quick = eng.with_options(timeout=0.5)
+        with pytest.raises(sp.TaskTimeout) as caught:
+            quick.submit(_tasks.hang_sleep, 0).result(timeout=WAIT)
+        message = str(caught.value)
+        assert "hang_sleep" in message and "item 0" not in message, message
+        assert quick.submit(_tasks.pid_of, None).result(timeout=WAIT) in eng.worker_pids()
+        assert quick.submit(_tasks.add, 1, 2, c=3).result(timeout=WAIT) == 6  # kwargs: fn's
+        assert eng.config.timeout is None  # the engine keeps its own options
+        assert eng.submit(_tasks.sleep_for, 0.7).result(timeout=WAIT) == 0.7
+
+
+def test_with_options_retries_apply_to_its_calls_only() -> None:
+    with sp.Engine(workers=1) as eng:
+        stubborn = eng.with_options(retries=2, retry_on=("error",))
+        assert [o.attempts for o in stubborn.map(_tasks.fail_on, [(1, True)])] == [3]
+        assert [o.attempts for o in stubborn.imap(_tasks.fail_on, [(1, True)])] == [3]
+        assert [o.attempts for o in eng.map(_tasks.fail_on, [(1, True)])] == [1]
+        assert stubborn.with_options(retries=0).map(_tasks.fail_on, [(1, True)])[0].attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_with_options_async_calls() -> None:
+    async with sp.Engine(workers=1) as eng:
+        quick = eng.with_options(timeout=0.5)
+        with pytest.raises(sp.TaskTimeout, match="hang_sleep"):
+            await asyncio.wait_for(quick.submit_async(_tasks.hang_sleep, 0), WAIT)
+        report = await asyncio.wait_for(quick.map_async(_tasks.hang_sleep, [0, 1]), WAIT)
+        assert [o.kind for o in report] == ["timeout", "ok"]
+
+
+def test_with_options_is_validated_at_the_door() -> None:
+    with sp.Engine(workers=1) as eng:
+        with pytest.raises(ValueError, match="timeout"):
+            eng.with_options(timeout=-1)
+        with pytest.raises(TypeError, match="retries"):
+            eng.with_options(retries="2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="retry_on"):
+            eng.with_options(retry_on=("bogus",))
+        with pytest.raises(TypeError):
+            eng.with_options(chunksize=2)  # type: ignore[call-arg]
+    with sp.Engine(backend="serial") as eng, pytest.raises(ValueError, match="timeout"):
+        eng.with_options(timeout=1)
+
+
+def test_a_crashed_submit_names_the_call() -> None:
+    with sp.Engine(workers=1) as eng, pytest.raises(sp.WorkerCrashed) as caught:
+        eng.submit(_tasks.hard_exit, 0).result(timeout=WAIT)
+    assert "hard_exit" in str(caught.value) and "item 0" not in str(caught.value)

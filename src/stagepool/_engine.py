@@ -27,20 +27,25 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._aio import AsyncCalls
 from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._calls import serial_cannot
 from ._config import (
+    DEFAULT,
     DEFAULT_RETRY_ON,
+    Default,
     EngineConfig,
     Timeout,
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._single import ExecutorView, SubmitContext
+
+if TYPE_CHECKING:
+    from ._options import EngineView
 
 __all__ = ["Engine"]
 
@@ -231,6 +236,19 @@ class Engine(AsyncCalls):
                             ("max_tasks_per_worker", cfg.max_tasks_per_worker)):
             if value is not None:
                 raise ValueError(serial_cannot(name))
+
+    def with_options(self, *, timeout: Timeout | Default = DEFAULT,
+                     retries: int | Default = DEFAULT, retry_on: Any = DEFAULT,
+                     backoff: float | Default = DEFAULT) -> EngineView:
+        """A light view of this engine whose ``submit``, ``map``, ``imap``, async calls and
+        ``executor`` use these failure options (the others stay the engine's), on the same
+        workers: ``engine.with_options(timeout=30, retries=2).submit(decode, path)``. Validated
+        here as ``Engine()`` validates them (``timeout=`` raises ``ValueError`` on the serial
+        backend); raises ``EngineClosed`` after shutdown. See :class:`EngineView`."""
+        from ._options import EngineView
+
+        return EngineView(self, timeout=timeout, retries=retries, retry_on=retry_on,
+                          backoff=backoff)
 
     @property
     def backend(self) -> str:
