@@ -69,3 +69,9 @@ def kept_len(_: Any) -> int:
 def sleep_then(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def allocate_mib(mib: int) -> int:
+    """Allocate (and touch) ``mib`` MiB, as a decoder given a huge item would."""
+    block = np.ones(mib * 2**20, np.uint8)
+    return int(block[-1]) * mib

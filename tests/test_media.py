@@ -82,6 +82,7 @@ def test_small_inputs_are_read_only_on_dask_too() -> None:
     pytest.importorskip("distributed")
     with sp.Engine(backend="dask", workers=1) as eng:
         report = eng.map(mt.gain_in_place, [_stereo(2)])
+        assert "1 worker x 1 thread" in str(eng.plan)  # 18.8: not "1 workers x 1 thread"
     assert report[0].kind == "error" and "writable_inputs=True" in str(
         getattr(report[0].error, "__notes__", ""))
 
@@ -234,3 +235,37 @@ def test_a_crashed_submit_names_the_call() -> None:
     with sp.Engine(workers=1) as eng, pytest.raises(sp.WorkerCrashed) as caught:
         eng.submit(_tasks.hard_exit, 0).result(timeout=WAIT)
     assert "hard_exit" in str(caught.value) and "item 0" not in str(caught.value)
+
+
+# ---- 18.8: sizes that mean what they say -----------------------------------------------------
+
+
+def test_mem_per_task_caps_each_worker_by_default() -> None:
+    # 16 MiB per task: a worker may hold 4 x 16 MiB + 512 MiB of private memory; an item
+    # that allocates 1 GiB fails alone with MemoryError instead of reaching the OOM killer.
+    with sp.Engine(workers=1, mem_per_task="16MiB") as eng:
+        report = eng.map(mt.allocate_mib, [1024, 8])
+        assert report[0].kind == "error" and isinstance(report[0].error, MemoryError)
+        assert any("mem_per_task" in n for n in getattr(report[0].error, "__notes__", []))
+        assert report[1].value == 8  # the engine keeps serving
+    with sp.Engine(workers=1, mem_per_task="16MiB", max_rss_per_worker="1GiB") as eng:
+        assert eng.map(mt.allocate_mib, [1024]).values == [1024]  # an explicit cap wins
+
+
+def test_reserve_cores_leaves_cores_to_the_parent() -> None:
+    usable = sp.plan_workers().cpus
+    with sp.Engine(reserve_cores=1) as eng:
+        assert eng.workers == max(1, usable - 1) and "reserve_cores=1" in repr(eng)
+        threads = eng.submit(_tasks.env_of, "OMP_NUM_THREADS").result(timeout=WAIT)
+    if "OMP_NUM_THREADS" not in os.environ:  # BLAS threads share what is left, too
+        assert threads == str(max(1, (usable - 1) // max(1, usable - 1)))
+    with pytest.raises(ValueError, match="reserve_cores"):
+        sp.Engine(reserve_cores=-1)
+    with pytest.raises(TypeError, match="reserve_cores"):
+        sp.Engine(reserve_cores="1")  # type: ignore[arg-type]
+
+
+def test_plan_texts_count_in_the_singular_and_plural() -> None:
+    with sp.Engine(workers=1) as one, sp.Engine(workers=3) as three:
+        assert "1 workers" not in repr(one) and "1 worker (" in repr(one)
+        assert "3 workers (explicit; the machine plan allows" in repr(three)

@@ -254,6 +254,7 @@ class EngineConfig:
     rerun_innocent: bool = True  # re-run items whose results were lost with a dead worker
     init_timeout: float | None = DEFAULT_INIT_TIMEOUT  # seconds the initializer may take
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see stagepool.shared
+    reserve_cores: int = 0  # CPUs "auto" leaves to the calling process
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -282,6 +283,7 @@ class EngineConfig:
             rerun_innocent=check_bool(kw.get("rerun_innocent", True), "rerun_innocent"),
             init_timeout=_check_init_timeout(kw.get("init_timeout", DEFAULT_INIT_TIMEOUT)),
             shared=check_shared(kw.get("shared")),
+            reserve_cores=check_int(kw.get("reserve_cores", 0), "reserve_cores", minimum=0),
         )
 
 

@@ -85,8 +85,13 @@ class Engine(AsyncCalls):
 
     Options (sizes take ints in bytes or strings such as ``"512MiB"``):
 
-    * ``workers``, ``mem_per_task``: how many processes; "auto" plans from the machine and the
-      memory each task needs (see :func:`plan_workers`).
+    * ``workers``, ``mem_per_task``, ``reserve_cores``: how many processes; "auto" plans from
+      the machine, the memory each task needs and the CPUs to leave to this process (one that
+      decodes while the workers analyse), see :func:`plan_workers`; BLAS threads per worker
+      share the CPUs left. ``mem_per_task`` is also a cap: unless ``max_rss_per_worker`` is
+      given, a worker's private memory may reach ``4 x mem_per_task + 512 MiB`` and an item that
+      allocates past it fails alone with ``MemoryError`` (a 6 GiB item given
+      ``mem_per_task="1GiB"``), instead of dragging the machine into the OOM killer.
     * ``chunk_size``: items per message to a worker; "auto" learns it (about 20 ms of work per
       chunk, at most 4 MiB of payload, a single item first). ``max_in_flight``: chunks of one batch
       submitted and not yet consumed (default 2 per worker + 1); with ``imap`` on an endless
@@ -163,6 +168,7 @@ class Engine(AsyncCalls):
         backend: BackendName | Any = "local",
         address: str | None = None,
         shared: Mapping[str, Any] | None = None,
+        reserve_cores: int = 0,
     ) -> None:
         name, client = _backend_choice(backend, address)
         remote = client is not None or address is not None
@@ -172,11 +178,13 @@ class Engine(AsyncCalls):
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
-            rerun_innocent=rerun_innocent, init_timeout=init_timeout, shared=shared)
+            rerun_innocent=rerun_innocent, init_timeout=init_timeout, shared=shared,
+            reserve_cores=reserve_cores)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
-        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
+        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
+                                             reserve_cores=self.config.reserve_cores)
         if name == "serial":  # no process to size, warn about or open files for
             self._refuse_on_serial()  # before the initializer runs, in this process
             self.workers, self._sizing = 1, "serial: 1 worker, this process"
@@ -219,6 +227,7 @@ class Engine(AsyncCalls):
         return make_backend(name, BackendOptions(
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
+            mem_per_task=cfg.mem_per_task,
             shm_threshold=cfg.shm_threshold if available() else 0,
             writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
             shared=cfg.shared),

@@ -30,9 +30,10 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
-from . import _shared, _shm, _transport
+from . import _shared, _shm, _transport, _worker_guards
 from ._worker_guards import (
     StdFds,
+    explain_memory_error,
     flush_std_streams,
     forked_children,
     lead_own_group,
@@ -238,6 +239,7 @@ def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseExceptio
     errors = {} if errors is None else errors
     if readonly_inputs:
         _explain_read_only(exc)
+    explain_memory_error(exc)
     errors[offset] = _exc_info("error", exc)
     return errors
 
@@ -428,6 +430,7 @@ def _limit_memory(limit: int | None) -> None:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+        _worker_guards.memory_cap = limit
     except (ImportError, ValueError, OSError):  # pragma: no cover - not on this platform
         pass
 

@@ -213,6 +213,7 @@ class BackendOptions:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     max_rss: int | None = None
     max_tasks: int | None = None
+    mem_per_task: int | None = None  # the memory cap's default when max_rss is None
     shm_threshold: int = 0
     writable_inputs: bool = False
     init_timeout: float | None = None  # seconds the initializer may take in a worker

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..._errors import EngineClosed
+from ..._planning import count_of
 from .._codec import SharedMemoryCodec
 from .._fairshare import FairShare
 from .._protocol import (
@@ -174,8 +175,9 @@ class DaskBackend:
     def __str__(self) -> str:
         workers = list(self._workers.values())
         threads = {w.threads for w in workers}
-        shape = (f"{len(workers)} workers x {threads.pop()} thread" if len(threads) == 1
-                 else f"{len(workers)} workers")
+        shape = count_of(len(workers), "worker")
+        if len(threads) == 1:
+            shape += f" x {count_of(threads.pop(), 'thread')}"
         own = "in-process LocalCluster" if self._cluster is not None else "dask cluster"
         return f"{own} at {self._address}, {shape}"
 

@@ -66,6 +66,10 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
 CANCEL_TURN_TIMEOUT = 10.0
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
+# The RSS cap mem_per_task implies when max_rss_per_worker is not given (the memory limit is
+# then 2 x this + the headroom): generous, since mem_per_task is an estimate that sizes the
+# pool, yet a bound on the item that needs ten times what was planned.
+MEM_PER_TASK_CAP = 2
 
 
 def _notify(task: Task, result: TaskResult) -> None:
@@ -137,10 +141,7 @@ class LocalBackend:
 
     def _setup(self, options: BackendOptions) -> WorkerSetup:
         """What every worker gets (the crew fills in its slot and parent)."""
-        # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
-        # BLAS buffers) before an allocation fails with MemoryError inside the item.
-        max_rss = options.max_rss
-        data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
+        data_limit = data_limit_of(options)
         published = self._published
         booted = published is not None and published.boot is not None
         return WorkerSetup(self._record.path, -1, self._pid,
@@ -425,6 +426,17 @@ class LocalBackend:
         if self._published is not None:  # after the workers: a respawn may still have read them
             _shared.withdraw(self._published, owner=self._pid)
         _live_backends.discard(self)
+
+
+def data_limit_of(options: BackendOptions) -> int | None:
+    """A worker's RLIMIT_DATA: private writable memory may reach twice the RSS cap (plus room for
+    the interpreter and BLAS buffers) before an allocation fails with MemoryError inside the
+    item. Without a cap, ``mem_per_task`` gives one (MEM_PER_TASK_CAP of it): a task sized at
+    1 GiB that meets a 6 GiB item fails alone instead of waking the OOM killer."""
+    cap = options.max_rss
+    if cap is None and options.mem_per_task is not None:
+        cap = MEM_PER_TASK_CAP * options.mem_per_task
+    return None if cap is None else 2 * cap + DATA_LIMIT_HEADROOM
 
 
 def _publish(options: BackendOptions, owner: int) -> _shared.Published | None:
