@@ -7,7 +7,10 @@ global, stagepool's ``initializer``/``initargs`` the same way, and stagepool's
 time to the first answers (every worker has the table), and the memory unique to each worker
 (USS, after it read the whole table). Prints a table and writes ``shared_data.json``.
 
-    python benchmarks/shared_data.py [--mib 64] [--workers 2] [--out DIR]
+    python -m benchmarks.shared_data [--mib 64] [--workers 2] [--out DIR]
+
+(Its task functions are used from ``benchmarks.shared_data``, never ``__main__``: workers must
+import them by reference, so that the initializer's global is the one the tasks read.)
 """
 
 from __future__ import annotations
@@ -65,16 +68,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    from benchmarks import shared_data as me  # by reference in workers, not as __main__
+
     table = np.ones(args.mib * 2**20 // 4, np.float32)
     n = args.workers
     ways: dict[str, tuple[Callable[[], Executor | sp.Engine], Callable[[int], int]]] = {
         "ProcessPoolExecutor initargs": (
-            lambda: ProcessPoolExecutor(n, initializer=keep, initargs=(table,)), read_global),
+            lambda: ProcessPoolExecutor(n, initializer=me.keep, initargs=(table,)), me.read_global),
         "stagepool initargs": (
-            lambda: sp.Engine(workers=n, initializer=keep, initargs=(table,)), read_global),
+            lambda: sp.Engine(workers=n, initializer=me.keep, initargs=(table,)), me.read_global),
         "stagepool shared=": (
-            lambda: sp.Engine(workers=n, shared={"table": table}), read_shared),
+            lambda: sp.Engine(workers=n, shared={"table": table}), me.read_shared),
     }
+    sp.Engine(workers=1).shutdown()  # the first engine of a process also starts loky's helpers
     results = {name: measure(make, fn, n) for name, (make, fn) in ways.items()}
     print(f"a {args.mib} MiB read-only table for each of {n} workers")
     print(f"  {'':30} {'constructor':>12} {'first answers':>14} {'USS per worker':>15}")

@@ -28,6 +28,7 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
     )
     from ._executor import ProcessPoolExecutor
+    from ._options import EngineView
     from ._outcome import BatchReport, BatchStats, Outcome
     from ._planning import WorkerPlan, plan_workers
     from ._profile_file import load_profile
@@ -43,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "BatchStats": "._outcome",
     "Engine": "._engine",
     "EngineClosed": "._errors",
+    "EngineView": "._options",
     "InitializerError": "._errors",
     "Outcome": "._outcome",
     "OutcomeStream": "._aio",
@@ -69,6 +71,7 @@ __all__ = (
     "BatchStats",
     "Engine",
     "EngineClosed",
+    "EngineView",
     "InitializerError",
     "Outcome",
     "OutcomeStream",

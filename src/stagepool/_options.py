@@ -89,3 +89,7 @@ def _options(config: EngineConfig, timeout: Timeout | Default, retries: int | De
         retries=tries,
         retry_on=config.retry_on if retry_on is DEFAULT else check_retry_on(retry_on),
         backoff=check_backoff(config.backoff if backoff is DEFAULT else backoff, tries))
+
+
+# Public classes name the package they are imported from, in reprs and tracebacks.
+EngineView.__module__ = "stagepool"
