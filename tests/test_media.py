@@ -269,3 +269,8 @@ def test_plan_texts_count_in_the_singular_and_plural() -> None:
     with sp.Engine(workers=1) as one, sp.Engine(workers=3) as three:
         assert "1 workers" not in repr(one) and "1 worker (" in repr(one)
         assert "3 workers (explicit; the machine plan allows" in repr(three)
+
+
+def test_the_drop_in_executor_hands_out_writable_arguments_as_the_stdlib_does() -> None:
+    with sp.ProcessPoolExecutor(max_workers=1) as ex:
+        assert ex.submit(mt.gain_in_place, _stereo(2)).result(timeout=WAIT) == 2 * RATE * 1.0
