@@ -94,7 +94,9 @@ def test_writing_a_shared_input_says_how_to_get_a_writable_one(shm_engine: sp.En
     assert isinstance(error, ValueError) and numpy_says in str(error)
     notes = getattr(error, "__notes__", [])
     assert any("writable_inputs=True" in note and "copy()" in note for note in notes), notes
-    assert report[1].ok  # a small input is a private copy: writable
+    # A small input is read-only too (18.2): the same failure, the same advice.
+    assert report[1].kind == "error" and numpy_says in str(report[1].error)
+    assert any("writable_inputs=True" in n for n in getattr(report[1].error, "__notes__", []))
     # Without shared-memory inputs a read-only error is the function's own business: no note.
     [other] = shm_engine.map(at.write_frozen_buffer, [8]).failed
     assert "read-only" in str(other.error) and not getattr(other.error, "__notes__", [])
@@ -309,7 +311,7 @@ def test_a_retry_carries_the_input_the_worker_kept_and_unlinked(tmp_path: Path) 
     # The batch keeps only views of its inputs' segments; the worker kept these inputs, so it
     # unlinked their segments, and the parent recycles nothing that it may send again.
     items = [(np.full(MiB, i + 1, np.float32), str(tmp_path / f"m{i}")) for i in range(4)]
-    with sp.Engine(workers=1, shm_threshold="1MiB", retries=1, backoff=0) as eng:
+    with sp.Engine(workers=1, shm_threshold="1MiB", retries=1, retry_on="error", backoff=0) as eng:
         report = eng.map(at.keep_and_fail_once, items, chunk_size=2)
     assert report.ok, report.failed
     assert report.values == [float(MiB * (i + 1)) for i in range(4)]

@@ -196,7 +196,7 @@ def test_a_callable_timeout_on_submit_is_checked_and_never_runs_in_the_pool_thre
             raise SystemExit("the timeout function gave up")
         return 30.0
 
-    with sp.Engine(workers=1, retries=1, timeout=second_call_exits) as eng:
+    with sp.Engine(workers=1, retries=1, retry_on="error", timeout=second_call_exits) as eng:
         future = eng.submit(_tasks.fail_on, (1, True))  # fails, so it is retried
         assert isinstance(future.exception(timeout=WAIT), SystemExit)
         assert eng.submit(_tasks.double, 4).result(timeout=WAIT) == 8

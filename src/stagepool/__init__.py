@@ -28,6 +28,7 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
     )
     from ._executor import ProcessPoolExecutor
+    from ._options import EngineView
     from ._outcome import BatchReport, BatchStats, Outcome
     from ._pipeline._async import SegmentStream
     from ._pipeline._declare import Pipeline
@@ -43,6 +44,7 @@ if _typing.TYPE_CHECKING:
     from ._profiling import StageProfile, profile_stage
     from ._progress import Progress
     from ._resources import ResourceSnapshot
+    from ._shared import shared
     from ._threads import worker_threads
 
 __version__ = "0.1.0"
@@ -52,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "BatchStats": "._outcome",
     "Engine": "._engine",
     "EngineClosed": "._errors",
+    "EngineView": "._options",
     "InitializerError": "._errors",
     "Outcome": "._outcome",
     "OutcomeStream": "._aio",
@@ -77,6 +80,7 @@ _EXPORTS: dict[str, str] = {
     "load_profile": "._profile_file",
     "plan_workers": "._planning",
     "profile_stage": "._profiling",
+    "shared": "._shared",
     "worker_threads": "._threads",
 }
 
@@ -85,6 +89,7 @@ __all__ = (
     "BatchStats",
     "Engine",
     "EngineClosed",
+    "EngineView",
     "InitializerError",
     "Outcome",
     "OutcomeStream",
@@ -110,6 +115,7 @@ __all__ = (
     "load_profile",
     "plan_workers",
     "profile_stage",
+    "shared",
     "worker_threads",
 )
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from ._backends import Cancelled, Codec, LaneDied, TaskResult
 from ._chunking import ChunkSizer
-from ._config import Timeout, item_timeouts
+from ._config import DEFAULT_RETRY_ON, Timeout, item_timeouts
 from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Failure, Kind
@@ -34,7 +34,7 @@ class BatchPolicy:
     """The engine's settings a batch follows (per-call options are in ``BatchSpec``)."""
 
     retries: int = 0
-    retry_on: RetryOn = ("error", "crash", "timeout")
+    retry_on: RetryOn = DEFAULT_RETRY_ON
     backoff: float = 0.0
     max_in_flight: int = 5
     rerun_innocent: bool = True  # re-run items whose results died with their worker

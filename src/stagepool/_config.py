@@ -11,10 +11,10 @@ import enum
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-__all__ = ["DEFAULT", "Default", "EngineConfig", "format_size", "parse_size"]
+__all__ = ["DEFAULT", "DEFAULT_RETRY_ON", "Default", "EngineConfig", "format_size", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -95,6 +95,10 @@ class Default(enum.Enum):
 
 DEFAULT: Final = Default.TOKEN
 FAILURE_KINDS = frozenset({"error", "crash", "timeout", "serialization", "cancelled"})
+# What ``retries`` re-runs unless ``retry_on`` says otherwise: failures that are usually
+# transient (a worker killed by the OOM killer, a stall). An item that raised most likely raises
+# again (a corrupt file decoded twice is twice the noise), so errors are opt-in.
+DEFAULT_RETRY_ON: tuple[str, ...] = ("crash", "timeout")
 
 
 def check_int(value: object, name: str, *, minimum: int, also: str = "") -> int:
@@ -189,6 +193,21 @@ def check_initargs(value: object) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def check_shared(value: object) -> dict[str, Any]:
+    """``shared``: None or a mapping of names (non-empty strings) to values, copied (a later
+    change to the caller's dict does not reach the workers)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"shared must be a dict of names to values, such as "
+                        f"shared={{'filterbank': fb}}, not {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"shared: every name must be a non-empty str (read back with "
+                            f"stagepool.shared(name)), not {name!r}")
+    return dict(value)
+
+
 def check_retry_on(value: object) -> tuple[str | type[BaseException], ...]:
     """Failure kinds ("crash", "timeout", ...) and/or exception types that deserve a retry."""
     entries = value if isinstance(value, tuple | list | set | frozenset) else (value,)
@@ -234,6 +253,8 @@ class EngineConfig:
     writable_inputs: bool  # workers get private copy-on-write arrays instead of read-only views
     rerun_innocent: bool = True  # re-run items whose results were lost with a dead worker
     init_timeout: float | None = DEFAULT_INIT_TIMEOUT  # seconds the initializer may take
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see stagepool.shared
+    reserve_cores: int = 0  # CPUs "auto" leaves to the calling process
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -261,6 +282,8 @@ class EngineConfig:
             writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
             rerun_innocent=check_bool(kw.get("rerun_innocent", True), "rerun_innocent"),
             init_timeout=_check_init_timeout(kw.get("init_timeout", DEFAULT_INIT_TIMEOUT)),
+            shared=check_shared(kw.get("shared")),
+            reserve_cores=check_int(kw.get("reserve_cores", 0), "reserve_cores", minimum=0),
         )
 
 

@@ -29,14 +29,17 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ._aio import AsyncCalls
 from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, BackendOptions, make_backend
 from ._calls import serial_cannot
 from ._config import (
+    DEFAULT,
+    DEFAULT_RETRY_ON,
+    Default,
     EngineConfig,
     Timeout,
 )
@@ -44,6 +47,9 @@ from ._errors import EngineClosed, OvercommitWarning
 from ._pipeline._calls import PipelineCalls
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._single import ExecutorView, SubmitContext
+
+if TYPE_CHECKING:
+    from ._options import EngineView
 
 __all__ = ["Engine"]
 
@@ -76,13 +82,20 @@ class Engine(AsyncCalls, PipelineCalls):
 
     Failure handling: an item that raises, times out, crashes its worker or cannot be pickled
     fails alone, as an outcome; the engine keeps serving. ``retries`` re-runs failed items whose
-    kind or exception type is in ``retry_on`` (default: errors, crashes, timeouts), after
-    ``backoff * 2**(attempt - 1)`` seconds.
+    kind or exception type is in ``retry_on``, after ``backoff * 2**(attempt - 1)`` seconds. The
+    default retries what is usually transient, ``("crash", "timeout")``: an item that raised (a
+    corrupt file) would most likely raise again, so errors are retried only when ``retry_on``
+    names ``"error"`` or the exception's type.
 
     Options (sizes take ints in bytes or strings such as ``"512MiB"``):
 
-    * ``workers``, ``mem_per_task``: how many processes; "auto" plans from the machine and the
-      memory each task needs (see :func:`plan_workers`).
+    * ``workers``, ``mem_per_task``, ``reserve_cores``: how many processes; "auto" plans from
+      the machine, the memory each task needs and the CPUs to leave to this process (one that
+      decodes while the workers analyse), see :func:`plan_workers`; BLAS threads per worker
+      share the CPUs left. ``mem_per_task`` is also a cap: unless ``max_rss_per_worker`` is
+      given, a worker's private memory may reach ``4 x mem_per_task + 512 MiB`` and an item that
+      allocates past it fails alone with ``MemoryError`` (a 6 GiB item given
+      ``mem_per_task="1GiB"``), instead of dragging the machine into the OOM killer.
     * ``chunk_size``: items per message to a worker; "auto" learns it (about 20 ms of work per
       chunk, at most 4 MiB of payload, a single item first). ``max_in_flight``: chunks of one batch
       submitted and not yet consumed (default 2 per worker + 1); with ``imap`` on an endless
@@ -103,9 +116,21 @@ class Engine(AsyncCalls, PipelineCalls):
       None: no limit), the worker is killed with its child processes and every item fails with
       :class:`InitializerError` naming the hang (not enforced on the serial backend, where the
       initializer runs in your process at construction).
+    * ``shared``: read-only data every task needs (a filterbank, a model's weights, a lookup
+      table), as ``{name: value}``, read inside a task (or the initializer) with
+      ``stagepool.shared(name)``. Passed once: numpy arrays are placed in ``/dev/shm`` and mapped
+      read-only by every worker (the replacements of dead ones too), costing their memory once
+      for the whole pool; other values are pickled once and unpickled once per worker. Freed
+      when the engine shuts down (or, if this process is killed, by its workers on their way
+      out). A value that cannot be pickled raises ``TypeError`` naming it, here. The serial
+      backend serves a read-only copy; on dask each worker host maps its own copy.
+      ``initargs`` travel the same way (their arrays as private copy-on-write views), so large
+      ones never block ``Engine()`` or a respawn.
     * ``shm_threshold``: numpy arrays this big (default 1 MiB; 0 disables) travel through
-      ``/dev/shm`` in both directions. Workers see read-only views of their inputs
-      (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
+      ``/dev/shm`` in both directions. Workers see read-only views of their inputs, and every
+      smaller input array is read-only too, so an in-place change fails at any size
+      (``writable_inputs=True``: private writable copies, copy-on-write for the big ones; the
+      serial backend passes your own objects); results arrive as ordinary
       writable arrays whose memory is freed when the caller drops them.
     * ``progress``: a tqdm bar per batch.
     * ``backend``: where chunks run. ``"local"`` (default): worker processes on this machine.
@@ -134,7 +159,7 @@ class Engine(AsyncCalls, PipelineCalls):
         progress: bool = False,
         timeout: Timeout = None,
         retries: int = 0,
-        retry_on: Any = ("error", "crash", "timeout"),
+        retry_on: Any = DEFAULT_RETRY_ON,
         backoff: float = 0.0,
         max_rss_per_worker: int | str | None = None,
         max_tasks_per_worker: int | None = None,
@@ -146,6 +171,8 @@ class Engine(AsyncCalls, PipelineCalls):
         init_timeout: float | None = 600.0,
         backend: BackendName | Any = "local",
         address: str | None = None,
+        shared: Mapping[str, Any] | None = None,
+        reserve_cores: int = 0,
     ) -> None:
         name, client = _backend_choice(backend, address)
         remote = client is not None or address is not None
@@ -155,11 +182,13 @@ class Engine(AsyncCalls, PipelineCalls):
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
-            rerun_innocent=rerun_innocent, init_timeout=init_timeout)
+            rerun_innocent=rerun_innocent, init_timeout=init_timeout, shared=shared,
+            reserve_cores=reserve_cores)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
-        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task)
+        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
+                                             reserve_cores=self.config.reserve_cores)
         if name == "serial":  # no process to size, warn about or open files for
             self._refuse_on_serial()  # before the initializer runs, in this process
             self.workers, self._sizing = 1, "serial: 1 worker, this process"
@@ -204,9 +233,10 @@ class Engine(AsyncCalls, PipelineCalls):
         return make_backend(name, BackendOptions(
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
+            mem_per_task=cfg.mem_per_task,
             shm_threshold=cfg.shm_threshold if available() else 0,
             writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
-            mem_per_task=cfg.mem_per_task),
+            shared=cfg.shared),
             address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:
@@ -221,6 +251,19 @@ class Engine(AsyncCalls, PipelineCalls):
                             ("max_tasks_per_worker", cfg.max_tasks_per_worker)):
             if value is not None:
                 raise ValueError(serial_cannot(name))
+
+    def with_options(self, *, timeout: Timeout | Default = DEFAULT,
+                     retries: int | Default = DEFAULT, retry_on: Any = DEFAULT,
+                     backoff: float | Default = DEFAULT) -> EngineView:
+        """A light view of this engine whose ``submit``, ``map``, ``imap``, async calls and
+        ``executor`` use these failure options (the others stay the engine's), on the same
+        workers: ``engine.with_options(timeout=30, retries=2).submit(decode, path)``. Validated
+        here as ``Engine()`` validates them (``timeout=`` raises ``ValueError`` on the serial
+        backend); raises ``EngineClosed`` after shutdown. See :class:`EngineView`."""
+        from ._options import EngineView
+
+        return EngineView(self, timeout=timeout, retries=retries, retry_on=retry_on,
+                          backoff=backoff)
 
     @property
     def backend(self) -> str:

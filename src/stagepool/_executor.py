@@ -66,8 +66,10 @@ class ProcessPoolExecutor(ExecutorView):
             raise TypeError(f"mp_context must be a multiprocessing context (from "
                             f"multiprocessing.get_context()) or None, not {mp_context!r}")
         check_positive_int(max_tasks_per_child, "max_tasks_per_child", allow_none=True)
+        # writable_inputs: a call may change its numpy arguments in place, as with the standard
+        # library's private copies (an engine's own calls get read-only ones, see Engine).
         self.engine = Engine(workers=workers, initializer=initializer, initargs=initargs,
-                             max_tasks_per_worker=max_tasks_per_child)
+                             max_tasks_per_worker=max_tasks_per_child, writable_inputs=True)
         super().__init__(self.engine.submit, self.engine.shutdown)
         weakref.finalize(self, self.engine.shutdown, False).atexit = False
         _live.add(self)

@@ -19,7 +19,7 @@ from ._errors import (
 from ._outcome import Kind, RemoteTraceback
 from ._worker import ErrInfo
 
-__all__ = ["RetryOn", "crash_error", "death_failure", "rebuild_error", "retryable",
+__all__ = ["RetryOn", "Subject", "crash_error", "death_failure", "rebuild_error", "retryable",
            "unpickled_result_error"]
 
 RetryOn = tuple[str | type[BaseException], ...]
@@ -43,7 +43,15 @@ _CRASH_HINTS = {
 }
 
 
-def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
+Subject = int | str  # a batch's item index, or what a single call is ("the call f()")
+
+
+def subject(index: Subject) -> str:
+    """How messages name the failed work: "item 3", or a single call by its function."""
+    return f"item {index}" if isinstance(index, int) else index
+
+
+def crash_error(died: LaneDied, index: Subject, stage: str) -> WorkerCrashed:
     """A message that says who died, how, on which item, the likely cause and the stderr tail."""
     code = died.exitcode
     if died.reason == "memory":
@@ -60,7 +68,7 @@ def crash_error(died: LaneDied, index: int, stage: str) -> WorkerCrashed:
     if died.reason == "initializer":  # the backend starts no new worker: a doomed engine
         stage = f"running the initializer {died.initializer}, before"
         hint += "; no worker is started again and every item fails so: fix the initializer"
-    msg = f"{_who(died)} {how} while {stage} item {index}{_ran_for(died)}: {hint}"
+    msg = f"{_who(died)} {how} while {stage} {subject(index)}{_ran_for(died)}: {hint}"
     if died.detail:  # a few lines here; the whole tail (the full dump) is the .stderr attribute
         msg += f"\n--- the worker's last words (stderr tail; all of it: .stderr) ---\n{brief(died.detail)}"
     return WorkerCrashed(msg, stderr=died.detail)
@@ -75,13 +83,13 @@ def _who(died: LaneDied) -> str:
     return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 
-def death_failure(died: LaneDied, index: int, stage: str,
+def death_failure(died: LaneDied, index: Subject, stage: str,
                   seconds: float) -> tuple[Kind, Exception]:
     """What a dead worker means for the item it was running (``seconds``: its timeout)."""
     if died.reason == "timeout":
         hung = where(died.stack)
         return "timeout", TaskTimeout(
-            f"item {index} ran longer than its timeout of {seconds:g} s in {_who(died)}"
+            f"{subject(index)} ran longer than its timeout of {seconds:g} s in {_who(died)}"
             f"{_ran_for(died)}" + (f", stuck in {hung}" if hung else "") +
             "; the worker and its child processes were killed and replaced"
             + ("" if hung else " (no Python stack: it could not be dumped)"),
@@ -89,11 +97,11 @@ def death_failure(died: LaneDied, index: int, stage: str,
     if died.reason == "init_timeout":
         return "error", InitializerError(
             f"the initializer {died.initializer} ran longer than init_timeout in worker "
-            f"{died.pid} (before item {index}): it was killed with its child processes and no "
+            f"{died.pid} (before {subject(index)}): it was killed with its child processes and no "
             "worker is started again; make it faster, or raise init_timeout (None: no limit)")
     if died.reason == "cancelled":
         return "cancelled", TaskCancelled(
-            f"item {index} was running when its batch was cancelled; its worker was killed")
+            f"{subject(index)} was running when its batch was cancelled; its worker was killed")
     return "crash", crash_error(died, index, stage)
 
 
@@ -105,12 +113,12 @@ def retryable(retry_on: RetryOn, kind: Kind, error: BaseException) -> bool:
                for entry in retry_on for err in errors)
 
 
-def rebuild_error(info: ErrInfo, index: int) -> tuple[Kind, Exception, str]:
+def rebuild_error(info: ErrInfo, index: Subject) -> tuple[Kind, Exception, str]:
     """The exception a worker reported for item ``index``, rebuilt in the parent with the
     worker's traceback as ``__cause__`` (a :class:`RemoteError` when it cannot be rebuilt)."""
     if info.kind in ("serialization", "unpickle"):
         return "serialization", SerializationError(
-            f"item {index}: {info.message}", cause=RemoteTraceback(info.traceback)), info.traceback
+            f"{subject(index)}: {info.message}", cause=RemoteTraceback(info.traceback)), info.traceback
     error: BaseException | None = None
     if info.blob is not None:
         try:
@@ -140,6 +148,6 @@ def _not_the_callers(original: BaseException, info: ErrInfo) -> RemoteError:
     return wrapper
 
 
-def unpickled_result_error(index: int, exc: BaseException) -> SerializationError:
-    return SerializationError(f"item {index}: its result could not be unpickled in the parent: "
+def unpickled_result_error(index: Subject, exc: BaseException) -> SerializationError:
+    return SerializationError(f"{subject(index)}: its result could not be unpickled in the parent: "
                               f"{type(exc).__name__}: {exc}", cause=exc)

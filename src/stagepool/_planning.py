@@ -23,7 +23,7 @@ from ._resources import (
 )
 from ._threads import ENV_WORKER_THREADS
 
-__all__ = ["LimitedBy", "WorkerPlan", "choose_workers", "cluster_plan", "format_snapshot",
+__all__ = ["LimitedBy", "WorkerPlan", "choose_workers", "cluster_plan", "count_of", "format_snapshot",
            "overcommit_warning",
            "plan_from_snapshot", "plan_workers"]
 
@@ -45,6 +45,7 @@ class WorkerPlan:
     limited_by: LimitedBy
     reason: str
     snapshot: ResourceSnapshot
+    reserve_cores: int = 0  # CPUs left to the caller: BLAS threads share the others
 
     def __str__(self) -> str:
         return self.reason
@@ -64,7 +65,8 @@ class WorkerPlan:
         (always there) is the budget ``stagepool.worker_threads()`` reports in a task.
         """
         env = os.environ if environ is None else environ
-        threads = str(max(1, self.cpus // (workers or self.workers)))
+        cpus = max(1, self.cpus - self.reserve_cores)
+        threads = str(max(1, cpus // (workers or self.workers)))
         budget = {name: threads for name in THREAD_ENV_VARS if not env.get(name)}
         # What worker_threads() answers in a task: the user's OpenMP choice, else the share.
         user = env.get("OMP_NUM_THREADS", "")
@@ -112,6 +114,7 @@ def plan_from_snapshot(
         limited_by=limited_by,
         reason=f"{_workers(workers)}: {detail}",
         snapshot=snapshot,
+        reserve_cores=reserve_cores,
     )
 
 
@@ -233,8 +236,8 @@ def _cpu_reason(snapshot: ResourceSnapshot, reserve_cores: int) -> str:
         f"cgroup quota {_or_none(snapshot.cgroup_cpu_quota)}"
     )
     if not reserve_cores:
-        return f"{_count(usable, 'usable CPU')} ({sources})"
-    detail = f"{_count(usable, 'usable CPU')} minus reserve_cores={reserve_cores} ({sources})"
+        return f"{count_of(usable, 'usable CPU')} ({sources})"
+    detail = f"{count_of(usable, 'usable CPU')} minus reserve_cores={reserve_cores} ({sources})"
     if usable <= reserve_cores:
         detail += ": no CPU left, running 1 worker anyway"
     return detail
@@ -270,10 +273,11 @@ def _same_unit(*sizes: int) -> list[str]:
 
 
 def _workers(n: int) -> str:
-    return _count(n, "worker")
+    return count_of(n, "worker")
 
 
-def _count(n: int, noun: str) -> str:
+def count_of(n: int, noun: str) -> str:
+    """"1 worker", "2 workers": every count in a plan or report text agrees with its noun."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 

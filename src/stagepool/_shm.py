@@ -19,6 +19,8 @@ Who frees what (nothing else ever unlinks a segment):
                                              received the result
     ``c{pid}``  renamed by the parent        ``loads(unlink=True)``, or ``discard`` when the
                                              result is dropped; ``sweep(owner)`` at shutdown
+    ``s{n}``    the parent (engine n's       ``sweep(owner, "s{n}")`` when that engine's
+                shared data, ``_shared``)    backend closes
     any         any                          ``abandon(owner)`` in each worker that sees its
                                              parent die (SIGKILL, SIGTERM), before it exits
     any         any                          ``sweep_stale()`` once the owner pid is gone (the
@@ -76,7 +78,7 @@ HEADER = struct.Struct("<4sI")
 
 # stagepool-{owner}-{p | w<pid> | c<pid>}-{counter}-{random hex}. Names read from a blob are checked
 # against this before anything is renamed or unlinked, so a corrupt blob cannot name another file.
-_NAME = re.compile(r"stagepool-([0-9]+)-(p|[wc][0-9]+)-[0-9]+-[0-9a-f]+")
+_NAME = re.compile(r"stagepool-([0-9]+)-(p|[wcs][0-9]+)-[0-9]+-[0-9a-f]+")
 
 Blob = bytes | bytearray | memoryview
 _counter = itertools.count()

@@ -62,6 +62,15 @@ def _fn_name(fn: Callable[..., Any]) -> tuple[str, ...]:
     return (getattr(fn, "__module__", None) or "", getattr(fn, "__qualname__", None) or repr(type(fn)))
 
 
+def call_name(fn: Callable[..., Any]) -> str:
+    """A function's name for messages; ``Executor.map``'s chunk call is named by the function it
+    maps."""
+    if isinstance(fn, functools.partial):
+        mapped = [arg for arg in fn.args if callable(arg)] if fn.func is call_chunk else []
+        return call_name(mapped[0] if mapped else fn.func)
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
 class Single:
     """One ``submit`` call: its future, and its task while it is owed an answer."""
 
@@ -72,6 +81,7 @@ class Single:
         self.task: Task | None = None
         self.tries = 1
         self.call: Call | None = (fn, args, kwargs)
+        self.subject = f"the call {call_name(fn)}()"  # what its failures name (not "item 0")
         # By weak reference: the future outlives this object (the caller holds it), and a
         # future -> Single -> future cycle kept every finished future and its result alive
         # until the garbage collector ran. The task holds this object while it is owed an answer.
@@ -182,16 +192,16 @@ class Single:
     def _decode(self, task: Task, result: TaskResult) -> tuple[Kind, Any, BaseException | None]:
         if isinstance(result, LaneDied):
             seconds = task.timeouts[0] if task.timeouts else float("nan")
-            kind, error = death_failure(result, 0, "running", seconds)
+            kind, error = death_failure(result, self.subject, "running", seconds)
             return kind, None, error
         try:
             answer: ChunkResult = self.ctx.backend.codec.decode(result)
         except Exception as exc:
-            return "serialization", None, unpickled_result_error(0, exc)
+            return "serialization", None, unpickled_result_error(self.subject, exc)
         if self.call is not None:
             self.ctx.learn(self.call[0], answer.stamps[-1] - answer.stamps[0])
         if answer.errors:
-            kind, error, _tb = rebuild_error(answer.errors[0], 0)
+            kind, error, _tb = rebuild_error(answer.errors[0], self.subject)
             return kind, None, error
         return "ok", answer.values[0], None
 

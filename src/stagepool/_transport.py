@@ -45,7 +45,7 @@ __all__ = ["dumps", "dumps_plain", "dumps_sized", "loads"]
 
 PICKLE_PROTOCOL = 5
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)
-_CREATOR = re.compile(r"p|w[0-9]+")
+_CREATOR = re.compile(r"p|[ws][0-9]+")
 
 
 # Kinds whose bytes are the whole value (bool, ints, floats, complex, datetimes, bytes, str, void and
@@ -59,16 +59,17 @@ _Order = Literal["C", "F"]
 
 
 def dumps(obj: object, *, threshold: int, owner: int, creator: str,
-          arena: int | None = None) -> bytes:
+          arena: int | None = None, read_only: bool = False) -> bytes:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``.
 
     ``dumps_sized`` does the same and also says how many bytes the blob and its segments hold.
     """
-    return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena)[0]
+    return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena,
+                       read_only=read_only)[0]
 
 
 def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
-                arena: int | None = None) -> tuple[bytes, int]:
+                arena: int | None = None, read_only: bool = False) -> tuple[bytes, int]:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``; return the
     blob and the payload size (the blob's bytes plus its segments').
 
@@ -77,6 +78,8 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     also inside structured dtypes) is copied once into a segment; non-contiguous arrays arrive
     C-contiguous, Fortran-ordered ones stay Fortran-ordered. Everything else, and everything when
     ``threshold`` is 0, is pickled as usual. The same array object referenced twice travels once.
+    ``read_only=True``: the arrays pickled inline unpickle read-only too, so that the reader sees
+    read-only arrays at every size, not only from ``threshold`` up.
 
     ``owner`` is the pid of the process that owns the engine; ``creator`` is ``"p"`` in that process
     and ``f"w{os.getpid()}"`` in a worker. The result always starts with the segment-name header.
@@ -92,15 +95,16 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     if owner <= 0:
         raise ValueError(f"owner must be a pid, got {owner}")
     if not _CREATOR.fullmatch(creator):
-        raise ValueError(f"creator must be 'p' or 'w<pid>', got {creator!r}")
+        raise ValueError(f"creator must be 'p', 'w<pid>' or 's<n>', got {creator!r}")
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
-    numpy = _imported_numpy() if threshold > 0 else None
+    numpy = _imported_numpy() if threshold > 0 or read_only else None
     if numpy is None:  # without numpy imported there is no ndarray to move
         _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
         return blob, len(blob)
-    pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena)
+    pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena,
+                       read_only=read_only)
     try:
         pickler.dump(obj)
     except BaseException:
@@ -175,13 +179,14 @@ class _Pickler(_SourcePickler):
     """
 
     def __init__(self, file: io.BytesIO, numpy: Any, *, threshold: int, owner: int, creator: str,
-                 arena: int | None = None) -> None:
+                 arena: int | None = None, read_only: bool = False) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.segments: list[str] = []
         self.shm_bytes = 0
         self._np = numpy
         self._array_types = (numpy.ndarray, numpy.memmap)
         self._threshold = threshold
+        self._read_only = read_only
         self._owner = owner
         self._creator = creator
         self._arena = arena if creator == "p" and owner == os.getpid() else None
@@ -192,13 +197,14 @@ class _Pickler(_SourcePickler):
         return _cloudpickle_reducer_override(self, obj)
 
     def _reduce_array(self, arr: NDArray[Any]) -> Any:
-        if arr.nbytes < self._threshold or arr.ndim == 0 or not _plain(arr.dtype):
-            return NotImplemented
-        order: _Order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        name = self._create(arr)
-        if name is None:
-            return NotImplemented
-        return (_attach, (len(self.segments) - 1, arr.dtype, arr.shape, order))
+        threshold = self._threshold
+        if threshold and arr.nbytes >= threshold and arr.ndim and _plain(arr.dtype):
+            order: _Order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+            if self._create(arr) is not None:
+                return (_attach, (len(self.segments) - 1, arr.dtype, arr.shape, order))
+        if self._read_only:  # numpy's own reduction, wrapped: one call more per array
+            return (_read_only_array, (arr.__reduce_ex__(PICKLE_PROTOCOL),))
+        return NotImplemented
 
     def _create(self, arr: NDArray[Any]) -> str | None:
         name = create_segment(arr, self._np, owner=self._owner, creator=self._creator,
@@ -206,6 +212,24 @@ class _Pickler(_SourcePickler):
         if name is not None:
             self.shm_bytes += arr.nbytes
         return name
+
+
+# Arrays this process has unpickled read-only by ``_read_only_array``: a worker compares the count
+# before and after loading a chunk to know whether its items hold any (then a "read-only" error
+# gets a note saying how to get writable inputs).
+read_only_arrays = 0
+
+
+def _read_only_array(reduced: tuple[Any, ...]) -> object:
+    """Rebuild an array from numpy's own reduction (``(rebuild, args[, state])``), read-only."""
+    global read_only_arrays
+    read_only_arrays += 1
+    rebuild, args, *rest = reduced
+    arr = rebuild(*args)
+    if rest and rest[0] is not None:
+        arr.__setstate__(rest[0])
+    arr.flags.writeable = False
+    return arr
 
 
 def _plain(dtype: np.dtype[Any]) -> bool:

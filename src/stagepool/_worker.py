@@ -30,9 +30,10 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
-from . import _shm, _transport
+from . import _shared, _shm, _transport, _worker_guards
 from ._worker_guards import (
     StdFds,
+    explain_memory_error,
     flush_std_streams,
     forked_children,
     lead_own_group,
@@ -179,8 +180,8 @@ def run_chunk(
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
     duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
-    ``readonly_inputs``: some items hold read-only views of shared memory, so a "read-only"
-    ValueError gets a note saying how to get writable inputs.
+    ``readonly_inputs``: the items' arrays are read-only, so a "read-only" ValueError gets a
+    note saying how to get writable inputs.
 
     In a pool worker, a child process that ``fn`` forked and that comes back here (returning or
     raising, ``sys.exit`` included) exits at once: only the worker itself may answer.
@@ -241,6 +242,7 @@ def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseExceptio
     errors = {} if errors is None else errors
     if readonly_inputs:
         _explain_read_only(exc)
+    explain_memory_error(exc)
     errors[offset] = _exc_info("error", exc)
     return errors
 
@@ -250,9 +252,10 @@ def _explain_read_only(exc: BaseException) -> None:
     not say why a function that works on small test arrays fails on big ones in the pool."""
     if isinstance(exc, ValueError) and "read-only" in _safe_str(exc):
         exc.add_note(
-            "stagepool: numpy arrays of shm_threshold (default 1 MiB) and more arrive in workers as "
-            "read-only views of shared memory. To change an input in place, create the Engine "
-            "with writable_inputs=True (private copy-on-write views), or work on a.copy().")
+            "stagepool: numpy arrays arrive in workers read-only, at every size (from "
+            "shm_threshold, default 1 MiB, up as views of shared memory). To change an input in "
+            "place, create the Engine with writable_inputs=True (private writable copies), or "
+            "work on a.copy().")
 
 
 def _rss() -> int:
@@ -371,6 +374,7 @@ def _handle(
             result = failed_chunk(n_items, "serialization", exc,
                                      "the function could not be unpickled in the worker")
         else:
+            frozen = _transport.read_only_arrays
             try:
                 items = cast(list[Any], _transport.loads(
                     items_blob, writable=setup.writable_inputs, unlink=False))
@@ -379,7 +383,8 @@ def _handle(
                 result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
-                readonly = not setup.writable_inputs and bool(_shm.segment_names(items_blob))
+                readonly = not setup.writable_inputs and (  # some input array is read-only
+                    frozen != _transport.read_only_arrays or bool(_shm.segment_names(items_blob)))
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock, readonly_inputs=readonly)
                 del items
@@ -402,6 +407,10 @@ class WorkerSetup:
     data_limit: int | None = None  # RLIMIT_DATA in bytes: a runaway allocation -> MemoryError
     shm_threshold: int = 0  # result arrays this big go back through shared memory
     writable_inputs: bool = False  # input arrays as private copy-on-write views (else read-only)
+    # Segments (see _shared) holding the engine's shared values and (initializer, initargs):
+    # names, so that what the process start pipe carries stays small whatever the data.
+    shared: str | None = None
+    boot: str | None = None
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -416,6 +425,7 @@ def _limit_memory(limit: int | None) -> None:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+        _worker_guards.memory_cap = limit
     except (ImportError, ValueError, OSError):  # pragma: no cover - not on this platform
         pass
 
@@ -465,13 +475,18 @@ def _initialize(setup: WorkerSetup, record: _Record) -> BaseException | None:
     """Run the initializer; its exception is returned (reported on every item, so the pool does
     not respawn-loop). The phase says "initializing" meanwhile: if the initializer kills the
     process (segfault, ``os._exit``), the parent blames the initializer, not an item."""
-    if setup.initializer is None:
+    if setup.initializer is None and setup.shared is None and setup.boot is None:
         return None
     record.floats[F_START] = time.monotonic()  # first: the parent reads the phase, then this
     record.ints[F_PHASE] = PHASE_INIT
     error: BaseException | None = None
     try:
-        setup.initializer(*setup.initargs)
+        if setup.shared is not None:
+            _shared.attach(setup.shared)
+        initializer, initargs = (_shared.boot(setup.boot) if setup.boot is not None
+                                 else (setup.initializer, setup.initargs))
+        if initializer is not None:
+            initializer(*initargs)
         if forked_children:
             leave_fork(None)
     except BaseException as exc:

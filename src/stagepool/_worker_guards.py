@@ -25,6 +25,7 @@ __all__ = [
     "PARENT_EXIT_WAIT",
     "StdFds",
     "die_with_parent",
+    "explain_memory_error",
     "flush_std_streams",
     "forked_children",
     "lead_own_group",
@@ -157,3 +158,17 @@ def watch_parent(ppid: int) -> None:
         time.sleep(0.25)
         if parent_gone(ppid):
             die_with_parent(ppid)
+
+
+# The memory cap (RLIMIT_DATA, bytes) this worker runs under, once set; None: no cap.
+memory_cap: int | None = None
+
+
+def explain_memory_error(exc: BaseException) -> None:
+    """A ``MemoryError`` under the engine's cap says which cap and how to lift it: by default
+    it comes from ``mem_per_task``, which callers read as a sizing hint only."""
+    if isinstance(exc, MemoryError) and memory_cap is not None:
+        exc.add_note(
+            f"stagepool: this worker's private memory is capped at {memory_cap / 2**20:.0f} MiB "
+            "(2 x max_rss_per_worker + 512 MiB, or by default 4 x mem_per_task + 512 MiB): "
+            "raise mem_per_task or max_rss_per_worker for bigger items")

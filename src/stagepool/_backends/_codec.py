@@ -29,10 +29,16 @@ MAX_FUNCTIONS = 256
 
 
 class SharedMemoryCodec:
-    """Pickles with big arrays in shared memory (``threshold`` 0: plain pickles only)."""
+    """Pickles with big arrays in shared memory (``threshold`` 0: plain pickles only).
 
-    def __init__(self, threshold: int) -> None:
+    With ``read_only_inputs`` (the default: the engine's ``writable_inputs=False``) every input
+    array arrives read-only, whatever its size: big ones are views of shared memory, and a
+    function that changes its input in place must fail on a 2 s test segment as it would on
+    a 3 s one, not only past the threshold."""
+
+    def __init__(self, threshold: int, *, read_only_inputs: bool = True) -> None:
         self.threshold = threshold
+        self.read_only_inputs = read_only_inputs
         self._keys: dict[bytes, int] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
@@ -49,7 +55,8 @@ class SharedMemoryCodec:
 
     def encode(self, items: list[Any], arena: int | None) -> Encoded:
         blob, nbytes = _transport.dumps_sized(items, threshold=self.threshold, owner=os.getpid(),
-                                              creator="p", arena=arena)
+                                              creator="p", arena=arena,
+                                              read_only=self.read_only_inputs)
         return Encoded(blob, nbytes)
 
     def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -216,7 +216,11 @@ class BackendOptions:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     max_rss: int | None = None
     max_tasks: int | None = None
+    # Bytes one item needs: the default memory cap of a local worker when max_rss is None,
+    # and what a cluster sizes its slots by.
+    mem_per_task: int | None = None
     shm_threshold: int = 0
     writable_inputs: bool = False
     init_timeout: float | None = None  # seconds the initializer may take in a worker
-    mem_per_task: int | None = None  # bytes one item needs (a cluster sizes its workers by it)
+    # Read-only values every worker sees as stagepool.shared(name) (see _shared).
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)

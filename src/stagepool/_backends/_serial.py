@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .. import _shared
 from .._errors import EngineClosed
 from .._worker import ChunkResult, failed_chunk, run_chunk
 from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, Task
@@ -66,9 +67,11 @@ class SerialBackend:
         self._lock = threading.RLock()  # re-entrant: an item may itself call the engine
         self._closed = False
         self._init_error: BaseException | None = None
+        self._shared = _shared.freeze(options.shared)  # read-only arrays, as in a worker
         if options.initializer is not None:
             try:
-                options.initializer(*options.initargs)
+                with _shared.serving(self._shared):
+                    options.initializer(*options.initargs)
             except KeyboardInterrupt:  # the caller's own Ctrl-C, as inside an item
                 raise
             except BaseException as exc:  # as in a worker (SystemExit too): every item fails
@@ -107,8 +110,9 @@ class SerialBackend:
                 result = failed_chunk(task.n_items, "error", self._init_error,
                                       "the initializer failed")
             else:
-                result = run_chunk(task.fn, task.items, per_item_clock=task.per_item_clock,
-                                   passthrough=(KeyboardInterrupt,))
+                with _shared.serving(self._shared):
+                    result = run_chunk(task.fn, task.items, per_item_clock=task.per_item_clock,
+                                       passthrough=(KeyboardInterrupt,))
         task.on_done(task, result)
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._config import format_size
+from .._planning import count_of
 from .._probe import KEEP_MALLOC_BYTES
 from .._resources import ResourceSnapshot
 from ._measured import PAGE_BYTES, SerialPass, SweepRun, cpu_ratio
@@ -66,7 +67,7 @@ def noise_note(runs: Sequence[SweepRun], plan: SweepPlan) -> tuple[str, ...]:
     worst = max(runs, key=lambda r: r.spread)
     if worst.spread >= NOISY_SPREAD:
         notes.append(f"rounds of one configuration differed by up to {worst.spread:.0%} "
-                     f"({worst.workers} workers, chunk {worst.chunk_size}): the fastest round of "
+                     f"({count_of(worst.workers, 'worker')}, chunk {worst.chunk_size}): the fastest round of "
                      "each counts, but on a quieter machine the recommendation would be firmer")
     return tuple(notes)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._config import format_size
+from .._planning import count_of
 from ._measured import SerialPass, SweepRun
 from ._plan import MEM_SAFETY, SweepPlan, mem_per_task
 from ._text import rate, secs
@@ -228,7 +229,7 @@ def _chunk_reason(chosen: SweepRun, runs: Sequence[SweepRun], serial: SerialPass
     table = ", ".join(f"{r.chunk_size}: {rate(r)}" for r in same)
     work = chosen.chunk_size * serial.wall.mean
     return (f"{chosen.chunk_size}: the smallest chunk within {TOLERANCE:.0%} of the best at "
-            f"{chosen.workers} workers (chunk {top.chunk_size}: {rate(top)} items/s); "
+            f"{count_of(chosen.workers, 'worker')} (chunk {top.chunk_size}: {rate(top)} items/s); "
             f"~{secs(work)} of work and {chosen.ipc_share:.0%} of worker time lost to IPC per "
             f"chunk; items/s by chunk size: {table}")
 

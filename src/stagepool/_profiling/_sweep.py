@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._engine import Engine
+from .._planning import count_of
 from .._resources import cpu_rss_sampler
 from ._measured import SAMPLE_INTERVAL, SerialPass, Spread, SweepRun, WorkerSample, cpu_ratio
 from ._plan import SweepPlan, distinct_pool, engine_options, items_per_run
@@ -103,7 +104,7 @@ def sweep(fn: Callable[[Any], Any], good: list[Any], serial: SerialPass, plan: S
     def measure(workers: int, chunk: int, label: str) -> None:
         n = items_per_run(serial, workers, chunk, plan.run_seconds)
         step = f"[{sum(map(len, done.values())) + 1}/{total}]"
-        say.tick(f"{step} {workers} workers, chunk {chunk}, {n} items ...")
+        say.tick(f"{step} {count_of(workers, 'worker')}, chunk {chunk}, {n} items ...")
         run = _fresh_run(fn, good, pool, n, workers, chunk, label, serial, sampler, plan)
         done.setdefault((workers, chunk), []).append(run)
         say(f"{step} {run_line(run)}{' (disturbed)' if _disturbed(run, serial) else ''}")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from .._config import format_size
+from .._planning import count_of
 from ._measured import SerialPass, SweepRun, cpu_ratio
 
 __all__ = ["Say", "cpu_text", "kwargs_text", "rate", "run_line", "secs", "serial_line"]
@@ -71,5 +72,5 @@ def rate(run: SweepRun) -> str:
 
 
 def run_line(run: SweepRun) -> str:
-    return (f"{run.workers} workers, chunk {run.chunk_size}: {rate(run)} items/s over "
+    return (f"{count_of(run.workers, 'worker')}, chunk {run.chunk_size}: {rate(run)} items/s over "
             f"{run.items} items, efficiency {run.efficiency:.2f}, IPC {run.ipc_share:.0%}")

@@ -57,8 +57,8 @@ class PickleCodec(SharedMemoryCodec):
     out-of-band pickle-5 buffers, so the bytes go to the socket without a copy into a message.
     """
 
-    def __init__(self) -> None:
-        super().__init__(threshold=0)
+    def __init__(self, *, read_only_inputs: bool = True) -> None:
+        super().__init__(threshold=0, read_only_inputs=read_only_inputs)
 
     def encode(self, items: list[Any], arena: int | None) -> Encoded:
         encoded = super().encode(items, None)
@@ -89,7 +89,7 @@ class DaskBackend:
         self._own_client = client is None
         self._address: str = self._client.scheduler.address  # gone from a closed client
         self._name = f"stagepool-{uuid.uuid4().hex[:12]}"
-        self._codec = PickleCodec()
+        self._codec = PickleCodec(read_only_inputs=not options.writable_inputs)
         self._queue = FairShare()
         self._lock = self._queue.lock
         self._roster = Roster(self._client, options.mem_per_task)

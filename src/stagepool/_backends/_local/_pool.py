@@ -34,7 +34,7 @@ from typing import Any
 
 from loky.backend.context import get_context
 
-from ... import _shm
+from ... import _shared, _shm
 from ..._errors import EngineClosed
 from ..._resources import rss_of
 from ..._worker import WorkerSetup
@@ -66,6 +66,10 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
 CANCEL_TURN_TIMEOUT = 10.0
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
+# The RSS cap mem_per_task implies when max_rss_per_worker is not given (the memory limit is
+# then 2 x this + the headroom): generous, since mem_per_task is an estimate that sizes the
+# pool, yet a bound on the item that needs ten times what was planned.
+MEM_PER_TASK_CAP = 2
 
 
 def _notify(task: Task, result: TaskResult) -> None:
@@ -114,8 +118,10 @@ class LocalBackend:
         self._pid = os.getpid()  # the workers' parent: a forked child must leave them alone
         self._initializer = options.initializer
         self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
-        self._codec = SharedMemoryCodec(options.shm_threshold)
+        self._codec = SharedMemoryCodec(options.shm_threshold,
+                                        read_only_inputs=not options.writable_inputs)
         _shm.sweep_stale()  # shared memory of engines whose process died without cleanup
+        self._published = _publish(options, self._pid)
         self._record = SharedRecord(4 * (workers + 1))
         self._limits = Limits(self._record, options.init_timeout, options.max_rss)
         self._queue = FairShare()
@@ -135,13 +141,15 @@ class LocalBackend:
 
     def _setup(self, options: BackendOptions) -> WorkerSetup:
         """What every worker gets (the crew fills in its slot and parent)."""
-        # Private writable memory may reach twice the RSS cap (plus room for the interpreter and
-        # BLAS buffers) before an allocation fails with MemoryError inside the item.
-        max_rss = options.max_rss
-        data_limit = None if max_rss is None else 2 * max_rss + DATA_LIMIT_HEADROOM
-        return WorkerSetup(self._record.path, -1, self._pid, options.initializer,
-                           tuple(options.initargs), data_limit, options.shm_threshold,
-                           options.writable_inputs)
+        data_limit = data_limit_of(options)
+        published = self._published
+        booted = published is not None and published.boot is not None
+        return WorkerSetup(self._record.path, -1, self._pid,
+                           None if booted else options.initializer,
+                           () if booted else tuple(options.initargs), data_limit,
+                           options.shm_threshold, options.writable_inputs,
+                           shared=published.shared if published is not None else None,
+                           boot=published.boot if published is not None else None)
 
     # ---- the Backend protocol ---------------------------------------------------------------
 
@@ -415,7 +423,32 @@ class LocalBackend:
             _notify(task, ended)
         self._mailbox.close()
         self._record.close()
+        if self._published is not None:  # after the workers: a respawn may still have read them
+            _shared.withdraw(self._published, owner=self._pid)
         _live_backends.discard(self)
+
+
+def data_limit_of(options: BackendOptions) -> int | None:
+    """A worker's RLIMIT_DATA: private writable memory may reach twice the RSS cap (plus room for
+    the interpreter and BLAS buffers) before an allocation fails with MemoryError inside the
+    item. Without a cap, ``mem_per_task`` gives one (MEM_PER_TASK_CAP of it): a task sized at
+    1 GiB that meets a 6 GiB item fails alone instead of waking the OOM killer."""
+    cap = options.max_rss
+    if cap is None and options.mem_per_task is not None:
+        cap = MEM_PER_TASK_CAP * options.mem_per_task
+    return None if cap is None else 2 * cap + DATA_LIMIT_HEADROOM
+
+
+def _publish(options: BackendOptions, owner: int) -> _shared.Published | None:
+    """Shared values and (initializer, initargs) into /dev/shm, so that a worker's start-up
+    arguments stay small (see _shared); None where there is no /dev/shm: they then go through the
+    start pipe (shared values as the initializer's do, which may block while a worker starts)."""
+    if not _shm.available():
+        if options.shared:
+            raise ValueError("shared= needs /dev/shm, which this machine does not offer")
+        return None
+    return _shared.publish(options.shared, options.initializer, tuple(options.initargs),
+                           owner=owner)
 
 
 _live_backends: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
