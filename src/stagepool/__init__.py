@@ -17,6 +17,7 @@ if _typing.TYPE_CHECKING:
     from ._aio import OutcomeStream
     from ._engine import Engine
     from ._errors import (
+        CheckpointError,
         EngineClosed,
         InitializerError,
         OvercommitWarning,
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "BatchReport": "._outcome",
     "BatchStats": "._outcome",
+    "CheckpointError": "._errors",
     "Engine": "._engine",
     "EngineClosed": "._errors",
     "EngineView": "._options",
@@ -87,6 +89,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = (
     "BatchReport",
     "BatchStats",
+    "CheckpointError",
     "Engine",
     "EngineClosed",
     "EngineView",

@@ -28,8 +28,9 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Hashable, Iterable
 from typing import Any, Generic, Literal, ParamSpec, Self, TypeVar
 
 from ._batch import Batch, BatchSpec
@@ -37,9 +38,10 @@ from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post
 from ._calls import Calls
 from ._config import DEFAULT, Default, Timeout, check_bool
 from ._errors import TaskCancelled
+from ._journal import Mismatch
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
-from ._streams import outcome_lists, run_to_report
+from ._resume import KeyPlan, key_plan, new_batch, outcome_lists_of, report_of
 
 __all__ = ["AsyncCalls", "OutcomeStream", "imap_async", "map_async", "shutdown_async", "submit_async"]
 
@@ -101,7 +103,7 @@ async def map_async(
         if call.cancelled:  # cancelled while it waited for a thread: build nothing
             raise asyncio.CancelledError
         batch = make_batch(source, call.relay(on_progress))
-        return run_to_report(call.attach(batch))  # after a cancel: partial, and unawaited
+        return report_of(call.attach(batch))  # after a cancel: partial, and unawaited
 
     try:
         return await asyncio.wrap_future(call.run(work))
@@ -183,7 +185,7 @@ class _Stream(Generic[R]):
         try:
             if call.cancelled:  # cancelled while it waited for a thread
                 return
-            lists = outcome_lists(make, self.ordered)
+            lists = outcome_lists_of(make, self.ordered)
             for outcomes in lists:
                 if not self.credit(call):
                     break
@@ -369,6 +371,10 @@ class AsyncCalls(Calls):
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        finished_kinds: Iterable[str] | None = None,
+        checkpoint_mismatch: Mismatch = "refuse",
     ) -> BatchReport[R]:
         """Awaitable :meth:`Engine.map`, without blocking the event loop; same report.
 
@@ -380,10 +386,14 @@ class AsyncCalls(Calls):
         ``CancelledError`` at once; chunks not started never start; running items finish with
         their results dropped (``on_cancel="finish"``) or are killed with their workers, which
         are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
+        ``key``, ``checkpoint`` and the rest: as for :meth:`Engine.map` (keys are computed and
+        the journal written in the helper thread, never on the loop).
         """
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
-        return await map_async(self._batches(spec), items, on_cancel=on_cancel,
+        plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
+                        checkpoint_mismatch=checkpoint_mismatch)
+        return await map_async(self._batches(spec, plan), items, on_cancel=on_cancel,
                                on_progress=on_progress)
 
     def imap_async(
@@ -400,25 +410,33 @@ class AsyncCalls(Calls):
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        finished_kinds: Iterable[str] | None = None,
+        checkpoint_mismatch: Mismatch = "refuse",
     ) -> OutcomeStream[R]:
         """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
 
         Cancellation: leaving the loop early (``break``, an exception, ``aclose()``, the end of
         ``async with``) or cancelling the consuming task withdraws what has not started; running
-        items follow ``on_cancel`` as in :meth:`map_async`.
+        items follow ``on_cancel`` as in :meth:`map_async`. ``key``, ``checkpoint`` and the
+        rest: as for :meth:`Engine.map`.
         """
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                           max_concurrent=max_concurrent)
-        return imap_async(self._batches(spec), items, ordered=ordered, on_cancel=on_cancel,
+        plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
+                        checkpoint_mismatch=checkpoint_mismatch)
+        return imap_async(self._batches(spec, plan), items, ordered=ordered, on_cancel=on_cancel,
                           on_progress=on_progress)
 
-    def _batches(self, spec: BatchSpec) -> Callable[..., Batch]:
+    def _batches(self, spec: BatchSpec, plan: KeyPlan | None) -> Callable[..., Batch]:
         """What an async call builds its batch with, from its source and progress relay."""
         backend = self._backend_or_raise()
 
         def make(source: Iterable[Any], relay: Callable[[Progress], object] | None) -> Batch:
-            return Batch(backend, dataclasses.replace(spec, items=source, on_progress=relay))
+            return new_batch(backend, dataclasses.replace(spec, items=source, on_progress=relay),
+                             plan)
 
         return make
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import os
 import threading
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._answers import BatchPolicy
 from ._backends import Backend
-from ._batch import Batch, BatchSpec
+from ._batch import BatchSpec
 from ._config import (
     DEFAULT,
     Default,
@@ -25,10 +26,12 @@ from ._config import (
     check_timeout,
     validate_chunk_size,
 )
+from ._journal import Mismatch
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress, check_progress_options
+from ._resume import key_plan, new_batch, outcome_lists_of, report_of
 from ._single import ExecutorView, Single, SubmitContext
-from ._streams import outcomes, run_to_report
+from ._streams import outcomes
 
 __all__ = ["Calls", "check_fn", "serial_cannot"]
 
@@ -95,6 +98,10 @@ class Calls:
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         max_concurrent: int | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        finished_kinds: Iterable[str] | None = None,
+        checkpoint_mismatch: Mismatch = "refuse",
     ) -> BatchReport[R]:
         """Run ``fn`` on every item; return a :class:`BatchReport` with one outcome per item.
 
@@ -111,6 +118,20 @@ class Calls:
         not called again; the batch goes on and no result is lost. The same holds for
         :meth:`imap` and the async calls (whose callback runs on the event loop).
 
+        Keys and checkpoints (the same for :meth:`imap` and the async calls): ``key`` (a
+        callable of the item, e.g. a segment's path and time range) puts its value on each
+        outcome (``outcome.key``, ``report.keys``). ``checkpoint`` (a directory) journals each
+        finished outcome as it arrives; running the same call again skips the items it holds and
+        returns the full report, values included. Items are matched by ``key`` (unique within
+        the batch), else by index and content. ``finished_kinds`` (default ``("ok",)``; add
+        ``"error"`` etc.) says which journaled outcomes are not run again.
+        ``checkpoint_mismatch``: a journal written for another function or other keys raises
+        :class:`CheckpointError` (``"refuse"``), is discarded (``"restart"``) or used anyway
+        (``"reuse"``). A key that raises, is unhashable or repeats raises ``ValueError`` /
+        ``TypeError`` naming the item, before any item runs for a sized input (for an iterator,
+        as a failing items iterable does); an unwritable directory raises
+        :class:`CheckpointError` here. Format and crash safety: ``stagepool._journal``.
+
         Cancellation: on ``KeyboardInterrupt`` the batch's queued chunks are withdrawn, the
         workers running its items are killed and replaced, and the interrupt propagates
         (within about ``WAIT_SLICE`` seconds). Shutdown from another thread fails the remaining
@@ -119,7 +140,9 @@ class Calls:
         _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
-        return run_to_report(Batch(self._backend_or_raise(), spec))
+        plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
+                        checkpoint_mismatch=checkpoint_mismatch)
+        return report_of(new_batch(self._backend_or_raise(), spec, plan))
 
     def imap(
         self,
@@ -134,6 +157,10 @@ class Calls:
         on_progress: Callable[[Progress], object] | None = None,
         max_in_flight: int | None = None,
         max_concurrent: int | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        finished_kinds: Iterable[str] | None = None,
+        checkpoint_mismatch: Mismatch = "refuse",
     ) -> Iterator[Outcome[R]]:
         """Stream outcomes as they finish (in input order when ``ordered``).
 
@@ -141,14 +168,18 @@ class Calls:
         ahead of what the consumer has read. Closing the iterator early (``break``, ``close()``)
         withdraws chunks that have not started; running ones finish and are dropped. Nothing
         starts (and nothing is held) until the first ``next``; arguments are checked here.
+        ``key``, ``checkpoint`` and the rest: as for :meth:`map` (the journal is opened at the
+        first ``next``; restored outcomes are streamed in their places).
         """
         check_bool(ordered, "ordered")
         _refuse_async_items(items)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
                           max_concurrent=max_concurrent)
+        plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
+                        checkpoint_mismatch=checkpoint_mismatch)
         backend = self._backend_or_raise()
-        return outcomes(lambda: Batch(backend, spec), ordered)
+        return outcomes(lambda: new_batch(backend, spec, plan), ordered, outcome_lists_of)
 
     # ---- single calls --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = [
+    "CheckpointError",
     "EngineClosed",
     "InitializerError",
     "OvercommitWarning",
@@ -129,6 +130,13 @@ class RemoteError(_Rebuildable):
         self.__dict__.update(state or {})
 
 
+class CheckpointError(StagepoolError, ValueError):
+    """A ``checkpoint=`` directory cannot serve this call: not writable, written for another
+    function or other keys (``checkpoint_mismatch=`` says what to do then), corrupt, or in use
+    by another running batch. Raised at the call, before any item runs; the message names the
+    path and the fix, an ``OSError`` behind it is the ``__cause__``."""
+
+
 class OvercommitWarning(UserWarning):
     """Explicit settings ask for more than the machine allows: ``Engine(workers=N,
     mem_per_task=...)`` where N tasks of that size do not fit in the available memory.
@@ -142,6 +150,7 @@ class OvercommitWarning(UserWarning):
 
 # Public classes name the package they are imported from, in reprs and tracebacks.
 for _public in (
+    CheckpointError,
     EngineClosed,
     InitializerError,
     OvercommitWarning,

@@ -51,6 +51,8 @@ class Outcome(NamedTuple, Generic[T]):
     process died), ``"serialization"`` (something could not be pickled) or ``"cancelled"``.
     ``duration`` is seconds spent in the worker (for items under ~2 us, the mean of their chunk),
     ``worker`` its pid, ``attempts`` how many times the item was run (retries included).
+    ``key`` is what the call's ``key=`` callable returned for the item (None without one), so a
+    streamed outcome names its segment without a side table.
 
     An immutable named tuple: cheap to build by the million in a stream (a frozen dataclass costs
     five times more), comparable, and unpackable.
@@ -65,6 +67,7 @@ class Outcome(NamedTuple, Generic[T]):
     duration: float
     worker: int | None
     attempts: int = 1
+    key: Any = None
 
     def unwrap(self) -> T:
         """Return the value, or raise the item's error (with the worker traceback as ``__cause__``)."""
@@ -73,7 +76,7 @@ class Outcome(NamedTuple, Generic[T]):
         return self.value  # type: ignore[return-value]
 
 
-# Builds an Outcome from a 9-tuple without NamedTuple's argument parsing (the streaming hot path).
+# Builds an Outcome from a 10-tuple without NamedTuple's argument parsing (the streaming hot path).
 make_outcome: Any = functools.partial(tuple.__new__, Outcome)
 
 
@@ -88,6 +91,7 @@ class BatchStats:
     chunks: int
     chunk_size: float
     retries: int = 0
+    restored: int = 0  # items taken from a checkpoint instead of run (not counted in ``items``)
 
     @property
     def items_per_second(self) -> float:
@@ -141,11 +145,12 @@ class ReportBuilder:
         self._workers[index] = failure.worker or 0
         self._failures[index] = failure
 
-    def build(self, size: int, stats: BatchStats) -> BatchReport[Any]:
+    def build(self, size: int, stats: BatchStats,
+              keys: list[Any] | None = None) -> BatchReport[Any]:
         self._grow(size)
         del self._values[size:], self._durations[size:], self._workers[size:]
         return BatchReport(self._values, self._durations, self._workers, self._failures,
-                           self._attempts, stats)
+                           self._attempts, stats, keys)
 
 
 class BatchReport(Sequence[Outcome[T]]):
@@ -162,8 +167,10 @@ class BatchReport(Sequence[Outcome[T]]):
         failures: dict[int, Failure],
         attempts: dict[int, int],
         stats: BatchStats,
+        keys: list[Any] | None = None,
     ) -> None:
         self._values = values
+        self._keys = keys
         self._durations = durations
         self._workers = workers
         self._failures = failures
@@ -175,13 +182,14 @@ class BatchReport(Sequence[Outcome[T]]):
 
     def _outcome(self, i: int) -> Outcome[T]:
         failure = self._failures.get(i)
+        key = None if self._keys is None else self._keys[i]
         if failure is not None:
             return make_outcome((i, False, None, failure.error, failure.kind,  # type: ignore[no-any-return]
                                  failure.traceback, failure.duration, failure.worker,
-                                 failure.attempts))
+                                 failure.attempts, key))
         return make_outcome((i, True, self._values[i], None, "ok", None,  # type: ignore[no-any-return]
                              self._durations[i], self._workers[i] or None,
-                             self._attempts.get(i, 1)))
+                             self._attempts.get(i, 1), key))
 
     @overload
     def __getitem__(self, i: int) -> Outcome[T]: ...
@@ -220,6 +228,21 @@ class BatchReport(Sequence[Outcome[T]]):
         failures = self._failures
         return [v for i, v in enumerate(self._values) if i not in failures]
 
+    def values_or(self, fill: Any = None) -> list[T | Any]:
+        """Every item's value in input order, ``fill`` in place of each failure: the list lines
+        up with the inputs (``report.values`` leaves failures out)."""
+        if not self._failures:
+            return list(self._values)
+        values = list(self._values)
+        for i in self._failures:
+            values[i] = fill
+        return values
+
+    @property
+    def keys(self) -> list[Any]:
+        """Each item's key (from the call's ``key=``) in input order; all None without one."""
+        return [None] * len(self) if self._keys is None else list(self._keys)
+
     @property
     def success_rate(self) -> float:
         """Successful / total; 0.0 for an empty batch."""
@@ -245,6 +268,8 @@ class BatchReport(Sequence[Outcome[T]]):
                 f"({self.success_rate:.1%} success) in {s.wall_time:.2f} s "
                 f"({s.items_per_second:,.0f} items/s, {s.workers} worker{'s' * (s.workers != 1)}, "
                 f"parallel efficiency {s.parallel_efficiency:.0%}, {s.chunks} chunks)")
+        if s.restored:
+            head += f"; {s.restored} restored from the checkpoint, not run"
         lines = [head]
         if self._failures:
             kinds = ", ".join(f"{k} {c}" for k, c in self.counts().items() if k != "ok")

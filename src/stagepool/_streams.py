@@ -49,10 +49,10 @@ def piece_outcomes(piece: Piece) -> list[Outcome[Any]]:
     if isinstance(piece, Fail):
         f = piece.failure
         return [make_outcome((piece.index, False, None, f.error, f.kind, f.traceback,
-                              f.duration, f.worker, f.attempts))]
+                              f.duration, f.worker, f.attempts, None))]
     start, values, durations, pid, tries, skip = piece
     return [make_outcome((start + offset, True, value, None, "ok", None, durations[offset],
-                          pid, tries))
+                          pid, tries, None))
             for offset, value in enumerate(values) if offset not in skip]
 
 
@@ -90,9 +90,11 @@ def outcome_lists(make_batch: Callable[[], Batch],
         raise batch.source_error
 
 
-def outcomes(make_batch: Callable[[], Batch], ordered: bool) -> Iterator[Outcome[Any]]:
-    """:func:`outcome_lists`, one outcome at a time."""
-    lists = outcome_lists(make_batch, ordered)
+def outcomes(make_batch: Callable[[], Batch], ordered: bool,
+             lists_of: Callable[..., Generator[list[Outcome[Any]], None, None]] | None = None,
+             ) -> Iterator[Outcome[Any]]:
+    """:func:`outcome_lists` (or ``lists_of``: the same, keyed), one outcome at a time."""
+    lists = (lists_of or outcome_lists)(make_batch, ordered)
     try:
         for outcomes_ in lists:
             yield from outcomes_
