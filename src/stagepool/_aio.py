@@ -36,6 +36,7 @@ from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
 from ._calls import Calls
 from ._config import DEFAULT, Default, Timeout, check_bool
+from ._costs import cost_hints
 from ._errors import TaskCancelled
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
@@ -369,6 +370,9 @@ class AsyncCalls(Calls):
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
     ) -> BatchReport[R]:
         """Awaitable :meth:`Engine.map`, without blocking the event loop; same report.
 
@@ -380,9 +384,12 @@ class AsyncCalls(Calls):
         ``CancelledError`` at once; chunks not started never start; running items finish with
         their results dropped (``on_cancel="finish"``) or are killed with their workers, which
         are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
+        ``cost``, ``size``, ``unit``: as for :meth:`Engine.map` (longest-first for a list).
         """
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=None, stream=False)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
+                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent,
+                          hints=hints)
         return await map_async(self._batches(spec), items, on_cancel=on_cancel,
                                on_progress=on_progress)
 
@@ -400,16 +407,22 @@ class AsyncCalls(Calls):
         progress: bool | None = None,
         desc: str | None = None,
         on_progress: Callable[[Progress], object] | None = None,
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
+        lookahead: int | None = None,
     ) -> OutcomeStream[R]:
         """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
 
         Cancellation: leaving the loop early (``break``, an exception, ``aclose()``, the end of
         ``async with``) or cancelling the consuming task withdraws what has not started; running
         items follow ``on_cancel`` as in :meth:`map_async`.
+        ``cost``, ``size``, ``unit``, ``lookahead``: as for :meth:`Engine.imap`.
         """
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=lookahead, stream=True)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
-                          max_concurrent=max_concurrent)
+                          max_concurrent=max_concurrent, hints=hints)
         return imap_async(self._batches(spec), items, ordered=ordered, on_cancel=on_cancel,
                           on_progress=on_progress)
 
