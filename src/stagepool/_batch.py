@@ -33,6 +33,7 @@ from ._config import Timeout, item_timeouts
 from ._costs import CostHints, arrange, make_sizer
 from ._errors import EngineClosed, SerializationError, TaskCancelled
 from ._outcome import BatchStats
+from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
 
 __all__ = ["Batch", "BatchSpec"]
@@ -104,6 +105,8 @@ class Batch:
         self.emitted = 0
         self.window: deque[int] = deque()
         self.started = time.perf_counter()
+        memory = spec.policy.memory
+        self.gate = None if memory is None else PressureGate(memory)
         self.codec.open_arena(self.arena)
 
     # ---- feeding -----------------------------------------------------------------------------
@@ -131,6 +134,8 @@ class Batch:
     def _fill_outbox(self) -> None:
         again = self.out.again
         while len(self.in_flight) < self.max_in_flight:
+            if self.gate is not None and not self.gate.allows():
+                return  # memory is nearly full: running items finish, nothing new starts
             if again and again[0].due <= time.monotonic():
                 if self._room() < len(again[0].lot.items):
                     return
@@ -335,5 +340,7 @@ class Batch:
         n, chunks = self.next_index, self.out.chunks
         return BatchStats(items=n, wall_time=wall, busy_time=self.out.busy,
                           workers=self.backend.workers, chunks=chunks,
-                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried)
+                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried,
+                          pauses=self.gate.pauses if self.gate else 0,
+                          paused_time=self.gate.paused_time() if self.gate else 0.0)
 

@@ -39,6 +39,7 @@ from ._config import (
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
+from ._pressure import DEFAULT_HIGH, check_watermarks
 from ._single import ExecutorView, SubmitContext
 
 __all__ = ["Engine"]
@@ -142,8 +143,11 @@ class Engine(AsyncCalls):
         init_timeout: float | None = 600.0,
         backend: BackendName | Any = "local",
         address: str | None = None,
+        memory_high: float | None = DEFAULT_HIGH,
+        memory_low: float | None = None,
     ) -> None:
         name, client = _backend_choice(backend, address)
+        marks = check_watermarks(memory_high, memory_low)
         remote = client is not None or address is not None
         self.config = EngineConfig.create(
             shm_threshold=shm_threshold, writable_inputs=writable_inputs,
@@ -173,7 +177,8 @@ class Engine(AsyncCalls):
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
-            self.config.rerun_innocent)
+            self.config.rerun_innocent,
+            None if name == "dask" else marks)  # a cluster pauses its own workers (README)
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
 
     @classmethod

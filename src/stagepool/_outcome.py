@@ -88,6 +88,8 @@ class BatchStats:
     chunks: int
     chunk_size: float
     retries: int = 0
+    pauses: int = 0  # times dispatch paused under memory pressure (Engine memory_high)
+    paused_time: float = 0.0  # seconds it stayed paused
 
     @property
     def items_per_second(self) -> float:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from ._cgroups import read_cgroup
+from ._cgroups import CgroupLimits, read_cgroup
 
 __all__ = [
     "ENV_MAX_WORKERS",
@@ -48,6 +48,7 @@ __all__ = [
     "kill_group",
     "kill_tree",
     "process_tree_pids",
+    "read_memory",
     "rss_of",
     "uss_of",
 ]
@@ -383,3 +384,13 @@ def uss_of(pid: int) -> int | None:
 # Public classes name the package they are imported from, in reprs and tracebacks.
 for _public in (ResourceSnapshot,):
     _public.__module__ = "stagepool"
+
+
+def read_memory(*, proc_root: str | os.PathLike[str] = "/proc",
+                cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                ) -> tuple[CgroupLimits, int, int]:
+    """The memory readings backpressure needs (``_pressure.memory_use`` decides): the cgroup's
+    limit, usage and reclaimable cache, and the machine's total and available bytes. A few
+    small file reads and one ``psutil.virtual_memory()``: about 50-100 us."""
+    vm = psutil.virtual_memory()
+    return read_cgroup(Path(proc_root), Path(cgroup_root)), int(vm.total), int(vm.available)
