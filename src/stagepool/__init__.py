@@ -34,6 +34,7 @@ if _typing.TYPE_CHECKING:
     from ._profiling import StageProfile, profile_stage
     from ._progress import Progress
     from ._resources import ResourceSnapshot
+    from ._status import WorkerStatus
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "TaskTimeout": "._errors",
     "WorkerCrashed": "._errors",
     "WorkerPlan": "._planning",
+    "WorkerStatus": "._status",
     "load_profile": "._profile_file",
     "plan_workers": "._planning",
     "profile_stage": "._profiling",
@@ -82,6 +84,7 @@ __all__ = (
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerPlan",
+    "WorkerStatus",
     "load_profile",
     "plan_workers",
     "profile_stage",

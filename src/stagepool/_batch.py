@@ -35,6 +35,7 @@ from ._errors import EngineClosed, SerializationError, TaskCancelled
 from ._outcome import BatchStats
 from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
+from ._status import register
 
 __all__ = ["Batch", "BatchSpec"]
 
@@ -107,6 +108,8 @@ class Batch:
         self.started = time.perf_counter()
         memory = spec.policy.memory
         self.gate = None if memory is None else PressureGate(memory)
+        self.label, self.desc = self.out.label, spec.desc
+        self.number = register(self)  # for Engine.status() (_status.py)
         self.codec.open_arena(self.arena)
 
     # ---- feeding -----------------------------------------------------------------------------

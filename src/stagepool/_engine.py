@@ -41,6 +41,7 @@ from ._errors import EngineClosed, OvercommitWarning
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
 from ._pressure import DEFAULT_HIGH, check_watermarks
 from ._single import ExecutorView, SubmitContext
+from ._status import WorkerStatus, resolve
 
 __all__ = ["Engine"]
 
@@ -259,6 +260,13 @@ class Engine(AsyncCalls):
         self.shutdown(wait=True, kill=exc[0] is not None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
+
+    def status(self) -> list[WorkerStatus]:
+        """What each worker is doing now: idle, or busy on which item of which batch, for how
+        long (:class:`WorkerStatus`). Cheap and non-blocking: an ``on_progress`` callback may
+        call it. On dask, per worker thread, the item inside a chunk is not known. Raises
+        :class:`EngineClosed` after shutdown."""
+        return resolve(self._backend_or_raise().lane_states())
 
     def worker_pids(self) -> list[int]:
         """Pids of the live worker processes (on dask: on the workers' hosts, asked for now)."""

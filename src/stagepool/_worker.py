@@ -47,6 +47,7 @@ __all__ = [
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
+    "Scratch",
     "TaskHeader",
     "WorkerSetup",
     "apply_call",
@@ -115,15 +116,16 @@ class _Record:
         self.ints[F_PID] = os.getpid()
 
 
-class _Scratch:
-    """Where run_chunk writes its progress when it runs outside a pool worker (tests, dask)."""
+class Scratch:
+    """Where run_chunk writes its progress when it runs outside a pool worker (tests, dask, the
+    serial backend, whose status() reads it)."""
 
     def __init__(self) -> None:
         self.ints = memoryview(bytearray(8 * RECORD_FIELDS)).cast("q")
         self.floats = memoryview(bytearray(8 * RECORD_FIELDS)).cast("d")
 
 
-_NO_RECORD: Any = _Scratch()
+_NO_RECORD: Any = Scratch()
 
 
 def _exc_info(kind: str, exc: BaseException) -> ErrInfo:
@@ -162,7 +164,7 @@ def run_chunk(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
     *,
-    record: _Record | None = None,
+    record: _Record | Scratch | None = None,
     chunk_id: int = 0,
     timed: bool = False,
     per_item_clock: bool = True,
@@ -198,8 +200,9 @@ def run_chunk(
         stamp, now = stamps.append, time.monotonic
         stamps.pop()
         for offset, item in enumerate(items):
-            if timed:  # the start time first: the parent reads the offset first, then the time
-                floats[F_START] = now()
+            # The start time first: the parent reads the offset first, then the time (for a
+            # timeout's deadline, and for status(): how long the item has been running).
+            floats[F_START] = now()
             ints[F_OFFSET] = offset
             stamp(clock())
             try:
@@ -214,7 +217,8 @@ def run_chunk(
                 keep(None)
                 errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
-    else:
+    else:  # tiny items: status() counts from the chunk's start
+        floats[F_START] = time.monotonic()
         for offset, item in enumerate(items):
             ints[F_OFFSET] = offset
             try:

@@ -20,8 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import EngineClosed
-from .._worker import ChunkResult, failed_chunk, run_chunk
-from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, Task
+from .._worker import (
+    F_CHUNK,
+    F_OFFSET,
+    F_PHASE,
+    F_START,
+    PHASE_IDLE,
+    ChunkResult,
+    Scratch,
+    failed_chunk,
+    run_chunk,
+)
+from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, LaneState, Task
 
 __all__ = ["InProcessCodec", "SerialBackend"]
 
@@ -66,6 +76,7 @@ class SerialBackend:
         self._lock = threading.RLock()  # re-entrant: an item may itself call the engine
         self._closed = False
         self._init_error: BaseException | None = None
+        self._slot = Scratch()  # what run_chunk is on: lane_states() reads it
         if options.initializer is not None:
             try:
                 options.initializer(*options.initargs)
@@ -107,8 +118,12 @@ class SerialBackend:
                 result = failed_chunk(task.n_items, "error", self._init_error,
                                       "the initializer failed")
             else:
-                result = run_chunk(task.fn, task.items, per_item_clock=task.per_item_clock,
-                                   passthrough=(KeyboardInterrupt,))
+                try:
+                    result = run_chunk(task.fn, task.items, per_item_clock=task.per_item_clock,
+                                       passthrough=(KeyboardInterrupt,), record=self._slot,
+                                       chunk_id=task.id)
+                finally:
+                    self._slot.ints[F_PHASE] = PHASE_IDLE
         task.on_done(task, result)
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
@@ -119,6 +134,14 @@ class SerialBackend:
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]  # the process that runs the items (outcomes name it too)
+
+    def lane_states(self) -> list[LaneState]:
+        """This process: on the task ``run_chunk`` runs (seen from another thread), or idle."""
+        ints, floats = self._slot.ints, self._slot.floats
+        offset, since = int(ints[F_OFFSET]), float(floats[F_START])  # offset first (run_chunk)
+        if ints[F_PHASE] == PHASE_IDLE:
+            return [LaneState(str(os.getpid()), 0, -1, None)]
+        return [LaneState(str(os.getpid()), int(ints[F_CHUNK]), offset, since)]
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         self._closed = True

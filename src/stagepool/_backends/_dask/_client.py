@@ -31,6 +31,7 @@ from .._protocol import (
     Encoded,
     Group,
     LaneDied,
+    LaneState,
     Task,
     TaskResult,
 )
@@ -97,6 +98,7 @@ class _Running:
     worker: _Worker
     future: Any  # distributed.Future
     data: Any = None  # the scattered payload's future: held until the chunk answers
+    sent: float = dataclasses.field(default_factory=time.monotonic)  # for lane_states()
 
 
 class _Done(NamedTuple):
@@ -215,6 +217,15 @@ class DaskBackend:
 
     def withdraw_task(self, task: Task) -> None:
         self._inbox.put(_Call(functools.partial(self._withdraw_task_now, task)))
+
+    def lane_states(self) -> list[LaneState]:
+        """Per worker thread: busy on a chunk since it was sent (the item inside it is not
+        known here: the lanes that run it are on the worker's host), or idle."""
+        running = list(self._running.values())
+        busy = [LaneState(r.worker.address, r.task.id, -1, r.sent) for r in running]
+        idle = [LaneState(w.address, 0, -1, None) for w in list(self._workers.values())
+                for _ in range(max(0, w.threads - w.busy))]
+        return busy + idle
 
     def worker_pids(self) -> list[int]:
         """The lanes' pids on every worker (on their hosts: a remote pid names a remote process)."""
