@@ -503,7 +503,8 @@ class DaskPeer(Peer):
 class StagepoolPeer(Peer):
     """``stagepool.Engine(workers, chunk_size="auto")``: ``map(...).values`` and ``imap``.
 
-    Options ``chunk_size``, ``shm_threshold`` and ``max_in_flight`` go to the Engine as given.
+    Options ``chunk_size``, ``shm_threshold`` and ``max_in_flight`` go to the Engine as given;
+    ``cost`` (any true value) makes ``map`` pass ``cost=float``: each item is its own cost.
     """
 
     name = "stagepool"
@@ -519,7 +520,8 @@ class StagepoolPeer(Peer):
         self._stats: dict[str, Any] = {}
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        report = self.engine.map(fn, items)
+        # options={"cost": "item"}: each item is its own cost (a number: seconds of work)
+        report = self.engine.map(fn, items, cost=float if self.options.get("cost") else None)
         values = report.values
         if report.failed:
             raise RuntimeError(f"stagepool reported failures:\n{report.summary()}")

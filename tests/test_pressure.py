@@ -87,7 +87,7 @@ def test_pause_and_resume_driven_by_a_fake_cgroup(tmp_path: Path) -> None:
     def read() -> MemoryUse:
         return memory_use(read_cgroup(proc, root), 64 * GiB, 60 * GiB)  # the machine: roomy
 
-    gate = PressureGate(Watermarks(0.8, 0.7), read, clock=lambda: now[0])
+    gate = PressureGate(Watermarks(0.8, 0.7), read, clock=lambda: now[0], every=0.05)
     steps = [  # (memory.current MiB, inactive_file MiB, allowed)
         (500, 0, True), (950, 200, True),  # 75%: the page cache is not pressure
         (850, 0, False), (750, 0, False), (650, 0, True), (820, 0, False), (100, 0, True)]
@@ -117,7 +117,7 @@ def test_the_gate_reads_at_most_every_interval() -> None:
 
 def test_nothing_starts_while_memory_is_full(engine: sp.Engine,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scripted machine reading (the pure decision's input): 95% full for the first 0.6 s of
+    """A scripted cgroup reading (the pure decision's input): 95% full for the first 0.6 s of
     the batch, then 10%. No item starts before that, every item then runs, the report counts one
     pause of about 0.6 s."""
     if engine.backend == "dask":
@@ -126,7 +126,7 @@ def test_nothing_starts_while_memory_is_full(engine: sp.Engine,
 
     def read_memory_scripted() -> tuple[CgroupLimits, int, int]:
         used = 95 if time.monotonic() < full_until else 10
-        return CgroupLimits(), 100 * GiB, (100 - used) * GiB
+        return CgroupLimits(2, None, 100 * GiB, used * GiB), 1000 * GiB, 1000 * GiB
 
     monkeypatch.setattr(_pressure, "read_memory", read_memory_scripted)
     segs = [Segment(n, 5.0) for n in range(20)]

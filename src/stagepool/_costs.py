@@ -110,7 +110,10 @@ class Arrangement:
                  workers: int) -> None:
         self.hints = hints
         look = hints.lookahead
-        if look == -1 or (look is None and total is None):
+        if hints.cost is None:
+            look = 1  # nothing to reorder: read no further ahead than without hints (a lazy
+            # sequence of big segments stays lazy); the total amount is then estimated
+        elif look == -1 or (look is None and total is None):
             look = LOOKAHEAD_PER_WORKER * max(1, workers)
         self.block = max(1, look if look is not None else (total or 1))
         self.total = total
@@ -120,6 +123,7 @@ class Arrangement:
         self.bad: dict[int, Exception] = {}  # positions whose cost or size failed
         self.block_end = 0  # positions read so far
         self.amount_done = self.cost_done = 0.0
+        self.items_done = 0
         self.amount_total: float | None = None  # known once a sized input is read to its end
         self._source = iter(items)
         self._pending: deque[Any] = deque()  # items read and arranged, not yet taken
@@ -129,7 +133,10 @@ class Arrangement:
     def reading(self) -> Reading:
         """Progress so far, in the call's unit and in cost (the batch's progress meter)."""
         cost_total = self.prefix[-1] if self._read_all and self.hints.cost is not None else None
-        return Reading(self.hints.unit, self.amount_done, self.amount_total, self.cost_done,
+        amount_total = self.amount_total
+        if amount_total is None and self.total and self.items_done:  # size= alone, not all read
+            amount_total = self.amount_done / self.items_done * self.total  # the mean so far
+        return Reading(self.hints.unit, self.amount_done, amount_total, self.cost_done,
                        cost_total)
 
     def label(self, position: int) -> int:
@@ -219,6 +226,7 @@ class Arrangement:
         for piece in pieces:
             if isinstance(piece, Fail):
                 self.amount_done += self.amounts[piece.index]
+                self.items_done += 1
                 self.cost_done += self.cost(piece.index, 1)
                 yield Fail(self.label(piece.index), piece.failure)
             else:
@@ -228,6 +236,7 @@ class Arrangement:
         start, values, durations, pid, attempts, skip = run
         offsets = [k for k in range(len(values)) if k not in skip]
         self.amount_done += sum(self.amounts[start + k] for k in offsets)
+        self.items_done += len(offsets)
         self.cost_done += sum(self.cost(start + k, 1) for k in offsets)
         if self.hints.cost is None:  # nothing was reordered
             yield run

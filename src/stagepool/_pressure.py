@@ -1,7 +1,8 @@
 """Memory-pressure backpressure: a batch stops dispatching while the memory it may use is
 nearly full, and starts again once it has drained, before the OOM killer picks a victim.
 
-    read_memory() (_resources: cgroup files + psutil, at most every READ_EVERY s)
+    MemoryReader (_resources: cgroup files if there is a cgroup limit, and psutil; at most
+                  every READ_EVERY s, from the batch's dispatch path)
       -> memory_use(): the fuller of the cgroup level with the least headroom (its page cache
                        not counted: the kernel reclaims it first) and the machine
       -> next_paused(): hysteresis between two marks (pure)
@@ -23,16 +24,17 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ._cgroups import CgroupLimits
-from ._resources import read_memory
+from ._resources import read_machine_memory, read_memory
 
-__all__ = ["MemoryUse", "PressureGate", "Watermarks", "check_watermarks", "memory_use",
-           "next_paused", "reader"]
+__all__ = ["MemoryReader", "MemoryUse", "PressureGate", "Watermarks", "check_watermarks",
+           "memory_use", "next_paused"]
 
 _log = logging.getLogger("stagepool")
 
-# Trade-off: a fresher reading reacts sooner to a fast allocation, but costs ~50-100 us each;
-# every 50 ms bounds that to ~0.2% of one core, and a worker can allocate only so much in 50 ms.
-READ_EVERY = 0.05
+# Trade-off: a fresher reading reacts sooner to a fast allocation, but costs 50 us - 3 ms
+# (MemoryReader); every 100 ms bounds that to at most ~3% of the batch thread on a loaded host
+# with a cgroup limit (~0.1% without one), and a worker can allocate only so much in 100 ms.
+READ_EVERY = 0.1
 # A pause this long is logged once, with the reading: the memory may be someone else's.
 LOG_AFTER = 10.0
 DEFAULT_HIGH = 0.8
@@ -97,9 +99,22 @@ def next_paused(paused: bool, fraction: float, marks: Watermarks) -> bool:
     return fraction >= marks.low if paused else fraction >= marks.high
 
 
-def reader() -> MemoryUse:
-    """The real reading (cgroup files and psutil)."""
-    return memory_use(*read_memory())
+class MemoryReader:
+    """The real reading. The cgroup files are read again only if the first reading found a
+    cgroup memory limit; otherwise only the machine's memory (cheap) is read each time."""
+
+    def __init__(self) -> None:
+        self._cgroup: bool | None = None  # None: not known yet
+
+    def __call__(self) -> MemoryUse:
+        if self._cgroup is False:
+            return memory_use(_NO_LIMIT, *read_machine_memory())
+        cgroup, total, available = read_memory()
+        self._cgroup = cgroup.mem_limit is not None
+        return memory_use(cgroup, total, available)
+
+
+_NO_LIMIT = CgroupLimits()
 
 
 class PressureGate:
@@ -108,9 +123,10 @@ class PressureGate:
     ``read`` and ``clock`` are injectable (tests drive them with fake readings and a fake
     clock). Not thread-safe: the batch's own thread asks it."""
 
-    def __init__(self, marks: Watermarks, read: Callable[[], MemoryUse] = reader,
+    def __init__(self, marks: Watermarks, read: Callable[[], MemoryUse] | None = None,
                  clock: Callable[[], float] = time.monotonic, every: float = READ_EVERY) -> None:
-        self.marks, self.read, self.clock, self.every = marks, read, clock, every
+        self.marks, self.clock, self.every = marks, clock, every
+        self.read = MemoryReader() if read is None else read
         self.paused = False
         self.pauses = 0
         self._paused_time = 0.0

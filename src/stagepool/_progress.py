@@ -34,7 +34,9 @@ class Reading(NamedTuple):
 
     unit: str | None  # "s": amounts are seconds of media; None: no unit asked for
     amount_done: float  # in ``unit`` (size=, else cost=), of the items with an outcome
-    amount_total: float | None  # None until the whole input has been read
+    # With cost= every amount is read first (known-length input); size= alone reads lazily,
+    # so the total is then the mean amount so far x the item count (None for a stream).
+    amount_total: float | None
     cost_done: float  # in cost= units (what predicts time)
     cost_total: float | None
 
@@ -66,7 +68,7 @@ class Progress:
     elapsed: float  # seconds since the batch started
     unit: str | None = None
     amount_done: float | None = None  # in ``unit``; None without unit
-    amount_total: float | None = None  # in ``unit``; None without unit or until all is read
+    amount_total: float | None = None  # in ``unit`` (size= alone: estimated); None if unknown
     eta: float | None = None  # estimated seconds left; None while unknown
 
     @property

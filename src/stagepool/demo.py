@@ -154,12 +154,17 @@ def run_demo(
             soundtrack(seconds=seconds, segment_seconds=segment_seconds),
             progress=progress,
             desc="segments",
+            size=_segment_seconds,  # the bar counts seconds of audio, with the realtime factor
         )
     _print_report(report, seconds, out)
     if sample:
         serial = _serial_seconds_per_segment(sample, count, segment_seconds, corrupt)
         out(_speedup_line(serial, sample, len(report), report.stats.wall_time))
     return 0 if _only_expected_failures(report.failed, corrupt) else 1
+
+
+def _segment_seconds(segment: Segment) -> float:
+    return segment.duration_s
 
 
 def _workload_line(count: int, seconds: float, segment_seconds: float, bad: frozenset[int]) -> str:
