@@ -3,6 +3,7 @@ seconds of media and its cost-weighted ETA."""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import math
@@ -252,3 +253,30 @@ def test_the_bar_shows_media_seconds(capsys: pytest.CaptureFixture[str],
     serial_engine.map(stamp, mix(), cost=seconds, unit="s", progress=True, desc="segments")
     err = capsys.readouterr().err
     assert "260.0/260.0 s of media done (44 items), 0 failed" in err and "x realtime" in err
+
+
+# ---- the async calls ---------------------------------------------------------------------------------
+
+
+async def _agen(segs: list[Segment]):  # type: ignore[no-untyped-def]
+    for seg in segs:
+        yield seg
+
+
+@pytest.mark.asyncio
+async def test_map_async_runs_longest_first(serial_engine: sp.Engine) -> None:
+    segs = mix()
+    report = await asyncio.wait_for(serial_engine.map_async(stamp, segs, cost=seconds), 60)
+    assert [v[2] for v in report.values] == [s.n for s in segs]
+    assert start_order(report, segs) == sorted((s.seconds for s in segs), reverse=True)
+
+
+@pytest.mark.asyncio
+async def test_imap_async_with_cost_gives_every_item_once(engine: sp.Engine) -> None:
+    segs = mix()
+
+    async def collect() -> list[int]:
+        return [o.index async for o in engine.imap_async(stamp, _agen(segs), cost=seconds,
+                                                         lookahead=6, ordered=True)]
+
+    assert await asyncio.wait_for(collect(), 60) == list(range(len(segs)))
