@@ -15,6 +15,7 @@ from stagepool import _pressure
 from stagepool._cgroups import CgroupLimits, read_cgroup
 from stagepool._pressure import (
     MemoryUse,
+    MemoryWatch,
     PressureGate,
     Watermarks,
     check_watermarks,
@@ -87,7 +88,7 @@ def test_pause_and_resume_driven_by_a_fake_cgroup(tmp_path: Path) -> None:
     def read() -> MemoryUse:
         return memory_use(read_cgroup(proc, root), 64 * GiB, 60 * GiB)  # the machine: roomy
 
-    gate = PressureGate(Watermarks(0.8, 0.7), read, clock=lambda: now[0], every=0.05)
+    gate = PressureGate(MemoryWatch(Watermarks(0.8, 0.7), read, clock=lambda: now[0], every=0.05))
     steps = [  # (memory.current MiB, inactive_file MiB, allowed)
         (500, 0, True), (950, 200, True),  # 75%: the page cache is not pressure
         (850, 0, False), (750, 0, False), (650, 0, True), (820, 0, False), (100, 0, True)]
@@ -108,27 +109,33 @@ def test_the_gate_reads_at_most_every_interval() -> None:
         reads.append(now[0])
         return MemoryUse(1, 10, "machine")
 
-    gate = PressureGate(Watermarks(0.8, 0.7), read, clock=lambda: now[0], every=0.05)
+    watch = MemoryWatch(Watermarks(0.8, 0.7), read, clock=lambda: now[0], every=0.05)
+    gates = [PressureGate(watch) for _ in range(3)]  # three batches of one engine
     for _ in range(100):
         now[0] += 0.001
-        assert gate.allows()
-    assert len(reads) == 2  # at 1 ms and 51 ms
+        assert all(gate.allows() for gate in gates)
+    assert len(reads) == 2  # at 1 ms and 51 ms, for all three
 
 
 def test_nothing_starts_while_memory_is_full(engine: sp.Engine,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scripted cgroup reading (the pure decision's input): 95% full for the first 0.6 s of
+    """A scripted memory reading (the pure decision's input): 95% full for the first 0.6 s of
     the batch, then 10%. No item starts before that, every item then runs, the report counts one
     pause of about 0.6 s."""
     if engine.backend == "dask":
         pytest.skip("on a dask cluster its workers pause themselves (dask's worker thresholds)")
-    full_until = time.monotonic() + 0.6
+    full_until = time.monotonic() + 0.75  # 0.6 s after the sleep below
 
-    def read_memory_scripted() -> tuple[CgroupLimits, int, int]:
+    def machine_scripted() -> tuple[int, int]:
         used = 95 if time.monotonic() < full_until else 10
-        return CgroupLimits(2, None, 100 * GiB, used * GiB), 1000 * GiB, 1000 * GiB
+        return 100 * GiB, (100 - used) * GiB
 
-    monkeypatch.setattr(_pressure, "read_memory", read_memory_scripted)
+    def with_cgroup_scripted() -> tuple[CgroupLimits, int, int]:
+        return CgroupLimits(), *machine_scripted()
+
+    monkeypatch.setattr(_pressure, "read_machine_memory", machine_scripted)
+    monkeypatch.setattr(_pressure, "read_memory", with_cgroup_scripted)
+    time.sleep(0.15)  # the engine's last reading (shared by its batches) is now stale
     segs = [Segment(n, 5.0) for n in range(20)]
     report = engine.map(stamp, segs)
     assert report.success_rate == 1.0

@@ -25,7 +25,7 @@ from ._config import Timeout, item_timeouts
 from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Failure, Kind
-from ._pressure import Watermarks
+from ._pressure import MemoryWatch
 from ._worker import ChunkResult
 
 __all__ = ["Answers", "BatchPolicy", "Fail", "Lot", "Piece", "Resend", "Run"]
@@ -40,7 +40,7 @@ class BatchPolicy:
     backoff: float = 0.0
     max_in_flight: int = 5
     rerun_innocent: bool = True  # re-run items whose results died with their worker
-    memory: Watermarks | None = None  # pause dispatch under memory pressure (_pressure.py)
+    memory: MemoryWatch | None = None  # pause dispatch under memory pressure (_pressure.py)
 
 
 class Run(NamedTuple):

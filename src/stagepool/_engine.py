@@ -39,7 +39,7 @@ from ._config import (
 )
 from ._errors import EngineClosed, OvercommitWarning
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
-from ._pressure import DEFAULT_HIGH, check_watermarks
+from ._pressure import DEFAULT_HIGH, MemoryWatch, Watermarks, check_watermarks
 from ._single import ExecutorView, SubmitContext
 from ._status import WorkerStatus, resolve
 
@@ -183,9 +183,18 @@ class Engine(AsyncCalls):
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
-            self.config.rerun_innocent,
-            None if name == "dask" else marks)  # a cluster pauses its own workers (README)
+            self.config.rerun_innocent, self._memory_watch(name, marks))
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
+
+    @staticmethod
+    def _memory_watch(name: BackendName, marks: Watermarks | None) -> MemoryWatch | None:
+        """The readings this engine's batches share; none on dask (its workers pause
+        themselves: README "Memory pressure")."""
+        if marks is None or name == "dask":
+            return None
+        watch = MemoryWatch(marks)
+        watch.reading()  # the first (the cgroup walk) here, not in the first batch
+        return watch
 
     @classmethod
     def from_profile(cls, path: str | os.PathLike[str], **overrides: Any) -> Engine:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,8 +27,8 @@ from typing import NamedTuple
 from ._cgroups import CgroupLimits
 from ._resources import read_machine_memory, read_memory
 
-__all__ = ["MemoryReader", "MemoryUse", "PressureGate", "Watermarks", "check_watermarks",
-           "memory_use", "next_paused"]
+__all__ = ["MemoryReader", "MemoryUse", "MemoryWatch", "PressureGate", "Watermarks",
+           "check_watermarks", "memory_use", "next_paused"]
 
 _log = logging.getLogger("stagepool")
 
@@ -117,30 +118,48 @@ class MemoryReader:
 _NO_LIMIT = CgroupLimits()
 
 
-class PressureGate:
-    """One batch's view of memory pressure: counts its pauses and the time spent paused.
+class MemoryWatch:
+    """An engine's memory readings, shared by all its batches: at most one reading every
+    ``every`` seconds however many batches run (a batch of tiny items usually pays nothing).
 
     ``read`` and ``clock`` are injectable (tests drive them with fake readings and a fake
-    clock). Not thread-safe: the batch's own thread asks it."""
+    clock). Thread-safe."""
 
     def __init__(self, marks: Watermarks, read: Callable[[], MemoryUse] | None = None,
                  clock: Callable[[], float] = time.monotonic, every: float = READ_EVERY) -> None:
         self.marks, self.clock, self.every = marks, clock, every
-        self.read = MemoryReader() if read is None else read
+        self._read = MemoryReader() if read is None else read
+        self._lock = threading.Lock()
+        self._use: MemoryUse | None = None
+        self._at = -math.inf
+
+    def reading(self) -> tuple[MemoryUse, float]:
+        """The latest reading (fresh if the last one is ``every`` old) and the time now."""
+        now = self.clock()
+        with self._lock:
+            if self._use is None or now - self._at >= self.every:
+                self._use, self._at = self._read(), now
+            return self._use, now
+
+
+class PressureGate:
+    """One batch's view of memory pressure: counts its pauses and the time spent paused.
+    Not thread-safe: the batch's own thread asks it."""
+
+    def __init__(self, watch: MemoryWatch) -> None:
+        self.watch, self.marks, self.clock = watch, watch.marks, watch.clock
         self.paused = False
         self.pauses = 0
         self._paused_time = 0.0
         self._since = 0.0  # when the current pause began
-        self._read_at = -math.inf
         self._logged = False
         self.last: MemoryUse | None = None
 
     def allows(self) -> bool:
-        """Whether the batch may send another chunk now (reads memory at most every ``every``)."""
-        now = self.clock()
-        if now - self._read_at >= self.every:
-            self._read_at = now
-            self._update(self.read(), now)
+        """Whether the batch may send another chunk now."""
+        use, now = self.watch.reading()
+        if use is not self.last:
+            self._update(use, now)
         return not self.paused
 
     def _update(self, use: MemoryUse, now: float) -> None:
