@@ -29,3 +29,10 @@ def hold_memory(megabytes: int) -> int:
         block[i] = 1
     time.sleep(1.5)
     return len(block)
+
+
+def exit_on_41(seg: Segment) -> int:
+    """Kill this worker the hard way on segment 41, else return the segment's number."""
+    if seg.n == 41:
+        os._exit(3)
+    return seg.n

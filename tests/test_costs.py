@@ -12,7 +12,7 @@ import random
 import pytest
 
 import stagepool as sp
-from _cost_tasks import Segment, stamp
+from _cost_tasks import Segment, exit_on_41, stamp
 from stagepool._costs import Arrangement, CostSizer, cost_hints
 from stagepool._progress import estimate_eta
 
@@ -136,6 +136,14 @@ def test_a_timeout_scaled_by_cost_names_the_input_index(engine: sp.Engine) -> No
     report = engine.map(stamp, segs, cost=seconds, timeout=timeout)
     (bad,) = report.failed
     assert bad.index == 41 and "timeout(item 41)" in str(bad.error)
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_crash_in_a_reordered_batch_names_the_input_index(engine: sp.Engine) -> None:
+    report = engine.map(exit_on_41, mix(), cost=seconds)  # 41 runs second (50 s of media)
+    (bad,) = report.failed
+    assert bad.index == 41 and bad.kind == "crash" and "item 41" in str(bad.error)
+    assert [v for v in report.values] == [n for n in range(44) if n != 41]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
