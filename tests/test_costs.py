@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import io
 import itertools
 import math
 import random
@@ -14,7 +15,7 @@ import pytest
 import stagepool as sp
 from _cost_tasks import Segment, exit_on_41, stamp
 from stagepool._costs import Arrangement, CostSizer, cost_hints
-from stagepool._progress import estimate_eta
+from stagepool._progress import Reading, estimate_eta, make_sink
 
 LONG = (60.0, 50.0, 40.0, 30.0)
 
@@ -288,3 +289,29 @@ async def test_imap_async_with_cost_gives_every_item_once(engine: sp.Engine) -> 
                                                          lookahead=6, ordered=True)]
 
     assert await asyncio.wait_for(collect(), 60) == list(range(len(segs)))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Meter:
+    def __init__(self) -> None:
+        self.done = 0.0
+
+    def reading(self) -> Reading:
+        return Reading("s", self.done, 600.0, self.done, 600.0)
+
+
+def test_the_terminal_bar_counts_media_seconds() -> None:
+    out, meter = _Terminal(), _Meter()
+    sink = make_sink(progress=True, on_progress=None, total=300, desc="segments", file=out,
+                     meter=meter)
+    assert sink is not None
+    for done in (30, 150, 300):
+        meter.done = 2.0 * done
+        sink.update(done, 0)
+    sink.close()
+    text = out.getvalue()
+    assert "600.0/600.0" in text and "x realtime" in text and "s/s" in text

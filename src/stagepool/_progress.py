@@ -171,7 +171,8 @@ class _Bar:
     def __init__(self, total: int | None, desc: str | None, file: TextIO,
                  meter: Meter | None = None) -> None:
         self._total, self._desc, self._file = total, desc or "items", file
-        self._meter = meter if meter is not None and meter.reading().unit else None
+        self._meter = meter  # cost hints: a cost-weighted ETA, and media seconds with a unit
+        media = meter is not None and meter.reading().unit is not None
         self._start = self._last_line = time.perf_counter()
         self._next_share = 0.1
         self._done = self._failed = 0
@@ -181,9 +182,9 @@ class _Bar:
         if file.isatty():
             from tqdm.auto import tqdm
 
-            unit = "item" if self._meter is None else "s"
-            self._bar = tqdm(total=total if self._meter is None else None, desc=desc, unit=unit,
-                             file=file, dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(total=None if media else total, desc=desc,
+                             unit="s" if media else "item", file=file, dynamic_ncols=True,
+                             smoothing=0.1)
 
     def update(self, done: int, failed: int) -> None:
         now = snapshot(done, failed, self._total, time.perf_counter() - self._start, self._meter)
@@ -199,8 +200,10 @@ class _Bar:
         if now.amount_total is not None and bar.total != now.amount_total:
             bar.total = now.amount_total  # known once the input is read
         bar.update(shown - self._shown)
-        if failed != self._failed or now.realtime_factor is not None:
+        if now.unit is not None:  # tqdm's own rate and ETA are in items: say it in media
             bar.set_postfix_str(_postfix(now), refresh=False)
+        elif failed != self._failed:
+            bar.set_postfix(failed=failed, refresh=False)
 
     def _maybe_line(self, now: Progress) -> None:
         clock = time.perf_counter()
