@@ -466,6 +466,7 @@ class StagepoolPeer(Peer):
     to the Engine as given (a cluster at an ``address`` brings its own workers: no ``workers=``).
     ``import_distributed``: import dask.distributed first, as a process that also uses a cluster
     would (it fills ``copyreg.dispatch_table``, which picklers that copy it pay for per message).
+    ``cost`` (any true value) makes ``map`` pass ``cost=float``: each item is its own cost.
     """
 
     name = "stagepool"
@@ -486,7 +487,8 @@ class StagepoolPeer(Peer):
         self._stats: dict[str, Any] = {}
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        report = self.engine.map(fn, items)
+        # options={"cost": "item"}: each item is its own cost (a number: seconds of work)
+        report = self.engine.map(fn, items, cost=float if self.options.get("cost") else None)
         values = report.values
         if report.failed:
             raise RuntimeError(f"stagepool reported failures:\n{report.summary()}")

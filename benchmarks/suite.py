@@ -356,6 +356,48 @@ class Uneven(_CpuBound):
         return [Target("makespan/ideal <= 1.10", judge)]
 
 
+def clips_long_last(short: int, long: int, seed: int = 14) -> list[float]:
+    """``short`` clips of 5-25 ms (fixed seed), then ``long`` clips: 0.2-0.5 s, and a last one of
+    1 s (the straggler: a 30-second segment among 2-second ones)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    longs = [float(x) for x in np.linspace(0.2, 0.5, long - 1)] + [1.0]
+    return [float(x) for x in rng.uniform(0.005, 0.025, short)] + longs
+
+
+class UnevenCost(Uneven):
+    """Does a cost hint keep a batch from ending on its longest items? 195 short clips (5-25 ms)
+    then 5 long ones (0.2-0.5 s, and 1 s last), makespan / ideal, with and without ``cost=``.
+
+    ideal = max(sum of durations / workers, longest task). Given in input order, every pool
+    starts the long clips last and the batch ends on them; stagepool with ``cost=`` (each item
+    is its duration) starts them first (longest-first) and cuts chunks by cost. "of ceiling":
+    the durations split in advance (balanced) over plain processes.
+    """
+
+    name = "uneven-cost"
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        durations = clips_long_last(38, 2) if quick else clips_long_last(195, 5)
+        return {"tasks": len(durations), "durations_s": durations, "sum_s": sum(durations),
+                "longest_s": max(durations), "mean_s": sum(durations) / len(durations),
+                "pair_ceiling": not quick}
+
+    def specs(self, params: dict[str, Any]) -> list[PeerSpec]:
+        return [*super().specs(params),
+                PeerSpec("stagepool-cost", "stagepool", "stagepool Engine.map cost=duration "
+                         "(longest first)", options={"cost": "item"})]
+
+    def targets(self, params: dict[str, Any]) -> list[Target]:
+        def judge(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            if row["key"] != "stagepool-cost":
+                return None, "without the hint: no target (compare)"
+            return row["metric"] <= 1.03, f"{row['metric']:.3f}"
+
+        return [Target("with cost=: makespan/ideal <= 1.03", judge)]
+
+
 # ---- stream -------------------------------------------------------------------------------------
 
 class _Feed:
@@ -470,7 +512,8 @@ class Stream(Workload):
 
 
 WORKLOADS: dict[str, type[Workload]] = {cls.name: cls for cls in (
-    Tiny, Cpu, Uneven, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media, MediaReal)}
+    Tiny, Cpu, Uneven, UnevenCost, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media,
+    MediaReal)}
 
 
 def get(name: str) -> Workload:

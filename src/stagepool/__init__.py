@@ -46,6 +46,7 @@ if _typing.TYPE_CHECKING:
     from ._progress import Progress
     from ._resources import ResourceSnapshot
     from ._shared import shared
+    from ._status import WorkerStatus
     from ._threads import worker_threads
 
 __version__ = "0.1.0"
@@ -79,6 +80,7 @@ _EXPORTS: dict[str, str] = {
     "TaskTimeout": "._errors",
     "WorkerCrashed": "._errors",
     "WorkerPlan": "._planning",
+    "WorkerStatus": "._status",
     "load_profile": "._profile_file",
     "plan_workers": "._planning",
     "profile_stage": "._profiling",
@@ -115,6 +117,7 @@ __all__ = (
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerPlan",
+    "WorkerStatus",
     "load_profile",
     "plan_workers",
     "profile_stage",

@@ -37,6 +37,7 @@ from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
 from ._calls import Calls
 from ._config import DEFAULT, Default, Timeout, check_bool
+from ._costs import cost_hints
 from ._errors import TaskCancelled
 from ._journal import Mismatch
 from ._outcome import BatchReport, Outcome
@@ -375,6 +376,9 @@ class AsyncCalls(Calls):
         checkpoint: str | os.PathLike[str] | None = None,
         finished_kinds: Iterable[str] | None = None,
         checkpoint_mismatch: Mismatch = "refuse",
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
     ) -> BatchReport[R]:
         """Awaitable :meth:`Engine.map`, without blocking the event loop; same report.
 
@@ -388,9 +392,12 @@ class AsyncCalls(Calls):
         are replaced (``"kill"``). The engine stays usable. Details: ``stagepool._aio``.
         ``key``, ``checkpoint`` and the rest: as for :meth:`Engine.map` (keys are computed and
         the journal written in the helper thread, never on the loop).
+        ``cost``, ``size``, ``unit``: as for :meth:`Engine.map` (longest-first for a list).
         """
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=None, stream=False)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
+                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent,
+                          hints=hints)
         plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
                         checkpoint_mismatch=checkpoint_mismatch)
         return await map_async(self._batches(spec, plan), items, on_cancel=on_cancel,
@@ -414,6 +421,10 @@ class AsyncCalls(Calls):
         checkpoint: str | os.PathLike[str] | None = None,
         finished_kinds: Iterable[str] | None = None,
         checkpoint_mismatch: Mismatch = "refuse",
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
+        lookahead: int | None = None,
     ) -> OutcomeStream[R]:
         """``async for outcome in engine.imap_async(fn, items)``: outcomes as they finish.
 
@@ -421,10 +432,12 @@ class AsyncCalls(Calls):
         ``async with``) or cancelling the consuming task withdraws what has not started; running
         items follow ``on_cancel`` as in :meth:`map_async`. ``key``, ``checkpoint`` and the
         rest: as for :meth:`Engine.map`.
+        ``cost``, ``size``, ``unit``, ``lookahead``: as for :meth:`Engine.imap`.
         """
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=lookahead, stream=True)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
-                          max_concurrent=max_concurrent)
+                          max_concurrent=max_concurrent, hints=hints)
         plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
                         checkpoint_mismatch=checkpoint_mismatch)
         return imap_async(self._batches(spec, plan), items, ordered=ordered, on_cancel=on_cancel,

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._backends import Cancelled, Codec, LaneDied, TaskResult
@@ -24,6 +25,7 @@ from ._config import DEFAULT_RETRY_ON, Timeout, item_timeouts
 from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
 from ._outcome import Failure, Kind
+from ._pressure import MemoryWatch
 from ._worker import ChunkResult
 
 __all__ = ["Answers", "BatchPolicy", "Fail", "Lot", "Piece", "Resend", "Run"]
@@ -38,6 +40,7 @@ class BatchPolicy:
     backoff: float = 0.0
     max_in_flight: int = 5
     rerun_innocent: bool = True  # re-run items whose results died with their worker
+    memory: MemoryWatch | None = None  # pause dispatch under memory pressure (_pressure.py)
 
 
 class Run(NamedTuple):
@@ -98,6 +101,8 @@ class Answers:
         self.again: deque[Resend] = deque()
         self.done = self.failed = self.chunks = self.retried = 0
         self.busy = 0.0
+        # The input index of a batch position, for messages (positions differ only with cost=).
+        self.label: Callable[[int], int] = _same
 
     def absorb(self, lot: Lot, result: TaskResult) -> None:
         self.chunks += 1
@@ -105,7 +110,8 @@ class Answers:
             self._death(lot, result)
         elif isinstance(result, Cancelled):
             for i in range(lot.start, lot.start + len(lot.items)):
-                error = TaskCancelled(f"item {i} was cancelled before it ran: {result.reason}")
+                error = TaskCancelled(
+                    f"item {self.label(i)} was cancelled before it ran: {result.reason}")
                 error.__cause__ = result.cause  # the backend's own failure, if that was why
                 self.final(i, "cancelled", error, lot.runs)
         else:
@@ -119,17 +125,18 @@ class Answers:
             if len(items) > 1:
                 self._halve(lot._replace(runs=runs + 1))
             else:
-                self.final(start, "serialization", unpickled_result_error(start, exc), runs + 1)
+                self.final(start, "serialization", unpickled_result_error(self.label(start), exc),
+                           runs + 1)
             return
         durations, busy = durations_of(answer.stamps, len(answer.values))
         self.busy += busy
-        self.sizer.observe(len(answer.values), busy)
+        self.sizer.observe(len(answer.values), busy, start)
         errors = answer.errors or {}
         if len(items) > 1 and any(info.kind == "unpickle" for info in errors.values()):
             self._halve(lot)  # nothing ran: which argument would not unpickle? find it
             return
         for offset, info in errors.items():
-            kind, error, tb = rebuild_error(info, start + offset)
+            kind, error, tb = rebuild_error(info, self.label(start + offset))
             ran = info.kind != "unpickle"
             self.failure_or_retry(Lot(start + offset, [items[offset]], tries, runs + ran), kind,
                                   error, tb, durations[offset], answer.pid)
@@ -152,7 +159,7 @@ class Answers:
         index = start + offset
         limit = item_timeouts(self.timeout, [items[offset]], index) if died.reason == "timeout" else None
         seconds = limit[0] if isinstance(limit, tuple) else float("nan")
-        kind, error = death_failure(died, index, stage, seconds)
+        kind, error = death_failure(died, self.label(index), stage, seconds)
         ran = died.offset >= 0 or died.ran != 0
         self.failure_or_retry(Lot(index, [items[offset]], tries, runs + ran), kind, error,
                               died.stack or None, died.duration, died.pid)
@@ -169,10 +176,10 @@ class Answers:
     def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """``rerun_innocent=False``: items that ran, whose results died with their worker, are
         reported instead of run again (for stages that must not run twice)."""
-        on = f"on item {guilty}" if guilty is not None else "on an item of their chunk"
+        on = f"on item {self.label(guilty)}" if guilty is not None else "on an item of their chunk"
         for i in range(lot.start, lot.start + len(lot.items)):
             self.final(i, "crash", WorkerCrashed(
-                f"item {i} ran, but its result was lost when worker {died.pid} died {on}; not "
+                f"item {self.label(i)} ran, but its result was lost when worker {died.pid} died {on}; not "
                 "run again because rerun_innocent=False"), lot.runs, pid=died.pid)
 
     def _halve(self, lot: Lot) -> None:
@@ -199,3 +206,6 @@ class Answers:
         self.failed += 1
         self.done += 1
 
+
+def _same(index: int) -> int:
+    return index

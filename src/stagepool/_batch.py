@@ -29,11 +29,13 @@ from typing import Any
 
 from ._answers import Answers, BatchPolicy, Lot, Piece
 from ._backends import Backend, Group, Task, TaskResult
-from ._chunking import ChunkSizer
 from ._config import Timeout, item_timeouts
+from ._costs import CostHints, arrange, make_sizer
 from ._errors import EngineClosed, SerializationError, TaskCancelled
 from ._outcome import BatchStats
+from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
+from ._status import register
 
 __all__ = ["Batch", "BatchSpec"]
 
@@ -56,6 +58,7 @@ class BatchSpec:
     on_progress: Callable[[Progress], object] | None = None
     max_in_flight: int | None = None  # chunks submitted and not yet consumed
     max_concurrent: int | None = None  # items of this batch in workers at once
+    hints: CostHints | None = None  # cost=, size=, unit=, lookahead= (_costs.py)
 
 
 class Batch:
@@ -67,7 +70,9 @@ class Batch:
     def __init__(self, backend: Backend, spec: BatchSpec) -> None:
         self.backend, self.spec, self.codec = backend, spec, backend.codec
         self.total = spec.total
-        self.it = iter(spec.items)
+        # With cost hints the batch works in dispatch positions (_costs.py), not input indices.
+        self.arrangement = arrange(spec.hints, spec.items, self.total, backend.workers)
+        self.it = iter(spec.items) if self.arrangement is None else self.arrangement
         self.source_available: Callable[[], int] | None = getattr(self.it, "available", None)
         self.group = Group()
         self.arena = id(self.group)
@@ -76,12 +81,12 @@ class Batch:
         # an abandoned generator, which the garbage collector may start inside _on_done.
         self.lock = threading.RLock()
         self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
-        self.sizer = ChunkSizer(spec.chunk_size, backend.workers, self.total,
-                                backend.capabilities.chunk_seconds)
+        self.sizer = make_sizer(spec.chunk_size, backend.workers, self.total,
+                                backend.capabilities.chunk_seconds, self.arrangement)
         self.max_in_flight = spec.max_in_flight or spec.policy.max_in_flight
         self.sink: ProgressSink | None = make_sink(
             progress=spec.progress, on_progress=spec.on_progress, total=self.total,
-            desc=spec.desc)
+            desc=spec.desc, meter=self.arrangement)
         self.items_out = 0
         try:
             self.fn_key, self.fn_form = self.codec.function(spec.fn)
@@ -93,6 +98,8 @@ class Batch:
         self.source_error: BaseException | None = None
         self.in_flight: dict[int, Lot] = {}  # task id -> what it carries
         self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
+        if self.arrangement is not None:
+            self.out.label = self.arrangement.label
         # Ordered streaming: outcomes held for reordering count against the window too, or one
         # slow chunk would let the others run ahead without bound. ``emitted`` is set by the
         # consumer; ``window`` holds the starts of source chunks not yet fully emitted.
@@ -100,6 +107,10 @@ class Batch:
         self.emitted = 0
         self.window: deque[int] = deque()
         self.started = time.perf_counter()
+        memory = spec.policy.memory
+        self.gate = None if memory is None else PressureGate(memory)
+        self.label, self.desc = self.out.label, spec.desc
+        self.number = register(self)  # for Engine.status() (_status.py)
         self.codec.open_arena(self.arena)
 
     # ---- feeding -----------------------------------------------------------------------------
@@ -127,6 +138,8 @@ class Batch:
     def _fill_outbox(self) -> None:
         again = self.out.again
         while len(self.in_flight) < self.max_in_flight:
+            if self.gate is not None and not self.gate.allows():
+                return  # memory is nearly full: running items finish, nothing new starts
             if again and again[0].due <= time.monotonic():
                 if self._room() < len(again[0].lot.items):
                     return
@@ -151,8 +164,9 @@ class Batch:
         return (1 << 30) if available is None else int(available())
 
     def _window_open(self) -> bool:
-        if not self.ordered:
-            return True
+        if not self.ordered or (self.arrangement is not None and
+                                self.arrangement.inside_block(self.next_index)):
+            return True  # a reordered block is taken whole, or its first index might never come
         window = self.window
         while len(window) > 1 and window[1] <= self.emitted:
             window.popleft()
@@ -180,10 +194,11 @@ class Batch:
         if self.fn_error is not None:
             for i in range(len(items)):
                 self.out.final(start + i, "serialization", SerializationError(
-                    f"item {start + i}: the function {self.spec.fn!r} cannot be pickled: "
+                    f"item {self.out.label(start + i)}: the function {self.spec.fn!r} cannot be pickled: "
                     f"{type(self.fn_error).__name__}: {self.fn_error}", cause=self.fn_error), lot.runs)
             return
-        timeouts = item_timeouts(self.spec.timeout, items, start)
+        refused = self.arrangement.refusal(start, len(items)) if self.arrangement else None
+        timeouts = refused or item_timeouts(self.spec.timeout, items, self.out.label(start))
         if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
             if len(items) == 1:
                 self.out.final(start, "error", timeouts, lot.runs)
@@ -195,7 +210,7 @@ class Batch:
         except Exception as exc:  # not KeyboardInterrupt: Ctrl-C while pickling stops the batch
             if len(items) == 1:
                 self.out.final(start, "serialization", SerializationError(
-                    f"item {start}: the argument ({type(items[0]).__module__}."
+                    f"item {self.out.label(start)}: the argument ({type(items[0]).__module__}."
                     f"{type(items[0]).__qualname__}) cannot be pickled: "
                     f"{type(exc).__name__}: {exc}", cause=exc), lot.runs)
             else:
@@ -203,8 +218,10 @@ class Batch:
             return
         self.sizer.observe_payload(len(items), encoded.nbytes)
         task = Task(self.group, self.fn_key, self.fn_form, encoded.payload, len(items),
-                    self._on_done, timeouts, self.sizer.expected_seconds(len(items)),
-                    self.sizer.per_item_clock(), first=start)
+                    self._on_done, timeouts, self.sizer.expected_seconds(len(items), start),
+                    self.sizer.per_item_clock(),
+                    # worker logs name items by first + offset: only true in input order
+                    first=start if self.arrangement is None else -1)
         self.outbox.append(task)
         self.in_flight[task.id] = lot._replace(items=self.codec.keep(encoded, items))
         self.items_out += len(items)
@@ -226,7 +243,8 @@ class Batch:
         self.exhausted = True
         for first, n in runs:
             for i in range(first, first + n):
-                error = TaskCancelled(f"item {i} was cancelled before it ran: {closed}")
+                error = TaskCancelled(
+                    f"item {self.out.label(i)} was cancelled before it ran: {closed}")
                 error.__cause__ = closed  # whose own cause says why, if the engine failed
                 self.out.final(i, "cancelled", error, lot.runs)
 
@@ -271,7 +289,7 @@ class Batch:
 
     def _drain_ready(self) -> Iterator[Piece]:
         ready, self.out.ready = self.out.ready, []
-        yield from ready
+        yield from ready if self.arrangement is None else self.arrangement.translate(ready)
         if self.sink is not None:
             self.sink.update(self.out.done, self.out.failed)
 
@@ -340,5 +358,7 @@ class Batch:
         n, chunks = self.next_index, self.out.chunks
         return BatchStats(items=n, wall_time=wall, busy_time=self.out.busy,
                           workers=self.backend.workers, chunks=chunks,
-                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried)
+                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried,
+                          pauses=self.gate.pauses if self.gate else 0,
+                          paused_time=self.gate.paused_time() if self.gate else 0.0)
 

@@ -26,6 +26,7 @@ from ._config import (
     check_timeout,
     validate_chunk_size,
 )
+from ._costs import CostHints, cost_hints
 from ._journal import Mismatch
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress, check_progress_options
@@ -61,7 +62,8 @@ class Calls:
     def _spec(self, fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], *,
               chunk_size: Any, progress: bool | None, desc: str | None,
               on_progress: Callable[[Progress], object] | None, timeout: Timeout | Default,
-              max_in_flight: int | None = None, max_concurrent: int | None = None) -> BatchSpec:
+              max_in_flight: int | None = None, max_concurrent: int | None = None,
+              hints: CostHints | None = None) -> BatchSpec:
         """Validate one call's arguments (before anything starts) into its spec."""
         check_fn(fn)
         if not hasattr(items, "__aiter__"):
@@ -85,7 +87,7 @@ class Calls:
             self.config.chunk_size if chunk_size is None else validate_chunk_size(chunk_size),
             limit, self._policy,
             self.config.progress if progress is None else progress, desc, on_progress,
-            max_in_flight, max_concurrent)
+            max_in_flight, max_concurrent, hints)
 
     def map(
         self,
@@ -102,6 +104,9 @@ class Calls:
         checkpoint: str | os.PathLike[str] | None = None,
         finished_kinds: Iterable[str] | None = None,
         checkpoint_mismatch: Mismatch = "refuse",
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
     ) -> BatchReport[R]:
         """Run ``fn`` on every item; return a :class:`BatchReport` with one outcome per item.
 
@@ -109,6 +114,14 @@ class Calls:
         (with ``desc``), ``on_progress`` (a callback receiving :class:`Progress` after each
         chunk) and ``max_concurrent`` (at most this many items of this call in the workers at
         once, whatever the worker count).
+
+        Cost hints (README "Uneven items"): ``cost`` (a callable of the item, e.g. its seconds of
+        media) makes a batch of known length run its items longest-first and cut chunks by
+        cost, not count; an input of unknown length is reordered in blocks of ``lookahead``
+        items. Results keep input order. ``unit="s"`` (with ``cost``, or ``size``: each item's
+        seconds of media) shows media seconds, a cost-weighted ETA and the realtime factor. A
+        ``cost`` or ``size`` that raises or returns anything but a finite number >= 0 fails
+        that item alone (kind ``"error"``, the message names ``cost(item i)``); it never runs.
 
         Never raises because an item failed. ``items`` is consumed lazily (at most
         ``max_in_flight`` chunks ahead), so a generator works. If the generator itself raises,
@@ -138,8 +151,10 @@ class Calls:
         items with kind ``"cancelled"``.
         """
         _refuse_async_items(items)
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=None, stream=False)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
-                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent)
+                          on_progress=on_progress, timeout=timeout, max_concurrent=max_concurrent,
+                          hints=hints)
         plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
                         checkpoint_mismatch=checkpoint_mismatch)
         return report_of(new_batch(self._backend_or_raise(), spec, plan))
@@ -161,6 +176,10 @@ class Calls:
         checkpoint: str | os.PathLike[str] | None = None,
         finished_kinds: Iterable[str] | None = None,
         checkpoint_mismatch: Mismatch = "refuse",
+        cost: Callable[[T], float] | None = None,
+        size: Callable[[T], float] | None = None,
+        unit: str | None = None,
+        lookahead: int | None = None,
     ) -> Iterator[Outcome[R]]:
         """Stream outcomes as they finish (in input order when ``ordered``).
 
@@ -170,12 +189,17 @@ class Calls:
         starts (and nothing is held) until the first ``next``; arguments are checked here.
         ``key``, ``checkpoint`` and the rest: as for :meth:`map` (the journal is opened at the
         first ``next``; restored outcomes are streamed in their places).
+
+        ``cost``, ``size``, ``unit``: as for :meth:`map`, except that the items are reordered
+        longest-first in blocks of ``lookahead`` items (default 8 per worker), so memory stays
+        bounded and the first outcomes do not wait for the whole input.
         """
         check_bool(ordered, "ordered")
         _refuse_async_items(items)
+        hints = cost_hints(cost=cost, size=size, unit=unit, lookahead=lookahead, stream=True)
         spec = self._spec(fn, items, chunk_size=chunk_size, progress=progress, desc=desc,
                           on_progress=on_progress, timeout=timeout, max_in_flight=max_in_flight,
-                          max_concurrent=max_concurrent)
+                          max_concurrent=max_concurrent, hints=hints)
         plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
                         checkpoint_mismatch=checkpoint_mismatch)
         backend = self._backend_or_raise()

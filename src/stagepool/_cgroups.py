@@ -30,6 +30,10 @@ class CgroupLimits:
     cpu_quota: float | None = None
     mem_limit: int | None = None
     mem_usage: int | None = None
+    # Page cache the kernel reclaims before it kills anyone (``inactive_file`` of this
+    # process's cgroup): not pressure. A media job that reads files fills the cache up to the
+    # limit, so usage alone would look like pressure all the time.
+    mem_reclaimable: int | None = None
 
 
 def read_cgroup(proc_root: Path, cgroup_root: Path) -> CgroupLimits:
@@ -87,6 +91,7 @@ def _read_cgroup_v2(levels: list[Path]) -> CgroupLimits:
         cpu_quota=_smallest(_parse_cpu_max(_read_text(d / "cpu.max")) for d in levels),
         mem_limit=limit,
         mem_usage=usage,
+        mem_reclaimable=_stat_value(levels[0], "inactive_file"),
     )
 
 
@@ -110,14 +115,21 @@ def _read_cgroup_v1(root: Path, paths: Mapping[str, tuple[str, str]]) -> CgroupL
         # The kernel's own minimum over every ancestor, including those outside our view.
         candidates.append((_v1_hierarchical_limit(levels[0]), leaf_usage))
         mem_limit, mem_usage = _tightest_memory(leaf_usage, candidates)
+        reclaimable = _stat_value(levels[0], "total_inactive_file")
+        return CgroupLimits(1, cpu_quota, mem_limit, mem_usage, reclaimable)
     return CgroupLimits(1, cpu_quota, mem_limit, mem_usage)
 
 
 def _v1_hierarchical_limit(directory: Path) -> int | None:
     """``hierarchical_memory_limit`` from a v1 ``memory.stat``: the smallest limit on the path."""
+    return _stat_value(directory, "hierarchical_memory_limit")
+
+
+def _stat_value(directory: Path, name: str) -> int | None:
+    """One field of a ``memory.stat`` file, None when absent or not an integer."""
     for line in (_read_text(directory / "memory.stat") or "").splitlines():
         key, _, value = line.partition(" ")
-        if key == "hierarchical_memory_limit":
+        if key == name:
             try:
                 return int(value)
             except ValueError:

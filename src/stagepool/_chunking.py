@@ -70,8 +70,9 @@ class ChunkSizer:
         """Mean seconds per item measured so far, or None before any chunk came back."""
         return self._busy / self._items if self._items else None
 
-    def observe(self, n_items: int, busy_seconds: float) -> None:
-        """Feed back a finished chunk: how many items it ran and how long they took together."""
+    def observe(self, n_items: int, busy_seconds: float, start: int = -1) -> None:
+        """Feed back a finished chunk: how many items it ran and how long they took together
+        (``start``, its first position, matters to a sizer by cost: see _costs.CostSizer)."""
         self._items += n_items
         self._busy += busy_seconds
 
@@ -104,7 +105,8 @@ class ChunkSizer:
         per_item = self.per_item
         return per_item is None or per_item > TINY_ITEM_SECONDS
 
-    def expected_seconds(self, size: int) -> float | None:
-        """Estimated duration of a chunk of ``size`` items (None while nothing is known)."""
+    def expected_seconds(self, size: int, start: int = -1) -> float | None:
+        """Estimated duration of a chunk of ``size`` items from position ``start`` (None while
+        nothing is known)."""
         per_item = self.per_item
         return None if per_item is None else per_item * size

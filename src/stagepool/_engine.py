@@ -46,7 +46,9 @@ from ._config import (
 from ._errors import EngineClosed, OvercommitWarning
 from ._pipeline._calls import PipelineCalls
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
+from ._pressure import DEFAULT_HIGH, MemoryWatch, Watermarks, check_watermarks
 from ._single import ExecutorView, SubmitContext
+from ._status import WorkerStatus, resolve
 
 if TYPE_CHECKING:
     from ._options import EngineView
@@ -133,6 +135,11 @@ class Engine(AsyncCalls, PipelineCalls):
       serial backend passes your own objects); results arrive as ordinary
       writable arrays whose memory is freed when the caller drops them.
     * ``progress``: a tqdm bar per batch.
+    * ``memory_high``, ``memory_low`` (fractions of the memory this process may use: the
+      fuller of its cgroup limit and the machine): a batch pauses dispatch at ``memory_high``
+      (default 0.8) and resumes below ``memory_low`` (default ``memory_high - 0.1``); running
+      items finish; ``report.stats`` counts the pauses. None disables it. Not on dask, whose
+      workers pause themselves at 80%.
     * ``backend``: where chunks run. ``"local"`` (default): worker processes on this machine.
       ``"serial"``: in this process, one chunk at a time, with the same outcomes, ordering,
       retries, progress and report: for debugging (breakpoints, coverage and profilers work as
@@ -173,8 +180,11 @@ class Engine(AsyncCalls, PipelineCalls):
         address: str | None = None,
         shared: Mapping[str, Any] | None = None,
         reserve_cores: int = 0,
+        memory_high: float | None = DEFAULT_HIGH,
+        memory_low: float | None = None,
     ) -> None:
         name, client = _backend_choice(backend, address)
+        marks = check_watermarks(memory_high, memory_low)
         remote = client is not None or address is not None
         self.config = EngineConfig.create(
             shm_threshold=shm_threshold, writable_inputs=writable_inputs,
@@ -206,8 +216,18 @@ class Engine(AsyncCalls, PipelineCalls):
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
-            self.config.rerun_innocent)
+            self.config.rerun_innocent, self._memory_watch(name, marks))
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
+
+    @staticmethod
+    def _memory_watch(name: BackendName, marks: Watermarks | None) -> MemoryWatch | None:
+        """The readings this engine's batches share; none on dask (its workers pause
+        themselves: README "Memory pressure")."""
+        if marks is None or name == "dask":
+            return None
+        watch = MemoryWatch(marks)
+        watch.reading()  # the first (the cgroup walk) here, not in the first batch
+        return watch
 
     @classmethod
     def from_profile(cls, path: str | os.PathLike[str], *, cost: Callable[[Any], float] | None = None,
@@ -304,6 +324,13 @@ class Engine(AsyncCalls, PipelineCalls):
         self.shutdown(wait=True, kill=exc[0] is not None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
+
+    def status(self) -> list[WorkerStatus]:
+        """What each worker is doing now: idle, or busy on which item of which batch, for how
+        long (:class:`WorkerStatus`). Cheap and non-blocking: an ``on_progress`` callback may
+        call it. On dask, per worker thread, the item inside a chunk is not known. Raises
+        :class:`EngineClosed` after shutdown."""
+        return resolve(self._backend_or_raise().lane_states())
 
     def worker_pids(self) -> list[int]:
         """Pids of the live worker processes (on dask: on the workers' hosts, asked for now)."""

@@ -92,6 +92,8 @@ class BatchStats:
     chunk_size: float
     retries: int = 0
     restored: int = 0  # items taken from a checkpoint instead of run (not counted in ``items``)
+    pauses: int = 0  # times dispatch paused under memory pressure (Engine memory_high)
+    paused_time: float = 0.0  # seconds it stayed paused
 
     @property
     def items_per_second(self) -> float:

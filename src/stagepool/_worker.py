@@ -49,6 +49,7 @@ __all__ = [
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
+    "Scratch",
     "TaskHeader",
     "WorkerSetup",
     "apply_call",
@@ -117,15 +118,16 @@ class _Record:
         self.ints[F_PID] = os.getpid()
 
 
-class _Scratch:
-    """Where run_chunk writes its progress when it runs outside a pool worker (tests, dask)."""
+class Scratch:
+    """Where run_chunk writes its progress when it runs outside a pool worker (tests, dask, the
+    serial backend, whose status() reads it)."""
 
     def __init__(self) -> None:
         self.ints = memoryview(bytearray(8 * RECORD_FIELDS)).cast("q")
         self.floats = memoryview(bytearray(8 * RECORD_FIELDS)).cast("d")
 
 
-_NO_RECORD: Any = _Scratch()
+_NO_RECORD: Any = Scratch()
 
 
 def _exc_info(kind: str, exc: BaseException) -> ErrInfo:
@@ -164,7 +166,7 @@ def run_chunk(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
     *,
-    record: _Record | None = None,
+    record: _Record | Scratch | None = None,
     chunk_id: int = 0,
     timed: bool = False,
     per_item_clock: bool = True,
@@ -201,7 +203,8 @@ def run_chunk(
         stamps.pop()
         for offset, item in enumerate(items):
             # The start time first: the parent reads the offset first, then the time. Always
-            # written (~50 ns): it is also how long a crashed or timed-out item ran.
+            # written (~50 ns): it is also how long a crashed or timed-out item ran, and what
+            # status() counts from.
             floats[F_START] = now()
             ints[F_OFFSET] = offset
             stamp(clock())
@@ -217,8 +220,8 @@ def run_chunk(
                 keep(None)
                 errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
-    else:
-        floats[F_START] = time.monotonic()  # tiny items: a crashed one ran since about then
+    else:  # tiny items: a crashed one ran since about then; status() counts from here
+        floats[F_START] = time.monotonic()
         for offset, item in enumerate(items):
             ints[F_OFFSET] = offset
             try:

@@ -160,6 +160,7 @@ def run_demo(
             soundtrack(seconds=seconds, segment_seconds=segment_seconds),
             progress=progress,
             desc="segments",
+            size=_segment_seconds,  # the bar counts seconds of audio, with the realtime factor
         )
     _print_report(report, seconds, out)
     if sample:
@@ -183,6 +184,8 @@ def _run_pipeline(engine: Any, count: int, seconds: float, segment_seconds: floa
     failed = report.failed
     return 0 if _only_expected_failures(failed, corrupt) and \
         all(f.stage == "decode" for f in failed) else 1
+def _segment_seconds(segment: Segment) -> float:
+    return segment.duration_s
 
 
 def _workload_line(count: int, seconds: float, segment_seconds: float, bad: frozenset[int]) -> str:

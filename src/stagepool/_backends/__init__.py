@@ -25,6 +25,7 @@ from ._protocol import (
     Encoded,
     Group,
     LaneDied,
+    LaneState,
     Task,
     TaskResult,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Encoded",
     "Group",
     "LaneDied",
+    "LaneState",
     "Task",
     "TaskResult",
     "make_backend",

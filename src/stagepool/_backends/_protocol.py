@@ -21,6 +21,7 @@ __all__ = [
     "Encoded",
     "Group",
     "LaneDied",
+    "LaneState",
     "Task",
     "TaskResult",
 ]
@@ -72,6 +73,16 @@ class LaneDied:
     initializer: str = ""  # reason "initializer" (it died in it): the initializer's name
     duration: float = 0.0  # seconds the item had run when it died or was killed (0: unknown)
     stack: str = ""  # the worker's Python stack at the end (faulthandler dump), "" if unknown
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaneState:
+    """What one worker (a lane, or a cluster worker's thread) is doing now (``lane_states``)."""
+
+    worker: str  # its pid, or a cluster worker's address
+    task: int  # the id of the task it runs; 0: idle
+    offset: int  # the running item's position in that task; -1: unknown or between items
+    since: float | None  # time.monotonic() when that item (or its chunk) started; None: unknown
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -200,6 +211,9 @@ class Backend(Protocol):
     def worker_pids(self) -> list[int]:
         """Pids of the live processes that run items (this process for the serial backend,
         none for a remote one)."""
+
+    def lane_states(self) -> list[LaneState]:
+        """What each worker is doing now. From any thread; never blocks for long."""
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         """Stop the workers. ``wait`` lets queued tasks finish first unless ``cancel_pending``;

@@ -21,8 +21,18 @@ from typing import Any
 
 from .. import _shared
 from .._errors import EngineClosed
-from .._worker import ChunkResult, failed_chunk, run_chunk
-from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, Task
+from .._worker import (
+    F_CHUNK,
+    F_OFFSET,
+    F_PHASE,
+    F_START,
+    PHASE_IDLE,
+    ChunkResult,
+    Scratch,
+    failed_chunk,
+    run_chunk,
+)
+from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, LaneState, Task
 
 __all__ = ["InProcessCodec", "SerialBackend"]
 
@@ -68,6 +78,7 @@ class SerialBackend:
         self._closed = False
         self._init_error: BaseException | None = None
         self._shared = _shared.freeze(options.shared)  # read-only arrays, as in a worker
+        self._slot = Scratch()  # what run_chunk is on: lane_states() reads it
         if options.initializer is not None:
             try:
                 with _shared.serving(self._shared):
@@ -110,9 +121,14 @@ class SerialBackend:
                 result = failed_chunk(task.n_items, "error", self._init_error,
                                       "the initializer failed")
             else:
-                with _shared.serving(self._shared):
-                    result = run_chunk(task.fn, task.items, per_item_clock=task.per_item_clock,
-                                       passthrough=(KeyboardInterrupt,))
+                try:
+                    with _shared.serving(self._shared):
+                        result = run_chunk(task.fn, task.items,
+                                           per_item_clock=task.per_item_clock,
+                                           passthrough=(KeyboardInterrupt,), record=self._slot,
+                                           chunk_id=task.id)
+                finally:
+                    self._slot.ints[F_PHASE] = PHASE_IDLE
         task.on_done(task, result)
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
@@ -123,6 +139,14 @@ class SerialBackend:
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]  # the process that runs the items (outcomes name it too)
+
+    def lane_states(self) -> list[LaneState]:
+        """This process: on the task ``run_chunk`` runs (seen from another thread), or idle."""
+        ints, floats = self._slot.ints, self._slot.floats
+        offset, since = int(ints[F_OFFSET]), float(floats[F_START])  # offset first (run_chunk)
+        if ints[F_PHASE] == PHASE_IDLE:
+            return [LaneState(str(os.getpid()), 0, -1, None)]
+        return [LaneState(str(os.getpid()), int(ints[F_CHUNK]), offset, since)]
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         self._closed = True

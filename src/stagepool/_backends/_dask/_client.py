@@ -27,6 +27,7 @@ from .._protocol import (
     Capabilities,
     Encoded,
     Group,
+    LaneState,
     Task,
 )
 from . import _cluster
@@ -155,6 +156,9 @@ class DaskBackend:
 
     def withdraw_task(self, task: Task) -> None:
         self._inbox.put(Call(functools.partial(self._withdraw_task_now, task)))
+
+    def lane_states(self) -> list[LaneState]:
+        return self._flights.lane_states(self._roster.members.values())
 
     def worker_pids(self) -> list[int]:
         """The lanes' pids on every worker (on their hosts: a remote pid names a remote process)."""

@@ -14,12 +14,13 @@ import dataclasses
 import functools
 import itertools
 import queue
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from .._fairshare import FairShare
-from .._protocol import Cancelled, Group, LaneDied, Task, TaskResult
+from .._protocol import Cancelled, Group, LaneDied, LaneState, Task, TaskResult
 from . import _cluster
 from ._cluster import RPC_TIMEOUT
 from ._roster import Member
@@ -62,6 +63,7 @@ class _Running:
     # even if its result is then lost with its worker (a plain bool store: no lock needed).
     finished: bool = False
     holds_slot: bool = True  # counted in its worker's ``busy`` (until Freed or its end)
+    sent: float = dataclasses.field(default_factory=time.monotonic)  # for lane_states()
 
     def release(self) -> None:
         if self.holds_slot:
@@ -105,6 +107,15 @@ class Flights:
 
     def __bool__(self) -> bool:
         return bool(self._running)
+
+    def lane_states(self, members: Iterable[Member]) -> list[LaneState]:
+        """Per worker thread: busy on a chunk since it was sent (which item inside it is not
+        known here: the lanes that run it are on the worker's host), or idle."""
+        busy = [LaneState(r.worker.address, r.task.id, -1, r.sent)
+                for r in list(self._running.values())]
+        idle = [LaneState(m.address, 0, -1, None) for m in list(members)
+                for _ in range(max(0, m.threads - m.busy))]
+        return busy + idle
 
     def send(self, worker: Member, task: Task) -> bool:
         """Submit one chunk pinned to ``worker``; False (the task queued again, at the front) if

@@ -47,6 +47,7 @@ from .._protocol import (
     DeathReason,
     Group,
     LaneDied,
+    LaneState,
     Task,
     TaskResult,
 )
@@ -54,7 +55,7 @@ from ._crew import Crew
 from ._lanes import Lane, readable
 from ._limits import Limits, wait_seconds
 from ._mailbox import Mailbox
-from ._record import SharedRecord
+from ._record import SharedRecord, lane_state
 
 __all__ = ["LocalBackend"]
 
@@ -205,6 +206,11 @@ class LocalBackend:
     def worker_pids(self) -> list[int]:
         with self._lock:
             return [lane.pid for lane in self._crew.lanes]
+
+    def lane_states(self) -> list[LaneState]:
+        with self._lock:
+            lanes = [(lane.pid, lane.slot, bool(lane.tasks)) for lane in self._crew.lanes]
+        return [lane_state(self._record, pid, slot, busy) for pid, slot, busy in lanes]
 
     def shutdown(self, *, wait: bool = True, cancel_pending: bool = False, kill: bool = False) -> None:
         if os.getpid() != self._pid:  # a fork's copy (its lock may be held for good): not ours

@@ -14,9 +14,19 @@ import os
 import tempfile
 from typing import NamedTuple
 
-from ..._worker import F_CHUNK, F_OFFSET, F_PHASE, F_PID, F_START, PHASE_IDLE, RECORD_FIELDS
+from ..._worker import (
+    F_CHUNK,
+    F_OFFSET,
+    F_PHASE,
+    F_PID,
+    F_START,
+    PHASE_IDLE,
+    PHASE_RUN,
+    RECORD_FIELDS,
+)
+from .._protocol import LaneState
 
-__all__ = ["SharedRecord", "SlotState"]
+__all__ = ["SharedRecord", "SlotState", "lane_state"]
 
 
 class SlotState(NamedTuple):
@@ -92,3 +102,14 @@ class SharedRecord:
         self._floats.release()
         self._map.close()
         self._file.close()
+
+
+def lane_state(record: SharedRecord, pid: int, slot: int, has_tasks: bool) -> LaneState:
+    """A lane's state for ``status()``: the item its slot names while it runs one, else idle.
+    Decoding and encoding count as busy on the chunk, item unknown."""
+    state = record.state(slot)
+    if not has_tasks or state.phase == PHASE_IDLE:
+        return LaneState(str(pid), 0, -1, None)
+    if state.phase != PHASE_RUN or state.offset < 0:
+        return LaneState(str(pid), state.chunk, -1, None)
+    return LaneState(str(pid), state.chunk, state.offset, state.start)
