@@ -4,7 +4,7 @@ This module is the child side of the pool and imports nothing heavy (no numpy, n
 so a worker starts fast. One worker runs one chunk at a time:
 
     parent --(task bytes: chunk id, fn, items, timeouts)--> lane_main --> run_chunk(fn, items)
-    parent <--(result bytes: values, timestamps, errors, pid, rss)------------/
+    parent <--(result bytes: values, timestamps, errors, pid)-----------------/
 
 While it runs, the worker writes *which item it is on* into its slot of a shared record (an mmap of
 a memfd owned by the parent). That record is how the parent blames exactly one item when the
@@ -86,7 +86,6 @@ class ChunkResult(NamedTuple):
     stamps: array[float]  # n + 1 timestamps (each item's start, then the end), or start and end
     errors: dict[int, ErrInfo] | None  # by offset in the chunk
     pid: int
-    rss: int
 
 
 class TaskHeader(NamedTuple):
@@ -230,7 +229,7 @@ def run_chunk(
                 errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
     stamps.append(clock())
-    return ChunkResult(values, stamps, errors, os.getpid(), _rss())
+    return ChunkResult(values, stamps, errors, os.getpid())
 
 
 def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseException,
@@ -252,14 +251,6 @@ def _explain_read_only(exc: BaseException) -> None:
             "with writable_inputs=True (private copy-on-write views), or work on a.copy().")
 
 
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> bytes:
     """Pickle a chunk result (big arrays into shared memory); a value that cannot be pickled
     fails its own item, not the chunk."""
@@ -273,7 +264,7 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
         return encode(result)
     except BaseException:
         pass
-    values, stamps, errors, pid, rss = result
+    values, stamps, errors, pid = result
     errors = dict(errors or {})
     clean: list[Any] = []
     for offset, value in enumerate(values):
@@ -286,7 +277,7 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
                    f"{type(exc).__name__}: {_safe_str(exc)}")
             errors[offset] = ErrInfo("serialization", None, "SerializationError", msg,
                                      "".join(traceback.format_exception(exc)))
-    return encode(ChunkResult(clean, stamps, errors, pid, rss))
+    return encode(ChunkResult(clean, stamps, errors, pid))
 
 
 def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
@@ -357,7 +348,7 @@ def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> Chun
     else:
         info = info._replace(blob=None, message=message)
     return ChunkResult([None] * n_items, array("d", [0.0] * (n_items + 1)),
-                       dict.fromkeys(range(n_items), info), os.getpid(), _rss())
+                       dict.fromkeys(range(n_items), info), os.getpid())
 
 
 def _handle(
