@@ -95,7 +95,7 @@ class TaskHeader(NamedTuple):
     fn_key: int
     fn_blob: bytes | None  # only when the worker does not have this function cached yet
     n_items: int
-    timed: bool  # a per-item timeout is running: always clock items
+    timed: bool  # a per-item timeout is running: clocked items write their start times
     per_item_clock: bool
 
 
@@ -175,7 +175,9 @@ def run_chunk(
 
     ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
     would double the cost): the timestamps are then only the chunk's start and end, and each item's
-    duration is the chunk's mean. ``timed`` (a per-item timeout is running) always clocks items.
+    duration is the chunk's mean. ``timed`` (a per-item timeout is running) adds each item's start
+    time to the record, for the parent's deadline; tiny items skip that too, even when timed: the
+    parent then watches their offsets instead (``_backends._local._limits.sampled_deadline``).
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
     ``readonly_inputs``: some items hold read-only views of shared memory, so a "read-only"
     ValueError gets a note saying how to get writable inputs.
@@ -193,7 +195,7 @@ def run_chunk(
     ints[F_PHASE] = PHASE_RUN
     forked = forked_children  # non-empty only in a child that the item forked: it must not go on
     stamps = array("d", [clock()])
-    if per_item_clock or timed:
+    if per_item_clock:
         stamp, now = stamps.append, time.monotonic
         stamps.pop()
         for offset, item in enumerate(items):
