@@ -23,7 +23,7 @@ from ._chunking import ChunkSizer
 from ._config import Timeout, item_timeouts
 from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
-from ._outcome import Failure, Kind
+from ._outcome import BatchStats, Failure, Kind
 from ._worker import ChunkResult
 
 __all__ = ["Answers", "BatchPolicy", "Fail", "Lot", "Piece", "Resend", "Run"]
@@ -104,10 +104,7 @@ class Answers:
         if isinstance(result, LaneDied):
             self._death(lot, result)
         elif isinstance(result, Cancelled):
-            for i in range(lot.start, lot.start + len(lot.items)):
-                error = TaskCancelled(f"item {i} was cancelled before it ran: {result.reason}")
-                error.__cause__ = result.cause  # the backend's own failure, if that was why
-                self.final(i, "cancelled", error, lot.runs)
+            self.cancelled(lot.start, len(lot.items), result.reason, result.cause, lot.runs)
         else:
             self._answer(lot, result)
 
@@ -191,6 +188,21 @@ class Answers:
             self.again.append(Resend(time.monotonic() + delay, one._replace(tries=one.tries + 1)))
             return
         self.final(one.start, kind, error, one.runs, tb, duration, pid)
+
+    def stats(self, items: int, wall: float, workers: int) -> BatchStats:
+        """The batch's statistics, from what its answers said."""
+        chunks = self.chunks
+        return BatchStats(items=items, wall_time=wall, busy_time=self.busy, workers=workers,
+                          chunks=chunks, chunk_size=items / chunks if chunks else 0.0,
+                          retries=self.retried)
+
+    def cancelled(self, start: int, n: int, reason: object, cause: BaseException | None,
+                  runs: int) -> None:
+        """Items ``start`` to ``start + n - 1`` never ran: each is "cancelled", saying why."""
+        for i in range(start, start + n):
+            error = TaskCancelled(f"item {i} was cancelled before it ran: {reason}")
+            error.__cause__ = cause  # the backend's own failure, or the engine's closing
+            self.final(i, "cancelled", error, runs)
 
     def final(self, index: int, kind: Kind, error: Exception, attempts: int,
               tb: str | None = None, duration: float = 0.0, pid: int | None = None) -> None:
