@@ -503,11 +503,12 @@ class DaskPeer(Peer):
 class StagepoolPeer(Peer):
     """``stagepool.Engine(workers, chunk_size="auto")``: ``map(...).values`` and ``imap``.
 
-    Options ``chunk_size``, ``shm_threshold`` and ``max_in_flight`` go to the Engine as given.
+    Options ``chunk_size``, ``shm_threshold``, ``max_in_flight`` and ``timeout`` go to the Engine
+    as given.
     """
 
     name = "stagepool"
-    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight")
+    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight", "timeout")
     BACKEND = "local"
 
     def _start(self) -> None:
