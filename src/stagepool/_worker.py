@@ -23,7 +23,6 @@ import mmap
 import os
 import pickle
 import signal
-import struct
 import threading
 import time
 import traceback
@@ -32,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 from . import _shm, _transport
+from ._wire import TaskHeader, unpack_task
 from ._worker_guards import (
     StdFds,
     flush_std_streams,
@@ -48,7 +48,6 @@ __all__ = [
     "RECORD_FIELDS",
     "ChunkResult",
     "ErrInfo",
-    "TaskHeader",
     "WorkerSetup",
     "apply_call",
     "call_chunk",
@@ -57,9 +56,7 @@ __all__ = [
     "encode_result",
     "failed_chunk",
     "lane_main",
-    "pack_task",
     "run_chunk",
-    "unpack_task",
 ]
 
 # Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
@@ -102,49 +99,6 @@ def decoded_result(wire: Any) -> ChunkResult:
     clock = array("d")
     clock.frombytes(stamps)
     return ChunkResult(values, clock, errors, pid)
-
-
-class TaskHeader(NamedTuple):
-    """What a task tells a worker besides its items (``pack_task`` puts it on the wire)."""
-
-    chunk_id: int
-    fn_key: int
-    fn_blob: bytes | None  # only when the worker does not have this function cached yet
-    n_items: int
-    timed: bool  # a per-item timeout is running: clocked items write their start times
-    per_item_clock: bool
-
-
-# A task travels as one message: this fixed header, the function's pickle (fn_len bytes, none when
-# the worker has it cached) and the pickled items; items bigger than INLINE_ITEMS follow as a
-# second message instead, so that they are written to the pipe without a copy. A struct, not a
-# pickle: for a single submit the header's pickling and unpickling were ~8 us of a ~60 us turn.
-_TASK_HEAD = struct.Struct("<qqqqB")  # chunk id, fn key, n items, fn_len, flags
-_TIMED, _PER_ITEM_CLOCK, _ITEMS_FOLLOW = 1, 2, 4
-INLINE_ITEMS = 64 * 1024
-
-
-def pack_task(header: TaskHeader, items: bytes) -> tuple[bytes, bytes | None]:
-    """The task's first message, and its items as a second message when they are big."""
-    fn_blob = header.fn_blob or b""
-    follow = len(items) > INLINE_ITEMS
-    flags = (_TIMED * header.timed) | (_PER_ITEM_CLOCK * header.per_item_clock) | (
-        _ITEMS_FOLLOW * follow)
-    head = _TASK_HEAD.pack(header.chunk_id, header.fn_key, header.n_items, len(fn_blob), flags)
-    if follow:
-        return head + fn_blob, items
-    return b"".join((head, fn_blob, items)), None
-
-
-def unpack_task(message: bytes) -> tuple[TaskHeader, memoryview | None]:
-    """The header of a task's first message, and its items if they came with it (else None:
-    they are the next message)."""
-    chunk_id, fn_key, n_items, fn_len, flags = _TASK_HEAD.unpack_from(message)
-    start = _TASK_HEAD.size
-    fn_blob = message[start : start + fn_len] if fn_len else None
-    items = None if flags & _ITEMS_FOLLOW else memoryview(message)[start + fn_len :]
-    return TaskHeader(chunk_id, fn_key, fn_blob, n_items, bool(flags & _TIMED),
-                      bool(flags & _PER_ITEM_CLOCK)), items
 
 
 class _Record:

@@ -16,7 +16,8 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..._worker import FN_CACHE_SIZE, TaskHeader, WorkerSetup, lane_main, pack_task
+from ..._wire import TaskHeader, pack_task
+from ..._worker import FN_CACHE_SIZE, WorkerSetup, lane_main
 from .._protocol import DeathReason, Task
 
 __all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
