@@ -34,6 +34,8 @@ class Target:
 
     text: str
     check: Callable[[dict[str, Any], dict[str, dict[str, Any]]], tuple[bool | None, str]]
+    # Which stagepool rows the goal is for (default: every judged row).
+    applies: Callable[[dict[str, Any]], bool] = lambda row: True
 
 
 class Workload:

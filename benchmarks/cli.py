@@ -160,6 +160,8 @@ def finish_rows(workload: suite.Workload, rows: list[dict[str, Any]],
             continue
         row["targets"] = []
         for target in workload.targets(params):
+            if not target.applies(row):
+                continue
             passed, detail = (target.check(row, by_key) if row["status"] == "ok"
                               else (False, row["status"]))
             row["targets"].append({"text": target.text, "pass": passed, "detail": detail})

@@ -462,15 +462,17 @@ class PebblePeer(Peer):
 class StagepoolPeer(Peer):
     """``stagepool.Engine(workers, chunk_size="auto")``: ``map(...).values`` and ``imap``.
 
-    Options ``chunk_size``, ``shm_threshold``, ``max_in_flight``, ``backend`` and ``address`` go
-    to the Engine as given (a cluster at an ``address`` brings its own workers: no ``workers=``).
-    ``import_distributed``: import dask.distributed first, as a process that also uses a cluster
-    would (it fills ``copyreg.dispatch_table``, which picklers that copy it pay for per message).
-    ``cost`` (any true value) makes ``map`` pass ``cost=float``: each item is its own cost.
+    Options ``chunk_size``, ``shm_threshold``, ``max_in_flight``, ``timeout``, ``backend`` and
+    ``address`` go to the Engine as given (a cluster at an ``address`` brings its own workers: no
+    ``workers=``). ``import_distributed``: import dask.distributed first, as a process that also
+    uses a cluster would (it fills ``copyreg.dispatch_table``, which picklers that copy it pay
+    for per message). ``cost`` (any true value) makes ``map`` pass ``cost=float``: each item is
+    its own cost.
     """
 
     name = "stagepool"
-    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight", "backend", "address")
+    ENGINE_OPTIONS = ("chunk_size", "shm_threshold", "max_in_flight", "timeout", "backend",
+                      "address")
     BACKEND = "local"
 
     def _start(self) -> None:

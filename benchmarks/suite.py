@@ -28,6 +28,7 @@ from .base import (
     timed_map,
     workers_of,
 )
+from .calls import Submits
 from .faults import Crashes, Failures
 from .media_real import MediaReal
 from .payloads import BigArrays, BigStream, Media
@@ -83,6 +84,8 @@ class Tiny(Workload):
             PeerSpec("stagepool-distributed", "stagepool",
                      "stagepool Engine.map, dask.distributed imported",
                      {"import_distributed": True}),
+            PeerSpec("stagepool-timeout", "stagepool",
+                     'stagepool Engine.map chunk_size="auto", timeout=60', {"timeout": 60}),
             STAGEPOOL_ON_DASK,
         ]
 
@@ -123,8 +126,20 @@ class Tiny(Workload):
             r = mp["median_s"] / row["median_s"]
             return row["median_s"] <= mp["median_s"], f"{r:.2f}x mp"
 
-        return [Target("throughput >= 1.5x best PPE", vs_ppe),
-                Target("no slower than mp.Pool.map", vs_mp)]
+        def timeout_cost(row: dict[str, Any],
+                         rows: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+            plain = rows.get("stagepool")
+            if not plain or plain["status"] != "ok":
+                return None, "no stagepool row without a timeout"
+            cost = row["median_s"] / plain["median_s"] - 1
+            return cost <= 0.10, f"{cost:+.0%} vs no timeout"
+
+        def timed(row: dict[str, Any]) -> bool:
+            return row["key"] == "stagepool-timeout"
+
+        return [Target("throughput >= 1.5x best PPE", vs_ppe, lambda row: not timed(row)),
+                Target("no slower than mp.Pool.map", vs_mp, lambda row: not timed(row)),
+                Target("a numeric timeout costs <= 10%", timeout_cost, timed)]
 
 
 # ---- cpu ----------------------------------------------------------------------------------------
@@ -512,8 +527,8 @@ class Stream(Workload):
 
 
 WORKLOADS: dict[str, type[Workload]] = {cls.name: cls for cls in (
-    Tiny, Cpu, Uneven, UnevenCost, Stream, Failures, Crashes, BigArrays, BigStream, Async, Media,
-    MediaReal)}
+    Tiny, Submits, Cpu, Uneven, UnevenCost, Stream, Failures, Crashes, BigArrays, BigStream,
+    Async, Media, MediaReal)}
 
 
 def get(name: str) -> Workload:

@@ -420,3 +420,11 @@ def hang_with_child_noting(item: tuple[int, str]) -> int:
             f.write(str(child.pid))
         time.sleep(10**6)
     return x
+
+
+def hang_on_zero_loop(x: int) -> int:
+    """Tiny (``x * 2``), except that 0 spins for ever (a hang no signal handler interrupts)."""
+    if x == 0:
+        while True:
+            pass
+    return x * 2

@@ -119,6 +119,31 @@ def test_stagepool_targets_pass_and_fail() -> None:
     assert "targets" not in slow["mp"]  # only stagepool rows are judged
 
 
+def test_the_timeout_row_is_judged_on_what_a_timeout_costs() -> None:
+    rows = {r["key"]: r for r in _tiny_rows({"ppe-512": [0.3], "mp": [0.2], "stagepool": [0.1],
+                                              "stagepool-timeout": [0.105]})}
+    assert [t["text"] for t in rows["stagepool"]["targets"]] == [
+        "throughput >= 1.5x best PPE", "no slower than mp.Pool.map"]
+    (cost,) = rows["stagepool-timeout"]["targets"]
+    assert cost["pass"] and cost["detail"] == "+5% vs no timeout"
+    slow = {r["key"]: r for r in _tiny_rows({"stagepool": [0.1], "stagepool-timeout": [0.12]})}
+    assert slow["stagepool-timeout"]["result"] == "FAIL"
+
+
+def test_single_calls_are_judged_against_ppe_called_the_same_way() -> None:
+    workload = suite.get("submits")
+    params = {"calls": 100, "workers": 2}
+    specs = {s.key: s for s in workload.specs(params)}
+    times = {"ppe": 0.2, "ppe-asyncio": 0.4, "stagepool": 0.1, "stagepool-asyncio": 0.5}
+    raw = {k: RawResult(status="ok", startup_s=0.5, warmup=[], runs=[{"seconds": t, "calls": 100}])
+           for k, t in times.items()}
+    rows = {r["key"]: r for r in cli.finish_rows(workload, [
+        cli.build_row(workload, specs[k], raw[k], params) for k in times], params)}
+    assert rows["stagepool"]["result"] == "PASS"
+    assert rows["stagepool-asyncio"]["targets"][0]["detail"] == "0.80x ppe-asyncio"
+    assert rows["stagepool-asyncio"]["result"] == "FAIL"
+
+
 def test_missing_baseline_leaves_the_ratio_blank_and_the_verdict_open() -> None:
     (row,) = _tiny_rows({"stagepool": [0.1]})
     assert row["vs_ppe"] is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stagepool._chunking import CHUNK_BYTES, INITIAL_CHUNK, MAX_STREAM_CHUNK, ChunkSizer
+from stagepool._chunking import CHUNK_BYTES, INITIAL_CHUNK, MAX_STREAM_CHUNK, SPLIT_SHARES, ChunkSizer
 
 MiB = 1 << 20
 
@@ -61,3 +61,28 @@ def test_a_backend_with_a_long_round_trip_gets_longer_chunks() -> None:
         sizer.observe_payload(1, 100)
         sizer.observe(1, 1e-6)
     assert cluster_tail.next_size(10**6 - 10) == 10 * local_tail.next_size(10**6 - 10)
+
+
+def test_the_little_work_left_of_a_known_batch_is_split_evenly_once() -> None:
+    """20,000 tiny items: after the first answers, the rest goes in SPLIT_SHARES equal chunks per
+    worker, not in shares that shrink towards single items (each chunk costs a round trip)."""
+    sizer = ChunkSizer(None, workers=2, total=20_000)
+    sizer.observe_payload(1, 20)
+    sizer.observe(625, 625 * 3e-7)  # 0.3 us per item
+    submitted, sizes = 625, []
+    while submitted < 20_000:
+        size = min(sizer.next_size(submitted), 20_000 - submitted)
+        sizes.append(size)
+        submitted += size
+    assert len(sizes) == SPLIT_SHARES * 2
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_long_batch_is_split_only_near_its_end() -> None:
+    sizer = ChunkSizer(None, workers=2, total=10_000_000)
+    sizer.observe_payload(1, 20)
+    sizer.observe(1000, 1000 * 3e-7)
+    first = sizer.next_size(1000)
+    assert first < 10_000_000 // (SPLIT_SHARES * 2)  # plenty of work left: no split yet
+    last = sizer.next_size(10_000_000 - 40_000)  # 12 ms of work left: split, and it stays
+    assert last == 10_000 and sizer.next_size(10_000_000 - 10_000) == last

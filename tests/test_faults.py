@@ -118,6 +118,22 @@ def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     assert report.values == [1, 2, 3, 4, 5]
 
 
+def test_a_timeout_on_tiny_items_blames_the_hung_one() -> None:
+    """Tiny items under a numeric timeout run without per-item clock reads (the pool thread
+    watches their offsets instead: _limits.sampled_deadline); a hang among them is still found
+    exactly, and every other item gets its value."""
+    n, guilty, limit = 20_000, 15_000, 1.0
+    with sp.Engine(workers=2, timeout=limit) as eng:
+        started = time.monotonic()
+        report = eng.map(_tasks.hang_on_zero_loop, [0 if i == guilty else i + 1 for i in range(n)])
+        assert time.monotonic() - started < WAIT
+        assert [o.index for o in report.failed] == [guilty]
+        assert report[guilty].kind == "timeout"
+        assert f"item {guilty} ran longer than its timeout of 1 s" in str(report[guilty].error)
+        assert report.values == [2 * (i + 1) for i in range(n) if i != guilty]
+        assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
+
+
 def test_timeout_kills_the_tasks_children(fault_engine: sp.Engine, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     child_file = tmp_path / "child.pid"

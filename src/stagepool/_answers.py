@@ -24,7 +24,7 @@ from ._chunking import ChunkSizer
 from ._config import DEFAULT_RETRY_ON, Timeout, item_timeouts
 from ._errors import TaskCancelled, WorkerCrashed
 from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
-from ._outcome import Failure, Kind
+from ._outcome import BatchStats, Failure, Kind
 from ._pressure import MemoryWatch
 from ._worker import ChunkResult
 
@@ -109,11 +109,7 @@ class Answers:
         if isinstance(result, LaneDied):
             self._death(lot, result)
         elif isinstance(result, Cancelled):
-            for i in range(lot.start, lot.start + len(lot.items)):
-                error = TaskCancelled(
-                    f"item {self.label(i)} was cancelled before it ran: {result.reason}")
-                error.__cause__ = result.cause  # the backend's own failure, if that was why
-                self.final(i, "cancelled", error, lot.runs)
+            self.cancelled(lot.start, len(lot.items), result.reason, result.cause, lot.runs)
         else:
             self._answer(lot, result)
 
@@ -198,6 +194,22 @@ class Answers:
             self.again.append(Resend(time.monotonic() + delay, one._replace(tries=one.tries + 1)))
             return
         self.final(one.start, kind, error, one.runs, tb, duration, pid)
+
+    def stats(self, items: int, wall: float, workers: int, *, pauses: int = 0,
+              paused_time: float = 0.0) -> BatchStats:
+        """The batch's statistics, from what its answers said (and the memory gate's pauses)."""
+        chunks = self.chunks
+        return BatchStats(items=items, wall_time=wall, busy_time=self.busy, workers=workers,
+                          chunks=chunks, chunk_size=items / chunks if chunks else 0.0,
+                          retries=self.retried, pauses=pauses, paused_time=paused_time)
+
+    def cancelled(self, start: int, n: int, reason: object, cause: BaseException | None,
+                  runs: int) -> None:
+        """Items ``start`` to ``start + n - 1`` never ran: each is "cancelled", saying why."""
+        for i in range(start, start + n):
+            error = TaskCancelled(f"item {self.label(i)} was cancelled before it ran: {reason}")
+            error.__cause__ = cause  # the backend's own failure, or the engine's closing
+            self.final(i, "cancelled", error, runs)
 
     def final(self, index: int, kind: Kind, error: Exception, attempts: int,
               tb: str | None = None, duration: float = 0.0, pid: int | None = None) -> None:

@@ -3,8 +3,8 @@ item exactly one final piece (a run of results or one failure), whatever the bac
 
     items (list, iterator) --islice--> chunk (start index, items)             Batch._take
         | ChunkSizer picks the size ("auto": learns per-item time, shrinks at the tail)
-        | encoded HERE by the backend's codec (a chunk that will not encode is sent item by
-        | item, so exactly the items that cannot be encoded fail)
+        | encoded HERE by the backend's codec, through LotEncoder (_encoding.py: a chunk that
+        | will not encode is sent item by item, so exactly the items that cannot go fail)
         v
     backend.submit_many(Tasks)   at most max_in_flight tasks of this batch at once
         | the backend runs them: answer / LaneDied / Cancelled
@@ -23,19 +23,20 @@ import itertools
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._answers import Answers, BatchPolicy, Lot, Piece
 from ._backends import Backend, Group, Task, TaskResult
-from ._config import Timeout, item_timeouts
+from ._config import Timeout
 from ._costs import CostHints, arrange, make_sizer
-from ._errors import EngineClosed, SerializationError, TaskCancelled
+from ._encoding import LotEncoder
+from ._errors import EngineClosed
 from ._outcome import BatchStats
 from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
 from ._status import register
+from ._window import OrderWindow
 
 __all__ = ["Batch", "BatchSpec"]
 
@@ -88,11 +89,6 @@ class Batch:
             progress=spec.progress, on_progress=spec.on_progress, total=self.total,
             desc=spec.desc, meter=self.arrangement)
         self.items_out = 0
-        try:
-            self.fn_key, self.fn_form = self.codec.function(spec.fn)
-            self.fn_error: Exception | None = None
-        except Exception as exc:
-            self.fn_key, self.fn_form, self.fn_error = 0, None, exc
         self.next_index = 0
         self.exhausted = False
         self.source_error: BaseException | None = None
@@ -100,12 +96,13 @@ class Batch:
         self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
         if self.arrangement is not None:
             self.out.label = self.arrangement.label
-        # Ordered streaming: outcomes held for reordering count against the window too, or one
-        # slow chunk would let the others run ahead without bound. ``emitted`` is set by the
-        # consumer; ``window`` holds the starts of source chunks not yet fully emitted.
+        self.encoder = LotEncoder(
+            self.codec, spec.fn, spec.timeout, self.arena, self.out.final, self.out.label,
+            None if self.arrangement is None else self.arrangement.refusal)
+        # Ordered streaming (see _window): ``emitted`` is set by the consumer.
         self.ordered = False
         self.emitted = 0
-        self.window: deque[int] = deque()
+        self.window = OrderWindow()
         self.started = time.perf_counter()
         memory = spec.policy.memory
         self.gate = None if memory is None else PressureGate(memory)
@@ -167,12 +164,7 @@ class Batch:
         if not self.ordered or (self.arrangement is not None and
                                 self.arrangement.inside_block(self.next_index)):
             return True  # a reordered block is taken whole, or its first index might never come
-        window = self.window
-        while len(window) > 1 and window[1] <= self.emitted:
-            window.popleft()
-        if window and self.emitted >= self.next_index:
-            window.clear()
-        return len(window) < self.max_in_flight
+        return self.window.open(self.emitted, self.next_index, self.max_in_flight)
 
     def _take(self) -> None:
         size = min(self.sizer.next_size(self.next_index), self._room(), self._available())
@@ -186,49 +178,24 @@ class Batch:
         if chunk:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
             if self.ordered:
-                self.window.append(start)
+                self.window.took(start)
             self._submit(Lot(start, chunk, 1, 0))
 
     def _submit(self, lot: Lot) -> None:
-        start, items = lot.start, lot.items
-        if self.fn_error is not None:
-            for i in range(len(items)):
-                self.out.final(start + i, "serialization", SerializationError(
-                    f"item {self.out.label(start + i)}: the function {self.spec.fn!r} cannot be pickled: "
-                    f"{type(self.fn_error).__name__}: {self.fn_error}", cause=self.fn_error), lot.runs)
-            return
-        refused = self.arrangement.refusal(start, len(items)) if self.arrangement else None
-        timeouts = refused or item_timeouts(self.spec.timeout, items, self.out.label(start))
-        if isinstance(timeouts, BaseException):  # one item's limit is bad: fail only that one
-            if len(items) == 1:
-                self.out.final(start, "error", timeouts, lot.runs)
-            else:
-                self._singly(lot)
-            return
-        try:
-            encoded = self.codec.encode(items, self.arena)
-        except Exception as exc:  # not KeyboardInterrupt: Ctrl-C while pickling stops the batch
-            if len(items) == 1:
-                self.out.final(start, "serialization", SerializationError(
-                    f"item {self.out.label(start)}: the argument ({type(items[0]).__module__}."
-                    f"{type(items[0]).__qualname__}) cannot be pickled: "
-                    f"{type(exc).__name__}: {exc}", cause=exc), lot.runs)
-            else:
-                self._singly(lot)  # so exactly the items that cannot be encoded fail
-            return
-        self.sizer.observe_payload(len(items), encoded.nbytes)
-        task = Task(self.group, self.fn_key, self.fn_form, encoded.payload, len(items),
-                    self._on_done, timeouts, self.sizer.expected_seconds(len(items), start),
-                    self.sizer.per_item_clock(),
-                    # worker logs name items by first + offset: only true in input order
-                    first=start if self.arrangement is None else -1)
-        self.outbox.append(task)
-        self.in_flight[task.id] = lot._replace(items=self.codec.keep(encoded, items))
-        self.items_out += len(items)
-
-    def _singly(self, lot: Lot) -> None:
-        for i, item in enumerate(lot.items):
-            self._submit(lot._replace(start=lot.start + i, items=[item]))
+        """Encode the lot (or what of it can go: see ``_encoding``) into tasks for the outbox."""
+        encoder = self.encoder
+        for part, encoded, timeouts in encoder.ready(lot):
+            items = part.items
+            self.sizer.observe_payload(len(items), encoded.nbytes)
+            task = Task(self.group, encoder.fn_key, encoder.fn_form, encoded.payload, len(items),
+                        self._on_done, timeouts,
+                        self.sizer.expected_seconds(len(items), part.start),
+                        self.sizer.per_item_clock(),
+                        # worker logs name items by first + offset: true in input order only
+                        first=part.start if self.arrangement is None else -1)
+            self.outbox.append(task)
+            self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
+            self.items_out += len(items)
 
     def _cancel_rest(self, lot: Lot, closed: EngineClosed) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.
@@ -241,12 +208,8 @@ class Batch:
             runs.append((self.next_index, rest))
             self.next_index += rest
         self.exhausted = True
-        for first, n in runs:
-            for i in range(first, first + n):
-                error = TaskCancelled(
-                    f"item {self.out.label(i)} was cancelled before it ran: {closed}")
-                error.__cause__ = closed  # whose own cause says why, if the engine failed
-                self.out.final(i, "cancelled", error, lot.runs)
+        for first, n in runs:  # the closing's own cause says why, if the engine failed
+            self.out.cancelled(first, n, closed, closed, lot.runs)
 
     def _on_done(self, task: Task, result: TaskResult) -> None:
         # Runs in a backend thread: hand over, nothing more. A batch that was abandoned will
@@ -255,6 +218,10 @@ class Batch:
             if not self.group.cancelled:
                 self.answers.put((task, result))
                 return
+        self._free(task, result)
+
+    def _free(self, task: Task, result: TaskResult) -> None:
+        """An answer nobody will read: its inputs' and results' memory goes now."""
         self.codec.release(task.items, None)
         self.codec.drop(result)
 
@@ -350,15 +317,11 @@ class Batch:
             except queue.Empty:
                 break
             if task is not None:
-                self.codec.release(task.items, None)
-                self.codec.drop(result)
+                self._free(task, result)
 
     def stats(self) -> BatchStats:
-        wall = time.perf_counter() - self.started
-        n, chunks = self.next_index, self.out.chunks
-        return BatchStats(items=n, wall_time=wall, busy_time=self.out.busy,
-                          workers=self.backend.workers, chunks=chunks,
-                          chunk_size=n / chunks if chunks else 0.0, retries=self.out.retried,
-                          pauses=self.gate.pauses if self.gate else 0,
-                          paused_time=self.gate.paused_time() if self.gate else 0.0)
+        gate = self.gate
+        return self.out.stats(self.next_index, time.perf_counter() - self.started,
+                              self.backend.workers, pauses=gate.pauses if gate else 0,
+                              paused_time=gate.paused_time() if gate else 0.0)
 

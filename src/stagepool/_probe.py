@@ -13,13 +13,14 @@ What needs psutil (a worker's USS) is read from the parent, by pid, after the pr
 from __future__ import annotations
 
 import importlib
+import mmap
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._worker import _rss, dumps
+from ._worker import dumps
 
 __all__ = [
     "KEEP_MALLOC_BYTES",
@@ -134,6 +135,15 @@ def blas_threads(thread_env_vars: Iterable[str]) -> dict[str, Any]:
               "threads": p.get("num_threads")} for p in threadpoolctl.threadpool_info()]
     counts = [p["threads"] for p in pools if isinstance(p["threads"], int)]
     return {"source": "threadpoolctl", "threads": max(counts) if counts else None, "detail": pools}
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (0 where ``/proc/self/statm`` is unreadable)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def reset_peak_rss() -> bool:

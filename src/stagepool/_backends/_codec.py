@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .. import _shm, _transport
-from .._worker import dumps
+from .._worker import decoded_result, dumps
 from ._protocol import Encoded
 
 __all__ = ["SharedMemoryCodec"]
@@ -72,7 +72,7 @@ class SharedMemoryCodec:
             return items
 
     def decode(self, result: bytes | memoryview) -> Any:
-        return _transport.loads(result, writable=True, unlink=True)
+        return decoded_result(_transport.loads(result, writable=True, unlink=True))
 
     def release(self, items: bytes, arena: int | None) -> None:
         if arena is None:

@@ -12,11 +12,11 @@ import collections
 import contextlib
 import dataclasses
 import os
-import pickle
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..._worker import FN_CACHE_SIZE, PHASE_RUN, TaskHeader, WorkerSetup, lane_main
+from ..._wire import TaskHeader, pack_task
+from ..._worker import FN_CACHE_SIZE, PHASE_RUN, WorkerSetup, lane_main
 from .._protocol import DeathReason, Task
 from ._record import SharedRecord
 from ._stderr import WorkerStderr
@@ -69,13 +69,14 @@ class Lane:
         """Hand the worker a task (its function only the first time). A broken pipe is ignored:
         the worker is dying, and the pool thread's burial requeues the task."""
         first = task.fn_key not in self.fn_keys
-        header = pickle.dumps(TaskHeader(task.id, task.fn_key, task.fn if first else None,
-                                         task.n_items, task.timeouts is not None,
-                                         task.per_item_clock))
+        message, items = pack_task(TaskHeader(task.id, task.fn_key, task.fn if first else None,
+                                              task.n_items, task.timeouts is not None,
+                                              task.per_item_clock), task.items)
         self.tasks.append(task)
         try:
-            self.conn.send_bytes(header)
-            self.conn.send_bytes(task.items)
+            self.conn.send_bytes(message)
+            if items is not None:
+                self.conn.send_bytes(items)
         except OSError:
             return
         if first:  # the same first-in-first-out eviction as the worker's cache

@@ -29,7 +29,6 @@ import threading
 import time
 import traceback
 import weakref
-from multiprocessing.connection import wait
 from typing import Any
 
 from loky.backend.context import get_context
@@ -55,6 +54,7 @@ from ._crew import Crew
 from ._lanes import Lane, readable
 from ._limits import Limits, wait_seconds
 from ._mailbox import Mailbox
+from ._poller import Poller
 from ._record import SharedRecord, lane_state
 
 __all__ = ["LocalBackend"]
@@ -134,6 +134,7 @@ class LocalBackend:
         # Set when a worker died in the initializer: every task gets this answer, nothing respawns.
         self._init_died: LaneDied | None = None
         self._mailbox = Mailbox()
+        self._poller = Poller()
         self._crew = Crew(get_context("loky"), self._record, self._setup(options),
                           dict(options.env), options.max_tasks, kill_grace, workers)
         self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
@@ -279,7 +280,7 @@ class LocalBackend:
         by_obj: dict[Any, tuple[str, Lane | None]] = {self._mailbox.fd: ("wake", None)}
         by_obj.update(self._crew.watch())
         wake = self._limits.next_wake(self._crew.lanes, self._crew.leaving.values())
-        ready = wait(list(by_obj), timeout=wait_seconds(wake, time.monotonic()))
+        ready = self._poller.wait(by_obj, wait_seconds(wake, time.monotonic()))
         for obj in ready:
             what, owner = by_obj[obj]
             if what == "wake":

@@ -1,0 +1,79 @@
+"""Deadlines of running items, as pure functions of a task and a slot's state (no processes)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stagepool._backends import Group, Task
+from stagepool._backends._local._limits import (
+    MIN_SAMPLE_INTERVAL,
+    SAMPLES,
+    Seen,
+    deadline_of,
+    sampled_deadline,
+)
+from stagepool._backends._local._record import SlotState
+from stagepool._worker import PHASE_RUN
+
+
+def tiny_task(timeouts: tuple[float, ...]) -> Task:
+    return Task(Group(), 1, None, b"", len(timeouts), lambda task, result: None, timeouts,
+                per_item_clock=False)
+
+
+def test_a_tiny_item_is_stopped_after_its_offset_stays_put_for_its_limit() -> None:
+    task = tiny_task((2.0,) * 100)
+    state = SlotState(task.id, 40, PHASE_RUN, 0.0)  # no start time: tiny items write none
+    deadline, seen = sampled_deadline(task, state, 10.0, None)
+    assert seen == Seen(task.id, 40, 10.0)
+    assert deadline == 10.0 + 2.0 / SAMPLES  # look again soon: it may be a hang
+    deadline, seen = sampled_deadline(task, state, 11.0, seen)
+    assert seen == Seen(task.id, 40, 10.0)  # the same item since 10.0
+    assert deadline == 11.0 + 2.0 / SAMPLES
+    deadline, _ = sampled_deadline(task, state, 11.9, seen)
+    assert deadline == 12.0  # 10.0 + its limit: expired from then on
+
+
+def test_a_tiny_item_that_moved_on_starts_a_new_watch() -> None:
+    task = tiny_task((2.0,) * 100)
+    seen = Seen(task.id, 40, 10.0)
+    deadline, seen2 = sampled_deadline(task, SlotState(task.id, 41, PHASE_RUN, 0.0), 11.99, seen)
+    assert seen2 == Seen(task.id, 41, 11.99)
+    assert deadline is not None and deadline > 11.99 + 2.0 / SAMPLES - 1e-9
+
+
+def test_a_chunk_not_started_yet_is_looked_at_again_without_a_watch() -> None:
+    task = tiny_task((2.0,) * 10)
+    deadline, seen = sampled_deadline(task, SlotState(task.id - 1, 3, PHASE_RUN, 0.0), 5.0, None)
+    assert seen is None and deadline is not None and 5.0 < deadline < 6.0
+
+
+def test_without_timeouts_there_is_no_deadline() -> None:
+    task = Task(Group(), 1, None, b"", 3, lambda task, result: None, None, per_item_clock=False)
+    assert sampled_deadline(task, SlotState(task.id, 0, PHASE_RUN, 0.0), 1.0, None) == (None, None)
+
+
+@given(limit=st.floats(1e-3, 1e4), looks=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20))
+def test_a_sampled_deadline_is_never_early_and_at_most_one_interval_late(
+        limit: float, looks: list[float]) -> None:
+    """Whatever the moments the pool thread looks, an item never expires before it has run for
+    its limit, and the next look is due at most limit / SAMPLES (or the minimum interval) away."""
+    task = tiny_task((limit,) * 5)
+    state = SlotState(task.id, 2, PHASE_RUN, 0.0)
+    started, now, seen = 100.0, 100.0, None
+    for step in looks:
+        now += step * limit
+        deadline, seen = sampled_deadline(task, state, now, seen)
+        assert deadline is not None and seen is not None
+        assert deadline >= started + limit or deadline > now  # expired only after its limit
+        assert deadline <= now + max(limit / SAMPLES, MIN_SAMPLE_INTERVAL) + 1e-9
+
+
+def test_a_uniform_timeout_needs_no_per_item_table() -> None:
+    """timeout=N gives every item the same limit: the later-items term is that number."""
+    task = Task(Group(), 1, None, b"", 3, lambda task, result: None, (5.0, 5.0, 5.0))
+    state = SlotState(task.id, 0, PHASE_RUN, 100.0)
+    assert deadline_of(task, state, 101.0) == 105.0
+    last = SlotState(task.id, 2, PHASE_RUN, 100.0)
+    assert deadline_of(task, last, 101.0) == 105.0  # no later item: its own limit only
