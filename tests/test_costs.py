@@ -181,7 +181,7 @@ def test_chunks_are_cut_by_cost_not_count() -> None:
     costs = [1.0] * 200 + [20.0, 10.0, 5.0, 5.0]
     s, arrangement = sizer(costs)
     assert arrangement.index[:4] == [200, 201, 202, 203]  # longest first
-    s.observe(1, 0.020, start=0)  # the 20 took 20 ms: 1 ms per unit, 20 units per chunk
+    s.observe(1, 0.0199, start=0)  # the 20 took 19.9 ms: about 20 units per 20 ms chunk
     assert s.next_size(1) == 3  # 10 + 5 + 5
     assert s.next_size(4) == 20  # twenty items of 1
     assert s.next_size(200) == 1  # the tail: 4 units left, a share of 0.5 each
@@ -194,6 +194,11 @@ def test_a_long_item_travels_alone_and_the_tail_shrinks() -> None:
     s.observe(1, 0.5, start=0)  # 1 ms per unit: the target allows 20 units
     assert s.next_size(1) == 12  # but what is left (100) is shared 4 x 2 ways: 12.5 units
     assert s.next_size(90) == 1  # 11 left: 1.4 units per share
+
+
+def test_items_of_cost_zero_are_still_shared_out() -> None:
+    s, _ = sizer([0.0] * 100)
+    assert 1 <= s.next_size(1) <= 13  # a 1 / (4 x 2) share of what is left, as for equal costs
 
 
 # ---- progress in seconds of media --------------------------------------------------------------------

@@ -42,6 +42,9 @@ __all__ = ["Arrangement", "CostHints", "CostSizer", "arrange", "cost_hints", "ma
 # stream holds few results back and a slow source is not read far ahead.
 LOOKAHEAD_PER_WORKER = 8
 UNITS = ("s",)
+# What an item of cost 0 weighs when chunks are cut: items that all say "free" are still shared
+# out (a tail share of nothing would put them all in one chunk).
+FREE = 1e-9
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -214,7 +217,7 @@ class Arrangement:
             if bad is not None:
                 self.bad[len(self.index)] = bad
             self.index.append(i)
-            self.prefix.append(self.prefix[-1] + cost)  # type: ignore[operator]
+            self.prefix.append(self.prefix[-1] + cost + FREE)  # type: ignore[operator]
             self.amounts.append(size)  # type: ignore[arg-type]
         self.block_end = len(self.index)
         return [row[4] for row in rows]
