@@ -165,7 +165,7 @@ class DaskBackend:
             self._closed = True
         for task in self._queue.drain() if cancel_pending else ():
             notify(task, SHUT_DOWN)
-        self._inbox.put(Call(functools.partial(self._stop, kill)))
+        self._inbox.put(Call(functools.partial(self._stop, kill, cancel_pending)))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -252,10 +252,12 @@ class DaskBackend:
         self._flights.kill(None, gone.reason)
         self._stopping = True
 
-    def _stop(self, kill: bool) -> None:
+    def _stop(self, kill: bool, cancel_pending: bool) -> None:
         self._stopping = True
         if kill:
-            self._flights.kill(None, "the engine was shut down")
+            self._flights.kill(None, SHUT_DOWN.reason)
+        elif cancel_pending:  # pending includes what waits ahead in a worker's queue
+            self._flights.withdraw_ahead(_any, SHUT_DOWN.reason)
 
     def _close(self) -> None:
         """Remove this engine from the workers (their lanes are killed), then close what we
