@@ -51,7 +51,8 @@ Faults, and why no item is blamed twice or wrongly:
   SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash: all its
   chunks go back to the front of our queue and run elsewhere, charged nothing. (A chunk it was
   running is interrupted and runs again in full; its ``attempts`` count that as one run.)
-* Cancelling a batch withdraws its queued chunks (they never became dask tasks); its running
+* Cancelling a batch withdraws its queued chunks (those still in our queue, and those sent ahead
+  to a worker's queue: their dask futures are cancelled before they start); its running
   ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask
   futures are cancelled and the worker side, which watches its task's state while it waits,
   kills the lanes running them. A client that disconnects gets the same from the scheduler.

@@ -169,7 +169,7 @@ class DaskBackend:
             self._closed = True
         for task in self._queue.drain() if cancel_pending else ():
             notify(task, SHUT_DOWN)
-        self._inbox.put(Call(functools.partial(self._stop, kill)))
+        self._inbox.put(Call(functools.partial(self._stop, kill, cancel_pending)))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -218,7 +218,10 @@ class DaskBackend:
             worker = self._roster.free()
             if worker is None:
                 return
-            task = self._queue.take(lambda _task: True)
+            # A single call (on_start set) is "running" once sent, so it never waits ahead in a
+            # worker's queue, where a cancel() could no longer withdraw it.
+            ahead = worker.busy >= worker.capacity.slots
+            task = self._queue.take(_not_single if ahead else _any)
             if task is None:
                 return
             if task.on_start is not None and not task.on_start(task):
@@ -233,10 +236,14 @@ class DaskBackend:
             notify(task, Cancelled("batch cancelled"))
         if kill_running:
             self._flights.kill(group, "batch cancelled")
+        else:  # those sent ahead are still queued, on their worker: they never start either
+            self._flights.withdraw_ahead(lambda task: task.group is group, "batch cancelled")
 
     def _withdraw_task_now(self, task: Task) -> None:
         if self._queue.withdraw_task(task):
             notify(task, Cancelled("future cancelled"))
+        else:
+            self._flights.withdraw_ahead(lambda sent: sent is task, "future cancelled")
 
     def _client_gone(self) -> None:
         """The client was closed under us (``Engine(backend=client)``): nothing can run again."""
@@ -249,10 +256,12 @@ class DaskBackend:
         self._flights.kill(None, gone.reason)
         self._stopping = True
 
-    def _stop(self, kill: bool) -> None:
+    def _stop(self, kill: bool, cancel_pending: bool) -> None:
         self._stopping = True
         if kill:
-            self._flights.kill(None, "the engine was shut down")
+            self._flights.kill(None, SHUT_DOWN.reason)
+        elif cancel_pending:  # pending includes what waits ahead in a worker's queue
+            self._flights.withdraw_ahead(_any, SHUT_DOWN.reason)
 
     def _close(self) -> None:
         """Remove this engine from the workers (their lanes are killed), then close what we
@@ -269,6 +278,14 @@ class DaskBackend:
         if self._cluster is not None:
             with contextlib.suppress(Exception):
                 self._cluster.close(timeout=RPC_TIMEOUT)
+
+
+def _any(task: Task) -> bool:
+    return True
+
+
+def _not_single(task: Task) -> bool:
+    return task.on_start is None
 
 
 _live_backends: weakref.WeakSet[DaskBackend] = weakref.WeakSet()

@@ -186,6 +186,24 @@ class Flights:
                                       where=f"dask worker {member.address}"))
         self._cancel(lost)
 
+    def withdraw_ahead(self, match: Callable[[Task], bool], reason: str) -> None:
+        """Cancel the matching chunks that wait in a worker's queue behind its ``slots`` oldest
+        ones (sent ahead, not started): as a queued chunk, each is answered ``Cancelled`` and
+        never runs. The ones that may be running are left to finish."""
+        ahead: list[_Running] = []
+        seen: dict[Member, int] = {}
+        for run in self._running.values():  # in the order sent, as the workers start them
+            if run.finished:
+                continue
+            n = seen[run.worker] = seen.get(run.worker, 0) + 1
+            if n > run.worker.capacity.slots and match(run.task):
+                ahead.append(run)
+        for run in ahead:
+            del self._running[run.key]
+            run.release()
+            notify(run.task, Cancelled(reason))
+        self._cancel(ahead)
+
     def kill(self, group: Group | None, reason: str) -> None:
         """Cancel the running chunks of ``group`` (None: all): each worker side sees its task
         cancelled and kills its lanes; each chunk is answered ``Cancelled(reason)``."""
