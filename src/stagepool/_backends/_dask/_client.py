@@ -218,10 +218,8 @@ class DaskBackend:
             worker = self._roster.free()
             if worker is None:
                 return
-            # A single call (on_start set) is "running" once sent, so it never waits ahead in a
-            # worker's queue, where a cancel() could no longer withdraw it.
             ahead = worker.busy >= worker.capacity.slots
-            task = self._queue.take(_not_single if ahead else _any)
+            task = self._queue.take(_may_wait_ahead if ahead else _any)
             if task is None:
                 return
             if task.on_start is not None and not task.on_start(task):
@@ -284,9 +282,19 @@ def _any(task: Task) -> bool:
     return True
 
 
-def _not_single(task: Task) -> bool:
-    return task.on_start is None
+def _may_wait_ahead(task: Task) -> bool:
+    """Whether a chunk may wait in a busy worker's queue. Not a single call (on_start set): it is
+    "running" once sent, and a cancel() could no longer withdraw it there. Not a chunk that is
+    long or of unknown length: it would wait behind the running one while another worker frees
+    up and starts shorter work first (cost hints dispatch longest-first; a batch's first
+    chunks are of unknown length)."""
+    return (task.on_start is None and task.expected is not None
+            and task.expected <= AHEAD_MAX_SECONDS)
 
+
+# A chunk expected to take longer does not wait ahead (see _may_wait_ahead): waiting behind a
+# running chunk costs the batch at most this much at its tail.
+AHEAD_MAX_SECONDS = 0.5
 
 _live_backends: weakref.WeakSet[DaskBackend] = weakref.WeakSet()
 
