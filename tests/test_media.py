@@ -274,3 +274,10 @@ def test_plan_texts_count_in_the_singular_and_plural() -> None:
 def test_the_drop_in_executor_hands_out_writable_arguments_as_the_stdlib_does() -> None:
     with sp.ProcessPoolExecutor(max_workers=1) as ex:
         assert ex.submit(mt.gain_in_place, _stereo(2)).result(timeout=WAIT) == 2 * RATE * 1.0
+
+
+def test_a_returned_input_arrives_as_an_ordinary_writable_array(engine: sp.Engine) -> None:
+    # Inputs are read-only now at every size; returning one must not hand the caller a
+    # read-only result (results are ordinary writable arrays, on every backend).
+    values = engine.map(_tasks.identity, [np.ones(16), np.ones(MiB)]).values
+    assert [v.flags.writeable for v in values] == [True, True]

@@ -59,17 +59,18 @@ _Order = Literal["C", "F"]
 
 
 def dumps(obj: object, *, threshold: int, owner: int, creator: str,
-          arena: int | None = None, read_only: bool = False) -> bytes:
+          arena: int | None = None, read_only: bool = False, writable: bool = False) -> bytes:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``.
 
     ``dumps_sized`` does the same and also says how many bytes the blob and its segments hold.
     """
     return dumps_sized(obj, threshold=threshold, owner=owner, creator=creator, arena=arena,
-                       read_only=read_only)[0]
+                       read_only=read_only, writable=writable)[0]
 
 
 def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
-                arena: int | None = None, read_only: bool = False) -> tuple[bytes, int]:
+                arena: int | None = None, read_only: bool = False,
+                writable: bool = False) -> tuple[bytes, int]:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``; return the
     blob and the payload size (the blob's bytes plus its segments').
 
@@ -79,7 +80,9 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     C-contiguous, Fortran-ordered ones stay Fortran-ordered. Everything else, and everything when
     ``threshold`` is 0, is pickled as usual. The same array object referenced twice travels once.
     ``read_only=True``: the arrays pickled inline unpickle read-only too, so that the reader sees
-    read-only arrays at every size, not only from ``threshold`` up.
+    read-only arrays at every size, not only from ``threshold`` up. ``writable=True`` (results):
+    a read-only array pickled inline (a function returning its read-only input) is copied, so
+    that the reader gets an ordinary writable array.
 
     ``owner`` is the pid of the process that owns the engine; ``creator`` is ``"p"`` in that process
     and ``f"w{os.getpid()}"`` in a worker. The result always starts with the segment-name header.
@@ -98,13 +101,13 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
         raise ValueError(f"creator must be 'p', 'w<pid>' or 's<n>', got {creator!r}")
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
-    numpy = _imported_numpy() if threshold > 0 or read_only else None
+    numpy = _imported_numpy() if threshold > 0 or read_only or writable else None
     if numpy is None:  # without numpy imported there is no ndarray to move
         _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
         return blob, len(blob)
     pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena,
-                       read_only=read_only)
+                       read_only=read_only, writable=writable)
     try:
         pickler.dump(obj)
     except BaseException:
@@ -179,7 +182,8 @@ class _Pickler(_SourcePickler):
     """
 
     def __init__(self, file: io.BytesIO, numpy: Any, *, threshold: int, owner: int, creator: str,
-                 arena: int | None = None, read_only: bool = False) -> None:
+                 arena: int | None = None, read_only: bool = False,
+                 writable: bool = False) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.segments: list[str] = []
         self.shm_bytes = 0
@@ -187,6 +191,7 @@ class _Pickler(_SourcePickler):
         self._array_types = (numpy.ndarray, numpy.memmap)
         self._threshold = threshold
         self._read_only = read_only
+        self._writable = writable
         self._owner = owner
         self._creator = creator
         self._arena = arena if creator == "p" and owner == os.getpid() else None
@@ -204,6 +209,8 @@ class _Pickler(_SourcePickler):
                 return (_attach, (len(self.segments) - 1, arr.dtype, arr.shape, order))
         if self._read_only:  # numpy's own reduction, wrapped: one call more per array
             return (_read_only_array, (arr.__reduce_ex__(PICKLE_PROTOCOL),))
+        if self._writable and not arr.flags.writeable:  # else it unpickles read-only
+            return arr.copy().__reduce_ex__(PICKLE_PROTOCOL)
         return NotImplemented
 
     def _create(self, arr: NDArray[Any]) -> str | None:

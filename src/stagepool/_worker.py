@@ -271,7 +271,7 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
         if setup is None:
             return _transport.dumps(obj, threshold=0, owner=os.getpid(), creator="p")
         return _transport.dumps(obj, threshold=setup.shm_threshold, owner=setup.ppid,
-                                creator=f"w{os.getpid()}")
+                                creator=f"w{os.getpid()}", writable=True)
 
     values, stamps, errors, pid = result
     try:
