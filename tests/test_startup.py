@@ -4,8 +4,16 @@ these tests pin the causes (imports, process ancestry), never durations."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import psutil
+import pytest
+
+import _startup_tasks
+import stagepool as sp
+from conftest import WAIT, wait_until
 
 HEAVY = ("numpy", "psutil", "loky")
 
@@ -27,3 +35,72 @@ def test_a_first_batch_without_arrays_does_not_import_numpy() -> None:
             "with stagepool.Engine(workers=1) as engine:\n"
             "    assert engine.map(abs, range(-5, 5)).values == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]")
     assert "numpy" not in _imported_after(code)
+
+
+def _template_children(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "stagepool._template" in " ".join(_cmdline(p))]
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def test_workers_are_forked_warm_from_the_template_with_the_preloaded_modules() -> None:
+    with sp.Engine(workers=1, preload=("_startup_tasks",), timeout=1.0) as engine:
+        report = engine.map(_startup_tasks.hang_first, [1, 0, 2], chunk_size=1)
+        assert [o.kind for o in report] == ["ok", "timeout", "ok"]
+        first_imported, first, parent = report[0].value
+        again_imported, again, again_parent = report[2].value
+        assert first != again  # the timeout killed the first worker
+        assert parent == again_parent != os.getpid()  # both forked by the one template ...
+        assert first_imported == again_imported == parent  # ... which imported the module once
+
+
+def test_forked_workers_draw_their_own_random_numbers() -> None:
+    with sp.Engine(workers=2, preload=("numpy.random", "random")) as engine:
+        values = engine.map(_startup_tasks.draws, range(4), chunk_size=1).values
+    by_worker = {pid: (a, b) for pid, a, b in values}
+    assert len(by_worker) == 2, values
+    first, second = by_worker.values()
+    assert first[0] != second[0] and first[1] != second[1]
+
+
+def test_a_killed_caller_leaves_no_template_and_no_worker() -> None:
+    code = ("import stagepool as sp, sys, time\n"
+            "engine = sp.Engine(workers=2)\n"
+            "print(engine.worker_pids(), flush=True)\n"
+            "time.sleep(1000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        workers = eval(proc.stdout.readline())
+        family = _template_children(proc.pid)
+        assert {p.pid for p in family} > set(workers)  # the workers and their template
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                      for p in family), timeout=10)
+
+
+def test_shutdown_stops_the_template() -> None:
+    engine = sp.Engine(workers=1)
+    assert engine.map(abs, [-1]).values == [1]
+    family = _template_children(os.getpid())
+    assert family
+    engine.shutdown()
+    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                      for p in family), timeout=10)
+
+
+def test_preload_is_checked_at_the_door() -> None:
+    with pytest.raises(TypeError, match="preload must be a tuple"):
+        sp.Engine(preload="numpy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="preload: 'no such' is not a module name"):
+        sp.Engine(preload=("no such",))

@@ -234,6 +234,7 @@ class EngineConfig:
     writable_inputs: bool  # workers get private copy-on-write arrays instead of read-only views
     rerun_innocent: bool = True  # re-run items whose results were lost with a dead worker
     init_timeout: float | None = DEFAULT_INIT_TIMEOUT  # seconds the initializer may take
+    preload: tuple[str, ...] = ()  # modules imported once into the workers' template
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -261,7 +262,21 @@ class EngineConfig:
             writable_inputs=check_bool(kw["writable_inputs"], "writable_inputs"),
             rerun_innocent=check_bool(kw.get("rerun_innocent", True), "rerun_innocent"),
             init_timeout=_check_init_timeout(kw.get("init_timeout", DEFAULT_INIT_TIMEOUT)),
+            preload=check_preload(kw.get("preload", ())),
         )
+
+
+def check_preload(value: object) -> tuple[str, ...]:
+    """Module names such as ``("numpy", "scipy.signal")``: a bare string would be a tuple of
+    letters, so it is refused; whether they import is the template's to find out (importing
+    them here would cost the caller what preloading saves the workers)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"preload must be a tuple of module names such as ('numpy', "
+                        f"'scipy.signal'), not {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"preload: {name!r} is not a module name such as 'scipy.signal'")
+    return tuple(value)
 
 
 def positive_size(value: int | float | str, name: str) -> int:

@@ -118,6 +118,11 @@ class Engine(AsyncCalls):
       ``/dev/shm`` in both directions. Workers see read-only views of their inputs
       (``writable_inputs=True``: private copy-on-write views); results arrive as ordinary
       writable arrays whose memory is freed when the caller drops them.
+    * ``preload``: module names (``("numpy", "scipy.signal", "mystage")``) imported once into
+      the warm template the local workers are forked from, so a worker started at any time (at
+      start-up, or replacing one lost to a timeout, crash, kill or recycle) starts with them
+      already imported. A module that fails to import there is reported on stderr and left to
+      the workers. Ignored by the serial and dask backends.
     * ``progress``: a tqdm bar per batch.
     * ``backend``: where chunks run. ``"local"`` (default): worker processes on this machine.
       ``"serial"``: in this process, one chunk at a time, with the same outcomes, ordering,
@@ -155,6 +160,7 @@ class Engine(AsyncCalls):
         writable_inputs: bool = False,
         rerun_innocent: bool = True,
         init_timeout: float | None = 600.0,
+        preload: tuple[str, ...] = (),
         backend: BackendName | Any = "local",
         address: str | None = None,
     ) -> None:
@@ -166,7 +172,7 @@ class Engine(AsyncCalls):
             max_in_flight=max_in_flight, progress=progress, timeout=timeout, retries=retries,
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
-            rerun_innocent=rerun_innocent, init_timeout=init_timeout)
+            rerun_innocent=rerun_innocent, init_timeout=init_timeout, preload=preload)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
@@ -214,7 +220,8 @@ class Engine(AsyncCalls):
             self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
             max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
             shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout),
+            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
+            preload=cfg.preload),
             address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:

@@ -216,3 +216,4 @@ class BackendOptions:
     shm_threshold: int = 0
     writable_inputs: bool = False
     init_timeout: float | None = None  # seconds the initializer may take in a worker
+    preload: tuple[str, ...] = ()  # modules the workers' template imports once (local only)

@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..._resources import kill_group, kill_tree
 from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
 from .._protocol import DeathReason, LaneDied, Task
-from ._lanes import Lane, start_lane
+from ._lanes import Lane, open_lane, start_lane
 from ._record import SharedRecord
+from ._template import ForkedProcess, Template, TemplateGone
+from ._template import supported as template_supported
 
 __all__ = ["STARTUP_FAILURE_LIMIT", "STOP_JOIN_TIMEOUT", "Autopsy", "Crew"]
 
@@ -47,8 +51,9 @@ def _ran(phase: int, offset: int, task: Task) -> int:
 class Crew:
     """The lanes serving (``lanes``) and leaving (``leaving``), and the record slots they use."""
 
-    def __init__(self, ctx: Any, record: SharedRecord, setup: WorkerSetup, env: dict[str, str],
-                 max_tasks: int | None, kill_grace: float, workers: int) -> None:
+    def __init__(self, ctx: Callable[[], Any], record: SharedRecord, setup: WorkerSetup,
+                 env: dict[str, str], max_tasks: int | None, kill_grace: float, workers: int,
+                 preload: tuple[str, ...] = ()) -> None:
         self._ctx, self._record, self._setup, self._env = ctx, record, setup, env
         self._max_tasks, self._kill_grace = max_tasks, kill_grace
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
@@ -57,7 +62,13 @@ class Crew:
         # if they have not exited: reaped when their sentinel fires, never waited for in a loop
         # that also feeds the others.
         self.leaving: dict[Lane, float] = {}
-        self.lanes: list[Lane] = [self.spawn() for _ in range(workers)]
+        self.lanes: list[Lane] = []
+        self._template = Template(env, preload) if template_supported() else None
+
+    def start(self, workers: int) -> None:
+        """Start the first workers (in the pool thread: the constructor does not wait)."""
+        for _ in range(workers):
+            self.lanes.append(self.spawn())
 
     def watch(self) -> dict[Any, tuple[str, Lane]]:
         """What the pool thread waits on: each object with what it firing means, and its lane."""
@@ -82,7 +93,24 @@ class Crew:
         slot = self._free_slots.pop()
         self._record.reset(slot)
         setup = dataclasses.replace(self._setup, slot=slot, ppid=os.getpid())
-        return start_lane(self._ctx, setup, self._env, self._max_tasks)
+        if self._template is not None:
+            try:
+                return open_lane(slot, self._max_tasks, lambda conn, err: self._template_spawn(
+                    setup, (conn.fileno(), err.fileno())))
+            except TemplateGone as exc:
+                print(f"stagepool: {exc}; starting workers without a template",
+                      file=sys.stderr)
+                self._close_template()
+        return start_lane(self._ctx(), setup, self._env, self._max_tasks)
+
+    def _template_spawn(self, setup: WorkerSetup, fds: tuple[int, int]) -> ForkedProcess:
+        assert self._template is not None
+        return self._template.spawn(setup, fds)
+
+    def _close_template(self) -> None:
+        template, self._template = self._template, None
+        if template is not None:
+            template.close()
 
     def release(self, lane: Lane) -> None:
         lane.close()
@@ -178,4 +206,5 @@ class Crew:
             held.extend(lane.tasks)
             self.release(lane)
         self.lanes.clear()
+        self._close_template()
         return held

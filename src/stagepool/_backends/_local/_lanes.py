@@ -14,13 +14,14 @@ import dataclasses
 import os
 import pickle
 import sys
-from multiprocessing.connection import Connection
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 from ..._worker import FN_CACHE_SIZE, TaskHeader, WorkerSetup, lane_main
 from .._protocol import DeathReason, Task
 
-__all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
+__all__ = ["PREFETCH_MAX_BYTES", "Lane", "open_lane", "readable", "start_lane"]
 
 # A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
 # in an empty pipe, so the send can never block while that worker is itself blocked writing a big
@@ -104,6 +105,9 @@ class Lane:
         return "\n".join(lines[-STDERR_TAIL_LINES:])
 
     def close(self) -> None:
+        close_sentinel = getattr(self.process, "close_sentinel", None)  # a template's child
+        if close_sentinel is not None:
+            close_sentinel()
         with contextlib.suppress(OSError):
             self.conn.close()
         with contextlib.suppress(OSError):
@@ -125,12 +129,30 @@ def readable(conn: Connection) -> bool:
 
 def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | None) -> Lane:
     """Start a worker process (loky's context: fork+exec) for ``setup.slot``."""
-    parent_end, child_end = ctx.Pipe(duplex=True)
-    err_read, err_write = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=lane_main, args=(child_end, err_write, setup), env=env,
-                          name=f"stagepool-worker-{setup.slot}")
-    process.start()
-    child_end.close()
-    err_write.close()
+
+    def launch(conn: Connection, err: Connection) -> Any:
+        process = ctx.Process(target=lane_main, args=(conn, err, setup), env=env,
+                              name=f"stagepool-worker-{setup.slot}")
+        process.start()
+        return process
+
+    return open_lane(setup.slot, quota, launch)
+
+
+def open_lane(slot: int, quota: int | None,
+              launch: Callable[[Connection, Connection], Any]) -> Lane:
+    """A lane for the process ``launch`` starts on the child's ends of a new duplex pipe and
+    stderr pipe (closed here once the child has them; all four if the launch fails)."""
+    parent_end, child_end = Pipe(duplex=True)
+    err_read, err_write = Pipe(duplex=False)
+    try:
+        process = launch(child_end, err_write)
+    except BaseException:
+        parent_end.close()
+        err_read.close()
+        raise
+    finally:
+        child_end.close()
+        err_write.close()
     os.set_blocking(err_read.fileno(), False)
-    return Lane(setup.slot, process, parent_end, err_read, quota=quota)
+    return Lane(slot, process, parent_end, err_read, quota=quota)

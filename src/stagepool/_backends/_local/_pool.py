@@ -32,8 +32,6 @@ import weakref
 from multiprocessing.connection import wait
 from typing import Any
 
-from loky.backend.context import get_context
-
 from ... import _shm
 from ..._errors import EngineClosed
 from ..._resources import rss_of
@@ -66,6 +64,15 @@ CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts
 # cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
 CANCEL_TURN_TIMEOUT = 10.0
 DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
+# How long worker_pids() waits for the first workers to be started (not ready: started).
+STARTUP_WAIT = 60.0
+
+
+def _loky_context() -> Any:
+    """loky's fork+exec context, imported only when a worker is started without the template."""
+    from loky.backend.context import get_context
+
+    return get_context("loky")
 
 
 def _notify(task: Task, result: TaskResult) -> None:
@@ -127,8 +134,10 @@ class LocalBackend:
         # Set when a worker died in the initializer: every task gets this answer, nothing respawns.
         self._init_died: LaneDied | None = None
         self._mailbox = Mailbox()
-        self._crew = Crew(get_context("loky"), self._record, self._setup(options),
-                          dict(options.env), options.max_tasks, kill_grace, workers)
+        self._crew = Crew(_loky_context, self._record, self._setup(options),
+                          dict(options.env), options.max_tasks, kill_grace, workers,
+                          options.preload)
+        self._started = threading.Event()  # the first workers are up (the pool thread starts them)
         self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
         self._thread.start()
         _live_backends.add(self)
@@ -195,6 +204,7 @@ class LocalBackend:
             self._kill_group(group)
 
     def worker_pids(self) -> list[int]:
+        self._started.wait(STARTUP_WAIT)
         with self._lock:
             return [lane.pid for lane in self._crew.lanes]
 
@@ -243,6 +253,10 @@ class LocalBackend:
 
     def _run(self) -> None:
         try:
+            try:  # here, not in the constructor: Engine() returns while the workers start
+                self._crew.start(self._workers)
+            finally:
+                self._started.set()
             while not self._step():
                 pass
         except BaseException as exc:  # a bug: close loudly rather than leave callers waiting
