@@ -30,3 +30,4 @@ def hang_first(x: int) -> tuple[int, int, int]:
 
 def modules(_: object = None) -> bool:
     return "json.decoder" in sys.modules
+

@@ -92,8 +92,9 @@ def test_a_killed_caller_leaves_no_template_and_no_worker() -> None:
 def test_shutdown_stops_the_template() -> None:
     engine = sp.Engine(workers=1)
     assert engine.map(abs, [-1]).values == [1]
-    family = _template_children(os.getpid())
-    assert family
+    workers = [psutil.Process(pid) for pid in engine.worker_pids()]
+    family = [*workers, *(worker.parent() for worker in workers)]  # and their template
+    assert all(p is not None and "stagepool._template" in " ".join(_cmdline(p)) for p in family)
     engine.shutdown()
     assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                       for p in family), timeout=10)
@@ -104,3 +105,4 @@ def test_preload_is_checked_at_the_door() -> None:
         sp.Engine(preload="numpy")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="preload: 'no such' is not a module name"):
         sp.Engine(preload=("no such",))
+

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..._resources import kill_group, kill_tree
 from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
-from .._protocol import DeathReason, LaneDied, Task
+from .._protocol import DeathReason, Group, LaneDied, Task
 from ._lanes import Lane, open_lane, start_lane
 from ._record import SharedRecord
 from ._template import ForkedProcess, Template, TemplateGone
@@ -148,6 +148,13 @@ class Crew:
         lane.kill_reason, lane.kill_offset = reason, offset
         threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
                          daemon=True, name="stagepool-kill").start()
+
+    def kill_running(self, group: Group) -> None:
+        """Kill the workers *running* a chunk of ``group``: a chunk merely prefetched behind
+        another batch's running chunk is short by construction; it runs, its answer dropped."""
+        for lane in self.lanes:
+            if lane.tasks and lane.tasks[0].group is group:
+                self.kill(lane, "cancelled", self._record.offset(lane.slot))
 
     def kill_everything(self) -> None:
         for lane in self.lanes:
