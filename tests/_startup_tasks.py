@@ -31,3 +31,16 @@ def hang_first(x: int) -> tuple[int, int, int]:
 def modules(_: object = None) -> bool:
     return "json.decoder" in sys.modules
 
+
+def hang_ignoring_sigterm_or_siblings(x: int) -> list[int]:
+    """Item 0 hangs through SIGTERM (its worker dies only at the kill's SIGKILL, 0.5 s later);
+    any other item lists the live processes its parent (the template) has forked."""
+    import signal
+
+    import psutil
+
+    if x == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(1000)
+    return [p.pid for p in psutil.Process(os.getppid()).children()
+            if p.status() != psutil.STATUS_ZOMBIE]

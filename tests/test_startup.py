@@ -106,3 +106,13 @@ def test_preload_is_checked_at_the_door() -> None:
     with pytest.raises(ValueError, match="preload: 'no such' is not a module name"):
         sp.Engine(preload=("no such",))
 
+
+def test_the_replacement_starts_while_a_timed_out_worker_dies() -> None:
+    # The hung worker ignores SIGTERM: it dies at the SIGKILL after the kill's 0.5 s grace. Its
+    # replacement was forked when the kill began, so the next item ran before that death (it
+    # used to be forked only after the burial).
+    with sp.Engine(workers=1, timeout=1.0) as engine:
+        report = engine.map(_startup_tasks.hang_ignoring_sigterm_or_siblings, [0, 1],
+                            chunk_size=1)
+    assert report[0].kind == "timeout", report[0]
+    assert report[0].worker in report[1].unwrap()

@@ -142,19 +142,26 @@ class Crew:
                 kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then reap
                 self.leaving[lane] = float("inf")
 
-    def kill(self, lane: Lane, reason: DeathReason, offset: int = -1) -> None:
+    def kill(self, lane: Lane, reason: DeathReason, offset: int = -1, *,
+             replace: bool = False) -> None:
+        """Kill a worker (in a thread: the grace period must not stall the pool) and, with
+        ``replace``, start its replacement now, while it dies: the queue's next item then waits
+        for one fork, not for the death, the burial and then the fork (see ``respawn``)."""
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
         threading.Thread(target=kill_tree, args=(lane.pid,), kwargs={"grace": self._kill_grace},
                          daemon=True, name="stagepool-kill").start()
+        if replace:
+            lane.replaced = True
+            self.lanes.append(self.spawn())
 
-    def kill_running(self, group: Group) -> None:
+    def kill_running(self, group: Group, *, replace: bool) -> None:
         """Kill the workers *running* a chunk of ``group``: a chunk merely prefetched behind
         another batch's running chunk is short by construction; it runs, its answer dropped."""
         for lane in self.lanes:
             if lane.tasks and lane.tasks[0].group is group:
-                self.kill(lane, "cancelled", self._record.offset(lane.slot))
+                self.kill(lane, "cancelled", self._record.offset(lane.slot), replace=replace)
 
     def kill_everything(self) -> None:
         for lane in self.lanes:

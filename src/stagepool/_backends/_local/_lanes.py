@@ -49,6 +49,7 @@ class Lane:
     retiring: bool = False
     kill_reason: DeathReason | None = None
     kill_offset: int = -1
+    replaced: bool = False  # its replacement was started when it was told to die
 
     @property
     def pid(self) -> int:

@@ -171,7 +171,7 @@ class LocalBackend:
         for task in self._queue.withdraw(group):
             notify(task, Cancelled("batch cancelled"))
         if kill_running:
-            self._crew.kill_running(group)
+            self._crew.kill_running(group, replace=not self._kill_all)
 
     def worker_pids(self) -> list[int]:
         self._started.wait(STARTUP_WAIT)
@@ -272,7 +272,8 @@ class LocalBackend:
         self._crew.expire_leaving()
         self._mailbox.run_calls()
         for lane, reason, offset in self._limits.broken(list(self._crew.lanes)):
-            self._crew.kill(lane, reason, offset)
+            self._crew.kill(lane, reason, offset,
+                            replace=reason != "init_timeout" and not self._kill_all)
         if self._kill_all:
             self._crew.kill_everything()
         self._dispatch()

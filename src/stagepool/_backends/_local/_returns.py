@@ -82,7 +82,7 @@ class Returns:
             notify(task, Cancelled("batch cancelled"))
         if dead.died is not None:
             notify(dead.tasks[0], dead.died)
-        if respawn:
+        if respawn and not lane.replaced:
             self._respawn_after_death()
 
     def _fail_initializer(self, lane: Lane, tasks: list[Task]) -> None:
