@@ -41,6 +41,18 @@ class Autopsy:
     died: LaneDied | None
 
 
+def _start_template(env: dict[str, str], preload: tuple[str, ...]) -> Template | None:
+    """The warm template, or None (workers then start with loky) where it cannot run."""
+    if not template_supported():
+        return None
+    try:
+        return Template(env, preload)
+    except (OSError, TemplateGone) as exc:  # no interpreter (embedded Python), no fds, ...
+        print(f"stagepool: cannot start the workers' template ({exc}); starting workers "
+              "without it", file=sys.stderr)
+        return None
+
+
 def _ran(phase: int, offset: int, task: Task) -> int:
     """How many items of a dead worker's chunk had finished, from the phase it died in."""
     if phase == PHASE_RUN:
@@ -63,7 +75,7 @@ class Crew:
         # that also feeds the others.
         self.leaving: dict[Lane, float] = {}
         self.lanes: list[Lane] = []
-        self._template = Template(env, preload) if template_supported() else None
+        self._template = _start_template(env, preload)
 
     def start(self, workers: int) -> None:
         """Start the first workers (in the pool thread: the constructor does not wait)."""
