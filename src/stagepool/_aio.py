@@ -24,7 +24,6 @@ and idle workers take the next chunk from the groups in turn.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -37,9 +36,15 @@ from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
 from ._config import DEFAULT, Default, Timeout, check_bool
 from ._errors import TaskCancelled
+from ._lazy import LazyModule
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._streams import outcome_lists, run_to_report
+
+if TYPE_CHECKING:
+    import asyncio
+else:  # the async calls import it; a script that never awaits does not pay for it
+    asyncio = LazyModule("asyncio", globals())
 
 __all__ = ["AsyncCalls", "OutcomeStream", "imap_async", "map_async", "shutdown_async", "submit_async"]
 

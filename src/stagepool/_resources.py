@@ -31,9 +31,10 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._cgroups import read_cgroup
+from ._lazy import LazyModule
 
 if TYPE_CHECKING:
     import psutil
@@ -57,19 +58,8 @@ __all__ = [
 ENV_MAX_WORKERS = "STAGEPOOL_MAX_WORKERS"
 
 
-class _LazyPsutil:
-    """psutil, imported at its first use (~10-20 ms): ``import stagepool`` and
-    ``stagepool.Engine`` must not pay for it; building an Engine (planning) imports it."""
-
-    def __getattr__(self, name: str) -> Any:
-        import psutil as module
-
-        globals()["psutil"] = module  # later uses go straight to the module
-        return getattr(module, name)
-
-
-if not TYPE_CHECKING:
-    psutil = _LazyPsutil()
+if not TYPE_CHECKING:  # imported when an Engine is built, not by ``import stagepool``
+    psutil = LazyModule("psutil", globals())
 
 # Native thread pools that each worker would otherwise size to the whole machine: N workers x N
 # BLAS threads oversubscribes the CPUs and is usually slower than one thread per worker.
