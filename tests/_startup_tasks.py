@@ -32,15 +32,20 @@ def modules(_: object = None) -> bool:
     return "json.decoder" in sys.modules
 
 
-def hang_ignoring_sigterm_or_siblings(x: int) -> list[int]:
-    """Item 0 hangs through SIGTERM (its worker dies only at the kill's SIGKILL, 0.5 s later);
-    any other item lists the live processes its parent (the template) has forked."""
+
+
+def note_start(path: str) -> None:
+    """An initializer: append when this worker started (time.monotonic, shared by processes)."""
+    with open(path, "a") as out:
+        out.write(f"{time.monotonic()!r}\n")
+
+
+def hang_ignoring_sigterm(path: str) -> None:
+    """Write this item's start (time.monotonic) to ``path``, then hang through SIGTERM: the
+    worker dies only at the kill's SIGKILL, 0.5 s later."""
     import signal
 
-    import psutil
-
-    if x == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        time.sleep(1000)
-    return [p.pid for p in psutil.Process(os.getppid()).children()
-            if p.status() != psutil.STATUS_ZOMBIE]
+    with open(path, "w") as out:
+        out.write(repr(time.monotonic()))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(1000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -15,6 +16,7 @@ import _startup_tasks
 import stagepool as sp
 from conftest import WAIT, wait_until
 
+KILL_GRACE = 0.5  # seconds between the SIGTERM and the SIGKILL of a timed-out worker
 HEAVY = ("numpy", "psutil", "loky", "asyncio")
 
 
@@ -109,12 +111,15 @@ def test_preload_is_checked_at_the_door() -> None:
         sp.Engine(preload=("no such",))
 
 
-def test_the_replacement_starts_while_a_timed_out_worker_dies() -> None:
+def test_the_replacement_starts_while_a_timed_out_worker_dies(tmp_path: Path) -> None:
     # The hung worker ignores SIGTERM: it dies at the SIGKILL after the kill's 0.5 s grace. Its
-    # replacement was forked when the kill began, so the next item ran before that death (it
-    # used to be forked only after the burial).
-    with sp.Engine(workers=1, timeout=1.0) as engine:
-        report = engine.map(_startup_tasks.hang_ignoring_sigterm_or_siblings, [0, 1],
-                            chunk_size=1)
+    # replacement is started when the kill begins (it used to be started after the burial, so
+    # at least 0.5 s after the deadline).
+    started, births = tmp_path / "started", tmp_path / "births"
+    with sp.Engine(workers=1, timeout=1.0, initializer=_startup_tasks.note_start,
+                   initargs=(str(births),)) as engine:
+        report = engine.map(_startup_tasks.hang_ignoring_sigterm, [str(started)])
     assert report[0].kind == "timeout", report[0]
-    assert report[0].worker in report[1].unwrap()
+    deadline = float(started.read_text()) + 1.0
+    _first, replacement = map(float, births.read_text().split())
+    assert replacement - deadline < KILL_GRACE

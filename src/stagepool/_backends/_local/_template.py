@@ -94,15 +94,14 @@ class Template:
         self._exits.pop(pid, None)
 
     def close(self) -> None:
-        """Close the socket (the template exits, its remaining children follow) and reap it."""
+        """Close the socket and end the template at once (the crew has killed the workers; a
+        child it missed exits when it sees its parent gone), then reap it."""
         for closer in (self._conn.close, self._sock.close):
             with contextlib.suppress(OSError):
                 closer()
-        try:
-            self.process.wait(2.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.kill()  # it has nothing left to do: no need to wait for a clean exit
+        self.process.wait()
 
     def _ready(self) -> None:
         while self._pid is None:
