@@ -26,7 +26,7 @@ def stagepool_workers() -> set[int]:
         try:
             if (child.status() != psutil.STATUS_ZOMBIE and "stagepool-worker" in " ".join(
                 child.cmdline()
-            )) or _is_loky_worker(child):
+            )) or _is_loky_worker(child) or _is_template_child(child):
                 pids.add(child.pid)
         except psutil.NoSuchProcess:
             pass
@@ -37,6 +37,16 @@ def _is_loky_worker(proc: psutil.Process) -> bool:
     try:
         cmd = " ".join(proc.cmdline())
         return "popen_loky_posix" in cmd and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_template_child(proc: psutil.Process) -> bool:
+    """A worker forked by the warm template (whose command line both of them carry)."""
+    try:
+        parent = proc.parent()
+        return (parent is not None and proc.status() != psutil.STATUS_ZOMBIE
+                and all("stagepool._template" in " ".join(p.cmdline()) for p in (proc, parent)))
     except psutil.NoSuchProcess:
         return False
 

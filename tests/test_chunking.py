@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stagepool._chunking import CHUNK_BYTES, INITIAL_CHUNK, MAX_STREAM_CHUNK, SPLIT_SHARES, ChunkSizer
+from stagepool._chunking import CHUNK_BYTES, MAX_STREAM_CHUNK, SPLIT_SHARES, ChunkSizer
 
 MiB = 1 << 20
 
@@ -14,7 +14,20 @@ def test_an_auto_batch_starts_with_one_item_to_learn_its_payload() -> None:
     sizer = ChunkSizer(None, workers=2, total=100_000)
     assert sizer.next_size(0) == 1
     sizer.observe_payload(1, 40)  # a small item
-    assert sizer.next_size(1) == max(INITIAL_CHUNK, 100_000 // (64 * 2))  # then the blind start
+    assert sizer.next_size(1) == 1  # and single items while their cost is unknown
+
+
+def test_items_of_unknown_cost_go_one_by_one_until_one_comes_back() -> None:
+    # 0.3 s items: a blind chunk of 8 held the batch's first outcomes back 2.4 s (issue 15).
+    sizer = ChunkSizer(None, workers=2, total=1000)
+    sizer.observe_payload(1, 40)
+    assert [sizer.next_size(n) for n in range(1, 6)] == [1] * 5
+    sizer.observe(1, 0.3)
+    assert sizer.next_size(6) == 1  # slow: still one at a time
+    fast = ChunkSizer(None, workers=2, total=100_000)
+    fast.observe_payload(1, 40)
+    fast.observe(1, 1e-6)
+    assert fast.next_size(5) > 1000  # tiny: learnt from the first answer
 
 
 def test_a_fixed_chunk_size_is_kept_whatever_the_payload() -> None:

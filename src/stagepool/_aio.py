@@ -24,14 +24,13 @@ and idle workers take the next chunk from the groups in turn.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Hashable, Iterable
-from typing import Any, Generic, Literal, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Self, TypeVar
 
 from ._batch import Batch, BatchSpec
 from ._bridge import WAIT_SLICE, Call, MakeBatch, check_on_cancel, handoff, post, start_thread
@@ -40,9 +39,15 @@ from ._config import DEFAULT, Default, Timeout, check_bool
 from ._costs import cost_hints
 from ._errors import TaskCancelled
 from ._journal import Mismatch
+from ._lazy import LazyModule
 from ._outcome import BatchReport, Outcome
 from ._progress import Progress
 from ._resume import KeyPlan, key_plan, new_batch, outcome_lists_of, report_of
+
+if TYPE_CHECKING:
+    import asyncio
+else:  # the async calls import it; a script that never awaits does not pay for it
+    asyncio = LazyModule("asyncio", globals())
 
 __all__ = ["AsyncCalls", "OutcomeStream", "imap_async", "map_async", "shutdown_async", "submit_async"]
 

@@ -8,17 +8,22 @@ loop cancel a call at any moment without waiting. The public calls are in ``_aio
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._batch import Batch
+from ._lazy import LazyModule
 from ._progress import Progress, Shield
+
+if TYPE_CHECKING:
+    import asyncio
+else:  # the async calls import it; a script that never awaits does not pay for it
+    asyncio = LazyModule("asyncio", globals())
 
 __all__ = ["Call", "MakeBatch", "check_on_cancel", "handoff", "post", "start_thread", "threads"]
 

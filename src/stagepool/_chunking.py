@@ -4,9 +4,10 @@ Small chunks balance load and report progress often; big chunks amortise the rou
 50-100 us of pickling and pipe hand-offs). ``chunk_size="auto"`` learns the per-item duration from
 the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
 
-* while nothing is known it sends small chunks (``INITIAL_CHUNK``; for a known-length batch up to
-  1/64 of a worker's share), so a batch of slow items is not trapped in one big first chunk; a
-  batch of tiny items learns from its first answer, a few hundred microseconds later;
+* while nothing is known about an item's cost it sends single items, so the first outcomes of a
+  batch of slow items (0.3 s each) stream one by one instead of arriving in a burst when a blind
+  chunk of 8 finishes seconds later; a batch of tiny items learns from its first answer, a few
+  hundred microseconds later, having sent at most a window of single items;
 * with an estimate, size = target / per-item time;
 * for a batch of known length it never sends more than a ``1 / (TAIL_SHARES x workers)`` share of
   what is left, so chunks shrink near the end and no worker idles at the tail; but a chunk is
@@ -45,7 +46,6 @@ SPLIT_SECONDS = 0.01
 SPLIT_SHARES = 2
 # Items faster than this are run without a clock read each (their duration is the chunk's mean).
 TINY_ITEM_SECONDS = 2e-6
-INITIAL_CHUNK = 8
 # Payload one chunk may carry. Moving a few MiB costs milliseconds, far above the ~50-100 us
 # round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
 # consecutive items overlap in the parent and the workers.
@@ -70,9 +70,6 @@ class ChunkSizer:
         self._busy = 0.0
         self._encoded_items = 0
         self._payload = 0
-        # A known-length batch may start bigger: 1/64 of a worker's share, so even a batch of slow
-        # items has many chunks per worker to balance with.
-        self._blind = max(INITIAL_CHUNK, min(1024, (total or 0) // (64 * self.workers)))
         self._split: int | None = None  # the even split of a known-length batch's last work
 
     @property
@@ -98,7 +95,9 @@ class ChunkSizer:
         if not self._encoded_items:
             return 1  # learn the payload per item first (see the module docstring)
         per_item = self.per_item
-        size = self._blind if per_item is None else int(self.target / max(per_item, 1e-9))
+        if per_item is None:
+            return 1  # the cost is unknown: a slow item must not hold others back
+        size = int(self.target / max(per_item, 1e-9))
         if self.total is not None:
             remaining = max(1, self.total - submitted)
             tail = math.ceil(remaining / (TAIL_SHARES * self.workers))

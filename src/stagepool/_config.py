@@ -255,6 +255,7 @@ class EngineConfig:
     init_timeout: float | None = DEFAULT_INIT_TIMEOUT  # seconds the initializer may take
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see stagepool.shared
     reserve_cores: int = 0  # CPUs "auto" leaves to the calling process
+    preload: tuple[str, ...] = ()  # modules imported once into the workers' template
 
     @classmethod
     def create(cls, **kw: Any) -> EngineConfig:
@@ -284,7 +285,21 @@ class EngineConfig:
             init_timeout=_check_init_timeout(kw.get("init_timeout", DEFAULT_INIT_TIMEOUT)),
             shared=check_shared(kw.get("shared")),
             reserve_cores=check_int(kw.get("reserve_cores", 0), "reserve_cores", minimum=0),
+            preload=check_preload(kw.get("preload", ())),
         )
+
+
+def check_preload(value: object) -> tuple[str, ...]:
+    """Module names such as ``("numpy", "scipy.signal")``: a bare string would be a tuple of
+    letters, so it is refused; whether they import is the template's to find out (importing
+    them here would cost the caller what preloading saves the workers)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"preload must be a tuple of module names such as ('numpy', "
+                        f"'scipy.signal'), not {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"preload: {name!r} is not a module name such as 'scipy.signal'")
+    return tuple(value)
 
 
 def positive_size(value: int | float | str, name: str) -> int:

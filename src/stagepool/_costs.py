@@ -289,9 +289,9 @@ class CostSizer(ChunkSizer):
             if per_unit is not None:
                 tail = max(tail, self.min_seconds / max(per_unit, 1e-12))
             budget = min(budget, tail)
-        size = arr.count_within(submitted, budget) if submitted < arr.block_end else self._blind
+        size = arr.count_within(submitted, budget) if submitted < arr.block_end else 1
         if left is None and per_unit is None:
-            size = min(size, self._blind)  # nothing known: stay small, as ChunkSizer does
+            size = 1  # nothing known: one item at a time, as ChunkSizer does
         size = min(size, MAX_STREAM_CHUNK if left is None else MAX_CHUNK)
         return max(1, min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload)))
 

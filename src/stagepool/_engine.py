@@ -134,6 +134,11 @@ class Engine(AsyncCalls, PipelineCalls):
       (``writable_inputs=True``: private writable copies, copy-on-write for the big ones; the
       serial backend passes your own objects); results arrive as ordinary
       writable arrays whose memory is freed when the caller drops them.
+    * ``preload``: module names (``("numpy", "scipy.signal", "mystage")``) imported once into
+      the warm template the local workers are forked from, so a worker started at any time (at
+      start-up, or replacing one lost to a timeout, crash, kill or recycle) starts with them
+      already imported. A module that fails to import there is reported on stderr and left to
+      the workers. Ignored by the serial and dask backends.
     * ``progress``: a tqdm bar per batch.
     * ``memory_high``, ``memory_low`` (fractions of the memory this process may use: the
       fuller of its cgroup limit and the machine): a batch pauses dispatch at ``memory_high``
@@ -176,6 +181,7 @@ class Engine(AsyncCalls, PipelineCalls):
         writable_inputs: bool = False,
         rerun_innocent: bool = True,
         init_timeout: float | None = 600.0,
+        preload: tuple[str, ...] = (),
         backend: BackendName | Any = "local",
         address: str | None = None,
         shared: Mapping[str, Any] | None = None,
@@ -193,7 +199,7 @@ class Engine(AsyncCalls, PipelineCalls):
             retry_on=retry_on, backoff=backoff, max_rss_per_worker=max_rss_per_worker,
             max_tasks_per_worker=max_tasks_per_worker, initializer=initializer, initargs=initargs,
             rerun_innocent=rerun_innocent, init_timeout=init_timeout, shared=shared,
-            reserve_cores=reserve_cores)
+            reserve_cores=reserve_cores, preload=preload)
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
@@ -256,7 +262,7 @@ class Engine(AsyncCalls, PipelineCalls):
             mem_per_task=cfg.mem_per_task,
             shm_threshold=cfg.shm_threshold if available() else 0,
             writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
-            shared=cfg.shared),
+            shared=cfg.shared, preload=cfg.preload),
             address=address, client=client)
 
     def _size_workers(self, *, warn: bool) -> None:

@@ -31,10 +31,13 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
+from typing import TYPE_CHECKING
 
 from ._cgroups import CgroupLimits, read_cgroup
+from ._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "ENV_MAX_WORKERS",
@@ -55,6 +58,10 @@ __all__ = [
 ]
 
 ENV_MAX_WORKERS = "STAGEPOOL_MAX_WORKERS"
+
+
+if not TYPE_CHECKING:  # imported when an Engine is built, not by ``import stagepool``
+    psutil = LazyModule("psutil", globals())
 
 # Native thread pools that each worker would otherwise size to the whole machine: N workers x N
 # BLAS threads oversubscribes the CPUs and is usually slower than one thread per worker.

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-__all__ = ["dumps", "dumps_plain", "dumps_sized", "loads"]
+__all__ = ["dumps", "dumps_plain", "dumps_sized", "imported_numpy", "loads"]
 
 PICKLE_PROTOCOL = 5
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)
@@ -101,7 +101,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
         raise ValueError(f"creator must be 'p', 'w<pid>' or 's<n>', got {creator!r}")
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
-    numpy = _imported_numpy() if threshold > 0 or read_only or writable else None
+    numpy = imported_numpy() if threshold > 0 or read_only or writable else None
     if numpy is None:  # without numpy imported there is no ndarray to move
         _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
@@ -122,7 +122,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     return blob, len(blob) + pickler.shm_bytes
 
 
-def _imported_numpy() -> Any:
+def imported_numpy() -> Any:
     """numpy if this process imported it, else None (no array can need moving, and none is
     imported for nothing). ``import`` rather than ``sys.modules`` alone: while another thread is
     still importing numpy, ``sys.modules`` holds a half-built module without ``ndarray``;

@@ -409,6 +409,7 @@ class WorkerSetup:
     # names, so that what the process start pipe carries stays small whatever the data.
     shared: str | None = None
     boot: str | None = None
+    parent: int = 0  # the direct parent when it is not ``ppid``: the template that forked us
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -438,7 +439,8 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     lead_own_group()
     os.register_at_fork(after_in_child=mark_forked)
-    threading.Thread(target=watch_parent, args=(setup.ppid,), daemon=True,
+    parent = setup.parent or setup.ppid  # whose exit ends us; ppid owns the shared memory
+    threading.Thread(target=watch_parent, args=(parent, setup.ppid), daemon=True,
                      name="watch-parent").start()
     capture_stderr(stderr)
     _limit_memory(setup.data_limit)
@@ -456,7 +458,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             if items_blob is None:
                 items_blob = conn.recv_bytes()
         except (EOFError, OSError):  # the parent closed the pipe, or died
-            pipe_broken(setup.ppid)
+            pipe_broken(parent, setup.ppid)
             break
         blob = _handle(header, items_blob, fns, record, init_error, setup)
         if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
@@ -464,7 +466,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
         try:
             conn.send_bytes(blob)
         except OSError:
-            pipe_broken(setup.ppid)
+            pipe_broken(parent, setup.ppid)
             break
         del message, items_blob, blob
         std_fds.restore()

@@ -100,7 +100,7 @@ class StdFds:
                     os.dup2(copy, fd)
 
 
-def pipe_broken(ppid: int) -> None:
+def pipe_broken(ppid: int, owner: int | None = None) -> None:
     """The pipe to the parent broke (EOF, or EPIPE on send). If the parent died, clean up after
     it and exit (never returns); if it closed the pipe on purpose, return: the worker ends.
 
@@ -112,7 +112,7 @@ def pipe_broken(ppid: int) -> None:
         if time.monotonic() >= deadline:
             return
         time.sleep(0.01)
-    die_with_parent(ppid)
+    die_with_parent(ppid if owner is None else owner)
 
 
 PARENT_EXIT_WAIT = 2.0  # seconds; see pipe_broken
@@ -151,13 +151,14 @@ def parent_gone(ppid: int) -> bool:
     return False
 
 
-def watch_parent(ppid: int) -> None:
+def watch_parent(ppid: int, owner: int | None = None) -> None:
     """Exit when the parent dies (re-parented), so a SIGKILLed caller leaves no worker behind,
-    even while an item runs (the main thread notices only when it next uses the pipe)."""
+    even while an item runs (the main thread notices only when it next uses the pipe).
+    ``owner``: whose shared memory to free then, when not the parent's (a template's child)."""
     while True:
         time.sleep(0.25)
         if parent_gone(ppid):
-            die_with_parent(ppid)
+            die_with_parent(ppid if owner is None else owner)
 
 
 # The memory cap (RLIMIT_DATA, bytes) this worker runs under, once set; None: no cap.

@@ -238,3 +238,4 @@ class BackendOptions:
     init_timeout: float | None = None  # seconds the initializer may take in a worker
     # Read-only values every worker sees as stagepool.shared(name) (see _shared).
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    preload: tuple[str, ...] = ()  # modules the workers' template imports once (local only)

@@ -1,7 +1,11 @@
-"""The local backend: worker processes on this machine, started with loky (the only loky import).
+"""The local backend: worker processes on this machine, forked from a warm template (loky's
+fork+exec where that is not possible: the only loky import).
 
-    _pool.py       LocalBackend: the Backend protocol, the pool thread's loop, dispatch, answers
+    _pool.py       LocalBackend: the Backend protocol, the pool thread's loop, dispatch, stopping
+    _returns.py    what comes back from a worker: an answer, or its death (blame, requeue)
+    _delivery.py   handing a task its answer; asking whether it still starts
     _crew.py       the workers' lifecycle: spawn, retire, reap, kill, respawn, read a death
+    _template.py   the parent's side of the warm template that forks the workers
     _lanes.py      a worker process and its pipes, stderr, and what it may take
     _limits.py     per-item deadlines (pure) and which workers broke a time or memory limit
     _mailbox.py    how other threads wake the pool thread and post calls to it

@@ -10,17 +10,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..._dumps import last_dump
 from ..._resources import kill_group, kill_tree
 from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
 from ..._worker_stderr import STACK_SIGNAL
-from .._protocol import DeathReason, LaneDied, Task
-from ._lanes import Lane, start_lane
+from .._protocol import DeathReason, Group, LaneDied, Task
+from ._lanes import Lane, open_lane, start_lane
 from ._record import SharedRecord
+from ._template import ForkedProcess, Template, TemplateGone
+from ._template import supported as template_supported
 
 __all__ = ["STARTUP_FAILURE_LIMIT", "STOP_JOIN_TIMEOUT", "Autopsy", "Crew"]
 
@@ -51,6 +55,18 @@ def _stop(pid: int, grace: float, dump_stack: bool) -> None:
     kill_tree(pid, grace=grace)
 
 
+def _start_template(env: dict[str, str], preload: tuple[str, ...]) -> Template | None:
+    """The warm template, or None (workers then start with loky) where it cannot run."""
+    if not template_supported():
+        return None
+    try:
+        return Template(env, preload)
+    except (OSError, TemplateGone) as exc:  # no interpreter (embedded Python), no fds, ...
+        print(f"stagepool: cannot start the workers' template ({exc}); starting workers "
+              "without it", file=sys.stderr)
+        return None
+
+
 def _ran(phase: int, offset: int, task: Task) -> int:
     """How many items of a dead worker's chunk had finished, from the phase it died in."""
     if phase == PHASE_RUN:
@@ -61,8 +77,9 @@ def _ran(phase: int, offset: int, task: Task) -> int:
 class Crew:
     """The lanes serving (``lanes``) and leaving (``leaving``), and the record slots they use."""
 
-    def __init__(self, ctx: Any, record: SharedRecord, setup: WorkerSetup, env: dict[str, str],
-                 max_tasks: int | None, kill_grace: float, workers: int) -> None:
+    def __init__(self, ctx: Callable[[], Any], record: SharedRecord, setup: WorkerSetup,
+                 env: dict[str, str], max_tasks: int | None, kill_grace: float, workers: int,
+                 preload: tuple[str, ...] = ()) -> None:
         self._ctx, self._record, self._setup, self._env = ctx, record, setup, env
         self._max_tasks, self._kill_grace = max_tasks, kill_grace
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
@@ -71,7 +88,13 @@ class Crew:
         # if they have not exited: reaped when their sentinel fires, never waited for in a loop
         # that also feeds the others.
         self.leaving: dict[Lane, float] = {}
-        self.lanes: list[Lane] = [self.spawn() for _ in range(workers)]
+        self.lanes: list[Lane] = []
+        self._template = _start_template(env, preload)
+
+    def start(self, workers: int) -> None:
+        """Start the first workers (in the pool thread: the constructor does not wait)."""
+        for _ in range(workers):
+            self.lanes.append(self.spawn())
 
     def watch(self) -> dict[Any, tuple[str, Lane]]:
         """What the pool thread waits on: each object with what it firing means, and its lane."""
@@ -96,7 +119,24 @@ class Crew:
         slot = self._free_slots.pop()
         self._record.reset(slot)
         setup = dataclasses.replace(self._setup, slot=slot, ppid=os.getpid())
-        return start_lane(self._ctx, setup, self._env, self._max_tasks, self._record)
+        if self._template is not None:
+            try:
+                return open_lane(slot, self._max_tasks, lambda conn, err: self._template_spawn(
+                    setup, (conn.fileno(), err.fileno())), self._record)
+            except TemplateGone as exc:
+                print(f"stagepool: {exc}; starting workers without a template",
+                      file=sys.stderr)
+                self._close_template()
+        return start_lane(self._ctx(), setup, self._env, self._max_tasks, self._record)
+
+    def _template_spawn(self, setup: WorkerSetup, fds: tuple[int, int]) -> ForkedProcess:
+        assert self._template is not None
+        return self._template.spawn(setup, fds)
+
+    def _close_template(self) -> None:
+        template, self._template = self._template, None
+        if template is not None:
+            template.close()
 
     def release(self, lane: Lane) -> None:
         lane.close()
@@ -128,7 +168,11 @@ class Crew:
                 kill_tree(lane.pid, grace=0)  # its sentinel fires next turn: then reap
                 self.leaving[lane] = float("inf")
 
-    def kill(self, lane: Lane, reason: DeathReason, offset: int = -1) -> None:
+    def kill(self, lane: Lane, reason: DeathReason, offset: int = -1, *,
+             replace: bool = False) -> None:
+        """Kill a worker (in a thread: the grace period must not stall the pool) and, with
+        ``replace``, start its replacement now, while it dies: the queue's next item then waits
+        for one fork, not for the death, the burial and then the fork (see ``respawn``)."""
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
@@ -137,6 +181,16 @@ class Crew:
             lane.stack_mark = lane.err.total
         threading.Thread(target=_stop, args=(lane.pid, self._kill_grace, reason == "timeout"),
                          daemon=True, name="stagepool-kill").start()
+        if replace:
+            lane.replaced = True
+            self.lanes.append(self.spawn())
+
+    def kill_running(self, group: Group, *, replace: bool) -> None:
+        """Kill the workers *running* a chunk of ``group``: a chunk merely prefetched behind
+        another batch's running chunk is short by construction; it runs, its answer dropped."""
+        for lane in self.lanes:
+            if lane.tasks and lane.tasks[0].group is group:
+                self.kill(lane, "cancelled", self._record.offset(lane.slot), replace=replace)
 
     def kill_everything(self) -> None:
         for lane in self.lanes:
@@ -199,4 +253,5 @@ class Crew:
             held.extend(lane.tasks)
             self.release(lane)
         self.lanes.clear()
+        self._close_template()
         return held

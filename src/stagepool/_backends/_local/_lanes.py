@@ -12,7 +12,8 @@ import collections
 import contextlib
 import dataclasses
 import os
-from multiprocessing.connection import Connection
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 from ..._wire import TaskHeader, pack_task
@@ -21,7 +22,7 @@ from .._protocol import DeathReason, Task
 from ._record import SharedRecord
 from ._stderr import WorkerStderr
 
-__all__ = ["PREFETCH_MAX_BYTES", "Lane", "readable", "start_lane"]
+__all__ = ["PREFETCH_MAX_BYTES", "Lane", "open_lane", "readable", "start_lane"]
 
 # A task is prefetched onto a busy worker (to hide the round trip) only if its pickled items fit
 # in an empty pipe, so the send can never block while that worker is itself blocked writing a big
@@ -49,6 +50,7 @@ class Lane:
     kill_offset: int = -1
     kill_at: float | None = None  # time.monotonic() when the pool decided to kill it
     stack_mark: int = -1  # err.total when a hung item's stack was asked for (-1: never)
+    replaced: bool = False  # its replacement was started when it was told to die
 
     @property
     def pid(self) -> int:
@@ -118,6 +120,9 @@ class Lane:
     def close(self) -> None:
         self.forward_stderr()  # nothing it wrote is lost, its last unfinished line included
         self.err.flush(None)
+        close_sentinel = getattr(self.process, "close_sentinel", None)  # a template's child
+        if close_sentinel is not None:
+            close_sentinel()
         with contextlib.suppress(OSError):
             self.conn.close()
         with contextlib.suppress(OSError):
@@ -140,13 +145,31 @@ def readable(conn: Connection) -> bool:
 def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | None,
                record: SharedRecord | None = None) -> Lane:
     """Start a worker process (loky's context: fork+exec) for ``setup.slot``."""
-    parent_end, child_end = ctx.Pipe(duplex=True)
-    err_read, err_write = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=lane_main, args=(child_end, err_write, setup), env=env,
-                          name=f"stagepool-worker-{setup.slot}")
-    process.start()
-    child_end.close()
-    err_write.close()
+
+    def launch(conn: Connection, err: Connection) -> Any:
+        process = ctx.Process(target=lane_main, args=(conn, err, setup), env=env,
+                              name=f"stagepool-worker-{setup.slot}")
+        process.start()
+        return process
+
+    return open_lane(setup.slot, quota, launch, record)
+
+
+def open_lane(slot: int, quota: int | None, launch: Callable[[Connection, Connection], Any],
+              record: SharedRecord | None = None) -> Lane:
+    """A lane for the process ``launch`` starts on the child's ends of a new duplex pipe and
+    stderr pipe (closed here once the child has them; all four if the launch fails)."""
+    parent_end, child_end = Pipe(duplex=True)
+    err_read, err_write = Pipe(duplex=False)
+    try:
+        process = launch(child_end, err_write)
+    except BaseException:
+        parent_end.close()
+        err_read.close()
+        raise
+    finally:
+        child_end.close()
+        err_write.close()
     os.set_blocking(err_read.fileno(), False)
-    return Lane(setup.slot, process, parent_end, err_read, WorkerStderr(process.pid), record,
+    return Lane(slot, process, parent_end, err_read, WorkerStderr(process.pid), record,
                 quota=quota)

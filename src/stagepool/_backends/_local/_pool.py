@@ -1,11 +1,12 @@
-"""Local worker processes, started with loky: the only module that imports loky.
+"""Local worker processes: the pool thread and the Backend protocol (the only loky import).
 
 Why not ``loky.ProcessPoolExecutor`` itself? When one of its workers dies it marks the whole
 executor broken, fails every pending future with ``TerminatedWorkerError`` and kills the other
 workers; and each call pays two thread hand-offs (about 285 us a round trip here, against 45 us for
-a direct pipe). We keep loky's process layer (the ``loky`` start method: fork+exec without the
-fork-safety problems, cloudpickle for ``__main__`` code, its resource tracker) and give each worker
-its own *lane*: a duplex pipe and a slot in a shared record.
+a direct pipe). Workers are forked from a warm template process (``_template``: no fork of this
+threaded process, the stage's modules imported once); where that is not possible we fall back on
+loky's process layer (the ``loky`` start method: fork+exec without the fork-safety problems).
+Either way each worker gets its own *lane*: a duplex pipe and a slot in a shared record.
 
     Engine thread(s) --submit(Task)--> pending, per group (round-robin between batches)
                                           |
@@ -31,11 +32,8 @@ import traceback
 import weakref
 from typing import Any
 
-from loky.backend.context import get_context
-
 from ... import _shared, _shm
 from ..._errors import EngineClosed
-from ..._resources import rss_of
 from ..._worker import WorkerSetup
 from .._codec import SharedMemoryCodec
 from .._fairshare import FairShare
@@ -43,19 +41,18 @@ from .._protocol import (
     BackendOptions,
     Cancelled,
     Capabilities,
-    DeathReason,
     Group,
-    LaneDied,
     LaneState,
     Task,
-    TaskResult,
 )
 from ._crew import Crew
-from ._lanes import Lane, readable
+from ._delivery import notify, starts
+from ._lanes import Lane
 from ._limits import Limits, wait_seconds
 from ._mailbox import Mailbox
 from ._poller import Poller
 from ._record import SharedRecord, lane_state
+from ._returns import Returns
 
 __all__ = ["LocalBackend"]
 
@@ -71,34 +68,28 @@ DATA_LIMIT_HEADROOM = 512 * 1024 * 1024
 # then 2 x this + the headroom): generous, since mem_per_task is an estimate that sizes the
 # pool, yet a bound on the item that needs ten times what was planned.
 MEM_PER_TASK_CAP = 2
+# How long worker_pids() waits for the first workers to be started (not ready: started).
+STARTUP_WAIT = 60.0
 
 
-def _notify(task: Task, result: TaskResult) -> None:
-    """Deliver a result; a faulty callback must never take the pool thread down with it. Not
-    even a BaseException: a future's done-callbacks run inside ``on_done``, and one that calls
-    ``sys.exit()`` would end the pool thread without a word, leaving every later call waiting.
+def _loky_context() -> Any:
+    """loky's fork+exec context, imported only when a worker is started without the template."""
+    from loky.backend.context import get_context
 
-    The input segments of ``task.items`` are the callback's to free (see ``Task``)."""
-    try:
-        task.on_done(task, result)
-    except BaseException:  # reported, not fatal
-        print("stagepool: a task's completion callback raised (ignored):", file=sys.stderr)
-        traceback.print_exc()
+    return get_context("loky")
 
 
-def _starts(task: Task) -> bool:
-    """Ask the task's ``on_start`` whether it still goes; if not (or if the hook raises: that
-    fails this task only, never the pool thread), answer it ``Cancelled``."""
-    if task.on_start is None:
-        return True
-    try:
-        if task.on_start(task):
-            return True
-        result = Cancelled("future cancelled")
-    except BaseException as exc:
-        result = Cancelled(f"its start hook raised {type(exc).__name__}: {exc}", exc)
-    _notify(task, result)
-    return False
+def _worker_setup(options: BackendOptions, record_path: str,
+                  published: _shared.Published | None) -> WorkerSetup:
+    """What every worker gets (the crew fills in its slot and parent). With the engine's shared
+    values or its initializer published in shared memory, the worker maps them from there."""
+    booted = published is not None and published.boot is not None
+    return WorkerSetup(record_path, -1, os.getpid(),
+                       None if booted else options.initializer,
+                       () if booted else tuple(options.initargs), data_limit_of(options),
+                       options.shm_threshold, options.writable_inputs,
+                       shared=published.shared if published is not None else None,
+                       boot=published.boot if published is not None else None)
 
 
 def _closed_error(failure: BaseException | None) -> EngineClosed:
@@ -117,8 +108,6 @@ class LocalBackend:
     def __init__(self, options: BackendOptions, *, kill_grace: float = 0.5) -> None:
         self._workers = workers = options.workers
         self._pid = os.getpid()  # the workers' parent: a forked child must leave them alone
-        self._initializer = options.initializer
-        self._max_rss, self._max_tasks = options.max_rss, options.max_tasks
         self._codec = SharedMemoryCodec(options.shm_threshold,
                                         read_only_inputs=not options.writable_inputs)
         _shm.sweep_stale()  # shared memory of engines whose process died without cleanup
@@ -131,27 +120,17 @@ class LocalBackend:
         self._failure: BaseException | None = None  # why the pool thread stopped on its own
         self._stopping = False
         self._kill_all = False
-        # Set when a worker died in the initializer: every task gets this answer, nothing respawns.
-        self._init_died: LaneDied | None = None
         self._mailbox = Mailbox()
         self._poller = Poller()
-        self._crew = Crew(get_context("loky"), self._record, self._setup(options),
-                          dict(options.env), options.max_tasks, kill_grace, workers)
+        setup = _worker_setup(options, self._record.path, self._published)
+        self._crew = Crew(_loky_context, self._record, setup, dict(options.env),
+                          options.max_tasks, kill_grace, workers, options.preload)
+        self._returns = Returns(self._crew, self._queue, self._retire, max_rss=options.max_rss,
+                                max_tasks=options.max_tasks, initializer=options.initializer)
+        self._started = threading.Event()  # the first workers are up (the pool thread starts them)
         self._thread = threading.Thread(target=self._run, name="stagepool-pool", daemon=True)
         self._thread.start()
         _live_backends.add(self)
-
-    def _setup(self, options: BackendOptions) -> WorkerSetup:
-        """What every worker gets (the crew fills in its slot and parent)."""
-        data_limit = data_limit_of(options)
-        published = self._published
-        booted = published is not None and published.boot is not None
-        return WorkerSetup(self._record.path, -1, self._pid,
-                           None if booted else options.initializer,
-                           () if booted else tuple(options.initargs), data_limit,
-                           options.shm_threshold, options.writable_inputs,
-                           shared=published.shared if published is not None else None,
-                           boot=published.boot if published is not None else None)
 
     # ---- the Backend protocol ---------------------------------------------------------------
 
@@ -181,7 +160,7 @@ class LocalBackend:
         if len(refused) < len(tasks):
             self._mailbox.wake()
         for task in refused:
-            _notify(task, Cancelled("batch cancelled"))
+            notify(task, Cancelled("batch cancelled"))
 
     def withdraw(self, group: Group, *, kill_running: bool = False) -> None:
         """Never blocks and takes no lock: it may run in a garbage collector's finalizer (an
@@ -196,15 +175,16 @@ class LocalBackend:
 
     def _withdraw_task_now(self, task: Task) -> None:
         if self._queue.withdraw_task(task):
-            _notify(task, Cancelled("future cancelled"))
+            notify(task, Cancelled("future cancelled"))
 
     def _withdraw_now(self, group: Group, kill_running: bool) -> None:
         for task in self._queue.withdraw(group):
-            _notify(task, Cancelled("batch cancelled"))
+            notify(task, Cancelled("batch cancelled"))
         if kill_running:
-            self._kill_group(group)
+            self._crew.kill_running(group, replace=not self._kill_all)
 
     def worker_pids(self) -> list[int]:
+        self._started.wait(STARTUP_WAIT)
         with self._lock:
             return [lane.pid for lane in self._crew.lanes]
 
@@ -252,12 +232,16 @@ class LocalBackend:
                 if turn.wait(0.05):
                     return
         for task in self._queue.drain():
-            _notify(task, Cancelled("the engine was shut down"))
+            notify(task, Cancelled("the engine was shut down"))
 
     # ---- the pool thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
+            try:  # here, not in the constructor: Engine() returns while the workers start
+                self._crew.start(self._workers)
+            finally:
+                self._started.set()
             while not self._step():
                 pass
         except BaseException as exc:  # a bug: close loudly rather than leave callers waiting
@@ -296,86 +280,19 @@ class LocalBackend:
                 continue
             elif what == "stderr":
                 owner.forward_stderr()
+            elif what == "result":
+                self._returns.receive(owner, respawn=not self._kill_all)
             else:
-                (self._receive if what == "result" else self._bury)(owner)
+                self._returns.bury(owner, respawn=not self._kill_all)
         self._crew.expire_leaving()
         self._mailbox.run_calls()
         for lane, reason, offset in self._limits.broken(list(self._crew.lanes)):
-            self._crew.kill(lane, reason, offset)
+            self._crew.kill(lane, reason, offset,
+                            replace=reason != "init_timeout" and not self._kill_all)
         if self._kill_all:
             self._crew.kill_everything()
         self._dispatch()
         return self._maybe_stop()
-
-    def _receive(self, lane: Lane) -> None:
-        if not self._receive_one(lane):
-            lane.process.join(1.0)  # it is dying: let the sentinel path account for it
-            self._bury(lane)
-
-    def _receive_one(self, lane: Lane, *, dying: bool = False) -> bool:
-        """Take one answer from a worker; False when its pipe is broken (the worker is dying)."""
-        try:
-            blob = lane.conn.recv_bytes()
-        except (EOFError, OSError):
-            return False
-        _shm.claim(blob)  # ours now: a sweep after this worker's death must not free it
-        task = lane.tasks.popleft()
-        lane.items_done += task.n_items
-        if lane.quota is not None:
-            lane.quota -= task.n_items
-        lane.answered = True
-        self._crew.startup_failures = 0
-        _notify(task, blob)
-        if self._max_rss is not None and (rss_of(lane.pid) or 0) > self._max_rss:
-            lane.retiring = True  # grew past the cap between items: recycle it
-        if self._max_tasks is not None and lane.items_done >= self._max_tasks:
-            lane.retiring = True
-        if lane.retiring and not lane.tasks and not dying:
-            self._retire(lane)
-        return True
-
-    def _bury(self, lane: Lane) -> None:
-        """A worker died: blame the item it was running, requeue what it had not started."""
-        self._crew.collect(lane)
-        while lane.tasks and readable(lane.conn):  # answers it sent before dying still count
-            if not self._receive_one(lane, dying=True):
-                break
-        _shm.sweep(os.getpid(), f"w{lane.pid}")  # results it made but never sent
-        dead = self._crew.autopsy(lane)
-        if dead.in_init:
-            self._fail_initializer(lane, dead.tasks)
-            self._crew.release(lane)
-            return
-        self._crew.release(lane)
-        requeue = dead.tasks[1:] if dead.died is not None else dead.tasks
-        for task in self._queue.queue(requeue, front=True):
-            _notify(task, Cancelled("batch cancelled"))
-        if dead.died is not None:
-            _notify(dead.tasks[0], dead.died)
-        if not self._kill_all:  # a graceful shutdown still owes the requeued tasks an answer
-            self._respawn_after_death()
-
-    def _fail_initializer(self, lane: Lane, tasks: list[Task]) -> None:
-        """The worker died in the initializer (segfault, os._exit): a new one would most likely
-        die the same way, so none is started, and every task, queued or yet to come, is answered
-        with this death (_dispatch), as when the initializer raises."""
-        if self._init_died is None:
-            name = getattr(self._initializer, "__qualname__", repr(self._initializer))
-            module = getattr(self._initializer, "__module__", None)
-            reason: DeathReason = lane.kill_reason or "initializer"  # died in it, or hung there
-            self._init_died = LaneDied(
-                lane.pid, lane.process.exitcode, -1, reason, lane.last_words(), ran=0,
-                initializer=f"{module}.{name}" if module else name)
-        for task in tasks:
-            _notify(task, self._init_died)
-
-    def _respawn_after_death(self) -> None:
-        if self._crew.gave_up_starting():
-            # Workers die before doing anything: fail the queue instead of respawning forever.
-            for task in self._queue.drain():
-                _notify(task, LaneDied(0, None, -1, "crash",
-                                       "workers keep dying at start-up; see stderr", ran=0))
-        self._crew.respawn()
 
     def _retire(self, lane: Lane) -> None:
         # Stopping gracefully still owes the queued tasks a worker: without a replacement,
@@ -385,28 +302,18 @@ class LocalBackend:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._init_died is not None:
+        if self._returns.init_died is not None:
             for waiting in self._queue.drain():
-                _notify(waiting, self._init_died)
+                notify(waiting, self._returns.init_died)
             return
         for prefetch in (False, True):  # fill idle workers first, then prefetch onto busy ones
             for lane in list(self._crew.lanes):
                 if bool(lane.tasks) != prefetch:
                     continue
                 task = self._queue.take(lane.can_take)
-                if task is None or not _starts(task):
+                if task is None or not starts(task):
                     continue
                 lane.send(task)
-
-    # ---- cancelling a group's running chunks ----------------------------------------------------
-
-    def _kill_group(self, group: Group) -> None:
-        # Only workers *running* the group's chunk: a chunk merely prefetched behind another
-        # batch's running chunk is short by construction; it runs and its answer is dropped.
-        for lane in self._crew.lanes:
-            if lane.tasks and lane.tasks[0].group is group:
-                offset = self._record.offset(lane.slot)
-                self._crew.kill(lane, "cancelled", offset)
 
     # ---- stopping ----------------------------------------------------------------------------
 
@@ -425,9 +332,9 @@ class LocalBackend:
             f"the engine's pool thread failed ({type(self._failure).__name__}: {self._failure})",
             self._failure)
         for task in self._crew.close():
-            _notify(task, ended)
+            notify(task, ended)
         for task in self._queue.drain():
-            _notify(task, ended)
+            notify(task, ended)
         self._mailbox.close()
         self._record.close()
         if self._published is not None:  # after the workers: a respawn may still have read them
