@@ -62,6 +62,36 @@ class BatchSpec:
     hints: CostHints | None = None  # cost=, size=, unit=, lookahead= (_costs.py)
 
 
+class ItemSource:
+    """A batch's input, read a chunk at a time: the items, or their longest-first arrangement.
+
+    A source fed by another thread (a pipeline's next stage) says with ``available()`` how many
+    items it can give without blocking (its end counts as one) and calls the batch's ``wake``
+    when it gets more, so the batch keeps draining answers meanwhile.
+    """
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self.it = it
+        self._available: Callable[[], int] | None = getattr(it, "available", None)
+        self.exhausted = False
+        self.error: BaseException | None = None  # the caller's iterable raised this
+
+    def available(self) -> int:
+        return (1 << 30) if self._available is None else int(self._available())
+
+    def read(self, size: int) -> list[Any]:
+        """Up to ``size`` items; fewer at the end (or when the iterable raised: those it gave
+        before are kept, since ``list.extend`` keeps them, and the rest of the batch finishes)."""
+        chunk: list[Any] = []
+        try:
+            chunk.extend(itertools.islice(self.it, size))
+        except Exception as exc:  # not KeyboardInterrupt: the caller's Ctrl-C stops the batch
+            self.error = exc
+        if len(chunk) < size:
+            self.exhausted = True
+        return chunk
+
+
 class Batch:
     """One call's worth of work: feeds chunks with backpressure and yields final pieces.
 
@@ -73,8 +103,7 @@ class Batch:
         self.total = spec.total
         # With cost hints the batch works in dispatch positions (_costs.py), not input indices.
         self.arrangement = arrange(spec.hints, spec.items, self.total, backend.workers)
-        self.it = iter(spec.items) if self.arrangement is None else self.arrangement
-        self.source_available: Callable[[], int] | None = getattr(self.it, "available", None)
+        self.source = ItemSource(iter(spec.items) if self.arrangement is None else self.arrangement)
         self.group = Group()
         self.arena = id(self.group)
         self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult]] = queue.SimpleQueue()
@@ -90,8 +119,6 @@ class Batch:
             desc=spec.desc, meter=self.arrangement)
         self.items_out = 0
         self.next_index = 0
-        self.exhausted = False
-        self.source_error: BaseException | None = None
         self.in_flight: dict[int, Lot] = {}  # task id -> what it carries
         self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
         if self.arrangement is not None:
@@ -109,6 +136,12 @@ class Batch:
         self.label, self.desc = self.out.label, spec.desc
         self.number = register(self)  # for Engine.status() (_status.py)
         self.codec.open_arena(self.arena)
+
+    @property
+    def source_error(self) -> BaseException | None:
+        """The exception the caller's items iterable raised, if it did (the items taken before
+        it still finish; the stream re-raises it after them)."""
+        return self.source.error
 
     # ---- feeding -----------------------------------------------------------------------------
 
@@ -141,8 +174,8 @@ class Batch:
                 if self._room() < len(again[0].lot.items):
                     return
                 self._submit(again.popleft().lot)
-            elif not self.exhausted and self._window_open() and self._room() > 0 \
-                    and self._available() > 0:
+            elif not self.source.exhausted and self._window_open() and self._room() > 0 \
+                    and self.source.available() > 0:
                 self._take()
             else:
                 return
@@ -153,13 +186,6 @@ class Batch:
             return 1 << 30
         return self.spec.max_concurrent - self.items_out
 
-    def _available(self) -> int:
-        """Items the source can give now without blocking. A source fed by another thread (a
-        pipeline's next stage) says so with ``available()`` (its end counts as one) and calls
-        :meth:`wake` when it gets more, so the batch keeps draining answers meanwhile."""
-        available = self.source_available
-        return (1 << 30) if available is None else int(available())
-
     def _window_open(self) -> bool:
         if not self.ordered or (self.arrangement is not None and
                                 self.arrangement.inside_block(self.next_index)):
@@ -167,14 +193,8 @@ class Batch:
         return self.window.open(self.emitted, self.next_index, self.max_in_flight)
 
     def _take(self) -> None:
-        size = min(self.sizer.next_size(self.next_index), self._room(), self._available())
-        chunk: list[Any] = []
-        try:
-            chunk.extend(itertools.islice(self.it, size))
-        except Exception as exc:  # the caller's generator failed: finish what was taken
-            self.source_error = exc
-        if len(chunk) < size:  # list.extend keeps what the iterator gave before it raised
-            self.exhausted = True
+        size = min(self.sizer.next_size(self.next_index), self._room(), self.source.available())
+        chunk = self.source.read(size)
         if chunk:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
             if self.ordered:
@@ -203,11 +223,11 @@ class Batch:
         For a sized input the items not yet taken get their cancelled outcome too; an iterator
         of unknown length simply stops being read."""
         runs = [(lot.start, len(lot.items))]
-        if self.total is not None and not self.exhausted:
-            rest = sum(1 for _ in self.it)
+        if self.total is not None and not self.source.exhausted:
+            rest = sum(1 for _ in self.source.it)
             runs.append((self.next_index, rest))
             self.next_index += rest
-        self.exhausted = True
+        self.source.exhausted = True
         for first, n in runs:  # the closing's own cause says why, if the engine failed
             self.out.cancelled(first, n, closed, closed, lot.runs)
 
@@ -237,7 +257,7 @@ class Batch:
                     yield from self._drain_ready()
                     continue
                 if not self.in_flight:
-                    if self.exhausted and not self.out.again:
+                    if self.source.exhausted and not self.out.again:
                         finished = True
                         return
                     self._wait_answer()  # a sleep that wake() cuts short
@@ -308,7 +328,7 @@ class Batch:
     def cancel(self, *, kill_running: bool) -> None:
         """In the batch's own thread: withdraw as :meth:`abandon` does, stop taking items, and
         free the answers already queued (they will never be read)."""
-        self.exhausted = True
+        self.source.exhausted = True
         self.out.again.clear()
         self._withdraw(kill_running)
         while True:  # answers that arrived but will never be read

@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._aio import AsyncCalls
 from ._answers import BatchPolicy
-from ._backends import Backend, BackendName, BackendOptions, make_backend
-from ._calls import serial_cannot
+from ._backends import Backend, BackendName, make_backend
 from ._config import (
     DEFAULT,
     DEFAULT_RETRY_ON,
@@ -46,8 +45,9 @@ from ._config import (
 from ._errors import EngineClosed, OvercommitWarning
 from ._pipeline._calls import PipelineCalls
 from ._planning import WorkerPlan, choose_workers, cluster_plan, overcommit_warning, plan_workers
-from ._pressure import DEFAULT_HIGH, MemoryWatch, Watermarks, check_watermarks
+from ._pressure import DEFAULT_HIGH, check_watermarks
 from ._single import ExecutorView, SubmitContext
+from ._startup import backend_choice, backend_options, memory_watch, refuse_on_serial
 from ._status import WorkerStatus, resolve
 
 if TYPE_CHECKING:
@@ -59,13 +59,6 @@ __all__ = ["Engine"]
 # Chunks of one batch in flight at once, per worker. Two keeps every worker fed while a result
 # travels back; more only holds memory (and makes other batches wait longer for their turn).
 IN_FLIGHT_PER_WORKER = 2
-# glibc returns every freed block above its (adaptive) mmap threshold to the kernel, so a stage
-# that allocates ~14 MiB of temporaries per item page-faults all of it again on every item: the
-# demo stage measured 22 ms per item in a fresh worker and 14.5 ms with these settings (the
-# profiler's finding). Up to 64 MiB of freed heap stays in each worker. A user's own setting wins.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-                     "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
-BACKENDS: tuple[BackendName, ...] = ("local", "serial", "dask")
 
 
 class Engine(AsyncCalls, PipelineCalls):
@@ -189,7 +182,7 @@ class Engine(AsyncCalls, PipelineCalls):
         memory_high: float | None = DEFAULT_HIGH,
         memory_low: float | None = None,
     ) -> None:
-        name, client = _backend_choice(backend, address)
+        name, client = backend_choice(backend, address)
         marks = check_watermarks(memory_high, memory_low)
         remote = client is not None or address is not None
         self.config = EngineConfig.create(
@@ -206,14 +199,15 @@ class Engine(AsyncCalls, PipelineCalls):
         self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
                                              reserve_cores=self.config.reserve_cores)
         if name == "serial":  # no process to size, warn about or open files for
-            self._refuse_on_serial()  # before the initializer runs, in this process
+            refuse_on_serial(self.config)  # before the initializer runs, in this process
             self.workers, self._sizing = 1, "serial: 1 worker, this process"
         else:
             self._size_workers(warn=not remote)
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._executor: ExecutorView | None = None
-        started = self._start_backend(name, address, client)
+        started = make_backend(name, backend_options(self.config, self.plan, name, self.workers),
+                               address=address, client=client)
         self._backend: Backend | None = started
         self._backend_name = name
         if name == "dask":  # the cluster decides
@@ -222,18 +216,8 @@ class Engine(AsyncCalls, PipelineCalls):
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
-            self.config.rerun_innocent, self._memory_watch(name, marks))
+            self.config.rerun_innocent, memory_watch(name, marks))
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
-
-    @staticmethod
-    def _memory_watch(name: BackendName, marks: Watermarks | None) -> MemoryWatch | None:
-        """The readings this engine's batches share; none on dask (its workers pause
-        themselves: README "Memory pressure")."""
-        if marks is None or name == "dask":
-            return None
-        watch = MemoryWatch(marks)
-        watch.reading()  # the first (the cgroup walk) here, not in the first batch
-        return watch
 
     @classmethod
     def from_profile(cls, path: str | os.PathLike[str], *, cost: Callable[[Any], float] | None = None,
@@ -246,37 +230,11 @@ class Engine(AsyncCalls, PipelineCalls):
 
         return cls(**{**load_profile(path, cost=cost), **overrides})
 
-    def _start_backend(self, name: BackendName, address: str | None, client: Any) -> Backend:
-        # BLAS threads: a cluster's workers size them from their own host (see _backends._dask).
-        env = {} if name == "dask" else self.plan.thread_env(workers=self.workers)
-        for var, value in WORKER_MALLOC_ENV.items():
-            if var not in os.environ:
-                env[var] = value
-        # The array size that goes through shared memory (0 where there is no /dev/shm).
-        from ._shm import available
-
-        cfg = self.config
-        return make_backend(name, BackendOptions(
-            self.workers, initializer=cfg.initializer, initargs=cfg.initargs, env=env,
-            max_rss=cfg.max_rss_per_worker, max_tasks=cfg.max_tasks_per_worker,
-            mem_per_task=cfg.mem_per_task,
-            shm_threshold=cfg.shm_threshold if available() else 0,
-            writable_inputs=cfg.writable_inputs, init_timeout=cfg.init_timeout,
-            shared=cfg.shared, preload=cfg.preload),
-            address=address, client=client)
-
     def _size_workers(self, *, warn: bool) -> None:
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
         overcommit = overcommit_warning(self.plan, self.workers) if warn else None
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
             warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
-
-    def _refuse_on_serial(self) -> None:
-        cfg = self.config
-        for name, value in (("timeout", cfg.timeout), ("max_rss_per_worker", cfg.max_rss_per_worker),
-                            ("max_tasks_per_worker", cfg.max_tasks_per_worker)):
-            if value is not None:
-                raise ValueError(serial_cannot(name))
 
     def with_options(self, *, timeout: Timeout | Default = DEFAULT,
                      retries: int | Default = DEFAULT, retry_on: Any = DEFAULT,
@@ -362,28 +320,6 @@ class Engine(AsyncCalls, PipelineCalls):
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.shutdown(wait=wait, cancel_pending=cancel_futures or kill, kill=kill)
-
-
-def _backend_choice(backend: object, address: object) -> tuple[BackendName, Any]:
-    """The backend's name and, for ``Engine(backend=client)``, the ``distributed.Client``."""
-    choices = f"{', '.join(map(repr, BACKENDS))} or a distributed.Client"
-    client: Any = None
-    if isinstance(backend, str):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {choices}, got {backend!r}")
-        name = backend
-    elif type(backend).__module__.partition(".")[0] == "distributed":  # checked again there
-        name, client = "dask", backend
-    else:
-        raise TypeError(f"backend must be one of {choices}, not {type(backend).__name__}")
-    if address is not None:
-        if name != "dask" or client is not None:
-            raise ValueError("address= is the dask scheduler to connect to: it needs "
-                             "backend='dask' (a Client already knows its scheduler)")
-        if not isinstance(address, str) or not address:
-            raise TypeError(f"address must be a scheduler address such as "
-                            f"'tcp://127.0.0.1:8786', not {address!r}")
-    return name, client
 
 
 # Public classes name the package they are imported from, in reprs and tracebacks.
