@@ -281,3 +281,22 @@ def test_a_returned_input_arrives_as_an_ordinary_writable_array(engine: sp.Engin
     # read-only result (results are ordinary writable arrays, on every backend).
     values = engine.map(_tasks.identity, [np.ones(16), np.ones(MiB)]).values
     assert [v.flags.writeable for v in values] == [True, True]
+
+
+def _slow_init(path: str, seconds: float, table: np.ndarray) -> None:
+    _tasks.sleep_then_touch(path, seconds)
+
+
+@pytest.mark.asyncio
+async def test_engine_construction_does_not_wait_for_its_workers(tmp_path: Path) -> None:
+    """18.10: ``async with sp.Engine(...)`` blocked the event loop until the workers had started
+    (2.8 s with large initargs). The constructor now returns before any initializer has run: the
+    initializer's marker cannot exist yet when ``Engine()`` returns, and the loop serves at once."""
+    marker = tmp_path / "initialized"
+    table = np.zeros(4 * 2**20 // 8)  # 4 MiB of initargs: more than a pipe holds
+    async with sp.Engine(workers=1, initializer=_slow_init,
+                         initargs=(str(marker), 2.0, table)) as engine:
+        assert not marker.exists()  # the worker is still in its initializer, or not started
+        await asyncio.sleep(0)  # the loop is free while the worker starts
+        assert (await engine.map_async(_tasks.double, [1, 2])).values == [2, 4]
+        assert marker.exists()  # the batch waited for the worker, not the constructor
