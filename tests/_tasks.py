@@ -379,10 +379,21 @@ def init_crash(how: str, log: str) -> None:
 
 # ---- on a dask cluster: the process above a lane is the dask worker ---------------------------
 
+def _dask_worker_pid() -> int:
+    """The dask worker hosting this lane: its parent, or its grandparent when the lane was forked
+    by the workers' template (``stagepool._template``), itself the dask worker's child."""
+    parent = os.getppid()
+    with open(f"/proc/{parent}/cmdline", "rb") as f:
+        if b"stagepool._template" not in f.read():
+            return parent
+    with open(f"/proc/{parent}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+
+
 def kill_dask_worker(x: int) -> int:
     """At value 0, SIGKILL the dask worker hosting this lane (the lane then exits by itself)."""
     if x == 0:
-        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(_dask_worker_pid(), signal.SIGKILL)
         time.sleep(30)
     return x
 
@@ -393,7 +404,7 @@ def kill_dask_worker_midway(x: int) -> int:
     package docstring on what a worker's death within that report window blames)."""
     if x == 0:
         time.sleep(0.3)
-        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(_dask_worker_pid(), signal.SIGKILL)
         time.sleep(30)
     return x
 
@@ -402,7 +413,7 @@ def note_then_sleep(item: tuple[int, float, str]) -> int:
     """Write ``<dask worker pid>`` to ``folder/<index>`` when it starts, then sleep."""
     index, seconds, folder = item
     with open(os.path.join(folder, f"{index}.tmp"), "w") as f:
-        f.write(str(os.getppid()))
+        f.write(str(_dask_worker_pid()))
     os.replace(os.path.join(folder, f"{index}.tmp"), os.path.join(folder, str(index)))
     time.sleep(seconds)
     return index

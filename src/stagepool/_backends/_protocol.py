@@ -239,3 +239,7 @@ class BackendOptions:
     # Read-only values every worker sees as stagepool.shared(name) (see _shared).
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     preload: tuple[str, ...] = ()  # modules the workers' template imports once (local only)
+    # Fork local workers from a warm template process (local only). Off where the lanes are
+    # hosted by a dask worker: there a lane's parent must be the dask worker itself, so that the
+    # worker's death ends its lanes at once and blames exactly as the dask backend documents.
+    template: bool = True

@@ -4,14 +4,19 @@ flow's feeder, and a cancel stops the flow without waiting for anything."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .._aio import OutcomeStream, _Stream
 from .._bridge import Call, post
+from .._lazy import LazyModule
 from ._flow import Flow
 from ._report import SegmentOutcome
+
+if TYPE_CHECKING:
+    import asyncio
+else:  # as in _aio: a script that never awaits does not pay for importing asyncio
+    asyncio = LazyModule("asyncio", globals())
 
 __all__ = ["SegmentStream", "run_async", "run_iter_async"]
 

@@ -143,6 +143,11 @@ class DaskBackend:
         with self._lock:
             if self._closed:
                 raise EngineClosed(self._closed_why)
+            if not self._queue and not self._flights:
+                # Work after a pause: the dispatcher looks at the cluster before sending, so a
+                # worker the scheduler already knows has left is never sent (and blamed for) a
+                # chunk; while busy, it looks every MEMBERSHIP_POLL seconds.
+                self._polled = 0.0
             refused = [task for task in tasks if not self._queue.queue_locked(task)]
         self._inbox.put(None)  # wake the dispatcher
         for task in refused:

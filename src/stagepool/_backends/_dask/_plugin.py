@@ -64,7 +64,7 @@ class HostPlugin(WorkerPlugin):
         # unset variables get this host's CPUs // threads.
         env = {**plan_workers().thread_env(workers=threads), **self.options.env}
         self.backend = self.hosted(dataclasses.replace(self.options, workers=lanes, env=env,
-                                                       shm_threshold=0))
+                                                       shm_threshold=0, template=False))
 
     async def teardown(self, worker: Any) -> None:
         backend, self.backend = self.backend, None

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..._config import format_size
+from ..._planning import count_of
 from . import _cluster
 from ._memory import Capacity, capacity, describe
 
@@ -22,7 +23,7 @@ __all__ = ["AHEAD", "Member", "Roster"]
 # ~30 ms here, 22% of a 200 x 20 ms batch on a 2-worker LocalCluster). Dask starts a worker's
 # ready tasks in submission order, so when a worker dies, its oldest ``slots`` chunks are the ones
 # that may have been running, and the rest had not started (see ``Flights.lose``).
-AHEAD = 1
+AHEAD = 0
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -100,7 +101,8 @@ class Roster:
     def __str__(self) -> str:
         members = list(self.members.values())
         threads = {m.threads for m in members}
-        shape = (f"{len(members)} workers x {threads.pop()} thread" if len(threads) == 1
-                 else f"{len(members)} workers")
+        shape = count_of(len(members), "worker")
+        if len(threads) == 1:
+            shape += f" x {count_of(threads.pop(), 'thread')}"
         return shape + describe([(m.threads, m.capacity) for m in members], self._mem_per_task)
 

@@ -79,7 +79,7 @@ class Crew:
 
     def __init__(self, ctx: Callable[[], Any], record: SharedRecord, setup: WorkerSetup,
                  env: dict[str, str], max_tasks: int | None, kill_grace: float, workers: int,
-                 preload: tuple[str, ...] = ()) -> None:
+                 preload: tuple[str, ...] = (), *, template: bool = True) -> None:
         self._ctx, self._record, self._setup, self._env = ctx, record, setup, env
         self._max_tasks, self._kill_grace = max_tasks, kill_grace
         self._free_slots = list(range(4 * (workers + 1)))[::-1]
@@ -89,7 +89,7 @@ class Crew:
         # that also feeds the others.
         self.leaving: dict[Lane, float] = {}
         self.lanes: list[Lane] = []
-        self._template = _start_template(env, preload)
+        self._template = _start_template(env, preload) if template else None
 
     def start(self, workers: int) -> None:
         """Start the first workers (in the pool thread: the constructor does not wait)."""

@@ -124,7 +124,8 @@ class LocalBackend:
         self._poller = Poller()
         setup = _worker_setup(options, self._record.path, self._published)
         self._crew = Crew(_loky_context, self._record, setup, dict(options.env),
-                          options.max_tasks, kill_grace, workers, options.preload)
+                          options.max_tasks, kill_grace, workers, options.preload,
+                          template=options.template)
         self._returns = Returns(self._crew, self._queue, self._retire, max_rss=options.max_rss,
                                 max_tasks=options.max_tasks, initializer=options.initializer)
         self._started = threading.Event()  # the first workers are up (the pool thread starts them)
