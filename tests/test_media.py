@@ -300,3 +300,19 @@ async def test_engine_construction_does_not_wait_for_its_workers(tmp_path: Path)
         await asyncio.sleep(0)  # the loop is free while the worker starts
         assert (await engine.map_async(_tasks.double, [1, 2])).values == [2, 4]
         assert marker.exists()  # the batch waited for the worker, not the constructor
+
+
+def _sum_shared(i: int) -> float:
+    return float(sp.shared("w")[::512].sum()) + i
+
+
+def test_shared_data_does_not_count_against_max_rss_per_worker() -> None:
+    """A breaker's finding: 200 MiB of the pool's shared data, read whole by every item, made
+    each item a "crash" (its worker's RSS passed the cap) and replaced the worker every time.
+    The cap is on what a worker holds on its own."""
+    weights = np.ones(200 * 2**20 // 8)
+    with sp.Engine(workers=1, shared={"w": weights}, max_rss_per_worker="100MiB") as engine:
+        first = engine.worker_pids()
+        report = engine.map(_sum_shared, range(3), chunk_size=1)
+        assert [o.kind for o in report] == ["ok"] * 3, report.summary()
+        assert engine.worker_pids() == first  # never recycled for memory it does not own

@@ -272,9 +272,15 @@ def process_tree_pids(pid: int) -> list[int]:
 
 
 def rss_of(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes; None if the process is gone (or not ours to read)."""
+    """The private resident memory of ``pid`` in bytes (resident minus resident shared pages:
+    what the process costs on its own); None if the process is gone (or not ours to read).
+
+    Shared pages are not its own: the engine's ``shared=`` arrays and shared-memory inputs it
+    touched, and the libraries' code. Counted, they made ``max_rss_per_worker`` blame an item
+    for reading 1 GB of the pool's shared data (a breaker's finding)."""
     try:
-        return int(psutil.Process(pid).memory_info().rss)
+        info = psutil.Process(pid).memory_info()
+        return int(info.rss - getattr(info, "shared", 0))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
