@@ -326,7 +326,9 @@ def test_taken_over_results_are_writable_and_reach_nobody() -> None:
 def test_loaded_arrays_hold_no_file_descriptor() -> None:
     before = len(os.listdir("/proc/self/fd"))
     arrays = [result_roundtrip(np.full(100, i))[0] for i in range(50)]
-    assert len(os.listdir("/proc/self/fd")) == before  # mmap.mmap would hold 50 more
+    # mmap.mmap would hold 50 more. Not "==": an engine of an earlier test closing its pipes
+    # meanwhile (a pool thread winding down) made this 74 == 75 in full runs.
+    assert len(os.listdir("/proc/self/fd")) <= before
     assert [int(a[0]) for a in arrays] == list(range(50))
 
 
