@@ -111,13 +111,7 @@ async def map_async(
         batch = make_batch(source, call.relay(on_progress))
         return report_of(call.attach(batch))  # after a cancel: partial, and unawaited
 
-    try:
-        return await asyncio.wrap_future(call.run(work))
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    finally:
-        call.close_source()
+    return await call.awaited(work)
 
 
 # ---- imap_async -----------------------------------------------------------------------------------

@@ -211,6 +211,17 @@ class Call:
     def run(self, work: Callable[[], T]) -> concurrent.futures.Future[T]:
         return threads.start(work)
 
+    async def awaited(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in a pooled thread and await it: a cancellation of the awaiting task
+        cancels the call (and propagates); the source is closed either way."""
+        try:
+            return await asyncio.wrap_future(self.run(work))
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        finally:
+            self.close_source()
+
 
 class _Source:
     """A sync iterable read by the batch thread; it ends early once the call is cancelled, so

@@ -45,13 +45,7 @@ async def run_async(flow: Flow, items: Any, body: Callable[[Flow], T]) -> T:
             raise asyncio.CancelledError
         return body(flow)
 
-    try:
-        return await asyncio.wrap_future(call.run(work))
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    finally:
-        call.close_source()
+    return await call.awaited(work)
 
 
 class _Segments(_Stream[Any]):
