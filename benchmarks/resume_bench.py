@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -58,11 +59,27 @@ def timed(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def parent_cpu() -> float:
+    """CPU seconds of this process, all its threads (the journal's writer and fsyncs included);
+    not its worker processes. On a loaded machine the wall times wobble by more than the 5% target;
+    the parent's extra CPU is what journaling takes from the workers on a machine whose cores they
+    fill."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_with_cpu(run: Callable[[], Any], cpu: list[float]) -> float:
+    before = parent_cpu()
+    seconds = timed(run)
+    cpu.append(parent_cpu() - before)
+    return seconds
+
+
 # ---- stagepool -----------------------------------------------------------------------------------
 
 
-def stagepool_rows(engine: sp.Engine, segs: list[Segment], repeat: int,
-                   scratch: Path) -> dict[str, list[float]]:
+def stagepool_rows(engine: sp.Engine, segs: list[Segment], repeat: int, scratch: Path,
+                   cpu: dict[str, list[float]]) -> dict[str, list[float]]:
     def fresh() -> Path:
         return Path(tempfile.mkdtemp(dir=scratch))
 
@@ -76,7 +93,7 @@ def stagepool_rows(engine: sp.Engine, segs: list[Segment], repeat: int,
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):  # alternating, so drift in the machine's load hits every row alike
         for name, run in runs.items():
-            times[name].append(timed(run))
+            times[name].append(timed_with_cpu(run, cpu.setdefault(name, [])))
     return times
 
 
@@ -154,9 +171,18 @@ def joblib_resume(segs: list[Segment], scratch: Path) -> dict[str, Any]:
 
 
 def child(args: list[str]) -> None:
-    """Run one dying child (``--child``) to its SIGKILL; its worker processes notice and exit."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.resume_bench", "--child", *args],
-                          cwd=ROOT, timeout=600, check=False)
+    """Run one dying child (``--child``) to its SIGKILL. stagepool's workers notice and exit;
+    joblib's loky workers and resource trackers outlive a SIGKILLed parent (holding this run's
+    stdout open), so the child runs in its own process group and whatever is left of it goes."""
+    with subprocess.Popen([sys.executable, "-m", "benchmarks.resume_bench", "--child", *args],
+                          cwd=ROOT, start_new_session=True) as done:
+        try:
+            done.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(done.pid, signal.SIGKILL)  # the group keeps the leader's pid
+            except ProcessLookupError:
+                pass
     if done.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the {args[0]} child was to kill itself at 90%, exit {done.returncode}")
 
@@ -178,24 +204,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sp.Engine(workers=WORKERS) as engine:
         scratch = Path(tmp)
         engine.map(process_segment, segs[:2 * WORKERS], chunk_size=1)  # warm workers
-        times = stagepool_rows(engine, segs, repeat, scratch)
+        cpu: dict[str, list[float]] = {}
+        times = stagepool_rows(engine, segs, repeat, scratch, cpu)
         resumed = stagepool_resume(engine, segs, scratch)
         times.update(joblib_rows(segs, repeat, scratch))
         joblib_resumed = joblib_resume(segs, scratch)
-    result = summarize(n, repeat, times, resumed, joblib_resumed)
+    result = summarize(n, repeat, times, cpu, resumed, joblib_resumed)
     print_table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "resume.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def summarize(n: int, repeat: int, times: dict[str, list[float]], resumed: dict[str, Any],
-              joblib_resumed: dict[str, Any]) -> dict[str, Any]:
+def paired(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over repeats of (row / base) in the same repeat: the two ran back to back, so a
+    change in the machine's load between repeats cancels out."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
+
+
+def summarize(n: int, repeat: int, times: dict[str, list[float]], cpu: dict[str, list[float]],
+              resumed: dict[str, Any], joblib_resumed: dict[str, Any]) -> dict[str, Any]:
     median = {name: statistics.median(values) for name, values in times.items()}
-    plain, plain_joblib = median["map"], median["joblib Parallel"]
     rows = [{"row": name, "median_s": median[name], "min_s": min(values), "max_s": max(values),
-             "vs_plain": median[name] / (plain_joblib if name.startswith("joblib") else plain)}
+             "vs_plain": paired(times, name, "joblib Parallel" if name.startswith("joblib")
+                                else "map"),
+             "parent_cpu_s": statistics.median(cpu[name]) if name in cpu else None}
             for name, values in times.items()]
+    plain_cpu = statistics.median(cpu["map"])
+    extra_cpu = {name: (statistics.median(cpu[name]) - plain_cpu) / median["map"] / WORKERS
+                 for name in cpu if name != "map"}
     full, full_joblib = median["map + checkpoint, key="], median["joblib Parallel + Memory cache"]
     return {
         "question": "what does a checkpoint cost, and what does a resume after a kill at 90% save?",
@@ -205,8 +242,10 @@ def summarize(n: int, repeat: int, times: dict[str, list[float]], resumed: dict[
                    "joblib.Memory": {**joblib_resumed,
                                      "of_full_run": joblib_resumed["seconds"] / full_joblib}},
         "targets": {
-            "journal_cost_key": median["map + checkpoint, key="] / plain - 1,
-            "journal_cost_default_keys": median["map + checkpoint, default keys"] / plain - 1,
+            "journal_cost_key": paired(times, "map + checkpoint, key=", "map") - 1,
+            "journal_cost_default_keys": paired(times, "map + checkpoint, default keys", "map") - 1,
+            "journal_parent_cpu_key": extra_cpu["map + checkpoint, key="],
+            "journal_parent_cpu_default_keys": extra_cpu["map + checkpoint, default keys"],
             "journal_cost_target": TARGET_JOURNAL,
             "resume_of_full": resumed["seconds"] / full, "resume_target": TARGET_RESUME,
         },
@@ -216,10 +255,11 @@ def summarize(n: int, repeat: int, times: dict[str, list[float]], resumed: dict[
 def print_table(result: dict[str, Any]) -> None:
     print(f"{result['question']}\n{result['segments']} demo segments, {result['workers']} workers, "
           f"median of {result['repeat']}, load {result['load_average'][0]:.1f}")
-    print(f"{'row':34} {'median s':>9} {'min-max s':>13} {'vs plain':>9}")
+    print(f"{'row':34} {'median s':>9} {'min-max s':>13} {'vs plain':>9} {'parent cpu s':>12}")
     for row in result["rows"]:
+        cpu = "" if row["parent_cpu_s"] is None else f"{row['parent_cpu_s']:12.3f}"
         print(f"{row['row']:34} {row['median_s']:9.2f} {row['min_s']:6.2f}-{row['max_s']:<6.2f} "
-              f"{row['vs_plain']:9.3f}")
+              f"{row['vs_plain']:9.3f} {cpu}")
     for peer, r in result["resume"].items():
         extra = f" ({r['restored']} restored, {r['ran']} ran)" if "restored" in r else ""
         print(f"resume after a kill at 90%, {peer:13} {r['seconds']:6.2f} s = "
@@ -229,6 +269,9 @@ def print_table(result: dict[str, Any]) -> None:
           f"({t['journal_cost_default_keys']:+.1%} default keys), at most "
           f"{t['journal_cost_target']:.0%}; resume {t['resume_of_full']:.1%}, at most "
           f"{t['resume_target']:.0%}")
+    print(f"journaling's extra parent CPU, as a share of the {WORKERS} cores over the plain run: "
+          f"{t['journal_parent_cpu_key']:.2%} with key=, {t['journal_parent_cpu_default_keys']:.2%} "
+          "default keys (\"vs plain\" is the median of ratios paired repeat by repeat)")
 
 
 if __name__ == "__main__":
