@@ -12,7 +12,7 @@ indices stay their input indices, so the report is in input order whatever the d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from .._costs import CostHints, arrange
@@ -21,7 +21,7 @@ __all__ = ["admission"]
 
 
 def admission(hints: CostHints | None, items: Iterable[Any], total: int | None,
-              workers: int) -> Iterator[tuple[int, Any, Exception | None]]:
+              workers: int) -> Generator[tuple[int, Any, Exception | None], None, None]:
     """``(input index, item, refusal)`` in the order to admit them; the items iterable's own
     failure propagates after the items it gave (and, with ``cost=``, after their block)."""
     arrangement = arrange(hints, items, total, workers)
