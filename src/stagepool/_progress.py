@@ -254,10 +254,10 @@ def stage_bars(names: list[str], total: int | None, file: TextIO) -> list[Any] |
     from tqdm.auto import tqdm
 
     width = max(map(len, names), default=0)
+    count = "{n_fmt}" if total is None else "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
     return [tqdm(total=total, desc=name.ljust(width), unit="seg", file=file, position=i,
                  dynamic_ncols=True, smoothing=0.1,
-                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                            "[{elapsed}, {rate_fmt}{postfix}]")
+                 bar_format=f"{{desc}} {count} [{{elapsed}}, {{rate_fmt}}{{postfix}}]")
             for i, name in enumerate(names)]
 
 
