@@ -49,3 +49,19 @@ STAGES = (decode, analyse, features, encode)
 def fused(index: int) -> tuple[float, float, float]:
     """All four stages in one function: the ceiling a pipeline's fusion aims for."""
     return encode(features(analyse(decode(index))))
+
+
+# ---- uneven segments (``benchmarks.pipeline_cost``): an item is (index, units of analysis) -----
+
+
+def decode_sized(item: tuple[int, int]) -> tuple[Any, int]:
+    index, units = item
+    return decode(index), units
+
+
+def analyse_sized(sized: tuple[Any, int]) -> tuple[float, float, float]:
+    """``units`` rounds of ``analyse``: a segment's cost is proportional to its units."""
+    x, units = sized
+    for _ in range(units):
+        x = analyse(x)
+    return encode(x)

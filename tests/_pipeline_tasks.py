@@ -113,3 +113,24 @@ def crash_once(item: tuple[int, str]) -> int:
         marker.touch()
         os._exit(9)
     return index
+
+
+# ---- dispatch order ---------------------------------------------------------------------------------
+
+
+def log_start(item: tuple[int, str]) -> int:
+    """Append the segment's value to the run's log as it starts (the dispatch order)."""
+    value, log = item
+    with open(log, "a") as f:
+        f.write(f"{value}\n")
+    return value
+
+
+def nap(item: Any) -> Any:
+    time.sleep(0.05)
+    return item
+
+
+def long_nap(item: Any) -> Any:
+    time.sleep(0.1)
+    return item

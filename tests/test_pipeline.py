@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,8 @@ import _tasks
 import stagepool as sp
 from conftest import WAIT, shm_entries, wait_until
 from stagepool._pipeline._declare import plan_groups
+from stagepool._pipeline._meter import make_meter
+from stagepool._pipeline._translate import Segment
 
 STAGES = [name for name, _ in pt.diamond_stages()]
 
@@ -206,13 +209,115 @@ def test_groups_run_together_and_pass_failures_on(engine: sp.Engine) -> None:
     assert report[3].stages["loudness"].kind == "ok"  # the independent branch went on
 
 
-def test_progress_is_one_combined_line(serial_engine: sp.Engine,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    report = serial_engine.run(diamond(), [pt.seg(i) for i in range(5)], progress=True,
-                               desc="segs")
-    assert report.ok
-    err = capsys.readouterr().err
-    assert "segs" in err and "5" in err
+def test_progress_shows_every_stage(serial_engine: sp.Engine,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    plans = [{}, {"decode": "error"}, {}, {"loudness": "error"}, {}]
+    report = serial_engine.run(diamond(), [pt.seg(i, **p) for i, p in enumerate(plans)],
+                               progress=True, desc="segs")
+    assert len(report.failed) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("segs: decode 5/5 (1 failed) | resample 5/5 | features 5/5 | "
+                           "loudness 5/5 (1 failed) | encode 5/5; 5/5 segments done, 2 failed")
+
+
+def test_on_progress_counts_each_stage_exactly(engine: sp.Engine) -> None:
+    plans = [{}, {"decode": "error"}, {}, {"loudness": "error"}, {}, {"encode": "error"}, {}]
+    seen: list[sp.Progress] = []
+    report = engine.run(diamond(), [pt.seg(i, **p) for i, p in enumerate(plans)],
+                        on_progress=seen.append)
+    assert len(report.failed) == 3
+    end = seen[-1]
+    assert (end.done, end.failed, end.total) == (7, 3, 7) and end.stages is not None
+    assert {name: (s.done, s.failed) for name, s in end.stages.items()} == {
+        "decode": (7, 1), "resample": (7, 0), "features": (7, 0), "loudness": (7, 1),
+        "encode": (7, 1)}  # skipped stages are done, not failed
+    for before, after in itertools.pairwise(seen):  # counts only grow
+        assert after.stages is not None and before.stages is not None
+        assert all(after.stages[n].done >= before.stages[n].done for n in STAGES)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_per_stage_with_the_slowest_eta() -> None:
+    out = _Tty()
+    meter = make_meter(["decode", "encode"], 4, progress=True, on_progress=None, desc="x",
+                       file=out)
+    assert meter is not None
+    for i in range(4):
+        seg = Segment(i, {}, {"decode": sp.StageOutcome("decode", "ok"),
+                              "encode": sp.StageOutcome("encode", "error" if i else "ok")})
+        meter.stages_done(seg, ["decode"])
+        if i < 2:
+            meter.stages_done(seg, ["encode"])
+    now = meter.reading()
+    assert now.stages is not None and now.eta == now.stages["encode"].eta
+    assert now.stages["decode"].eta == 0.0 and now.eta is not None and now.eta > 0
+    meter.close()
+    text = out.getvalue()
+    assert "decode" in text and "4/4" in text and "2/4" in text and "1 failed" in text
+    assert "(slowest)" in text
+
+
+def test_a_raising_on_progress_is_dropped_and_the_run_goes_on(
+        serial_engine: sp.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def broken(_: sp.Progress) -> None:
+        calls.append(1)
+        raise RuntimeError("bad callback")
+
+    assert serial_engine.run(diamond(), [pt.seg(i) for i in range(4)], on_progress=broken).ok
+    assert len(calls) == 1 and "bad callback" in caplog.text
+    with pytest.raises(TypeError, match="on_progress must be a callable"):
+        serial_engine.run(diamond(), [pt.seg(0)], on_progress=3)  # type: ignore[arg-type]
+
+
+# ---- cost hints and admission ------------------------------------------------------------------------
+
+
+def test_cost_admits_the_longest_first_and_keeps_input_order(engine: sp.Engine,
+                                                            tmp_path: Path) -> None:
+    log = tmp_path / "order"
+    mix = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    p = sp.Pipeline().stage("start", pt.log_start).stage("again", pt.first, after="start")
+    report = engine.run(p, [(v, str(log)) for v in mix], cost=lambda item: item[0], window=1)
+    assert report.values == mix  # in input order
+    assert [int(v) for v in log.read_text().split()] == sorted(mix, reverse=True)
+    assert [s.index for s in report] == list(range(len(mix)))
+
+
+def test_a_cost_that_raises_fails_its_segment_alone(engine: sp.Engine) -> None:
+    report = engine.run(diamond(), [pt.seg(i) for i in range(5)],
+                        cost=lambda seg: abs(1 / (seg[0] - 2)))
+    bad = report[2]
+    assert (bad.ok, bad.kind, bad.stage) == (False, "error", "decode")
+    assert isinstance(bad.error, ValueError)
+    assert "cost(item 2) raised ZeroDivisionError" in str(bad.error)
+    assert {n: s.kind for n, s in bad.stages.items() if n != "decode"} == dict.fromkeys(
+        STAGES[1:], "skipped")
+    assert [s.ok for s in report] == [True, True, False, True, True]
+    with pytest.raises(TypeError, match="cost must be a callable"):
+        engine.run(diamond(), [pt.seg(0)], cost=3)  # type: ignore[arg-type]
+
+
+def test_later_groups_drain_before_new_segments_enter(local_engine: sp.Engine) -> None:
+    # A first group quicker than a capped later one: without drain-before-fill the first group
+    # would run ahead and pile segments up before the bottleneck.
+    p = sp.Pipeline().stage("first", pt.nap).stage("capped", pt.long_nap, after="first",
+                                                   max_concurrent=1)
+    ahead: list[int] = []
+
+    def watch(now: sp.Progress) -> None:
+        assert now.stages is not None
+        ahead.append(now.stages["first"].done - now.stages["capped"].done)
+
+    report = local_engine.run(p, range(30), window=3, on_progress=watch)
+    assert report.ok and report.values == list(range(30))
+    assert max(ahead) <= 3  # every segment between the two stages holds a place in the window
+    assert max(ahead) >= 2  # and the window was used: the first group did run ahead
 
 
 def test_setup_runs_once_per_worker_and_its_failure_is_named(local_engine: sp.Engine) -> None:

@@ -43,7 +43,7 @@ if _typing.TYPE_CHECKING:
     from ._planning import WorkerPlan, plan_workers
     from ._profile_file import load_profile
     from ._profiling import StageProfile, profile_stage
-    from ._progress import Progress
+    from ._progress import Progress, StageProgress
     from ._resources import ResourceSnapshot
     from ._shared import shared
     from ._status import WorkerStatus
@@ -74,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "SerializationError": "._errors",
     "StageOutcome": "._pipeline._report",
     "StageProfile": "._profiling",
+    "StageProgress": "._progress",
     "StageStats": "._pipeline._report",
     "StagepoolError": "._errors",
     "TaskCancelled": "._errors",
@@ -111,6 +112,7 @@ __all__ = (
     "SerializationError",
     "StageOutcome",
     "StageProfile",
+    "StageProgress",
     "StageStats",
     "StagepoolError",
     "TaskCancelled",

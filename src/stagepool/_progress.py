@@ -22,8 +22,8 @@ from typing import Any, NamedTuple, Protocol, TextIO, TypeVar
 
 from ._config import check_bool
 
-__all__ = ["Meter", "Progress", "ProgressSink", "Reading", "Shield", "check_progress_options",
-           "estimate_eta", "make_sink"]
+__all__ = ["Meter", "Progress", "ProgressSink", "Reading", "Shield", "StageProgress",
+           "check_progress_options", "estimate_eta", "make_sink", "stage_bars"]
 
 _log = logging.getLogger("stagepool")
 T = TypeVar("T")
@@ -55,6 +55,16 @@ def estimate_eta(done: float, total: float | None, elapsed: float) -> float | No
     return max(0.0, elapsed * (total - done) / done)
 
 
+class StageProgress(NamedTuple):
+    """One pipeline stage in a :class:`Progress`: segments it is done with (ok, failed, or
+    skipped because an upstream stage failed), those that failed in it, and its ETA at its own
+    pace so far (None while unknown)."""
+
+    done: int
+    failed: int
+    eta: float | None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Progress:
     """What an ``on_progress`` callback receives after each finished chunk.
@@ -70,6 +80,9 @@ class Progress:
     amount_done: float | None = None  # in ``unit``; None without unit
     amount_total: float | None = None  # in ``unit`` (size= alone: estimated); None if unknown
     eta: float | None = None  # estimated seconds left; None while unknown
+    # A pipeline's stages by name, in declaration order (None for a batch): ``done`` and
+    # ``failed`` above count whole segments, and ``eta`` is the slowest stage's.
+    stages: dict[str, StageProgress] | None = None
 
     @property
     def rate(self) -> float:
@@ -232,6 +245,22 @@ class _Bar:
                                 time.perf_counter() - self._start, self._meter))
 
 
+def stage_bars(names: list[str], total: int | None, file: TextIO) -> list[Any] | None:
+    """One tqdm bar per name, stacked (a pipeline's stages), or None when ``file`` is not a
+    terminal (the caller then prints plain lines). The bars show no ETA of their own: the
+    caller puts the pipeline's (the slowest stage's) in a postfix."""
+    if not file.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    width = max(map(len, names), default=0)
+    count = "{n_fmt}" if total is None else "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+    return [tqdm(total=total, desc=name.ljust(width), unit="seg", file=file, position=i,
+                 dynamic_ncols=True, smoothing=0.1,
+                 bar_format=f"{{desc}} {count} [{{elapsed}}, {{rate_fmt}}{{postfix}}]")
+            for i, name in enumerate(names)]
+
+
 def _postfix(now: Progress) -> str:
     parts = [f"{now.failed} failed"]
     factor = now.realtime_factor
@@ -286,5 +315,5 @@ def make_sink(
 
 
 # Public classes name the package they are imported from, in reprs and tracebacks.
-for _public in (Progress,):
+for _public in (Progress, StageProgress):
     _public.__module__ = "stagepool"

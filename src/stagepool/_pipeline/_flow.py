@@ -1,9 +1,11 @@
 """Running a pipeline: one batch per group on the engine's backend, linked by inboxes.
 
-    items --feeder thread (admits a segment only while fewer than ``window`` are in flight)-->
+    items --feeder thread (admits a segment only while fewer than ``window`` are in flight;
+            in input order, or longest-first with ``cost=``: _admit)-->
       Inbox 0 --Batch(group 0's runner)--> group thread 0 --absorb--> Inbox 1 --> ... -->
       group thread n-1 --> finished queue --> the caller's thread: SegmentOutcome (reordered
       when ``ordered``); each one it hands out admits the next segment
+    each group's absorb --> StageMeter (_meter): per-stage progress, bars, on_progress
 
 Every group's batch runs at the same time on the same backend (its fair share between batches
 keeps each group served), and never blocks on its inbox: it takes what is there and is woken
@@ -24,19 +26,22 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from .._answers import BatchPolicy
 from .._backends import Backend
 from .._batch import Batch, BatchSpec
+from .._costs import CostHints
 from .._planning import plan_workers
-from .._progress import ProgressSink, make_sink
+from .._progress import Progress
 from .._streams import outcome_lists
+from ._admit import admission
 from ._declare import INPUT, Group, Pipeline, StageSpec, plan_groups
+from ._meter import StageMeter, make_meter
 from ._report import SegmentOutcome
 from ._runner import GroupRunner, StageCall
-from ._translate import Segment, absorb, finish
+from ._translate import Segment, absorb, finish, refuse
 
 __all__ = ["Flow", "FlowOptions"]
 
@@ -55,6 +60,8 @@ class FlowOptions:
     kill: bool = False  # stopping kills running items
     progress: bool = False
     desc: str | None = None
+    on_progress: Callable[[Progress], object] | None = None
+    hints: CostHints | None = None  # cost=: segments admitted longest-first (_admit)
 
 
 class Inbox:
@@ -125,6 +132,7 @@ class Flow:
         self.batches: list[Batch] = []
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.meter: StageMeter | None = None  # made when the run starts
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -168,13 +176,17 @@ class Flow:
     def _feed(self) -> None:
         """Read the input, admitting one segment per free place in the window."""
         first = self.inboxes[0]
+        order = admission(self.options.hints, self.items, self.total, self.backend.workers)
         try:
-            for item in self.items:
+            for index, item, refusal in order:
                 if not self._wait_for_room():
                     break
-                seg = Segment(self.fed, {INPUT: item})
+                seg = Segment(index, {INPUT: item})
                 self.segments[seg.index] = seg
                 self.fed += 1
+                if refusal is not None:
+                    self._refuse(seg, refusal)
+                    continue
                 first.put(seg.index, seg.carry(self.reads[0]))
                 if INPUT not in self.keep[0]:
                     del seg.values[INPUT]  # only the task holds the segment now
@@ -182,7 +194,17 @@ class Flow:
         except BaseException as exc:  # the caller's iterable failed: finish what was taken
             self.source_error = exc
         finally:
+            order.close()
             first.close()
+
+    def _refuse(self, seg: Segment, error: Exception) -> None:
+        """A segment that never runs: its outcome now (the feeder's thread)."""
+        seg.values.clear()
+        refuse(seg, self.specs, error)
+        if self.meter is not None:
+            self.meter.stages_done(seg, self.order)
+            self.meter.segment_done(seg)
+        self.finished.put(seg.index)
 
     def _wait_for_room(self) -> bool:
         with self.admit:
@@ -212,11 +234,15 @@ class Flow:
         seg = self.segments[self.inboxes[i].order.pop(outcome.index)]
         group = [self.specs[s] for s in self.groups[i].stages]
         absorb(seg, group, outcome, self.crumbs)
+        if self.meter is not None:
+            self.meter.stages_done(seg, [spec.name for spec in group])
         for name in [n for n in seg.values if n not in self.keep[i]]:
             del seg.values[name]  # nothing later reads it: free it now
         if i + 1 < len(self.groups):
             self.inboxes[i + 1].put(seg.index, seg.carry(self.reads[i + 1]))
         else:
+            if self.meter is not None:
+                self.meter.segment_done(seg)
             self.finished.put(seg.index)
 
     # ---- the consumer -----------------------------------------------------------------------------
@@ -225,25 +251,27 @@ class Flow:
         """Each segment's outcome as it finishes (in input order when ``ordered``). Closing the
         iterator stops the run; a failure of the items iterable propagates after the outcomes
         of the segments taken."""
-        sink = make_sink(progress=self.options.progress, on_progress=None, total=self.total,
-                         desc=self.options.desc or "pipeline")
+        options = self.options
+        self.meter = make_meter(self.order, self.total, progress=options.progress,
+                                on_progress=options.on_progress,
+                                desc=options.desc or "pipeline")
         try:
             self.start()
-            yield from self._consume(sink)
+            yield from self._consume()
         except KeyboardInterrupt:
             self.stop(kill=True)
             raise
         finally:
             self.stop()
             self._join()
-            if sink is not None:
-                sink.close()
+            if self.meter is not None:
+                self.meter.close()
         if self.source_error is not None:
             raise self.source_error
 
-    def _consume(self, sink: ProgressSink | None) -> Iterator[SegmentOutcome]:
+    def _consume(self) -> Iterator[SegmentOutcome]:
         pending: dict[int, SegmentOutcome] = {}
-        emitted = done = failed = 0
+        emitted = 0
         while True:
             index = self._next_finished()
             if index == _END:
@@ -251,9 +279,6 @@ class Flow:
                     raise self.failure
                 return
             outcome = finish(self.segments.pop(index), self.order, self.leaves)
-            done, failed = done + 1, failed + (not outcome.ok)
-            if sink is not None:
-                sink.update(done, failed)
             if not self.options.ordered:
                 self._leave(1)
                 yield outcome

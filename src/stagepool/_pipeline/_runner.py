@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -78,22 +79,25 @@ class GroupRunner:
     crumbs: str | None  # the run's breadcrumb directory (None: in-process, nobody needs it)
 
     def __call__(self, carry: Carry) -> GroupResult:
+        # A group of one stage needs no breadcrumb: the parent knows which stage it ran.
+        crumbs = self.crumbs if len(self.stages) > 1 else None
         values, blocked = dict(carry.values), dict(carry.blocked)
         records: dict[str, StageRecord] = {}
         for i, stage in enumerate(self.stages):
-            cause = next((blocked[dep] for dep in stage.after if dep in blocked), None)
+            cause = next((blocked[dep] for dep in stage.after if dep in blocked), None) \
+                if blocked else None
             if cause is not None:
                 records[stage.name] = StageRecord("skipped", None, 0.0, 0, cause)
                 blocked[stage.name] = cause
                 continue
-            _crumb(self.crumbs, i)
+            _crumb(crumbs, i)
             record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
             records[stage.name] = record
             if record.kind == "ok":
                 values[stage.name] = value
             else:
                 blocked[stage.name] = stage.name
-        _crumb(self.crumbs, -1)
+        _crumb(crumbs, -1)
         return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
 
 
@@ -173,25 +177,41 @@ def _at_exit(teardown: Callable[[Any], object], value: Any) -> None:
     atexit.register(once)
 
 
-_crumb_file: list[Any] = [None, -1]  # [path, fd]: one open breadcrumb per worker
+_crumb_file: list[Any] = [None, None]  # [directory, mmap]: one breadcrumb per worker
+# A forked child is another worker: it opens its own file (named by its own pid).
+os.register_at_fork(after_in_child=lambda: _crumb_file.__setitem__(slice(None), [None, None]))
 
 
 def _crumb(directory: str | None, stage: int) -> None:
-    """Write which stage runs now to this worker's breadcrumb (``directory/<pid>``), so the
-    parent can name it when the worker dies or is killed mid-stage. One pwrite per stage."""
+    """Note which stage runs now in this worker's breadcrumb (``directory/<pid>``), so the
+    parent can name it when the worker dies or is killed mid-stage.
+
+    The file is mapped (MAP_SHARED): a note is a store into the page cache, which outlives the
+    process, not a system call (a pwrite per stage cost more than a small stage itself)."""
     if directory is None:
         return
-    path = os.path.join(directory, str(os.getpid()))
-    if _crumb_file[0] != path:
-        if _crumb_file[1] >= 0:
-            os.close(_crumb_file[1])
+    if _crumb_file[0] != directory:
+        _open_crumb(directory)
+    mapped = _crumb_file[1]
+    if mapped is not None:
+        mapped[:8] = b"%-8d" % stage
+
+
+def _open_crumb(directory: str) -> None:
+    old = _crumb_file[1]
+    if old is not None:
+        old.close()
+    try:
+        fd = os.open(os.path.join(directory, str(os.getpid())),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:  # another host (a remote cluster): the parent will say "one of"
-            fd = -1
-        _crumb_file[:] = [path, fd]
-    if _crumb_file[1] >= 0:
-        os.pwrite(_crumb_file[1], f"{stage:<8d}".encode(), 0)
+            os.ftruncate(fd, 8)
+            mapped: Any = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):  # another host (a remote cluster): the parent will say "one of"
+        mapped = None
+    _crumb_file[:] = [directory, mapped]
 
 
 def read_crumb(directory: str, pid: int | None) -> int | None:

@@ -8,6 +8,8 @@
     outcome serialization / error (the segment or a value could not travel, a runner bug)
                   -> the group's first stage that could run gets it
     outcome cancelled -> every stage of the group that could run: "cancelled"
+    refused at the door (its cost= could not be measured: ``refuse``)
+                  -> every stage reading the segment itself gets the error, the rest "skipped"
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
 from ._runner import Carry, GroupResult, StageRecord, read_crumb
 
-__all__ = ["Segment", "absorb", "finish"]
+__all__ = ["Segment", "absorb", "finish", "refuse"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -73,6 +75,18 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
     for spec in runnable:
         if spec is not culprit:
             _set(seg, StageOutcome(spec.name, "skipped", cause=culprit.name), culprit.name)
+
+
+def refuse(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
+    """The segment never runs (``error`` says why): its root stages fail with ``error``, every
+    other stage is skipped because of the root it reads (directly or not)."""
+    for spec in stages:
+        cause = _cause(seg, spec)
+        if cause is not None:
+            _set(seg, StageOutcome(spec.name, "skipped", cause=cause), cause)
+        else:  # a stage with nothing blocked upstream reads only the segment
+            _set(seg, StageOutcome(spec.name, "error", _noted(error, seg.index, spec.name)),
+                 spec.name)
 
 
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
