@@ -164,7 +164,8 @@ def plan_ends(start: int, n: int, workers: int, worth: int) -> list[int]:
     else:
         half = shares // 2
         fractions = [1.5] * half + [0.5] * (shares - half)
-    ends, done, total = [], 0.0, sum(fractions)
+    ends: list[int] = []
+    done, total = 0.0, sum(fractions)
     for fraction in fractions:
         done += fraction
         end = start + round(n * done / total)
