@@ -125,3 +125,14 @@ def test_a_plan_covers_the_rest_exactly_once(n: int, workers: int, worth: int) -
     ends = plan_ends(10, n, workers, worth)
     assert ends == sorted(set(ends)) and ends[0] > 10 and ends[-1] == 10 + n
     assert len(ends) <= min(n, TAIL_SHARES * workers, max(1, worth))
+
+
+def test_in_flight_one_per_worker_while_learning_then_the_whole_small_plan() -> None:
+    sizer = ChunkSizer(None, workers=2, total=20_000)
+    assert sizer.in_flight_limit(5, 0, 0) == 2  # cost unknown: a single item per worker
+    sizer.observe_payload(2, 20)
+    sizer.observe(2, 2e-6)
+    assert sizer.in_flight_limit(5, 0, 2) == 5  # not planned until the next size is asked
+    sizer.next_size(2)
+    assert sizer.in_flight_limit(5, 1, 2) == 1 + TAIL_SHARES * 2
+    assert ChunkSizer(64, workers=2, total=20_000).in_flight_limit(5, 0, 0) == 5  # fixed size

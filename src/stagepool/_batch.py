@@ -205,18 +205,11 @@ class Batch:
                 return
 
     def _window_size(self) -> int:
-        """Chunks in flight at most: one per worker while the items' cost is unknown, the window,
-        or the whole rest of a planned split of little
-        work (see ``ChunkSizer.planned_chunks``): one hand-off to the backend for all of it,
-        instead of one refill per answer. A ``max_in_flight`` the caller gave is kept."""
+        """Chunks in flight at most (``ChunkSizer.in_flight_limit``); a caller's own
+        ``max_in_flight`` is kept."""
         if self.spec.max_in_flight is not None:
             return self.max_in_flight
-        if self.sizer.per_item is None and self.sizer.fixed is None:
-            # Single items while their cost is unknown: one per worker is all that can run, and
-            # for tiny items each one more is a round trip before the planned rest can go.
-            return min(self.max_in_flight, self.backend.workers)
-        return max(self.max_in_flight,
-                   len(self.in_flight) + self.sizer.planned_chunks(self.next_index))
+        return self.sizer.in_flight_limit(self.max_in_flight, len(self.in_flight), self.next_index)
 
     def _room(self) -> int:
         """How many more items ``max_concurrent`` lets into the workers now."""

@@ -139,6 +139,15 @@ class ChunkSizer:
         payload = (plan[-1] - submitted) * self._payload // self._encoded_items
         return len(plan) - bisect_right(plan, submitted) if payload <= CHUNK_BYTES else 0
 
+    def in_flight_limit(self, window: int, in_flight: int, submitted: int) -> int:
+        """How many chunks may be in flight: one per worker while the items' cost is unknown
+        (all that can run; for tiny items each one more is a round trip before the planned rest
+        can go), then the ``window``, or the whole rest of a plan whose payload is small (one
+        hand-off to the backend for all of it, instead of a refill per answer)."""
+        if self.per_item is None and self.fixed is None:
+            return min(window, self.workers)
+        return max(window, in_flight + self.planned_chunks(submitted))
+
     def per_item_clock(self) -> bool:
         """Whether items are slow enough to be worth two clock reads each (see run_chunk)."""
         per_item = self.per_item
