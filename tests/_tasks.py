@@ -314,6 +314,32 @@ def fork_then_return(x: int) -> int:
     return x * 10
 
 
+_forker: int | None = None  # the worker's pid, once an item forked
+
+
+def fork_at_then_note(item: tuple[int, int, str]) -> int:
+    """Item ``fork_at`` forks (both processes return); a forked child then notes each item it
+    runs in ``path`` (the worker notes nothing)."""
+    global _forker
+    x, fork_at, path = item
+    if x == fork_at:
+        _forker = os.getpid()
+        os.fork()
+    if _forker is not None and os.getpid() != _forker:
+        with open(path, "a") as f:
+            f.write(f"{x}\n")
+    return x
+
+
+def run_chunk_guarded(items: list[Any], per_item_clock: bool) -> list[Any]:
+    """``run_chunk`` as a pool worker runs it: with the worker's at-fork hook registered (call
+    it in a process of its own: the hook stays)."""
+    from stagepool import _worker, _worker_guards
+
+    os.register_at_fork(after_in_child=_worker_guards.mark_forked)
+    return _worker.run_chunk(fork_at_then_note, items, per_item_clock=per_item_clock).values
+
+
 def fork_and_wait(item: tuple[int, str]) -> tuple[int, int]:
     """The forked child ends as ``how`` says ("return", "raise" or "exit"); the item waits for it
     and returns its value with the child's exit code, as a program that forks would check it."""

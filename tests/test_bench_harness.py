@@ -20,7 +20,7 @@ import pytest
 # (plain `pytest` puts only tests/ on sys.path; `python -m pytest` would add the cwd).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import aio, cli, faults, payloads, render, report, suite
+from benchmarks import aio, cli, faults, payloads, render, report, suite, tiny_ab
 from benchmarks.harness import Job, RawResult, Summary, _collect, ratio, summarize
 from benchmarks.peers import PEERS, Collected, PeerSpec, drain, gather_futures, one_call
 
@@ -709,3 +709,13 @@ def test_backend_dask_moves_only_stagepools_rows() -> None:
     assert "dask at tcp://h:1" in moved[1].label
     with pytest.raises(SystemExit):
         cli.parse_args(["--address", "tcp://h:1"])
+
+
+def test_tiny_ab_ratios_are_paired_by_round() -> None:
+    """A load that doubles every pool's time in one round cancels out of the ratios."""
+    times = {"mp": [0.010, 0.020], "ppe-512": [0.030, 0.060],
+             "stagepool": [0.008, 0.016], "stagepool-timeout": [0.0084, 0.0168]}
+    ratios = tiny_ab.summarize(times, 20_000)["ratios"]
+    assert ratios["stagepool_vs_mp"] == pytest.approx(1.25)
+    assert ratios["stagepool_vs_ppe512"] == pytest.approx(3.75)
+    assert ratios["timeout_cost"] == pytest.approx(0.05)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stagepool._chunking import CHUNK_BYTES, MAX_STREAM_CHUNK, SPLIT_SHARES, ChunkSizer
+from stagepool._chunking import CHUNK_BYTES, MAX_STREAM_CHUNK, TAIL_SHARES, ChunkSizer, plan_ends
 
 MiB = 1 << 20
 
@@ -67,35 +67,72 @@ def test_a_backend_with_a_long_round_trip_gets_longer_chunks() -> None:
         sizer.observe(1, 0.02)
     assert local.next_size(1) == 1
     assert cluster.next_size(1) == 10  # 0.2 s of 20 ms items
-    # and the tail stops shrinking at ten times the local floor of work per chunk
+    # and the planned tail holds chunks of at least ten times the local floor of work
     local_tail, cluster_tail = (ChunkSizer(None, workers=2, total=10**6, target=t)
                                 for t in (0.02, 0.2))
     for sizer in (local_tail, cluster_tail):
         sizer.observe_payload(1, 100)
         sizer.observe(1, 1e-6)
-    assert cluster_tail.next_size(10**6 - 10) == 10 * local_tail.next_size(10**6 - 10)
+    start = 10**6 - 8_000  # 8 ms of work left: 16 local floors, 1.6 cluster ones
+    assert cluster_tail.next_size(start) == 8_000
+    assert local_tail.next_size(start) == 1_500 and local_tail.planned_chunks(start) == 8
 
 
-def test_the_little_work_left_of_a_known_batch_is_split_evenly_once() -> None:
-    """20,000 tiny items: after the first answers, the rest goes in SPLIT_SHARES equal chunks per
-    worker, not in shares that shrink towards single items (each chunk costs a round trip)."""
+def test_the_little_work_left_of_a_known_batch_is_planned_once() -> None:
+    """20,000 tiny items: after the first answers the rest is planned up front, TAIL_SHARES
+    shares per worker (as multiprocessing.Pool.map splits), the last half of the chunks half
+    shares so the workers end together; and the whole plan may be in flight at once."""
     sizer = ChunkSizer(None, workers=2, total=20_000)
-    sizer.observe_payload(1, 20)
-    sizer.observe(625, 625 * 3e-7)  # 0.3 us per item
-    submitted, sizes = 625, []
+    sizer.observe_payload(2, 20)
+    sizer.observe(2, 2 * 3e-6)  # a lone item measures high: 3 us
+    submitted, sizes = 2, []
     while submitted < 20_000:
+        if not sizes:
+            assert sizer.planned_chunks(submitted) == 0  # not planned before it is asked
         size = min(sizer.next_size(submitted), 20_000 - submitted)
         sizes.append(size)
         submitted += size
-    assert len(sizes) == SPLIT_SHARES * 2
-    assert max(sizes) - min(sizes) <= 1
+        assert sizer.planned_chunks(submitted) == TAIL_SHARES * 2 - len(sizes)
+    assert len(sizes) == TAIL_SHARES * 2
+    big, small = sizes[:TAIL_SHARES], sizes[TAIL_SHARES:]
+    assert max(big) - min(big) <= 1 and max(small) - min(small) <= 1
+    assert abs(max(big) - 3 * max(small)) <= 3
 
 
-def test_a_long_batch_is_split_only_near_its_end() -> None:
+def test_a_plan_whose_payload_is_big_goes_through_the_window() -> None:
+    sizer = ChunkSizer(None, workers=2, total=20_000)
+    sizer.observe_payload(1, 1000)  # 20 MB in all: more than CHUNK_BYTES in flight
+    sizer.observe(1, 1e-6)
+    assert sizer.next_size(1) > 1
+    assert sizer.planned_chunks(1) == 0
+
+
+def test_a_long_batch_is_planned_only_near_its_end() -> None:
     sizer = ChunkSizer(None, workers=2, total=10_000_000)
     sizer.observe_payload(1, 20)
     sizer.observe(1000, 1000 * 3e-7)
     first = sizer.next_size(1000)
-    assert first < 10_000_000 // (SPLIT_SHARES * 2)  # plenty of work left: no split yet
-    last = sizer.next_size(10_000_000 - 40_000)  # 12 ms of work left: split, and it stays
-    assert last == 10_000 and sizer.next_size(10_000_000 - 10_000) == last
+    assert first < 10_000_000 // (TAIL_SHARES * 2)  # plenty of work left: no plan yet
+    assert sizer.planned_chunks(1000 + first) == 0
+    start = 10_000_000 - 200_000  # 60 ms of work left: planned, and it stays
+    size = sizer.next_size(start)
+    assert size == 37_500 and sizer.next_size(start + size) == size
+    assert sizer.planned_chunks(start) == TAIL_SHARES * 2
+
+
+@given(n=st.integers(1, 10**6), workers=st.integers(1, 64), worth=st.integers(0, 1000))
+def test_a_plan_covers_the_rest_exactly_once(n: int, workers: int, worth: int) -> None:
+    ends = plan_ends(10, n, workers, worth)
+    assert ends == sorted(set(ends)) and ends[0] > 10 and ends[-1] == 10 + n
+    assert len(ends) <= min(n, TAIL_SHARES * workers, max(1, worth))
+
+
+def test_in_flight_one_per_worker_while_learning_then_the_whole_small_plan() -> None:
+    sizer = ChunkSizer(None, workers=2, total=20_000)
+    assert sizer.in_flight_limit(5, 0, 0) == 2  # cost unknown: a single item per worker
+    sizer.observe_payload(2, 20)
+    sizer.observe(2, 2e-6)
+    assert sizer.in_flight_limit(5, 0, 2) == 5  # not planned until the next size is asked
+    sizer.next_size(2)
+    assert sizer.in_flight_limit(5, 1, 2) == 1 + TAIL_SHARES * 2
+    assert ChunkSizer(64, workers=2, total=20_000).in_flight_limit(5, 0, 0) == 5  # fixed size

@@ -3,6 +3,8 @@ or the initializer kills it. Each must cost at most its own outcome, never the e
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -47,6 +49,20 @@ def test_a_child_forked_by_an_item_never_answers_for_its_worker() -> None:
         eng.shutdown(kill=True)
     assert time.monotonic() - started < 5
     assert wait_until(lambda: all(gone(p) for p in pids), timeout=10)
+
+
+@pytest.mark.parametrize("per_item_clock", [False, True])
+def test_a_forked_child_runs_no_later_item_of_its_chunk(tmp_path: Path,
+                                                       per_item_clock: bool) -> None:
+    """The child of a forking item leaves after that item: it runs none of the chunk's next
+    ones. The worker's loop tests nothing per item: the at-fork hook empties the child's items.
+    Both loops: clocked items and tiny ones."""
+    path = tmp_path / "notes"
+    items = [(x, 3, str(path)) for x in range(50)]
+    with concurrent.futures.ProcessPoolExecutor(1, mp.get_context("spawn")) as pool:
+        values = pool.submit(_tasks.run_chunk_guarded, items, per_item_clock).result(WAIT)
+    assert values == list(range(50))
+    assert path.read_text().split() == ["3"]  # the child ran item 3, then left
 
 
 @pytest.mark.parametrize(("how", "exit_code"), [("return", 0), ("raise", 1), ("exit", None)])

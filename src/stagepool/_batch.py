@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 from ._answers import Answers, BatchPolicy, Lot, Piece
-from ._backends import Backend, Group, Task, TaskResult
+from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._config import Timeout
 from ._costs import CostHints, arrange, make_sizer
 from ._encoding import LotEncoder
 from ._errors import EngineClosed
+from ._mailslot import Mailslot
 from ._outcome import BatchStats
 from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
@@ -40,6 +40,8 @@ from ._window import OrderWindow
 
 __all__ = ["Batch", "BatchSpec"]
 
+# Inputs read by slicing (ItemSource): exactly these types, not subclasses that may slice oddly.
+SLICED = (list, tuple, range)
 # How long the batch loop sleeps at most when waiting, so Ctrl-C and retry back-off are noticed.
 WAIT_SLICE = 0.2
 
@@ -62,6 +64,10 @@ class BatchSpec:
     hints: CostHints | None = None  # cost=, size=, unit=, lookahead= (_costs.py)
 
 
+def _sliced(items: Iterable[Any]) -> Sequence[Any] | None:
+    return cast(Sequence[Any], items) if type(items) in SLICED else None
+
+
 class ItemSource:
     """A batch's input, read a chunk at a time: the items, or their longest-first arrangement.
 
@@ -70,11 +76,21 @@ class ItemSource:
     when it gets more, so the batch keeps draining answers meanwhile.
     """
 
-    def __init__(self, it: Iterator[Any]) -> None:
+    def __init__(self, it: Iterator[Any], seq: Sequence[Any] | None = None) -> None:
+        """``seq``: the list, tuple or range ``it`` iterates, read by slicing instead (a tenth
+        of the time)."""
         self.it = it
+        self._seq, self._at = seq, 0
         self._available: Callable[[], int] | None = getattr(it, "available", None)
         self.exhausted = False
         self.error: BaseException | None = None  # the caller's iterable raised this
+
+    def skip_rest(self) -> int:
+        """Read the rest without keeping it; how many items that was."""
+        if self._seq is not None:
+            rest, self._at = max(0, len(self._seq) - self._at), len(self._seq)
+            return rest
+        return sum(1 for _ in self.it)
 
     def available(self) -> int:
         return (1 << 30) if self._available is None else int(self._available())
@@ -82,7 +98,12 @@ class ItemSource:
     def read(self, size: int) -> list[Any]:
         """Up to ``size`` items; fewer at the end (or when the iterable raised: those it gave
         before are kept, since ``list.extend`` keeps them, and the rest of the batch finishes)."""
-        chunk: list[Any] = []
+        if self._seq is not None:
+            chunk = self._seq[self._at : self._at + size]
+            self._at += len(chunk)
+            self.exhausted = self._at >= len(self._seq)  # known at once: see Batch._quiet
+            return chunk if type(chunk) is list else list(chunk)
+        chunk = []
         try:
             chunk.extend(itertools.islice(self.it, size))
         except Exception as exc:  # not KeyboardInterrupt: the caller's Ctrl-C stops the batch
@@ -103,10 +124,12 @@ class Batch:
         self.total = spec.total
         # With cost hints the batch works in dispatch positions (_costs.py), not input indices.
         self.arrangement = arrange(spec.hints, spec.items, self.total, backend.workers)
-        self.source = ItemSource(iter(spec.items) if self.arrangement is None else self.arrangement)
+        items = spec.items
+        self.source = ItemSource(iter(items) if self.arrangement is None else self.arrangement,
+                                 _sliced(items) if self.arrangement is None else None)
         self.group = Group()
         self.arena = id(self.group)
-        self.answers: queue.SimpleQueue[tuple[Task | None, TaskResult]] = queue.SimpleQueue()
+        self.answers: Mailslot[tuple[Task | None, TaskResult]] = Mailslot()
         # Orders _on_done against cancel(). Re-entrant: cancel() also runs from the finalizer of
         # an abandoned generator, which the garbage collector may start inside _on_done.
         self.lock = threading.RLock()
@@ -128,6 +151,7 @@ class Batch:
             None if self.arrangement is None else self.arrangement.refusal)
         # Ordered streaming (see _window): ``emitted`` is set by the consumer.
         self.ordered = False
+        self.collecting = False  # set by run_to_report: only the whole report is wanted
         self.emitted = 0
         self.window = OrderWindow()
         self.started = time.perf_counter()
@@ -167,7 +191,7 @@ class Batch:
 
     def _fill_outbox(self) -> None:
         again = self.out.again
-        while len(self.in_flight) < self.max_in_flight:
+        while len(self.in_flight) < self._window_size():
             if self.gate is not None and not self.gate.allows():
                 return  # memory is nearly full: running items finish, nothing new starts
             if again and again[0].due <= time.monotonic():
@@ -179,6 +203,13 @@ class Batch:
                 self._take()
             else:
                 return
+
+    def _window_size(self) -> int:
+        """Chunks in flight at most (``ChunkSizer.in_flight_limit``); a caller's own
+        ``max_in_flight`` is kept."""
+        if self.spec.max_in_flight is not None:
+            return self.max_in_flight
+        return self.sizer.in_flight_limit(self.max_in_flight, len(self.in_flight), self.next_index)
 
     def _room(self) -> int:
         """How many more items ``max_concurrent`` lets into the workers now."""
@@ -212,7 +243,8 @@ class Batch:
                         self.sizer.expected_seconds(len(items), part.start),
                         self.sizer.per_item_clock(),
                         # worker logs name items by first + offset: true in input order only
-                        first=part.start if self.arrangement is None else -1)
+                        first=part.start if self.arrangement is None else -1,
+                        planned=self.sizer.planned_chunks(part.start) > 0)
             self.outbox.append(task)
             self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
             self.items_out += len(items)
@@ -224,7 +256,7 @@ class Batch:
         of unknown length simply stops being read."""
         runs = [(lot.start, len(lot.items))]
         if self.total is not None and not self.source.exhausted:
-            rest = sum(1 for _ in self.source.it)
+            rest = self.source.skip_rest()
             runs.append((self.next_index, rest))
             self.next_index += rest
         self.source.exhausted = True
@@ -236,7 +268,7 @@ class Batch:
         # never read its answers, so their memory is freed here instead.
         with self.lock:
             if not self.group.cancelled:
-                self.answers.put((task, result))
+                self.answers.put((task, result), urgent=isinstance(result, LaneDied | Cancelled))
                 return
         self._free(task, result)
 
@@ -281,17 +313,18 @@ class Batch:
             self.sink.update(self.out.done, self.out.failed)
 
     def _wait_answer(self) -> None:
-        try:
-            task, result = self.answers.get(timeout=self._until_resend())
-        except queue.Empty:
-            return
-        while True:  # take every answer already there before refilling
+        # Every answer already there is absorbed before refilling. A map with nothing left to
+        # send waits for all of its chunks at once (see _mailslot).
+        wanted = len(self.in_flight) if self._quiet() else 1
+        for task, result in self.answers.take(self._until_resend(), wanted):
             if task is not None:  # None: the wake-up of abandon()
                 self._absorb(task, result)
-            try:
-                task, result = self.answers.get_nowait()
-            except queue.Empty:
-                return
+
+    def _quiet(self) -> bool:
+        """Whether no answer can be of use before the last one: a report is being collected
+        (no stream, no progress) and nothing is left to send."""
+        return (self.collecting and self.source.exhausted and not self.out.again
+                and self.sink is None and self.gate is None)
 
     def _absorb(self, task: Task, result: TaskResult) -> None:
         lot = self.in_flight.pop(task.id, None)
@@ -316,7 +349,7 @@ class Batch:
 
     def wake(self) -> None:
         """From any thread: the source has more items; look again now."""
-        self.answers.put((None, None))
+        self.answers.put((None, None), urgent=True)
 
     def abandon(self, *, kill_running: bool) -> None:
         """From any thread, never blocks: the batch stops taking items and sending chunks,
@@ -331,11 +364,7 @@ class Batch:
         self.source.exhausted = True
         self.out.again.clear()
         self._withdraw(kill_running)
-        while True:  # answers that arrived but will never be read
-            try:
-                task, result = self.answers.get_nowait()
-            except queue.Empty:
-                break
+        for task, result in self.answers.take(0.0):  # answers that will never be read
             if task is not None:
                 self._free(task, result)
 

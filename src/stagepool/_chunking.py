@@ -13,10 +13,13 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   what is left, so chunks shrink near the end and no worker idles at the tail; but a chunk is
   never cut below ``MIN_CHUNK_SECONDS`` of work (the tail of tiny items is not worth a round
   trip);
-* once what is left of a known-length batch is little work (``SPLIT_SECONDS`` per worker), it is
-  split once into ``SPLIT_SHARES`` equal chunks per worker: 20,000 tiny items then travel in about
-  nine chunks instead of 25 ever smaller ones (each chunk costs the parent ~0.2 ms of CPU, which
-  on a small machine the workers wait for), and the last chunks finish together;
+* once what is left of a known-length batch is little work (``PLAN_SECONDS`` per worker), the
+  rest is planned up front, once, as ``multiprocessing.Pool.map`` does blindly: ``TAIL_SHARES``
+  shares per worker, the first half of the chunks 1.5 shares each and the last half 0.5 share,
+  so the workers end together (``plan_ends``). The batch sends the whole plan at once when its
+  payload is small (``planned_chunks``): 20,000 tiny items then travel in 5 single items and 8
+  chunks, with one hand-off to the pool thread for all of them, instead of a refill after every
+  answer (each costs a GIL hand-off, which on a loaded 2-core machine is up to a millisecond);
 * big items travel alone: a chunk holds at most ``CHUNK_BYTES`` of payload (pickle plus shared
   memory), or one item. The first chunk of a batch is a single item, so the payload per item is
   known (from its encoding) before a second chunk is cut: a batch of 8 MiB arrays never starts with
@@ -27,8 +30,9 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
-__all__ = ["ChunkSizer"]
+__all__ = ["ChunkSizer", "plan_ends"]
 
 # Trade-off: longer chunks cost less overhead per item but make load balancing coarser and
 # progress jumpier. 20 ms keeps the per-chunk overhead under ~0.5% for tiny items. A backend whose
@@ -39,13 +43,17 @@ TARGET_CHUNK_SECONDS = 0.02
 TAIL_SHARES = 4
 # Below this much work a chunk costs more in round trip than it can save in balance.
 MIN_CHUNK_SECONDS = 0.0005
-# A known-length batch whose remaining work is at most this per worker is split evenly, once,
-# into SPLIT_SHARES chunks per worker. The last chunks then differ by at most one chunk of work
-# (<= SPLIT_SECONDS / SPLIT_SHARES: 5 ms) instead of shrinking to single items.
-SPLIT_SECONDS = 0.01
-SPLIT_SHARES = 2
+# A known-length batch whose remaining work is at most this per worker is planned up front, once
+# (see plan_ends): its chunks then hold at most 1.5 / TAIL_SHARES of it (<= 38 ms of work), and
+# instead of shrinking towards single items the last ones are half shares. Generous, because the
+# first estimate comes from single items, which measure high (below).
+PLAN_SECONDS = 0.1
 # Items faster than this are run without a clock read each (their duration is the chunk's mean).
-TINY_ITEM_SECONDS = 2e-6
+# Two clock reads and a store cost ~0.1 us: 1% of a 10 us item. A lone item measures high (a
+# cold call: 1.2-4.4 us for ``x * 2`` here, against 0.15 us in a loop), so a lower bar (2 us)
+# sent the chunks after the first answers with per-item clocks on some runs and without on
+# others.
+TINY_ITEM_SECONDS = 1e-5
 # Payload one chunk may carry. Moving a few MiB costs milliseconds, far above the ~50-100 us
 # round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
 # consecutive items overlap in the parent and the workers.
@@ -64,13 +72,14 @@ class ChunkSizer:
         self.fixed = fixed
         self.target = target
         self.min_seconds = MIN_CHUNK_SECONDS * target / TARGET_CHUNK_SECONDS
+        self.plan_seconds = PLAN_SECONDS * target / TARGET_CHUNK_SECONDS
         self.workers = max(1, workers)
         self.total = total
         self._items = 0
         self._busy = 0.0
         self._encoded_items = 0
         self._payload = 0
-        self._split: int | None = None  # the even split of a known-length batch's last work
+        self._plan: list[int] | None = None  # a known-length batch's last chunks: their ends
 
     @property
     def per_item(self) -> float | None:
@@ -100,21 +109,44 @@ class ChunkSizer:
         size = int(self.target / max(per_item, 1e-9))
         if self.total is not None:
             remaining = max(1, self.total - submitted)
-            tail = math.ceil(remaining / (TAIL_SHARES * self.workers))
-            if per_item is not None:
-                tail = max(tail, int(self.min_seconds / max(per_item, 1e-9)), self._even_split(
-                    remaining, per_item))
-            size = min(size, tail)
+            planned = self._planned(submitted, remaining, per_item)
+            if planned:
+                size = planned
+            else:
+                tail = math.ceil(remaining / (TAIL_SHARES * self.workers))
+                size = min(size, max(tail, int(self.min_seconds / max(per_item, 1e-9))))
         else:
             size = min(size, MAX_STREAM_CHUNK)
         size = min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload))
         return max(1, min(size, MAX_CHUNK))
 
-    def _even_split(self, remaining: int, per_item: float) -> int:
-        """The size of the last chunks once little work is left (0 until then)."""
-        if self._split is None and remaining * per_item <= SPLIT_SECONDS * self.workers:
-            self._split = math.ceil(remaining / (SPLIT_SHARES * self.workers))
-        return self._split or 0
+    def _planned(self, submitted: int, remaining: int, per_item: float) -> int:
+        """The size of the next planned chunk (0: no plan yet, the rest is still much work)."""
+        if self._plan is None:
+            if remaining * per_item > self.plan_seconds * self.workers:
+                return 0
+            self._plan = plan_ends(submitted, remaining, self.workers,
+                                   int(remaining * per_item / self.min_seconds))
+        at = bisect_right(self._plan, submitted)
+        return self._plan[at] - submitted if at < len(self._plan) else remaining
+
+    def planned_chunks(self, submitted: int) -> int:
+        """How many chunks of the plan are still to go, when they may all go at once (their
+        payload is at most ``CHUNK_BYTES`` together); else 0."""
+        plan = self._plan
+        if plan is None or not self._encoded_items:
+            return 0
+        payload = (plan[-1] - submitted) * self._payload // self._encoded_items
+        return len(plan) - bisect_right(plan, submitted) if payload <= CHUNK_BYTES else 0
+
+    def in_flight_limit(self, window: int, in_flight: int, submitted: int) -> int:
+        """How many chunks may be in flight: one per worker while the items' cost is unknown
+        (all that can run; for tiny items each one more is a round trip before the planned rest
+        can go), then the ``window``, or the whole rest of a plan whose payload is small (one
+        hand-off to the backend for all of it, instead of a refill per answer)."""
+        if self.per_item is None and self.fixed is None:
+            return min(window, self.workers)
+        return max(window, in_flight + self.planned_chunks(submitted))
 
     def per_item_clock(self) -> bool:
         """Whether items are slow enough to be worth two clock reads each (see run_chunk)."""
@@ -126,3 +158,27 @@ class ChunkSizer:
         nothing is known)."""
         per_item = self.per_item
         return None if per_item is None else per_item * size
+
+
+def plan_ends(start: int, n: int, workers: int, worth: int) -> list[int]:
+    """The ends of the chunks that carry items ``start`` to ``start + n - 1``: ``TAIL_SHARES``
+    shares per worker, the first half of the chunks 1.5 shares each and the last half 0.5, so a
+    worker that started late or ran slow catches up on the small ones. ``worth``: how many
+    chunks the work is worth (a chunk under ``MIN_CHUNK_SECONDS`` is not worth its round trip);
+    fewer than the shares means that many equal chunks instead."""
+    shares = TAIL_SHARES * workers
+    chunks = max(1, min(shares, worth, n))
+    if chunks < shares:
+        fractions = [1.0] * chunks
+    else:
+        half = shares // 2
+        fractions = [1.5] * half + [0.5] * (shares - half)
+    ends: list[int] = []
+    done, total = 0.0, sum(fractions)
+    for fraction in fractions:
+        done += fraction
+        end = start + round(n * done / total)
+        if not ends or end > ends[-1]:
+            ends.append(end)
+    ends[-1] = start + n
+    return ends

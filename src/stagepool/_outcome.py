@@ -49,7 +49,7 @@ class Outcome(NamedTuple, Generic[T]):
 
     ``kind`` is ``"ok"``, ``"error"`` (the function raised), ``"timeout"``, ``"crash"`` (the worker
     process died), ``"serialization"`` (something could not be pickled) or ``"cancelled"``.
-    ``duration`` is seconds spent in the worker (for items under ~2 us, the mean of their chunk),
+    ``duration`` is seconds spent in the worker (for items under ~10 us, the mean of their chunk),
     ``worker`` its pid, ``attempts`` how many times the item was run (retries included).
     ``key`` is what the call's ``key=`` callable returned for the item (None without one), so a
     streamed outcome names its segment without a side table.
@@ -106,26 +106,35 @@ class BatchStats:
         return min(1.0, self.busy_time / denom) if denom > 0 else 0.0
 
 
+_ZERO_D, _ZERO_Q = array("d", [0.0]), array("q", [0])
+
+
 class ReportBuilder:
     """Collects a batch's results chunk by chunk, in any order, then freezes into a report."""
 
-    __slots__ = ("_attempts", "_durations", "_failures", "_values", "_workers", "chunks", "retries")
+    __slots__ = ("_attempts", "_durations", "_failures", "_hint", "_values", "_workers", "chunks",
+                 "retries")
 
     def __init__(self, size_hint: int = 0) -> None:
-        self._values: list[Any] = [None] * size_hint
-        self._durations = array("d", bytes(8 * size_hint))
-        self._workers = array("q", bytes(8 * size_hint))
+        # Allocated at the first piece, not here: for a map that is after its first chunks went
+        # out (20,000 items: ~70-250 us that the workers no longer wait for).
+        self._hint = size_hint
+        self._values: list[Any] = []
+        self._durations = array("d")
+        self._workers = array("q")
         self._failures: dict[int, Failure] = {}
         self._attempts: dict[int, int] = {}
         self.chunks = 0
         self.retries = 0
 
     def _grow(self, stop: int) -> None:
-        missing = stop - len(self._values)
+        missing = max(stop, self._hint) - len(self._values)
         if missing > 0:
+            # array * n, not array(code, bytes(8 * n)): that walks the bytes (166 us vs 6 us
+            # for 20,000 items)
             self._values.extend([None] * missing)
-            self._durations.extend(array("d", bytes(8 * missing)))
-            self._workers.extend(array("q", bytes(8 * missing)))
+            self._durations.extend(_ZERO_D * missing)
+            self._workers.extend(_ZERO_Q * missing)
 
     def place(
         self, start: int, values: list[Any], durations: array[float], worker: int, attempts: int = 1

@@ -32,7 +32,7 @@ class WorkerStatus:
 
     ``item`` is the input index in that batch (None when the backend cannot say which item of
     its chunk runs: on dask, or while a chunk is being unpickled; or for a ``submit``).
-    ``seconds``: how long that item has run (items under ~2 us: their chunk; on dask: the
+    ``seconds``: how long that item has run (items under ~10 us: their chunk; on dask: the
     chunk); None when unknown. ``batch`` numbers the calls of this process in the order they
     started (``desc`` is the call's ``desc=``, if given)."""
 

@@ -25,6 +25,7 @@ def run_to_report(batch: Batch) -> BatchReport[Any]:
     (where the backend can) and propagates. A failing items iterable ends the batch: the items
     taken finish, and its exception propagates with the partial report as ``.report``."""
     builder = ReportBuilder(batch.total or 0)
+    batch.collecting = True
     try:
         for piece in batch.pieces():
             if isinstance(piece, Fail):

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 from . import _shared, _shm, _transport, _worker_guards
@@ -37,6 +37,7 @@ from ._worker_guards import (
     explain_memory_error,
     flush_std_streams,
     forked_children,
+    guard_items,
     lead_own_group,
     leave_fork,
     mark_forked,
@@ -46,20 +47,9 @@ from ._worker_guards import (
 from ._worker_stderr import capture_stderr
 
 __all__ = [
-    "FN_CACHE_SIZE",
-    "RECORD_FIELDS",
-    "ChunkResult",
-    "ErrInfo",
-    "Scratch",
-    "WorkerSetup",
-    "apply_call",
-    "call_chunk",
-    "decoded_result",
-    "dumps",
-    "encode_result",
-    "failed_chunk",
-    "lane_main",
-    "run_chunk",
+    "FN_CACHE_SIZE", "RECORD_FIELDS", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup",
+    "apply_call", "call_chunk", "decoded_result", "dumps", "encode_result", "failed_chunk",
+    "lane_main", "run_chunk",
 ]
 
 # Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
@@ -179,11 +169,12 @@ def run_chunk(
     Never raises for an item's failure, including ``SystemExit`` and ``KeyboardInterrupt`` raised by
     the function: those are that item's error, not the worker's death.
 
-    ``per_item_clock=False`` is the loop for tiny items (under ~2 us each, where two clock reads
-    would double the cost): the timestamps are then only the chunk's start and end, and each item's
-    duration is the chunk's mean. ``timed`` (a per-item timeout is running) adds each item's start
-    time to the record, for the parent's deadline; tiny items skip that too, even when timed: the
-    parent then watches their offsets instead (``_backends._local._limits.sampled_deadline``).
+    ``per_item_clock=False`` is the loop for tiny items (under ~10 us each; two clock reads cost
+    ~0.1 us, as much as a trivial item): the timestamps are then only the chunk's start and end,
+    and each item's duration is the chunk's mean. ``timed`` (a per-item timeout is running) adds
+    each item's start time to the record, for the parent's deadline; tiny items skip that too,
+    even when timed: the parent then watches their offsets instead
+    (``_backends._local._limits.sampled_deadline``).
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
     ``readonly_inputs``: the items' arrays are read-only, so a "read-only" ValueError gets a
     note saying how to get writable inputs.
@@ -196,51 +187,57 @@ def run_chunk(
     keep, clock = values.append, time.perf_counter
     if record is None:
         record = _NO_RECORD
-    ints, floats = record.ints, record.floats
+    ints = record.ints
     ints[F_CHUNK] = chunk_id
     ints[F_PHASE] = PHASE_RUN
     forked = forked_children  # non-empty only in a child that the item forked: it must not go on
-    stamps = array("d", [clock()])
-    if per_item_clock:
-        stamp, now = stamps.append, time.monotonic
-        stamps.pop()
-        for offset, item in enumerate(items):
-            # The start time first: the parent reads the offset first, then the time. Always
-            # written (~50 ns): it is also how long a crashed or timed-out item ran, and what
-            # status() counts from.
-            floats[F_START] = now()
-            ints[F_OFFSET] = offset
-            stamp(clock())
+    stamps = array("d") if per_item_clock else array("d", [clock()])
+    # One try around the loop, not one per item: after a failure it resumes with the next item.
+    # No "did the item fork?" test per item: a forked child's at-fork hook empties ``items``
+    # (_worker_guards.mark_forked), so its loop ends and it leaves below.
+    guard_items(items)
+    it = enumerate(items)
+    try:
+        while True:
             try:
-                keep(fn(item))
-                if forked:
-                    leave_fork(None)
+                _loop(fn, it, record, stamps if per_item_clock else None, keep)
+                break
             except BaseException as exc:
                 if forked:
                     leave_fork(exc)
                 if isinstance(exc, passthrough):
                     raise
+                errors = _add_error(errors, len(values), exc, readonly_inputs)  # its offset
                 keep(None)
-                errors = _add_error(errors, offset, exc, readonly_inputs)
                 del exc
-    else:  # tiny items: a crashed one ran since about then; status() counts from here
-        floats[F_START] = time.monotonic()
-        for offset, item in enumerate(items):
-            ints[F_OFFSET] = offset
-            try:
-                keep(fn(item))
-                if forked:
-                    leave_fork(None)
-            except BaseException as exc:
-                if forked:
-                    leave_fork(exc)
-                if isinstance(exc, passthrough):
-                    raise
-                keep(None)
-                errors = _add_error(errors, offset, exc, readonly_inputs)
-                del exc
+    finally:
+        guard_items(None)
+    if forked:
+        leave_fork(None)
     stamps.append(clock())
     return ChunkResult(values, stamps, errors, os.getpid())
+
+
+def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Record | Scratch,
+          stamps: array[float] | None, keep: Callable[[Any], None]) -> None:
+    """Run ``fn`` on the rest of ``it``, each item's offset in the record first (exact blame
+    when the worker dies); ``stamps``: each item's start time too (None: tiny items)."""
+    ints, floats = record.ints, record.floats
+    if stamps is None:  # tiny items: a crashed one ran since about then; status() counts from here
+        floats[F_START] = time.monotonic()
+        for offset, item in it:
+            ints[F_OFFSET] = offset
+            keep(fn(item))
+        return
+    stamp, now, clock = stamps.append, time.monotonic, time.perf_counter
+    for offset, item in it:
+        # The start time first: the parent reads the offset first, then the time. Always
+        # written (~50 ns): it is also how long a crashed or timed-out item ran, and what
+        # status() counts from.
+        floats[F_START] = now()
+        ints[F_OFFSET] = offset
+        stamp(clock())
+        keep(fn(item))
 
 
 def _add_error(errors: dict[int, ErrInfo] | None, offset: int, exc: BaseException,

@@ -28,6 +28,7 @@ __all__ = [
     "explain_memory_error",
     "flush_std_streams",
     "forked_children",
+    "guard_items",
     "lead_own_group",
     "leave_fork",
     "mark_forked",
@@ -37,12 +38,25 @@ __all__ = [
 ]
 
 # In a child forked by an item, os.register_at_fork marks this list (the worker's own list stays
-# empty): run_chunk checks it after each item, cheaper than a getpid() call per item.
+# empty): run_chunk checks it after a failed item and after its loop, cheaper than a getpid()
+# call per item.
 forked_children: list[int] = []
+# The items of the chunk running now (a list), which a forked child empties: its loop in
+# run_chunk then ends with the item that forked, and it leaves there. Without it, the child
+# would run the chunk's next items (twice their side effects), or the loop would pay a test
+# per item.
+_running: list[list[object]] = []
+
+
+def guard_items(items: object) -> None:
+    """``items`` is the chunk now running (None: none is)."""
+    _running[:] = [items] if type(items) is list else []
 
 
 def mark_forked() -> None:
     forked_children.append(os.getpid())
+    for items in _running:
+        items.clear()
 
 
 def leave_fork(exc: BaseException | None) -> NoReturn:

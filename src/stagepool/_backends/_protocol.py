@@ -146,6 +146,10 @@ class Task:
     # False withdraws it instead (answered ``Cancelled``). Quick, must not block.
     on_start: Callable[[Task], bool] | None = None
     first: int = -1  # the batch index of its first item (-1: not a batch's), for worker logs
+    # Part of a batch's planned rest (_chunking.plan_ends): it may wait on a busy worker behind
+    # another planned chunk, whatever its estimate (the plan's small last chunks keep the tail
+    # balanced), instead of a round trip through the pool thread after each chunk.
+    planned: bool = False
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

@@ -65,6 +65,8 @@ class Lane:
             return False  # prefetching would run it past max_tasks_per_worker
         if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
             return False
+        if task.planned and self.tasks[0].planned:
+            return True
         return _short(task.expected) and _short(self.tasks[0].expected)
 
     def send(self, task: Task) -> None:

@@ -5,7 +5,7 @@ must I look again?" and "has this worker's item expired?" without a clock read p
 
 Two ways to know when an item started. Items worth a clock read (``Task.per_item_clock``) have
 the worker write each item's start time: the deadline is exact (``deadline_of``). Tiny items
-(under ~2 us) do not: two clock reads and a store would cost more than the item, and a numeric
+(under ~10 us) do not: two clock reads and a store cost as much as a trivial item, and a numeric
 ``timeout=`` made such a batch 31-57% slower. For them the pool thread samples the item offset
 the worker writes anyway (``sampled_deadline``): an offset seen unchanged for the item's whole
 limit means that item overran it. It is stopped between its limit and its limit plus
