@@ -45,6 +45,7 @@ from .._protocol import (
     LaneState,
     Task,
 )
+from ._bundling import bundled
 from ._crew import Crew
 from ._delivery import notify, starts
 from ._lanes import Lane
@@ -314,7 +315,7 @@ class LocalBackend:
                 task = self._queue.take(lane.can_take)
                 if task is None or not starts(task):
                     continue
-                lane.send(task)
+                lane.send(bundled(self._queue, task, len(self._crew.lanes)))
 
     # ---- stopping ----------------------------------------------------------------------------
 
