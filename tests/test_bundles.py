@@ -99,3 +99,14 @@ def test_calls_cancelled_while_queued_never_run_and_the_rest_run_once(
     runs = sorted(int(line) for line in log.read_text().split())
     assert runs == sorted(set(range(N)) - cancelled)  # each call once, the cancelled never
     assert len(cancelled) == N // 3 and merges and max(merges) > 1
+
+
+def test_a_worker_recycled_after_each_call_runs_one_call_each(merges: list[int]) -> None:
+    with sp.Engine(workers=1, max_tasks_per_worker=1) as engine:
+        for x in range(3):
+            engine.submit(bt.pid_of, x).result(timeout=WAIT)
+        busy = engine.submit(bt.sleep_for, 0.3)
+        pids = [engine.submit(bt.pid_of, x) for x in range(10)]
+        busy.result(timeout=WAIT)
+        assert len({f.result(timeout=WAIT) for f in pids}) == 10  # a fresh worker per call
+    assert not merges

@@ -6,6 +6,8 @@ runs it, so a call that fails to unpickle fails alone."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
+from typing import Any, cast
 
 from ._errors import SerializationError
 from ._shm import HEADER, MAGIC
@@ -26,7 +28,9 @@ def apply_blob(blob: bytes) -> object:
     kwargs)``, as ``Engine.submit`` encodes it) and run it. Raises ``SerializationError`` when
     the call cannot be unpickled here, and whatever the function raises."""
     try:
-        [(fn, args, kwargs)] = loads(blob, unlink=False)  # type: ignore[misc]
+        call: list[tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]] = cast(
+            list[Any], loads(blob, unlink=False))
+        [(fn, args, kwargs)] = call
     except Exception as exc:
         raise SerializationError(
             f"the call could not be unpickled in the worker: {type(exc).__name__}: {exc}",

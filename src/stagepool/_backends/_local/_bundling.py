@@ -31,14 +31,17 @@ __all__ = ["MAX_BUNDLE", "bundled"]
 MAX_BUNDLE = 16
 
 
-def bundled(queue: FairShare, task: Task, workers: int) -> Task:
+def bundled(queue: FairShare, task: Task, workers: int, quota: int | None = None) -> Task:
     """``task`` (taken and started), with more of its group's waiting calls merged into it when
     its group bundles them; at most a ``workers``-th of those waiting, so that every worker gets
-    its share."""
+    its share, and no more than the worker's ``quota`` of items (``max_tasks_per_worker``: a
+    worker recycled after each call must still run one call each)."""
     bundler = task.group.bundler
     if bundler is None or not bundler.accepts(task) or not _short(task):
         return task
     limit = min(MAX_BUNDLE - 1, queue.queued(task.group) // max(workers, 1))
+    if quota is not None:
+        limit = min(limit, quota - task.n_items)
     if limit <= 0:
         return task
     room = [PREFETCH_MAX_SECONDS - (task.expected or 0.0), PREFETCH_MAX_BYTES - len(task.items)]

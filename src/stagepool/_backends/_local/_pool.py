@@ -326,7 +326,9 @@ class LocalBackend:
                     continue
                 if task.timeouts is not None:  # a kill may follow: have its replacement ready
                     self._crew.spare.wanted = True
-                lane.send(bundled(self._queue, task, len(self._crew.lanes)))
+                quota = None if lane.quota is None else lane.quota - sum(
+                    t.n_items for t in lane.tasks)
+                lane.send(bundled(self._queue, task, len(self._crew.lanes), quota))
 
     # ---- stopping ----------------------------------------------------------------------------
 
