@@ -112,6 +112,9 @@ def no_leftover_workers(request: pytest.FixtureRequest) -> Iterator[None]:
         session_engine = request.session.__dict__.get(name)
         if session_engine is not None:
             allowed.update(session_engine.worker_pids())
+            spare = getattr(session_engine._backend, "spare_pid", None)  # the local backend's
+            if spare is not None and spare() is not None:
+                allowed.add(spare())
 
     def clean() -> bool:
         return stagepool_workers() <= allowed

@@ -12,7 +12,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from ._answers import BatchPolicy
-from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
+from ._backends import Backend, Cancelled, LaneDied, Task, TaskResult
+from ._bundle import CallBundler
 from ._config import Timeout, check_int, item_timeouts
 from ._errors import SerializationError, TaskCancelled
 from ._failures import death_failure, rebuild_error, retryable, unpickled_result_error
@@ -36,8 +37,9 @@ class SubmitContext:
 
     def __init__(self, backend: Backend, policy: BatchPolicy, timeout: Timeout) -> None:
         self.backend, self.policy, self.timeout = backend, policy, timeout
-        self.group = Group()
         self.apply = backend.codec.function(apply_call)
+        # Short calls may travel to a worker together (_bundle.py; the local backend decides).
+        self.group = CallBundler(backend, self.apply[0]).group
         # Keyed by the function's name, not the function: a key must not keep a bound
         # method's object alive.
         self.seconds: dict[tuple[str, ...], float] = {}
@@ -195,7 +197,11 @@ class Single:
             kind, error = death_failure(result, self.subject, "running", seconds)
             return kind, None, error
         try:
-            answer: ChunkResult = self.ctx.backend.codec.decode(result)
+            # A share of a bundle's answer is decoded already, or is the bundle's decode error.
+            if isinstance(result, Exception):
+                raise result
+            answer: ChunkResult = (result if isinstance(result, ChunkResult)
+                                   else self.ctx.backend.codec.decode(result))
         except Exception as exc:
             return "serialization", None, unpickled_result_error(self.subject, exc)
         if self.call is not None:

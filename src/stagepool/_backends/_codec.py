@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from .. import _shm, _transport
 from .._worker import decoded_result, dumps
+from ._plain import PlainPickler
 from ._protocol import Encoded
 
 __all__ = ["SharedMemoryCodec"]
@@ -42,6 +43,7 @@ class SharedMemoryCodec:
         self._keys: dict[bytes, int] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        self._plain = PlainPickler()
 
     def function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
         blob = dumps(fn)
@@ -54,6 +56,10 @@ class SharedMemoryCodec:
         return key, blob
 
     def encode(self, items: list[Any], arena: int | None) -> Encoded:
+        if len(items) == 1:  # a single call or item: the C pickler where it writes the same bytes
+            plain = self._plain.dumps(items)
+            if plain is not None:
+                return Encoded(plain, len(plain))
         blob, nbytes = _transport.dumps_sized(items, threshold=self.threshold, owner=os.getpid(),
                                               creator="p", arena=arena,
                                               read_only=self.read_only_inputs)

@@ -74,6 +74,25 @@ class FairShare:
             best.served += task.expected if task.expected is not None else UNKNOWN_CHUNK_SECONDS
             return task
 
+    def take_more(self, group: Group, accept: Callable[[Task], bool], limit: int) -> list[Task]:
+        """Up to ``limit`` more tasks from the front of ``group``'s queue, while ``accept`` says
+        yes (to travel with a task just taken from it)."""
+        taken: list[Task] = []
+        with self.lock:
+            queue = self._pending.get(group)
+            while queue and len(taken) < limit and accept(queue[0]):
+                task = queue.popleft()
+                group.served += task.expected or 0.0
+                taken.append(task)
+            if queue is not None and not queue:
+                del self._pending[group]
+        return taken
+
+    def queued(self, group: Group) -> int:
+        """How many tasks of ``group`` wait."""
+        queue = self._pending.get(group)
+        return 0 if queue is None else len(queue)
+
     def withdraw(self, group: Group) -> list[Task]:
         """Every queued task of ``group``, taken out."""
         with self.lock:

@@ -106,11 +106,25 @@ class Group:
     because its worker died after the cancellation.
     """
 
-    __slots__ = ("cancelled", "served")
+    __slots__ = ("bundler", "cancelled", "served")
 
-    def __init__(self) -> None:
+    def __init__(self, bundler: Bundler | None = None) -> None:
         self.cancelled = False
         self.served = 0.0  # estimated seconds of work dispatched: the backend's fair share
+        self.bundler = bundler  # how its short tasks may travel together (None: they never do)
+
+
+class Bundler(Protocol):
+    """How a group's short one-item tasks may be merged into one task (the engine's single calls:
+    one message, one answer and one worker wake-up for several calls). A backend that bundles
+    (the local one) calls ``accepts`` on each task already started (``on_start``), then ``merge``
+    on two or more of them; the merged task's ``on_done`` answers each member's ``on_done``."""
+
+    def accepts(self, task: Task) -> bool:
+        """Whether ``task`` may travel with others."""
+
+    def merge(self, tasks: list[Task]) -> Task:
+        """One task running ``tasks``' items in order. Quick: it runs in the backend's thread."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, Group, LaneDied, Task
 from ._lanes import Lane, open_lane, start_lane
 from ._record import SharedRecord
+from ._spare import Spare
 from ._template import ForkedProcess, Template, TemplateGone
 from ._template import supported as template_supported
 
@@ -90,6 +91,7 @@ class Crew:
         self.leaving: dict[Lane, float] = {}
         self.lanes: list[Lane] = []
         self._template = _start_template(env, preload) if template else None
+        self.spare = Spare(self._fork, self._reap_spare)
 
     def start(self, workers: int) -> None:
         """Start the first workers (in the pool thread: the constructor does not wait)."""
@@ -107,9 +109,24 @@ class Crew:
         for lane in self.leaving:
             by_obj[lane.process.sentinel] = ("left", lane)
             by_obj[lane.stderr] = ("stderr", lane)
+        if self.spare.lane is not None:
+            by_obj[self.spare.lane.process.sentinel] = ("spare-died", self.spare.lane)
+            by_obj[self.spare.lane.stderr] = ("stderr", self.spare.lane)
         return by_obj
 
     def spawn(self) -> Lane:
+        """A new worker's lane: the spare if one is ready (see ``_spare``), else a new fork."""
+        return self.spare.take() or self._fork()
+
+    def keep_spare(self, *, stopping: bool) -> None:
+        self.spare.refill(not stopping and self._template is not None and bool(self._free_slots))
+
+    def _reap_spare(self, lane: Lane) -> None:
+        kill_tree(lane.pid, grace=0)
+        lane.process.join(1.0)
+        self.release(lane)
+
+    def _fork(self) -> Lane:
         if not self._free_slots:  # every spare slot held by workers slow to leave: wait for one
             oldest = next(iter(self.leaving))
             if oldest.process.exitcode is None:
@@ -177,6 +194,7 @@ class Crew:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
         lane.kill_at = time.monotonic()
+        self.spare.wanted = True
         if reason == "timeout":  # a hung item's stack says where it hung (TaskTimeout.stack)
             lane.stack_mark = lane.err.total
         threading.Thread(target=_stop, args=(lane.pid, self._kill_grace, reason == "timeout"),
@@ -208,6 +226,7 @@ class Crew:
         """Take a dead worker off the crew and read from the record what it was doing; counts a
         death before any task towards STARTUP_FAILURE_LIMIT. The caller releases the lane."""
         self.lanes.remove(lane)
+        self.spare.wanted = True  # workers die here: the next replacement should be ready
         detail = lane.last_words()  # while it still holds its tasks: its last lines name the item
         chunk, offset, phase, start = self._record.state(lane.slot)
         tasks = list(lane.tasks)
@@ -247,6 +266,9 @@ class Crew:
         for lane in list(self.leaving):
             kill_tree(lane.pid, grace=0)
             self.reap(lane)
+        spare = self.spare.close()
+        if spare is not None:
+            self._reap_spare(spare)
         held: list[Task] = []
         for lane in self.lanes:
             kill_tree(lane.pid, grace=0)

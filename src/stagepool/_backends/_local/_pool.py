@@ -45,6 +45,7 @@ from .._protocol import (
     LaneState,
     Task,
 )
+from ._bundling import bundled
 from ._crew import Crew
 from ._delivery import notify, starts
 from ._lanes import Lane
@@ -189,6 +190,12 @@ class LocalBackend:
         with self._lock:
             return [lane.pid for lane in self._crew.lanes]
 
+    def spare_pid(self) -> int | None:
+        """The pid of the spare worker kept ready (see ``_spare``), if there is one now."""
+        with self._lock:
+            spare = self._crew.spare.lane
+            return None if spare is None else spare.pid
+
     def lane_states(self) -> list[LaneState]:
         with self._lock:
             lanes = [(lane.pid, lane.slot, bool(lane.tasks)) for lane in self._crew.lanes]
@@ -277,6 +284,8 @@ class LocalBackend:
                     self._crew.reap(owner)
                 else:
                     owner.forward_stderr()
+            elif owner is self._crew.spare.lane:
+                self._crew.spare.event(what)
             elif owner not in self._crew.lanes:
                 continue
             elif what == "stderr":
@@ -293,6 +302,7 @@ class LocalBackend:
         if self._kill_all:
             self._crew.kill_everything()
         self._dispatch()
+        self._crew.keep_spare(stopping=self._stopping or self._kill_all)
         return self._maybe_stop()
 
     def _retire(self, lane: Lane) -> None:
@@ -314,7 +324,11 @@ class LocalBackend:
                 task = self._queue.take(lane.can_take)
                 if task is None or not starts(task):
                     continue
-                lane.send(task)
+                if task.timeouts is not None:  # a kill may follow: have its replacement ready
+                    self._crew.spare.wanted = True
+                quota = None if lane.quota is None else lane.quota - sum(
+                    t.n_items for t in lane.tasks)
+                lane.send(bundled(self._queue, task, len(self._crew.lanes), quota))
 
     # ---- stopping ----------------------------------------------------------------------------
 
