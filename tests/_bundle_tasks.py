@@ -39,3 +39,10 @@ def sleep_for(seconds: float) -> float:
 
 def pid_of(_: int) -> int:
     return os.getpid()
+
+
+def note_then_crash_on_bad(x: int) -> int:
+    """Append ``x`` to the file named by ``BUNDLE_RUNS`` (one line per run), then crash on BAD."""
+    with open(os.environ["BUNDLE_RUNS"], "a") as file:
+        file.write(f"{x}\n")
+    return crash_on_bad(x)

@@ -69,6 +69,25 @@ def test_a_crash_in_a_bundle_fails_only_its_own_call(merges: list[int]) -> None:
     assert merges and max(merges) > 1
 
 
+def test_calls_that_must_run_at_most_once_never_travel_together(
+        merges: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rerun_innocent=False``: a bundle's finished calls whose answer died with the worker
+    would run again, so calls travel alone and each runs at most once (the crashing one too)."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("BUNDLE_RUNS", str(runs))
+    with sp.Engine(workers=1, rerun_innocent=False) as engine:
+        futures = queued_behind_a_busy_worker(engine, bt.note_then_crash_on_bad)
+        for x, future in enumerate(futures):
+            if x == bt.BAD:
+                with pytest.raises(sp.WorkerCrashed):
+                    future.result(timeout=WAIT)
+            else:
+                assert future.result(timeout=WAIT) == 2 * x
+    counts = [int(line) for line in runs.read_text().split()]
+    assert sorted(counts) == sorted([0, 1, 2, *range(N)]), "a call ran twice or not at all"
+    assert merges == []
+
+
 def test_a_timeout_in_a_bundle_fails_only_its_own_call(merges: list[int]) -> None:
     with sp.Engine(workers=1, timeout=2.0) as engine:
         futures = queued_behind_a_busy_worker(engine, bt.hang_on_bad)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from ._answers import BatchPolicy
-from ._backends import Backend, Cancelled, LaneDied, Task, TaskResult
+from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._bundle import CallBundler
 from ._config import Timeout, check_int, item_timeouts
 from ._errors import SerializationError, TaskCancelled
@@ -38,8 +38,11 @@ class SubmitContext:
     def __init__(self, backend: Backend, policy: BatchPolicy, timeout: Timeout) -> None:
         self.backend, self.policy, self.timeout = backend, policy, timeout
         self.apply = backend.codec.function(apply_call)
-        # Short calls may travel to a worker together (_bundle.py; the local backend decides).
-        self.group = CallBundler(backend, self.apply[0]).group
+        # Short calls may travel to a worker together (_bundle.py; the local backend decides),
+        # unless a call must run at most once: a bundle's finished calls whose answer dies with
+        # its worker would run again.
+        self.group = (CallBundler(backend, self.apply[0]).group if policy.rerun_innocent
+                      else Group())
         # Keyed by the function's name, not the function: a key must not keep a bound
         # method's object alive.
         self.seconds: dict[tuple[str, ...], float] = {}
