@@ -106,6 +106,24 @@ def test_a_bad_record_followed_by_good_ones_is_corruption(tmp_path: Path, where:
         Journal(tmp_path, HEADER, "refuse")
 
 
+@pytest.mark.parametrize("record", [0, 2])  # the header's length field, a middle record's
+def test_a_damaged_length_field_does_not_swallow_the_records_after_it(tmp_path: Path,
+                                                                      record: int) -> None:
+    """A length that now points past the end of the file looks like a torn last record; the
+    whole records after it say it is not one (they were once silently cut off, or deleted)."""
+    _write(tmp_path, 5)
+    path = tmp_path / JOURNAL_NAME
+    data = bytearray(path.read_bytes())
+    offset = len(MAGIC)
+    for _ in range(record):
+        offset += 8 + int.from_bytes(data[offset:offset + 4], "little")
+    data[offset + 2] ^= 0xFF  # the record now claims ~16 MiB
+    path.write_bytes(bytes(data))
+    with pytest.raises(sp.CheckpointError, match="corrupt"):
+        Journal(tmp_path, HEADER, "refuse")
+    assert path.read_bytes() == bytes(data)  # nothing cut off
+
+
 def test_side_files_no_record_names_are_deleted(tmp_path: Path) -> None:
     _write(tmp_path, 1)
     orphan = tmp_path / SIDE_DIR / "dead.buf"

@@ -331,4 +331,18 @@ def _is_torn(rest: bytes) -> bool:
     if len(rest) < _FRAME.size:
         return True
     length: int = _FRAME.unpack_from(rest)[0]
-    return not rest[_FRAME.size + length:].strip(b"\0")
+    # A damaged length field also claims an end past the file's: the whole records after it
+    # (which a write cut short never has) say it is corruption, not a tear.
+    return not rest[_FRAME.size + length:].strip(b"\0") and not _holds_a_record(rest, 1)
+
+
+def _holds_a_record(data: bytes, start: int) -> bool:
+    """Whether a whole, checksummed record begins at any offset from ``start`` (only a journal's
+    bad tail is searched, once, when it is opened)."""
+    view = memoryview(data)
+    for offset in range(start, len(data) - _FRAME.size):
+        length, crc = _FRAME.unpack_from(data, offset)
+        body = offset + _FRAME.size
+        if 1 <= length <= len(data) - body and zlib.crc32(view[body:body + length]) == crc:
+            return True
+    return False
