@@ -186,6 +186,20 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
 
 
 @pytest.mark.needs("survives_crash")
+def test_a_later_groups_messages_name_the_segment(engine: sp.Engine) -> None:
+    """A later group's batch takes segments as they finish upstream, not in input order: its
+    messages name the segment (they once named the batch's own count: "item 1" for segment 0)."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "encode", pt.Step("encode"), after="decode", fuse=False)
+    plans = [{"decode": "late", "encode": "crash"}, {}, {}, {}]  # segment 0 reaches encode last
+    report = engine.run(p, [pt.seg(i, **plan) for i, plan in enumerate(plans)])
+    bad = report[0]
+    assert (bad.kind, bad.stage) == ("crash", "encode"), bad
+    assert "while running item 0 " in str(bad.error), bad.error
+    assert [s.ok for s in report] == [False, True, True, True]
+
+
+@pytest.mark.needs("survives_crash")
 def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
     p = sp.Pipeline().stage("a", pt.first).stage(
         "fragile", pt.crash_once, after="a", retries=1, retry_on=("crash",))

@@ -84,6 +84,11 @@ class Inbox:
     def available(self) -> int:
         return len(self._items) + self._closed  # the end counts: the batch must see it
 
+    def label(self, position: int) -> int:
+        """The segment at a batch position, which its messages name (segments arrive in the
+        order they finish upstream, so positions and segments differ after the first group)."""
+        return self.order.get(position, position)
+
     def __iter__(self) -> Iterator[Any]:
         return self
 
