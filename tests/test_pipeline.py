@@ -199,6 +199,20 @@ def test_a_later_groups_messages_name_the_segment(engine: sp.Engine) -> None:
     assert [s.ok for s in report] == [False, True, True, True]
 
 
+@pytest.mark.needs("serializes")
+def test_a_value_that_cannot_travel_back_names_the_stage_that_made_it(engine: sp.Engine) -> None:
+    """Only the values a group sends back are pickled: of a fused group decode -> resample,
+    only resample's. Once, the group's first stage was blamed (decode, which returned fine)."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "resample", pt.Step("resample"), after="decode")
+    report = engine.run(p, [pt.seg(i, **({"resample": "unpicklable"} if i == 1 else {}))
+                            for i in range(3)])
+    bad = report[1]
+    assert (bad.kind, bad.stage) == ("serialization", "resample"), bad
+    assert "fused stages" not in str(getattr(bad.error, "__notes__", "")), bad.error
+    assert [s.ok for s in report] == [True, False, True]
+
+
 @pytest.mark.needs("survives_crash")
 def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
     p = sp.Pipeline().stage("a", pt.first).stage(

@@ -216,7 +216,7 @@ class Flow:
     def _after(self, i: int, outcome: Any) -> None:
         seg = self.segments[self.inboxes[i].order.pop(outcome.index)]
         group = [self.specs[s] for s in self.groups[i].stages]
-        absorb(seg, group, outcome, self.crumbs)
+        absorb(seg, group, outcome, self.crumbs, self.runners[i].emit)
         for name in [n for n in seg.values if n not in self.keep[i]]:
             del seg.values[name]  # nothing later reads it: free it now
         if i + 1 < len(self.groups):
