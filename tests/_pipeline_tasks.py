@@ -48,6 +48,14 @@ class Step:
         return (index, plan, trail)
 
 
+class LockedStep(Step):
+    """A stage object that cannot be pickled (it holds a lock, as a model wrapper might)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.lock = threading.Lock()
+
+
 def diamond_stages() -> list[tuple[str, tuple[str, ...]]]:
     return [("decode", ()), ("resample", ("decode",)), ("features", ("resample",)),
             ("loudness", ("resample",)), ("encode", ("features", "loudness"))]

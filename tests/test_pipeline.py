@@ -213,6 +213,18 @@ def test_a_value_that_cannot_travel_back_names_the_stage_that_made_it(engine: sp
     assert [s.ok for s in report] == [True, False, True]
 
 
+@pytest.mark.needs("serializes")
+def test_a_stage_function_that_cannot_be_pickled_is_named(engine: sp.Engine) -> None:
+    """Every segment fails, in the stage whose function will not pickle (once: in the group's
+    first stage, with the whole group's internals printed as 'the function')."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "resample", pt.LockedStep("resample"), after="decode")
+    report = engine.run(p, [pt.seg(i) for i in range(2)])
+    for seg in report:
+        assert (seg.kind, seg.stage) == ("serialization", "resample"), seg
+        assert "LockedStep" in str(seg.error) and "StageCall" not in str(seg.error), seg.error
+
+
 @pytest.mark.needs("survives_crash")
 def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
     p = sp.Pipeline().stage("a", pt.first).stage(

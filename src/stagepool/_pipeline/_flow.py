@@ -33,6 +33,7 @@ from .._batch import Batch, BatchSpec
 from .._planning import plan_workers
 from .._progress import ProgressSink, make_sink
 from .._streams import outcome_lists
+from .._transport import dumps_plain
 from ._declare import INPUT, Group, Pipeline, StageSpec, plan_groups
 from ._report import SegmentOutcome
 from ._runner import GroupRunner, StageCall
@@ -130,6 +131,7 @@ class Flow:
         self.batches: list[Batch] = []
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.unpicklable: dict[int, frozenset[str]] = {}  # group -> stages (suspects)
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -216,13 +218,23 @@ class Flow:
     def _after(self, i: int, outcome: Any) -> None:
         seg = self.segments[self.inboxes[i].order.pop(outcome.index)]
         group = [self.specs[s] for s in self.groups[i].stages]
-        absorb(seg, group, outcome, self.crumbs, self.runners[i].emit)
+        absorb(seg, group, outcome, self.crumbs, self.suspects(i, outcome))
         for name in [n for n in seg.values if n not in self.keep[i]]:
             del seg.values[name]  # nothing later reads it: free it now
         if i + 1 < len(self.groups):
             self.inboxes[i + 1].put(seg.index, seg.carry(self.reads[i + 1]))
         else:
             self.finished.put(seg.index)
+
+    def suspects(self, i: int, outcome: Any) -> frozenset[str]:
+        """The stages of group ``i`` a serialization failure may come from: those whose values
+        its task sends back (it ran), or whose callables will not pickle (it never ran)."""
+        if outcome.kind != "serialization" or outcome.attempts:
+            return self.runners[i].emit
+        if i not in self.unpicklable:  # tried once per group, on its first such failure
+            self.unpicklable[i] = frozenset(
+                c.name for c in self.runners[i].stages if not _pickles(c))
+        return self.unpicklable[i]
 
     # ---- the consumer -----------------------------------------------------------------------------
 
@@ -302,6 +314,14 @@ class Flow:
             thread.join(timeout=5 * WAIT_SLICE)  # the feeder may be stuck in the caller's items
         if self.crumbs is not None:
             shutil.rmtree(self.crumbs, ignore_errors=True)
+
+
+def _pickles(call: StageCall) -> bool:
+    try:
+        dumps_plain((call.fn, call.setup, call.teardown))
+    except Exception:
+        return False
+    return True
 
 
 def _stage_call(spec: StageSpec) -> StageCall:

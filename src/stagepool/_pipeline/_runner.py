@@ -77,6 +77,9 @@ class GroupRunner:
     emit: frozenset[str]  # outputs the parent needs back
     crumbs: str | None  # the run's breadcrumb directory (None: in-process, nobody needs it)
 
+    def __repr__(self) -> str:  # what a message naming "the function" shows: the user's stages
+        return "<pipeline stages " + ", ".join(f"{c.name}={c.fn!r}" for c in self.stages) + ">"
+
     def __call__(self, carry: Carry) -> GroupResult:
         values, blocked = dict(carry.values), dict(carry.blocked)
         records: dict[str, StageRecord] = {}
