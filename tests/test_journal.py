@@ -150,6 +150,19 @@ def test_a_journal_of_another_function_is_refused_unless_asked(tmp_path: Path) -
     Journal(tmp_path, other, "refuse").close()  # the journal is now the other function's
 
 
+def test_a_journal_without_records_binds_no_later_call(tmp_path: Path) -> None:
+    """A call refused at the door (a key= that raises) has opened its journal and written its
+    header, but nothing else; the corrected call was then refused as 'another function's'."""
+    Journal(tmp_path, HEADER, "refuse").close()
+    other = {**HEADER, "keys": "key=tests.fixed#2"}
+    check_checkpoint(tmp_path, other, "refuse")
+    journal = Journal(tmp_path, other, "refuse")
+    journal.append([("k1", "ok", _entry(10))])
+    journal.close()
+    with pytest.raises(sp.CheckpointError, match=r"written for keys 'key=tests\.fixed#2'"):
+        Journal(tmp_path, HEADER, "refuse")  # once it holds results, it is that call's
+
+
 def test_one_run_at_a_time(tmp_path: Path) -> None:
     first = Journal(tmp_path, HEADER, "refuse")
     with pytest.raises(sp.CheckpointError, match="in use by another running batch"):
