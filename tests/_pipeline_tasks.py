@@ -1,13 +1,15 @@
 """Stages for the pipeline tests, importable by workers (module-level, pickled by reference).
 
 A segment is ``(index, plan, trail)``: ``plan`` maps a stage name to what that stage does on
-this segment ("error", "crash", "segfault", "hang", "slow", "late"); ``trail`` lists the stages
-that ran before (a join merges its inputs' trails)."""
+this segment ("error", "crash", "segfault", "hang", "slow", "late", "unpicklable": returns a
+value that cannot travel back); ``trail`` lists the stages that ran before (a join merges its
+inputs' trails)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,18 @@ class Step:
             time.sleep(0.6)
         if how == "slow":
             time.sleep(0.2)
+        if how == "unpicklable":
+            return (index, plan, (threading.Lock(),))  # type: ignore[return-value]
         trail = (*sorted({name for seg_ in inputs for name in seg_[2]}), self.name)
         return (index, plan, trail)
+
+
+class LockedStep(Step):
+    """A stage object that cannot be pickled (it holds a lock, as a model wrapper might)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.lock = threading.Lock()
 
 
 def diamond_stages() -> list[tuple[str, tuple[str, ...]]]:

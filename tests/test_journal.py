@@ -106,6 +106,24 @@ def test_a_bad_record_followed_by_good_ones_is_corruption(tmp_path: Path, where:
         Journal(tmp_path, HEADER, "refuse")
 
 
+@pytest.mark.parametrize("record", [0, 2])  # the header's length field, a middle record's
+def test_a_damaged_length_field_does_not_swallow_the_records_after_it(tmp_path: Path,
+                                                                      record: int) -> None:
+    """A length that now points past the end of the file looks like a torn last record; the
+    whole records after it say it is not one (they were once silently cut off, or deleted)."""
+    _write(tmp_path, 5)
+    path = tmp_path / JOURNAL_NAME
+    data = bytearray(path.read_bytes())
+    offset = len(MAGIC)
+    for _ in range(record):
+        offset += 8 + int.from_bytes(data[offset:offset + 4], "little")
+    data[offset + 2] ^= 0xFF  # the record now claims ~16 MiB
+    path.write_bytes(bytes(data))
+    with pytest.raises(sp.CheckpointError, match="corrupt"):
+        Journal(tmp_path, HEADER, "refuse")
+    assert path.read_bytes() == bytes(data)  # nothing cut off
+
+
 def test_side_files_no_record_names_are_deleted(tmp_path: Path) -> None:
     _write(tmp_path, 1)
     orphan = tmp_path / SIDE_DIR / "dead.buf"
@@ -130,6 +148,19 @@ def test_a_journal_of_another_function_is_refused_unless_asked(tmp_path: Path) -
     assert restarted.finished("k1", OK) is None
     restarted.close()
     Journal(tmp_path, other, "refuse").close()  # the journal is now the other function's
+
+
+def test_a_journal_without_records_binds_no_later_call(tmp_path: Path) -> None:
+    """A call refused at the door (a key= that raises) has opened its journal and written its
+    header, but nothing else; the corrected call was then refused as 'another function's'."""
+    Journal(tmp_path, HEADER, "refuse").close()
+    other = {**HEADER, "keys": "key=tests.fixed#2"}
+    check_checkpoint(tmp_path, other, "refuse")
+    journal = Journal(tmp_path, other, "refuse")
+    journal.append([("k1", "ok", _entry(10))])
+    journal.close()
+    with pytest.raises(sp.CheckpointError, match=r"written for keys 'key=tests\.fixed#2'"):
+        Journal(tmp_path, HEADER, "refuse")  # once it holds results, it is that call's
 
 
 def test_one_run_at_a_time(tmp_path: Path) -> None:

@@ -189,6 +189,46 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
 
 
 @pytest.mark.needs("survives_crash")
+def test_a_later_groups_messages_name_the_segment(engine: sp.Engine) -> None:
+    """A later group's batch takes segments as they finish upstream, not in input order: its
+    messages name the segment (they once named the batch's own count: "item 1" for segment 0)."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "encode", pt.Step("encode"), after="decode", fuse=False)
+    plans = [{"decode": "late", "encode": "crash"}, {}, {}, {}]  # segment 0 reaches encode last
+    report = engine.run(p, [pt.seg(i, **plan) for i, plan in enumerate(plans)])
+    bad = report[0]
+    assert (bad.kind, bad.stage) == ("crash", "encode"), bad
+    assert "while running item 0 " in str(bad.error), bad.error
+    assert [s.ok for s in report] == [False, True, True, True]
+
+
+@pytest.mark.needs("serializes")
+def test_a_value_that_cannot_travel_back_names_the_stage_that_made_it(engine: sp.Engine) -> None:
+    """Only the values a group sends back are pickled: of a fused group decode -> resample,
+    only resample's. Once, the group's first stage was blamed (decode, which returned fine)."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "resample", pt.Step("resample"), after="decode")
+    report = engine.run(p, [pt.seg(i, **({"resample": "unpicklable"} if i == 1 else {}))
+                            for i in range(3)])
+    bad = report[1]
+    assert (bad.kind, bad.stage) == ("serialization", "resample"), bad
+    assert "fused stages" not in str(getattr(bad.error, "__notes__", "")), bad.error
+    assert [s.ok for s in report] == [True, False, True]
+
+
+@pytest.mark.needs("serializes")
+def test_a_stage_function_that_cannot_be_pickled_is_named(engine: sp.Engine) -> None:
+    """Every segment fails, in the stage whose function will not pickle (once: in the group's
+    first stage, with the whole group's internals printed as 'the function')."""
+    p = sp.Pipeline().stage("decode", pt.Step("decode")).stage(
+        "resample", pt.LockedStep("resample"), after="decode")
+    report = engine.run(p, [pt.seg(i) for i in range(2)])
+    for seg in report:
+        assert (seg.kind, seg.stage) == ("serialization", "resample"), seg
+        assert "LockedStep" in str(seg.error) and "StageCall" not in str(seg.error), seg.error
+
+
+@pytest.mark.needs("survives_crash")
 def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -> None:
     p = sp.Pipeline().stage("a", pt.first).stage(
         "fragile", pt.crash_once, after="a", retries=1, retry_on=("crash",))

@@ -31,6 +31,8 @@ GiB = 1 << 30
     (0.8, None, Watermarks(0.8, 0.7)),
     (0.9, 0.5, Watermarks(0.9, 0.5)),
     (1, None, Watermarks(1.0, 0.9)),
+    (0.05, None, Watermarks(0.05, 0.025)),  # high - 0.1 would be a mark never reached: half
+    (0.1, None, Watermarks(0.1, 0.05)),
     (None, None, None),
 ])
 def test_watermarks(high: Any, low: Any, expected: Watermarks | None) -> None:

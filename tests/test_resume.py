@@ -94,6 +94,16 @@ def test_a_bad_key_is_named_before_any_item_runs(engine: sp.Engine, markers: str
     assert runs(markers) == {}
 
 
+def test_a_key_that_would_never_match_on_a_rerun_is_refused(engine: sp.Engine, markers: str,
+                                                            tmp_path: Path) -> None:
+    """A NaN inside a key differs from itself once read back from the journal: every rerun
+    recomputed everything (and grew the journal) while looking like a resume."""
+    with pytest.raises(ValueError, match=r"for item 0, .*not equal to itself.*NaN"):
+        engine.map(marked, items(N, markers, 0.0), checkpoint=tmp_path,
+                   key=lambda item: ("seg", item[0], float("nan")))
+    assert runs(markers) == {}
+
+
 def test_a_bad_key_in_a_stream_ends_it_as_a_failing_source_would(engine: sp.Engine) -> None:
     with pytest.raises(ValueError, match="key= raised for item 4") as info:
         engine.map(double, iter(range(10)), key=lambda x: 1 // (x - 4))

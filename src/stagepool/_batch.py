@@ -146,6 +146,8 @@ class Batch:
         self.out = Answers(self.codec, self.sizer, spec.policy, spec.timeout)
         if self.arrangement is not None:
             self.out.label = self.arrangement.label
+        elif hasattr(spec.items, "label"):  # a pipeline's inbox: positions are not its segments
+            self.out.label = spec.items.label
         self.encoder = LotEncoder(
             self.codec, spec.fn, spec.timeout, self.arena, self.out.final, self.out.label,
             None if self.arrangement is None else self.arrangement.refusal)

@@ -135,9 +135,9 @@ class Engine(AsyncCalls, PipelineCalls):
     * ``progress``: a tqdm bar per batch.
     * ``memory_high``, ``memory_low`` (fractions of the memory this process may use: the
       fuller of its cgroup limit and the machine): a batch pauses dispatch at ``memory_high``
-      (default 0.8) and resumes below ``memory_low`` (default ``memory_high - 0.1``); running
-      items finish; ``report.stats`` counts the pauses. None disables it. Not on dask, whose
-      workers pause themselves at 80%.
+      (default 0.8) and resumes below ``memory_low`` (default ``memory_high - 0.1``; half of
+      a ``memory_high`` of 0.1 or less); running items finish; ``report.stats`` counts the
+      pauses. None disables it. Not on dask, whose workers pause themselves at 80%.
     * ``backend``: where chunks run. ``"local"`` (default): worker processes on this machine.
       ``"serial"``: in this process, one chunk at a time, with the same outcomes, ordering,
       retries, progress and report: for debugging (breakpoints, coverage and profilers work as

@@ -97,7 +97,7 @@ def check_checkpoint(directory: Path, header: dict[str, Any], mismatch: Mismatch
     path = directory / JOURNAL_NAME
     if mismatch == "refuse" and path.exists():
         with open(path, "rb") as f:
-            found = _read_header(f, path)
+            found = _binding_header(f, path)
         if found is not None:
             _compare(found, header, path)
 
@@ -132,6 +132,13 @@ def _read_header(f: Any, path: Path) -> dict[str, Any] | None:
                                   "records follow; move it away to start over")
         return None  # the first run died while writing the header: nothing was journaled
     return dict(pickle.loads(payload))
+
+
+def _binding_header(f: Any, path: Path) -> dict[str, Any] | None:
+    """The header of a journal that holds something after it. One that holds nothing binds no
+    call: it may be that of a call refused at the door (say, by a key= that raised)."""
+    found = _read_header(f, path)
+    return None if found is None or f.tell() >= os.fstat(f.fileno()).st_size else found
 
 
 def _next_record(f: Any) -> bytes | None:
@@ -193,7 +200,7 @@ class Journal:
 
     def _load(self, header: dict[str, Any], mismatch: Mismatch) -> None:
         with os.fdopen(os.dup(self.fd), "rb") as f:
-            found = _read_header(f, self.path)
+            found = _binding_header(f, self.path)
             if found is not None and mismatch == "refuse":
                 _compare(found, header, self.path)
             if found is None or mismatch == "restart":
@@ -331,4 +338,18 @@ def _is_torn(rest: bytes) -> bool:
     if len(rest) < _FRAME.size:
         return True
     length: int = _FRAME.unpack_from(rest)[0]
-    return not rest[_FRAME.size + length:].strip(b"\0")
+    # A damaged length field also claims an end past the file's: the whole records after it
+    # (which a write cut short never has) say it is corruption, not a tear.
+    return not rest[_FRAME.size + length:].strip(b"\0") and not _holds_a_record(rest, 1)
+
+
+def _holds_a_record(data: bytes, start: int) -> bool:
+    """Whether a whole, checksummed record begins at any offset from ``start`` (only a journal's
+    bad tail is searched, once, when it is opened)."""
+    view = memoryview(data)
+    for offset in range(start, len(data) - _FRAME.size):
+        length, crc = _FRAME.unpack_from(data, offset)
+        body = offset + _FRAME.size
+        if 1 <= length <= len(data) - body and zlib.crc32(view[body:body + length]) == crc:
+            return True
+    return False

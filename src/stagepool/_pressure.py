@@ -39,7 +39,7 @@ READ_EVERY = 0.1
 # A pause this long is logged once, with the reading: the memory may be someone else's.
 LOG_AFTER = 10.0
 DEFAULT_HIGH = 0.8
-DEFAULT_GAP = 0.1  # low = high - gap when only high is given
+DEFAULT_GAP = 0.1  # low = high - gap when only high is given (see _default_low)
 
 
 class Watermarks(NamedTuple):
@@ -67,11 +67,17 @@ def check_watermarks(high: object, low: object) -> Watermarks | None:
                              "memory backpressure)")
         return None
     h = _fraction(high, "memory_high")
-    lo = round(max(0.0, h - DEFAULT_GAP), 9) if low is None else _fraction(low, "memory_low")
+    lo = _default_low(h) if low is None else _fraction(low, "memory_low")
     if not lo < h:
         raise ValueError(f"memory_low ({lo:g}) must be below memory_high ({h:g}): dispatch "
                          "resumes below memory_low after pausing at memory_high")
     return Watermarks(h, lo)
+
+
+def _default_low(high: float) -> float:
+    """``high - 0.1``; half of ``high`` when that is 0 or less, since memory is never below 0 %
+    and a batch paused there would never resume."""
+    return round(high - DEFAULT_GAP if high > DEFAULT_GAP else high / 2, 9)
 
 
 def _fraction(value: object, name: str) -> float:

@@ -140,10 +140,14 @@ class _Feed(Iterator[Any]):
             raise ValueError(f"key= returned {key!r} for item {index} and for item {earlier}: "
                              "keys must be unique within a checkpointed batch")
         try:
-            pickle.dumps(key)
+            blob = pickle.dumps(key)
         except Exception as exc:
             raise TypeError(f"key= returned {key!r} for item {index}, which cannot be pickled "
                             f"into the checkpoint: {type(exc).__name__}: {exc}") from exc
+        if pickle.loads(blob) != key:  # a rerun compares the journal's copy with a new key
+            raise ValueError(f"key= returned {key!r} for item {index}, which is not equal to "
+                             "itself once read back from the checkpoint (a NaN inside?), so a "
+                             "rerun could never find it; use keys of str, int and tuples of them")
 
 
 def _restored(index: int, key: Any, kind: Kind, entry: Entry) -> Outcome[Any]:

@@ -36,6 +36,7 @@ from .._costs import CostHints
 from .._planning import plan_workers
 from .._progress import Progress
 from .._streams import outcome_lists
+from .._transport import dumps_plain
 from ._admit import admission
 from ._declare import INPUT, Group, Pipeline, StageSpec, plan_groups
 from ._meter import StageMeter, make_meter
@@ -91,6 +92,11 @@ class Inbox:
     def available(self) -> int:
         return len(self._items) + self._closed  # the end counts: the batch must see it
 
+    def label(self, position: int) -> int:
+        """The segment at a batch position, which its messages name (segments arrive in the
+        order they finish upstream, so positions and segments differ after the first group)."""
+        return self.order.get(position, position)
+
     def __iter__(self) -> Iterator[Any]:
         return self
 
@@ -133,6 +139,7 @@ class Flow:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.meter: StageMeter | None = None  # made when the run starts
+        self.unpicklable: dict[int, frozenset[str]] = {}  # group -> stages (suspects)
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -233,7 +240,7 @@ class Flow:
     def _after(self, i: int, outcome: Any) -> None:
         seg = self.segments[self.inboxes[i].order.pop(outcome.index)]
         group = [self.specs[s] for s in self.groups[i].stages]
-        absorb(seg, group, outcome, self.crumbs)
+        absorb(seg, group, outcome, self.crumbs, self.suspects(i, outcome))
         if self.meter is not None:
             self.meter.stages_done(seg, [spec.name for spec in group])
         for name in [n for n in seg.values if n not in self.keep[i]]:
@@ -244,6 +251,16 @@ class Flow:
             if self.meter is not None:
                 self.meter.segment_done(seg)
             self.finished.put(seg.index)
+
+    def suspects(self, i: int, outcome: Any) -> frozenset[str]:
+        """The stages of group ``i`` a serialization failure may come from: those whose values
+        its task sends back (it ran), or whose callables will not pickle (it never ran)."""
+        if outcome.kind != "serialization" or outcome.attempts:
+            return self.runners[i].emit
+        if i not in self.unpicklable:  # tried once per group, on its first such failure
+            self.unpicklable[i] = frozenset(
+                c.name for c in self.runners[i].stages if not _pickles(c))
+        return self.unpicklable[i]
 
     # ---- the consumer -----------------------------------------------------------------------------
 
@@ -322,6 +339,14 @@ class Flow:
             thread.join(timeout=5 * WAIT_SLICE)  # the feeder may be stuck in the caller's items
         if self.crumbs is not None:
             shutil.rmtree(self.crumbs, ignore_errors=True)
+
+
+def _pickles(call: StageCall) -> bool:
+    try:
+        dumps_plain((call.fn, call.setup, call.teardown))
+    except Exception:
+        return False
+    return True
 
 
 def _stage_call(spec: StageSpec) -> StageCall:

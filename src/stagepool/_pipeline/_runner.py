@@ -78,6 +78,9 @@ class GroupRunner:
     emit: frozenset[str]  # outputs the parent needs back
     crumbs: str | None  # the run's breadcrumb directory (None: in-process, nobody needs it)
 
+    def __repr__(self) -> str:  # what a message naming "the function" shows: the user's stages
+        return "<pipeline stages " + ", ".join(f"{c.name}={c.fn!r}" for c in self.stages) + ">"
+
     def __call__(self, carry: Carry) -> GroupResult:
         # A group of one stage needs no breadcrumb: the parent knows which stage it ran.
         crumbs = self.crumbs if len(self.stages) > 1 else None

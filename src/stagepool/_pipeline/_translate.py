@@ -6,7 +6,9 @@
                   -> the breadcrumb names the stage that was running: it gets the kind and the
                      error, the group's other stages are "skipped" because of it
     outcome serialization / error (the segment or a value could not travel, a runner bug)
-                  -> the group's first stage that could run gets it
+                  -> the group's first stage that could run gets it; a result that would not
+                     travel back: the first stage whose value the task sends back; a task that
+                     would not travel: the first stage whose callables will not pickle
     outcome cancelled -> every stage of the group that could run: "cancelled"
     refused at the door (its cost= could not be measured: ``refuse``)
                   -> every stage reading the segment itself gets the error, the rest "skipped"
@@ -41,8 +43,9 @@ class Segment:
 
 
 def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
-           crumbs: str | None) -> None:
-    """Record what the group's task did for this segment."""
+           crumbs: str | None, suspects: frozenset[str] = frozenset()) -> None:
+    """Record what the group's task did for this segment (``suspects``: the stages a
+    serialization failure may come from, see ``Flow.suspects``)."""
     if outcome.ok:
         result: GroupResult = outcome.value  # type: ignore[assignment]
         for spec in stages:
@@ -60,7 +63,7 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
         for spec in runnable:
             _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
         return
-    culprit, known = _culprit(runnable, stages, outcome, crumbs)
+    culprit, known = _culprit(runnable, stages, outcome, crumbs, suspects)
     error = outcome.error
     if error is not None and outcome.kind == "timeout" and len(stages) > 1:
         limits = " + ".join(f"{s.name} {s.timeout:g} s" for s in stages)
@@ -90,12 +93,17 @@ def refuse(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
 
 
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
-             crumbs: str | None) -> tuple[StageSpec, bool]:
-    """The stage that was running when the worker died or was killed (from its breadcrumb)."""
+             crumbs: str | None, suspects: frozenset[str]) -> tuple[StageSpec, bool]:
+    """The stage that was running when the worker died or was killed (from its breadcrumb);
+    for a serialization failure, the first suspect."""
     if crumbs is not None and outcome.kind in ("crash", "timeout"):
         at = read_crumb(crumbs, outcome.worker)
         if at is not None and at < len(stages):
             return stages[at], True
+    if outcome.kind == "serialization":
+        named = [s for s in runnable if s.name in suspects]
+        if named:
+            return named[0], len(named) == 1
     return runnable[0], len(runnable) == 1
 
 
