@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
-from . import _shared, _shm, _transport, _worker_guards
+from . import _main_globals, _shared, _shm, _transport, _worker_guards
 from ._wire import TaskHeader, unpack_task
 from ._worker_guards import (
     StdFds,
@@ -445,6 +445,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
+    _main_globals.install()  # the initializer's globals are the tasks' (see _main_globals)
     init_error = _initialize(setup, record)
     std_fds = StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()
