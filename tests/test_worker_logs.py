@@ -34,19 +34,30 @@ def last_words_then_exit(x: int) -> int:
     os._exit(5)
 
 
-def progress_without_newline(x: int) -> int:
-    """A counter written without a newline; the item ends once the parent has read it."""
+def _until_read() -> None:
+    """Wait (bounded) until the parent has read what this worker wrote to stderr, so that it
+    reads it while the item still runs, however loaded the machine."""
     import fcntl
     import struct
     import termios
 
-    os.write(2, f"progress of item {x}".encode())
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:  # FIONREAD: bytes in the pipe the parent has not read
-        unread = struct.unpack("i", fcntl.ioctl(2, termios.FIONREAD, b"\0" * 4))[0]
-        if not unread:
-            break
+        if not struct.unpack("i", fcntl.ioctl(2, termios.FIONREAD, b"\0" * 4))[0]:
+            return
         time.sleep(0.01)
+
+
+def progress_without_newline(x: int) -> int:
+    """A counter written without a newline; the item ends once the parent has read it."""
+    os.write(2, f"progress of item {x}".encode())
+    _until_read()
+    return x
+
+
+def says_its_item(x: int) -> int:
+    os.write(2, f"segment {x} has a corrupt frame\n".encode())
+    _until_read()
     return x
 
 
@@ -105,6 +116,17 @@ def test_a_last_line_without_newline_is_not_lost_when_the_worker_dies(
     lines = [r for r in worker_records(caplog) if "partial line without newline" in r.getMessage()]
     assert [r.item for r in lines] == [0]  # type: ignore[attr-defined]
     assert "partial line without newline" in str(report[0].error)
+
+
+def test_records_name_the_input_index_in_a_longest_first_batch(
+        eng: sp.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    # cost= runs items in another order than the input's: records said item None.
+    caplog.set_level(logging.WARNING, logger="stagepool.worker")
+    report = eng.map(says_its_item, range(6), cost=lambda x: x, chunk_size=2, timeout=WAIT)
+    assert report.values == list(range(6)), report.failed
+    logged = {r.getMessage().split(": ", 1)[1]: r.item  # type: ignore[attr-defined]
+              for r in worker_records(caplog) if "corrupt frame" in r.getMessage()}
+    assert logged == {f"segment {x} has a corrupt frame": x for x in range(6)}
 
 
 def test_a_line_without_newline_is_ended_at_the_item_boundary_with_its_item(

@@ -146,6 +146,9 @@ class Task:
     # False withdraws it instead (answered ``Cancelled``). Quick, must not block.
     on_start: Callable[[Task], bool] | None = None
     first: int = -1  # the batch index of its first item (-1: not a batch's), for worker logs
+    # Each item's batch index where it is not first + offset (a cost-arranged batch runs its
+    # items longest-first), for worker logs.
+    indices: tuple[int, ...] | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

@@ -109,8 +109,10 @@ class Lane:
         state = self.record.state(self.slot)
         if state.chunk != self.tasks[0].id or state.phase != PHASE_RUN or state.offset < 0:
             return None, None
-        first = self.tasks[0].first
-        return (None if first < 0 else first + state.offset), (state.chunk, state.offset)
+        task = self.tasks[0]
+        item = (None if task.first < 0 else task.first + state.offset) if task.indices is None \
+            else task.indices[state.offset]
+        return item, (state.chunk, state.offset)
 
     def last_words(self) -> str:
         """The tail of its stderr, read to the end now (what it wrote just before dying), its
