@@ -45,17 +45,17 @@ def release_when_dropped(engine: object, backend: Backend, describe: str) -> wea
 def _dropped_engine(backend: Backend, describe: str, pid: int) -> None:
     if os.getpid() != pid:  # a forked child's copy: the workers are not its own
         return
+    _dropped.put(backend)  # first: warnings turned into errors must not keep them alive
     warnings.warn(
         f"a stagepool.Engine ({describe}) was garbage-collected without shutdown(); its "
         "workers are being released: use 'with stagepool.Engine() as engine:' or call "
         "engine.shutdown()", ResourceWarning, stacklevel=1)
-    _dropped.put(backend)
 
 
 def _start_reaper() -> None:
     global _reaper
     with _reaper_lock:
-        if _reaper is None or not _reaper.is_alive() or _reaper.ident is None:
+        if _reaper is None or not _reaper.is_alive():
             _reaper = threading.Thread(target=_reap, name="stagepool-reaper", daemon=True)
             _reaper.start()
 
