@@ -3,9 +3,12 @@ is garbage-collected, with a ResourceWarning (a breaker's finding: they leaked u
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -54,3 +57,48 @@ def _ours(thread: threading.Thread) -> bool:
     # The reaper serves every engine; distributed's offload and callback pools serve every client
     # of the process (started by the first one, on first use).
     return thread.name != "stagepool-reaper" and not thread.name.startswith("Dask-")
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+N = 40
+PIPELINE = sp.Pipeline().stage("square", _square)
+
+
+def _open(kind: str) -> Any:
+    """A stream of an engine nobody else references once this returns (a forgetful caller's
+    ``for o in sp.Engine().imap(...)``)."""
+    eng = sp.Engine(workers=1, chunk_size=1)
+    if kind.startswith("imap"):
+        return getattr(eng, kind)(_square, range(N))
+    return getattr(eng, kind)(PIPELINE, range(N))
+
+
+def _count(stream: Iterator[Any]) -> int:
+    n = 0
+    for _ in stream:
+        gc.collect()  # the engine is referenced by nothing but the stream now
+        n += 1
+    return n
+
+
+async def _count_async(stream: AsyncIterator[Any]) -> int:
+    n = 0
+    async for _ in stream:
+        gc.collect()
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("kind", ["imap", "imap_async", "run_iter", "run_iter_async"])
+def test_a_stream_keeps_its_otherwise_dropped_engine(kind: str) -> None:
+    # The engine must serve its stream to the end (the stream stopped after 3 of 40 items once
+    # the engine was collected under it), then go when the stream does.
+    with pytest.warns(ResourceWarning, match="garbage-collected without shutdown"):
+        if kind.endswith("async"):
+            assert asyncio.run(_count_async(_open(kind))) == N
+        else:
+            assert _count(_open(kind)) == N
+        gc.collect()
