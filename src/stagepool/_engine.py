@@ -71,7 +71,9 @@ class Engine(AsyncCalls, PipelineCalls):
     :class:`OvercommitWarning` when N x ``mem_per_task`` does not fit in memory). The environment
     variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count, never raises it.
     The workers start here, once, and serve every batch until :meth:`shutdown` (or the end of a
-    ``with`` block).
+    ``with`` block). An engine garbage-collected without either (nothing references it, not even
+    a stream of its outcomes) is shut down without waiting, with a ``ResourceWarning``: queued
+    and running work finishes, then its workers, threads and shared memory go.
 
     All options are keyword-only and validated here: a bad value raises ``TypeError`` or
     ``ValueError`` naming the argument, before any process starts.
