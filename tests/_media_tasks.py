@@ -35,6 +35,14 @@ def shared_value(name: str) -> Any:
     return sp.shared(name)
 
 
+def shared_sum_in_threads(name: str) -> list[float]:
+    """Read a shared value from threads the task starts (a decoder's reader thread)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(shared_sum, [name, name]))
+
+
 def shared_info(name: str) -> tuple[int, bool, bool]:
     """(pid, writeable, is a view of a mapping rather than an own copy) of a shared array."""
     arr = sp.shared(name)

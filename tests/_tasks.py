@@ -27,7 +27,11 @@ def fail_on(x: tuple[int, bool]) -> int:
     return value * 3
 
 
-class NeedsTwoArgs(Exception):
+class StageFailure(Exception):
+    """A project's own base class of stage errors (retry_on may name it)."""
+
+
+class NeedsTwoArgs(StageFailure):
     def __init__(self, a: int, b: int) -> None:
         super().__init__(f"a={a} b={b}")
 

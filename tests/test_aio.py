@@ -54,6 +54,26 @@ class LagProbe:
         return statistics.quantiles(self.lags, n=100)[98]
 
 
+# The loop's p99 lag while an async call runs may be this many times (plus LAG_SLACK) what it is
+# while the loop merely awaits the same work done by the sync call in a thread: that baseline
+# holds what the machine's load and the GIL cost anyway. A loop thread that pickles, waits on a
+# pipe or joins a process lags by whole chunks or batches: far beyond it.
+LAG_FACTOR = 3.0
+LAG_SLACK = 0.02  # seconds: a quiet machine's baseline is tiny, so a ratio alone is too strict
+LAG_FLOOR = 0.05  # the old absolute bound, still enough wherever the machine allows it
+
+
+async def baseline_p99(work: Callable[[], object]) -> float:
+    """The p99 loop lag while ``work`` runs in a thread the loop awaits (it never blocks)."""
+    with LagProbe() as probe:
+        await bounded(asyncio.to_thread(work))
+    return probe.p99()
+
+
+def lag_bound(baseline: float) -> float:
+    return max(LAG_FLOOR, LAG_FACTOR * baseline + LAG_SLACK)
+
+
 async def counting(n: int | None, seen: list[int], *, fail_at: int | None = None,
                    pause: float = 0.0) -> AsyncIterator[int]:
     """An async source that records how far it has been read (``n=None``: endless)."""
@@ -225,11 +245,14 @@ async def test_bad_arguments_raise_at_the_await(engine: sp.Engine) -> None:
 
 @pytest.mark.asyncio
 async def test_loop_lag_while_20000_items_run(engine: sp.Engine) -> None:
+    items = [5e-5] * 20_000
+    baseline = await baseline_p99(lambda: engine.map(_aio_tasks.spin, items))
     with LagProbe() as probe:
-        report = await bounded(engine.map_async(_aio_tasks.spin, [5e-5] * 20_000))
+        report = await bounded(engine.map_async(_aio_tasks.spin, items))
     assert report.ok and len(report) == 20_000
     assert len(probe.lags) > 100
-    assert probe.p99() < 0.05, f"p99 loop lag {probe.p99() * 1e3:.1f} ms"
+    assert probe.p99() < lag_bound(baseline), (
+        f"p99 loop lag {probe.p99() * 1e3:.1f} ms, {baseline * 1e3:.1f} ms awaiting a thread")
 
 
 @pytest.mark.asyncio
@@ -438,9 +461,11 @@ async def test_run_in_executor_over_the_executor_view(engine: sp.Engine) -> None
 
 async def tour(engine: sp.Engine, folder: str) -> None:
     """The bridge's main paths, for running on each loop implementation."""
+    items = [5e-5] * 5000
+    baseline = await baseline_p99(lambda: engine.map(_aio_tasks.spin, items))
     with LagProbe() as probe:
-        report = await bounded(engine.map_async(_aio_tasks.spin, [5e-5] * 5000))
-    assert report.ok and probe.p99() < 0.05
+        report = await bounded(engine.map_async(_aio_tasks.spin, items))
+    assert report.ok and probe.p99() < lag_bound(baseline), (probe.p99(), baseline)
     report = await bounded(engine.map_async(_tasks.double, counting(200, [])))
     assert report.values == [2 * i for i in range(200)]
     async for outcome in engine.imap_async(_tasks.double, range(1000)):

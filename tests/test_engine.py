@@ -154,6 +154,18 @@ def test_systemexit_and_keyboardinterrupt_are_item_errors(engine: sp.Engine) -> 
     assert set(engine.worker_pids()) == before  # nobody died
 
 
+@pytest.mark.needs("serializes")
+def test_retry_on_matches_an_exception_that_cannot_be_rebuilt(engine: sp.Engine) -> None:
+    # It arrives as a RemoteError; retry_on still names its class (or a base class).
+    for retry_on, attempts in [((_tasks.NeedsTwoArgs,), 2), ((_tasks.StageFailure,), 2),
+                               ((_tasks.HoldsLock,), 2), ((OSError,), 1)]:
+        view = engine.with_options(retries=1, retry_on=retry_on)
+        fn = _tasks.raise_unpicklable if retry_on[0] is _tasks.HoldsLock else _tasks.raise_unrebuildable
+        report = view.map(fn, [5])
+        assert isinstance(report[0].error, sp.RemoteError), report[0].error
+        assert report[0].attempts == attempts, (retry_on, report[0])
+
+
 def test_retry_on_names_the_wrapped_base_exception() -> None:
     with sp.Engine(workers=1, retries=1, retry_on=(KeyboardInterrupt,)) as eng:
         report = eng.map(_tasks.raise_systemexit, [1, 2])

@@ -107,6 +107,8 @@ def test_shared_values_reach_every_task_read_only(backend: str) -> None:
         report = eng.map(mt.shared_sum, ["bank"] * 6, chunk_size=1)
         assert report.values == [BANK_SUM] * 6
         assert eng.submit(mt.shared_value, "table").result(timeout=WAIT) == {"gain": 0.5}
+        threaded = eng.map(mt.shared_sum_in_threads, ["bank"] * 2)  # from the task's threads
+        assert threaded.values == [[BANK_SUM] * 2] * 2, threaded.failed
         for name in ("bank", "small"):  # read-only at every size
             [written] = eng.map(mt.write_shared, [name]).failed
             assert isinstance(written.error, ValueError) and "read-only" in str(written.error)

@@ -122,12 +122,21 @@ def test_chunk_candidates_span_one_item_to_half_a_second_of_work() -> None:
 # ---- what the serial pass and the sampler measured ------------------------------------------------
 
 
+def cpu_share(profile: sp.StageProfile) -> float:
+    """The share of a CPU an item of the serial pass got (CPU time / wall time)."""
+    return profile.serial.cpu.mean / profile.serial.wall.mean
+
+
 def test_serial_pass_measures_time_memory_payload_and_threads(cpu_profile: sp.StageProfile,
+                                                              slow_profile: sp.StageProfile,
                                                               ) -> None:
     serial = cpu_profile.serial
     assert len(serial.items) == 6 and not serial.failed
     assert 0 < serial.wall.min <= serial.wall.median <= serial.wall.p99 <= serial.wall.max
-    assert serial.cpu.mean > 0.5 * serial.wall.mean  # pure Python: CPU-bound
+    # Pure Python is CPU-bound against a sleeping stage measured the same way. Not against an
+    # absolute share: on a loaded machine an item gets a fraction of a CPU (0.5 failed there).
+    assert cpu_share(cpu_profile) > 10 * cpu_share(slow_profile), (
+        cpu_share(cpu_profile), cpu_share(slow_profile))
     assert serial.bytes_in.mean > 0 and serial.bytes_out.mean > 0
     assert serial.worker_baseline_rss > 0 and serial.worker_peak_rss >= serial.worker_baseline_rss
     assert serial.blas_threads["source"] in ("env", "threadpoolctl")
@@ -155,7 +164,10 @@ def test_sampler_reads_every_worker_without_disturbing_them(cpu_profile: sp.Stag
     labelled = {s.pid for s in cpu_profile.samples if s.run == top[0].label}
     assert len(labelled) == CPUS
     assert all(s.rss is None or s.rss > 0 for s in cpu_profile.samples)
-    assert any(r.cpu_percent is not None and r.cpu_percent > 20 for r in cpu_profile.runs)
+    # The sampled CPU of busy workers, against the share the serial pass's items got on this
+    # machine now (an absolute 20% failed on a loaded one); a sampler reading nothing fails.
+    busiest = max(r.cpu_percent or 0.0 for r in cpu_profile.runs)
+    assert busiest > 25 * cpu_share(cpu_profile), (busiest, cpu_share(cpu_profile))
     assert cpu_profile.sampler_cpu_share < 0.05
 
 

@@ -104,6 +104,30 @@ def test_a_key_that_would_never_match_on_a_rerun_is_refused(engine: sp.Engine, m
     assert runs(markers) == {}
 
 
+def _key_of_tags(item: tuple[int, ...]) -> Any:
+    return {[item[0]]: 1}  # the callable's own TypeError ("unhashable type: 'list'")
+
+
+def _key_from_a_name(item: tuple[int, ...]) -> Any:
+    try:
+        return int(f"segment-{item[0]}")
+    except ValueError as exc:
+        raise LookupError(f"no id in item {item[0]}") from exc
+
+
+def test_a_key_callable_that_raises_is_reported_as_raising_with_its_cause(
+        engine: sp.Engine, markers: str, tmp_path: Path) -> None:
+    # It was reported as "returned an unhashable value ... keys must be hashable".
+    data = items(N, markers, 0.0)
+    for key, message in [(_key_of_tags, "key= raised for item 0: TypeError: unhashable type"),
+                         (_key_from_a_name, "key= raised for item 0: LookupError: no id in "
+                          "item 0 [(]caused by ValueError: invalid literal")]:
+        with pytest.raises(ValueError, match=message) as info:
+            engine.map(marked, data, key=key, checkpoint=tmp_path / key.__name__)
+        assert "hashable (str" not in str(info.value) and info.value.__cause__ is not None
+    assert runs(markers) == {}
+
+
 def test_a_bad_key_in_a_stream_ends_it_as_a_failing_source_would(engine: sp.Engine) -> None:
     with pytest.raises(ValueError, match="key= raised for item 4") as info:
         engine.map(double, iter(range(10)), key=lambda x: 1 // (x - 4))

@@ -34,6 +34,33 @@ def last_words_then_exit(x: int) -> int:
     os._exit(5)
 
 
+def _until_read() -> None:
+    """Wait (bounded) until the parent has read what this worker wrote to stderr, so that it
+    reads it while the item still runs, however loaded the machine."""
+    import fcntl
+    import struct
+    import termios
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # FIONREAD: bytes in the pipe the parent has not read
+        if not struct.unpack("i", fcntl.ioctl(2, termios.FIONREAD, b"\0" * 4))[0]:
+            return
+        time.sleep(0.01)
+
+
+def progress_without_newline(x: int) -> int:
+    """A counter written without a newline; the item ends once the parent has read it."""
+    os.write(2, f"progress of item {x}".encode())
+    _until_read()
+    return x
+
+
+def says_its_item(x: int) -> int:
+    os.write(2, f"segment {x} has a corrupt frame\n".encode())
+    _until_read()
+    return x
+
+
 def segfault_with_numpy(x: int) -> int:
     import ctypes
 
@@ -89,6 +116,29 @@ def test_a_last_line_without_newline_is_not_lost_when_the_worker_dies(
     lines = [r for r in worker_records(caplog) if "partial line without newline" in r.getMessage()]
     assert [r.item for r in lines] == [0]  # type: ignore[attr-defined]
     assert "partial line without newline" in str(report[0].error)
+
+
+def test_records_name_the_input_index_in_a_longest_first_batch(
+        eng: sp.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    # cost= runs items in another order than the input's: records said item None.
+    caplog.set_level(logging.WARNING, logger="stagepool.worker")
+    report = eng.map(says_its_item, range(6), cost=lambda x: x, chunk_size=2, timeout=WAIT)
+    assert report.values == list(range(6)), report.failed
+    logged = {r.getMessage().split(": ", 1)[1]: r.item  # type: ignore[attr-defined]
+              for r in worker_records(caplog) if "corrupt frame" in r.getMessage()}
+    assert logged == {f"segment {x} has a corrupt frame": x for x in range(6)}
+
+
+def test_a_line_without_newline_is_ended_at_the_item_boundary_with_its_item(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # It was glued to the next item's output and logged with the next item.
+    caplog.set_level(logging.WARNING, logger="stagepool.worker")
+    with sp.Engine(workers=1) as one:
+        report = one.map(progress_without_newline, range(3), chunk_size=1, timeout=WAIT)
+        assert report.ok, report.failed
+    logged = [(r.item, r.getMessage().split(": ", 1)[1])  # type: ignore[attr-defined]
+              for r in worker_records(caplog) if "progress of" in r.getMessage()]
+    assert logged == [(x, f"progress of item {x}") for x in range(3)]
 
 
 def test_a_segfault_message_is_short_and_the_full_dump_is_on_the_exception(

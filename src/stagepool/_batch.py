@@ -244,12 +244,17 @@ class Batch:
                         self._on_done, timeouts,
                         self.sizer.expected_seconds(len(items), part.start),
                         self.sizer.per_item_clock(),
-                        # worker logs name items by first + offset: true in input order only
-                        first=part.start if self.arrangement is None else -1,
+                        # worker logs name items by first + offset, or (arranged) by indices
+                        first=part.start, indices=self._indices(part.start, len(items)),
                         planned=self.sizer.planned_chunks(part.start) > 0)
             self.outbox.append(task)
             self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
             self.items_out += len(items)
+
+    def _indices(self, start: int, n: int) -> tuple[int, ...] | None:
+        """The input indices of dispatch positions ``start``.. when they are not the same."""
+        return None if self.arrangement is None else tuple(map(self.arrangement.label,
+                                                               range(start, start + n)))
 
     def _cancel_rest(self, lot: Lot, closed: EngineClosed) -> None:
         """The engine shut down under this batch: what never ran is cancelled, not lost.

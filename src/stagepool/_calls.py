@@ -202,8 +202,10 @@ class Calls:
                           max_concurrent=max_concurrent, hints=hints)
         plan = key_plan(fn, key=key, checkpoint=checkpoint, finished_kinds=finished_kinds,
                         checkpoint_mismatch=checkpoint_mismatch)
-        backend = self._backend_or_raise()
-        return outcomes(lambda: new_batch(backend, spec, plan), ordered, outcome_lists_of)
+        self._backend_or_raise()
+        # Through self: the stream holds its engine, which a caller may not (_abandon).
+        return outcomes(lambda: new_batch(self._backend_or_raise(), spec, plan), ordered,
+                        outcome_lists_of)
 
     # ---- single calls --------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._abandon import release_when_dropped
 from ._aio import AsyncCalls
 from ._answers import BatchPolicy
 from ._backends import Backend, BackendName, make_backend
@@ -70,7 +71,9 @@ class Engine(AsyncCalls, PipelineCalls):
     :class:`OvercommitWarning` when N x ``mem_per_task`` does not fit in memory). The environment
     variable ``STAGEPOOL_MAX_WORKERS`` is a ceiling on both: it lowers the count, never raises it.
     The workers start here, once, and serve every batch until :meth:`shutdown` (or the end of a
-    ``with`` block).
+    ``with`` block). An engine garbage-collected without either (nothing references it, not even
+    a stream of its outcomes) is shut down without waiting, with a ``ResourceWarning``: queued
+    and running work finishes, then its workers, threads and shared memory go.
 
     All options are keyword-only and validated here: a bad value raises ``TypeError`` or
     ``ValueError`` naming the argument, before any process starts.
@@ -218,6 +221,7 @@ class Engine(AsyncCalls, PipelineCalls):
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
             self.config.rerun_innocent, memory_watch(name, marks))
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
+        self._on_drop = release_when_dropped(self, started, f"{name}, {self.workers} workers")
 
     @classmethod
     def from_profile(cls, path: str | os.PathLike[str], *, cost: Callable[[Any], float] | None = None,
@@ -318,6 +322,7 @@ class Engine(AsyncCalls, PipelineCalls):
         """
         with self._lock:
             backend, self._backend = self._backend, None
+        self._on_drop.detach()
         if backend is not None:
             backend.shutdown(wait=wait, cancel_pending=cancel_futures or kill, kill=kill)
 

@@ -112,18 +112,23 @@ class RemoteError(_Rebuildable):
     A function that raises ``KeyboardInterrupt``, ``SystemExit`` or any other ``BaseException``
     that is not an ``Exception`` is reported with this error too, the original as ``__cause__``:
     raised as itself in the caller, a worker's Ctrl-C or exit would pass for the caller's own
-    and escape ``except Exception``. ``retry_on`` entries match the original's type.
+    and escape ``except Exception``. ``retry_on`` entries match the original's type: for an
+    exception that could not be rebuilt, by the qualified names of its classes (``type_names``,
+    its MRO, recorded in the worker).
     """
 
-    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
+    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "",
+                 type_names: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
+        self.type_names = type_names
 
-    def __reduce__(self) -> tuple[type, tuple[str], dict[str, str]]:
+    def __reduce__(self) -> tuple[type, tuple[str], dict[str, Any]]:
         return (type(self), (self.message,), {
             "type_name": self.type_name, "remote_traceback": self.remote_traceback,
+            "type_names": self.type_names,
         })
 
     def __setstate__(self, state: dict[str, Any] | None) -> None:

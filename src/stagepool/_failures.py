@@ -17,6 +17,7 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._outcome import Kind, RemoteTraceback
+from ._remote_types import names_match, remote_error
 from ._worker import ErrInfo
 
 __all__ = ["RetryOn", "Subject", "crash_error", "death_failure", "rebuild_error", "retryable",
@@ -109,8 +110,8 @@ def retryable(retry_on: RetryOn, kind: Kind, error: BaseException) -> bool:
     """Whether ``retry_on`` names the failure's kind or one of its exception's types (for a
     worker's wrapped ``SystemExit``, say, the type of the original)."""
     errors = (error, error.__cause__) if isinstance(error, RemoteError) else (error,)
-    return any(entry == kind or (isinstance(entry, type) and isinstance(err, entry))
-               for entry in retry_on for err in errors)
+    return any(entry == kind or (isinstance(entry, type) and (
+        isinstance(err, entry) or names_match(entry, err))) for entry in retry_on for err in errors)
 
 
 def rebuild_error(info: ErrInfo, index: Subject) -> tuple[Kind, Exception, str]:
@@ -126,8 +127,7 @@ def rebuild_error(info: ErrInfo, index: Subject) -> tuple[Kind, Exception, str]:
         except BaseException:
             error = None
     if not isinstance(error, BaseException):
-        error = RemoteError(f"{info.type_name}: {info.message}", type_name=info.type_name,
-                            remote_traceback=info.traceback)
+        error = remote_error(info.type_name, info.message, info.traceback)
     error.__cause__ = RemoteTraceback(info.traceback)
     if not isinstance(error, Exception):
         error = _not_the_callers(error, info)

@@ -122,13 +122,14 @@ class _Feed(Iterator[Any]):
             return (index, digest), None
         try:
             key = self.plan.key(item)
+        except Exception as exc:  # the callable's own failure, whatever its type: not a key's
+            raise ValueError(f"key= raised for item {index}: {_with_cause(exc)}") from exc
+        try:
             hash(key)
         except Exception as exc:
-            unhashable = isinstance(exc, TypeError) and "unhashable" in str(exc)
-            raise (TypeError if unhashable else ValueError)(
-                f"key= {'returned an unhashable value' if unhashable else 'raised'} for item "
-                f"{index}: {type(exc).__name__}: {exc}; keys must be hashable (str, int, tuple)"
-            ) from exc
+            raise TypeError(f"key= returned an unhashable value for item {index}: "
+                            f"{type(exc).__name__}: {exc}; keys must be hashable (str, int, "
+                            "tuple)") from exc
         if self.first is not None:
             self._unique(key, index)
         return key, key
@@ -148,6 +149,13 @@ class _Feed(Iterator[Any]):
             raise ValueError(f"key= returned {key!r} for item {index}, which is not equal to "
                              "itself once read back from the checkpoint (a NaN inside?), so a "
                              "rerun could never find it; use keys of str, int and tuples of them")
+
+
+def _with_cause(exc: BaseException) -> str:
+    """``Type: message``, and the exception it came from when it was raised during another."""
+    said = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return said if cause is None else f"{said} (caused by {type(cause).__name__}: {cause})"
 
 
 def _restored(index: int, key: Any, kind: Kind, entry: Entry) -> Outcome[Any]:

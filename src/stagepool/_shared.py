@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, cast
 
@@ -163,9 +164,8 @@ def shared(name: str) -> Any:
     values = _serving.get()
     if values is None:
         values = _process_values
-    if values is None:
-        raise LookupError(f"stagepool.shared({name!r}) is for the tasks of an Engine created "
-                          "with shared={...}; none is running this code")
+    if values is None:  # a thread the task started (threads do not inherit the context)
+        values = _only_serving(name)
     try:
         return values[name]
     except KeyError:
@@ -187,11 +187,51 @@ def freeze(values: Mapping[str, Any]) -> dict[str, Any]:
     return dict(cast(Mapping[str, Any], _transport.loads(blob, unlink=False)))
 
 
+# Every in-process engine running a task now, its values by id (with how many of its tasks run):
+# what a thread started by a task finds, as a worker's threads find its _process_values.
+_in_process: dict[int, tuple[Mapping[str, Any], int]] = {}
+_in_process_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def serving(values: Mapping[str, Any] | None) -> Iterator[None]:
-    """Make ``values`` what :func:`shared` finds in this thread (and context) meanwhile."""
+    """Make ``values`` what :func:`shared` finds in this thread (and context) meanwhile, and in
+    threads the task starts, while no other in-process engine with other values runs a task."""
     token = _serving.set(values)
+    _enter(values)
     try:
         yield
     finally:
+        _leave(values)
         _serving.reset(token)
+
+
+def _enter(values: Mapping[str, Any] | None) -> None:
+    if values:  # an engine without shared values has nothing to find
+        with _in_process_lock:
+            _in_process[id(values)] = (values, _in_process.get(id(values), (values, 0))[1] + 1)
+
+
+def _leave(values: Mapping[str, Any] | None) -> None:
+    if values:  # an engine without shared values has nothing to find
+        with _in_process_lock:
+            count = _in_process[id(values)][1] - 1
+            if count:
+                _in_process[id(values)] = (values, count)
+            else:
+                del _in_process[id(values)]
+
+
+def _only_serving(name: str) -> Mapping[str, Any]:
+    """The values of the one in-process engine running a task now; LookupError if none, or if
+    several are (this thread's context cannot say whose task started it)."""
+    with _in_process_lock:
+        running = [values for values, _ in _in_process.values()]
+    if len(running) == 1:
+        return running[0]
+    if not running:
+        raise LookupError(f"stagepool.shared({name!r}) is for the tasks of an Engine created "
+                          "with shared={...}; none is running this code")
+    raise LookupError(f"stagepool.shared({name!r}) from a thread a task started, while "
+                      f"{len(running)} in-process engines run tasks: which one's is ambiguous; "
+                      "read the value in the task and pass it to the thread")

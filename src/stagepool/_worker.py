@@ -30,7 +30,9 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
-from . import _shared, _shm, _transport, _worker_guards
+from . import _main_globals, _shared, _shm, _transport, _worker_guards
+from ._remote_types import qualified_name as _type_name
+from ._remote_types import stand_in
 from ._wire import TaskHeader, unpack_task
 from ._worker_guards import (
     StdFds,
@@ -128,14 +130,9 @@ def _exc_info(kind: str, exc: BaseException) -> ErrInfo:
     try:
         blob = dumps(exc)
         pickle.loads(blob)  # an exception whose __init__ cannot be replayed fails here, not later
-    except BaseException:
-        blob = None
+    except BaseException:  # a RemoteError naming its classes instead: retry_on still matches
+        blob = stand_in(exc, _safe_str(exc), tb)
     return ErrInfo(kind, blob, _type_name(exc), _safe_str(exc), tb)
-
-
-def _type_name(obj: object) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__name__
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -442,6 +439,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
     capture_stderr(stderr)
     _limit_memory(setup.data_limit)
     record = _Record(setup.record_path, setup.slot)
+    _main_globals.install()  # the initializer's globals are the tasks' (see _main_globals)
     init_error = _initialize(setup, record)
     std_fds = StdFds()  # after the initializer: what it did to fds 0-2 is what items get
     fns = _FnCache()

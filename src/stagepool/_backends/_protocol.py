@@ -164,6 +164,9 @@ class Task:
     # another planned chunk, whatever its estimate (the plan's small last chunks keep the tail
     # balanced), instead of a round trip through the pool thread after each chunk.
     planned: bool = False
+    # Each item's batch index where it is not first + offset (a cost-arranged batch runs its
+    # items longest-first), for worker logs.
+    indices: tuple[int, ...] | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

@@ -85,8 +85,9 @@ class SegmentStream:
     """The async iterator of ``Engine.run_iter_async``: each :class:`SegmentOutcome` as it
     finishes; also an async context manager that stops the run when its block ends."""
 
-    def __init__(self, flow: Flow, items: Any) -> None:
+    def __init__(self, flow: Flow, items: Any, engine: object = None) -> None:
         self._inner: OutcomeStream[Any] = OutcomeStream(_Segments(flow, items))
+        self._engine = engine  # held while the stream lives: a caller may hold only the stream
 
     def __aiter__(self) -> SegmentStream:
         return self
@@ -105,8 +106,8 @@ class SegmentStream:
         await self.aclose()
 
 
-def run_iter_async(flow: Flow, items: Any) -> SegmentStream:
-    return SegmentStream(flow, items)
+def run_iter_async(flow: Flow, items: Any, engine: object = None) -> SegmentStream:
+    return SegmentStream(flow, items, engine)
 
 
 for _public in (SegmentStream,):

@@ -111,7 +111,7 @@ class PipelineCalls:
         _refuse_async_items(items)
         flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
                           desc=desc, on_progress=on_progress)
-        return _lazy(flow)
+        return _lazy(flow, self)
 
     async def run_async(self, pipeline: Pipeline, items: Iterable[Any] | AsyncIterable[Any], *,
                         window: int | None = None, max_failure_ratio: float | None = None,
@@ -145,10 +145,11 @@ class PipelineCalls:
         ``on_cancel`` as in :meth:`run_async`."""
         flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
                           desc=desc, kill=check_on_cancel(on_cancel), on_progress=on_progress)
-        return run_iter_async(flow, items)
+        return run_iter_async(flow, items, self)
 
 
-def _lazy(flow: Flow) -> Iterator[SegmentOutcome]:
+def _lazy(flow: Flow, engine: object) -> Iterator[SegmentOutcome]:
+    """``engine`` is held while the stream lives: a caller may hold only the stream (_abandon)."""
     yield from flow.outcomes()
 
 

@@ -97,22 +97,30 @@ class Lane:
                 return
             if not data:
                 return
-            self.err.feed(data, self.running_item())
+            self.err.feed(data, *self._position())
 
     def running_item(self) -> int | None:
         """The batch index of the item the worker is running now (None: none, or unknown)."""
-        if not self.tasks or self.record is None or self.tasks[0].first < 0:
-            return None
+        return self._position()[0]
+
+    def _position(self) -> tuple[int | None, tuple[int, int] | None]:
+        """The running item's batch index (None: none, or unknown), and (chunk, offset): where
+        the worker is, even in a task that is not a batch's (None: between items)."""
+        if not self.tasks or self.record is None:
+            return None, None
         state = self.record.state(self.slot)
         if state.chunk != self.tasks[0].id or state.phase != PHASE_RUN or state.offset < 0:
-            return None
-        return self.tasks[0].first + state.offset
+            return None, None
+        task = self.tasks[0]
+        item = (None if task.first < 0 else task.first + state.offset) if task.indices is None \
+            else task.indices[state.offset]
+        return item, (state.chunk, state.offset)
 
     def last_words(self) -> str:
         """The tail of its stderr, read to the end now (what it wrote just before dying), its
         last unfinished line logged too."""
         self.forward_stderr()
-        self.err.flush(self.running_item())
+        self.err.flush()
         return self.err.tail.decode("utf-8", "replace").strip()
 
     def hung_stack(self) -> str:
@@ -121,7 +129,7 @@ class Lane:
 
     def close(self) -> None:
         self.forward_stderr()  # nothing it wrote is lost, its last unfinished line included
-        self.err.flush(None)
+        self.err.flush()
         close_sentinel = getattr(self.process, "close_sentinel", None)  # a template's child
         if close_sentinel is not None:
             close_sentinel()

@@ -11,7 +11,9 @@ Nothing is lost when a worker dies: a last line without its newline is logged wh
 closed, and the tail kept for crash reports (``tail``) is the raw bytes, dumps whole. The item is
 what the shared record says at the moment of reading: a line written at the very end of an item
 may be attributed to the next one on a busy machine (exact for dumps: a dying or hung worker is
-still on its item).
+still on its item). A line without its newline (a progress counter) is ended at the item
+boundary: once the worker is seen on another item, it is logged with the item it was read on,
+not glued to what the next item writes.
 """
 
 from __future__ import annotations
@@ -28,32 +30,44 @@ LINE_MAX_BYTES = 64 * 1024  # a "line" without a newline this long is logged as 
 class WorkerStderr:
     """The bytes one worker wrote to stderr: logged line by line, the last KiB kept."""
 
-    __slots__ = ("_partial", "pid", "tail", "total")
+    __slots__ = ("_partial", "_partial_at", "_partial_item", "pid", "tail", "total")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.tail = bytearray()
         self.total = 0  # bytes read so far: where a dump asked for at some moment starts
         self._partial = b""
+        self._partial_item: int | None = None  # the item the unfinished line was read on
+        self._partial_at: object = None  # and where the worker was then (chunk, offset)
 
-    def feed(self, data: bytes, item: int | None) -> None:
-        """Take what was read from the pipe; log its complete lines as written by ``item``."""
+    def feed(self, data: bytes, item: int | None, at: object = None) -> None:
+        """Take what was read from the pipe; log its complete lines as written by ``item``.
+        ``at`` says where the worker is (None: unknown); a new place ends an unfinished line."""
         self.total += len(data)
         self.tail += data
         del self.tail[:-STDERR_TAIL_BYTES]
+        if self._partial and at is not None and at != self._partial_at:
+            self.flush()  # the item boundary: the line was its item's, whatever follows
+        if not self._partial:
+            self._partial_item, self._partial_at = item, at
         *lines, rest = (self._partial + data).split(b"\n")
         if len(rest) >= LINE_MAX_BYTES:
             lines.append(rest)
             rest = b""
         self._partial = rest
-        for line in lines:
+        if lines:  # the first line began with the unfinished one: its item, read earlier
+            self._log(lines[0], self._partial_item)
+        for line in lines[1:]:
             self._log(line, item)
+        if lines:  # what is left began in this read
+            self._partial_item, self._partial_at = item, at
 
-    def flush(self, item: int | None) -> None:
-        """The worker is gone: its last words without a newline are still a line."""
+    def flush(self) -> None:
+        """The worker is gone, or on its next item: an unfinished line is still a line, logged
+        with the item it was read on."""
         if self._partial:
             line, self._partial = self._partial, b""
-            self._log(line, item)
+            self._log(line, self._partial_item)
 
     def since(self, mark: int) -> str:
         """What arrived after ``total`` was ``mark`` (as far as the tail reaches)."""
