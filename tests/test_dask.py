@@ -420,6 +420,17 @@ def test_dask_chunks_carry_more_work_than_local_ones(dask_engine: sp.Engine,
     assert dask.stats.chunks < local.stats.chunks / 2
 
 
+def test_lanes_follow_their_dask_workers_native_thread_budget(dask_engine: sp.Engine) -> None:
+    """dask's nanny caps each worker at OMP_NUM_THREADS=1 (two of them share this host); the
+    lanes get that budget for every BLAS/OpenMP variable, not the host's CPUs for the ones the
+    nanny leaves unset (which oversubscribed the cores: 2 BLIS threads per lane on 2 CPUs)."""
+    from stagepool._resources import THREAD_ENV_VARS
+
+    names = [*THREAD_ENV_VARS, "STAGEPOOL_WORKER_THREADS"]
+    report = dask_engine.map(_tasks.env_of, names, chunk_size=1)
+    assert report.values == ["1"] * len(names), dict(zip(names, report.values, strict=True))
+
+
 def test_a_local_engine_never_imports_distributed() -> None:
     code = ("import sys, stagepool as sp\n"
             "with sp.Engine(workers=1) as eng:\n    eng.map(abs, [-1])\n"

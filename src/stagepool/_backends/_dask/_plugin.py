@@ -60,9 +60,7 @@ class HostPlugin(WorkerPlugin):
                          worker.memory_manager.memory_limit, self.options.mem_per_task).slots
         if not lanes:  # mem_per_task fits no chunk here: the engine sends this worker none
             return
-        # The worker's own environment decides BLAS threads (dask's nanny sets 1 per worker);
-        # unset variables get this host's CPUs // threads.
-        env = {**plan_workers().thread_env(workers=threads), **self.options.env}
+        env = {**_lane_thread_env(threads), **self.options.env}
         self.backend = self.hosted(dataclasses.replace(self.options, workers=lanes, env=env,
                                                        shm_threshold=0, template=False))
 
@@ -104,6 +102,19 @@ class HostPlugin(WorkerPlugin):
         if isinstance(answer, Cancelled):
             return answer
         return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+
+
+def _lane_thread_env(threads: int) -> dict[str, str]:
+    """The native thread budget of a worker's lanes. The worker's own environment decides: dask's
+    nanny sets OMP/MKL/OPENBLAS_NUM_THREADS (1 per worker), and the variables it leaves unset
+    (BLIS, NUMEXPR, VECLIB) get the same, not this host's CPUs // the worker's threads: several
+    workers share a host (a LocalCluster: 2 x 1 thread on 2 CPUs gave each lane 2 BLIS threads
+    beside OpenMP's 1, four threads on two cores). Without OMP_NUM_THREADS: CPUs // threads."""
+    budget = plan_workers().thread_env(workers=threads)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) >= 1:
+        budget = dict.fromkeys(budget, omp)
+    return budget
 
 
 def run_chunk(name: str, key: str, *chunk: Any) -> TaskResult:
