@@ -11,9 +11,9 @@ import distributed
 
 from .._protocol import Task
 from ._memory import MEMORY
-from ._plugin import lane_pids, run_chunk
+from ._plugin import ended_topic, lane_pids, run_chunk
 
-__all__ = ["RPC_TIMEOUT", "connect", "left_gracefully", "submit_chunk", "unregister",
+__all__ = ["RPC_TIMEOUT", "chunks_ended", "connect", "left_gracefully", "submit_chunk", "unregister",
            "wait_for_first_worker", "worker_lane_pids", "workers_info"]
 
 # Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
@@ -120,6 +120,18 @@ def left_gracefully(client: Any, address: str) -> bool:
                                         event.get("status") == "running"):
             graceful = False  # a new worker at that address, or its retirement was called off
     return graceful
+
+
+def chunks_ended(client: Any, name: str, address: str) -> set[str]:
+    """The keys of engine ``name``'s chunks that the worker at ``address`` recorded as ended
+    (``HostPlugin._record_end``); empty when the scheduler cannot say."""
+    try:
+        events = client.sync(client.scheduler.events, topic=ended_topic(name, address),
+                             callback_timeout=RPC_TIMEOUT)
+    except Exception:  # the scheduler is unreachable: what the client saw finish is all we know
+        return set()
+    return {event["key"] for _when, event in events
+            if isinstance(event, dict) and isinstance(event.get("key"), str)}
 
 
 def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,
