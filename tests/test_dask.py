@@ -447,7 +447,7 @@ def test_without_dask_the_error_says_how_to_install_it() -> None:
 
 def test_dask_chunks_carry_more_work_than_local_ones(dask_engine: sp.Engine,
                                                    local_engine: sp.Engine) -> None:
-    """A dask chunk costs a scheduler round trip: it is sized for 0.2 s of work, not 20 ms."""
+    """A dask chunk costs a scheduler round trip: it is sized for 0.5 s of work, not 20 ms."""
     items = [0.01] * 200
     local, dask = (eng.map(_tasks.sleep_for, items) for eng in (local_engine, dask_engine))
     assert local.values == dask.values == items
