@@ -181,6 +181,40 @@ def test_a_dying_in_process_worker_blames_only_its_running_item() -> None:
     assert all(o.attempts == 1 for o in report)
 
 
+def test_a_chunk_waiting_behind_a_running_one_on_a_killed_worker_runs_again_uncharged(
+        cli_engine: sp.Engine, client: Any, tmp_path: Path) -> None:
+    """One chunk waits ahead in each worker's queue: the one behind the running guilty item had
+    not started when its worker was killed, so it runs elsewhere, ok, charged nothing. (Enough
+    items that the other worker fills up, running one and holding one, while the guilty one runs:
+    the next goes to wait behind the guilty one.)"""
+    n = 4 * N
+    work = [(i, 8.0 if i == GUILTY else 0.2, str(tmp_path)) for i in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cli_engine.map, _tasks.note_then_sleep, work, chunk_size=1)
+        started = tmp_path / str(GUILTY)
+        assert wait_until(started.exists, timeout=WAIT)
+        pid = int(started.read_text())
+        (address,) = [a for a, p in client.run(os.getpid).items() if p == pid]
+        # the chunk after the guilty one is sent there ahead, to wait for the guilty one's end
+        assert wait_until(lambda: sum(s.busy and s.worker == address
+                                      for s in cli_engine.status()) == 2, timeout=WAIT)
+        os.kill(pid, signal.SIGKILL)
+        report = running.result(timeout=WAIT)
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (n - GUILTY - 1)
+    assert all(o.attempts == 1 for o in report), [o.attempts for o in report]
+
+
+def test_an_item_sent_ahead_that_kills_its_worker_at_once_fails_alone(
+        cli_engine: sp.Engine) -> None:
+    """Single-item chunks, one waiting ahead on each worker: the guilty item starts the moment
+    the one before it ends and kills its worker before dask has told the engine that that one
+    finished (the report window). The worker recorded the end with the scheduler before
+    starting the next chunk, so the one before is not blamed in its place."""
+    report = cli_engine.map(_tasks.kill_dask_worker, items(), chunk_size=1)
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
+    assert report.values == [i + 1 for i in range(N) if i != GUILTY]
+
+
 def test_a_segfault_fails_its_item_and_the_dask_worker_lives_on(
         cli_engine: sp.Engine, client: Any) -> None:
     before = _dask_worker_pids(client)
@@ -413,11 +447,22 @@ def test_without_dask_the_error_says_how_to_install_it() -> None:
 
 def test_dask_chunks_carry_more_work_than_local_ones(dask_engine: sp.Engine,
                                                    local_engine: sp.Engine) -> None:
-    """A dask chunk costs a scheduler round trip: it is sized for 0.2 s of work, not 20 ms."""
+    """A dask chunk costs a scheduler round trip: it is sized for 0.5 s of work, not 20 ms."""
     items = [0.01] * 200
     local, dask = (eng.map(_tasks.sleep_for, items) for eng in (local_engine, dask_engine))
     assert local.values == dask.values == items
     assert dask.stats.chunks < local.stats.chunks / 2
+
+
+def test_lanes_follow_their_dask_workers_native_thread_budget(dask_engine: sp.Engine) -> None:
+    """dask's nanny caps each worker at OMP_NUM_THREADS=1 (two of them share this host); the
+    lanes get that budget for every BLAS/OpenMP variable, not the host's CPUs for the ones the
+    nanny leaves unset (which oversubscribed the cores: 2 BLIS threads per lane on 2 CPUs)."""
+    from stagepool._resources import THREAD_ENV_VARS
+
+    names = [*THREAD_ENV_VARS, "STAGEPOOL_WORKER_THREADS"]
+    report = dask_engine.map(_tasks.env_of, names, chunk_size=1)
+    assert report.values == ["1"] * len(names), dict(zip(names, report.values, strict=True))
 
 
 def test_a_local_engine_never_imports_distributed() -> None:

@@ -29,18 +29,26 @@ transport and the cluster's membership.
 Slots: a worker runs as many of our chunks at once as it has threads, fewer when
 ``mem_per_task`` says so (its ``MEMORY`` resource, else its ``memory_limit``: see ``_memory``).
 Each slot also holds one chunk ahead, waiting in the worker's own queue, so that no slot idles
-for the round trip between one chunk's end and the next one's arrival (``_roster.AHEAD``).
+for the round trip between one chunk's end and the next one's arrival (``_roster.AHEAD``; only
+short chunks of known length, and only where dask cannot start it beside the running ones).
 
 Faults, and why no item is blamed twice or wrongly:
 
 * A worker holds at most two of our chunks per slot: each chunk is pinned to a worker with room
   (``workers=[address]``, ``allow_other_workers=False``), the rest wait in our queue. Dask starts
   a worker's chunks in the order they were sent, so when a worker dies, its oldest ``slots``
-  unfinished chunks are the ones that may have been running: only those are answered
-  ``LaneDied(offset=-1)``; the younger ones, and finished ones whose results died with the
-  worker, run again elsewhere unblamed. (The one window: a worker killed within the moment
-  between a chunk's end and dask hearing of it counts that chunk as possibly running. An item
-  cannot kill its dask worker by crashing: it runs in a lane. Only an outside kill can.)
+  chunks that had not ended are the ones that may have been running: only those are answered
+  ``LaneDied(offset=-1)``; the younger ones, and ended ones whose results died with the
+  worker, run again elsewhere unblamed. "Ended" is what dask told us, or what the worker
+  recorded with the scheduler (an event under ``ended_topic``) before this chunk's thread was
+  free to start the one waiting behind it: that record waits for the scheduler's word, so a
+  worker killed by the next chunk's first item, in the moment before dask told us that the
+  previous one finished, never passes for one killed while running the previous one (which
+  blamed an innocent item in 2 of 3 runs before). The one window left: a worker killed from
+  outside right after a chunk ended, with nothing of ours waiting behind it (that end is
+  recorded without waiting), counts that chunk as possibly running. An item cannot kill its
+  dask worker by crashing: it runs in a lane. Only an outside kill can, or an item that
+  signals its parent.
 * Dask itself never re-runs our tasks elsewhere (``retries=0``; a pinned task cannot move) and
   never decides a verdict for us: the dispatcher polls the cluster's membership and ends each
   chunk of a worker that left exactly once (a ``KilledWorker`` that arrives later is ignored).

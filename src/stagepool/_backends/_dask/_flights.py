@@ -168,17 +168,21 @@ class Flights:
     def _end(self, member: Member, why: str, *, graceful: bool) -> None:
         """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame, and each
         goes back to the queue to run elsewhere without a charge. Else its oldest ``slots``
-        unfinished chunks may have been running (dask starts them in the order sent): each
-        fails as "died on an unknown item" and the batch finds the culprit; the younger ones
-        were waiting in its queue, and the finished ones lost only their results: they simply
-        run again elsewhere."""
+        chunks that had not ended may have been running (dask starts them in the order sent):
+        each fails as "died on an unknown item" and the batch finds the culprit; the younger
+        ones were waiting in its queue, and the ended ones lost only their results: they simply
+        run again elsewhere. Ended: dask told us it finished, or the worker recorded its end
+        with the scheduler (before starting a chunk waiting behind it: ``HostPlugin``), so a
+        chunk whose "finished" was still on its way does not pass for the running one."""
         member.gone = True
         lost = [run for run in self._running.values() if run.worker is member]
+        ended = set() if graceful or not lost else _cluster.chunks_ended(
+            self._client, self._name, member.address)
         suspects = 0
         for run in lost:  # the book keeps the order they were sent in
             del self._running[run.key]
             run.release()
-            if graceful or run.finished or suspects >= member.capacity.slots:
+            if graceful or run.finished or run.key in ended or suspects >= member.capacity.slots:
                 self.requeue(run.task)
                 continue
             suspects += 1

@@ -5,6 +5,7 @@ they stay module-level names here)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -15,19 +16,32 @@ from typing import Any
 import distributed
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.utils import sync
 
 from ..._errors import EngineClosed
 from ..._planning import plan_workers
 from .._protocol import Backend, BackendOptions, Cancelled, Group, LaneDied, Task, TaskResult
 from ._memory import capacity
 
-__all__ = ["SHUT_DOWN", "HostPlugin", "lane_pids", "run_chunk"]
+__all__ = ["SHUT_DOWN", "HostPlugin", "ended_topic", "lane_pids", "run_chunk"]
 
 # How often a waiting chunk on a worker looks at its dask task's state (cancelled: kill it).
 CANCEL_POLL = 0.1
 
 
+# The bound on telling the scheduler that a chunk ended while another of ours waits behind it
+# (see HostPlugin._record_end); past it the chunk is answered all the same.
+END_RECORD_TIMEOUT = 5.0
+# A task of ours in these states on a worker has not started: it waits behind a running one.
+_WAITING = frozenset({"waiting", "ready", "constrained"})
+
 SHUT_DOWN = Cancelled("the engine was shut down")
+
+
+def ended_topic(name: str, address: str) -> str:
+    """The scheduler's event topic where engine ``name``'s plugin on the worker at ``address``
+    records the chunks that ended there (see ``HostPlugin._record_end``)."""
+    return f"{name} ended on {address}"
 
 
 class HostPlugin(WorkerPlugin):
@@ -60,9 +74,7 @@ class HostPlugin(WorkerPlugin):
                          worker.memory_manager.memory_limit, self.options.mem_per_task).slots
         if not lanes:  # mem_per_task fits no chunk here: the engine sends this worker none
             return
-        # The worker's own environment decides BLAS threads (dask's nanny sets 1 per worker);
-        # unset variables get this host's CPUs // threads.
-        env = {**plan_workers().thread_env(workers=threads), **self.options.env}
+        env = {**_lane_thread_env(threads), **self.options.env}
         self.backend = self.hosted(dataclasses.replace(self.options, workers=lanes, env=env,
                                                        shm_threshold=0, template=False))
 
@@ -88,10 +100,29 @@ class HostPlugin(WorkerPlugin):
             return SHUT_DOWN
         while True:
             try:
-                return self._reply(answers.get(timeout=CANCEL_POLL))
+                answer = self._reply(answers.get(timeout=CANCEL_POLL))
             except queue.Empty:
                 if not task.group.cancelled and self._abandoned(key):
                     backend.withdraw(task.group, kill_running=True)
+                continue
+            with contextlib.suppress(Exception):  # unrecorded: the old window, see below
+                sync(self.worker.loop, self._record_end, key, callback_timeout=END_RECORD_TIMEOUT)
+            return answer
+
+    async def _record_end(self, key: str) -> None:
+        """Tell the scheduler that chunk ``key`` ended here, before this thread is free to start
+        the next one: if one of ours waits behind it, wait for the scheduler's word (one
+        round trip, worker to scheduler), so that a worker killed by the next chunk's item
+        cannot pass for one killed while running this chunk (its "finished" may still be on
+        its way to the client: the report window, in which the engine would have blamed it).
+        Else the record goes out with the worker's next batch of messages, at no wait."""
+        topic, msg = ended_topic(self.name, self.worker.address), {"key": key}
+        prefix = self.name + "-"
+        if any(ts.state in _WAITING and ts.key.startswith(prefix)  # on the loop: a safe read
+               for ts in self.worker.state.tasks.values() if isinstance(ts.key, str)):
+            await self.worker.scheduler.log_event(topic=topic, msg=msg)
+        else:
+            self.worker.log_event(topic, msg)
 
     def _abandoned(self, key: str) -> bool:
         """Whether dask gave up on our task (the engine cancelled it, or its client is gone)."""
@@ -104,6 +135,19 @@ class HostPlugin(WorkerPlugin):
         if isinstance(answer, Cancelled):
             return answer
         return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+
+
+def _lane_thread_env(threads: int) -> dict[str, str]:
+    """The native thread budget of a worker's lanes. The worker's own environment decides: dask's
+    nanny sets OMP/MKL/OPENBLAS_NUM_THREADS (1 per worker), and the variables it leaves unset
+    (BLIS, NUMEXPR, VECLIB) get the same, not this host's CPUs // the worker's threads: several
+    workers share a host (a LocalCluster: 2 x 1 thread on 2 CPUs gave each lane 2 BLIS threads
+    beside OpenMP's 1, four threads on two cores). Without OMP_NUM_THREADS: CPUs // threads."""
+    budget = plan_workers().thread_env(workers=threads)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) >= 1:
+        budget = dict.fromkeys(budget, omp)
+    return budget
 
 
 def run_chunk(name: str, key: str, *chunk: Any) -> TaskResult:

@@ -21,9 +21,10 @@ __all__ = ["AHEAD", "Member", "Roster"]
 # own queue and starts the moment a running one ends. Without it, a slot idled for a full round
 # trip after every chunk (the answer's way back to us, then the next chunk's way to the worker:
 # ~30 ms here, 22% of a 200 x 20 ms batch on a 2-worker LocalCluster). Dask starts a worker's
-# ready tasks in submission order, so when a worker dies, its oldest ``slots`` chunks are the ones
-# that may have been running, and the rest had not started (see ``Flights.lose``).
-AHEAD = 0
+# ready tasks in submission order, so when a worker dies, its oldest ``slots`` chunks that had not
+# ended are the ones that may have been running, and the rest had not started (see
+# ``Flights._end``; a chunk's end is recorded with the scheduler before the one behind it starts).
+AHEAD = 1
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -43,7 +44,11 @@ class Member:
         """Chunks it may take now (its slots, and AHEAD more to wait in its queue)."""
         if self.gone or not self.accepting:
             return 0
-        return self.capacity.slots * (1 + AHEAD) - self.busy
+        # A chunk waits ahead only where it cannot start beside the running ones: the worker
+        # runs as many as it has threads, or dask holds it back for lack of the MEMORY resource
+        # (a worker sized by memory_limit alone would start it on a spare thread at once).
+        waits = self.capacity.slots >= self.threads or self.capacity.resources is not None
+        return self.capacity.slots * (1 + (AHEAD if waits else 0)) - self.busy
 
 
 class Roster:
