@@ -44,27 +44,28 @@ def queued_behind_a_busy_worker(engine: sp.Engine, fn: Callable[[int], int]) -> 
     return futures
 
 
+def only_the_bad_call_fails(futures: list[cf.Future[int]], error: type[BaseException],
+                            match: str | None = None) -> None:
+    """Call ``BAD`` raised ``error``; every other call returned its own value."""
+    for x, future in enumerate(futures):
+        if x == bt.BAD:
+            with pytest.raises(error, match=match):
+                future.result(timeout=WAIT)
+        else:
+            assert future.result(timeout=WAIT) == 2 * x
+
+
 def test_each_call_of_a_bundle_gets_its_own_value_or_exception(merges: list[int]) -> None:
     with sp.Engine(workers=1) as engine:
         futures = queued_behind_a_busy_worker(engine, bt.raise_on_bad)
-        for x, future in enumerate(futures):
-            if x == bt.BAD:
-                with pytest.raises(ValueError, match="bad 13"):
-                    future.result(timeout=WAIT)
-            else:
-                assert future.result(timeout=WAIT) == 2 * x
+        only_the_bad_call_fails(futures, ValueError, match="bad 13")
     assert merges and max(merges) > 1
 
 
 def test_a_crash_in_a_bundle_fails_only_its_own_call(merges: list[int]) -> None:
     with sp.Engine(workers=1) as engine:
         futures = queued_behind_a_busy_worker(engine, bt.crash_on_bad)
-        for x, future in enumerate(futures):
-            if x == bt.BAD:
-                with pytest.raises(sp.WorkerCrashed, match="exited with code 3"):
-                    future.result(timeout=WAIT)
-            else:
-                assert future.result(timeout=WAIT) == 2 * x
+        only_the_bad_call_fails(futures, sp.WorkerCrashed, match="exited with code 3")
         assert engine.submit(bt.crash_on_bad, 1).result(timeout=WAIT) == 2
     assert merges and max(merges) > 1
 
@@ -77,12 +78,7 @@ def test_calls_that_must_run_at_most_once_never_travel_together(
     monkeypatch.setenv("BUNDLE_RUNS", str(runs))
     with sp.Engine(workers=1, rerun_innocent=False) as engine:
         futures = queued_behind_a_busy_worker(engine, bt.note_then_crash_on_bad)
-        for x, future in enumerate(futures):
-            if x == bt.BAD:
-                with pytest.raises(sp.WorkerCrashed):
-                    future.result(timeout=WAIT)
-            else:
-                assert future.result(timeout=WAIT) == 2 * x
+        only_the_bad_call_fails(futures, sp.WorkerCrashed)
     counts = [int(line) for line in runs.read_text().split()]
     assert sorted(counts) == sorted([0, 1, 2, *range(N)]), "a call ran twice or not at all"
     assert merges == []
@@ -91,12 +87,7 @@ def test_calls_that_must_run_at_most_once_never_travel_together(
 def test_a_timeout_in_a_bundle_fails_only_its_own_call(merges: list[int]) -> None:
     with sp.Engine(workers=1, timeout=2.0) as engine:
         futures = queued_behind_a_busy_worker(engine, bt.hang_on_bad)
-        for x, future in enumerate(futures):
-            if x == bt.BAD:
-                with pytest.raises(sp.TaskTimeout, match="timeout of 2 s"):
-                    future.result(timeout=WAIT)
-            else:
-                assert future.result(timeout=WAIT) == 2 * x
+        only_the_bad_call_fails(futures, sp.TaskTimeout, match="timeout of 2 s")
     assert merges and max(merges) > 1
 
 
