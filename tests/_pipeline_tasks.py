@@ -127,6 +127,22 @@ def crash_once(item: tuple[int, str]) -> int:
     return index
 
 
+class Tally:
+    """A stage that notes each run of each segment in ``folder`` (one line per run), then passes."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, index: int) -> int:
+        with open(Path(self.folder) / f"tally-{index}", "a") as f:
+            f.write("ran\n")
+        return index
+
+    def runs(self, index: int) -> int:
+        path = Path(self.folder) / f"tally-{index}"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 # ---- dispatch order ---------------------------------------------------------------------------------
 
 

@@ -100,19 +100,22 @@ def test_a_failing_source_finishes_what_it_gave(serial_engine: sp.Engine) -> Non
 
 
 def bad_cost(seg: Segment) -> object:
-    return {3: -1.0, 5: math.nan, 7: "long", 9: True, 11: math.inf}.get(seg.n, seg.seconds)
+    # 13: an int beyond float range (a sample count gone wrong) is not finite either
+    bad = {3: -1.0, 5: math.nan, 7: "long", 9: True, 11: math.inf, 13: 10**400}
+    return bad.get(seg.n, seg.seconds)
 
 
 def test_a_bad_cost_fails_its_item_alone_naming_cost(engine: sp.Engine) -> None:
     segs = mix()
     report = engine.map(stamp, segs, cost=bad_cost)
     failed = {o.index: o for o in report.failed}
-    assert set(failed) == {3, 5, 7, 9, 11}
+    assert set(failed) == {3, 5, 7, 9, 11, 13}
     for index, outcome in failed.items():
         assert outcome.kind == "error" and outcome.attempts == 0
         assert f"cost(item {index})" in str(outcome.error)
     assert isinstance(failed[7].error, TypeError) and isinstance(failed[3].error, ValueError)
-    assert len(report.successful) == len(segs) - 5
+    assert isinstance(failed[13].error, ValueError)
+    assert len(report.successful) == len(segs) - 6
 
 
 def test_a_cost_that_raises_is_named_as_the_cause(engine: sp.Engine) -> None:

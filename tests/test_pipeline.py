@@ -237,6 +237,20 @@ def test_crash_in_retry_on_reruns_the_group(engine: sp.Engine, tmp_path: Path) -
     assert all(seg.stages["fragile"].attempts == 2 for seg in report)
 
 
+@pytest.mark.needs("survives_crash")
+def test_a_group_rerun_counts_only_the_stages_that_ran(engine: sp.Engine, tmp_path: Path) -> None:
+    # The worker died in "fragile": "after" had not run then, so it ran once, not twice.
+    tally = pt.Tally(str(tmp_path))
+    p = sp.Pipeline().stage("a", pt.first).stage(
+        "fragile", pt.crash_once, after="a", retries=1, retry_on=("crash",)).stage(
+        "after", tally, after="fragile")
+    (seg,) = engine.run(p, [(0, str(tmp_path))])
+    assert seg.ok, seg
+    attempts = {name: stage.attempts for name, stage in seg.stages.items()}
+    assert attempts == {"a": 2, "fragile": 2, "after": tally.runs(0)} == {
+        "a": 2, "fragile": 2, "after": 1}
+
+
 # ---- groups ---------------------------------------------------------------------------------------
 
 

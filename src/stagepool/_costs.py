@@ -95,7 +95,10 @@ def measure(fn: Callable[[Any], Any], item: Any, index: int, name: str) -> float
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return TypeError(f"{name}(item {index}) must return a number >= 0, not {value!r}; "
                          "the item did not run")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int (or Fraction) beyond float range: not finite either
+        number = math.inf
     if not math.isfinite(number) or number < 0:
         return ValueError(f"{name}(item {index}) must return a finite number >= 0, got {value!r}; "
                           "the item did not run")

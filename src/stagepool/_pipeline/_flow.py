@@ -147,7 +147,7 @@ class Flow:
         calls = tuple(_stage_call(self.specs[s]) for s in group.stages)
         later = set().union(*self.reads[i + 1:]) if i + 1 < len(self.reads) else set()
         emit = frozenset(c.name for c in calls if c.name in later or c.name in self.leaves)
-        return GroupRunner(uid, calls, emit, self.crumbs)
+        return GroupRunner(uid, calls, emit, self.crumbs, i)
 
     def _batch(self, i: int) -> Batch:
         group = [self.specs[s] for s in self.groups[i].stages]
@@ -240,7 +240,7 @@ class Flow:
     def _after(self, i: int, outcome: Any) -> None:
         seg = self.segments[self.inboxes[i].order.pop(outcome.index)]
         group = [self.specs[s] for s in self.groups[i].stages]
-        absorb(seg, group, outcome, self.crumbs, self.suspects(i, outcome))
+        absorb(seg, group, outcome, self.crumbs, self.suspects(i, outcome), i)
         if self.meter is not None:
             self.meter.stages_done(seg, [spec.name for spec in group])
         for name in [n for n in seg.values if n not in self.keep[i]]:

@@ -21,6 +21,7 @@ import atexit
 import dataclasses
 import mmap
 import os
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ class Carry(NamedTuple):
 
     values: dict[str, Any]  # outputs the group reads (INPUT: the segment itself)
     blocked: dict[str, str]  # stages already failed or skipped upstream -> the failing stage
+    segment: int = -1  # its index, which the breadcrumb names (see ``dead_stages``)
 
 
 class StageRecord(NamedTuple):
@@ -77,6 +79,7 @@ class GroupRunner:
     stages: tuple[StageCall, ...]
     emit: frozenset[str]  # outputs the parent needs back
     crumbs: str | None  # the run's breadcrumb directory (None: in-process, nobody needs it)
+    group: int = 0  # the group's position in the run, which the breadcrumb names
 
     def __repr__(self) -> str:  # what a message naming "the function" shows: the user's stages
         return "<pipeline stages " + ", ".join(f"{c.name}={c.fn!r}" for c in self.stages) + ">"
@@ -93,14 +96,14 @@ class GroupRunner:
                 records[stage.name] = StageRecord("skipped", None, 0.0, 0, cause)
                 blocked[stage.name] = cause
                 continue
-            _crumb(crumbs, i)
+            _crumb(crumbs, (self.group, carry.segment, i))
             record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
             records[stage.name] = record
             if record.kind == "ok":
                 values[stage.name] = value
             else:
                 blocked[stage.name] = stage.name
-        _crumb(crumbs, -1)
+        _crumb(crumbs, (self.group, carry.segment, -1))
         return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
 
 
@@ -185,9 +188,12 @@ _crumb_file: list[Any] = [None, None]  # [directory, mmap]: one breadcrumb per w
 os.register_at_fork(after_in_child=lambda: _crumb_file.__setitem__(slice(None), [None, None]))
 
 
-def _crumb(directory: str | None, stage: int) -> None:
+_CRUMB = struct.Struct("qqq")  # group, segment, stage in the group (-1: none running)
+
+
+def _crumb(directory: str | None, where: tuple[int, int, int]) -> None:
     """Note which stage runs now in this worker's breadcrumb (``directory/<pid>``), so the
-    parent can name it when the worker dies or is killed mid-stage.
+    parent can name it when the worker dies or is killed mid-stage, and count what ran.
 
     The file is mapped (MAP_SHARED): a note is a store into the page cache, which outlives the
     process, not a system call (a pwrite per stage cost more than a small stage itself)."""
@@ -197,7 +203,7 @@ def _crumb(directory: str | None, stage: int) -> None:
         _open_crumb(directory)
     mapped = _crumb_file[1]
     if mapped is not None:
-        mapped[:8] = b"%-8d" % stage
+        mapped[:] = _CRUMB.pack(*where)
 
 
 def _open_crumb(directory: str) -> None:
@@ -208,8 +214,8 @@ def _open_crumb(directory: str) -> None:
         fd = os.open(os.path.join(directory, str(os.getpid())),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, 8)
-            mapped: Any = mmap.mmap(fd, 8)
+            os.ftruncate(fd, _CRUMB.size)
+            mapped: Any = mmap.mmap(fd, _CRUMB.size)
         finally:
             os.close(fd)
     except (OSError, ValueError):  # another host (a remote cluster): the parent will say "one of"
@@ -221,9 +227,25 @@ def read_crumb(directory: str, pid: int | None) -> int | None:
     """In the parent: the stage the worker ``pid`` was running when it stopped, if it said."""
     if pid is None:
         return None
+    crumb = _read_crumb(os.path.join(directory, str(pid)))
+    return crumb[2] if crumb is not None and crumb[2] >= 0 else None
+
+
+def dead_stages(directory: str, group: int, segment: int) -> list[int]:
+    """In the parent, once ``segment`` is done with ``group``: for each worker that died or was
+    killed while running it there (its breadcrumb still names a stage), that stage."""
     try:
-        with open(os.path.join(directory, str(pid)), "rb") as f:
-            stage = int(f.read().strip() or b"-1")
-    except (OSError, ValueError):
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    crumbs = (_read_crumb(os.path.join(directory, name)) for name in names)
+    return [c[2] for c in crumbs if c is not None and c[:2] == (group, segment) and c[2] >= 0]
+
+
+def _read_crumb(path: str) -> tuple[int, int, int] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
         return None
-    return stage if stage >= 0 else None
+    return _CRUMB.unpack(data) if len(data) == _CRUMB.size else None

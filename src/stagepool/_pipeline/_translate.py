@@ -1,7 +1,9 @@
 """The parent side of a group: what its task's outcome means for each of its stages.
 
     outcome ok    -> the runner's GroupResult: one record per stage (errors rebuilt with the
-                     worker's traceback as __cause__), the values later groups read
+                     worker's traceback as __cause__), the values later groups read; a stage's
+                     attempts add the earlier runs of the group that reached it (a dead
+                     worker's breadcrumb says where its run stopped)
     outcome crash / timeout (the worker died or was killed)
                   -> the breadcrumb names the stage that was running: it gets the kind and the
                      error, the group's other stages are "skipped" because of it
@@ -24,7 +26,7 @@ from .._failures import rebuild_error
 from .._outcome import Outcome
 from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
-from ._runner import Carry, GroupResult, StageRecord, read_crumb
+from ._runner import Carry, GroupResult, StageRecord, dead_stages, read_crumb
 
 __all__ = ["Segment", "absorb", "finish", "refuse"]
 
@@ -39,17 +41,19 @@ class Segment:
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> failing stage
 
     def carry(self, reads: frozenset[str]) -> Carry:
-        return Carry({k: v for k, v in self.values.items() if k in reads}, dict(self.blocked))
+        return Carry({k: v for k, v in self.values.items() if k in reads}, dict(self.blocked),
+                     self.index)
 
 
 def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
-           crumbs: str | None, suspects: frozenset[str] = frozenset()) -> None:
-    """Record what the group's task did for this segment (``suspects``: the stages a
-    serialization failure may come from, see ``Flow.suspects``)."""
+           crumbs: str | None, suspects: frozenset[str] = frozenset(), group: int = 0) -> None:
+    """Record what the group's task (the run's ``group``-th) did for this segment
+    (``suspects``: the stages a serialization failure may come from, see ``Flow.suspects``)."""
     if outcome.ok:
         result: GroupResult = outcome.value  # type: ignore[assignment]
-        for spec in stages:
-            _record(seg, spec.name, result.records[spec.name], outcome.attempts)
+        earlier = _earlier_runs(crumbs, group, seg.index, outcome.attempts, len(stages))
+        for spec, runs in zip(stages, earlier, strict=True):
+            _record(seg, spec.name, result.records[spec.name], runs)
         seg.values.update(result.values)
         return
     runnable = [s for s in stages if _cause(seg, s) is None]
@@ -111,14 +115,24 @@ def _cause(seg: Segment, spec: StageSpec) -> str | None:
     return next((seg.blocked[d] for d in spec.after if d in seg.blocked), None)
 
 
-def _record(seg: Segment, name: str, rec: StageRecord, attempts: int) -> None:
+def _earlier_runs(crumbs: str | None, group: int, index: int, attempts: int,
+                  n_stages: int) -> list[int]:
+    """How often each stage of the group ran in the segment's earlier attempts, whose results
+    were lost: one whose worker died mid-group (its breadcrumb names the stage) ran the stages
+    up to that one; any other (finished, its answer lost with its worker) ran them all."""
+    earlier = attempts - 1
+    died = dead_stages(crumbs, group, index)[:earlier] if crumbs and earlier > 0 else []
+    return [earlier - sum(at < j for at in died) for j in range(n_stages)]
+
+
+def _record(seg: Segment, name: str, rec: StageRecord, earlier: int) -> None:
     error: Exception | None = None
     if rec.error is not None:
         _kind, error, _tb = rebuild_error(rec.error, seg.index)
         error = _noted(error, seg.index, name)
     stage_kind: Any = rec.kind
     # A re-run of the whole group (its worker died) ran the stage again: count those runs.
-    runs = rec.attempts + (attempts - 1 if rec.attempts else 0)
+    runs = rec.attempts + (earlier if rec.attempts else 0)
     outcome = StageOutcome(name, stage_kind, error, rec.duration, runs, rec.cause)
     _set(seg, outcome, None if rec.kind == "ok" else (rec.cause or name))
 
