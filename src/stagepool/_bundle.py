@@ -13,12 +13,10 @@ per call, and a bundle must not turn one call's crash into another's failure.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import traceback
 from array import array
 from typing import Any
 
-from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
+from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult, notify
 from ._call_blobs import NO_SEGMENTS, apply_blob, pack_blobs
 from ._worker import ChunkResult
 
@@ -65,7 +63,7 @@ class CallBundler:
             shares = self._split(result, len(members))
         for member, share in zip(members, shares, strict=True):
             if share is not None:
-                _deliver(member, share)
+                notify(member, share)
 
     def _split(self, result: TaskResult, n: int) -> list[Any]:
         try:
@@ -85,12 +83,4 @@ class CallBundler:
             self.backend.submit_many(members)
         except BaseException as exc:  # the engine is closing: they never run
             for member in members:
-                _deliver(member, Cancelled("the engine was shut down", exc))
-
-
-def _deliver(member: Task, share: Any) -> None:
-    try:
-        member.on_done(member, share)
-    except BaseException:  # reported, not fatal: the other members still get theirs
-        print("stagepool: a call's completion callback raised (ignored):", file=sys.stderr)
-        traceback.print_exc()
+                notify(member, Cancelled("the engine was shut down", exc))

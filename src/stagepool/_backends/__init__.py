@@ -29,6 +29,7 @@ from ._protocol import (
     LaneState,
     Task,
     TaskResult,
+    notify,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Task",
     "TaskResult",
     "make_backend",
+    "notify",
 ]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -24,6 +26,7 @@ __all__ = [
     "LaneState",
     "Task",
     "TaskResult",
+    "notify",
 ]
 
 _task_ids = itertools.count(1)
@@ -264,3 +267,17 @@ class BackendOptions:
     # hosted by a dask worker: there a lane's parent must be the dask worker itself, so that the
     # worker's death ends its lanes at once and blames exactly as the dask backend documents.
     template: bool = True
+
+
+def notify(task: Task, result: TaskResult) -> None:
+    """Deliver a result; a faulty callback must never take the backend's thread (the local pool
+    thread, the dask dispatcher) down with it. Not even a BaseException: a future's
+    done-callbacks run inside ``on_done``, and one that calls ``sys.exit()`` would end that
+    thread without a word, leaving every later call waiting.
+
+    The input segments of ``task.items`` are the callback's to free (see ``Task``)."""
+    try:
+        task.on_done(task, result)
+    except BaseException:  # reported, not fatal
+        print("stagepool: a task's completion callback raised (ignored):", file=sys.stderr)
+        traceback.print_exc()

@@ -15,12 +15,11 @@ import functools
 import itertools
 import queue
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from .._fairshare import FairShare
-from .._protocol import Cancelled, Group, LaneDied, LaneState, Task, TaskResult
+from .._protocol import Cancelled, Group, LaneDied, LaneState, Task, TaskResult, notify
 from . import _cluster
 from ._cluster import RPC_TIMEOUT
 from ._roster import Member
@@ -69,14 +68,6 @@ class _Running:
         if self.holds_slot:
             self.holds_slot = False
             self.worker.busy -= 1
-
-
-def notify(task: Task, result: TaskResult) -> None:
-    """Deliver a result; a faulty callback must never take the dispatcher down with it."""
-    try:
-        task.on_done(task, result)
-    except Exception:  # pragma: no cover - a bug in a callback, reported, not fatal
-        traceback.print_exc()
 
 
 def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
