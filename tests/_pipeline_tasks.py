@@ -100,6 +100,10 @@ class _Teardown:
         (Path(self.folder) / f"teardown-{ctx[0]}").touch()
 
 
+def broken_teardown(ctx: tuple[int, float]) -> None:
+    raise OSError("model file locked")
+
+
 # ---- arrays ----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import io
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -392,6 +393,17 @@ def test_teardown_runs_when_the_worker_exits(tmp_path: Path) -> None:
     with sp.Engine(workers=1) as eng:
         (seg,) = eng.run(p, [1])
     assert wait_until(lambda: (tmp_path / f"teardown-{seg.value[1][0]}").exists(), timeout=WAIT)
+
+
+def test_a_teardown_that_raises_is_logged_with_its_stage(caplog: pytest.LogCaptureFixture) -> None:
+    p = sp.Pipeline().stage("model", pt.with_ctx, setup=pt.make_ctx, teardown=pt.broken_teardown)
+    with caplog.at_level(logging.WARNING, logger="stagepool.worker"):
+        with sp.Engine(workers=1) as eng:
+            (seg,) = eng.run(p, [1])
+            assert seg.ok
+        logged = [r.getMessage() for r in caplog.records]
+    assert any("teardown of stage 'model' failed" in m and "model file locked" in m
+               for m in logged), logged
 
 
 # ---- stopping ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import dataclasses
 import mmap
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -157,16 +158,18 @@ def _context(uid: str, stage: StageCall) -> Any:
             _contexts[key] = _SetupFailed(error)
         else:
             if stage.teardown is not None:
-                _at_exit(stage.teardown, value)
+                _at_exit(stage.name, stage.teardown, value)
     ctx = _contexts[key]
     if isinstance(ctx, _SetupFailed):
         raise ctx.error
     return ctx
 
 
-def _at_exit(teardown: Callable[[Any], object], value: Any) -> None:
+def _at_exit(name: str, teardown: Callable[[Any], object], value: Any) -> None:
     """Tear down when the worker ends normally. A pool worker leaves through multiprocessing's
-    exit function (atexit is skipped by ``os._exit``); an in-process run, at interpreter exit."""
+    exit function (atexit is skipped by ``os._exit``); an in-process run, at interpreter exit.
+    A teardown that raises is written to stderr, one line naming the stage (a pool worker's
+    stderr is the ``stagepool.worker`` log), and the exit goes on."""
     done: list[bool] = []
 
     def once() -> None:
@@ -174,8 +177,9 @@ def _at_exit(teardown: Callable[[Any], object], value: Any) -> None:
             done.append(True)
             try:
                 teardown(value)
-            except Exception:  # best effort: a teardown's failure must not hide the exit code
-                pass
+            except Exception as exc:  # a teardown's failure must not change the exit code
+                print(f"stagepool: the teardown of stage {name!r} failed in worker {os.getpid()}: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     from multiprocessing import util
 
