@@ -215,6 +215,80 @@ def test_an_item_sent_ahead_that_kills_its_worker_at_once_fails_alone(
     assert report.values == [i + 1 for i in range(N) if i != GUILTY]
 
 
+# ---- a chunk that ended, whose result died with its worker --------------------------------------
+
+HOLD_PLUGIN = "test-hold-first-result"
+
+
+@contextlib.contextmanager
+def _first_result_held(client: Any, folder: Path) -> Iterator[Path]:
+    """The first chunk result fetched from a worker is held there (``_dask_hooks``); yields the
+    file that names that worker's pid once it is held."""
+    import _dask_hooks  # imports distributed: only once the module knows it is installed
+
+    (folder / "armed").touch()
+    client.register_plugin(_dask_hooks.HoldFirstResult(str(folder)), name=HOLD_PLUGIN)
+    try:
+        yield folder / "held"
+    finally:
+        client.unregister_worker_plugin(HOLD_PLUGIN)
+
+
+def _runs(logs: Path, n: int) -> list[int]:
+    """How often each of ``n`` ``_tasks.logged`` items really ran."""
+    return [len((logs / str(i)).read_text()) if (logs / str(i)).exists() else 0 for i in range(n)]
+
+
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_result_lost_with_its_worker_after_its_chunk_ended_counts_the_run(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    """Two chunks of four, one per worker. One ends (recorded with the scheduler) and its worker
+    is SIGKILLed while its result is fetched: its four items ran, none is guilty. Re-run, that
+    run is charged (``attempts`` 2); with rerun_innocent=False they do not run again and say
+    their result was lost with that dask worker."""
+    client.wait_for_workers(2, timeout=WAIT)
+    logs = tmp_path / "runs"
+    logs.mkdir()
+    work = [(i, "ok", str(logs)) for i in range(8)]
+    with _first_result_held(client, tmp_path) as held, \
+            sp.Engine(backend="dask", address=cluster, chunk_size=4,
+                      rerun_innocent=rerun_innocent) as eng, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(eng.map, _tasks.logged, work)
+        assert wait_until(held.exists, timeout=WAIT)
+        os.kill(int(held.read_text()), signal.SIGKILL)
+        report = running.result(timeout=WAIT)
+    runs = _runs(logs, 8)
+    assert [o.attempts for o in report] == runs, report.summary()
+    lost = [o for o in report if not o.ok]
+    if rerun_innocent:
+        assert report.values == list(range(8)) and sorted(runs) == [1] * 4 + [2] * 4
+    else:
+        assert runs == [1] * 8 and len(lost) == 4 and {o.kind for o in lost} == {"crash"}
+        assert all("ran, but its result was lost" in str(o.error) and "dask worker tcp://"
+                   in str(o.error) and "rerun_innocent=False" in str(o.error) for o in lost)
+
+
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_single_call_whose_result_died_with_its_worker_runs_again_only_if_allowed(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+    logs = tmp_path / "runs"
+    logs.mkdir()
+    with _first_result_held(client, tmp_path) as held, \
+            sp.Engine(backend="dask", address=cluster, rerun_innocent=rerun_innocent) as eng:
+        future = eng.submit(_tasks.logged, (0, "ok", str(logs)))
+        assert wait_until(held.exists, timeout=WAIT)
+        os.kill(int(held.read_text()), signal.SIGKILL)
+        if rerun_innocent:
+            assert future.result(timeout=WAIT) == 0
+        else:
+            with pytest.raises(sp.WorkerCrashed, match=r"ran, but its result was lost .*dask "
+                                                       r"worker tcp://.*rerun_innocent=False"):
+                future.result(timeout=WAIT)
+    assert _runs(logs, 1) == [2 if rerun_innocent else 1]
+
+
 def test_a_segfault_fails_its_item_and_the_dask_worker_lives_on(
         cli_engine: sp.Engine, client: Any) -> None:
     before = _dask_worker_pids(client)

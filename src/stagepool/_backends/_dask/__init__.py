@@ -13,7 +13,8 @@ takes a noticeable fraction of a second and registers ~185 exception reducers in
                           |                 -> a hosted LocalBackend (one lane per slot)
                           |                 -> lane process: _worker.run_chunk, the shared record
                           |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
-                          |  <--the dask worker died: LaneDied(offset -1); it retired: requeued
+                          |  <--the dask worker died: LaneDied(offset -1, or "lost" if the
+                          |     chunk had ended); it retired: requeued
                   Task.on_done(result | LaneDied | Cancelled)
 
 Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in
@@ -38,10 +39,14 @@ Faults, and why no item is blamed twice or wrongly:
   (``workers=[address]``, ``allow_other_workers=False``), the rest wait in our queue. Dask starts
   a worker's chunks in the order they were sent, so when a worker dies, its oldest ``slots``
   chunks that had not ended are the ones that may have been running: only those are answered
-  ``LaneDied(offset=-1)``; the younger ones, and ended ones whose results died with the
-  worker, run again elsewhere unblamed. "Ended" is what dask told us, or what the worker
-  recorded with the scheduler (an event under ``ended_topic``) before this chunk's thread was
-  free to start the one waiting behind it: that record waits for the scheduler's word, so a
+  ``LaneDied(offset=-1)``; the younger ones run again elsewhere unblamed. An ended one
+  whose answer died with the worker is answered from its end record: the lanes' own
+  ``LaneDied`` if that was its answer, else ``LaneDied(reason="lost")``: every item ran and
+  none is to blame, so the batch counts that run in ``attempts`` and runs them again (or,
+  with ``rerun_innocent=False``, reports each result lost, naming the worker's address).
+  "Ended" is what dask told us, or what the worker recorded with the scheduler (an event
+  under ``ended_topic``, saying how it ended) before this chunk's thread was free to start
+  the one waiting behind it: that record waits for the scheduler's word, so a
   worker killed by the next chunk's first item, in the moment before dask told us that the
   previous one finished, never passes for one killed while running the previous one (which
   blamed an innocent item in 2 of 3 runs before). The one window left: a worker killed from

@@ -122,15 +122,16 @@ def left_gracefully(client: Any, address: str) -> bool:
     return graceful
 
 
-def chunks_ended(client: Any, name: str, address: str) -> set[str]:
-    """The keys of engine ``name``'s chunks that the worker at ``address`` recorded as ended
-    (``HostPlugin._record_end``); empty when the scheduler cannot say."""
+def chunks_ended(client: Any, name: str, address: str) -> dict[str, dict[str, Any]]:
+    """The end records of engine ``name``'s chunks on the worker at ``address``, by key
+    (``HostPlugin._record_end``: the key and how the chunk ended); empty when the scheduler
+    cannot say."""
     try:
         events = client.sync(client.scheduler.events, topic=ended_topic(name, address),
                              callback_timeout=RPC_TIMEOUT)
     except Exception:  # the scheduler is unreachable: what the client saw finish is all we know
-        return set()
-    return {event["key"] for _when, event in events
+        return {}
+    return {event["key"]: event for _when, event in events
             if isinstance(event, dict) and isinstance(event.get("key"), str)}
 
 

@@ -23,7 +23,7 @@ from ..._planning import plan_workers
 from .._protocol import Backend, BackendOptions, Cancelled, Group, LaneDied, Task, TaskResult
 from ._memory import capacity
 
-__all__ = ["SHUT_DOWN", "HostPlugin", "ended_topic", "lane_pids", "run_chunk"]
+__all__ = ["SHUT_DOWN", "HostPlugin", "end_note", "ended_topic", "lane_pids", "run_chunk"]
 
 # How often a waiting chunk on a worker looks at its dask task's state (cancelled: kill it).
 CANCEL_POLL = 0.1
@@ -106,17 +106,19 @@ class HostPlugin(WorkerPlugin):
                     backend.withdraw(task.group, kill_running=True)
                 continue
             with contextlib.suppress(Exception):  # unrecorded: the old window, see below
-                sync(self.worker.loop, self._record_end, key, callback_timeout=END_RECORD_TIMEOUT)
+                sync(self.worker.loop, self._record_end, key, end_note(answer),
+                     callback_timeout=END_RECORD_TIMEOUT)
             return answer
 
-    async def _record_end(self, key: str) -> None:
+    async def _record_end(self, key: str, note: dict[str, Any]) -> None:
         """Tell the scheduler that chunk ``key`` ended here, before this thread is free to start
         the next one: if one of ours waits behind it, wait for the scheduler's word (one
         round trip, worker to scheduler), so that a worker killed by the next chunk's item
         cannot pass for one killed while running this chunk (its "finished" may still be on
         its way to the client: the report window, in which the engine would have blamed it).
-        Else the record goes out with the worker's next batch of messages, at no wait."""
-        topic, msg = ended_topic(self.name, self.worker.address), {"key": key}
+        Else the record goes out with the worker's next batch of messages, at no wait.
+        ``note`` says how it ended (``end_note``), for an engine that never gets the answer."""
+        topic, msg = ended_topic(self.name, self.worker.address), {"key": key, **note}
         prefix = self.name + "-"
         if any(ts.state in _WAITING and ts.key.startswith(prefix)  # on the loop: a safe read
                for ts in self.worker.state.tasks.values() if isinstance(ts.key, str)):
@@ -135,6 +137,17 @@ class HostPlugin(WorkerPlugin):
         if isinstance(answer, Cancelled):
             return answer
         return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+
+
+def end_note(answer: TaskResult) -> dict[str, Any]:
+    """How a chunk ended, for its end record (plain values: the scheduler keeps it): the lanes'
+    ``LaneDied`` whole under "died", a ``Cancelled`` reason under "cancelled" (nothing ran);
+    nothing more for an answer, whose every item ran."""
+    if isinstance(answer, LaneDied):
+        return {"died": dataclasses.asdict(answer)}
+    if isinstance(answer, Cancelled):
+        return {"cancelled": answer.reason}
+    return {}
 
 
 def _lane_thread_env(threads: int) -> dict[str, str]:
