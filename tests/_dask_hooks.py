@@ -48,3 +48,10 @@ class HoldFirstResult(WorkerPlugin):
         except FileNotFoundError:
             return False
         return True
+
+
+def dask_teardown(worker: Any) -> Any:
+    """As a worker preload (``distributed.worker.preload``): a worker whose closing takes
+    ``STAGEPOOL_TEST_SLOW_EXIT`` seconds, as a loaded machine's did (over the 4 s a nanny waits
+    by default)."""
+    return asyncio.sleep(float(os.environ.get("STAGEPOOL_TEST_SLOW_EXIT", "0")))

@@ -471,6 +471,43 @@ def test_closing_the_client_under_an_engine_cancels_instead_of_hanging(
     assert _our_plugins(client) == []  # removed all the same: no lanes idle on the workers
 
 
+# The engine's own cluster shut down in a process of its own: its stderr is all dask printed, and
+# what it started (nannies, workers, their lanes) is listed before the shutdown. Its own
+# multiprocessing resource tracker is the interpreter's, which lives as long as it does.
+_OWN_CLUSTER_SHUTDOWN = """
+import os, time, psutil, stagepool as sp
+
+def alive(procs):
+    return [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+with sp.Engine(backend="dask", workers=2) as eng:
+    assert eng.map(abs, [-1, -2, -3]).values == [1, 2, 3]
+    ours = [p for p in psutil.Process().children(recursive=True)
+            if not (p.ppid() == os.getpid() and "resource_tracker" in " ".join(p.cmdline()))]
+    started = time.monotonic()
+print(f"shutdown took {time.monotonic() - started:.2f} s", flush=True)
+deadline = time.monotonic() + 10
+while alive(ours) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("left running:", alive(ours))
+"""
+
+
+def test_the_engines_own_cluster_shuts_down_in_order_printing_nothing() -> None:
+    """Its workers get time to exit before their nannies would kill them: here each worker's
+    closing takes 5 s (a preload; a loaded machine's took over 4 s), beyond the 4 s a nanny
+    waits by default before it prints "Worker process still alive after 4.0 seconds, killing"
+    and SIGKILLs the worker. Nothing it started is left running."""
+    env = {**os.environ, "STAGEPOOL_TEST_SLOW_EXIT": "5",
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": '["_dask_hooks"]',
+           "PYTHONPATH": os.pathsep.join([TESTS, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-c", _OWN_CLUSTER_SHUTDOWN], env=env,
+                          capture_output=True, text=True, timeout=4 * WAIT)
+    assert done.returncode == 0, done.stderr
+    assert "still alive" not in done.stderr, done.stderr
+    assert "left running: []" in done.stdout, done.stdout + done.stderr
+
+
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from stagepool._backends._dask import _cluster
 

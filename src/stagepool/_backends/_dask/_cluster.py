@@ -4,6 +4,7 @@ and removing an engine's plugin. Each is bounded by a timeout below."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import dask
@@ -13,8 +14,8 @@ from .._protocol import Task
 from ._memory import MEMORY
 from ._plugin import ended_topic, lane_pids, run_chunk
 
-__all__ = ["RPC_TIMEOUT", "chunks_ended", "connect", "left_gracefully", "submit_chunk", "unregister",
-           "wait_for_first_worker", "worker_lane_pids", "workers_info"]
+__all__ = ["RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect", "left_gracefully",
+           "submit_chunk", "unregister", "wait_for_first_worker", "worker_lane_pids", "workers_info"]
 
 # Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
 # the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
@@ -27,6 +28,13 @@ CLEANUP_TIMEOUT = 5.0
 # An engine on a cluster with no worker yet waits this long for one, then says so.
 FIRST_WORKER_TIMEOUT = 30.0
 
+# How long each worker of our own cluster gets to close at shutdown; its nanny kills it after
+# 0.8 x this. Closing takes a worker ~0.25 s of CPU (its comms, the interpreter's exit): 0.25 s
+# of wall time on an idle machine, 2-3 s beside four busy processes on 2 cores, and more than
+# dask's default wait of 4 s (0.8 x 5 s) under the loads seen here, when the nanny printed
+# "Worker process still alive after 4.0 seconds, killing" and SIGKILLed it. A worker that
+# closes in time costs nothing of this; a hung one delays shutdown by up to 0.8 x this.
+WORKER_CLOSE_TIMEOUT = 20.0
 # Our in-process cluster shares this machine's cores with the lanes doing the work, so dask's
 # background sampling is paid for in item throughput. Measured idle on 2 cores: each worker
 # process burnt 4.4% of a core and the client's event loop (which hosts the scheduler) 5%, about
@@ -82,6 +90,21 @@ def connect(workers: int, address: str | None, client: Any,
     except BaseException:
         cluster.close()
         raise
+
+
+def close_own_cluster(cluster: Any) -> None:
+    """Close the cluster we started: its workers first, side by side, each with
+    WORKER_CLOSE_TIMEOUT to exit before its nanny kills it (dask's own close gives them 5 s),
+    then its scheduler. Raises what ``cluster.close`` raises past RPC_TIMEOUT."""
+    try:
+        cluster.sync(_close_workers, cluster, callback_timeout=2 * WORKER_CLOSE_TIMEOUT)
+    finally:
+        cluster.close(timeout=RPC_TIMEOUT)  # the workers are closed already: the scheduler
+
+
+async def _close_workers(cluster: Any) -> None:
+    await asyncio.gather(*(nanny.close(timeout=WORKER_CLOSE_TIMEOUT, reason="stagepool-shutdown")
+                           for nanny in list(cluster.workers.values())), return_exceptions=True)
 
 
 def wait_for_first_worker(client: Any, address: str) -> None:
