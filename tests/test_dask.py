@@ -362,32 +362,49 @@ def test_a_worker_that_joins_gets_chunks_and_one_that_leaves_is_no_loss(
         assert last.values == [2 * i for i in range(8)], last.summary()
 
 
-def test_a_worker_retired_mid_batch_blames_nothing(cluster: str, client: Any,
-                                                  tmp_path: Path) -> None:
-    """A graceful leave (retire_workers, a scale-down) is nobody's crash: the chunks the worker
-    was running or holding go back to the queue and run elsewhere; nothing queued is charged."""
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_worker_retired_mid_batch_blames_nothing_and_counts_every_run(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    """A graceful leave (retire_workers, a scale-down) is nobody's crash. Dask does not wait for
+    the running chunk: the worker closes at once and its lanes are killed mid-chunk. The worker
+    records how many items of it had started; those count that run (re-run: ``attempts`` 2;
+    with rerun_innocent=False not run again, their results reported lost with the retired
+    worker); the rest of the chunk and everything queued run elsewhere, charged nothing."""
     client.wait_for_workers(2, timeout=WAIT)
     before = set(client.scheduler_info()["workers"])
     third = _start_worker(cluster, "--nthreads", "1")
     try:
         client.wait_for_workers(3, timeout=WAIT)
         (leaving,) = set(client.scheduler_info()["workers"]) - before
-        leaving_pid = client.run(os.getpid, workers=[leaving])[leaving]
-        with sp.Engine(backend="dask", address=cluster) as eng, \
+        leaving_pid = str(client.run(os.getpid, workers=[leaving])[leaving])
+        with sp.Engine(backend="dask", address=cluster, chunk_size=3,
+                       rerun_innocent=rerun_innocent) as eng, \
                 concurrent.futures.ThreadPoolExecutor(1) as pool:
-            work = [(i, 0.5, str(tmp_path)) for i in range(12)]
-            running = pool.submit(eng.map, _tasks.note_then_sleep, work, chunk_size=1)
-            assert wait_until(lambda: any(
-                p.read_text() == str(leaving_pid) for p in tmp_path.iterdir() if p.is_file()
-                and not p.name.endswith(".tmp")), timeout=WAIT)
+            work = [(i, 0.4, str(tmp_path)) for i in range(12)]
+            running = pool.submit(eng.map, _tasks.note_runs_then_sleep, work)
+            # the second item of its chunk runs: one has run, one runs, one waits
+            assert wait_until(lambda: sum(pids.count(leaving_pid) for pids in
+                                          _ran_on(tmp_path, 12).values()) == 2, timeout=WAIT)
             client.retire_workers([leaving], close_workers=True)
             report = running.result(timeout=WAIT)
-        assert [o.kind for o in report] == ["ok"] * 12, report.summary()
-        assert report.values == list(range(12))
-        interrupted = {i for i in range(12) if (tmp_path / str(i)).read_text() == str(leaving_pid)}
-        assert all(o.attempts == 1 for o in report if o.index not in interrupted)
+        runs = [len(pids) for pids in _ran_on(tmp_path, 12).values()]
+        interrupted = [i for i, pids in _ran_on(tmp_path, 12).items() if pids[0] == leaving_pid]
+        assert interrupted and [o.attempts for o in report] == runs, report.summary()
+        if rerun_innocent:
+            assert report.values == list(range(12)), report.summary()
+            assert [i for i, n in enumerate(runs) if n == 2] == interrupted
+        else:
+            assert runs == [1] * 12 and [o.index for o in report.failed] == interrupted
+            assert all(o.kind == "crash" and "was retired while running its chunk" in str(o.error)
+                       and leaving in str(o.error) for o in report.failed)
     finally:
         _stop([third])
+
+
+def _ran_on(folder: Path, n: int) -> dict[int, list[str]]:
+    """Per item of ``_tasks.note_runs_then_sleep``: the pid of the dask worker of each run."""
+    return {i: (folder / str(i)).read_text().split() if (folder / str(i)).exists() else []
+            for i in range(n)}
 
 
 def test_an_asynchronous_client_is_refused_at_once(cluster: str) -> None:

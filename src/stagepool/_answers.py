@@ -5,8 +5,9 @@
                                      before and after it go out again
     LaneDied(offset -1)          --> nobody can say which item: the chunk goes out again in halves
                                      until the guilty item is alone (exact blame on any backend)
-    LaneDied(reason "lost")      --> every item ran, only the answer died: all go out again,
-                                     charged (or, rerun_innocent=False, each reported lost)
+    LaneDied(reason "lost")      --> its first ``ran`` items ran, none is guilty, the answer died:
+                                     they go out again, charged (or, rerun_innocent=False, each
+                                     is reported lost); the rest go out again uncharged
     an argument that would not unpickle in the worker, an answer that will not decode
                                  --> the same halving, then that item's "serialization" failure
     Cancelled                    --> every item "cancelled"
@@ -158,8 +159,12 @@ class Answers:
 
     def _death(self, lot: Lot, died: LaneDied) -> None:
         start, items, tries, runs = lot
-        if died.reason == "lost":  # the chunk ended, its answer died with its worker
-            self._innocent(lot._replace(runs=runs + 1), died, None)
+        if died.reason == "lost":  # its first ``ran`` items ran (None: all), none is guilty
+            ran = len(items) if died.ran is None else min(died.ran, len(items))
+            if ran < len(items):  # they never started
+                self.again.appendleft(Resend(0.0, Lot(start + ran, items[ran:], tries, runs)))
+            if ran:
+                self._innocent(Lot(start, items[:ran], tries, runs + 1), died, None)
             return
         if died.offset < 0 and len(items) > 1:
             if died.ran == 0:  # it died before any item ran: halving repeats nothing
@@ -195,10 +200,10 @@ class Answers:
     def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """``rerun_innocent=False``: items that ran, whose results died with their worker, are
         reported instead of run again (for stages that must not run twice)."""
-        on = (f"on item {self.label(guilty)}" if guilty is not None else
-              "after their chunk ended" if died.reason == "lost" else "on an item of their chunk")
+        how = (f"died on item {self.label(guilty)}" if guilty is not None else
+               died.detail if died.reason == "lost" else "died on an item of their chunk")
         for i in range(lot.start, lot.start + len(lot.items)):
-            self.final(i, "crash", lost_result_error(died, self.label(i), on), lot.runs,
+            self.final(i, "crash", lost_result_error(died, self.label(i), how), lot.runs,
                        pid=died.pid)
 
     def _halve(self, lot: Lot) -> None:

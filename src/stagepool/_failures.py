@@ -84,10 +84,10 @@ def _who(died: LaneDied) -> str:
     return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 
-def lost_result_error(died: LaneDied, index: Subject, on: str) -> WorkerCrashed:
-    """``rerun_innocent=False``: ``index`` ran, but its result died with its worker, which died
-    ``on`` ("on item 3", "after their chunk ended"); it is not run again."""
-    return WorkerCrashed(f"{subject(index)} ran, but its result was lost when {_who(died)} died {on}; "
+def lost_result_error(died: LaneDied, index: Subject, how: str) -> WorkerCrashed:
+    """``rerun_innocent=False``: ``index`` ran, but its result died with its worker, which went
+    ``how`` ("died on item 3", "was retired while running its chunk"); not run again."""
+    return WorkerCrashed(f"{subject(index)} ran, but its result was lost when {_who(died)} {how}; "
                          "not run again because rerun_innocent=False")
 
 
@@ -108,7 +108,7 @@ def death_failure(died: LaneDied, index: Subject, stage: str,
             f"{died.pid} (before {subject(index)}): it was killed with its child processes and no "
             "worker is started again; make it faster, or raise init_timeout (None: no limit)")
     if died.reason == "lost":
-        return "crash", lost_result_error(died, index, "after it ended")
+        return "crash", lost_result_error(died, index, died.detail or "died after it ended")
     if died.reason == "cancelled":
         return "cancelled", TaskCancelled(
             f"{subject(index)} was running when its batch was cancelled; its worker was killed")

@@ -67,10 +67,11 @@ class LaneDied:
     chunk's items had finished running (their results lost with the worker), None when unknown:
     the engine counts each such run in the items' ``attempts``.
 
-    Reason ``"lost"``: the task had ended (every item ran, ``ran`` is all of them) and only its
-    answer died with the worker (a cluster worker killed before its result was fetched): no
-    item is to blame; the engine runs them again, charged, or with ``rerun_innocent=False``
-    reports their results lost.
+    Reason ``"lost"``: no item is to blame; the first ``ran`` items (None: all) ran, or were
+    running, and their answers died with the worker: a cluster worker killed after the task
+    ended, before its result was fetched, or retired while running it. ``detail`` then says
+    how the worker went ("died after its chunk ended"). The engine runs them again, charged,
+    or with ``rerun_innocent=False`` reports their results lost; the rest never started.
     """
 
     pid: int

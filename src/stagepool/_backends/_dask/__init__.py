@@ -61,9 +61,14 @@ Faults, and why no item is blamed twice or wrongly:
   so a worker killed by an item (or by anyone) fails at most the one item it was running. The
   in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
 * A worker that is retired (``retire_workers``, a scale-down, ``dask worker`` stopped by
-  SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash: all its
-  chunks go back to the front of our queue and run elsewhere, charged nothing. (A chunk it was
-  running is interrupted and runs again in full; its ``attempts`` count that as one run.)
+  SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash. Dask
+  does not wait for its running tasks (only for the results it holds, which it moves to other
+  workers): it closes at once, and our lanes there are killed mid-chunk. As it closes, its
+  plugin records with the scheduler how many items of each running chunk had started; those
+  count that run (``LaneDied(reason="lost", ran=k)``: run again, charged, or with
+  ``rerun_innocent=False`` reported lost), and the rest of the chunk, the chunks waiting
+  there, and any chunk without such a record go back to the front of our queue, charged
+  nothing. A chunk dask saw finish there waits for its (moved) result.
 * Cancelling a batch withdraws its queued chunks (those still in our queue, and those sent ahead
   to a worker's queue: their dask futures are cancelled before they start); its running
   ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask

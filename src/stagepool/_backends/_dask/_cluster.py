@@ -5,6 +5,7 @@ and removing an engine's plugin. Each is bounded by a timeout below."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import dask
@@ -12,10 +13,11 @@ import distributed
 
 from .._protocol import Task
 from ._memory import MEMORY
-from ._plugin import ended_topic, lane_pids, run_chunk
+from ._plugin import RETIRED, ended_topic, lane_pids, run_chunk
 
 __all__ = ["RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect", "left_gracefully",
-           "submit_chunk", "unregister", "wait_for_first_worker", "worker_lane_pids", "workers_info"]
+           "retired_chunks", "submit_chunk", "unregister", "wait_for_first_worker",
+           "worker_lane_pids", "workers_info"]
 
 # Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
 # the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
@@ -25,6 +27,9 @@ SCATTER_BYTES = 1 << 20
 RPC_TIMEOUT = 30.0
 # Connecting again only to clean up after a client closed under the engine: not for long.
 CLEANUP_TIMEOUT = 5.0
+# How long the engine waits for a retired worker's record of the chunks it was running (see
+# retired_chunks); ~0.1 s when it comes. Past it, those chunks run again uncharged.
+RETIRE_RECORD_WAIT = 5.0
 # An engine on a cluster with no worker yet waits this long for one, then says so.
 FIRST_WORKER_TIMEOUT = 30.0
 
@@ -149,13 +154,34 @@ def chunks_ended(client: Any, name: str, address: str) -> dict[str, dict[str, An
     """The end records of engine ``name``'s chunks on the worker at ``address``, by key
     (``HostPlugin._record_end``: the key and how the chunk ended); empty when the scheduler
     cannot say."""
+    return {event["key"]: event for event in _records(client, name, address)
+            if isinstance(event.get("key"), str)}
+
+
+def retired_chunks(client: Any, name: str, address: str) -> dict[str, int | None] | None:
+    """What the retired worker at ``address`` recorded, as it closed, of engine ``name``'s
+    chunks it was running (``HostPlugin._record_retirement``): per key, how many items had
+    started. The worker sends it after the scheduler has let it go, so it is waited for, up to
+    RETIRE_RECORD_WAIT; None when none came (the worker was killed as it closed, say)."""
+    deadline = time.monotonic() + RETIRE_RECORD_WAIT
+    while True:
+        for event in _records(client, name, address):
+            if isinstance(event.get(RETIRED), dict):
+                return dict(event[RETIRED])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _records(client: Any, name: str, address: str) -> list[dict[str, Any]]:
+    """Engine ``name``'s records from the worker at ``address`` ([] when the scheduler cannot
+    say: what the client saw finish is then all we know)."""
     try:
         events = client.sync(client.scheduler.events, topic=ended_topic(name, address),
                              callback_timeout=RPC_TIMEOUT)
-    except Exception:  # the scheduler is unreachable: what the client saw finish is all we know
-        return {}
-    return {event["key"]: event for _when, event in events
-            if isinstance(event, dict) and isinstance(event.get("key"), str)}
+    except Exception:
+        return []
+    return [event for _when, event in events if isinstance(event, dict)]
 
 
 def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,

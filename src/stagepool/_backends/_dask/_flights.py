@@ -169,22 +169,51 @@ class Flights:
         the running one."""
         member.gone = True
         lost = [run for run in self._running.values() if run.worker is member]
-        ended = {} if graceful or not lost else _cluster.chunks_ended(
-            self._client, self._name, member.address)
+        if graceful:
+            self._retired(member, lost)
+            return
+        ended = _cluster.chunks_ended(self._client, self._name, member.address) if lost else {}
         suspects = 0
         for run in lost:  # the book keeps the order they were sent in
             del self._running[run.key]
             run.release()
-            if not graceful and (run.finished or run.key in ended):
+            if run.finished or run.key in ended:
                 self._answer_lost(run, ended.get(run.key))
                 continue
-            if graceful or suspects >= member.capacity.slots:
+            if suspects >= member.capacity.slots:
                 self.requeue(run.task)
                 continue
             suspects += 1
             notify(run.task, LaneDied(member.pid, None, -1, "crash", why,
                                       where=f"dask worker {member.address}"))
         self._cancel(lost)
+
+    def _retired(self, member: Member, lost: list[_Running]) -> None:
+        """``member`` was retired: nothing of ours is to blame. A chunk dask saw finish keeps
+        its place in the book: dask moves a retiring worker's results to another worker, and
+        if it did not move this one, its fetch fails and ``finish`` answers it as lost. The
+        others stop there; the worker recorded, as it closed, how many items of each running
+        chunk had started (``HostPlugin``): those count that run (``LaneDied`` "lost" with
+        ``ran``: charged, or reported lost under ``rerun_innocent=False``), the rest run again
+        elsewhere uncharged, as does every chunk without such a record (waiting, or none came)."""
+        if not lost:
+            return
+        started = _cluster.retired_chunks(self._client, self._name, member.address) or {}
+        ended = _cluster.chunks_ended(self._client, self._name, member.address)
+        stopped = [run for run in lost if not run.finished]
+        for run in stopped:
+            del self._running[run.key]
+            run.release()
+            ran = started.get(run.key, 0)
+            if run.key in ended:  # it ended before the retirement: its answer died
+                self._answer_lost(run, ended[run.key])
+            elif ran == 0:
+                self.requeue(run.task)
+            else:
+                notify(run.task, LaneDied(member.pid, None, -1, "lost", "was retired while running "
+                                          "its chunk", where=f"dask worker {member.address}",
+                                          ran=ran))
+        self._cancel(stopped)
 
     def _answer_lost(self, run: _Running, record: dict[str, Any] | None) -> None:
         """``run`` ended on its worker, which died before we had its answer. Its end ``record``
@@ -201,8 +230,8 @@ class Flights:
                 notify(run.task, LaneDied(**died))
                 return
         member = run.worker
-        notify(run.task, LaneDied(member.pid, None, -1, "lost", where=f"dask worker {member.address}",
-                                  ran=run.task.n_items))
+        notify(run.task, LaneDied(member.pid, None, -1, "lost", "died after its chunk ended",
+                                  where=f"dask worker {member.address}", ran=run.task.n_items))
 
     def withdraw_ahead(self, match: Callable[[Task], bool], reason: str) -> None:
         """Cancel the matching chunks that wait in a worker's queue behind its ``slots`` oldest
