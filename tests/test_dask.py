@@ -644,3 +644,19 @@ def test_profile_refuses_an_address_without_the_dask_backend() -> None:
         main(["profile", "--demo", "--address", "tcp://127.0.0.1:8786"])
     with pytest.raises(ValueError, match="brings its own workers"):
         sp.profile_stage(abs, [1], workers=2, backend="dask", address="tcp://127.0.0.1:8786")
+
+
+def test_a_closing_worker_counts_the_items_each_running_chunk_had_started() -> None:
+    """What a retired worker records (pure): the running item's offset + 1; 0 for a chunk no
+    lane had taken; None (all, for the engine) when a lane was decoding or encoding it."""
+    from stagepool._backends import Group, LaneState, Task
+    from stagepool._backends._dask._plugin import started
+
+    def task() -> Task:
+        return Task(Group(), 0, b"", b"", 5, lambda _task, _answer: None)
+
+    running, queued, encoding = task(), task(), task()
+    states = [LaneState("11", running.id, 2, 0.0), LaneState("12", encoding.id, -1, None),
+              LaneState("13", 0, -1, None)]
+    chunks = {"a": running, "b": queued, "c": encoding}
+    assert started(chunks, states) == {"a": 3, "b": 0, "c": None}

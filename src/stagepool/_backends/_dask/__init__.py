@@ -14,7 +14,8 @@ takes a noticeable fraction of a second and registers ~185 exception reducers in
                           |                 -> lane process: _worker.run_chunk, the shared record
                           |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
                           |  <--the dask worker died: LaneDied(offset -1, or "lost" if the
-                          |     chunk had ended); it retired: requeued
+                          |     chunk had ended); it retired: "lost" (the items it had
+                          |     started) and the rest requeued
                   Task.on_done(result | LaneDied | Cancelled)
 
 Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in

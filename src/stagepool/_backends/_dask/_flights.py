@@ -158,8 +158,8 @@ class Flights:
                       graceful=_cluster.left_gracefully(self._client, member.address))
 
     def _end(self, member: Member, why: str, *, graceful: bool) -> None:
-        """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame, and each
-        goes back to the queue to run elsewhere without a charge. Else its oldest ``slots``
+        """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame (see
+        ``_retired``). Else its oldest ``slots``
         chunks that had not ended may have been running (dask starts them in the order sent):
         each fails as "died on an unknown item" and the batch finds the culprit; the younger
         ones were waiting in its queue: they simply run again elsewhere; the ended ones lost
