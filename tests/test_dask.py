@@ -495,12 +495,24 @@ _OWN_CLUSTER_SHUTDOWN = """
 import os, time, psutil, stagepool as sp
 
 def alive(procs):
-    return [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    pids = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+def started_by_the_engine(p):
+    try:
+        return not (p.ppid() == os.getpid() and "resource_tracker" in " ".join(p.cmdline()))
+    except psutil.NoSuchProcess:  # gone already
+        return False
 
 with sp.Engine(backend="dask", workers=2) as eng:
     assert eng.map(abs, [-1, -2, -3]).values == [1, 2, 3]
-    ours = [p for p in psutil.Process().children(recursive=True)
-            if not (p.ppid() == os.getpid() and "resource_tracker" in " ".join(p.cmdline()))]
+    ours = [p for p in psutil.Process().children(recursive=True) if started_by_the_engine(p)]
     started = time.monotonic()
 print(f"shutdown took {time.monotonic() - started:.2f} s", flush=True)
 deadline = time.monotonic() + 10
