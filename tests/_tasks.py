@@ -469,3 +469,13 @@ def hang_on_zero_loop(x: int) -> int:
         while True:
             pass
     return x * 2
+
+
+def note_runs_then_sleep(item: tuple[int, float, str]) -> int:
+    """Append ``<dask worker pid>`` as a line to ``folder/<index>`` each time it starts (one line
+    per run, whatever becomes of it), then sleep."""
+    index, seconds, folder = item
+    with open(os.path.join(folder, str(index)), "a") as f:
+        f.write(f"{_dask_worker_pid()}\n")
+    time.sleep(seconds)
+    return index

@@ -215,6 +215,80 @@ def test_an_item_sent_ahead_that_kills_its_worker_at_once_fails_alone(
     assert report.values == [i + 1 for i in range(N) if i != GUILTY]
 
 
+# ---- a chunk that ended, whose result died with its worker --------------------------------------
+
+HOLD_PLUGIN = "test-hold-first-result"
+
+
+@contextlib.contextmanager
+def _first_result_held(client: Any, folder: Path) -> Iterator[Path]:
+    """The first chunk result fetched from a worker is held there (``_dask_hooks``); yields the
+    file that names that worker's pid once it is held."""
+    import _dask_hooks  # imports distributed: only once the module knows it is installed
+
+    (folder / "armed").touch()
+    client.register_plugin(_dask_hooks.HoldFirstResult(str(folder)), name=HOLD_PLUGIN)
+    try:
+        yield folder / "held"
+    finally:
+        client.unregister_worker_plugin(HOLD_PLUGIN)
+
+
+def _runs(logs: Path, n: int) -> list[int]:
+    """How often each of ``n`` ``_tasks.logged`` items really ran."""
+    return [len((logs / str(i)).read_text()) if (logs / str(i)).exists() else 0 for i in range(n)]
+
+
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_result_lost_with_its_worker_after_its_chunk_ended_counts_the_run(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    """Two chunks of four, one per worker. One ends (recorded with the scheduler) and its worker
+    is SIGKILLed while its result is fetched: its four items ran, none is guilty. Re-run, that
+    run is charged (``attempts`` 2); with rerun_innocent=False they do not run again and say
+    their result was lost with that dask worker."""
+    client.wait_for_workers(2, timeout=WAIT)
+    logs = tmp_path / "runs"
+    logs.mkdir()
+    work = [(i, "ok", str(logs)) for i in range(8)]
+    with _first_result_held(client, tmp_path) as held, \
+            sp.Engine(backend="dask", address=cluster, chunk_size=4,
+                      rerun_innocent=rerun_innocent) as eng, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(eng.map, _tasks.logged, work)
+        assert wait_until(held.exists, timeout=WAIT)
+        os.kill(int(held.read_text()), signal.SIGKILL)
+        report = running.result(timeout=WAIT)
+    runs = _runs(logs, 8)
+    assert [o.attempts for o in report] == runs, report.summary()
+    lost = [o for o in report if not o.ok]
+    if rerun_innocent:
+        assert report.values == list(range(8)) and sorted(runs) == [1] * 4 + [2] * 4
+    else:
+        assert runs == [1] * 8 and len(lost) == 4 and {o.kind for o in lost} == {"crash"}
+        assert all("ran, but its result was lost" in str(o.error) and "dask worker tcp://"
+                   in str(o.error) and "rerun_innocent=False" in str(o.error) for o in lost)
+
+
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_single_call_whose_result_died_with_its_worker_runs_again_only_if_allowed(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+    logs = tmp_path / "runs"
+    logs.mkdir()
+    with _first_result_held(client, tmp_path) as held, \
+            sp.Engine(backend="dask", address=cluster, rerun_innocent=rerun_innocent) as eng:
+        future = eng.submit(_tasks.logged, (0, "ok", str(logs)))
+        assert wait_until(held.exists, timeout=WAIT)
+        os.kill(int(held.read_text()), signal.SIGKILL)
+        if rerun_innocent:
+            assert future.result(timeout=WAIT) == 0
+        else:
+            with pytest.raises(sp.WorkerCrashed, match=r"ran, but its result was lost .*dask "
+                                                       r"worker tcp://.*rerun_innocent=False"):
+                future.result(timeout=WAIT)
+    assert _runs(logs, 1) == [2 if rerun_innocent else 1]
+
+
 def test_a_segfault_fails_its_item_and_the_dask_worker_lives_on(
         cli_engine: sp.Engine, client: Any) -> None:
     before = _dask_worker_pids(client)
@@ -288,32 +362,49 @@ def test_a_worker_that_joins_gets_chunks_and_one_that_leaves_is_no_loss(
         assert last.values == [2 * i for i in range(8)], last.summary()
 
 
-def test_a_worker_retired_mid_batch_blames_nothing(cluster: str, client: Any,
-                                                  tmp_path: Path) -> None:
-    """A graceful leave (retire_workers, a scale-down) is nobody's crash: the chunks the worker
-    was running or holding go back to the queue and run elsewhere; nothing queued is charged."""
+@pytest.mark.parametrize("rerun_innocent", [True, False])
+def test_a_worker_retired_mid_batch_blames_nothing_and_counts_every_run(
+        cluster: str, client: Any, tmp_path: Path, rerun_innocent: bool) -> None:
+    """A graceful leave (retire_workers, a scale-down) is nobody's crash. Dask does not wait for
+    the running chunk: the worker closes at once and its lanes are killed mid-chunk. The worker
+    records how many items of it had started; those count that run (re-run: ``attempts`` 2;
+    with rerun_innocent=False not run again, their results reported lost with the retired
+    worker); the rest of the chunk and everything queued run elsewhere, charged nothing."""
     client.wait_for_workers(2, timeout=WAIT)
     before = set(client.scheduler_info()["workers"])
     third = _start_worker(cluster, "--nthreads", "1")
     try:
         client.wait_for_workers(3, timeout=WAIT)
         (leaving,) = set(client.scheduler_info()["workers"]) - before
-        leaving_pid = client.run(os.getpid, workers=[leaving])[leaving]
-        with sp.Engine(backend="dask", address=cluster) as eng, \
+        leaving_pid = str(client.run(os.getpid, workers=[leaving])[leaving])
+        with sp.Engine(backend="dask", address=cluster, chunk_size=3,
+                       rerun_innocent=rerun_innocent) as eng, \
                 concurrent.futures.ThreadPoolExecutor(1) as pool:
-            work = [(i, 0.5, str(tmp_path)) for i in range(12)]
-            running = pool.submit(eng.map, _tasks.note_then_sleep, work, chunk_size=1)
-            assert wait_until(lambda: any(
-                p.read_text() == str(leaving_pid) for p in tmp_path.iterdir() if p.is_file()
-                and not p.name.endswith(".tmp")), timeout=WAIT)
+            work = [(i, 0.4, str(tmp_path)) for i in range(12)]
+            running = pool.submit(eng.map, _tasks.note_runs_then_sleep, work)
+            # the second item of its chunk runs: one has run, one runs, one waits
+            assert wait_until(lambda: sum(pids.count(leaving_pid) for pids in
+                                          _ran_on(tmp_path, 12).values()) == 2, timeout=WAIT)
             client.retire_workers([leaving], close_workers=True)
             report = running.result(timeout=WAIT)
-        assert [o.kind for o in report] == ["ok"] * 12, report.summary()
-        assert report.values == list(range(12))
-        interrupted = {i for i in range(12) if (tmp_path / str(i)).read_text() == str(leaving_pid)}
-        assert all(o.attempts == 1 for o in report if o.index not in interrupted)
+        runs = [len(pids) for pids in _ran_on(tmp_path, 12).values()]
+        interrupted = [i for i, pids in _ran_on(tmp_path, 12).items() if pids[0] == leaving_pid]
+        assert interrupted and [o.attempts for o in report] == runs, report.summary()
+        if rerun_innocent:
+            assert report.values == list(range(12)), report.summary()
+            assert [i for i, n in enumerate(runs) if n == 2] == interrupted
+        else:
+            assert runs == [1] * 12 and [o.index for o in report.failed] == interrupted
+            assert all(o.kind == "crash" and "was retired while running its chunk" in str(o.error)
+                       and leaving in str(o.error) for o in report.failed)
     finally:
         _stop([third])
+
+
+def _ran_on(folder: Path, n: int) -> dict[int, list[str]]:
+    """Per item of ``_tasks.note_runs_then_sleep``: the pid of the dask worker of each run."""
+    return {i: (folder / str(i)).read_text().split() if (folder / str(i)).exists() else []
+            for i in range(n)}
 
 
 def test_an_asynchronous_client_is_refused_at_once(cluster: str) -> None:
@@ -395,6 +486,55 @@ def test_closing_the_client_under_an_engine_cancels_instead_of_hanging(
         eng.submit(_tasks.double, 1)
     eng.shutdown()
     assert _our_plugins(client) == []  # removed all the same: no lanes idle on the workers
+
+
+# The engine's own cluster shut down in a process of its own: its stderr is all dask printed, and
+# what it started (nannies, workers, their lanes) is listed before the shutdown. Its own
+# multiprocessing resource tracker is the interpreter's, which lives as long as it does.
+_OWN_CLUSTER_SHUTDOWN = """
+import os, time, psutil, stagepool as sp
+
+def alive(procs):
+    pids = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+def started_by_the_engine(p):
+    try:
+        return not (p.ppid() == os.getpid() and "resource_tracker" in " ".join(p.cmdline()))
+    except psutil.NoSuchProcess:  # gone already
+        return False
+
+with sp.Engine(backend="dask", workers=2) as eng:
+    assert eng.map(abs, [-1, -2, -3]).values == [1, 2, 3]
+    ours = [p for p in psutil.Process().children(recursive=True) if started_by_the_engine(p)]
+    started = time.monotonic()
+print(f"shutdown took {time.monotonic() - started:.2f} s", flush=True)
+deadline = time.monotonic() + 10
+while alive(ours) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("left running:", alive(ours))
+"""
+
+
+def test_the_engines_own_cluster_shuts_down_in_order_printing_nothing() -> None:
+    """Its workers get time to exit before their nannies would kill them: here each worker's
+    closing takes 5 s (a preload; a loaded machine's took over 4 s), beyond the 4 s a nanny
+    waits by default before it prints "Worker process still alive after 4.0 seconds, killing"
+    and SIGKILLs the worker. Nothing it started is left running."""
+    env = {**os.environ, "STAGEPOOL_TEST_SLOW_EXIT": "5",
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": '["_dask_hooks"]',
+           "PYTHONPATH": os.pathsep.join([TESTS, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-c", _OWN_CLUSTER_SHUTDOWN], env=env,
+                          capture_output=True, text=True, timeout=4 * WAIT)
+    assert done.returncode == 0, done.stderr
+    assert "still alive" not in done.stderr, done.stderr
+    assert "left running: []" in done.stdout, done.stdout + done.stderr
 
 
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -516,3 +656,19 @@ def test_profile_refuses_an_address_without_the_dask_backend() -> None:
         main(["profile", "--demo", "--address", "tcp://127.0.0.1:8786"])
     with pytest.raises(ValueError, match="brings its own workers"):
         sp.profile_stage(abs, [1], workers=2, backend="dask", address="tcp://127.0.0.1:8786")
+
+
+def test_a_closing_worker_counts_the_items_each_running_chunk_had_started() -> None:
+    """What a retired worker records (pure): the running item's offset + 1; 0 for a chunk no
+    lane had taken; None (all, for the engine) when a lane was decoding or encoding it."""
+    from stagepool._backends import Group, LaneState, Task
+    from stagepool._backends._dask._plugin import started
+
+    def task() -> Task:
+        return Task(Group(), 0, b"", b"", 5, lambda _task, _answer: None)
+
+    running, queued, encoding = task(), task(), task()
+    states = [LaneState("11", running.id, 2, 0.0), LaneState("12", encoding.id, -1, None),
+              LaneState("13", 0, -1, None)]
+    chunks = {"a": running, "b": queued, "c": encoding}
+    assert started(chunks, states) == {"a": 3, "b": 0, "c": None}

@@ -5,6 +5,9 @@
                                      before and after it go out again
     LaneDied(offset -1)          --> nobody can say which item: the chunk goes out again in halves
                                      until the guilty item is alone (exact blame on any backend)
+    LaneDied(reason "lost")      --> its first ``ran`` items ran, none is guilty, the answer died:
+                                     they go out again, charged (or, rerun_innocent=False, each
+                                     is reported lost); the rest go out again uncharged
     an argument that would not unpickle in the worker, an answer that will not decode
                                  --> the same halving, then that item's "serialization" failure
     Cancelled                    --> every item "cancelled"
@@ -23,8 +26,15 @@ from typing import Any, NamedTuple
 from ._backends import Cancelled, Codec, LaneDied, TaskResult
 from ._chunking import ChunkSizer
 from ._config import DEFAULT_RETRY_ON, Timeout, item_timeouts
-from ._errors import TaskCancelled, WorkerCrashed
-from ._failures import RetryOn, death_failure, rebuild_error, retryable, unpickled_result_error
+from ._errors import TaskCancelled
+from ._failures import (
+    RetryOn,
+    death_failure,
+    lost_result_error,
+    rebuild_error,
+    retryable,
+    unpickled_result_error,
+)
 from ._outcome import BatchStats, Failure, Kind
 from ._pressure import MemoryWatch
 from ._transport import imported_numpy
@@ -149,6 +159,13 @@ class Answers:
 
     def _death(self, lot: Lot, died: LaneDied) -> None:
         start, items, tries, runs = lot
+        if died.reason == "lost":  # its first ``ran`` items ran (None: all), none is guilty
+            ran = len(items) if died.ran is None else min(died.ran, len(items))
+            if ran < len(items):  # they never started
+                self.again.appendleft(Resend(0.0, Lot(start + ran, items[ran:], tries, runs)))
+            if ran:
+                self._innocent(Lot(start, items[:ran], tries, runs + 1), died, None)
+            return
         if died.offset < 0 and len(items) > 1:
             if died.ran == 0:  # it died before any item ran: halving repeats nothing
                 self._halve(lot)
@@ -170,20 +187,24 @@ class Answers:
         if offset + 1 < len(items):
             self.again.appendleft(Resend(0.0, Lot(index + 1, items[offset + 1:], tries, runs)))
         if offset > 0:
-            before = Lot(start, items[:offset], tries, runs + 1)
-            if self.policy.rerun_innocent:
-                self.again.appendleft(Resend(0.0, before))
-            else:
-                self._lost(before, died, index)
+            self._innocent(Lot(start, items[:offset], tries, runs + 1), died, index)
+
+    def _innocent(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
+        """Items that ran (``lot.runs`` counts it) and whose results died with their worker:
+        they go out again, or with ``rerun_innocent=False`` are reported lost."""
+        if self.policy.rerun_innocent:
+            self.again.appendleft(Resend(0.0, lot))
+        else:
+            self._lost(lot, died, guilty)
 
     def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """``rerun_innocent=False``: items that ran, whose results died with their worker, are
         reported instead of run again (for stages that must not run twice)."""
-        on = f"on item {self.label(guilty)}" if guilty is not None else "on an item of their chunk"
+        how = (f"died on item {self.label(guilty)}" if guilty is not None else
+               died.detail if died.reason == "lost" else "died on an item of their chunk")
         for i in range(lot.start, lot.start + len(lot.items)):
-            self.final(i, "crash", WorkerCrashed(
-                f"item {self.label(i)} ran, but its result was lost when worker {died.pid} died {on}; not "
-                "run again because rerun_innocent=False"), lot.runs, pid=died.pid)
+            self.final(i, "crash", lost_result_error(died, self.label(i), how), lot.runs,
+                       pid=died.pid)
 
     def _halve(self, lot: Lot) -> None:
         start, items, tries, runs = lot

@@ -20,8 +20,8 @@ from ._outcome import Kind, RemoteTraceback
 from ._remote_types import names_match, remote_error
 from ._worker import ErrInfo
 
-__all__ = ["RetryOn", "Subject", "crash_error", "death_failure", "rebuild_error", "retryable",
-           "unpickled_result_error"]
+__all__ = ["RetryOn", "Subject", "crash_error", "death_failure", "lost_result_error",
+           "rebuild_error", "retryable", "unpickled_result_error"]
 
 RetryOn = tuple[str | type[BaseException], ...]
 
@@ -84,6 +84,13 @@ def _who(died: LaneDied) -> str:
     return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 
+def lost_result_error(died: LaneDied, index: Subject, how: str) -> WorkerCrashed:
+    """``rerun_innocent=False``: ``index`` ran, but its result died with its worker, which went
+    ``how`` ("died on item 3", "was retired while running its chunk"); not run again."""
+    return WorkerCrashed(f"{subject(index)} ran, but its result was lost when {_who(died)} {how}; "
+                         "not run again because rerun_innocent=False")
+
+
 def death_failure(died: LaneDied, index: Subject, stage: str,
                   seconds: float) -> tuple[Kind, Exception]:
     """What a dead worker means for the item it was running (``seconds``: its timeout)."""
@@ -100,6 +107,8 @@ def death_failure(died: LaneDied, index: Subject, stage: str,
             f"the initializer {died.initializer} ran longer than init_timeout in worker "
             f"{died.pid} (before {subject(index)}): it was killed with its child processes and no "
             "worker is started again; make it faster, or raise init_timeout (None: no limit)")
+    if died.reason == "lost":
+        return "crash", lost_result_error(died, index, died.detail or "died after it ended")
     if died.reason == "cancelled":
         return "cancelled", TaskCancelled(
             f"{subject(index)} was running when its batch was cancelled; its worker was killed")

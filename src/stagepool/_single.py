@@ -167,6 +167,9 @@ class Single:
             if not self.future.cancelled():  # it was already running: cancel() cannot apply
                 self._settle(None, TaskCancelled(f"cancelled: {getattr(result, 'reason', '')}"))
             return
+        if isinstance(result, LaneDied) and result.reason == "lost":
+            self._lost(result)
+            return
         kind, value, error = self._decode(task, result)
         policy = self.ctx.policy
         if error is not None and self.tries <= policy.retries and retryable(
@@ -177,6 +180,16 @@ class Single:
             threading.Timer(policy.backoff * 2 ** (self.tries - 2), self._resend).start()
             return
         self._settle(value, error)
+
+    def _lost(self, died: LaneDied) -> None:
+        """The call ran, but its answer died with its worker (a cluster worker killed before its
+        result was fetched): it runs again, unless ``rerun_innocent=False``; then it fails
+        saying so, never retried (it must not run twice)."""
+        if self.ctx.policy.rerun_innocent:
+            # From a timer thread, as a retry: a resend pickles the call (see _answer).
+            threading.Timer(0.0, self._resend).start()
+        else:
+            self._settle(None, death_failure(died, self.subject, "running", float("nan"))[1])
 
     def _settle(self, value: Any, error: BaseException | None) -> None:
         try:

@@ -32,7 +32,9 @@ __all__ = [
 _task_ids = itertools.count(1)
 
 BackendName = Literal["local", "serial", "dask"]
-DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer", "init_timeout"]
+# "lost": the worker died after the task ended, with its answer (see ``LaneDied``).
+DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer", "init_timeout",
+                      "lost"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,6 +66,12 @@ class LaneDied:
     finds the guilty item by running the chunk again in halves. ``ran`` is how many of the
     chunk's items had finished running (their results lost with the worker), None when unknown:
     the engine counts each such run in the items' ``attempts``.
+
+    Reason ``"lost"``: no item is to blame; the first ``ran`` items (None: all) ran, or were
+    running, and their answers died with the worker: a cluster worker killed after the task
+    ended, before its result was fetched, or retired while running it. ``detail`` then says
+    how the worker went ("died after its chunk ended"). The engine runs them again, charged,
+    or with ``rerun_innocent=False`` reports their results lost; the rest never started.
     """
 
     pid: int

@@ -13,7 +13,9 @@ takes a noticeable fraction of a second and registers ~185 exception reducers in
                           |                 -> a hosted LocalBackend (one lane per slot)
                           |                 -> lane process: _worker.run_chunk, the shared record
                           |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
-                          |  <--the dask worker died: LaneDied(offset -1); it retired: requeued
+                          |  <--the dask worker died: LaneDied(offset -1, or "lost" if the
+                          |     chunk had ended); it retired: "lost" (the items it had
+                          |     started) and the rest requeued
                   Task.on_done(result | LaneDied | Cancelled)
 
 Why a backend hosted inside each dask worker (a WorkerPlugin per engine) and not the item run in
@@ -38,10 +40,14 @@ Faults, and why no item is blamed twice or wrongly:
   (``workers=[address]``, ``allow_other_workers=False``), the rest wait in our queue. Dask starts
   a worker's chunks in the order they were sent, so when a worker dies, its oldest ``slots``
   chunks that had not ended are the ones that may have been running: only those are answered
-  ``LaneDied(offset=-1)``; the younger ones, and ended ones whose results died with the
-  worker, run again elsewhere unblamed. "Ended" is what dask told us, or what the worker
-  recorded with the scheduler (an event under ``ended_topic``) before this chunk's thread was
-  free to start the one waiting behind it: that record waits for the scheduler's word, so a
+  ``LaneDied(offset=-1)``; the younger ones run again elsewhere unblamed. An ended one
+  whose answer died with the worker is answered from its end record: the lanes' own
+  ``LaneDied`` if that was its answer, else ``LaneDied(reason="lost")``: every item ran and
+  none is to blame, so the batch counts that run in ``attempts`` and runs them again (or,
+  with ``rerun_innocent=False``, reports each result lost, naming the worker's address).
+  "Ended" is what dask told us, or what the worker recorded with the scheduler (an event
+  under ``ended_topic``, saying how it ended) before this chunk's thread was free to start
+  the one waiting behind it: that record waits for the scheduler's word, so a
   worker killed by the next chunk's first item, in the moment before dask told us that the
   previous one finished, never passes for one killed while running the previous one (which
   blamed an innocent item in 2 of 3 runs before). The one window left: a worker killed from
@@ -56,9 +62,14 @@ Faults, and why no item is blamed twice or wrongly:
   so a worker killed by an item (or by anyone) fails at most the one item it was running. The
   in-process cluster also sets ``allowed-failures`` to 0, so dask reports such a death at once.
 * A worker that is retired (``retire_workers``, a scale-down, ``dask worker`` stopped by
-  SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash: all its
-  chunks go back to the front of our queue and run elsewhere, charged nothing. (A chunk it was
-  running is interrupted and runs again in full; its ``attempts`` count that as one run.)
+  SIGTERM: the scheduler's events say it was ``closing_gracefully``) is nobody's crash. Dask
+  does not wait for its running tasks (only for the results it holds, which it moves to other
+  workers): it closes at once, and our lanes there are killed mid-chunk. As it closes, its
+  plugin records with the scheduler how many items of each running chunk had started; those
+  count that run (``LaneDied(reason="lost", ran=k)``: run again, charged, or with
+  ``rerun_innocent=False`` reported lost), and the rest of the chunk, the chunks waiting
+  there, and any chunk without such a record go back to the front of our queue, charged
+  nothing. A chunk dask saw finish there waits for its (moved) result.
 * Cancelling a batch withdraws its queued chunks (those still in our queue, and those sent ahead
   to a worker's queue: their dask futures are cancelled before they start); its running
   ones finish and their answers are dropped, as locally, unless ``kill_running``: then their dask

@@ -286,7 +286,7 @@ class DaskBackend:
                 self._client.close(timeout=RPC_TIMEOUT)
         if self._cluster is not None:
             with contextlib.suppress(Exception):
-                self._cluster.close(timeout=RPC_TIMEOUT)
+                _cluster.close_own_cluster(self._cluster)
 
 
 def _any(task: Task) -> bool:

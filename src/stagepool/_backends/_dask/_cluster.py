@@ -4,6 +4,8 @@ and removing an engine's plugin. Each is bounded by a timeout below."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import dask
@@ -11,10 +13,11 @@ import distributed
 
 from .._protocol import Task
 from ._memory import MEMORY
-from ._plugin import ended_topic, lane_pids, run_chunk
+from ._plugin import RETIRED, ended_topic, lane_pids, run_chunk
 
-__all__ = ["RPC_TIMEOUT", "chunks_ended", "connect", "left_gracefully", "submit_chunk", "unregister",
-           "wait_for_first_worker", "worker_lane_pids", "workers_info"]
+__all__ = ["RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect", "left_gracefully",
+           "retired_chunks", "submit_chunk", "unregister", "wait_for_first_worker",
+           "worker_lane_pids", "workers_info"]
 
 # Payloads above this go to their worker with ``client.scatter`` (directly, one hop) instead of in
 # the task graph, which the scheduler receives, holds and forwards (dask warns past 10 MB).
@@ -24,9 +27,19 @@ SCATTER_BYTES = 1 << 20
 RPC_TIMEOUT = 30.0
 # Connecting again only to clean up after a client closed under the engine: not for long.
 CLEANUP_TIMEOUT = 5.0
+# How long the engine waits for a retired worker's record of the chunks it was running (see
+# retired_chunks); ~0.1 s when it comes. Past it, those chunks run again uncharged.
+RETIRE_RECORD_WAIT = 5.0
 # An engine on a cluster with no worker yet waits this long for one, then says so.
 FIRST_WORKER_TIMEOUT = 30.0
 
+# How long each worker of our own cluster gets to close at shutdown; its nanny kills it after
+# 0.8 x this. Closing takes a worker ~0.25 s of CPU (its comms, the interpreter's exit): 0.25 s
+# of wall time on an idle machine, 2-3 s beside four busy processes on 2 cores, and more than
+# dask's default wait of 4 s (0.8 x 5 s) under the loads seen here, when the nanny printed
+# "Worker process still alive after 4.0 seconds, killing" and SIGKILLed it. A worker that
+# closes in time costs nothing of this; a hung one delays shutdown by up to 0.8 x this.
+WORKER_CLOSE_TIMEOUT = 20.0
 # Our in-process cluster shares this machine's cores with the lanes doing the work, so dask's
 # background sampling is paid for in item throughput. Measured idle on 2 cores: each worker
 # process burnt 4.4% of a core and the client's event loop (which hosts the scheduler) 5%, about
@@ -84,6 +97,21 @@ def connect(workers: int, address: str | None, client: Any,
         raise
 
 
+def close_own_cluster(cluster: Any) -> None:
+    """Close the cluster we started: its workers first, side by side, each with
+    WORKER_CLOSE_TIMEOUT to exit before its nanny kills it (dask's own close gives them 5 s),
+    then its scheduler. Raises what ``cluster.close`` raises past RPC_TIMEOUT."""
+    try:
+        cluster.sync(_close_workers, cluster, callback_timeout=2 * WORKER_CLOSE_TIMEOUT)
+    finally:
+        cluster.close(timeout=RPC_TIMEOUT)  # the workers are closed already: the scheduler
+
+
+async def _close_workers(cluster: Any) -> None:
+    await asyncio.gather(*(nanny.close(timeout=WORKER_CLOSE_TIMEOUT, reason="stagepool-shutdown")
+                           for nanny in list(cluster.workers.values())), return_exceptions=True)
+
+
 def wait_for_first_worker(client: Any, address: str) -> None:
     """Wait up to FIRST_WORKER_TIMEOUT for a worker; raise ``RuntimeError`` saying how to start
     one if none came."""
@@ -122,16 +150,38 @@ def left_gracefully(client: Any, address: str) -> bool:
     return graceful
 
 
-def chunks_ended(client: Any, name: str, address: str) -> set[str]:
-    """The keys of engine ``name``'s chunks that the worker at ``address`` recorded as ended
-    (``HostPlugin._record_end``); empty when the scheduler cannot say."""
+def chunks_ended(client: Any, name: str, address: str) -> dict[str, dict[str, Any]]:
+    """The end records of engine ``name``'s chunks on the worker at ``address``, by key
+    (``HostPlugin._record_end``: the key and how the chunk ended); empty when the scheduler
+    cannot say."""
+    return {event["key"]: event for event in _records(client, name, address)
+            if isinstance(event.get("key"), str)}
+
+
+def retired_chunks(client: Any, name: str, address: str) -> dict[str, int | None] | None:
+    """What the retired worker at ``address`` recorded, as it closed, of engine ``name``'s
+    chunks it was running (``HostPlugin._record_retirement``): per key, how many items had
+    started. The worker sends it after the scheduler has let it go, so it is waited for, up to
+    RETIRE_RECORD_WAIT; None when none came (the worker was killed as it closed, say)."""
+    deadline = time.monotonic() + RETIRE_RECORD_WAIT
+    while True:
+        for event in _records(client, name, address):
+            if isinstance(event.get(RETIRED), dict):
+                return dict(event[RETIRED])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _records(client: Any, name: str, address: str) -> list[dict[str, Any]]:
+    """Engine ``name``'s records from the worker at ``address`` ([] when the scheduler cannot
+    say: what the client saw finish is then all we know)."""
     try:
         events = client.sync(client.scheduler.events, topic=ended_topic(name, address),
                              callback_timeout=RPC_TIMEOUT)
-    except Exception:  # the scheduler is unreachable: what the client saw finish is all we know
-        return set()
-    return {event["key"] for _when, event in events
-            if isinstance(event, dict) and isinstance(event.get("key"), str)}
+    except Exception:
+        return []
+    return [event for _when, event in events if isinstance(event, dict)]
 
 
 def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,

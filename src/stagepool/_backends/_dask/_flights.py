@@ -130,8 +130,8 @@ class Flights:
             notify(refused, Cancelled("batch cancelled"))
 
     def finish(self, done: Done | Freed) -> None:
-        """A chunk answered; or it finished but its result was lost with its worker: it runs
-        again elsewhere; or dask gave up on it: then its worker died (``KilledWorker``), and
+        """A chunk answered; or it finished but its result was lost with its worker (see
+        ``_answer_lost``); or dask gave up on it: then its worker died (``KilledWorker``), and
         every chunk of ours there ends at once, as in ``lose``."""
         run = self._running.get(done.key)
         if run is None:  # ended already: its worker left, or it was killed
@@ -147,7 +147,8 @@ class Flights:
         if done.error is None:
             notify(run.task, done.result)
         else:
-            self.requeue(run.task)
+            ended = _cluster.chunks_ended(self._client, self._name, run.worker.address)
+            self._answer_lost(run, ended.get(run.key))
 
     def lose(self, member: Member) -> None:
         """A worker left the cluster; retired (gracefully) or not, as the scheduler tells."""
@@ -157,29 +158,80 @@ class Flights:
                       graceful=_cluster.left_gracefully(self._client, member.address))
 
     def _end(self, member: Member, why: str, *, graceful: bool) -> None:
-        """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame, and each
-        goes back to the queue to run elsewhere without a charge. Else its oldest ``slots``
+        """Every chunk of ours on ``member`` ends. Retired: nothing of ours is to blame (see
+        ``_retired``). Else its oldest ``slots``
         chunks that had not ended may have been running (dask starts them in the order sent):
         each fails as "died on an unknown item" and the batch finds the culprit; the younger
-        ones were waiting in its queue, and the ended ones lost only their results: they simply
-        run again elsewhere. Ended: dask told us it finished, or the worker recorded its end
-        with the scheduler (before starting a chunk waiting behind it: ``HostPlugin``), so a
-        chunk whose "finished" was still on its way does not pass for the running one."""
+        ones were waiting in its queue: they simply run again elsewhere; the ended ones lost
+        only their answers (``_answer_lost``). Ended: dask told us it finished, or the worker
+        recorded its end with the scheduler (before starting a chunk waiting behind it:
+        ``HostPlugin``), so a chunk whose "finished" was still on its way does not pass for
+        the running one."""
         member.gone = True
         lost = [run for run in self._running.values() if run.worker is member]
-        ended = set() if graceful or not lost else _cluster.chunks_ended(
-            self._client, self._name, member.address)
+        if graceful:
+            self._retired(member, lost)
+            return
+        ended = _cluster.chunks_ended(self._client, self._name, member.address) if lost else {}
         suspects = 0
         for run in lost:  # the book keeps the order they were sent in
             del self._running[run.key]
             run.release()
-            if graceful or run.finished or run.key in ended or suspects >= member.capacity.slots:
+            if run.finished or run.key in ended:
+                self._answer_lost(run, ended.get(run.key))
+                continue
+            if suspects >= member.capacity.slots:
                 self.requeue(run.task)
                 continue
             suspects += 1
             notify(run.task, LaneDied(member.pid, None, -1, "crash", why,
                                       where=f"dask worker {member.address}"))
         self._cancel(lost)
+
+    def _retired(self, member: Member, lost: list[_Running]) -> None:
+        """``member`` was retired: nothing of ours is to blame. A chunk dask saw finish keeps
+        its place in the book: dask moves a retiring worker's results to another worker, and
+        if it did not move this one, its fetch fails and ``finish`` answers it as lost. The
+        others stop there; the worker recorded, as it closed, how many items of each running
+        chunk had started (``HostPlugin``): those count that run (``LaneDied`` "lost" with
+        ``ran``: charged, or reported lost under ``rerun_innocent=False``), the rest run again
+        elsewhere uncharged, as does every chunk without such a record (waiting, or none came)."""
+        if not lost:
+            return
+        started = _cluster.retired_chunks(self._client, self._name, member.address) or {}
+        ended = _cluster.chunks_ended(self._client, self._name, member.address)
+        stopped = [run for run in lost if not run.finished]
+        for run in stopped:
+            del self._running[run.key]
+            run.release()
+            ran = started.get(run.key, 0)
+            if run.key in ended:  # it ended before the retirement: its answer died
+                self._answer_lost(run, ended[run.key])
+            elif ran == 0:
+                self.requeue(run.task)
+            else:
+                notify(run.task, LaneDied(member.pid, None, -1, "lost", "was retired while running "
+                                          "its chunk", where=f"dask worker {member.address}",
+                                          ran=ran))
+        self._cancel(stopped)
+
+    def _answer_lost(self, run: _Running, record: dict[str, Any] | None) -> None:
+        """``run`` ended on its worker, which died before we had its answer. Its end ``record``
+        (None: none reached the scheduler) says how: the lanes' own ``LaneDied`` is answered as
+        it was; a chunk that never ran (cancelled there) runs again, charged nothing; else every
+        item ran, and nobody is to blame: ``LaneDied`` "lost", so that the batch counts that
+        run (``attempts``) and, under ``rerun_innocent=False``, runs none of them again."""
+        if record is not None and "cancelled" in record:
+            self.requeue(run.task)
+            return
+        died = record.get("died") if record is not None else None
+        if isinstance(died, dict):
+            with contextlib.suppress(TypeError):  # a record of another version: a plain loss
+                notify(run.task, LaneDied(**died))
+                return
+        member = run.worker
+        notify(run.task, LaneDied(member.pid, None, -1, "lost", "died after its chunk ended",
+                                  where=f"dask worker {member.address}", ran=run.task.n_items))
 
     def withdraw_ahead(self, match: Callable[[Task], bool], reason: str) -> None:
         """Cancel the matching chunks that wait in a worker's queue behind its ``slots`` oldest

@@ -20,10 +20,20 @@ from distributed.utils import sync
 
 from ..._errors import EngineClosed
 from ..._planning import plan_workers
-from .._protocol import Backend, BackendOptions, Cancelled, Group, LaneDied, Task, TaskResult
+from .._protocol import (
+    Backend,
+    BackendOptions,
+    Cancelled,
+    Group,
+    LaneDied,
+    LaneState,
+    Task,
+    TaskResult,
+)
 from ._memory import capacity
 
-__all__ = ["SHUT_DOWN", "HostPlugin", "ended_topic", "lane_pids", "run_chunk"]
+__all__ = ["RETIRED", "SHUT_DOWN", "HostPlugin", "end_note", "ended_topic", "lane_pids", "run_chunk",
+           "started"]
 
 # How often a waiting chunk on a worker looks at its dask task's state (cancelled: kill it).
 CANCEL_POLL = 0.1
@@ -36,6 +46,8 @@ END_RECORD_TIMEOUT = 5.0
 _WAITING = frozenset({"waiting", "ready", "constrained"})
 
 SHUT_DOWN = Cancelled("the engine was shut down")
+# The key of a closing worker's record of the chunks it was running: {chunk key: items started}.
+RETIRED = "retired"
 
 
 def ended_topic(name: str, address: str) -> str:
@@ -58,6 +70,9 @@ class HostPlugin(WorkerPlugin):
         self.options, self.hosted = options, hosted
         self.backend: Backend | None = None
         self.worker: Any = None
+        # The chunks in run(), by key: a plain dict, whose single operations are atomic (run()
+        # adds and pops from dask's threads, teardown takes it all from the event loop).
+        self.running: dict[str, Task] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (HostPlugin, (self.name, self.options, self.hosted))  # never a live backend
@@ -79,9 +94,25 @@ class HostPlugin(WorkerPlugin):
                                                        shm_threshold=0, template=False))
 
     async def teardown(self, worker: Any) -> None:
+        """Kill our lanes: the engine removed us, or the worker closes (retired: then first
+        record how far each running chunk got, for the engine to charge those runs)."""
         backend, self.backend = self.backend, None
-        if backend is not None:  # in a thread: killing and joining must not stall the worker
-            await asyncio.to_thread(backend.shutdown, wait=True, cancel_pending=True, kill=True)
+        if backend is None:
+            return
+        if worker.status.name != "running":  # closing: retired, or its nanny stops it
+            with contextlib.suppress(Exception):  # unrecorded: the engine charges nothing
+                await asyncio.wait_for(self._record_retirement(backend), END_RECORD_TIMEOUT)
+        # in a thread: killing and joining must not stall the worker
+        await asyncio.to_thread(backend.shutdown, wait=True, cancel_pending=True, kill=True)
+
+    async def _record_retirement(self, backend: Backend) -> None:
+        """Tell the scheduler, before the lanes are killed, which chunks this closing worker
+        was running and how many of their items ran (``started``), under the engine's
+        ``ended_topic``; those chunks then record no end of their own (they end cancelled)."""
+        running, self.running = self.running, {}
+        msg = {RETIRED: started(running, backend.lane_states())}
+        await self.worker.scheduler.log_event(topic=ended_topic(self.name, self.worker.address),
+                                              msg=msg)
 
     def run(self, key: str, fn_key: int, fn: bytes, items: Any, n_items: int,
             timeouts: tuple[float, ...] | None, per_item_clock: bool) -> TaskResult:
@@ -94,9 +125,11 @@ class HostPlugin(WorkerPlugin):
                     per_item_clock=per_item_clock)
         if backend is None:  # torn down: the engine is shutting down
             return SHUT_DOWN
+        self.running[key] = task
         try:
             backend.submit_many([task])
         except EngineClosed:
+            self.running.pop(key, None)
             return SHUT_DOWN
         while True:
             try:
@@ -105,18 +138,22 @@ class HostPlugin(WorkerPlugin):
                 if not task.group.cancelled and self._abandoned(key):
                     backend.withdraw(task.group, kill_running=True)
                 continue
-            with contextlib.suppress(Exception):  # unrecorded: the old window, see below
-                sync(self.worker.loop, self._record_end, key, callback_timeout=END_RECORD_TIMEOUT)
+            # Taken by a retirement's record (``teardown``) unless it had answered in full.
+            if self.running.pop(key, None) is not None or not isinstance(answer, LaneDied | Cancelled):
+                with contextlib.suppress(Exception):  # unrecorded: the old window, see below
+                    sync(self.worker.loop, self._record_end, key, end_note(answer),
+                         callback_timeout=END_RECORD_TIMEOUT)
             return answer
 
-    async def _record_end(self, key: str) -> None:
+    async def _record_end(self, key: str, note: dict[str, Any]) -> None:
         """Tell the scheduler that chunk ``key`` ended here, before this thread is free to start
         the next one: if one of ours waits behind it, wait for the scheduler's word (one
         round trip, worker to scheduler), so that a worker killed by the next chunk's item
         cannot pass for one killed while running this chunk (its "finished" may still be on
         its way to the client: the report window, in which the engine would have blamed it).
-        Else the record goes out with the worker's next batch of messages, at no wait."""
-        topic, msg = ended_topic(self.name, self.worker.address), {"key": key}
+        Else the record goes out with the worker's next batch of messages, at no wait.
+        ``note`` says how it ended (``end_note``), for an engine that never gets the answer."""
+        topic, msg = ended_topic(self.name, self.worker.address), {"key": key, **note}
         prefix = self.name + "-"
         if any(ts.state in _WAITING and ts.key.startswith(prefix)  # on the loop: a safe read
                for ts in self.worker.state.tasks.values() if isinstance(ts.key, str)):
@@ -135,6 +172,29 @@ class HostPlugin(WorkerPlugin):
         if isinstance(answer, Cancelled):
             return answer
         return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+
+
+def end_note(answer: TaskResult) -> dict[str, Any]:
+    """How a chunk ended, for its end record (plain values: the scheduler keeps it): the lanes'
+    ``LaneDied`` whole under "died", a ``Cancelled`` reason under "cancelled" (nothing ran);
+    nothing more for an answer, whose every item ran."""
+    if isinstance(answer, LaneDied):
+        return {"died": dataclasses.asdict(answer)}
+    if isinstance(answer, Cancelled):
+        return {"cancelled": answer.reason}
+    return {}
+
+
+def started(running: dict[str, Task], states: list[LaneState]) -> dict[str, int | None]:
+    """Per chunk key: how many of its items had started on the lanes (``states``), the one
+    running included; 0 for a chunk no lane has taken yet; None when unknown (a lane decoding
+    or encoding it: the engine then counts all of them)."""
+    offsets = {state.task: state.offset for state in states if state.task}
+    counts: dict[str, int | None] = {}
+    for key, task in running.items():
+        offset = offsets.get(task.id)
+        counts[key] = 0 if offset is None else offset + 1 if offset >= 0 else None
+    return counts
 
 
 def _lane_thread_env(threads: int) -> dict[str, str]:
