@@ -409,6 +409,20 @@ def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPat
         gc.collect()
 
 
+@pytest.mark.parametrize("address", ["htp://127.0.0.1:8786", "127.0.0.1 8786", "tcp://host:port"])
+def test_a_malformed_address_is_named_and_leaves_no_client_behind(address: str) -> None:
+    """A typo in the address is a ValueError naming it, and the script still exits at once:
+    a Client built on it lingered half-made and held the interpreter's exit for 60 s
+    ("Exception ignored in Client.__del__ ... timed out after 60 s")."""
+    code = ("import sys, stagepool as sp\n"
+            "try:\n    sp.Engine(backend='dask', address=sys.argv[1])\n"
+            "except ValueError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                          timeout=WAIT, check=True)
+    assert f"address={address!r}" in done.stdout
+    assert "Exception ignored" not in done.stderr, done.stderr
+
+
 def test_a_cluster_without_workers_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
     from stagepool._backends._dask import _cluster
 
