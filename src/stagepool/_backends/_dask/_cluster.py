@@ -8,6 +8,8 @@ from typing import Any
 
 import dask
 import distributed
+from distributed.comm.addressing import get_address_host_port, parse_address
+from distributed.comm.registry import get_backend
 
 from .._protocol import Task
 from ._memory import MEMORY
@@ -91,10 +93,10 @@ def check_address(address: str) -> None:
     the Client's construction, and the half-made Client then holds the interpreter's exit for
     60 s trying to close a connection it never opened."""
     try:
-        scheme, _ = distributed.comm.parse_address(address)
-        distributed.comm.registry.get_backend(scheme)  # an unknown scheme raises
+        scheme, _ = parse_address(address)
+        get_backend(scheme)  # an unknown scheme raises
         if scheme != "inproc":  # a host and a port
-            distributed.comm.get_address_host_port(address)
+            get_address_host_port(address)
     except ValueError as exc:
         raise ValueError(f"address={address!r} is not a dask scheduler address such as "
                          f"'tcp://10.0.0.5:8786': {exc}") from None
