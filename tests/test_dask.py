@@ -397,6 +397,45 @@ def test_closing_the_client_under_an_engine_cancels_instead_of_hanging(
     assert _our_plugins(client) == []  # removed all the same: no lanes idle on the workers
 
 
+_KILLED_CALLER = """
+import sys, time, distributed, stagepool as sp, _tasks
+client = distributed.Client(sys.argv[1], timeout=2, set_as_default=False)  # reconnects within 2 s
+eng = sp.Engine(backend=client)
+assert eng.map(_tasks.double, range(4)).values == [0, 2, 4, 6]
+print(*eng.worker_pids(), flush=True)
+time.sleep(600)
+"""
+
+
+def _scheduler_plugins(client: Any) -> list[str]:
+    return [name for name in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins)) if "stagepool" in name]
+
+
+def test_a_sigkilled_caller_leaves_no_lanes_on_the_cluster(cluster: str, client: Any) -> None:
+    """The caller's process is SIGKILLed: nobody removes its plugin, so the workers do once its
+    client has been gone past its reconnect window. Before, its lanes idled on every worker for
+    the cluster's lifetime and came back with each worker that joined or restarted."""
+    client.wait_for_workers(2, timeout=WAIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [TESTS, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    caller = subprocess.Popen([sys.executable, "-c", _KILLED_CALLER, cluster], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout is not None
+        lanes = [int(pid) for pid in caller.stdout.readline().split()]
+        assert len(lanes) == 2 and _scheduler_plugins(client)
+    finally:
+        caller.kill()
+        caller.wait(timeout=WAIT)
+        if caller.stdout is not None:
+            caller.stdout.close()
+    # gone within its 2 s reconnect window + the 10 s margin + a 5 s poll, with room for load
+    assert wait_until(lambda: not _scheduler_plugins(client), timeout=2 * WAIT)
+    assert wait_until(lambda: not _our_plugins(client), timeout=WAIT)
+    assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in lanes), timeout=WAIT)
+
+
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from stagepool._backends._dask import _cluster
 
