@@ -436,6 +436,29 @@ def test_a_sigkilled_caller_leaves_no_lanes_on_the_cluster(cluster: str, client:
     assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in lanes), timeout=WAIT)
 
 
+def test_a_scheduler_killed_mid_batch_blames_no_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler dies mid-batch: the batch ends (once the client gives up reconnecting)
+    with every item ok or cancelled. The chunks running then were answered "crash: the worker
+    died while running item k", though no worker died and no item did anything wrong."""
+    from stagepool._backends._dask import _cluster
+
+    monkeypatch.setattr(_cluster, "RPC_TIMEOUT", 3.0)  # the client's reconnect window, shortened
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
+    workers = [_start_worker(address, "--nthreads", "1") for _ in range(2)]
+    try:
+        with sp.Engine(backend="dask", address=address, chunk_size=1) as eng:
+            eng.map(_tasks.sleep_for, [0.0, 0.0])  # both workers serve
+            stream = eng.imap(_tasks.sleep_for, [0.5] * 40)
+            assert next(stream).ok  # under way
+            os.kill(scheduler.pid, signal.SIGKILL)
+            kinds = {outcome.kind for outcome in stream}
+        assert kinds <= {"ok", "cancelled"}, kinds
+    finally:
+        _stop([scheduler, *workers])
+
+
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from stagepool._backends._dask import _cluster
 
