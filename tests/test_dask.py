@@ -459,6 +459,20 @@ def test_a_scheduler_killed_mid_batch_blames_no_item(monkeypatch: pytest.MonkeyP
         _stop([scheduler, *workers])
 
 
+@pytest.mark.parametrize(("actions", "left"), [
+    (["add-client"], False),
+    (["add-client", "scatter", "remove-client"], True),
+    (["add-client", "remove-client", "add-client"], False),  # reconnected
+    (["scatter"] * 3, False),  # its arrival pushed out of the log: present, as far as we know
+    ([], True),  # the topic dropped an hour after it left, or a restarted scheduler
+])
+def test_a_client_counts_as_gone_by_its_last_arrival_or_departure(
+        actions: list[str], left: bool) -> None:
+    from stagepool._backends._dask._owner import owner_left
+
+    assert owner_left([(float(i), {"action": a}) for i, a in enumerate(actions)]) is left
+
+
 def test_a_cluster_that_cannot_be_reached_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from stagepool._backends._dask import _cluster
 
