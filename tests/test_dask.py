@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
@@ -597,6 +598,22 @@ def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
                                run_seconds=0.3, repeat=1, progress=False, backend="dask",
                                address=cluster)
     assert {run.workers for run in profile.runs} == {2}
+
+
+@pytest.mark.parametrize("on", ["address", "client"])
+def test_a_profile_made_on_a_cluster_starts_an_engine_on_it(
+        cluster: str, client: Any, tmp_path: Path, on: str) -> None:
+    """``stagepool profile --backend dask --address A --out DIR`` recommends the cluster's worker
+    count; ``Engine.from_profile(DIR, backend="dask", address=A)`` raised "workers= sizes the
+    in-process dask cluster only" on it: a cluster brings its own workers."""
+    doc = {"format": "stagepool-profile/1", "recommended": {"workers": 2, "chunk_size": 2}}
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    target: dict[str, Any] = ({"backend": "dask", "address": cluster} if on == "address"
+                              else {"backend": client})
+    client.wait_for_workers(2, timeout=WAIT)
+    with sp.Engine.from_profile(tmp_path, **target) as eng:
+        assert eng.backend == "dask" and cluster in repr(eng)
+        assert eng.map(_tasks.double, range(4)).values == [0, 2, 4, 6]
 
 
 def test_profile_refuses_an_address_without_the_dask_backend() -> None:
