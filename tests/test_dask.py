@@ -170,7 +170,8 @@ def test_a_dask_worker_sigkilled_mid_batch_fails_only_the_item_it_was_running(
     assert [o.index for o in report] == list(range(N))
     assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1)
     assert report.values == [i for i in range(N) if i != GUILTY]
-    assert "dask worker tcp://127.0.0.1:" in str(report[GUILTY].error)
+    # its pid is not known here: the message names the worker by address, not as "worker 0"
+    assert str(report[GUILTY].error).startswith("the dask worker tcp://127.0.0.1:")
 
 
 def test_a_dying_in_process_worker_blames_only_its_running_item() -> None:
