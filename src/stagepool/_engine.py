@@ -229,10 +229,14 @@ class Engine(AsyncCalls, PipelineCalls):
         """An engine with the settings ``stagepool profile --out DIR`` recommended: ``path`` is
         its ``profile.json`` or DIR; keyword ``overrides`` win over the file. With ``cost``, the
         timeout scales with each item (``load_profile``). Raises ``ValueError`` for a file that
-        is not a stagepool profile."""
+        is not a stagepool profile. On a cluster (``address=`` or a ``Client`` as ``backend``)
+        the file's ``workers`` is left out: the cluster brings its own, as in the sweep."""
         from ._profile_file import load_profile  # json and validation, imported only when used
 
-        return cls(**{**load_profile(path, cost=cost), **overrides})
+        settings = load_profile(path, cost=cost)
+        if overrides.get("address") is not None or not isinstance(overrides.get("backend", ""), str):
+            settings.pop("workers", None)
+        return cls(**{**settings, **overrides})
 
     def _size_workers(self, *, warn: bool) -> None:
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)

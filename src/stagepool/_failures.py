@@ -80,7 +80,10 @@ def _ran_for(died: LaneDied) -> str:
 
 
 def _who(died: LaneDied) -> str:
-    """"worker 123", and where it ran when a pid says little (a cluster worker's address)."""
+    """"worker 123", and where it ran when a pid says little (a cluster worker's address); only
+    where, when the pid is not known (0: a dask worker that died under the chunk)."""
+    if not died.pid:
+        return f"the {died.where}" if died.where else "a worker"
     return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 

@@ -33,6 +33,7 @@ from .._protocol import (
 from . import _cluster
 from ._cluster import RPC_TIMEOUT
 from ._flights import Call, Done, Flights, Freed, Inbox, notify
+from ._owner import owner
 from ._plugin import SHUT_DOWN, HostPlugin
 from ._roster import Roster
 
@@ -107,7 +108,10 @@ class DaskBackend:
         self._polled = 0.0
         self._thread = threading.Thread(target=self._run, name="stagepool-dask", daemon=True)
         try:
-            self._client.register_plugin(HostPlugin(self._name, options, hosted), name=self._name)
+            # A cluster of our own dies with this process; one we connect to outlives it.
+            watch = None if self._cluster is not None else owner(self._client)
+            self._client.register_plugin(HostPlugin(self._name, options, hosted, watch),
+                                         name=self._name)
             self._await_first_worker()
         except BaseException:
             self._close()

@@ -10,6 +10,8 @@ from typing import Any
 
 import dask
 import distributed
+from distributed.comm.addressing import get_address_host_port, parse_address
+from distributed.comm.registry import get_backend
 
 from .._protocol import Task
 from ._memory import MEMORY
@@ -73,6 +75,7 @@ def connect(workers: int, address: str | None, client: Any,
                 "address='tcp://host:8786' (the async calls, such as map_async, work either way)")
         return None, client
     if address is not None:
+        check_address(address)
         try:
             return None, distributed.Client(  # type: ignore[no-untyped-call]
                 address, timeout=RPC_TIMEOUT, set_as_default=False)
@@ -110,6 +113,21 @@ def close_own_cluster(cluster: Any) -> None:
 async def _close_workers(cluster: Any) -> None:
     await asyncio.gather(*(nanny.close(timeout=WORKER_CLOSE_TIMEOUT, reason="stagepool-shutdown")
                            for nanny in list(cluster.workers.values())), return_exceptions=True)
+
+
+def check_address(address: str) -> None:
+    """Raise ``ValueError`` naming ``address`` if it cannot be a scheduler's address (an unknown
+    scheme, no port), before a ``Client`` is built on it: dask finds out only halfway through
+    the Client's construction, and the half-made Client then holds the interpreter's exit for
+    60 s trying to close a connection it never opened."""
+    try:
+        scheme, _ = parse_address(address)
+        get_backend(scheme)  # an unknown scheme raises
+        if scheme != "inproc":  # a host and a port
+            get_address_host_port(address)
+    except ValueError as exc:
+        raise ValueError(f"address={address!r} is not a dask scheduler address such as "
+                         f"'tcp://10.0.0.5:8786': {exc}") from None
 
 
 def wait_for_first_worker(client: Any, address: str) -> None:

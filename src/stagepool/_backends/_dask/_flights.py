@@ -27,6 +27,13 @@ from ._roster import Member
 __all__ = ["Call", "Done", "Flights", "Freed", "Inbox", "notify"]
 
 
+# A chunk's future that dask cancelled without our asking: its client lost the scheduler (it
+# cancels every future then) or someone cancelled it through the client. No worker died, so no
+# item is to blame: its items are answered cancelled (the batch goes on if the client reconnects).
+CANCELLED_BY_CLIENT = Cancelled("dask cancelled the chunk: its client lost the scheduler, or "
+                                "the chunk was cancelled through the client")
+
+
 class Done(NamedTuple):
     """A dask future finished (from dask's callback thread, which also fetched its result)."""
 
@@ -82,6 +89,8 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
         elif future.status == "error":
             exc = future.exception(timeout=RPC_TIMEOUT)
             inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
+        elif future.status == "cancelled":  # not by us (ours leave the book first): no death
+            inbox.put(Done(key, CANCELLED_BY_CLIENT, None))
         else:
             inbox.put(Done(key, None, f"dask reports the task {future.status}"))
     except BaseException as exc:  # lost with its worker, or the client is closing

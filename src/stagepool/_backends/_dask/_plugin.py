@@ -31,6 +31,7 @@ from .._protocol import (
     TaskResult,
 )
 from ._memory import capacity
+from ._owner import watch_owner
 
 __all__ = ["RETIRED", "SHUT_DOWN", "HostPlugin", "end_note", "ended_topic", "lane_pids", "run_chunk",
            "started"]
@@ -61,21 +62,26 @@ class HostPlugin(WorkerPlugin):
     worker may run at once (its threads, fewer if ``mem_per_task`` says so: see ``_memory``).
 
     Registered by the engine under its own name, so engines sharing a cluster never share lanes,
-    initializers or function keys; removed (and its lanes killed) when the engine shuts down.
+    initializers or function keys; removed (and its lanes killed) when the engine shuts down, or
+    by the workers once the engine's client (``owner``: its id, and how long it may be away
+    before it counts as gone) has left the scheduler: see ``_owner``.
     """
 
     def __init__(self, name: str, options: BackendOptions,
-                 hosted: Callable[[BackendOptions], Backend]) -> None:
+                 hosted: Callable[[BackendOptions], Backend],
+                 owner: tuple[str, float] | None = None) -> None:
         self.name = name
-        self.options, self.hosted = options, hosted
+        self.options, self.hosted, self.owner = options, hosted, owner
         self.backend: Backend | None = None
         self.worker: Any = None
         # The chunks in run(), by key: a plain dict, whose single operations are atomic (run()
         # adds and pops from dask's threads, teardown takes it all from the event loop).
         self.running: dict[str, Task] = {}
+        self.hosting = False
+        self.watcher: asyncio.Task[None] | None = None
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (HostPlugin, (self.name, self.options, self.hosted))  # never a live backend
+    def __reduce__(self) -> tuple[Any, ...]:  # never a live backend
+        return (HostPlugin, (self.name, self.options, self.hosted, self.owner))
 
     def setup(self, worker: Any) -> None:
         # Dask starts worker processes as daemons, and a daemonic process may not start children.
@@ -83,7 +89,11 @@ class HostPlugin(WorkerPlugin):
         # parent and exit within 0.25 s of its death (see _worker._watch_parent), so lifting it
         # keeps that promise.
         multiprocessing.current_process().daemon = False
-        self.worker = worker
+        self.worker, self.hosting = worker, True
+        if self.owner is not None:  # setup runs on the worker's event loop
+            client_id, grace = self.owner
+            self.watcher = asyncio.get_running_loop().create_task(  # held: the loop holds weakly
+                watch_owner(worker, client_id, grace, self.name, lambda: self.hosting))
         threads = worker.state.nthreads
         lanes = capacity(threads, worker.state.total_resources,
                          worker.memory_manager.memory_limit, self.options.mem_per_task).slots
@@ -96,7 +106,7 @@ class HostPlugin(WorkerPlugin):
     async def teardown(self, worker: Any) -> None:
         """Kill our lanes: the engine removed us, or the worker closes (retired: then first
         record how far each running chunk got, for the engine to charge those runs)."""
-        backend, self.backend = self.backend, None
+        backend, self.backend, self.hosting = self.backend, None, False
         if backend is None:
             return
         if worker.status.name != "running":  # closing: retired, or its nanny stops it
