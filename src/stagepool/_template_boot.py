@@ -12,9 +12,9 @@ the engine; the first local Engine adopts it (``take_early``):
 Nothing is lost by starting early. A template is adopted only when it is what the engine would
 have started itself: same process, same working directory, same environment, except the variables
 the template sets from the hello before anything reads them (the BLAS thread budget, read when
-numpy loads). Otherwise, or when it has exited, it is closed and a new one starts. One that no
-engine adopts exits after ``EARLY_IDLE`` seconds (it waits for its hello that long), or with this
-process (its socket closes); a non-local engine closes it at once (``discard_early``). A forked
+numpy loads). Otherwise, or when it is near its idle limit, it is closed and a new one starts.
+One that no engine adopts exits after ``EARLY_IDLE`` seconds (it waits for its hello that long),
+or with this process (its socket closes); a non-local engine closes it at once (``discard_early``). A forked
 child never touches its parent's. Inside a worker (``STAGEPOOL_WORKER_THREADS`` is set: a stage
 that builds its own engine) nothing starts early.
 """
@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Collection, Mapping
 
 __all__ = ["BOOT", "EARLY_IDLE", "WORKER_MALLOC_ENV", "Launched", "discard_early", "launch",
@@ -65,6 +66,7 @@ class Launched:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env, self.cwd, self.owner = env, os.getcwd(), os.getpid()
+        self.started = time.monotonic()
         ours, theirs = socket.socketpair()
         with theirs:
             try:
@@ -118,9 +120,10 @@ def take_early(env: Mapping[str, str], late: Collection[str]) -> Launched | None
     if early.owner != os.getpid():  # a forked child's copy: the parent's to use, not ours to
         early.sock.close()  # keep open (the template would outlive the parent waiting for it)
         return None
-    same = (early.cwd == os.getcwd() and early.process.poll() is None
-            and _without(early.env, late) == _without(env, late))
-    if not same:
+    # Half its idle time at most: one about to leave would take the hello with it.
+    fresh = time.monotonic() - early.started < EARLY_IDLE / 2 and early.process.poll() is None
+    same = early.cwd == os.getcwd() and _without(early.env, late) == _without(env, late)
+    if not (fresh and same):
         early.close()
         return None
     return early
