@@ -96,3 +96,13 @@ def test_nothing_starts_early_inside_a_worker() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_a_refused_engine_closes_the_template_started_early() -> None:
+    assert _run("""
+        try:
+            sp.Engine(workers=0)
+        except ValueError:
+            pass
+        print((gone(early), len(psutil.Process().children(recursive=True))))
+        """) == (True, 0)

@@ -14,24 +14,28 @@ have started itself: same process, same working directory, same environment, exc
 the template sets from the hello before anything reads them (the BLAS thread budget, read when
 numpy loads). Otherwise, or when it is near its idle limit, it is closed and a new one starts.
 One that no engine adopts exits after ``EARLY_IDLE`` seconds (it waits for its hello that long),
-or with this process (its socket closes); a non-local engine closes it at once (``discard_early``). A forked
-child never touches its parent's. Inside a worker (``STAGEPOOL_WORKER_THREADS`` is set: a stage
-that builds its own engine) nothing starts early.
+or with this process (its socket closes); a non-local engine, or an ``Engine()`` that raises,
+closes it at once. A forked child never touches its parent's. Inside a worker
+(``STAGEPOOL_WORKER_THREADS`` is set: a stage that builds its own engine) nothing starts early.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import ParamSpec
 
-__all__ = ["BOOT", "EARLY_IDLE", "WORKER_MALLOC_ENV", "Launched", "discard_early", "launch",
-           "start_early", "supported", "take_early", "worker_env"]
+__all__ = ["BOOT", "EARLY_IDLE", "WORKER_MALLOC_ENV", "Launched", "discard_early",
+           "discard_on_failure", "launch", "start_early", "supported", "take_early", "worker_env"]
+
+P = ParamSpec("P")
 
 # glibc returns every freed block above its (adaptive) mmap threshold to the kernel, so a stage
 # that allocates ~14 MiB of temporaries per item page-faults all of it again on every item: the
@@ -130,7 +134,8 @@ def take_early(env: Mapping[str, str], late: Collection[str]) -> Launched | None
 
 
 def discard_early() -> None:
-    """Close a template started early that no engine will adopt (a non-local engine, exit)."""
+    """Close a template started early that no engine will adopt (a non-local or refused engine,
+    the interpreter's exit)."""
     global _early
     early, _early = _early, None
     if early is None:
@@ -139,6 +144,20 @@ def discard_early() -> None:
         early.close()
     else:
         early.sock.close()
+
+
+def discard_on_failure(init: Callable[P, None]) -> Callable[P, None]:
+    """``Engine.__init__``, closing the template started early when the engine is refused (a
+    bad option, too many workers for the open-files limit): a refused engine leaves no process."""
+    @functools.wraps(init)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            init(*args, **kwargs)
+        except BaseException:
+            discard_early()
+            raise
+
+    return guarded
 
 
 def _without(env: Mapping[str, str], keys: Collection[str]) -> dict[str, str]:
