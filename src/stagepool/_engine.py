@@ -240,7 +240,8 @@ class Engine(AsyncCalls, PipelineCalls):
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
         overcommit = overcommit_warning(self.plan, self.workers) if warn else None
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
-            warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
+            # stacklevel: this method, __init__, its discard_on_failure guard, the caller's line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=4)
 
     def with_options(self, *, timeout: Timeout | Default = DEFAULT,
                      retries: int | Default = DEFAULT, retry_on: Any = DEFAULT,
