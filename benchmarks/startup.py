@@ -228,6 +228,11 @@ SLOW_ROWS = [
               "pool.stop()\npool.join()"),
 ]
 
+# Said in the output: what the rows pay for compiling, identical for stagepool and every peer.
+BYTECODE = ("every row runs with bytecode writing on (PYTHONDONTWRITEBYTECODE unset) into one "
+            "temporary cache, and once untimed before the timed rounds: every module, stdlib and "
+            "stagepool alike, loads from a .pyc, as for a wheel that pip installed and compiled")
+
 QUESTIONS = {
     "startup": (STARTUP_ROWS, [("first_s", "first result s", ".3f")], ("ppe-spawn", "first_s")),
     "respawn": (RESPAWN_ROWS, [("respawn_s", "deadline->next s", ".3f")],
@@ -244,7 +249,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    everything: dict[str, object] = {}
+    everything: dict[str, object] = {"bytecode": BYTECODE}
+    print(f"bytecode: {BYTECODE}", flush=True)
     for question in args.only.split(","):
         rows, columns, base = QUESTIONS[question]
         print(f"running {question} ({len(rows)} rows x {args.repeat} + 1 untimed)...", flush=True)

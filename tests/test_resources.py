@@ -24,7 +24,14 @@ from stagepool._planning import (
     plan_from_snapshot,
     plan_workers,
 )
-from stagepool._resources import THREAD_ENV_VARS, ResourceSnapshot, kill_tree, process_tree_pids, rss_of
+from stagepool._resources import (
+    THREAD_ENV_VARS,
+    ResourceSnapshot,
+    kill_tree,
+    process_tree_pids,
+    read_machine_memory,
+    rss_of,
+)
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 writes for "no limit" (2**63 page-aligned)
@@ -310,6 +317,25 @@ def test_read_without_overrides_uses_the_real_machine(tmp_path: Path) -> None:
     assert 0 < snap.mem_available <= snap.mem_total
     if hasattr(os, "sched_getaffinity"):
         assert snap.affinity_cpus == len(os.sched_getaffinity(0))
+
+
+def test_memory_is_read_from_meminfo_as_psutil_reports_it(tmp_path: Path) -> None:
+    proc, root = make_tree(tmp_path, None, {})
+    (proc / "meminfo").write_text("MemTotal:        2048 kB\nMemFree:  10 kB\n"
+                                  "MemAvailable:    1024 kB\n")
+    snap = ResourceSnapshot.read(proc_root=proc, cgroup_root=root, environ={})
+    assert (snap.mem_total, snap.mem_available) == (2 * MiB, 1 * MiB)
+    vm = psutil.virtual_memory()  # the real file: the same numbers as psutil's
+    assert read_machine_memory()[0] == vm.total
+
+
+@pytest.mark.parametrize("meminfo", [None, "MemTotal: 2048 kB\n", "MemTotal: x kB\nMemAvailable: 1 kB\n"])
+def test_a_meminfo_without_both_fields_falls_back_to_psutil(tmp_path: Path, meminfo: str | None) -> None:
+    proc, root = make_tree(tmp_path, None, {})
+    if meminfo is not None:
+        (proc / "meminfo").write_text(meminfo)
+    snap = ResourceSnapshot.read(proc_root=proc, cgroup_root=root, environ={})
+    assert snap.mem_total == psutil.virtual_memory().total
 
 
 # --------------------------------------------------------------------------------------------------

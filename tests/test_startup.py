@@ -18,10 +18,12 @@ from conftest import WAIT, wait_until
 
 KILL_GRACE = 0.5  # seconds between the SIGTERM and the SIGKILL of a timed-out worker
 HEAVY = ("numpy", "psutil", "loky", "asyncio")
+# Imported at first use: the progress bar, the cluster backend, the pipeline layer's flow.
+LATER = ("tqdm", "distributed", "stagepool._pipeline._flow", "stagepool._backends._dask")
 
 
-def _imported_after(code: str) -> list[str]:
-    probe = f"{code}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+def _imported_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
+    probe = f"{code}\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", f"import sys\n{probe}"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -29,15 +31,17 @@ def _imported_after(code: str) -> list[str]:
 
 
 def test_import_and_engine_class_import_nothing_heavy() -> None:
-    assert _imported_after("import stagepool; stagepool.Engine") == []
+    assert _imported_after("import stagepool; stagepool.Engine", HEAVY + LATER) == []
 
 
-def test_a_first_batch_without_arrays_does_not_import_numpy() -> None:
+def test_a_first_batch_without_arrays_imports_neither_numpy_nor_psutil() -> None:
     code = ("import stagepool\n"
             "with stagepool.Engine(workers=1) as engine:\n"
             "    assert engine.map(abs, range(-5, 5)).values == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]")
     imported = _imported_after(code)
     assert "numpy" not in imported
+    assert "psutil" not in imported  # the plan reads /proc/meminfo itself (~15 ms of start-up)
+    assert "loky" not in imported  # the workers are forked from the template
     assert "asyncio" not in imported  # the async calls import it, when awaited
 
 

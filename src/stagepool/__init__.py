@@ -7,7 +7,9 @@
     print(report.summary())
 
 Public names are loaded on first use (PEP 562): a worker process imports ``stagepool._worker``,
-which runs this file, and must not pay for numpy, psutil and the engine it never uses.
+which runs this file, and must not pay for numpy, psutil and the engine it never uses. The first
+use of ``Engine`` also starts the local workers' template process, so that it boots while the
+engine is imported (``_template_boot``: adopted by the first local Engine, gone after 30 s idle).
 """
 
 import importlib as _importlib
@@ -132,6 +134,10 @@ def __getattr__(name: str) -> _typing.Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'stagepool' has no attribute {name!r}")
+    if name == "Engine":
+        from ._template_boot import start_early
+
+        start_early()
     value = getattr(_importlib.import_module(module, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -50,6 +50,7 @@ from ._pressure import DEFAULT_HIGH, check_watermarks
 from ._single import ExecutorView, SubmitContext
 from ._startup import backend_choice, backend_options, memory_watch, refuse_on_serial
 from ._status import WorkerStatus, resolve
+from ._template_boot import discard_on_failure
 
 if TYPE_CHECKING:
     from ._options import EngineView
@@ -157,6 +158,7 @@ class Engine(AsyncCalls, PipelineCalls):
       not shared memory. A worker the cluster loses fails only the item it was running.
     """
 
+    @discard_on_failure  # a refused engine leaves no process, not even the template started early
     def __init__(
         self,
         *,
@@ -242,7 +244,8 @@ class Engine(AsyncCalls, PipelineCalls):
         self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
         overcommit = overcommit_warning(self.plan, self.workers) if warn else None
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
-            warnings.warn(overcommit, OvercommitWarning, stacklevel=3)
+            # stacklevel: this method, __init__, its discard_on_failure guard, the caller's line
+            warnings.warn(overcommit, OvercommitWarning, stacklevel=4)
 
     def with_options(self, *, timeout: Timeout | Default = DEFAULT,
                      retries: int | Default = DEFAULT, retry_on: Any = DEFAULT,

@@ -3,7 +3,6 @@ refuses. Pure choices from validated settings; ``Engine.__init__`` calls them in
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ._backends import BackendName, BackendOptions
@@ -11,15 +10,10 @@ from ._calls import serial_cannot
 from ._config import EngineConfig
 from ._planning import WorkerPlan
 from ._pressure import MemoryWatch, Watermarks
+from ._template_boot import discard_early, worker_env
 
 __all__ = ["BACKENDS", "backend_choice", "backend_options", "memory_watch", "refuse_on_serial"]
 
-# glibc returns every freed block above its (adaptive) mmap threshold to the kernel, so a stage
-# that allocates ~14 MiB of temporaries per item page-faults all of it again on every item: the
-# demo stage measured 22 ms per item in a fresh worker and 14.5 ms with these settings (the
-# profiler's finding). Up to 64 MiB of freed heap stays in each worker. A user's own setting wins.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-                     "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
 BACKENDS: tuple[BackendName, ...] = ("local", "serial", "dask")
 
 
@@ -50,13 +44,14 @@ def backend_options(config: EngineConfig, plan: WorkerPlan, name: BackendName,
                     workers: int) -> BackendOptions:
     """What the backend is built from: the engine's settings, the workers' environment (BLAS
     threads; a cluster's workers size them from their own host: see _backends._dask) and the
-    array size that goes through shared memory (0 where there is no /dev/shm)."""
+    array size that goes through shared memory (0 where there is no /dev/shm). A backend
+    other than the local one closes the template started early for it (``_template_boot``)."""
     from ._shm import available
 
+    if name != "local":  # no template to adopt (see _template_boot): close one started early
+        discard_early()
     env = {} if name == "dask" else plan.thread_env(workers=workers)
-    for var, value in WORKER_MALLOC_ENV.items():
-        if var not in os.environ:
-            env[var] = value
+    env.update(worker_env())
     return BackendOptions(
         workers, initializer=config.initializer, initargs=config.initargs, env=env,
         max_rss=config.max_rss_per_worker, max_tasks=config.max_tasks_per_worker,

@@ -6,7 +6,8 @@ and then the stage's own modules (numpy, scipy, a codec) before it takes its fir
 kill or recycle. The template pays it once; a worker forked from it starts warm in milliseconds.
 
     parent (_backends/_local/_template.py)              template (this module, main())
-      hello: sys.path, preload  ------------------------>  imports them; "ready"
+                                                            imports the worker's modules first
+      hello: sys.path, preload, environment  ---------->  imports them; "ready"
       spawn: setup, sys.path + fds (pipe, stderr)  ---->  fork() -> child: lane_main(...)
       <------------------------------------------------   ("pid", pid)
       <------------------------------------------------   ("exit", pid, exitcode) on SIGCHLD
@@ -17,8 +18,15 @@ Each child forgets the template (its socket, its signal plumbing), gets fresh ra
 ordinary worker, which watches its parent, the template; the template exits when its own parent
 (the engine's process) closes the socket or dies, so a dead caller leaves no worker behind.
 
+The worker's modules are imported before the hello is read: a template started at the first
+access to ``stagepool.Engine`` (``_template_boot``) imports them while its parent still imports the
+engine. The hello's environment replaces the one the template started with (they differ only in
+the BLAS thread budget, which nothing has read yet).
+
 Failure: a preload module that fails to import is reported in "ready" (the workers then import
-it themselves, when an item needs it); a child that cannot set up prints why and exits 1.
+it themselves, when an item needs it); a child that cannot set up prints why and exits 1. A
+template whose hello does not come in time (``_template_boot.EARLY_IDLE``: started early for an
+engine never built) or whose parent closes the socket first exits 0.
 """
 
 from __future__ import annotations
@@ -38,12 +46,17 @@ __all__ = ["main"]
 
 
 def main() -> None:
-    """Serve spawn requests on the socket whose fd is ``sys.argv[1]`` until it closes."""
+    """Serve spawn requests on the socket whose fd is ``sys.argv[1]`` until it closes; exit if
+    no hello comes within ``sys.argv[2]`` seconds."""
     conn = Connection(int(sys.argv[1]))
-    sys_path, preload = pickle.loads(conn.recv_bytes())
-    sys.path[:] = sys_path
     from . import _worker  # noqa: F401  # what every child runs, imported once here
 
+    hello = _hello(conn, float(sys.argv[2]))
+    if hello is None:
+        return
+    sys_path, preload, environ = hello
+    _set_environ(environ)
+    sys.path[:] = sys_path
     failed = _preload(preload)
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), failed)))
     wake_read, wake_write = os.pipe()
@@ -51,6 +64,26 @@ def main() -> None:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up fd does the work
     _serve(conn, wake_read, wake_write)
+
+
+def _hello(conn: Connection, idle: float) -> Any:
+    """The engine's (sys.path, preload, environment), or None: no engine came for a template
+    started early, or the parent closed the socket (or exited) first."""
+    try:
+        if not conn.poll(idle):
+            return None
+        return pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return None
+
+
+def _set_environ(environ: dict[str, str]) -> None:
+    """Make this process's environment (and so its workers') the one the engine asked for."""
+    for var in set(os.environ) - set(environ):
+        del os.environ[var]
+    for var, value in environ.items():
+        if os.environ.get(var) != value:
+            os.environ[var] = value
 
 
 def _preload(modules: tuple[str, ...]) -> list[str]:

@@ -1,25 +1,28 @@
 """The engine's pipeline calls (``Engine`` inherits :class:`PipelineCalls`): validate the
 options into a :class:`FlowOptions`, then run a :class:`Flow` in this thread (``run``,
-``run_iter``) or in a helper thread (the async calls, in ``_async``)."""
+``run_iter``: ``_collect``) or in a helper thread (the async calls, in ``_async``). The flow's
+modules are imported at the first pipeline call: ``import stagepool`` and an engine that only
+maps do not pay for them (~20-30 ms of a short script's start-up)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from .._answers import BatchPolicy
-from .._backends import Backend
 from .._bridge import check_on_cancel
 from .._config import EngineConfig, check_bool, check_positive_int
 from .._costs import cost_hints
 from .._progress import Progress, check_progress_options
-from ._async import SegmentStream, run_async, run_iter_async
-from ._declare import Pipeline, plan_groups
-from ._flow import Flow, FlowOptions
-from ._report import PipelineAborted, PipelineReport, SegmentOutcome
 
-__all__ = ["PipelineCalls", "collect"]
+if TYPE_CHECKING:  # the rest of the pipeline layer is imported at the first pipeline call
+    from .._answers import BatchPolicy
+    from .._backends import Backend
+    from ._async import SegmentStream
+    from ._declare import Pipeline
+    from ._flow import Flow
+    from ._report import PipelineReport, SegmentOutcome
+
+__all__ = ["PipelineCalls"]
 
 # Segments in flight per worker and per group by default: enough to keep every worker fed in
 # every group while results travel; more only holds memory (window x segment size).
@@ -40,6 +43,9 @@ class PipelineCalls:
               on_progress: Callable[[Progress], object] | None = None,
               cost: Callable[[Any], float] | None = None) -> Flow:
         """Validate one call (before anything starts) into its flow."""
+        from ._declare import Pipeline, plan_groups
+        from ._flow import Flow, FlowOptions
+
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be a stagepool.Pipeline, not {type(pipeline).__name__}")
         if not pipeline.stages:
@@ -92,9 +98,11 @@ class PipelineCalls:
         """
         _refuse_async_items(items)
         ratio = _check_ratio(max_failure_ratio)
-        return collect(self._flow(pipeline, items, ordered=False, window=window,
-                                  progress=progress, desc=desc, on_progress=on_progress,
-                                  cost=cost), ratio)
+        flow = self._flow(pipeline, items, ordered=False, window=window, progress=progress,
+                          desc=desc, on_progress=on_progress, cost=cost)
+        from ._collect import collect
+
+        return collect(flow, ratio)
 
     def run_iter(self, pipeline: Pipeline, items: Iterable[Any], *, ordered: bool = True,
                  window: int | None = None, progress: bool | None = None,
@@ -111,7 +119,9 @@ class PipelineCalls:
         _refuse_async_items(items)
         flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
                           desc=desc, on_progress=on_progress)
-        return _lazy(flow, self)
+        from ._collect import outcomes_of
+
+        return outcomes_of(flow, self)
 
     async def run_async(self, pipeline: Pipeline, items: Iterable[Any] | AsyncIterable[Any], *,
                         window: int | None = None, max_failure_ratio: float | None = None,
@@ -130,6 +140,9 @@ class PipelineCalls:
         flow = self._flow(pipeline, items, ordered=False, window=window, progress=progress,
                           desc=desc, kill=check_on_cancel(on_cancel), on_progress=on_progress,
                           cost=cost)
+        from ._async import run_async
+        from ._collect import collect
+
         return await run_async(flow, items, lambda f: collect(f, ratio))
 
     def run_iter_async(self, pipeline: Pipeline, items: Iterable[Any] | AsyncIterable[Any], *,
@@ -145,58 +158,9 @@ class PipelineCalls:
         ``on_cancel`` as in :meth:`run_async`."""
         flow = self._flow(pipeline, items, ordered=ordered, window=window, progress=progress,
                           desc=desc, kill=check_on_cancel(on_cancel), on_progress=on_progress)
+        from ._async import run_iter_async
+
         return run_iter_async(flow, items, self)
-
-
-def _lazy(flow: Flow, engine: object) -> Iterator[SegmentOutcome]:
-    """``engine`` is held while the stream lives: a caller may hold only the stream (_abandon)."""
-    yield from flow.outcomes()
-
-
-def collect(flow: Flow, max_failure_ratio: float | None) -> PipelineReport:
-    """Run the flow to the end (or to ``max_failure_ratio``) and build its report."""
-    started = time.perf_counter()
-    segments: list[SegmentOutcome] = []
-    names = flow.order
-    stream = flow.outcomes()
-    failed = 0
-    try:
-        for seg in stream:
-            segments.append(seg)
-            failed += not seg.ok
-            if max_failure_ratio is not None and _over(failed, len(segments), flow.total,
-                                                       max_failure_ratio):
-                stream.close()
-                report = _report(segments, names, started)
-                raise PipelineAborted(
-                    f"{failed} of {len(segments)} finished segments failed, more than "
-                    f"max_failure_ratio={max_failure_ratio:g} allows"
-                    f"{f' of {flow.total}' if flow.total is not None else ''}: the run stopped "
-                    f"early; the partial report is .report. First failure: {_first(segments)}",
-                    report)
-    except BaseException as exc:
-        if exc is flow.source_error:
-            exc.report = _report(segments, names, started)  # type: ignore[attr-defined]
-            exc.add_note(f"stagepool: the items iterable raised after {flow.fed} segments; "
-                         "the partial report is attached as .report")
-        raise
-    return _report(segments, names, started)
-
-
-def _report(segments: list[SegmentOutcome], names: list[str], started: float) -> PipelineReport:
-    return PipelineReport(sorted(segments, key=lambda s: s.index), names,
-                          time.perf_counter() - started)
-
-
-def _first(segments: list[SegmentOutcome]) -> str:
-    seg = next(s for s in segments if not s.ok)
-    return f"segment {seg.index}, stage {seg.stage!r} [{seg.kind}]: {seg.error!r}"
-
-
-def _over(failed: int, finished: int, total: int | None, ratio: float) -> bool:
-    if total is not None:
-        return failed > ratio * total  # the run can no longer end within the ratio
-    return finished >= 10 and failed > ratio * finished
 
 
 def _check_ratio(value: object) -> float | None:

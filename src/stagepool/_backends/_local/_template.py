@@ -1,7 +1,8 @@
 """The parent's side of the warm template (the child's side, and why, is ``stagepool._template``).
 
 ``Template`` starts the template process (a plain ``python`` with the workers' environment,
-``posix_spawn``-ed: safe from a threaded parent, and free of loky's own start-up imports), asks
+``posix_spawn``-ed: safe from a threaded parent, and free of loky's own start-up imports), or
+adopts the one started at the first access to ``stagepool.Engine`` (``_template_boot``), asks
 it to fork workers, and learns their exit codes from it: a forked worker is the template's child,
 not ours, so ``ForkedProcess`` stands in for a ``multiprocessing.Process``: ``pid``, a
 ``sentinel`` (a pidfd: readable when the process exits), ``exitcode`` and ``join``.
@@ -16,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import socket
-import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import sendfds
-from pathlib import Path
 from typing import Any
 
+from ..._template_boot import WORKER_MALLOC_ENV, launch, take_early
+from ..._template_boot import supported as supported
 from ..._worker import WorkerSetup, dumps
 
 __all__ = ["ForkedProcess", "Template", "TemplateGone", "supported"]
@@ -32,36 +32,28 @@ __all__ = ["ForkedProcess", "Template", "TemplateGone", "supported"]
 # How long the template may take to start and import the preloaded modules (a cold scipy import
 # on a loaded machine takes seconds) before the crew gives up on it and starts workers itself.
 READY_TIMEOUT = 60.0
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the directory holding stagepool/
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(2)); "
-         "from stagepool._template import main; main()")
 
 
 class TemplateGone(Exception):
     """The template process is not there (any more): start workers another way."""
 
 
-def supported() -> bool:
-    return sys.platform == "linux" and hasattr(os, "pidfd_open") and hasattr(os, "fork")
-
-
 class Template:
     """A running template process and the exit codes of the workers it forked."""
 
     def __init__(self, env: dict[str, str], preload: tuple[str, ...]) -> None:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            self._conn = Connection(os.dup(ours.fileno()))
-            self._sock = socket.socket(fileno=os.dup(ours.fileno()))
-            self.process = subprocess.Popen(
-                [sys.executable, *_interpreter_flags(), "-c", _BOOT, str(theirs.fileno()),
-                 _PACKAGE_ROOT],
-                pass_fds=(theirs.fileno(),), env={**os.environ, **env},
-                process_group=0)  # Ctrl-C at a terminal is the caller's, not the template's
+        wanted = {**os.environ, **env}
+        # What the engine adds beyond the malloc settings (the BLAS thread budget) is read only
+        # when numpy loads: a template started before the engine knew it gets it in its hello.
+        late = [var for var in env if var not in WORKER_MALLOC_ENV]
+        launched = take_early(wanted, late) or launch(wanted)
+        self._sock = launched.sock
+        self._conn = Connection(os.dup(self._sock.fileno()))
+        self.process = launched.process
         self._exits: dict[int, int] = {}
         self._pid: int | None = None
         self.failed_preload: list[str] = []
-        self._send(pickle.dumps((list(sys.path), preload)))
+        self._send(pickle.dumps((list(sys.path), preload, wanted)))
 
     def spawn(self, setup: WorkerSetup, fds: tuple[int, int]) -> ForkedProcess:
         """Fork a worker running ``lane_main`` with ``setup`` on the given pipe ends. Raises
@@ -156,8 +148,3 @@ class ForkedProcess:
         self._template.forget(self.pid)
         with contextlib.suppress(OSError):
             os.close(self.sentinel)
-
-
-def _interpreter_flags() -> list[str]:
-    """The parent interpreter's -X/-W/-O flags, as multiprocessing passes them to its children."""
-    return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
