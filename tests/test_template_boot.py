@@ -98,6 +98,15 @@ def test_nothing_starts_early_inside_a_worker() -> None:
     assert out.stdout.strip() == "True"
 
 
+def test_the_early_start_can_be_turned_off() -> None:
+    code = ("import os, stagepool as sp\nfrom stagepool import _template_boot as boot\n"
+            "os.environ['STAGEPOOL_EARLY_TEMPLATE'] = '0'\nsp.Engine\nprint(boot._early is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
 def test_a_refused_engine_closes_the_template_started_early() -> None:
     assert _run("""
         try:

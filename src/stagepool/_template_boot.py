@@ -16,7 +16,8 @@ numpy loads). Otherwise, or when it is near its idle limit, it is closed and a n
 One that no engine adopts exits after ``EARLY_IDLE`` seconds (it waits for its hello that long),
 or with this process (its socket closes); a non-local engine, or an ``Engine()`` that raises,
 closes it at once. A forked child never touches its parent's. Inside a worker
-(``STAGEPOOL_WORKER_THREADS`` is set: a stage that builds its own engine) nothing starts early.
+(``STAGEPOOL_WORKER_THREADS`` is set: a stage that builds its own engine), or with
+``STAGEPOOL_EARLY_TEMPLATE=0``, nothing starts early.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
 EARLY_IDLE = 30.0
 # Set in every worker (see _threads): a stage that builds an engine there starts nothing early.
 _IN_WORKER = "STAGEPOOL_WORKER_THREADS"
+# STAGEPOOL_EARLY_TEMPLATE=0: start nothing before an Engine asks (a process that only imports
+# the class, say for type checks or --help, then never runs one).
+_OPT_OUT = "STAGEPOOL_EARLY_TEMPLATE"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # holds stagepool/
 BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(2)); "
         "from stagepool._template import main; main()")
@@ -105,7 +109,8 @@ def start_early() -> None:
     """Start the template for the first local engine now, once per process; never raises (an
     engine then starts its own, and says why if that fails too)."""
     global _early
-    if _early is not None or not supported() or _IN_WORKER in os.environ:
+    if (_early is not None or not supported() or _IN_WORKER in os.environ
+            or os.environ.get(_OPT_OUT, "1").strip() == "0"):
         return
     try:
         _early = launch({**os.environ, **worker_env()})
