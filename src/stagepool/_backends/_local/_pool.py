@@ -59,7 +59,7 @@ __all__ = ["LocalBackend"]
 
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=True, memory_limits=True,
-                            processes=True, serializes=True)
+                            processes=True, serializes=True, cuts_chunks=True)
 
 # How long shutdown(cancel_pending=True) waits for the pool thread to start idle workers before
 # cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
