@@ -302,7 +302,10 @@ class LocalBackend:
         if self._kill_all:
             self._crew.kill_everything()
         self._dispatch()
-        self._crew.keep_spare(stopping=self._stopping or self._kill_all)
+        # No spare once the initializer killed a worker: a spare runs the initializer too, and
+        # would die the same way (a respawn loop by another name).
+        self._crew.keep_spare(stopping=self._stopping or self._kill_all
+                              or self._returns.init_died is not None)
         return self._maybe_stop()
 
     def _retire(self, lane: Lane) -> None:
