@@ -160,7 +160,7 @@ def run_chunk(
     """
     values: list[Any] = []
     errors: dict[int, ErrInfo] | None = None
-    keep, clock = values.append, time.perf_counter
+    clock = time.perf_counter
     if record is None:
         record = _NO_RECORD
     ints = record.ints
@@ -179,7 +179,7 @@ def run_chunk(
         while True:
             try:
                 if stop is None:
-                    _loop(fn, it, record, stamps if per_item_clock else None, keep)
+                    _loop(fn, it, record, stamps if per_item_clock else None, values)
                 else:
                     _budgeted(fn, it, record, values, stop)
                 break
@@ -189,7 +189,7 @@ def run_chunk(
                 if isinstance(exc, passthrough):
                     raise
                 errors = _add_error(errors, len(values), exc, readonly_inputs)  # its offset
-                keep(None)
+                values.append(None)
                 del exc
     finally:
         guard_items(None)
@@ -200,7 +200,7 @@ def run_chunk(
 
 
 def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Record | Scratch,
-          stamps: array[float] | None, keep: Callable[[Any], None]) -> None:
+          stamps: array[float] | None, values: list[Any]) -> None:
     """Run ``fn`` on the rest of ``it``, each item's offset in the record first (exact blame
     when the worker dies); ``stamps``: each item's start time too (None: tiny items)."""
     ints, floats = record.ints, record.floats
@@ -208,7 +208,7 @@ def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Reco
         floats[F_START] = time.monotonic()
         for offset, item in it:
             ints[F_OFFSET] = offset
-            keep(fn(item))
+            values.append(fn(item))  # a method call 3.11 specialises: ~4 ns less than a bound one
         return
     stamp, now, clock = stamps.append, time.monotonic, time.perf_counter
     for offset, item in it:
@@ -218,7 +218,7 @@ def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Reco
         floats[F_START] = now()
         ints[F_OFFSET] = offset
         stamp(clock())
-        keep(fn(item))
+        values.append(fn(item))
 
 
 # The most items a budgeted chunk runs between two looks at the clock. Each look (and block)
@@ -232,13 +232,13 @@ def _budgeted(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _
     """The tiny-item loop of ``_loop`` in blocks of 1, 1, 2, 4 ... ``BUDGET_BLOCK`` items,
     returning between two blocks once ``time.perf_counter()`` passed ``stop`` (or the items
     ran out). Each item's offset still goes to the record first: blame stays exact."""
-    ints, keep, clock, size = record.ints, values.append, time.perf_counter, 1
+    ints, clock, size = record.ints, time.perf_counter, 1
     record.floats[F_START] = time.monotonic()
     while True:
         before = len(values)
         for offset, item in itertools.islice(it, size):
             ints[F_OFFSET] = offset
-            keep(fn(item))
+            values.append(fn(item))
         if len(values) - before < size or clock() >= stop:
             return
         size = min(2 * size, BUDGET_BLOCK)
