@@ -4,6 +4,7 @@ twice: real workers, real crashes and hangs, and a side-effect log that counts w
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -113,3 +114,17 @@ def test_a_budgeted_chunk_stops_between_items_and_says_how_far_it_got() -> None:
                         budget=0.01)
     assert failing.errors is not None and list(failing.errors) == [0]
     assert failing.values == [None, 0.02]  # the budget runs across the error
+
+
+def test_a_batch_waiting_for_room_to_resend_sleeps_instead_of_spinning() -> None:
+    """Items due to go out again (a cut chunk's rest here; a crash's innocents, halves) that
+    the in-flight window holds back can only go when an answer frees a place. The batch thread
+    looked again at once, spinning a whole CPU away from the workers until then (200 items of
+    20 ms on 2 workers: 2.95 s instead of 2.37 s on a loaded machine)."""
+    with sp.Engine(workers=2) as eng:
+        eng.map(_tasks.sleep_for, [0.001] * 4)  # workers up
+        cpu, wall = time.thread_time(), time.perf_counter()
+        report = eng.map(_tasks.sleep_for, [0.03] * 40)
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    assert report.values == [0.03] * 40
+    assert cpu < 0.25 * wall, (cpu, wall)

@@ -316,7 +316,11 @@ class Batch:
 
     def _until_resend(self) -> float:
         again = self.out.again
-        return min(WAIT_SLICE, max(0.0, again[0].due - time.monotonic())) if again else WAIT_SLICE
+        left = again[0].due - time.monotonic() if again else WAIT_SLICE
+        # Due already, yet _fill did not send it: the window, max_concurrent or the memory gate
+        # holds it back, and only an answer (which ends the wait) can free a place. Waiting 0
+        # here spun a CPU away from the workers.
+        return WAIT_SLICE if left <= 0 else min(WAIT_SLICE, left)
 
     def _drain_ready(self) -> Iterator[Piece]:
         ready, self.out.ready = self.out.ready, []
