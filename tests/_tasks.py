@@ -238,8 +238,8 @@ class InterruptsPickling:
 
 def logged(arg: tuple[int, str, str]) -> int:
     """Append this run to the item's log, then do what ``action`` says: "ok", "error",
-    "crash" (os._exit), "hang" (sleep far past any timeout) or "crash_once" (crash on the first
-    run only). The log counts runs, whatever becomes of the process."""
+    "crash" (os._exit), "hang" (sleep far past any timeout), "crash_once" (crash on the first
+    run only) or "slow" (30 ms). The log counts runs, whatever becomes of the process."""
     index, action, folder = arg
     path = os.path.join(folder, str(index))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -252,6 +252,8 @@ def logged(arg: tuple[int, str, str]) -> int:
         os._exit(3)
     if action == "hang":
         time.sleep(3600)
+    if action == "slow":
+        time.sleep(0.03)
     if action == "error":
         raise ValueError(f"item {index} failed on purpose")
     return index

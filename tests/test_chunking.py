@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stagepool._chunking import CHUNK_BYTES, MAX_STREAM_CHUNK, TAIL_SHARES, ChunkSizer, plan_ends
+from stagepool._chunking import (
+    BLIND_SHARES,
+    CHUNK_BYTES,
+    MAX_STREAM_CHUNK,
+    TAIL_SHARES,
+    ChunkSizer,
+    plan_ends,
+)
 
 MiB = 1 << 20
 
@@ -136,3 +143,50 @@ def test_in_flight_one_per_worker_while_learning_then_the_whole_small_plan() -> 
     sizer.next_size(2)
     assert sizer.in_flight_limit(5, 1, 2) == 1 + TAIL_SHARES * 2
     assert ChunkSizer(64, workers=2, total=20_000).in_flight_limit(5, 0, 0) == 5  # fixed size
+
+
+def blind_sizer(total: int, item_bytes: int = 40) -> ChunkSizer:
+    sizer = ChunkSizer(None, workers=2, total=total)
+    sizer.blind = True  # a report of known length on a backend that cuts chunks
+    assert sizer.next_size(0) == 1  # the first item alone: its encoding gives the payload
+    sizer.observe_payload(1, item_bytes)
+    return sizer
+
+
+def test_a_small_report_is_planned_at_once_before_any_cost_is_known() -> None:
+    """No round trip to learn that 20,000 items are tiny (issue 15): the rest goes out at once,
+    each chunk with a budget after which the worker stops it, in the tiny-item loop."""
+    sizer = blind_sizer(20_000)
+    sizes, at = [], 1
+    while at < 20_000:
+        sizes.append(sizer.next_size(at))
+        assert sizer.budget() == sizer.target and not sizer.per_item_clock()
+        at += sizes[-1]
+    assert at == 20_000 and len(sizes) == BLIND_SHARES * 2
+    assert sizer.in_flight_limit(5, 1, 1) >= 1 + len(sizes)  # all of it in one hand-off
+
+
+def test_a_blind_plan_needs_a_known_length_a_small_payload_and_a_cutting_backend() -> None:
+    assert blind_sizer(CHUNK_BYTES // 40 * 2).next_size(1) == 1  # too much to encode at once
+    unsized = ChunkSizer(None, workers=2, total=None)
+    unsized.blind = True
+    unsized.observe_payload(1, 40)
+    assert unsized.next_size(1) == 1
+    streaming = ChunkSizer(None, workers=2, total=20_000)  # blind stays False: a stream
+    streaming.observe_payload(1, 40)
+    assert streaming.next_size(1) == 1 and streaming.budget() is None
+
+
+def test_a_cut_chunk_ends_the_blind_plan_and_its_rest_is_sized_from_what_was_learnt() -> None:
+    sizer = blind_sizer(20_000)
+    sizer.next_size(1)
+    sizer.observe(200, 0.02)  # cut after 200 items of 100 us: not tiny after all
+    sizer.observe_cut()
+    assert sizer.budget() is None and sizer.planned_chunks(1) == 0
+    assert sizer.rest_size(19_000) == 200  # about the target of 20 ms
+    assert sizer.rest_size(800) == 100  # a tail share of what is left
+    slow = blind_sizer(100)
+    slow.next_size(1)
+    slow.observe(1, 0.3)
+    slow.observe_cut()
+    assert slow.rest_size(98) == 1  # slow items go one by one

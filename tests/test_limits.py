@@ -77,3 +77,14 @@ def test_a_uniform_timeout_needs_no_per_item_table() -> None:
     assert deadline_of(task, state, 101.0) == 105.0
     last = SlotState(task.id, 2, PHASE_RUN, 100.0)
     assert deadline_of(task, last, 101.0) == 105.0  # no later item: its own limit only
+
+
+def test_a_chunk_whose_first_item_has_not_started_never_expires_on_a_stale_start_time() -> None:
+    """Between the worker's "running this chunk" and its first item's start time, the slot holds
+    offset -1 and the start time of an item long gone (0.0 in a fresh worker). Read then, that
+    start made a deadline in the past: tiny_ab's warm-up saw a worker killed as "timeout" at once
+    (timeout=60) while it began a chunk; an engine idle for longer than its timeout could too."""
+    task = Task(Group(), 1, None, b"", 3, lambda task, result: None, (60.0,) * 3)
+    for stale in (0.0, 40.0):  # a fresh slot; an item that started 60 s before now
+        deadline = deadline_of(task, SlotState(task.id, -1, PHASE_RUN, stale), 100.0)
+        assert deadline is not None and deadline > 100.0

@@ -9,8 +9,10 @@ from stagepool._wire import INLINE_ITEMS, TaskHeader, pack_task, unpack_task
 
 @pytest.mark.parametrize("fn_blob", [None, b"pickled function"])
 @pytest.mark.parametrize(("timed", "clock"), [(False, False), (True, False), (True, True)])
-def test_a_small_task_is_one_message(fn_blob: bytes | None, timed: bool, clock: bool) -> None:
-    header = TaskHeader(7, 3, fn_blob, 12, timed, clock)
+@pytest.mark.parametrize("budget", [0.0, 0.02])
+def test_a_small_task_is_one_message(fn_blob: bytes | None, timed: bool, clock: bool,
+                                     budget: float) -> None:
+    header = TaskHeader(7, 3, fn_blob, 12, timed, clock, budget)
     message, rest = pack_task(header, b"items" * 10)
     assert rest is None
     read, items = unpack_task(message)

@@ -91,10 +91,13 @@ NUMPY_DIFF_MIN = 64
 
 
 class Resend(NamedTuple):
-    """Items that go out again at ``due`` (time.monotonic): innocents, halves, retries."""
+    """Items that go out again at ``due`` (time.monotonic): innocents, halves, retries, and the
+    unstarted rest of a chunk cut short by its budget (``recut``: it goes out in chunks the
+    sizer sizes, see ``next_again``)."""
 
     due: float
     lot: Lot
+    recut: bool = False
 
 
 def durations_of(stamps: array[float], n: int) -> tuple[array[float], float]:
@@ -144,6 +147,9 @@ class Answers:
         durations, busy = durations_of(answer.stamps, len(answer.values))
         self.busy += busy
         self.sizer.observe(len(answer.values), busy, start)
+        if len(answer.values) < len(items):  # cut short by its budget: the rest never started
+            self._cut(lot, len(answer.values))
+            items = items[: len(answer.values)]
         errors = answer.errors or {}
         if len(items) > 1 and any(info.kind == "unpickle" for info in errors.values()):
             self._halve(lot)  # nothing ran: which argument would not unpickle? find it
@@ -196,6 +202,28 @@ class Answers:
             self.again.appendleft(Resend(0.0, lot))
         else:
             self._lost(lot, died, guilty)
+
+    def _cut(self, lot: Lot, ran: int) -> None:
+        self.sizer.observe_cut()
+        self.again.appendleft(Resend(0.0, Lot(lot.start + ran, lot.items[ran:], lot.tries,
+                                              lot.runs), recut=True))
+
+    def next_again(self, room: int) -> Lot | None:
+        """The lot of the first resend, or None if it does not fit in ``room`` (items the
+        batch may still have in workers). A cut chunk's rest goes in pieces of ``rest_size``
+        (from what is left of every cut chunk: the shares shrink towards the end as usual)."""
+        due, lot, recut = self.again[0]
+        if recut:
+            left = sum(len(resend.lot.items) for resend in self.again if resend.recut)
+            size = min(self.sizer.rest_size(left), len(lot.items), room)
+            if 0 < size < len(lot.items):
+                self.again[0] = Resend(due, lot._replace(start=lot.start + size,
+                                                         items=lot.items[size:]), recut)
+                return lot._replace(items=lot.items[:size])
+        if room < len(lot.items):
+            return None
+        self.again.popleft()
+        return lot
 
     def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """``rerun_innocent=False``: items that ran, whose results died with their worker, are

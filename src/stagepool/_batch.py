@@ -197,9 +197,10 @@ class Batch:
             if self.gate is not None and not self.gate.allows():
                 return  # memory is nearly full: running items finish, nothing new starts
             if again and again[0].due <= time.monotonic():
-                if self._room() < len(again[0].lot.items):
+                lot = self.out.next_again(self._room())
+                if lot is None:
                     return
-                self._submit(again.popleft().lot)
+                self._submit(lot)
             elif not self.source.exhausted and self._window_open() and self._room() > 0 \
                     and self.source.available() > 0:
                 self._take()
@@ -246,7 +247,8 @@ class Batch:
                         self.sizer.per_item_clock(),
                         # worker logs name items by first + offset, or (arranged) by indices
                         first=part.start, indices=self._indices(part.start, len(items)),
-                        planned=self.sizer.planned_chunks(part.start) > 0)
+                        planned=self.sizer.planned_chunks(part.start) > 0,
+                        budget=self.sizer.budget() if len(items) > 1 else None)
             self.outbox.append(task)
             self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
             self.items_out += len(items)
@@ -289,6 +291,9 @@ class Batch:
     def pieces(self) -> Iterator[Piece]:
         """Yield final pieces until every taken item has one; cancel leftovers on exit."""
         finished = False
+        # A report of known length may plan its rest before the cost of an item is known: the
+        # backend cuts a chunk that runs long (see _chunking).
+        self.sizer.blind = self.collecting and self.backend.capabilities.cuts_chunks
         try:
             while not self.group.cancelled:  # abandon() from another thread ends the loop
                 self._fill()
@@ -311,7 +316,11 @@ class Batch:
 
     def _until_resend(self) -> float:
         again = self.out.again
-        return min(WAIT_SLICE, max(0.0, again[0].due - time.monotonic())) if again else WAIT_SLICE
+        left = again[0].due - time.monotonic() if again else WAIT_SLICE
+        # Due already, yet _fill did not send it: the window, max_concurrent or the memory gate
+        # holds it back, and only an answer (which ends the wait) can free a place. Waiting 0
+        # here spun a CPU away from the workers.
+        return WAIT_SLICE if left <= 0 else min(WAIT_SLICE, left)
 
     def _drain_ready(self) -> Iterator[Piece]:
         ready, self.out.ready = self.out.ready, []
@@ -329,9 +338,10 @@ class Batch:
 
     def _quiet(self) -> bool:
         """Whether no answer can be of use before the last one: a report is being collected
-        (no stream, no progress) and nothing is left to send."""
+        (no stream, no progress) and nothing is left to send (so the memory gate, which only
+        holds back sending, has nothing to hold back either)."""
         return (self.collecting and self.source.exhausted and not self.out.again
-                and self.sink is None and self.gate is None)
+                and self.sink is None)
 
     def _absorb(self, task: Task, result: TaskResult) -> None:
         lot = self.in_flight.pop(task.id, None)

@@ -8,6 +8,14 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   batch of slow items (0.3 s each) stream one by one instead of arriving in a burst when a blind
   chunk of 8 finishes seconds later; a batch of tiny items learns from its first answer, a few
   hundred microseconds later, having sent at most a window of single items;
+* except for a report of known length whose whole payload is small, on a backend that cuts
+  chunks (``blind``): after the first item (its encoding gives the payload per item) the rest
+  is planned at once, blind, as ``multiprocessing.Pool.map`` does (``plan_ends``), each chunk
+  with a time ``budget``: the worker stops a chunk that runs past it between two items and
+  answers with what it ran (a slow first item comes back alone). Tiny items thus skip the round
+  trip that learns their cost (on a loaded 2-core machine, 1-2 ms of a 5 ms map); when a chunk
+  is cut the plan is dropped (``observe_cut``) and the unstarted rest goes out again in chunks
+  sized from what was learnt (``rest_size``);
 * with an estimate, size = target / per-item time;
 * for a batch of known length it never sends more than a ``1 / (TAIL_SHARES x workers)`` share of
   what is left, so chunks shrink near the end and no worker idles at the tail; but a chunk is
@@ -54,6 +62,10 @@ PLAN_SECONDS = 0.1
 # sent the chunks after the first answers with per-item clocks on some runs and without on
 # others.
 TINY_ITEM_SECONDS = 1e-5
+# Chunks per worker of a blind plan (see the module docstring): fewer than a known plan's
+# TAIL_SHARES, since each is a round trip and a hand-off in this process while the workers wait,
+# and a chunk that turns out long is cut by its budget anyway, so the tail stays balanced.
+BLIND_SHARES = 2
 # Payload one chunk may carry. Moving a few MiB costs milliseconds, far above the ~50-100 us
 # round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
 # consecutive items overlap in the parent and the workers.
@@ -80,6 +92,10 @@ class ChunkSizer:
         self._encoded_items = 0
         self._payload = 0
         self._plan: list[int] | None = None  # a known-length batch's last chunks: their ends
+        # May the rest be planned before any cost is known (see the module docstring)? Set by the
+        # batch: a report of known length, on a backend that cuts chunks.
+        self.blind = False
+        self._blind_plan = False  # the plan was made blind and no chunk of it was cut yet
 
     @property
     def per_item(self) -> float | None:
@@ -105,7 +121,9 @@ class ChunkSizer:
             return 1  # learn the payload per item first (see the module docstring)
         per_item = self.per_item
         if per_item is None:
-            return 1  # the cost is unknown: a slow item must not hold others back
+            # The cost is unknown: a slow item must not hold others back (a blind plan's
+            # chunks are cut by their budget instead).
+            return self._blind_size(submitted)
         size = int(self.target / max(per_item, 1e-9))
         if self.total is not None:
             remaining = max(1, self.total - submitted)
@@ -130,6 +148,41 @@ class ChunkSizer:
         at = bisect_right(self._plan, submitted)
         return self._plan[at] - submitted if at < len(self._plan) else remaining
 
+    def _blind_size(self, submitted: int) -> int:
+        """The next chunk of a blind plan, made now if it may be; else 1."""
+        if self._plan is None:
+            if not self.blind or self.total is None or self.total <= submitted:
+                return 1
+            remaining = self.total - submitted
+            if remaining * self._payload > CHUNK_BYTES * self._encoded_items:
+                return 1  # too much to encode at once: learn the cost first
+            self._plan = plan_ends(submitted, remaining, self.workers, BLIND_SHARES * self.workers)
+            self._blind_plan = True
+        at = bisect_right(self._plan, submitted)
+        return self._plan[at] - submitted if at < len(self._plan) else 1
+
+    def budget(self) -> float | None:
+        """The time budget of the next chunk: the target while it is part of a blind plan (see
+        the module docstring), else None."""
+        return self.target if self._blind_plan and self.per_item is None else None
+
+    def observe_cut(self) -> None:
+        """A chunk came back cut short by its budget: its items are not tiny after all. The
+        blind plan's chunks already sent are cut the same way; the rest is sized as usual."""
+        if self._blind_plan:
+            self._plan, self._blind_plan = None, False
+
+    def rest_size(self, n: int) -> int:
+        """How many unstarted items of the cut chunks (``n`` of them left) go out together:
+        about ``target`` seconds, at most a tail share of ``n``, never below
+        ``MIN_CHUNK_SECONDS``."""
+        per_item = max(self.per_item or 0.0, 1e-9)
+        size = min(int(self.target / per_item),
+                   max(math.ceil(n / (TAIL_SHARES * self.workers)),
+                       int(self.min_seconds / per_item)))
+        size = min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload))
+        return max(1, min(size, MAX_CHUNK, n))
+
     def planned_chunks(self, submitted: int) -> int:
         """How many chunks of the plan are still to go, when they may all go at once (their
         payload is at most ``CHUNK_BYTES`` together); else 0."""
@@ -144,14 +197,16 @@ class ChunkSizer:
         (all that can run; for tiny items each one more is a round trip before the planned rest
         can go), then the ``window``, or the whole rest of a plan whose payload is small (one
         hand-off to the backend for all of it, instead of a refill per answer)."""
-        if self.per_item is None and self.fixed is None:
+        if self.per_item is None and self.fixed is None and not self._blind_plan:
             return min(window, self.workers)
         return max(window, in_flight + self.planned_chunks(submitted))
 
     def per_item_clock(self) -> bool:
         """Whether items are slow enough to be worth two clock reads each (see run_chunk)."""
         per_item = self.per_item
-        return per_item is None or per_item > TINY_ITEM_SECONDS
+        if per_item is None:  # a blind plan's chunks run the tiny loop: their budget needs it
+            return not self._blind_plan
+        return per_item > TINY_ITEM_SECONDS
 
     def expected_seconds(self, size: int, start: int = -1) -> float | None:
         """Estimated duration of a chunk of ``size`` items from position ``start`` (None while

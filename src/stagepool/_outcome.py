@@ -109,59 +109,91 @@ class BatchStats:
 _ZERO_D, _ZERO_Q = array("d", [0.0]), array("q", [0])
 
 
+class _Run(NamedTuple):
+    start: int
+    values: list[Any]
+    durations: array[float]
+    worker: int
+
+
 class ReportBuilder:
     """Collects a batch's results chunk by chunk, in any order, then freezes into a report."""
 
-    __slots__ = ("_attempts", "_durations", "_failures", "_hint", "_values", "_workers", "chunks",
-                 "retries")
+    __slots__ = ("_attempts", "_failures", "_runs", "chunks", "retries")
 
     def __init__(self, size_hint: int = 0) -> None:
-        # Allocated at the first piece, not here: for a map that is after its first chunks went
-        # out (20,000 items: ~70-250 us that the workers no longer wait for).
-        self._hint = size_hint
-        self._values: list[Any] = []
-        self._durations = array("d")
-        self._workers = array("q")
+        # Runs are kept as they come and laid end to end once, in ``build``: for 20,000 items
+        # that is one copy of each column, instead of a column of placeholders written over
+        # chunk by chunk (~0.3 ms of a 4 ms map, in the thread the workers' answers wait for).
+        self._runs: list[_Run] = []
         self._failures: dict[int, Failure] = {}
         self._attempts: dict[int, int] = {}
         self.chunks = 0
         self.retries = 0
 
-    def _grow(self, stop: int) -> None:
-        missing = max(stop, self._hint) - len(self._values)
-        if missing > 0:
-            # array * n, not array(code, bytes(8 * n)): that walks the bytes (166 us vs 6 us
-            # for 20,000 items)
-            self._values.extend([None] * missing)
-            self._durations.extend(_ZERO_D * missing)
-            self._workers.extend(_ZERO_Q * missing)
-
     def place(
         self, start: int, values: list[Any], durations: array[float], worker: int, attempts: int = 1
     ) -> None:
-        """Store a run of consecutive results (failed positions are overwritten by :meth:`fail`)."""
-        stop = start + len(values)
-        self._grow(stop)
-        self._values[start:stop] = values
-        self._durations[start:stop] = durations
-        self._workers[start:stop] = array("q", [worker]) * len(values)
+        """Store a run of consecutive results (failed positions are overwritten by :meth:`fail`;
+        a later run over the same positions, a retry's, overwrites an earlier one)."""
+        self._runs.append(_Run(start, values, durations, worker))
         if attempts != 1:
-            for i in range(start, stop):
+            for i in range(start, start + len(values)):
                 self._attempts[i] = attempts
 
     def fail(self, index: int, failure: Failure) -> None:
-        self._grow(index + 1)
-        self._values[index] = None
-        self._durations[index] = failure.duration
-        self._workers[index] = failure.worker or 0
         self._failures[index] = failure
 
     def build(self, size: int, stats: BatchStats,
               keys: list[Any] | None = None) -> BatchReport[Any]:
-        self._grow(size)
-        del self._values[size:], self._durations[size:], self._workers[size:]
-        return BatchReport(self._values, self._durations, self._workers, self._failures,
-                           self._attempts, stats, keys)
+        values, durations, workers = self._columns(size)
+        for index, failure in self._failures.items():
+            if index < size:
+                values[index] = None
+                durations[index] = failure.duration
+                workers[index] = failure.worker or 0
+        return BatchReport(values, durations, workers, self._failures, self._attempts, stats, keys)
+
+    def _columns(self, size: int) -> tuple[list[Any], array[float], array[int]]:
+        """The runs laid end to end by position, gaps (failures) as placeholders; runs that
+        overlap (a retried item inside an earlier run) are written over in arrival order."""
+        runs = sorted(self._runs, key=_start)
+        values: list[Any] = []
+        durations, workers = array("d"), array("q")
+        for run in runs:
+            if run.start < len(values):
+                return self._overwritten(size)
+            _pad(values, durations, workers, run.start)
+            values.extend(run.values)
+            durations.extend(run.durations)
+            workers.extend(array("q", [run.worker]) * len(run.values))
+        _pad(values, durations, workers, size)
+        del values[size:], durations[size:], workers[size:]
+        return values, durations, workers
+
+    def _overwritten(self, size: int) -> tuple[list[Any], array[float], array[int]]:
+        stop = max([size, *(run.start + len(run.values) for run in self._runs)])
+        values: list[Any] = [None] * stop
+        durations, workers = _ZERO_D * stop, _ZERO_Q * stop
+        for start, run_values, run_durations, worker in self._runs:
+            end = start + len(run_values)
+            values[start:end] = run_values
+            durations[start:end] = run_durations
+            workers[start:end] = array("q", [worker]) * len(run_values)
+        del values[size:], durations[size:], workers[size:]
+        return values, durations, workers
+
+
+def _start(run: _Run) -> int:
+    return run.start
+
+
+def _pad(values: list[Any], durations: array[float], workers: array[int], stop: int) -> None:
+    missing = stop - len(values)
+    if missing > 0:  # array * n, not array(code, bytes(8 * n)), which walks the bytes
+        values.extend([None] * missing)
+        durations.extend(_ZERO_D * missing)
+        workers.extend(_ZERO_Q * missing)
 
 
 class BatchReport(Sequence[Outcome[T]]):

@@ -1,6 +1,6 @@
 """A lane's task message: what the pool thread writes to a worker's pipe for one chunk.
 
-    [ header: chunk id, fn key, n items, fn length, flags ][ fn pickle ][ items ]
+    [ header: chunk id, fn key, n items, fn length, flags, budget ][ fn pickle ][ items ]
 
 One message per task, so one write and one read: the function's pickle only when the worker does
 not have it cached yet, and the items inline unless they are bigger than ``INLINE_ITEMS`` (then
@@ -28,9 +28,12 @@ class TaskHeader(NamedTuple):
     n_items: int
     timed: bool  # a per-item timeout is running: clocked items write their start times
     per_item_clock: bool
+    # Seconds after which the worker stops between items and answers with the items run so far
+    # (0.0: never). A chunk cut before anything is known of its items' cost: see _chunking.
+    budget: float = 0.0
 
 
-_TASK_HEAD = struct.Struct("<qqqqB")  # chunk id, fn key, n items, fn_len, flags
+_TASK_HEAD = struct.Struct("<qqqqBd")  # chunk id, fn key, n items, fn_len, flags, budget
 _TIMED, _PER_ITEM_CLOCK, _ITEMS_FOLLOW = 1, 2, 4
 INLINE_ITEMS = 64 * 1024
 
@@ -41,7 +44,8 @@ def pack_task(header: TaskHeader, items: bytes) -> tuple[bytes, bytes | None]:
     follow = len(items) > INLINE_ITEMS
     flags = (_TIMED * header.timed) | (_PER_ITEM_CLOCK * header.per_item_clock) | (
         _ITEMS_FOLLOW * follow)
-    head = _TASK_HEAD.pack(header.chunk_id, header.fn_key, header.n_items, len(fn_blob), flags)
+    head = _TASK_HEAD.pack(header.chunk_id, header.fn_key, header.n_items, len(fn_blob), flags,
+                           header.budget)
     if follow:
         return head + fn_blob, items
     return b"".join((head, fn_blob, items)), None
@@ -50,9 +54,9 @@ def pack_task(header: TaskHeader, items: bytes) -> tuple[bytes, bytes | None]:
 def unpack_task(message: bytes) -> tuple[TaskHeader, memoryview | None]:
     """The header of a task's first message, and its items if they came with it (else None:
     they are the next message)."""
-    chunk_id, fn_key, n_items, fn_len, flags = _TASK_HEAD.unpack_from(message)
+    chunk_id, fn_key, n_items, fn_len, flags, budget = _TASK_HEAD.unpack_from(message)
     start = _TASK_HEAD.size
     fn_blob = message[start : start + fn_len] if fn_len else None
     items = None if flags & _ITEMS_FOLLOW else memoryview(message)[start + fn_len :]
     return TaskHeader(chunk_id, fn_key, fn_blob, n_items, bool(flags & _TIMED),
-                      bool(flags & _PER_ITEM_CLOCK)), items
+                      bool(flags & _PER_ITEM_CLOCK), budget), items

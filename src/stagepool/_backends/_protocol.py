@@ -55,6 +55,8 @@ class Capabilities:
     fast_round_trip: bool = True
     # Work per automatic chunk, seconds: enough to amortise the round trip of one chunk.
     chunk_seconds: float = 0.02
+    # Honours Task.budget: a chunk may come back cut short, its unstarted rest the engine's.
+    cuts_chunks: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,6 +180,9 @@ class Task:
     # Each item's batch index where it is not first + offset (a cost-arranged batch runs its
     # items longest-first), for worker logs.
     indices: tuple[int, ...] | None = None
+    # Seconds after which the worker may stop between items and answer with fewer values than
+    # items (the rest never started). None: run them all. Only for backends that cut chunks.
+    budget: float | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_task_ids))
 
 

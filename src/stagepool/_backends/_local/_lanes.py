@@ -75,7 +75,8 @@ class Lane:
         first = task.fn_key not in self.fn_keys
         message, items = pack_task(TaskHeader(task.id, task.fn_key, task.fn if first else None,
                                               task.n_items, task.timeouts is not None,
-                                              task.per_item_clock), task.items)
+                                              task.per_item_clock, task.budget or 0.0),
+                                   task.items)
         self.tasks.append(task)
         try:
             self.conn.send_bytes(message)

@@ -71,8 +71,10 @@ def deadline_of(task: Task, state: SlotState, now: float) -> float | None:
     timeouts = task.timeouts
     if timeouts is None:
         return None
-    if state.chunk != task.id or state.phase != PHASE_RUN:
-        return now + POLL_INTERVAL  # not started yet: look again soon
+    if state.chunk != task.id or state.phase != PHASE_RUN or state.offset < 0:
+        # Not started yet: look again soon. Offset -1 in the run phase is the moment before
+        # the first item, when the slot's start time is still a past item's (0.0 when fresh).
+        return now + POLL_INTERVAL
     # The item running now, or a later item that starts after this moment: whichever could
     # expire first. (Without the second term a short timeout behind a long one is missed.)
     return min(state.start + timeouts[state.offset], now + _later_min(task, state.offset))

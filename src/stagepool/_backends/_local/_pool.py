@@ -59,7 +59,7 @@ __all__ = ["LocalBackend"]
 
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=True, memory_limits=True,
-                            processes=True, serializes=True)
+                            processes=True, serializes=True, cuts_chunks=True)
 
 # How long shutdown(cancel_pending=True) waits for the pool thread to start idle workers before
 # cancelling the rest itself: one turn of the loop, unless it is respawning a worker (seconds).
@@ -302,7 +302,10 @@ class LocalBackend:
         if self._kill_all:
             self._crew.kill_everything()
         self._dispatch()
-        self._crew.keep_spare(stopping=self._stopping or self._kill_all)
+        # No spare once the initializer killed a worker: a spare runs the initializer too, and
+        # would die the same way (a respawn loop by another name).
+        self._crew.keep_spare(stopping=self._stopping or self._kill_all
+                              or self._returns.init_died is not None)
         return self._maybe_stop()
 
     def _retire(self, lane: Lane) -> None:
