@@ -334,6 +334,27 @@ def test_the_plan_and_repr_name_the_cluster(cli_engine: sp.Engine, cluster: str)
     assert cluster in repr(cli_engine) and "2 workers x 1 thread" in repr(cli_engine)
 
 
+def test_the_plan_follows_workers_that_join_and_leave(cli_engine: sp.Engine, cluster: str,
+                                                      client: Any) -> None:
+    """``engine.plan`` is the cluster as it is when read: it said 2 workers after one of two
+    was retired, while the batch's summary said 1."""
+    before = set(client.scheduler_info()["workers"])
+    third = _start_worker(cluster, "--nthreads", "2")
+    try:
+        client.wait_for_workers(3, timeout=WAIT)
+        (joined,) = set(client.scheduler_info()["workers"]) - before
+        plan = cli_engine.plan
+        assert plan.workers == 4 and plan.limited_by == "cluster", plan.reason
+        assert plan.reason.startswith("4 workers: limited by cluster") and "3 workers" in plan.reason
+        client.retire_workers([joined], close_workers=True)
+        assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, WAIT)
+        plan = cli_engine.plan
+        assert plan.workers == 2 and "2 workers x 1 thread" in plan.reason, plan.reason
+        assert cli_engine.map(_tasks.double, range(6)).values == [2 * i for i in range(6)]
+    finally:
+        _stop([third])
+
+
 def test_an_engine_on_a_client_leaves_the_client_open_and_the_workers_clean(client: Any) -> None:
     client.wait_for_workers(2, timeout=WAIT)
     with sp.Engine(backend=client) as eng:

@@ -100,6 +100,7 @@ class DaskBackend:
         self._codec = PickleCodec(read_only_inputs=not options.writable_inputs)
         self._queue = FairShare()
         self._lock = self._queue.lock
+        self._mem_per_task = options.mem_per_task
         self._roster = Roster(self._client, options.mem_per_task)
         self._inbox: Inbox = queue.SimpleQueue()
         self._flights = Flights(self._client, self._name, self._queue, self._inbox)
@@ -127,8 +128,25 @@ class DaskBackend:
         self._roster.check_fits(self._address)
 
     def __str__(self) -> str:
+        return self._describe(self._roster)
+
+    def _describe(self, roster: Roster) -> str:
         own = "in-process LocalCluster" if self._cluster is not None else "dask cluster"
-        return f"{own} at {self._address}, {self._roster}"
+        return f"{own} at {self._address}, {roster}"
+
+    def cluster_now(self) -> tuple[int, str] | None:
+        """The cluster as the scheduler sees it now, for ``engine.plan``: the chunks it may run
+        at once (its threads, fewer if ``mem_per_task`` says so) and its description; None when
+        the scheduler does not answer in RPC_TIMEOUT or the engine is closed. Any thread: a
+        roster of its own (the dispatcher's follows the cluster only while it has work)."""
+        if self._closed:
+            return None
+        roster = Roster(self._client, self._mem_per_task)
+        try:
+            roster.update(_cluster.workers_info(self._client))
+        except Exception:
+            return None
+        return roster.slots, self._describe(roster)
 
     # ---- the Backend protocol ---------------------------------------------------------------
 

@@ -67,6 +67,10 @@ class Roster:
             info = _cluster.workers_info(self._client)
         except Exception:
             return []
+        return self.update(info)
+
+    def update(self, info: dict[str, dict[str, Any]]) -> list[Member]:
+        """Follow ``info`` (the scheduler's view, see ``refresh``); return the members that left."""
         left = [self.members.pop(address) for address in list(self.members)
                 if address not in info]
         for address, facts in info.items():
