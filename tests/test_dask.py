@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -353,6 +354,34 @@ def test_the_plan_follows_workers_that_join_and_leave(cli_engine: sp.Engine, clu
         assert cli_engine.map(_tasks.double, range(6)).values == [2 * i for i in range(6)]
     finally:
         _stop([third])
+
+
+def test_a_worker_of_another_stagepool_version_is_named_and_sent_nothing(
+        cli_engine: sp.Engine, cluster: str, client: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker of another version failed every chunk sent to it with "TypeError:
+    HostPlugin.__init__() takes 4 positional arguments but 5 were given". One that joins is
+    left out with a warning naming it and both versions; at ``Engine()`` it is an error."""
+    before = set(client.scheduler_info()["workers"])
+    monkeypatch.setenv("STAGEPOOL_TEST_VERSION", "0.0.1")
+    other = _start_worker(cluster, "--nthreads", "1", "--preload", "_fake_version")
+    try:
+        client.wait_for_workers(3, timeout=WAIT)
+        (joined,) = set(client.scheduler_info()["workers"]) - before
+        other_pid = client.run(os.getpid, workers=[joined])[joined]
+        with caplog.at_level(logging.WARNING, logger="stagepool"):
+            work = [(i, 0.2, str(tmp_path)) for i in range(9)]
+            report = cli_engine.map(_tasks.note_then_sleep, work, chunk_size=1)
+        assert report.values == list(range(9)), report.summary()
+        assert other_pid not in {int((tmp_path / str(i)).read_text()) for i in range(9)}
+        (warned,) = [r.getMessage() for r in caplog.records if joined in r.getMessage()]
+        assert f"runs stagepool 0.0.1, but this engine runs stagepool {sp.__version__}" in warned
+        assert cli_engine.plan.workers == 2
+        with pytest.raises(RuntimeError, match=f"{joined} runs stagepool 0.0.1, but this "
+                                               f"engine runs stagepool {sp.__version__}"):
+            sp.Engine(backend="dask", address=cluster)
+    finally:
+        _stop([other])
 
 
 def test_an_engine_on_a_client_leaves_the_client_open_and_the_workers_clean(client: Any) -> None:
