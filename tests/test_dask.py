@@ -775,7 +775,9 @@ def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine
 def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """``stagepool profile --backend dask --address``: the cluster's size is the one worker count;
-    the chunk sizes are swept on it."""
+    the chunk sizes are swept on it. Its text names the cluster's workers and threads: it said
+    this machine's "limited by cpu: 2 usable CPUs" and recommended a ``workers=`` that an engine
+    on a cluster refuses."""
     from stagepool.cli import main
 
     client.wait_for_workers(2, timeout=WAIT)
@@ -784,7 +786,11 @@ def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
                  "--backend", "dask", "--address", cluster, "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "recommended: Engine(workers=2" in out
+    (line,) = [line for line in out.splitlines() if line.startswith("recommended:")]
+    assert "workers=" not in line and "[limited by cluster;" in line, out
+    assert ("  workers: 2: " in out and f"limited by cluster: dask cluster at {cluster}, "
+            "2 workers x 1 thread (its threads are the workers)" in out), out
+    assert "limited by cpu" not in out, out
     profile = sp.profile_stage(_profile_tasks.nap, _profile_tasks.nap_items(), chunk_sizes=[2],
                                run_seconds=0.3, repeat=1, progress=False, backend="dask",
                                address=cluster)
