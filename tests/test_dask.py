@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -332,6 +333,55 @@ def test_the_plan_and_repr_name_the_cluster(cli_engine: sp.Engine, cluster: str)
     assert cli_engine.workers == 2 and cli_engine.backend == "dask"
     assert cli_engine.plan.limited_by == "cluster" and cluster in cli_engine.plan.reason
     assert cluster in repr(cli_engine) and "2 workers x 1 thread" in repr(cli_engine)
+
+
+def test_the_plan_follows_workers_that_join_and_leave(cli_engine: sp.Engine, cluster: str,
+                                                      client: Any) -> None:
+    """``engine.plan`` is the cluster as it is when read: it said 2 workers after one of two
+    was retired, while the batch's summary said 1."""
+    before = set(client.scheduler_info()["workers"])
+    third = _start_worker(cluster, "--nthreads", "2")
+    try:
+        client.wait_for_workers(3, timeout=WAIT)
+        (joined,) = set(client.scheduler_info()["workers"]) - before
+        plan = cli_engine.plan
+        assert plan.workers == 4 and plan.limited_by == "cluster", plan.reason
+        assert plan.reason.startswith("4 workers: limited by cluster") and "3 workers" in plan.reason
+        client.retire_workers([joined], close_workers=True)
+        assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, WAIT)
+        plan = cli_engine.plan
+        assert plan.workers == 2 and "2 workers x 1 thread" in plan.reason, plan.reason
+        assert cli_engine.map(_tasks.double, range(6)).values == [2 * i for i in range(6)]
+    finally:
+        _stop([third])
+
+
+def test_a_worker_of_another_stagepool_version_is_named_and_sent_nothing(
+        cli_engine: sp.Engine, cluster: str, client: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker of another version failed every chunk sent to it with "TypeError:
+    HostPlugin.__init__() takes 4 positional arguments but 5 were given". One that joins is
+    left out with a warning naming it and both versions; at ``Engine()`` it is an error."""
+    before = set(client.scheduler_info()["workers"])
+    monkeypatch.setenv("STAGEPOOL_TEST_VERSION", "0.0.1")
+    other = _start_worker(cluster, "--nthreads", "1", "--preload", "_fake_version")
+    try:
+        client.wait_for_workers(3, timeout=WAIT)
+        (joined,) = set(client.scheduler_info()["workers"]) - before
+        other_pid = client.run(os.getpid, workers=[joined])[joined]
+        with caplog.at_level(logging.WARNING, logger="stagepool"):
+            work = [(i, 0.2, str(tmp_path)) for i in range(9)]
+            report = cli_engine.map(_tasks.note_then_sleep, work, chunk_size=1)
+        assert report.values == list(range(9)), report.summary()
+        assert other_pid not in {int((tmp_path / str(i)).read_text()) for i in range(9)}
+        (warned,) = [r.getMessage() for r in caplog.records if joined in r.getMessage()]
+        assert f"runs stagepool 0.0.1, but this engine runs stagepool {sp.__version__}" in warned
+        assert cli_engine.plan.workers == 2
+        with pytest.raises(RuntimeError, match=f"{joined} runs stagepool 0.0.1, but this "
+                                               f"engine runs stagepool {sp.__version__}"):
+            sp.Engine(backend="dask", address=cluster)
+    finally:
+        _stop([other])
 
 
 def test_an_engine_on_a_client_leaves_the_client_open_and_the_workers_clean(client: Any) -> None:
@@ -725,7 +775,9 @@ def test_big_arrays_travel_through_dask_not_shared_memory(dask_engine: sp.Engine
 def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """``stagepool profile --backend dask --address``: the cluster's size is the one worker count;
-    the chunk sizes are swept on it."""
+    the chunk sizes are swept on it. Its text names the cluster's workers and threads: it said
+    this machine's "limited by cpu: 2 usable CPUs" and recommended a ``workers=`` that an engine
+    on a cluster refuses."""
     from stagepool.cli import main
 
     client.wait_for_workers(2, timeout=WAIT)
@@ -734,7 +786,11 @@ def test_profile_runs_its_sweep_on_the_cluster(cluster: str, client: Any,
                  "--backend", "dask", "--address", cluster, "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "recommended: Engine(workers=2" in out
+    (line,) = [line for line in out.splitlines() if line.startswith("recommended:")]
+    assert "workers=" not in line and "[limited by cluster;" in line, out
+    assert ("  workers: 2: " in out and f"limited by cluster: dask cluster at {cluster}, "
+            "2 workers x 1 thread (its threads are the workers)" in out), out
+    assert "limited by cpu" not in out, out
     profile = sp.profile_stage(_profile_tasks.nap, _profile_tasks.nap_items(), chunk_sizes=[2],
                                run_seconds=0.3, repeat=1, progress=False, backend="dask",
                                address=cluster)

@@ -201,8 +201,8 @@ class Engine(AsyncCalls, PipelineCalls):
         if remote and self.config.workers is not None:
             raise ValueError("workers= sizes the in-process dask cluster only; a cluster you "
                              "connect to (address= or a Client) brings its own workers")
-        self.plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
-                                             reserve_cores=self.config.reserve_cores)
+        self._plan: WorkerPlan = plan_workers(mem_per_task=self.config.mem_per_task,
+                                              reserve_cores=self.config.reserve_cores)
         if name == "serial":  # no process to size, warn about or open files for
             refuse_on_serial(self.config)  # before the initializer runs, in this process
             self.workers, self._sizing = 1, "serial: 1 worker, this process"
@@ -211,13 +211,13 @@ class Engine(AsyncCalls, PipelineCalls):
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked child inherits the engine, not its workers
         self._executor: ExecutorView | None = None
-        started = make_backend(name, backend_options(self.config, self.plan, name, self.workers),
+        started = make_backend(name, backend_options(self.config, self._plan, name, self.workers),
                                address=address, client=client)
         self._backend: Backend | None = started
         self._backend_name = name
         if name == "dask":  # the cluster decides
             self.workers = started.workers
-            self.plan, self._sizing = cluster_plan(self.plan, started.workers, str(started))
+            self._plan, self._sizing = cluster_plan(self._plan, started.workers, str(started))
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
@@ -240,9 +240,21 @@ class Engine(AsyncCalls, PipelineCalls):
             settings.pop("workers", None)
         return cls(**{**settings, **overrides})
 
+    @property
+    def plan(self) -> WorkerPlan:
+        """What the machine allows and why (see :func:`plan_workers`). On a cluster, its workers
+        and threads as the scheduler sees them now, joined and left (one scheduler call, bounded;
+        the last known plan when it does not answer, or after shutdown)."""
+        # Only the dask backend has a cluster to follow (duck-typed: the engine never imports it).
+        now = getattr(self._backend, "cluster_now", None)
+        sized = now() if now is not None else None
+        if sized is not None:
+            self._plan = cluster_plan(self._plan, *sized)[0]
+        return self._plan
+
     def _size_workers(self, *, warn: bool) -> None:
-        self.workers, self._sizing = choose_workers(self.plan, self.config.workers)
-        overcommit = overcommit_warning(self.plan, self.workers) if warn else None
+        self.workers, self._sizing = choose_workers(self._plan, self.config.workers)
+        overcommit = overcommit_warning(self._plan, self.workers) if warn else None
         if overcommit is not None:  # the user insisted: start as told, but say so at their line
             # stacklevel: this method, __init__, its discard_on_failure guard, the caller's line
             warnings.warn(overcommit, OvercommitWarning, stacklevel=4)

@@ -81,9 +81,9 @@ from ._recommend import (
 )
 from ._report import StageProfile
 from ._serial import serial_pass
-from ._sweep import Sampler, confirm, engine_at, sweep
+from ._sweep import Sampler, confirm, on_cluster, sweep
 from ._targets import TargetError, resolve_target, sample_from_factory
-from ._text import Say, kwargs_text, rate, serial_line
+from ._text import Say, rate, recommended_text, serial_line
 
 __all__ = [
     "PROFILE_FORMAT",
@@ -188,12 +188,9 @@ def profile_stage(
         raise ValueError(f"every sampled item failed in {stage}; the first: {serial.items[0].error}")
     say(serial_line(serial))
     cost_rule = _cost_rule(cost, items, serial, say)  # before the sweep: a bad cost fails fast
-    if where.get("address") is not None:  # the cluster's own size is the one count to try
-        with engine_at(where) as probe:
-            counts = (probe.workers,)
-    plan = _fit(dataclasses.replace(
+    plan = _fit(on_cluster(dataclasses.replace(
         plan_sweep(serial, snapshot, budget=mem_budget, counts=counts, sizes=sizes,
-                   run_seconds=run_seconds, repeat=repeat), where=where),
+                   run_seconds=run_seconds, repeat=repeat), where=where)),
         serial, threads, budget, started)
     for note in plan.notes:
         say(note)
@@ -226,7 +223,7 @@ def _sweep_and_confirm(fn: Callable[[Any], Any], good: list[Any], serial: Serial
     with Sampler(started) as sampler:
         runs = sweep(fn, good, serial, plan, say, sampler)
         rec = recommend(runs, serial, plan)
-        say(f"recommended: Engine({kwargs_text(rec.kwargs)}), limited by {rec.limited_by}")
+        say(recommended_text(rec.kwargs, rec.limited_by, plan.cluster))
         if _past(plan, serial.start_seconds + plan.repeat * plan.run_seconds):
             say(f"{SKIPPED_CONFIRMATION}; expected {rate(rec.chosen)} items/s from the sweep")
             return runs, rec, None, sampler

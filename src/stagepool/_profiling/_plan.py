@@ -57,7 +57,7 @@ class SweepPlan:
     sizes: tuple[int, ...]
     run_seconds: float
     repeat: int
-    bound: str  # what capped the worker counts: cpu, memory, env or workers
+    bound: str  # what capped the worker counts: cpu, memory, env, workers or cluster
     budget: int  # bytes the workers may use together
     budget_source: str
     usable_cpus: int
@@ -67,6 +67,7 @@ class SweepPlan:
     # Where the engines run: {} (local workers), or Engine options naming a dask cluster
     # ({"backend": "dask"} for an in-process one, plus "address" for one that sizes itself).
     where: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cluster: str = ""  # that cluster, as its engine's plan says: "dask cluster at ..., 2 workers"
 
 
 def engine_options(threads: int) -> dict[str, Any]:

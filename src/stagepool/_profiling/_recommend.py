@@ -175,6 +175,8 @@ def _workers_reason(chosen: SweepRun, runs: Sequence[SweepRun], limited_by: str,
                     per_task: int) -> str:
     head = f"{chosen.workers}: {rate(chosen)} items/s at chunk {chosen.chunk_size}" + _gain_text(
         chosen, runs)
+    if limited_by == "cluster":
+        return f"{head}; limited by cluster: {plan.cluster} (its threads are the workers)"
     if limited_by == "memory":
         return (f"{head}; limited by memory: {format_size(plan.budget)} ({plan.budget_source}) / "
                 f"{format_size(per_task)} per task allows {max(1, plan.budget // per_task)}")

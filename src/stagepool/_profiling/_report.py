@@ -19,7 +19,7 @@ from .._config import format_size
 from .._profile_file import PROFILE_FORMAT
 from ._measured import PAGE_BYTES, SAMPLE_INTERVAL, SerialPass, SweepRun, WorkerSample
 from ._plots import plot
-from ._text import cpu_text, kwargs_text, secs
+from ._text import cpu_text, engine_text, secs
 
 __all__ = ["StageProfile"]
 
@@ -160,7 +160,7 @@ def _summary_lines(p: StageProfile) -> list[str]:
                      f"{r.ipc_share:>5.0%} {cpu:>6} {rss:>8} {r.spread:>6.0%}{mark}")
     lines.append("(each row: the best of its rounds; adjusted: items/s over the share of CPU the "
                  "workers got, for a CPU-bound stage; spread: how much slower the slowest round was)")
-    lines += ["", f"recommended: Engine({kwargs_text(p.recommended)})  [limited by "
+    lines += ["", f"recommended: {engine_text(p.recommended, p.limited_by)}  [limited by "
                   f"{p.limited_by}; {p.expected_throughput:.4g} items/s]"]
     lines += [f"  {key}: {text}" for key, text in p.reasons.items()]
     lines.append(f"sampler: {len(p.samples)} samples every {SAMPLE_INTERVAL:g} s, "

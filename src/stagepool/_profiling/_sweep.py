@@ -160,6 +160,16 @@ def engine_at(where: Mapping[str, Any], **kwargs: Any) -> Engine:
     return Engine(**kwargs, **where)
 
 
+def on_cluster(plan: SweepPlan) -> SweepPlan:
+    """``plan`` for a cluster at an address (``plan.where``): its size is the one worker count,
+    and none of this machine's bounds or notes (CPUs, memory) apply; unchanged without one."""
+    if plan.where.get("address") is None:
+        return plan
+    with engine_at(plan.where) as probe:
+        workers, cluster = probe.workers, probe.plan.detail.removeprefix("limited by cluster, ")
+    return dataclasses.replace(plan, counts=(workers,), bound="cluster", cluster=cluster, notes=())
+
+
 def _fastest(rounds: Sequence[SweepRun]) -> SweepRun:
     best = max(rounds, key=lambda r: r.adjusted)
     return dataclasses.replace(best, rounds=tuple(r.throughput for r in rounds))

@@ -50,6 +50,20 @@ def kwargs_text(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
+def engine_text(kwargs: Mapping[str, Any], limited_by: str) -> str:
+    """``Engine(...)`` as recommended; on a cluster without ``workers=``: a cluster brings its
+    own workers (its threads) and refuses the argument."""
+    shown = {k: v for k, v in kwargs.items() if not (limited_by == "cluster" and k == "workers")}
+    return f"Engine({kwargs_text(shown)})"
+
+
+def recommended_text(kwargs: Mapping[str, Any], limited_by: str, cluster: str) -> str:
+    """The profiler's "recommended:" line: the engine and the limit that won (on a cluster,
+    ``cluster``: its address, workers and threads, not this machine's CPUs)."""
+    limit = f"cluster: {cluster}" if limited_by == "cluster" else limited_by
+    return f"recommended: {engine_text(kwargs, limited_by)}, limited by {limit}"
+
+
 def serial_line(s: SerialPass) -> str:
     return (f"serial: {secs(s.wall.mean)}/item (p99 {secs(s.wall.p99)}, max "
             f"{secs(s.wall.max)}), CPU {cpu_text(s)}, peak RSS growth "

@@ -86,7 +86,8 @@ dask worker that never unpickles the caller's data. Results come back the same w
 The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
 dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,
 submit a chunk, membership, clean up), ``_memory`` the slots ``mem_per_task`` leaves a worker
-(pure), ``_roster`` the workers as the dispatcher sees them, ``_flights`` the book of running
+(pure), ``_roster`` the workers as the dispatcher sees them (``_versions``: only those running
+the caller's stagepool), ``_flights`` the book of running
 chunks and every way one ends, ``_client`` the ``DaskBackend`` and its dispatcher thread.
 """
 

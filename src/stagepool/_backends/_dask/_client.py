@@ -36,6 +36,7 @@ from ._flights import Call, Done, Flights, Freed, Inbox, notify
 from ._owner import owner
 from ._plugin import SHUT_DOWN, HostPlugin
 from ._roster import Roster
+from ._versions import LOGGER
 
 __all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]
 
@@ -100,7 +101,8 @@ class DaskBackend:
         self._codec = PickleCodec(read_only_inputs=not options.writable_inputs)
         self._queue = FairShare()
         self._lock = self._queue.lock
-        self._roster = Roster(self._client, options.mem_per_task)
+        self._mem_per_task = options.mem_per_task
+        self._roster = Roster(self._client, options.mem_per_task, vet=True)
         self._inbox: Inbox = queue.SimpleQueue()
         self._flights = Flights(self._client, self._name, self._queue, self._inbox)
         self._closed = self._stopping = False
@@ -120,15 +122,38 @@ class DaskBackend:
         _live_backends.add(self)
 
     def _await_first_worker(self) -> None:
-        self._roster.refresh()
+        """Raises ``RuntimeError`` when no worker comes, or when one runs another stagepool."""
+        self._refresh_or_refuse()
         if not self._roster.members:
             _cluster.wait_for_first_worker(self._client, self._address)
-            self._roster.refresh()
+            self._refresh_or_refuse()
         self._roster.check_fits(self._address)
 
+    def _refresh_or_refuse(self) -> None:
+        self._roster.refresh()
+        if self._roster.refused:
+            raise RuntimeError("; ".join(self._roster.refused.values()))
+
     def __str__(self) -> str:
+        return self._describe(self._roster)
+
+    def _describe(self, roster: Roster) -> str:
         own = "in-process LocalCluster" if self._cluster is not None else "dask cluster"
-        return f"{own} at {self._address}, {self._roster}"
+        return f"{own} at {self._address}, {roster}"
+
+    def cluster_now(self) -> tuple[int, str] | None:
+        """The cluster as the scheduler sees it now, for ``engine.plan``: the chunks it may run
+        at once (its threads, fewer if ``mem_per_task`` says so) and its description; None when
+        the scheduler does not answer in RPC_TIMEOUT or the engine is closed. Any thread: a
+        roster of its own (the dispatcher's follows the cluster only while it has work)."""
+        if self._closed:
+            return None
+        roster = Roster(self._client, self._mem_per_task, refused=self._roster.refused)
+        try:
+            roster.update(_cluster.workers_info(self._client))
+        except Exception:
+            return None
+        return roster.slots, self._describe(roster)
 
     # ---- the Backend protocol ---------------------------------------------------------------
 
@@ -225,8 +250,11 @@ class DaskBackend:
         """Follow the cluster: workers that joined get chunks, the chunks of workers that left
         run elsewhere or fail (``Flights.lose``)."""
         self._polled = time.monotonic()
+        refused = set(self._roster.refused)
         for member in self._roster.refresh():
             self._flights.lose(member)
+        for address in self._roster.refused.keys() - refused:  # joined: say it, once
+            LOGGER.warning("%s; it gets no chunks of this engine", self._roster.refused[address])
 
     def _dispatch(self) -> None:
         while True:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..._config import format_size
 from ..._planning import count_of
-from . import _cluster
+from . import _cluster, _versions
 from ._memory import Capacity, capacity, describe
 
 __all__ = ["AHEAD", "Member", "Roster"]
@@ -54,10 +54,16 @@ class Member:
 class Roster:
     """The workers of one client's cluster, followed by ``refresh``."""
 
-    def __init__(self, client: Any, mem_per_task: int | None) -> None:
+    def __init__(self, client: Any, mem_per_task: int | None, *,
+                 refused: dict[str, str] | None = None, vet: bool = False) -> None:
         self._client = client
         self._mem_per_task = mem_per_task
         self.members: dict[str, Member] = {}
+        # Workers of another stagepool version, by address: why each gets nothing (``_versions``).
+        # Asked of each worker as it joins when ``vet``; else only read (a roster of a moment
+        # shares the dispatcher's: membership tests only, safe across threads).
+        self.refused = {} if refused is None else refused
+        self._vet = vet
 
     def refresh(self) -> list[Member]:
         """Ask the scheduler who is there: add the workers that joined, drop and return the ones
@@ -67,14 +73,38 @@ class Roster:
             info = _cluster.workers_info(self._client)
         except Exception:
             return []
+        return self.update(info)
+
+    def update(self, info: dict[str, dict[str, Any]]) -> list[Member]:
+        """Follow ``info`` (the scheduler's view, see ``refresh``); return the members that left."""
         left = [self.members.pop(address) for address in list(self.members)
                 if address not in info]
+        if self._vet:
+            info = self._vetted(info)
         for address, facts in info.items():
+            if address in self.refused:
+                continue
             member = self.members.get(address)
             if member is None:
                 member = self.members[address] = self._member(address, facts)
             member.accepting = facts.get("status", "running") == "running"
         return left
+
+    def _vetted(self, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``info`` without the workers that joined and could not be asked their version (the
+        scheduler did not answer: asked again next time); refuses those of another version."""
+        for address in [a for a in self.refused if a not in info]:  # gone: a new one may come
+            del self.refused[address]
+        new = [a for a in info if a not in self.members and a not in self.refused]
+        if not new:
+            return info
+        try:
+            others = _versions.mismatched(self._client, new)
+        except Exception:
+            return {a: facts for a, facts in info.items() if a not in new}
+        for address, theirs in others.items():
+            self.refused[address] = _versions.refusal(address, theirs)
+        return info
 
     def _member(self, address: str, facts: dict[str, Any]) -> Member:
         threads = int(facts.get("nthreads") or 1)
