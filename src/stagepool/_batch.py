@@ -248,7 +248,7 @@ class Batch:
                         # worker logs name items by first + offset, or (arranged) by indices
                         first=part.start, indices=self._indices(part.start, len(items)),
                         planned=self.sizer.planned_chunks(part.start) > 0,
-                        budget=self.sizer.budget() if len(items) > 1 else None)
+                        budget=self.sizer.budget(len(items), part.start) if len(items) > 1 else None)
             self.outbox.append(task)
             self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
             self.items_out += len(items)
