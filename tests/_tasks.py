@@ -295,6 +295,13 @@ def sleep_then_pid(seconds: float) -> int:
     return os.getpid()
 
 
+def pid_after_nap(seconds: float) -> int:
+    """The worker's pid, at once for 0 (a tiny item: no sleep call), else after ``seconds``."""
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
+
+
 def add(a: int, b: int, c: int = 0) -> int:
     return a + b + c
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stagepool._chunking import (
     BLIND_SHARES,
+    BUDGET_SLACK,
     CHUNK_BYTES,
     MAX_STREAM_CHUNK,
     TAIL_SHARES,
@@ -160,7 +162,7 @@ def test_a_small_report_is_planned_at_once_before_any_cost_is_known() -> None:
     sizes, at = [], 1
     while at < 20_000:
         sizes.append(sizer.next_size(at))
-        assert sizer.budget() == sizer.target and not sizer.per_item_clock()
+        assert sizer.budget(8) == sizer.target and not sizer.per_item_clock()
         at += sizes[-1]
     assert at == 20_000 and len(sizes) == BLIND_SHARES * 2
     assert sizer.in_flight_limit(5, 1, 1) >= 1 + len(sizes)  # all of it in one hand-off
@@ -174,7 +176,21 @@ def test_a_blind_plan_needs_a_known_length_a_small_payload_and_a_cutting_backend
     assert unsized.next_size(1) == 1
     streaming = ChunkSizer(None, workers=2, total=20_000)  # blind stays False: a stream
     streaming.observe_payload(1, 40)
-    assert streaming.next_size(1) == 1 and streaming.budget() is None
+    assert streaming.next_size(1) == 1 and streaming.budget(8) is None
+
+
+def test_a_chunk_sized_from_a_learnt_cost_has_a_loose_budget() -> None:
+    """The first items' cost says nothing of later ones: a chunk may run ``BUDGET_SLACK`` times
+    its estimate (at least the target), then it is cut (issue 15 attack); a ``chunk_size`` the
+    user fixed is never cut."""
+    sizer = ChunkSizer(None, workers=2, total=None)
+    assert sizer.budget(10) is None  # nothing known, no blind plan
+    sizer.observe(100, 100 * 1e-6)  # 1 us an item
+    assert sizer.budget(10) == sizer.target
+    assert sizer.budget(100_000) == pytest.approx(BUDGET_SLACK * 0.1)
+    fixed = ChunkSizer(10, workers=2, total=None)
+    fixed.observe(100, 100 * 1e-6)
+    assert fixed.budget(10) is None
 
 
 def test_a_cut_chunk_ends_the_blind_plan_and_its_rest_is_sized_from_what_was_learnt() -> None:
@@ -182,7 +198,7 @@ def test_a_cut_chunk_ends_the_blind_plan_and_its_rest_is_sized_from_what_was_lea
     sizer.next_size(1)
     sizer.observe(200, 0.02)  # cut after 200 items of 100 us: not tiny after all
     sizer.observe_cut()
-    assert sizer.budget() is None and sizer.planned_chunks(1) == 0
+    assert sizer.budget(8) == sizer.target and sizer.planned_chunks(1) == 0
     assert sizer.rest_size(19_000) == 200  # about the target of 20 ms
     assert sizer.rest_size(800) == 100  # a tail share of what is left
     slow = blind_sizer(100)

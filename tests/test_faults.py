@@ -257,6 +257,20 @@ def test_max_tasks_per_worker_recycles() -> None:
     assert len(set(pids)) == 3
 
 
+@pytest.mark.parametrize("source", ["list", "iterator", "imap"])
+def test_max_tasks_per_worker_counts_items_with_automatic_chunks(source: str) -> None:
+    """Recycling "a worker that ran that many items" holds when the engine sizes the chunks: a
+    planned or adaptive chunk of tiny items carried dozens of them into a worker allowed 2
+    (issue 15 attack: 38 items in one worker with max_tasks_per_worker=1)."""
+    with sp.Engine(workers=2, max_tasks_per_worker=2) as eng:
+        items = range(30)
+        if source == "imap":
+            pids = [o.value for o in eng.imap(_tasks.pid_of, list(items))]
+        else:
+            pids = eng.map(_tasks.pid_of, list(items) if source == "list" else iter(items)).values
+    assert max(pids.count(pid) for pid in set(pids)) <= 2
+
+
 def test_a_worker_slow_to_exit_does_not_stall_the_others(tmp_path: Path) -> None:
     # Recycled after its one item, the first worker then spends 10 s in an atexit hook. The pool
     # must go on feeding the other workers meanwhile (it used to wait up to 5 s for the exit,

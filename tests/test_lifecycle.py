@@ -314,3 +314,19 @@ def test_an_engine_inherited_by_a_fork_refuses_to_work_there(script: Callable[[s
     assert "CHILD EXIT 0" in out and "PARENT [3]" in out
     assert "can only join a child process" not in err and "Traceback" not in err, err
     assert wait_until(lambda: not alive(workers), timeout=10)
+
+
+def test_an_engine_in_a_deleted_working_directory_is_refused_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script run from a temporary directory that is then deleted (issue 15 attack): every
+    worker start failed deep inside the process launch, the pool thread died with a loky
+    traceback and every item came back cancelled. ``Engine()`` now says why, and starts nothing."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(FileNotFoundError, match=r"working directory .*deleted.*os\.chdir"):
+        sp.Engine(workers=1)
+    monkeypatch.chdir(tmp_path)
+    with sp.Engine(workers=1) as eng:  # from an existing directory all is well
+        assert eng.map(abs, [-1]).values == [1]

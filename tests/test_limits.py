@@ -49,6 +49,20 @@ def test_a_chunk_not_started_yet_is_looked_at_again_without_a_watch() -> None:
     assert seen is None and deadline is not None and 5.0 < deadline < 6.0
 
 
+def test_a_chunk_not_started_yet_is_looked_at_again_within_a_sample_interval() -> None:
+    """A look at a chunk not started yet came back after POLL_INTERVAL (50 ms) whatever the
+    limit: an item that started meanwhile was first seen up to 50 ms late, and one that ran 50
+    ms under timeout=0.01 came back "ok" (issue 15 attack: items 3 and 53 of a fresh engine's
+    map). Such a look now comes back within one sample interval of the shortest limit."""
+    task = tiny_task((0.01,) * 10)
+    not_started = SlotState(task.id - 1, 3, PHASE_RUN, 0.0)
+    deadline, _ = sampled_deadline(task, not_started, 5.0, None)
+    assert deadline is not None and deadline <= 5.0 + max(0.01 / SAMPLES, MIN_SAMPLE_INTERVAL)
+    exact = Task(Group(), 1, None, b"", 3, lambda task, result: None, (5.0, 0.01, 5.0))
+    looked = deadline_of(exact, SlotState(exact.id - 1, 0, PHASE_RUN, 0.0), 5.0)
+    assert looked is not None and looked <= 5.0 + max(0.01 / SAMPLES, MIN_SAMPLE_INTERVAL)
+
+
 def test_without_timeouts_there_is_no_deadline() -> None:
     task = Task(Group(), 1, None, b"", 3, lambda task, result: None, None, per_item_clock=False)
     assert sampled_deadline(task, SlotState(task.id, 0, PHASE_RUN, 0.0), 1.0, None) == (None, None)

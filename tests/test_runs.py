@@ -103,6 +103,21 @@ def test_a_blind_plan_cut_by_its_budget_runs_each_item_once(tmp_path: Path,
     assert report.stats.chunks > 8  # the plan's chunks were cut and their rests resent
 
 
+def test_a_chunk_sized_from_tiny_first_items_is_cut_when_later_items_are_slow() -> None:
+    """imap sends single items until it learns their cost; tiny first items made the next chunk
+    carry all the rest, and when the rest took 0.2 s each one worker ran them all while the
+    other idled, and their outcomes came in one burst at the end (issue 15 attack). A chunk
+    sized from a learnt tiny cost has a budget too: cut after a slow item, its rest is resent
+    item by item, so both workers share the slow items and each runs once."""
+    seconds = [0.0] * 4 + [0.2] * 8
+    with sp.Engine(workers=2) as eng:
+        outcomes = list(eng.imap(_tasks.pid_after_nap, seconds, ordered=False))
+    assert sorted(o.index for o in outcomes) == list(range(len(seconds)))
+    assert all(o.ok and o.attempts == 1 for o in outcomes), outcomes
+    slow = [o for o in outcomes if seconds[o.index]]
+    assert len({o.value for o in slow}) == 2, [(o.index, o.value) for o in slow]
+
+
 def test_a_budgeted_chunk_stops_between_items_and_says_how_far_it_got() -> None:
     """In the worker: past its budget a chunk answers with the items it ran (a prefix), checked
     after blocks of 1, 1, 2, 4 ... items; tiny items run to the end."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,6 +63,21 @@ def test_a_template_started_before_a_change_is_replaced(change: str) -> None:
         """)
     assert replaced and closed  # the early one was not what the engine would start: closed
     assert env and cwd  # the workers run in the engine's environment and directory
+
+
+def test_a_template_started_before_sys_executable_changed_is_replaced(tmp_path: Path) -> None:
+    """A virtualenv-like switch of ``sys.executable`` after the import (issue 15 attack): the
+    workers ran the interpreter the template started with; they now run the new one."""
+    link = tmp_path / "python"
+    link.symlink_to(sys.executable)
+    replaced, executable = _run(f"""
+        import sys
+        sys.executable = {str(link)!r}
+        with sp.Engine(workers=1) as engine:
+            seen = engine.map(lambda _: __import__("sys").executable, [0]).values
+            print((parent_of_worker(engine) != early.pid, seen == [sys.executable]))
+        """)
+    assert replaced and executable
 
 
 def test_another_backend_closes_the_template_started_early() -> None:

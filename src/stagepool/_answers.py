@@ -53,6 +53,7 @@ class BatchPolicy:
     max_in_flight: int = 5
     rerun_innocent: bool = True  # re-run items whose results died with their worker
     memory: MemoryWatch | None = None  # pause dispatch under memory pressure (_pressure.py)
+    max_chunk: int | None = None  # max_tasks_per_worker: no chunk holds more than a worker may run
 
 
 class Run(NamedTuple):

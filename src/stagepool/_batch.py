@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -137,6 +138,7 @@ class Batch:
         self.sizer = make_sizer(spec.chunk_size, backend.workers, self.total,
                                 backend.capabilities.chunk_seconds, self.arrangement)
         self.max_in_flight = spec.max_in_flight or spec.policy.max_in_flight
+        self.max_chunk = spec.policy.max_chunk or sys.maxsize  # max_tasks_per_worker
         self.sink: ProgressSink | None = make_sink(
             progress=spec.progress, on_progress=spec.on_progress, total=self.total,
             desc=spec.desc, meter=self.arrangement)
@@ -227,7 +229,8 @@ class Batch:
         return self.window.open(self.emitted, self.next_index, self.max_in_flight)
 
     def _take(self) -> None:
-        size = min(self.sizer.next_size(self.next_index), self._room(), self.source.available())
+        size = min(self.sizer.next_size(self.next_index), self._room(), self.source.available(),
+                   self.max_chunk)
         chunk = self.source.read(size)
         if chunk:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
@@ -248,7 +251,7 @@ class Batch:
                         # worker logs name items by first + offset, or (arranged) by indices
                         first=part.start, indices=self._indices(part.start, len(items)),
                         planned=self.sizer.planned_chunks(part.start) > 0,
-                        budget=self.sizer.budget() if len(items) > 1 else None)
+                        budget=self.sizer.budget(len(items), part.start) if len(items) > 1 else None)
             self.outbox.append(task)
             self.in_flight[task.id] = part._replace(items=self.codec.keep(encoded, items))
             self.items_out += len(items)

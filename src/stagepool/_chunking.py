@@ -66,6 +66,9 @@ TINY_ITEM_SECONDS = 1e-5
 # TAIL_SHARES, since each is a round trip and a hand-off in this process while the workers wait,
 # and a chunk that turns out long is cut by its budget anyway, so the tail stays balanced.
 BLIND_SHARES = 2
+# How far past its estimate a chunk sized from a learnt cost may run before it stops between two
+# items: loose, so a loaded machine's time slices rarely cut one (a cut costs a resend).
+BUDGET_SLACK = 4.0
 # Payload one chunk may carry. Moving a few MiB costs milliseconds, far above the ~50-100 us
 # round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
 # consecutive items overlap in the parent and the workers.
@@ -161,10 +164,19 @@ class ChunkSizer:
         at = bisect_right(self._plan, submitted)
         return self._plan[at] - submitted if at < len(self._plan) else 1
 
-    def budget(self) -> float | None:
-        """The time budget of the next chunk: the target while it is part of a blind plan (see
-        the module docstring), else None."""
-        return self.target if self._blind_plan and self.per_item is None else None
+    def budget(self, size: int, start: int = -1) -> float | None:
+        """The time budget of the next chunk (``size`` items from position ``start``): the
+        target while it is part of a blind plan (see the module docstring); once a cost is
+        learnt, ``BUDGET_SLACK`` times the chunk's estimate (at least the target), since the
+        first items' cost says nothing of later ones (tiny first, 0.3 s later: one worker
+        would run them all, their outcomes in one burst); None for a ``chunk_size`` the user
+        fixed, or while nothing is known."""
+        if self.fixed is not None:
+            return None
+        expected = self.expected_seconds(size, start)
+        if expected is None:
+            return self.target if self._blind_plan else None
+        return max(self.target, BUDGET_SLACK * expected)
 
     def observe_cut(self) -> None:
         """A chunk came back cut short by its budget: its items are not tiny after all. The

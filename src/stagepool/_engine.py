@@ -221,7 +221,8 @@ class Engine(AsyncCalls, PipelineCalls):
         self._policy = BatchPolicy(
             self.config.retries, self.config.retry_on, self.config.backoff,
             self.config.max_in_flight or IN_FLIGHT_PER_WORKER * started.workers + 1,
-            self.config.rerun_innocent, memory_watch(name, marks))
+            self.config.rerun_innocent, memory_watch(name, marks),
+            self.config.max_tasks_per_worker)
         self._submits = SubmitContext(started, self._policy, self.config.timeout)
         self._on_drop = release_when_dropped(self, started, f"{name}, {self.workers} workers")
 

@@ -3,6 +3,7 @@ refuses. Pure choices from validated settings; ``Engine.__init__`` calls them in
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ._backends import BackendName, BackendOptions
@@ -50,6 +51,8 @@ def backend_options(config: EngineConfig, plan: WorkerPlan, name: BackendName,
 
     if name != "local":  # no template to adopt (see _template_boot): close one started early
         discard_early()
+    else:
+        check_working_directory()
     env = {} if name == "dask" else plan.thread_env(workers=workers)
     env.update(worker_env())
     return BackendOptions(
@@ -59,6 +62,19 @@ def backend_options(config: EngineConfig, plan: WorkerPlan, name: BackendName,
         shm_threshold=config.shm_threshold if available() else 0,
         writable_inputs=config.writable_inputs, init_timeout=config.init_timeout,
         shared=config.shared, preload=config.preload)
+
+
+def check_working_directory() -> None:
+    """Local workers start in this process's working directory: a deleted one (a script run
+    from a temporary directory that went away) would fail every worker start deep inside the
+    launch, and every item would come back cancelled. Raises ``FileNotFoundError`` saying so."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            "Engine(): the current working directory no longer exists (deleted after this "
+            "process entered it); local workers start in it: os.chdir() to an existing "
+            "directory before Engine()") from None
 
 
 def refuse_on_serial(config: EngineConfig) -> None:

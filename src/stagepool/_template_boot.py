@@ -10,9 +10,10 @@ the engine; the first local Engine adopts it (``take_early``):
     Engine(...) -> Template(env) --take_early(env)--> hello (sys.path, preload, env) -> "ready"
 
 Nothing is lost by starting early. A template is adopted only when it is what the engine would
-have started itself: same process, same working directory, same environment, except the variables
-the template sets from the hello before anything reads them (the BLAS thread budget, read when
-numpy loads). Otherwise, or when it is near its idle limit, it is closed and a new one starts.
+have started itself: same process, interpreter (``sys.executable``) and working directory, same
+environment, except the variables the template sets from the hello before anything reads them
+(the BLAS thread budget, read when numpy loads). Otherwise, or when it is near its idle limit,
+it is closed and a new one starts.
 One that no engine adopts exits after ``EARLY_IDLE`` seconds (it waits for its hello that long),
 or with this process (its socket closes); a non-local engine, or an ``Engine()`` that raises,
 closes it at once. A forked child never touches its parent's. Inside a worker
@@ -74,6 +75,7 @@ class Launched:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env, self.cwd, self.owner = env, os.getcwd(), os.getpid()
+        self.executable = sys.executable  # a virtualenv switch after the import changes it
         self.started = time.monotonic()
         ours, theirs = socket.socketpair()
         with theirs:
@@ -131,7 +133,8 @@ def take_early(env: Mapping[str, str], late: Collection[str]) -> Launched | None
         return None
     # Half its idle time at most: one about to leave would take the hello with it.
     fresh = time.monotonic() - early.started < EARLY_IDLE / 2 and early.process.poll() is None
-    same = early.cwd == os.getcwd() and _without(early.env, late) == _without(env, late)
+    same = (early.cwd == os.getcwd() and early.executable == sys.executable
+            and _without(early.env, late) == _without(env, late))
     if not (fresh and same):
         early.close()
         return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import mmap
 import os
 import pickle
@@ -147,10 +148,11 @@ def run_chunk(
     each item's start time to the record, for the parent's deadline; tiny items skip that too,
     even when timed: the parent then watches their offsets instead
     (``_backends._local._limits.sampled_deadline``).
-    ``budget`` (seconds, 0.0: none; tiny-item loop only): the chunk stops between items once it
-    has run that long, and the answer holds fewer values than ``items``: the rest never started
-    (the parent sends it again). Checked after blocks of 1, 1, 2, 4 ... ``BUDGET_BLOCK`` items,
-    so a slow first item comes back alone and tiny items pay one clock read per block.
+    ``budget`` (seconds, 0.0: none): the chunk stops between items once it has run that long,
+    and the answer holds fewer values than ``items``: the rest never started (the parent sends
+    it again). Checked after each item with ``per_item_clock``, else after blocks of 1, 1, 2,
+    4 ... ``BUDGET_BLOCK`` items, so a slow first item comes back alone and tiny items pay one
+    clock read per block.
     Exceptions of the ``passthrough`` types propagate (in-process runs: the caller's Ctrl-C).
     ``readonly_inputs``: the items' arrays are read-only, so a "read-only" ValueError gets a
     note saying how to get writable inputs.
@@ -174,12 +176,14 @@ def run_chunk(
     guard_items(items)
     it = enumerate(items)
     # The budget runs from the chunk's start, across the items that raise.
-    stop = clock() + budget if budget > 0 and not per_item_clock else None
+    stop = clock() + budget if budget > 0 else None
     try:
         while True:
             try:
                 if stop is None:
                     _loop(fn, it, record, stamps if per_item_clock else None, values)
+                elif per_item_clock:
+                    _loop(fn, it, record, stamps, values, stop)
                 else:
                     _budgeted(fn, it, record, values, stop)
                 break
@@ -200,9 +204,10 @@ def run_chunk(
 
 
 def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Record | Scratch,
-          stamps: array[float] | None, values: list[Any]) -> None:
+          stamps: array[float] | None, values: list[Any], stop: float = math.inf) -> None:
     """Run ``fn`` on the rest of ``it``, each item's offset in the record first (exact blame
-    when the worker dies); ``stamps``: each item's start time too (None: tiny items)."""
+    when the worker dies); ``stamps``: each item's start time too (None: tiny items), and
+    then it returns after an item that ended past ``stop`` (a budget: the rest never starts)."""
     ints, floats = record.ints, record.floats
     if stamps is None:  # tiny items: a crashed one ran since about then; status() counts from here
         floats[F_START] = time.monotonic()
@@ -219,6 +224,8 @@ def _loop(fn: Callable[[Any], Any], it: Iterator[tuple[int, Any]], record: _Reco
         ints[F_OFFSET] = offset
         stamp(clock())
         values.append(fn(item))
+        if stop < math.inf and clock() >= stop:  # one more clock read only with a budget
+            return
 
 
 # The most items a budgeted chunk runs between two looks at the clock. Each look (and block)

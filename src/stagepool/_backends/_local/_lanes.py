@@ -59,15 +59,21 @@ class Lane:
     def can_take(self, task: Task) -> bool:
         if self.retiring or self.kill_reason is not None:
             return False
+        if self.quota is not None and self.quota < task.n_items + sum(t.n_items for t in self.tasks):
+            return False  # it would run past max_tasks_per_worker (the pool then recycles it)
         if not self.tasks:
             return True
-        if self.quota is not None and self.quota <= sum(t.n_items for t in self.tasks):
-            return False  # prefetching would run it past max_tasks_per_worker
         if len(self.tasks) > 1 or len(task.items) > PREFETCH_MAX_BYTES:
             return False
         if task.planned and self.tasks[0].planned:
             return True
         return _short(task.expected) and _short(self.tasks[0].expected)
+
+    def used_up(self) -> bool:
+        """Whether this idle worker, refused a task, should be recycled: it ran items and has
+        less of ``max_tasks_per_worker`` left than the task holds (not merely leaving)."""
+        return (self.quota is not None and self.items_done > 0 and not self.retiring
+                and self.kill_reason is None)
 
     def send(self, task: Task) -> None:
         """Hand the worker a task (its function only the first time). A broken pipe is ignored:

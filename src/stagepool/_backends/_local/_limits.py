@@ -74,10 +74,18 @@ def deadline_of(task: Task, state: SlotState, now: float) -> float | None:
     if state.chunk != task.id or state.phase != PHASE_RUN or state.offset < 0:
         # Not started yet: look again soon. Offset -1 in the run phase is the moment before
         # the first item, when the slot's start time is still a past item's (0.0 when fresh).
-        return now + POLL_INTERVAL
+        return _look_again(task, now)
     # The item running now, or a later item that starts after this moment: whichever could
     # expire first. (Without the second term a short timeout behind a long one is missed.)
     return min(state.start + timeouts[state.offset], now + _later_min(task, state.offset))
+
+
+def _look_again(task: Task, now: float) -> float:
+    """When to look again at a chunk not started yet: within one sample interval of its
+    shortest limit (at most ``POLL_INTERVAL``), so an item that starts meanwhile is seen before
+    it can overrun its limit by more than that and finish unnoticed."""
+    shortest = _later_min(task, -1)
+    return now + min(POLL_INTERVAL, max(shortest / SAMPLES, MIN_SAMPLE_INTERVAL))
 
 
 class Seen(NamedTuple):
@@ -98,7 +106,7 @@ def sampled_deadline(task: Task, state: SlotState, now: float,
     if timeouts is None:
         return None, None
     if state.chunk != task.id or state.phase != PHASE_RUN or state.offset < 0:
-        return now + POLL_INTERVAL, None  # not started yet: look again soon
+        return _look_again(task, now), None  # not started yet: look again soon
     if seen is None or seen.chunk != task.id or seen.offset != state.offset:
         seen = Seen(task.id, state.offset, now)
     limit = float(timeouts[state.offset])

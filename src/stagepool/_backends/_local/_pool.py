@@ -325,6 +325,9 @@ class LocalBackend:
                 if bool(lane.tasks) != prefetch:
                     continue
                 task = self._queue.take(lane.can_take)
+                if task is None and not prefetch and self._queue and lane.used_up():
+                    lane.retiring = True  # less of max_tasks_per_worker left than a task holds
+                    self._retire(lane)
                 if task is None or not starts(task):
                     continue
                 if task.timeouts is not None:  # a kill may follow: have its replacement ready
