@@ -105,18 +105,12 @@ def test_a_template_nobody_adopts_exits_on_its_own_and_a_later_engine_starts_ano
     assert eval(out.stdout.strip().splitlines()[-1]) == (0, [2])
 
 
-def test_nothing_starts_early_inside_a_worker() -> None:
+# Inside a worker (a stage that builds its own engine), or turned off by the user.
+@pytest.mark.parametrize("setting", ["STAGEPOOL_WORKER_THREADS=1", "STAGEPOOL_EARLY_TEMPLATE=0"])
+def test_nothing_starts_early_inside_a_worker_or_when_turned_off(setting: str) -> None:
+    var, value = setting.split("=")
     code = ("import os, stagepool as sp\nfrom stagepool import _template_boot as boot\n"
-            "os.environ['STAGEPOOL_WORKER_THREADS'] = '1'\nsp.Engine\nprint(boot._early is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
-
-
-def test_the_early_start_can_be_turned_off() -> None:
-    code = ("import os, stagepool as sp\nfrom stagepool import _template_boot as boot\n"
-            "os.environ['STAGEPOOL_EARLY_TEMPLATE'] = '0'\nsp.Engine\nprint(boot._early is None)")
+            f"os.environ[{var!r}] = {value!r}\nsp.Engine\nprint(boot._early is None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
