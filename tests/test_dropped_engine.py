@@ -23,8 +23,14 @@ def _total(array: np.ndarray) -> float:
 
 
 def _descendants() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE}
+    return {p.pid for p in psutil.Process().children(recursive=True) if _alive(p)}
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # it exited between the listing and this look
+        return False
 
 
 def _use_and_drop(backend: str) -> weakref.ref[sp.Engine]:
