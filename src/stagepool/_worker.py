@@ -50,8 +50,6 @@ from ._worker_guards import (
 )
 from ._worker_stderr import capture_stderr
 
-_exc_info = exc_info  # the pipeline's stage runner packs its errors the same way
-
 __all__ = [
     "FN_CACHE_SIZE", "RECORD_FIELDS", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup",
     "apply_call", "call_chunk", "decoded_result", "dumps", "encode_result", "failed_chunk",

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._errors import InitializerError, TaskTimeout
-from .._worker import ErrInfo, _exc_info
+from .._worker_errors import ErrInfo, exc_info
 
 __all__ = ["Carry", "GroupResult", "GroupRunner", "StageCall", "StageRecord"]
 
@@ -113,7 +113,7 @@ def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord
     try:
         kwargs = {} if stage.setup is None else {"ctx": _context(uid, stage)}
     except BaseException as exc:
-        return StageRecord("error", _exc_info("error", exc), 0.0, 0, None), None
+        return StageRecord("error", exc_info("error", exc), 0.0, 0, None), None
     attempt = 0
     while True:
         attempt += 1
@@ -126,12 +126,12 @@ def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord
                 del exc
                 time.sleep(stage.backoff * 2 ** (attempt - 1))
                 continue
-            return StageRecord("error", _exc_info("error", exc), duration, attempt, None), None
+            return StageRecord("error", exc_info("error", exc), duration, attempt, None), None
         duration = time.perf_counter() - start
         if stage.timeout is not None and duration > stage.timeout:
             late = TaskTimeout(f"stage {stage.name!r} ran {duration:.3g} s, longer than its "
                                f"timeout of {stage.timeout:g} s; its value was dropped")
-            return StageRecord("timeout", _exc_info("error", late), duration, attempt, None), None
+            return StageRecord("timeout", exc_info("error", late), duration, attempt, None), None
         return StageRecord("ok", None, duration, attempt, None), value
 
 
