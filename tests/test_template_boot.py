@@ -11,7 +11,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+
+from conftest import wait_until
 
 _PRELUDE = """
 import os, time
@@ -125,3 +128,31 @@ def test_a_refused_engine_closes_the_template_started_early() -> None:
             pass
         print((gone(early), len(psutil.Process().children(recursive=True))))
         """) == (True, 0)
+
+
+def test_a_template_started_early_leaves_with_a_sigkilled_caller(tmp_path: Path) -> None:
+    """The caller dies before any Engine (SIGKILL: no atexit): the template, waiting for its
+    hello, sees its socket close and exits; nothing is left running."""
+    code = textwrap.dedent("""
+        import os, signal, stagepool as sp
+        from stagepool import _template_boot as boot
+        sp.Engine
+        print(boot._early.process.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    # A file, not a pipe: the template inherits it, and a pipe would hold run() until it exits.
+    with open(tmp_path / "out", "w+") as out:
+        done = subprocess.run([sys.executable, "-c", code], stdout=out,
+                              stderr=subprocess.DEVNULL, timeout=120)
+        out.seek(0)
+        pid = int(out.read().split()[0])
+    assert done.returncode == -9
+    # well before its 30 s idle limit: it saw the socket close, it did not time out
+    assert wait_until(lambda: not _running(pid), timeout=10), f"template {pid} still runs"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
