@@ -2,7 +2,7 @@
 
 A worker writes its slot (``_worker.run_chunk``: chunk id, item offset, start time, phase) with
 single stores into a memory file; the pool thread reads it when the worker dies (exact blame),
-and to compute deadlines for per-item timeouts. The layout (``RECORD_FIELDS``, ``F_*``,
+and to compute deadlines for per-item timeouts. The layout (``SLOT_STRIDE``, ``F_*``,
 ``PHASE_*``) is defined once, in ``_worker``, for both sides.
 """
 
@@ -22,7 +22,7 @@ from ..._worker import (
     F_START,
     PHASE_IDLE,
     PHASE_RUN,
-    RECORD_FIELDS,
+    SLOT_STRIDE,
 )
 from .._protocol import LaneState
 
@@ -64,7 +64,7 @@ class SharedRecord:
     """``slots`` worker slots in a memory file that workers map by ``path``."""
 
     def __init__(self, slots: int) -> None:
-        self._file = _SharedFile("stagepool-record", 8 * RECORD_FIELDS * slots)
+        self._file = _SharedFile("stagepool-record", 8 * SLOT_STRIDE * slots)
         self._map = mmap.mmap(self._file.fd, 0)
         self._ints = memoryview(self._map).cast("q")
         self._floats = memoryview(self._map).cast("d")
@@ -75,7 +75,7 @@ class SharedRecord:
 
     def reset(self, slot: int) -> None:
         """A fresh worker's slot: on no chunk, no item, idle."""
-        base = slot * RECORD_FIELDS
+        base = slot * SLOT_STRIDE
         self._ints[base + F_PID] = 0  # the worker writes its pid when it has mapped the record
         self._ints[base + F_CHUNK] = 0
         self._ints[base + F_OFFSET] = -1
@@ -83,13 +83,13 @@ class SharedRecord:
 
     def pid(self, slot: int) -> int:
         """The pid of the worker using the slot, 0 until it has started."""
-        return int(self._ints[slot * RECORD_FIELDS + F_PID])
+        return int(self._ints[slot * SLOT_STRIDE + F_PID])
 
     def offset(self, slot: int) -> int:
-        return int(self._ints[slot * RECORD_FIELDS + F_OFFSET])
+        return int(self._ints[slot * SLOT_STRIDE + F_OFFSET])
 
     def state(self, slot: int) -> SlotState:
-        base = slot * RECORD_FIELDS
+        base = slot * SLOT_STRIDE
         # The offset before the start time: the worker writes the start time first, so a start
         # read after the offset is never older than that offset's item (see run_chunk).
         offset = int(self._ints[base + F_OFFSET])
