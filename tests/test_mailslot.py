@@ -1,5 +1,5 @@
-"""The batch's answer slot on its own: a taker that asks for all its answers sleeps until they
-are there, unless one is urgent; every wait is bounded."""
+"""The batch's answer slot on its own: the taker wakes at the first answer and takes all that
+are there; every wait is bounded."""
 
 from __future__ import annotations
 
@@ -9,39 +9,31 @@ import time
 from stagepool._mailslot import Mailslot
 
 
-def _put_later(slot: Mailslot[int], items: list[int], *, urgent: bool = False,
-               delay: float = 0.05) -> threading.Thread:
-    def put() -> None:
-        for item in items:
-            time.sleep(delay)
-            slot.put(item, urgent=urgent)
+def test_a_taker_wakes_at_the_first_item_not_at_its_timeout() -> None:
+    slot: Mailslot[int] = Mailslot()
 
-    thread = threading.Thread(target=put)
+    def put_later() -> None:
+        time.sleep(0.05)
+        slot.put(1)
+
+    thread = threading.Thread(target=put_later)
     thread.start()
-    return thread
-
-
-def test_a_taker_that_wants_three_sleeps_until_the_third() -> None:
-    slot: Mailslot[int] = Mailslot()
-    thread = _put_later(slot, [1, 2, 3])
-    assert slot.take(10.0, wanted=3) == [1, 2, 3]
-    thread.join(10)
-
-
-def test_an_urgent_item_ends_the_wait_at_once() -> None:
-    slot: Mailslot[int] = Mailslot()
-    slot.put(1)
-    thread = _put_later(slot, [2], urgent=True)
     started = time.monotonic()
-    assert slot.take(10.0, wanted=5) == [1, 2]
+    assert slot.take(10.0) == [1]
     assert time.monotonic() - started < 5
     thread.join(10)
 
 
-def test_a_wait_is_bounded_and_keeps_nothing_back() -> None:
+def test_a_take_returns_every_item_there_in_order() -> None:
     slot: Mailslot[int] = Mailslot()
-    slot.put(7)
-    assert slot.take(0.05, wanted=2) == [7]  # the timeout: what is there
+    for item in (1, 2, 3):
+        slot.put(item)
+    assert slot.take(10.0) == [1, 2, 3]
     assert slot.take(0.0) == []
-    slot.put(8)
-    assert slot.take(0.0) == [8]  # wanted=1 by default: no wait
+
+
+def test_a_wait_is_bounded() -> None:
+    slot: Mailslot[int] = Mailslot()
+    started = time.monotonic()
+    assert slot.take(0.05) == []
+    assert 0.04 < time.monotonic() - started < 5

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from ._answers import Answers, BatchPolicy, Lot, Piece
-from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
+from ._backends import Backend, Group, Task, TaskResult
 from ._config import Timeout
 from ._costs import CostHints, arrange, make_sizer
 from ._encoding import LotEncoder
@@ -102,7 +102,7 @@ class ItemSource:
         if self._seq is not None:
             chunk = self._seq[self._at : self._at + size]
             self._at += len(chunk)
-            self.exhausted = self._at >= len(self._seq)  # known at once: see Batch._quiet
+            self.exhausted = self._at >= len(self._seq)
             return chunk if type(chunk) is list else list(chunk)
         chunk = []
         try:
@@ -280,7 +280,7 @@ class Batch:
         # never read its answers, so their memory is freed here instead.
         with self.lock:
             if not self.group.cancelled:
-                self.answers.put((task, result), urgent=isinstance(result, LaneDied | Cancelled))
+                self.answers.put((task, result))
                 return
         self._free(task, result)
 
@@ -332,19 +332,10 @@ class Batch:
             self.sink.update(self.out.done, self.out.failed)
 
     def _wait_answer(self) -> None:
-        # Every answer already there is absorbed before refilling. A map with nothing left to
-        # send waits for all of its chunks at once (see _mailslot).
-        wanted = len(self.in_flight) if self._quiet() else 1
-        for task, result in self.answers.take(self._until_resend(), wanted):
+        # Every answer already there is absorbed before refilling.
+        for task, result in self.answers.take(self._until_resend()):
             if task is not None:  # None: the wake-up of abandon()
                 self._absorb(task, result)
-
-    def _quiet(self) -> bool:
-        """Whether no answer can be of use before the last one: a report is being collected
-        (no stream, no progress) and nothing is left to send (so the memory gate, which only
-        holds back sending, has nothing to hold back either)."""
-        return (self.collecting and self.source.exhausted and not self.out.again
-                and self.sink is None)
 
     def _absorb(self, task: Task, result: TaskResult) -> None:
         lot = self.in_flight.pop(task.id, None)
@@ -369,7 +360,7 @@ class Batch:
 
     def wake(self) -> None:
         """From any thread: the source has more items; look again now."""
-        self.answers.put((None, None), urgent=True)
+        self.answers.put((None, None))
 
     def abandon(self, *, kill_running: bool) -> None:
         """From any thread, never blocks: the batch stops taking items and sending chunks,

@@ -1,12 +1,12 @@
 """Where a batch's answers wait for the batch thread: handed over by backend threads, taken in
 bursts.
 
-Each hand-off to a sleeping thread is a wake-up, and on a loaded machine a thread that wakes may
-wait a whole time slice for a CPU, holding up the pool thread while it holds the GIL. A batch
-that has nothing to send until its chunks come back (a ``map`` whose rest went out at once)
-therefore sleeps until *all* of them are back, not one wake-up per answer, as
-``multiprocessing.Pool.map`` waits once. An urgent answer (a worker died, a chunk was cancelled:
-something may have to go out again) and the batch's own wake-up end the wait at once.
+The taker wakes at the first answer and takes every answer there, so a ``map`` decodes each
+chunk's answer while the workers still run the others. (It once slept until *all* of a map's
+chunks were back, as ``multiprocessing.Pool.map`` waits once, to spare wake-ups; but Pool.map
+unpickles each answer in its own thread as it arrives, and the wait left every decode to the
+end: interleaved with ``multiprocessing.Pool.map`` in one process, 20,000 tiny items took 0.77x
+its speed that way and 0.83x this way, 250 rounds each.)
 """
 
 from __future__ import annotations
@@ -21,32 +21,26 @@ T = TypeVar("T")
 
 
 class Mailslot(Generic[T]):
-    """A queue whose taker may ask to sleep until ``wanted`` items are there."""
+    """A queue whose taker takes everything there at once."""
 
     def __init__(self) -> None:
         self._items: collections.deque[T] = collections.deque()
         # Re-entrant: a garbage collector's finalizer may run inside put() and put again.
         self._ready = threading.Condition(threading.RLock())
-        self._wanted = 1
 
-    def put(self, item: T, *, urgent: bool = False) -> None:
-        """From any thread; wakes the taker when it has what it asked for, or ``urgent``."""
+    def put(self, item: T) -> None:
+        """From any thread; wakes the taker."""
         with self._ready:
             self._items.append(item)
-            if urgent or len(self._items) >= self._wanted:
-                self._ready.notify()
+            self._ready.notify()
 
-    def take(self, timeout: float, wanted: int = 1) -> list[T]:
-        """Every item there, after waiting at most ``timeout`` seconds for ``wanted`` of them (or
-        an urgent one); maybe none. Cancellation: a ``KeyboardInterrupt`` ends the wait and
-        propagates, the items stay for the next take."""
+    def take(self, timeout: float) -> list[T]:
+        """Every item there, after waiting at most ``timeout`` seconds for one; maybe none.
+        Cancellation: a ``KeyboardInterrupt`` ends the wait and propagates, the items stay for
+        the next take."""
         with self._ready:
-            if len(self._items) < wanted and timeout > 0:
-                self._wanted = max(1, wanted)
-                try:
-                    self._ready.wait(timeout)
-                finally:
-                    self._wanted = 1
+            if not self._items and timeout > 0:
+                self._ready.wait(timeout)
             items = list(self._items)
             self._items.clear()
         return items
