@@ -12,7 +12,10 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so workers and tests import _tasks alike
-os.environ["STAGEPOOL_TEST_PARENT"] = str(os.getpid())
+# The pytest process's pid, inherited by every worker. setdefault: a worker that imports a test
+# module (to unpickle a function defined there) imports this file too, and must not claim to be
+# the parent (it then unpickled _tasks.BreaksInWorker, failing the next test that sends one).
+os.environ.setdefault("STAGEPOOL_TEST_PARENT", str(os.getpid()))
 
 import stagepool as sp
 
