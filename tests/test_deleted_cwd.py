@@ -42,3 +42,18 @@ def test_engine_keeps_serving_after_its_cwd_is_deleted(
         after = eng.map(_tasks.cwd_of, range(4), timeout=WAIT)
         assert len(after.successful) == 4, after.summary()
         assert set(after.values) == {f"{here} (deleted)"}
+
+
+def test_without_proc_the_error_names_the_deleted_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``/proc/<pid>/cwd`` is not there, a worker start says which directory went."""
+    from stagepool._backends._local import _cwd
+
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert _cwd.workers_directory() == str(here)
+    os.rmdir(here)
+    assert _cwd.workers_directory() == f"/proc/{os.getpid()}/cwd"
+    with pytest.raises(FileNotFoundError, match=f"{here} .*was deleted"):
+        _cwd.workers_directory(proc=str(tmp_path / "no-proc"))  # as on a system without /proc

@@ -16,22 +16,28 @@ import types
 __all__ = ["DeletedCwdOs", "workers_directory"]
 
 
-def workers_directory() -> str:
+# The working directory at the last worker start that could read it: what an error names once
+# it is gone (Engine() refuses a deleted one, so the first start always sees it).
+_last_seen = ["the working directory"]
+
+
+def workers_directory(proc: str = "/proc") -> str:
     """Where a worker started now should run: this process's working directory, or, when it was
     deleted, ``/proc/<pid>/cwd`` (the same directory, reachable while we are in it).
 
     Raises ``FileNotFoundError`` naming the deleted directory where there is no such path (no
-    ``/proc``): no worker can start in it then."""
+    ``proc`` file system): no worker can start in it then."""
     try:
-        return os.getcwd()
+        _last_seen[0] = os.getcwd()
+        return _last_seen[0]
     except FileNotFoundError:
-        here = f"/proc/{os.getpid()}/cwd"
+        here = f"{proc}/{os.getpid()}/cwd"
         if os.path.isdir(here):
             return here
         raise FileNotFoundError(
-            "the working directory of this process was deleted while the engine ran; a new "
-            "worker cannot start in it here (no /proc): os.chdir() to an existing directory"
-        ) from None
+            f"{_last_seen[0]} (this process's working directory) was deleted while the engine "
+            "ran; a new worker cannot start in it here (no /proc): os.chdir() to an existing "
+            "directory") from None
 
 
 class DeletedCwdOs(types.ModuleType):
