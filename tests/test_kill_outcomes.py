@@ -35,8 +35,12 @@ def _runs(folder: Path, index: int) -> int:
 def _kill_when_running(eng: sp.Engine, folder: Path) -> threading.Thread:
     """Shut ``eng`` down with kill=True once item 2 has started (in a thread, as a caller's
     other thread would)."""
+    return _kill_when_running_item(eng, folder, 2)
+
+
+def _kill_when_running_item(eng: sp.Engine, folder: Path, index: int) -> threading.Thread:
     def kill() -> None:
-        wait_until(lambda: _runs(folder, 2) > 0)
+        wait_until(lambda: _runs(folder, index) > 0)
         eng.shutdown(kill=True)
 
     thread = threading.Thread(target=kill, daemon=True)
@@ -128,3 +132,36 @@ def test_kill_running_call_says_shutdown(tmp_path: Path, view: str) -> None:
     assert queued.cancelled() or isinstance(queued.exception(WAIT), sp.TaskCancelled)
     with pytest.raises((concurrent.futures.CancelledError, sp.TaskCancelled)):
         queued.result(WAIT)
+
+
+def test_kill_in_a_bundle_of_calls_gives_true_answers(tmp_path: Path) -> None:
+    """Short calls travel to a worker together (``_bundling``): a kill in the middle of a bundle
+    tells the calls that finished that their result was lost, the running one that it was
+    killed, and the rest that they never started."""
+    warm, folder = tmp_path / "warm", tmp_path / "runs"
+    warm.mkdir()
+    folder.mkdir()
+    eng = sp.Engine(workers=1)
+    try:
+        for future in [eng.submit(_tasks.note_runs_then_sleep, (i, 0.0, str(warm)))
+                       for i in range(60)]:  # learn that these calls are short: they bundle
+            future.result(WAIT)
+        futures = [eng.submit(_tasks.note_runs_then_sleep, (i, HANG if i == 5 else 0.0,
+                                                            str(folder))) for i in range(20)]
+        killer = _kill_when_running_item(eng, folder, 5)
+        concurrent.futures.wait(futures, WAIT)
+        killer.join(WAIT)
+    finally:
+        eng.shutdown(kill=True)
+    for i, future in enumerate(futures):
+        runs = _runs(folder, i)
+        error = None if future.cancelled() else future.exception(WAIT)
+        if runs == 0:
+            assert error is None or not any(  # a call that never ran says nothing else
+                claim in str(error) for claim in ("was running", "ran, but")), (i, error)
+        elif error is not None:
+            assert isinstance(error, sp.TaskCancelled), (i, error)
+            assert ("ran, but its result was lost when the engine was shut down" in str(error)
+                    or "was running when the engine was shut down" in str(error)), (i, error)
+        assert runs <= 1
+    assert "was running when" in str(futures[5].exception(WAIT))
