@@ -488,3 +488,8 @@ def note_runs_then_sleep(item: tuple[int, float, str]) -> int:
         f.write(f"{_dask_worker_pid()}\n")
     time.sleep(seconds)
     return index
+
+
+def cwd_of(_: Any) -> str:
+    """The worker's working directory as Linux names it (``<path> (deleted)`` once removed)."""
+    return os.readlink("/proc/self/cwd")

@@ -28,6 +28,7 @@ from ._chunking import ChunkSizer
 from ._config import DEFAULT_RETRY_ON, Timeout, item_timeouts
 from ._errors import TaskCancelled
 from ._failures import (
+    KILLED_BY,
     RetryOn,
     death_failure,
     lost_result_error,
@@ -176,7 +177,7 @@ class Answers:
         if died.offset < 0 and len(items) > 1:
             if died.ran == 0:  # it died before any item ran: halving repeats nothing
                 self._halve(lot)
-            elif self.policy.rerun_innocent:
+            elif self._rerun(died):
                 self._halve(lot._replace(runs=runs + 1))  # they may have run: count it
             else:
                 self._lost(lot._replace(runs=runs + 1), died, None)
@@ -199,10 +200,15 @@ class Answers:
     def _innocent(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """Items that ran (``lot.runs`` counts it) and whose results died with their worker:
         they go out again, or with ``rerun_innocent=False`` are reported lost."""
-        if self.policy.rerun_innocent:
+        if self._rerun(died):
             self.again.appendleft(Resend(0.0, lot))
         else:
             self._lost(lot, died, guilty)
+
+    def _rerun(self, died: LaneDied) -> bool:
+        """Whether items that ran and lost their results go out again: not after a kill of ours
+        (their batch or the engine is over: re-sent, they would read "cancelled before it ran")."""
+        return self.policy.rerun_innocent and died.reason not in KILLED_BY
 
     def _cut(self, lot: Lot, ran: int) -> None:
         self.sizer.observe_cut()
@@ -228,11 +234,13 @@ class Answers:
 
     def _lost(self, lot: Lot, died: LaneDied, guilty: int | None) -> None:
         """``rerun_innocent=False``: items that ran, whose results died with their worker, are
-        reported instead of run again (for stages that must not run twice)."""
+        reported instead of run again (for stages that must not run twice); after a kill of ours
+        they are "cancelled", naming its cause."""
         how = (f"died on item {self.label(guilty)}" if guilty is not None else
                died.detail if died.reason == "lost" else "died on an item of their chunk")
+        kind: Kind = "cancelled" if died.reason in KILLED_BY else "crash"
         for i in range(lot.start, lot.start + len(lot.items)):
-            self.final(i, "crash", lost_result_error(died, self.label(i), how), lot.runs,
+            self.final(i, kind, lost_result_error(died, self.label(i), how), lot.runs,
                        pid=died.pid)
 
     def _halve(self, lot: Lot) -> None:

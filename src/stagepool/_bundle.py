@@ -18,6 +18,7 @@ from typing import Any
 
 from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult, notify
 from ._call_blobs import NO_SEGMENTS, apply_blob, pack_blobs
+from ._failures import KILLED_BY
 from ._worker import ChunkResult
 
 __all__ = ["CallBundler"]
@@ -52,9 +53,10 @@ class CallBundler:
     def _answer(self, members: list[Task], result: TaskResult) -> None:
         """In the backend's thread, once: each member gets its answer (or goes back in the
         queue); a member's failing callback does not keep the others from theirs."""
-        if isinstance(result, Cancelled) or (
-                isinstance(result, LaneDied) and result.reason == "cancelled"):
+        if isinstance(result, Cancelled):
             shares: list[Any] = [result] * len(members)
+        elif isinstance(result, LaneDied) and result.reason in KILLED_BY:
+            shares = _killed_shares(result, len(members))
         elif isinstance(result, LaneDied):
             self._requeue([m for i, m in enumerate(members) if i != result.offset])
             shares = [dataclasses.replace(result, offset=0, ran=0) if i == result.offset else None
@@ -84,3 +86,13 @@ class CallBundler:
         except BaseException as exc:  # the engine is closing: they never run
             for member in members:
                 notify(member, Cancelled("the engine was shut down", exc))
+
+
+def _killed_shares(died: LaneDied, n: int) -> list[TaskResult]:
+    """A bundle killed by us (its batch cancelled, ``shutdown(kill=True)``): nothing runs again.
+    The calls that finished lost their results (``ran=1``, no offset), the running one was
+    killed, the rest never started (``Cancelled``)."""
+    ran = died.offset if died.offset >= 0 else (died.ran or 0)
+    return [dataclasses.replace(died, offset=-1, ran=1) if i < ran else
+            dataclasses.replace(died, offset=0, ran=0) if i == died.offset else
+            Cancelled(f"{KILLED_BY[died.reason]}; it never started") for i in range(n)]

@@ -20,7 +20,7 @@ from ._outcome import Kind, RemoteTraceback
 from ._remote_types import names_match, remote_error
 from ._worker import ErrInfo
 
-__all__ = ["RetryOn", "Subject", "crash_error", "death_failure", "lost_result_error",
+__all__ = ["KILLED_BY", "RetryOn", "Subject", "crash_error", "death_failure", "lost_result_error",
            "rebuild_error", "retryable", "unpickled_result_error"]
 
 RetryOn = tuple[str | type[BaseException], ...]
@@ -87,9 +87,21 @@ def _who(died: LaneDied) -> str:
     return f"worker {died.pid}" + (f" ({died.where})" if died.where else "")
 
 
-def lost_result_error(died: LaneDied, index: Subject, how: str) -> WorkerCrashed:
+# Deaths the engine caused on purpose, and what caused them: an item they end is "cancelled"
+# (never retried, never run again: its batch or the engine is over), not a crash.
+KILLED_BY = {"cancelled": "its batch was cancelled",
+             "shutdown": "the engine was shut down with shutdown(kill=True)"}
+
+
+def lost_result_error(died: LaneDied, index: Subject, how: str) -> WorkerCrashed | TaskCancelled:
     """``rerun_innocent=False``: ``index`` ran, but its result died with its worker, which went
-    ``how`` ("died on item 3", "was retired while running its chunk"); not run again."""
+    ``how`` ("died on item 3", "was retired while running its chunk"); not run again.
+    A kill of ours (``KILLED_BY``) is a ``TaskCancelled`` naming its cause instead: nothing can
+    run again once the batch or the engine is over."""
+    cause = KILLED_BY.get(died.reason)
+    if cause is not None:
+        return TaskCancelled(f"{subject(index)} ran, but its result was lost when {cause}: "
+                             f"{_who(died)} was killed while running its chunk; not run again")
     return WorkerCrashed(f"{subject(index)} ran, but its result was lost when {_who(died)} {how}; "
                          "not run again because rerun_innocent=False")
 
@@ -112,9 +124,10 @@ def death_failure(died: LaneDied, index: Subject, stage: str,
             "worker is started again; make it faster, or raise init_timeout (None: no limit)")
     if died.reason == "lost":
         return "crash", lost_result_error(died, index, died.detail or "died after it ended")
-    if died.reason == "cancelled":
+    if died.reason in KILLED_BY:
         return "cancelled", TaskCancelled(
-            f"{subject(index)} was running when its batch was cancelled; its worker was killed")
+            f"{subject(index)} was running when {KILLED_BY[died.reason]}; its worker was killed"
+            f"{_ran_for(died)}")
     return "crash", crash_error(died, index, stage)
 
 

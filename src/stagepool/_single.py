@@ -16,7 +16,14 @@ from ._backends import Backend, Cancelled, Group, LaneDied, Task, TaskResult
 from ._bundle import CallBundler
 from ._config import Timeout, check_int, item_timeouts
 from ._errors import SerializationError, TaskCancelled
-from ._failures import death_failure, rebuild_error, retryable, unpickled_result_error
+from ._failures import (
+    KILLED_BY,
+    death_failure,
+    lost_result_error,
+    rebuild_error,
+    retryable,
+    unpickled_result_error,
+)
 from ._outcome import Kind
 from ._worker import ChunkResult, apply_call, call_chunk
 
@@ -161,11 +168,15 @@ class Single:
             failed.__cause__ = result.cause
             self._settle(None, failed)
             return
-        if isinstance(result, Cancelled) or (
-                isinstance(result, LaneDied) and result.reason == "cancelled"):
+        if isinstance(result, LaneDied) and result.reason in KILLED_BY:  # it ran, or was running
+            self._settle(None, lost_result_error(result, self.subject, "") if result.offset < 0
+                         and result.ran else death_failure(result, self.subject, "running",
+                                                           float("nan"))[1])
+            return
+        if isinstance(result, Cancelled):
             self.future.cancel()
             if not self.future.cancelled():  # it was already running: cancel() cannot apply
-                self._settle(None, TaskCancelled(f"cancelled: {getattr(result, 'reason', '')}"))
+                self._settle(None, TaskCancelled(f"cancelled: {result.reason}"))
             return
         if isinstance(result, LaneDied) and result.reason == "lost":
             self._lost(result)

@@ -33,8 +33,9 @@ _task_ids = itertools.count(1)
 
 BackendName = Literal["local", "serial", "dask"]
 # "lost": the worker died after the task ended, with its answer (see ``LaneDied``).
+# "cancelled": killed because its batch was cancelled; "shutdown": by ``shutdown(kill=True)``.
 DeathReason = Literal["crash", "timeout", "memory", "cancelled", "initializer", "init_timeout",
-                      "lost"]
+                      "lost", "shutdown"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -300,7 +300,7 @@ class DaskBackend:
     def _stop(self, kill: bool, cancel_pending: bool) -> None:
         self._stopping = True
         if kill:
-            self._flights.kill(None, SHUT_DOWN.reason)
+            self._flights.kill_for_shutdown(SHUT_DOWN.reason)
         elif cancel_pending:  # pending includes what waits ahead in a worker's queue
             self._flights.withdraw_ahead(_any, SHUT_DOWN.reason)
 

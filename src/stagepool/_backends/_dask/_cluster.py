@@ -17,7 +17,8 @@ from .._protocol import Task
 from ._memory import MEMORY
 from ._plugin import RETIRED, ended_topic, lane_pids, run_chunk
 
-__all__ = ["RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect", "left_gracefully",
+__all__ = ["KILL_RECORD_WAIT", "RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect",
+           "ended_within", "left_gracefully",
            "retired_chunks", "submit_chunk", "unregister", "wait_for_first_worker",
            "worker_lane_pids", "workers_info"]
 
@@ -32,6 +33,10 @@ CLEANUP_TIMEOUT = 5.0
 # How long the engine waits for a retired worker's record of the chunks it was running (see
 # retired_chunks); ~0.1 s when it comes. Past it, those chunks run again uncharged.
 RETIRE_RECORD_WAIT = 5.0
+# How long shutdown(kill=True) waits for the end records of the chunks it killed (see
+# ended_within): the worker notices the cancel (CANCEL_POLL), kills its lanes (their grace) and
+# records how far each chunk got. Past it, a chunk is answered as if it never ran.
+KILL_RECORD_WAIT = 3.0
 # An engine on a cluster with no worker yet waits this long for one, then says so.
 FIRST_WORKER_TIMEOUT = 30.0
 
@@ -174,6 +179,18 @@ def chunks_ended(client: Any, name: str, address: str) -> dict[str, dict[str, An
     cannot say."""
     return {event["key"]: event for event in _records(client, name, address)
             if isinstance(event.get("key"), str)}
+
+
+def ended_within(client: Any, name: str, address: str, keys: set[str],
+                 wait: float) -> dict[str, dict[str, Any]]:
+    """:func:`chunks_ended` once the records of every one of ``keys`` are there, or ``wait``
+    seconds have passed (then what there is)."""
+    deadline = time.monotonic() + wait
+    while True:
+        ended = chunks_ended(client, name, address)
+        if keys <= ended.keys() or time.monotonic() >= deadline:
+            return ended
+        time.sleep(0.05)
 
 
 def retired_chunks(client: Any, name: str, address: str) -> dict[str, int | None] | None:

@@ -270,6 +270,36 @@ class Flights:
             notify(run.task, Cancelled(reason))
         self._cancel(runs)
 
+    def kill_for_shutdown(self, reason: str) -> None:
+        """``shutdown(kill=True)``: kill every running chunk, and answer each with what its
+        worker recorded as it killed the lanes (``_killed_answer``), so that items that ran say
+        so; the chunks waiting in a worker's queue never started: ``Cancelled(reason)``."""
+        runs = list(self._running.values())
+        self._running.clear()
+        for run in runs:
+            run.release()
+        self._cancel(runs)
+        maybe = self._maybe_running(runs)
+        records: dict[str, dict[str, Any]] = {}
+        for address in {run.worker.address for run in maybe}:
+            keys = {run.key for run in maybe if run.worker.address == address}
+            records.update(_cluster.ended_within(self._client, self._name, address, keys,
+                                                 _cluster.KILL_RECORD_WAIT))
+        for run in runs:
+            record = records.get(run.key) if run in maybe else None
+            notify(run.task, _killed_answer(run, record, reason))
+
+    @staticmethod
+    def _maybe_running(runs: list[_Running]) -> list[_Running]:
+        """Per worker, its ``slots`` oldest chunks (dask starts them in the order sent)."""
+        seen: dict[Member, int] = {}
+        maybe = []
+        for run in runs:
+            n = seen[run.worker] = seen.get(run.worker, 0) + 1
+            if n <= run.worker.capacity.slots:
+                maybe.append(run)
+        return maybe
+
     def abandon(self, answer: Cancelled) -> None:
         """The engine is closing: every running chunk is answered ``answer``, nothing cancelled
         (the plugin's removal kills the lanes)."""
@@ -281,3 +311,21 @@ class Flights:
         if runs:
             with contextlib.suppress(Exception):  # the client is closing: nothing left to cancel
                 self._client.cancel([run.future for run in runs])
+
+
+def _killed_answer(run: _Running, record: dict[str, Any] | None, reason: str) -> TaskResult:
+    """A chunk killed by ``shutdown(kill=True)``, from its worker's end record: the lanes'
+    death (the running item and how many ran), said to be the shutdown's; answered in full
+    before the kill (every item ran, the answer dropped); or never run (cancelled there, or no
+    record: nothing says it ran)."""
+    died = record.get("died") if record is not None else None
+    if isinstance(died, dict):
+        with contextlib.suppress(TypeError):  # a record of another version: as if none came
+            lanes = LaneDied(**died)
+            if lanes.reason == "cancelled":  # the cancel of our kill reached the lanes first
+                lanes = dataclasses.replace(lanes, reason="shutdown")
+            return lanes
+    if record is not None and "cancelled" not in record and "died" not in record:
+        return LaneDied(run.worker.pid, None, -1, "shutdown", "", where=f"dask worker "
+                        f"{run.worker.address}", ran=run.task.n_items)
+    return Cancelled(reason)

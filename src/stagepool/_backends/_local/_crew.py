@@ -211,9 +211,10 @@ class Crew:
                 self.kill(lane, "cancelled", self._record.offset(lane.slot), replace=replace)
 
     def kill_everything(self) -> None:
+        """``shutdown(kill=True)``: the items running now say so (reason "shutdown")."""
         for lane in self.lanes:
             if lane.kill_reason is None:
-                lane.kill_reason = "cancelled"
+                lane.kill_reason = "shutdown"
                 kill_tree(lane.pid, grace=0)
 
     def collect(self, lane: Lane) -> None:

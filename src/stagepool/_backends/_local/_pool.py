@@ -47,6 +47,7 @@ from .._protocol import (
 )
 from ._bundling import bundled
 from ._crew import Crew
+from ._cwd import DeletedCwdOs
 from ._delivery import notify, starts
 from ._lanes import Lane
 from ._limits import Limits, wait_seconds
@@ -74,9 +75,13 @@ STARTUP_WAIT = 60.0
 
 
 def _loky_context() -> Any:
-    """loky's fork+exec context, imported only when a worker is started without the template."""
+    """loky's fork+exec context, imported only when a worker is started without the template;
+    it starts workers even after the working directory was deleted (see ``_cwd``)."""
+    from loky.backend import spawn
     from loky.backend.context import get_context
 
+    if not isinstance(spawn.os, DeletedCwdOs):
+        spawn.os = DeletedCwdOs()
     return get_context("loky")
 
 
