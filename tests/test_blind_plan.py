@@ -4,12 +4,30 @@ block of the budgeted tiny loop that turns slow."""
 from __future__ import annotations
 
 import os
+import time
 from array import array
+from collections import Counter
+from typing import Any
 
+import _tasks
+import stagepool as sp
 from stagepool._answers import Answers, BatchPolicy, Lot
 from stagepool._backends._serial import InProcessCodec
 from stagepool._chunking import ChunkSizer
-from stagepool._worker import ChunkResult
+from stagepool._worker import ChunkResult, run_chunk
+
+
+def _nap(seconds: float) -> float:
+    if seconds:
+        time.sleep(seconds)
+    return seconds
+
+
+def _spin(seconds: float) -> float:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
 
 
 def _cut_answer(lot: Lot, ran: int, seconds: float) -> ChunkResult:
@@ -35,3 +53,30 @@ def test_the_rests_of_cut_chunks_go_out_in_input_order() -> None:
         assert lot is not None and lot.items == list(range(lot.start, lot.start + len(lot.items)))
         resent += lot.items
     assert resent == [i for i in range(200) if i % 50 > 1]
+
+
+def test_items_that_turn_slow_inside_a_budgeted_chunk_spread_over_the_workers() -> None:
+    """3,000 tiny items, then 300 of 10 ms: the blind plan's last chunk holds the turn. Its
+    loop looked at the clock between blocks of 1, 1, 2 ... 1,024 items, and the block holding
+    the turn ran every slow item on one worker (3.06 s against 1.5 s). The budget now ends the
+    chunk within an item of running out, and the slow rest spreads over both workers."""
+    seconds = [0.0] * 3000 + [0.01] * 300
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(_tasks.pid_after_nap, seconds)
+    assert [o.index for o in report] == list(range(len(seconds)))
+    assert all(o.ok and o.attempts == 1 for o in report)
+    slow = Counter(o.value for o in report if seconds[o.index])
+    assert len(slow) == 2, slow
+
+
+def test_a_budgeted_tiny_loop_stops_within_an_item_of_its_budget() -> None:
+    """In the worker's tiny-item loop (no clock read per item): items that turn slow after
+    tiny ones stop the chunk after the running one, whether they wait (the GIL is free) or
+    compute in Python (the budget thread waits for the GIL: the switch interval)."""
+    for slow in (_nap, _spin):
+        items: list[Any] = [0.0] * 3000 + [0.01] * 50
+        result = run_chunk(slow, items, per_item_clock=False, budget=0.02)
+        assert 3000 < len(result.values) < 3000 + 25, (slow, len(result.values))  # of 3,050
+        assert result.errors is None
+    tiny = run_chunk(abs, list(range(-5000, 0)), per_item_clock=False, budget=5.0)
+    assert tiny.values == list(range(5000, 0, -1))  # all of them, well within the budget
