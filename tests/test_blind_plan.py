@@ -73,10 +73,12 @@ def test_a_budgeted_tiny_loop_stops_within_an_item_of_its_budget() -> None:
     """In the worker's tiny-item loop (no clock read per item): items that turn slow after
     tiny ones stop the chunk after the running one, whether they wait (the GIL is free) or
     compute in Python (the budget thread waits for the GIL: the switch interval)."""
+    tiny = run_chunk(abs, list(range(-5000, 0)), per_item_clock=False, budget=5.0)
+    assert tiny.values == list(range(5000, 0, -1))  # all of them, well within the budget
+    # The thread now lingers, waking every 5 s: a shorter budget must wake it; the next one
+    # is armed while it lingers at that beat, without a wake-up.
     for slow in (_nap, _spin):
         items: list[Any] = [0.0] * 3000 + [0.01] * 50
         result = run_chunk(slow, items, per_item_clock=False, budget=0.02)
         assert 3000 < len(result.values) < 3000 + 25, (slow, len(result.values))  # of 3,050
         assert result.errors is None
-    tiny = run_chunk(abs, list(range(-5000, 0)), per_item_clock=False, budget=5.0)
-    assert tiny.values == list(range(5000, 0, -1))  # all of them, well within the budget

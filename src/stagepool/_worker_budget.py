@@ -12,6 +12,8 @@ slow inside a block (3,000 tiny items, then 300 of 10 ms), the whole block runs 
         v  the list iterator ends after the running item <--/
     disarm() when the loop ended: a late ``clear`` then only empties a finished chunk's list
 
+While chunks keep coming the thread wakes once a budget (``LINGER_SECONDS``), not at each arm.
+
 Emptying the list is how a forked child's loop already ends (``_worker_guards.mark_forked``): the
 item that is running finishes (a value or an error, never cut in the middle) and the items the
 iterator had not reached never start, so the answer holds a prefix of the chunk, as with a
@@ -24,6 +26,7 @@ Only a list the worker owns may be armed (the chunk's decoded items): clearing i
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -31,45 +34,63 @@ from typing import Any
 __all__ = ["arm", "disarm"]
 
 
+# After its last armed chunk the thread keeps waking every budget for this long, so that a
+# chunk armed meanwhile needs no wake-up call: a wake-up is a thread that wants the GIL while
+# the tiny loop holds it (a forced switch; on a loaded 2-core machine the loop then waits for
+# the thread to be scheduled). Woken at each arm, maps of 20,000 x (x * 2) ran 4-7% slower than
+# with clock reads between blocks of items; lingering, 2-8% faster (paired, load 2.4-3.9). On a
+# worker that waits for work a wake-up is only a context switch.
+LINGER_SECONDS = 1.0
+
+
 class _Timer:
     """One daemon thread per process, started at the first armed chunk."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._items: list[Any] | None = None  # the armed chunk's items
-        self._stop = 0.0  # when to empty them (time.perf_counter)
+        self._armed: tuple[list[Any], float] | None = None  # the chunk's items, when to stop
+        self._last = 0.0  # when a chunk was last armed (time.perf_counter)
+        self._step = math.inf  # the shortest budget armed so far: the lingering thread's beat
+        self._wake_at = math.inf  # when the thread wakes next, unless told (inf: it waits)
         self._thread: threading.Thread | None = None
 
     def arm(self, items: list[Any], stop: float) -> None:
-        if self._items is items and self._stop == stop:
+        armed = self._armed
+        if armed is not None and armed[0] is items and armed[1] == stop:
             return  # re-entered after an item's error: already armed
+        now = time.perf_counter()
         with self._cond:
-            self._items, self._stop = items, stop
+            self._armed, self._last = (items, stop), now
+            self._step = min(self._step, max(stop - now, 1e-3))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="stagepool-budget",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif stop < self._wake_at:  # it would wake too late: wake it now
+                self._cond.notify()
 
     def disarm(self) -> None:
         # No lock: a plain store, so that a child forked by an item while the thread held the
         # lock cannot block here. A race with the thread only empties a finished chunk's list.
-        self._items = None
+        self._armed = None
 
     def _run(self) -> None:
         with self._cond:
             while True:
-                items = self._items
-                if items is None:
-                    self._cond.wait()
+                now = time.perf_counter()
+                armed = self._armed
+                if armed is not None and armed[1] <= now:
+                    armed[0].clear()  # the loop ends after the running item
+                    if self._armed is armed:
+                        self._armed = None
                     continue
-                left = self._stop - time.perf_counter()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                items.clear()  # the loop ends after the running item
-                if self._items is items:
-                    self._items = None
+                if armed is not None:
+                    self._wake_at = armed[1]
+                elif now - self._last < LINGER_SECONDS:
+                    self._wake_at = now + self._step
+                else:
+                    self._wake_at = math.inf
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
 
 
 _timer = _Timer()
