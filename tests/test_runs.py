@@ -119,8 +119,8 @@ def test_a_chunk_sized_from_tiny_first_items_is_cut_when_later_items_are_slow() 
 
 
 def test_a_budgeted_chunk_stops_between_items_and_says_how_far_it_got() -> None:
-    """In the worker: past its budget a chunk answers with the items it ran (a prefix), checked
-    after blocks of 1, 1, 2, 4 ... items; tiny items run to the end."""
+    """In the worker: past its budget a chunk answers with the items it ran (a prefix), ended
+    by the budget thread after the running item; tiny items run to the end."""
     slow = run_chunk(_tasks.sleep_for, [0.02] * 10, per_item_clock=False, budget=0.01)
     assert slow.values == [0.02] and slow.errors is None
     tiny = run_chunk(abs, list(range(-5000, 0)), per_item_clock=False, budget=5.0)

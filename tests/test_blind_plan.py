@@ -1,0 +1,84 @@
+"""The blind plan's two costs (issue 15): the order in which a cut chunk's rest goes out, and a
+block of the budgeted tiny loop that turns slow."""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from collections import Counter
+from typing import Any
+
+import _tasks
+import stagepool as sp
+from stagepool._answers import Answers, BatchPolicy, Lot
+from stagepool._backends._serial import InProcessCodec
+from stagepool._chunking import ChunkSizer
+from stagepool._worker import ChunkResult, run_chunk
+
+
+def _nap(seconds: float) -> float:
+    if seconds:
+        time.sleep(seconds)
+    return seconds
+
+
+def _spin(seconds: float) -> float:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def _cut_answer(lot: Lot, ran: int, seconds: float) -> ChunkResult:
+    """The answer of ``lot`` cut by its budget after ``ran`` items of ``seconds`` each."""
+    stamps = array("d", [0.0, ran * seconds])
+    return ChunkResult(list(lot.items[:ran]), stamps, None, os.getpid())
+
+
+def test_the_rests_of_cut_chunks_go_out_in_input_order() -> None:
+    """A blind plan's chunks of slow items are each cut after an item or two, in the order the
+    workers reach them; their rests went out last cut first, so 200 uneven items ran the first
+    chunk's rest last and ended 36 ms apart on two workers (14 in input order): 1-2% of the
+    batch. The rests go out in input order, whatever order the cuts came in."""
+    sizer = ChunkSizer(None, workers=2, total=200)
+    sizer.blind = True
+    answers = Answers(InProcessCodec(), sizer, BatchPolicy(), None)
+    chunks = [Lot(start, list(range(start, start + 50)), 1, 0) for start in (0, 50, 100, 150)]
+    for lot in (chunks[0], chunks[2], chunks[1], chunks[3]):  # as two workers cut them
+        answers.absorb(lot, _cut_answer(lot, 2, 0.02))
+    resent: list[int] = []
+    while answers.again:
+        lot = answers.next_again(1 << 30)
+        assert lot is not None and lot.items == list(range(lot.start, lot.start + len(lot.items)))
+        resent += lot.items
+    assert resent == [i for i in range(200) if i % 50 > 1]
+
+
+def test_items_that_turn_slow_inside_a_budgeted_chunk_spread_over_the_workers() -> None:
+    """3,000 tiny items, then 300 of 10 ms: the blind plan's last chunk holds the turn. Its
+    loop looked at the clock between blocks of 1, 1, 2 ... 1,024 items, and the block holding
+    the turn ran every slow item on one worker (3.06 s against 1.5 s). The budget now ends the
+    chunk within an item of running out, and the slow rest spreads over both workers."""
+    seconds = [0.0] * 3000 + [0.01] * 300
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(_tasks.pid_after_nap, seconds)
+    assert [o.index for o in report] == list(range(len(seconds)))
+    assert all(o.ok and o.attempts == 1 for o in report)
+    slow = Counter(o.value for o in report if seconds[o.index])
+    assert len(slow) == 2, slow
+
+
+def test_a_budgeted_tiny_loop_stops_within_an_item_of_its_budget() -> None:
+    """In the worker's tiny-item loop (no clock read per item): items that turn slow after
+    tiny ones stop the chunk after the running one, whether they wait (the GIL is free) or
+    compute in Python (the budget thread waits for the GIL: the switch interval)."""
+    tiny = run_chunk(abs, list(range(-5000, 0)), per_item_clock=False, budget=5.0)
+    assert tiny.values == list(range(5000, 0, -1))  # all of them, well within the budget
+    # The thread now lingers, waking every 5 s: a shorter budget must wake it; the next one
+    # is armed while it lingers at that beat, without a wake-up.
+    for slow in (_nap, _spin):
+        items: list[Any] = [0.0] * 3000 + [0.01] * 50
+        result = run_chunk(slow, items, per_item_clock=False, budget=0.02)
+        assert 3000 < len(result.values) < 3000 + 25, (slow, len(result.values))  # of 3,050
+        assert result.errors is None
