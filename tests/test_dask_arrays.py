@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import _array_tasks
+import _dask_array_tasks as _array_tasks
 import stagepool as sp
 from conftest import WAIT
 
