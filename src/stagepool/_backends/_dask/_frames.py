@@ -17,7 +17,11 @@ Before, each array was copied into the pickle at the client, through a pipe to t
 of the pickle there, and the same on the way back: six copies of every byte beside dask's own
 (4 x 100 MiB through ``a + 1`` took 1.3x ``client.map``'s time; see benchmarks/dask_arrays.py).
 
-The dask worker still never unpickles anything of the caller's: it only moves bytes.
+The dask worker still never unpickles anything of the caller's: it only moves bytes. The price:
+its host needs room in /dev/shm for a chunk's arrays (a container's default of 64 MiB is too
+little for one of 100 MiB); without it the chunk's items fail as crashes saying so
+(``HostPlugin.run``), where the pipe would have carried them. A fallback through the pipe would
+need the lanes to read frames from it: not done yet.
 """
 
 from __future__ import annotations
