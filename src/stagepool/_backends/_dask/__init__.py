@@ -76,19 +76,21 @@ Faults, and why no item is blamed twice or wrongly:
   futures are cancelled and the worker side, which watches its task's state while it waits,
   kills the lanes running them. A client that disconnects gets the same from the scheduler.
 
-Big numpy arrays: no shared memory here (the workers may be on other machines). A payload is the
-codec's pickle viewed as a ``uint8`` array, which dask sends as an out-of-band pickle-5 buffer (no
-copy into a message); payloads over ``SCATTER_BYTES`` are scattered straight to the chosen worker
-rather than riding in the task graph through the scheduler. Arrays inside that pickle are in-band
-(a memcpy at each end, about a millisecond per 8 MiB, small beside the network): the price of a
-dask worker that never unpickles the caller's data. Results come back the same way.
+Big numpy arrays: no shared memory between the client and its workers (they may be on other
+machines). A payload is the codec's pickle viewed as a ``uint8`` array, which dask sends as an
+out-of-band pickle-5 buffer (no copy into a message); arrays of ``_frames.FRAME_BYTES`` and more
+leave the pickle and travel beside it as frames of their own, uncopied, and the dask worker hands
+them to its lanes through shared memory on its host (``_frames``); answers come back the same
+way. Payloads over ``SCATTER_BYTES`` are scattered straight to the chosen worker, and answers
+fetched straight from it, rather than through the scheduler (unless the client was told not to
+reach its workers directly).
 
 The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
 dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,
 submit a chunk, membership, clean up), ``_memory`` the slots ``mem_per_task`` leaves a worker
-(pure), ``_roster`` the workers as the dispatcher sees them (``_versions``: only those running
-the caller's stagepool), ``_flights`` the book of running
-chunks and every way one ends, ``_client`` the ``DaskBackend`` and its dispatcher thread.
+(pure), ``_frames`` big arrays as dask frames, ``_roster`` the workers as the dispatcher sees
+them (``_versions``: only those running the caller's stagepool), ``_flights`` the book of
+running chunks and every way one ends, ``_client`` the ``DaskBackend`` and its dispatcher thread.
 """
 
 from ._client import CAPABILITIES, DaskBackend, PickleCodec

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..._errors import EngineClosed
+from ..._worker import decoded_result
 from .._codec import SharedMemoryCodec
 from .._fairshare import FairShare
 from .._protocol import (
@@ -30,7 +31,7 @@ from .._protocol import (
     LaneState,
     Task,
 )
-from . import _cluster
+from . import _cluster, _frames
 from ._cluster import RPC_TIMEOUT
 from ._flights import Call, Done, Flights, Freed, Inbox, notify
 from ._owner import owner
@@ -64,16 +65,27 @@ class PickleCodec(SharedMemoryCodec):
 
     A payload is the pickle as a read-only ``uint8`` array: dask serializes numpy arrays as
     out-of-band pickle-5 buffers, so the bytes go to the socket without a copy into a message.
+    Items holding big arrays travel as ``Frames`` instead: those arrays beside the pickle,
+    uncopied (see ``_frames``); answers come back either way.
     """
 
     def __init__(self, *, read_only_inputs: bool = True) -> None:
         super().__init__(threshold=0, read_only_inputs=read_only_inputs)
 
     def encode(self, items: list[Any], arena: int | None) -> Encoded:
+        if _frames.has_big_array(items):
+            framed = _frames.encode(items, read_only=self.read_only_inputs)
+            if framed is not None:
+                return Encoded(framed, framed.nbytes)
         encoded = super().encode(items, None)
         return Encoded(np.frombuffer(encoded.payload, dtype=np.uint8), encoded.nbytes)
 
+    def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:
+        return items  # a payload's frames are views of these very arrays: keeping them is free
+
     def decode(self, result: Any) -> Any:
+        if isinstance(result, _frames.Frames):
+            return decoded_result(_frames.decode(result))
         return super().decode(memoryview(result))
 
     def release(self, items: Any, arena: int | None) -> None:

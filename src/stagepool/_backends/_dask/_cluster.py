@@ -18,7 +18,7 @@ from ._memory import MEMORY
 from ._plugin import RETIRED, ended_topic, lane_pids, run_chunk
 
 __all__ = ["KILL_RECORD_WAIT", "RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect",
-           "ended_within", "left_gracefully",
+           "direct", "ended_within", "fetch", "left_gracefully",
            "retired_chunks", "submit_chunk", "unregister", "wait_for_first_worker",
            "worker_lane_pids", "workers_info"]
 
@@ -229,12 +229,32 @@ def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,
     data = None
     if payload.nbytes > SCATTER_BYTES:
         payload = data = client.scatter(payload, workers=[address], hash=False,
-                                        timeout=RPC_TIMEOUT)
+                                        direct=direct(client), timeout=RPC_TIMEOUT)
     future = client.submit(
         run_chunk, name, key, task.fn_key, task.fn, payload, task.n_items,
         task.timeouts, task.per_item_clock, key=key, workers=[address],
         allow_other_workers=False, pure=False, retries=0, resources=resources)
     return future, data
+
+
+def direct(client: Any) -> bool:
+    """Whether payloads and answers go straight between the client and the worker (one network
+    hop) rather than through the scheduler, which receives each one whole and forwards it (two
+    hops, and the scheduler's memory and CPU): yes unless the client was told otherwise
+    (``Client(direct_to_workers=False)``, or the ``distributed.client.direct-to-workers``
+    setting, for a client that cannot reach the workers, behind a gateway say)."""
+    return client.direct_to_workers is not False
+
+
+def fetch(future: Any) -> Any:
+    """The finished ``future``'s result, straight from its worker where ``direct``; raises
+    what dask raises (its worker gone, say), or ``TimeoutError`` past RPC_TIMEOUT."""
+    client = future.client
+    if not direct(client):
+        return future.result(timeout=RPC_TIMEOUT)
+    # Future.result() asks the scheduler to fetch it (dask gathers directly only from inside
+    # a worker): a 100 MiB answer then crosses two sockets and the scheduler's memory.
+    return client.sync(client._gather, [future], direct=True, callback_timeout=RPC_TIMEOUT)[0]
 
 
 def worker_lane_pids(client: Any, name: str) -> list[int]:

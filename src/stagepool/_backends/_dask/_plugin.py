@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import distributed
-import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils import sync
 
+from ... import _shm
 from ..._errors import EngineClosed
 from ..._planning import plan_workers
 from .._protocol import (
@@ -30,6 +30,7 @@ from .._protocol import (
     Task,
     TaskResult,
 )
+from ._frames import FRAME_BYTES, Frames, from_blob, to_blob
 from ._memory import capacity
 from ._owner import watch_owner
 
@@ -101,7 +102,7 @@ class HostPlugin(WorkerPlugin):
             return
         env = {**_lane_thread_env(threads), **self.options.env}
         self.backend = self.hosted(dataclasses.replace(self.options, workers=lanes, env=env,
-                                                       shm_threshold=0, template=False))
+                                                       shm_threshold=FRAME_BYTES, template=False))
 
     async def teardown(self, worker: Any) -> None:
         """Kill our lanes: the engine removed us, or the worker closes (retired: then first
@@ -129,12 +130,23 @@ class HostPlugin(WorkerPlugin):
         """Run one chunk on this worker's lanes and return their answer; kill the chunk if its
         dask task is cancelled meanwhile (the engine's kill, or its client gone)."""
         backend = self.backend
-        answers: queue.SimpleQueue[TaskResult] = queue.SimpleQueue()
-        task = Task(Group(), fn_key, fn, memoryview(items), n_items,
-                    lambda _task, answer: answers.put(answer), timeouts,
-                    per_item_clock=per_item_clock)
         if backend is None:  # torn down: the engine is shutting down
             return SHUT_DOWN
+        blob = to_blob(items) if isinstance(items, Frames) else memoryview(items)
+        if blob is None:
+            return LaneDied(os.getpid(), None, -1, "crash", "no room in /dev/shm on this dask "
+                            "worker's host for the chunk's arrays", where=self._where())
+        answers: queue.SimpleQueue[TaskResult] = queue.SimpleQueue()
+        task = Task(Group(), fn_key, fn, blob, n_items, lambda _task, answer: answers.put(answer),
+                    timeouts, per_item_clock=per_item_clock)
+        try:
+            return self._run(backend, key, task, answers)
+        finally:
+            if isinstance(items, Frames):  # the lanes mapped what they read: unlink them
+                _shm.discard(blob)
+
+    def _run(self, backend: Backend, key: str, task: Task,
+             answers: queue.SimpleQueue[TaskResult]) -> TaskResult:
         self.running[key] = task
         try:
             backend.submit_many([task])
@@ -178,10 +190,13 @@ class HostPlugin(WorkerPlugin):
 
     def _reply(self, answer: TaskResult) -> TaskResult:
         if isinstance(answer, LaneDied):
-            return dataclasses.replace(answer, where=f"dask worker {self.worker.address}")
+            return dataclasses.replace(answer, where=self._where())
         if isinstance(answer, Cancelled):
             return answer
-        return np.frombuffer(answer, dtype=np.uint8)  # sent out-of-band, like the inputs
+        return from_blob(answer)  # sent out-of-band, like the inputs
+
+    def _where(self) -> str:
+        return f"dask worker {self.worker.address}"
 
 
 def end_note(answer: TaskResult) -> dict[str, Any]:
