@@ -12,6 +12,7 @@ import dask
 import distributed
 from distributed.comm.addressing import get_address_host_port, parse_address
 from distributed.comm.registry import get_backend
+from distributed.utils_comm import gather_from_workers
 
 from .._protocol import Task
 from ._memory import MEMORY
@@ -246,15 +247,26 @@ def direct(client: Any) -> bool:
     return client.direct_to_workers is not False
 
 
-def fetch(future: Any) -> Any:
-    """The finished ``future``'s result, straight from its worker where ``direct``; raises
-    what dask raises (its worker gone, say), or ``TimeoutError`` past RPC_TIMEOUT."""
+def fetch(future: Any, address: str) -> Any:
+    """The finished ``future``'s result, straight from ``address`` (the worker the chunk was
+    pinned to) where ``direct``; else, or when that worker does not answer, through the
+    scheduler: raises what dask raises (the worker gone, say), or ``TimeoutError`` past
+    RPC_TIMEOUT.
+
+    Not ``client._gather(direct=True)``: when the worker died holding the result, it asks the
+    scheduler to recompute the key and waits for that, so the finished chunk's answer waited
+    ~30 s (and dask would have run the chunk again behind our back) instead of being reported
+    lost with its worker at once."""
     client = future.client
-    if not direct(client):
-        return future.result(timeout=RPC_TIMEOUT)
-    # Future.result() asks the scheduler to fetch it (dask gathers directly only from inside
-    # a worker): a 100 MiB answer then crosses two sockets and the scheduler's memory.
-    return client.sync(client._gather, [future], direct=True, callback_timeout=RPC_TIMEOUT)[0]
+    if direct(client):
+        # Future.result() asks the scheduler to fetch it (dask gathers directly only from inside
+        # a worker): a 100 MiB answer then crosses two sockets and the scheduler's memory.
+        data, _missing, _failed, _gone = client.sync(
+            gather_from_workers, {future.key: [address]}, client.rpc,
+            callback_timeout=RPC_TIMEOUT)
+        if future.key in data:
+            return data[future.key]
+    return future.result(timeout=RPC_TIMEOUT)
 
 
 def worker_lane_pids(client: Any, name: str) -> list[int]:
