@@ -77,6 +77,16 @@ class PickleCodec(SharedMemoryCodec):
             framed = _frames.encode(items, read_only=self.read_only_inputs)
             if framed is not None:
                 return Encoded(framed, framed.nbytes)
+        return self._one_pickle(items)
+
+    def in_band(self, payload: _frames.Frames) -> Any:
+        """``payload`` as one pickle, its arrays copied into it: for a dask worker without room
+        in /dev/shm for its frames (``_frames.NoRoom``). Its arrays unpickle as views of the
+        frames, which are the caller's arrays: nothing is copied but into the pickle. Raises
+        what pickling raises."""
+        return self._one_pickle(_frames.decode(payload, writable=False)).payload
+
+    def _one_pickle(self, items: list[Any]) -> Encoded:
         encoded = super().encode(items, None)
         return Encoded(np.frombuffer(encoded.payload, dtype=np.uint8), encoded.nbytes)
 
@@ -116,7 +126,8 @@ class DaskBackend:
         self._mem_per_task = options.mem_per_task
         self._roster = Roster(self._client, options.mem_per_task, vet=True)
         self._inbox: Inbox = queue.SimpleQueue()
-        self._flights = Flights(self._client, self._name, self._queue, self._inbox)
+        self._flights = Flights(self._client, self._name, self._queue, self._inbox,
+                               self._codec.in_band)
         self._closed = self._stopping = False
         self._closed_why = "this engine has been shut down; create a new Engine"
         self._polled = 0.0

@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from ..._config import format_size
 from .._fairshare import FairShare
 from .._protocol import Cancelled, Group, LaneDied, LaneState, Task, TaskResult, notify
 from . import _cluster
 from ._cluster import RPC_TIMEOUT
+from ._frames import NoRoom
 from ._roster import Member
+from ._versions import LOGGER
 
 __all__ = ["Call", "Done", "Flights", "Freed", "Inbox", "notify"]
 
@@ -100,8 +103,11 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
 class Flights:
     """The book of one engine's running chunks (see the module docstring)."""
 
-    def __init__(self, client: Any, name: str, fair: FairShare, inbox: Inbox) -> None:
+    def __init__(self, client: Any, name: str, fair: FairShare, inbox: Inbox,
+                 in_band: Callable[[Any], Any]) -> None:
         self._client, self._name, self._queue, self._inbox = client, name, fair, inbox
+        self._in_band = in_band  # the codec's: a chunk's payload as one pickle (see _no_room)
+        self._cramped: set[str] = set()  # workers that said NoRoom (warned once each)
         self._keys = itertools.count()
         self._running: dict[str, _Running] = {}
 
@@ -153,11 +159,29 @@ class Flights:
             return
         del self._running[done.key]
         run.release()
-        if done.error is None:
+        if isinstance(done.result, NoRoom):
+            self._no_room(run.task, done.result)
+        elif done.error is None:
             notify(run.task, done.result)
         else:
             ended = _cluster.chunks_ended(self._client, self._name, run.worker.address)
             self._answer_lost(run, ended.get(run.key))
+
+    def _no_room(self, task: Task, answer: NoRoom) -> None:
+        """The worker's /dev/shm could not take the chunk's frames; nothing ran. Send it again as
+        one pickle, charged nothing (to the front of the queue: its batch waits on it)."""
+        if answer.where not in self._cramped:
+            self._cramped.add(answer.where)
+            LOGGER.warning("%s: no room in /dev/shm for a chunk's arrays (%s): sending them "
+                           "through the pipe instead, slower; give its host more /dev/shm "
+                           "(docker run --shm-size=...)", answer.where, format_size(answer.nbytes))
+        try:
+            task.items = self._in_band(task.items)
+        except Exception as exc:  # pickling raised now what it did not raise the first time
+            notify(task, Cancelled(f"{answer.where} had no room in /dev/shm for the chunk's "
+                                   f"arrays, and they could not be pickled: {exc}", cause=exc))
+            return
+        self.requeue(task)
 
     def lose(self, member: Member) -> None:
         """A worker left the cluster; retired (gracefully) or not, as the scheduler tells."""
