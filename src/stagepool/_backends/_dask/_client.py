@@ -47,10 +47,16 @@ __all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]
 # 200 items, as much dask CPU as item CPU); 0.5 s sent 74-91 and ran the cpu workload at 1.01x
 # the local engine's speed in the same process (0.2 s: 0.62x; load 19-25, rough). The cost:
 # coarser balance, which the tail shares (see _chunking) keep to the last chunks.
+# chunk_bytes: the local bound (4 MiB) made each 4 MiB array its own dask task at ~18 ms each:
+# 64 x 4 MiB through ``a + 1`` ran at 0.49x client.map's speed. A chunk of 64 MiB moves in tens
+# of milliseconds, as its frames go uncopied (see benchmarks/dask_arrays.py for the figures). The
+# cost: a worker host's /dev/shm holds a running chunk's arrays and results (2 x 64 MiB), more
+# than a container's default of 64 MiB: such a chunk then goes through the pipe (_frames.NoRoom).
+CHUNK_BYTES = 64 << 20
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=False, memory_limits=True,
                             processes=True, serializes=True, fast_round_trip=False,
-                            chunk_seconds=0.5)
+                            chunk_seconds=0.5, chunk_bytes=CHUNK_BYTES)
 
 # How often the dispatcher asks the scheduler which workers there are while chunks are running or
 # queued: how long a dead worker's chunks wait before they run again. One small RPC each time.
