@@ -20,6 +20,8 @@ from conftest import WAIT
 
 distributed = pytest.importorskip("distributed")
 
+from stagepool._backends._dask import _cluster  # noqa: E402  (after the skip: imports dask)
+
 MIB = 1 << 20
 LIMIT = 2 * MIB  # a segment bigger than this cannot be written on the worker's host
 
@@ -65,6 +67,20 @@ def test_a_chunk_without_room_in_dev_shm_runs_through_the_pipe(cramped: Any) -> 
     assert small.success_rate == 1.0
     assert tuple(in_lane) == (None, [])  # so the lanes' 4 MiB results came back in-band
     assert not _worker_segments(cramped)
+
+
+def test_after_one_refusal_a_worker_gets_such_chunks_in_band(cramped: Any) -> None:
+    """Each refusal costs a wasted transfer of the chunk: once a worker said "no room", chunks as
+    big go to it in-band at once. One worker thread holds at most two chunks of ours (one
+    running, one waiting), so at most two are refused of six."""
+    arrays = [np.full(4 * MIB // 8, float(i)) for i in range(6)]
+    with sp.Engine(backend=cramped, chunk_size=1) as engine:
+        report = engine.map(_array_tasks.plus_one, arrays, timeout=WAIT)
+        backend: Any = engine._backend
+        ended = _cluster.chunks_ended(cramped, backend._name, next(iter(cramped.run(os.getpid))))
+    assert [o.kind for o in report] == ["ok"] * 6 and [o.attempts for o in report] == [1] * 6
+    refused = [key for key, note in ended.items() if "no room" in str(note.get("cancelled"))]
+    assert 1 <= len(refused) <= 2, ended
 
 
 def test_inputs_stay_read_only_through_the_pipe(cramped: Any) -> None:
