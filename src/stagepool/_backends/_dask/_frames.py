@@ -20,9 +20,11 @@ of the pickle there, and the same on the way back: six copies of every byte besi
 The dask worker still never unpickles anything of the caller's: it only moves bytes. Its host
 needs room in /dev/shm for a chunk's arrays (a container's default of 64 MiB is too little for
 one of 100 MiB). Without it (``to_blob`` returns None) the worker answers ``NoRoom`` at once,
-nothing run, and the client sends the chunk again as one pickle (``in_band``: the path before
-frames, each array copied into it), charging no attempt: slower, never wrong. Results need no
-such answer: a lane that cannot write a result's segment pickles it in-band.
+nothing run, and the client sends the chunk again as one pickle (``PickleCodec.in_band``: the
+path before frames, each array copied into it), charging no attempt, and from then on sends
+chunks as big to that worker in-band at once: slower, never wrong (``Flights._refused``; see
+benchmarks/dask_no_room.py). Results need no such answer: a lane that cannot write a result's
+segment pickles it in-band.
 """
 
 from __future__ import annotations
