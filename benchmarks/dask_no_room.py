@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import stagepool as sp
-from benchmarks.dask_arrays import inc, shapes, show, timed
+from benchmarks.dask_arrays import alternate, inc, shapes, show, write
 
 NO_ROOM = "stagepool, no room in /dev/shm"
 
@@ -70,18 +68,8 @@ def main() -> None:
         clients[1].run(cramp, 1 << 20)
         roomy = stack.enter_context(sp.Engine(backend=clients[0]))
         cramped = stack.enter_context(sp.Engine(backend=clients[1]))
-        runs = rows(clients[0], roomy, cramped)
-        times: dict[str, dict[str, list[float]]] = {shape: {row: [] for row in runs}
-                                                    for shape in inputs}
-        for shape, arrays in inputs.items():
-            for _ in range(args.rounds):  # alternating rounds: a load change hits every row alike
-                for row, run in runs.items():
-                    times[shape][row].append(timed(run, arrays))
-        summary = show(times)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dask_no_room.json").write_text(json.dumps(
-        {"workers": args.workers, "rounds": args.rounds, "results": summary}, indent=2))
+        summary = show(alternate(rows(clients[0], roomy, cramped), inputs, args.rounds))
+    write(args, "dask_no_room.json", summary)
 
 
 if __name__ == "__main__":
