@@ -71,7 +71,12 @@ def rows(client: Any, engine: sp.Engine, joblib_too: bool) -> dict[str, Callable
 
 def measure(client: Any, engine: sp.Engine, inputs: dict[str, list[Any]], rounds: int,
             joblib_too: bool) -> dict[str, dict[str, list[float]]]:
-    runs = rows(client, engine, joblib_too)
+    return alternate(rows(client, engine, joblib_too), inputs, rounds)
+
+
+def alternate(runs: dict[str, Callable[[list[Any]], list[Any]]], inputs: dict[str, list[Any]],
+              rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each row on each shape, ``rounds`` times."""
     times: dict[str, dict[str, list[float]]] = {shape: {row: [] for row in runs} for shape in inputs}
     for shape, arrays in inputs.items():
         for _ in range(rounds):  # alternating rounds: a load change hits every row alike
@@ -112,9 +117,14 @@ def main() -> None:
                       dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client, sp.Engine(backend=client) as engine:
         summary = show(measure(client, engine, inputs, args.rounds, args.joblib))
+    write(args, "dask_arrays.json", summary)
+
+
+def write(args: argparse.Namespace, name: str, summary: dict[str, Any]) -> None:
+    """``summary`` as JSON in ``args.out``/``name``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dask_arrays.json").write_text(json.dumps(
+    (out / name).write_text(json.dumps(
         {"workers": args.workers, "rounds": args.rounds, "results": summary}, indent=2))
 
 

@@ -36,3 +36,25 @@ def layouts(seed: int) -> dict[str, Any]:
     return {"fortran": np.asfortranarray(rng.random((700, 300))),
             "strided": rng.random((1000, 400))[::2, ::3], "structured": structured,
             "twice": (shared, shared), "small": np.arange(10)}
+
+
+def limit_file_size(limit: int) -> None:
+    """Run in a dask worker (``client.run``): files it and its future lanes write stop at
+    ``limit`` bytes, so a bigger /dev/shm segment fails with EFBIG as a full /dev/shm fails
+    with ENOSPC (Python ignores SIGXFSZ, so the write fails instead of killing the process)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def segment_of(nbytes: int) -> tuple[str | None, list[str]]:
+    """Run in a dask worker: ``_shm.create_segment`` of an ``nbytes`` array, and what it left."""
+    from stagepool import _shm
+
+    names: list[str] = []
+    name = _shm.create_segment(np.ones(nbytes // 8), np, owner=os.getpid(), creator="p",
+                               arena=None, segments=names)
+    _shm.unlink_names(names)
+    return name, names

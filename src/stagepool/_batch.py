@@ -136,7 +136,8 @@ class Batch:
         self.lock = threading.RLock()
         self.outbox: list[Task] = []  # encoded chunks _fill hands to the backend in one go
         self.sizer = make_sizer(spec.chunk_size, backend.workers, self.total,
-                                backend.capabilities.chunk_seconds, self.arrangement)
+                                backend.capabilities.chunk_seconds, self.arrangement,
+                                chunk_bytes=backend.capabilities.chunk_bytes)
         self.max_in_flight = spec.max_in_flight or spec.policy.max_in_flight
         self.max_chunk = spec.policy.max_chunk or sys.maxsize  # max_tasks_per_worker
         self.sink: ProgressSink | None = make_sink(

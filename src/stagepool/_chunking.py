@@ -29,10 +29,11 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   chunks, with one hand-off to the pool thread for all of them, instead of a refill after every
   answer (each costs a GIL hand-off, which on a loaded 2-core machine is up to a millisecond);
 * big items travel alone: a chunk holds at most ``CHUNK_BYTES`` of payload (pickle plus shared
-  memory), or one item. The first chunk of a batch is a single item, so the payload per item is
-  known (from its encoding) before a second chunk is cut: a batch of 8 MiB arrays never starts with
-  a 64 MiB chunk that one worker must finish before the pipeline flows, and the in-flight window
-  (counted in chunks) holds a few arrays instead of dozens.
+  memory; a backend whose round trip costs more sets its own: ``Capabilities.chunk_bytes``), or
+  one item. The first chunk of a batch is a single item, so the payload per item is known (from
+  its encoding) before a second chunk is cut: a batch of 8 MiB arrays never starts with a 64 MiB
+  chunk that one worker must finish before the pipeline flows, and the in-flight window (counted
+  in chunks) holds a few arrays instead of dozens.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ class ChunkSizer:
     """Decides the size of the next chunk of one batch. Not thread-safe: one per batch."""
 
     def __init__(self, fixed: int | None, workers: int, total: int | None,
-                 target: float = TARGET_CHUNK_SECONDS) -> None:
+                 target: float = TARGET_CHUNK_SECONDS, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.fixed = fixed
         self.target = target
+        self.chunk_bytes = chunk_bytes  # the payload bound (Capabilities.chunk_bytes)
         self.min_seconds = MIN_CHUNK_SECONDS * target / TARGET_CHUNK_SECONDS
         self.plan_seconds = PLAN_SECONDS * target / TARGET_CHUNK_SECONDS
         self.workers = max(1, workers)
@@ -138,7 +140,7 @@ class ChunkSizer:
                 size = min(size, max(tail, int(self.min_seconds / max(per_item, 1e-9))))
         else:
             size = min(size, MAX_STREAM_CHUNK)
-        size = min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload))
+        size = min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload))
         return max(1, min(size, MAX_CHUNK))
 
     def _planned(self, submitted: int, remaining: int, per_item: float) -> int:
@@ -157,7 +159,7 @@ class ChunkSizer:
             if not self.blind or self.total is None or self.total <= submitted:
                 return 1
             remaining = self.total - submitted
-            if remaining * self._payload > CHUNK_BYTES * self._encoded_items:
+            if remaining * self._payload > self.chunk_bytes * self._encoded_items:
                 return 1  # too much to encode at once: learn the cost first
             self._plan = plan_ends(submitted, remaining, self.workers, BLIND_SHARES * self.workers)
             self._blind_plan = True
@@ -192,17 +194,17 @@ class ChunkSizer:
         size = min(int(self.target / per_item),
                    max(math.ceil(n / (TAIL_SHARES * self.workers)),
                        int(self.min_seconds / per_item)))
-        size = min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload))
+        size = min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload))
         return max(1, min(size, MAX_CHUNK, n))
 
     def planned_chunks(self, submitted: int) -> int:
         """How many chunks of the plan are still to go, when they may all go at once (their
-        payload is at most ``CHUNK_BYTES`` together); else 0."""
+        payload is at most ``chunk_bytes`` together); else 0."""
         plan = self._plan
         if plan is None or not self._encoded_items:
             return 0
         payload = (plan[-1] - submitted) * self._payload // self._encoded_items
-        return len(plan) - bisect_right(plan, submitted) if payload <= CHUNK_BYTES else 0
+        return len(plan) - bisect_right(plan, submitted) if payload <= self.chunk_bytes else 0
 
     def in_flight_limit(self, window: int, in_flight: int, submitted: int) -> int:
         """How many chunks may be in flight: one per worker while the items' cost is unknown

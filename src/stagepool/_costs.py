@@ -260,8 +260,8 @@ class CostSizer(ChunkSizer):
     cost left (so a long item travels alone and the batch does not end on a straggler)."""
 
     def __init__(self, fixed: int | None, workers: int, arrangement: Arrangement,
-                 target: float) -> None:
-        super().__init__(fixed, workers, arrangement.total, target)
+                 target: float, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(fixed, workers, arrangement.total, target, chunk_bytes=chunk_bytes)
         self.arrangement = arrangement
         self._cost_seen = 0.0
 
@@ -296,7 +296,7 @@ class CostSizer(ChunkSizer):
         if left is None and per_unit is None:
             size = 1  # nothing known: one item at a time, as ChunkSizer does
         size = min(size, MAX_STREAM_CHUNK if left is None else MAX_CHUNK)
-        return max(1, min(size, CHUNK_BYTES * self._encoded_items // max(1, self._payload)))
+        return max(1, min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload)))
 
 
 def arrange(hints: CostHints | None, items: Iterable[Any], total: int | None,
@@ -306,8 +306,8 @@ def arrange(hints: CostHints | None, items: Iterable[Any], total: int | None,
 
 
 def make_sizer(fixed: int | None, workers: int, total: int | None, target: float,
-               arrangement: Arrangement | None) -> ChunkSizer:
+               arrangement: Arrangement | None, *, chunk_bytes: int = CHUNK_BYTES) -> ChunkSizer:
     """A sizer by cost when there are costs, else by count."""
     if arrangement is None or arrangement.hints.cost is None:
-        return ChunkSizer(fixed, workers, total, target)
-    return CostSizer(fixed, workers, arrangement, target)
+        return ChunkSizer(fixed, workers, total, target, chunk_bytes=chunk_bytes)
+    return CostSizer(fixed, workers, arrangement, target, chunk_bytes=chunk_bytes)

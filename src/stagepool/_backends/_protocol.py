@@ -12,6 +12,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
+from .._chunking import CHUNK_BYTES
+
 __all__ = [
     "Backend",
     "BackendName",
@@ -56,6 +58,9 @@ class Capabilities:
     fast_round_trip: bool = True
     # Work per automatic chunk, seconds: enough to amortise the round trip of one chunk.
     chunk_seconds: float = 0.02
+    # Payload per automatic chunk, bytes (_chunking.CHUNK_BYTES, 4 MiB, sized for a local
+    # round trip of ~0.1 ms): a backend whose chunk costs more to send raises it.
+    chunk_bytes: int = CHUNK_BYTES
     # Honours Task.budget: a chunk may come back cut short, its unstarted rest the engine's.
     cuts_chunks: bool = False
 

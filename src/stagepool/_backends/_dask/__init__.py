@@ -80,10 +80,12 @@ Big numpy arrays: no shared memory between the client and its workers (they may 
 machines). A payload is the codec's pickle viewed as a ``uint8`` array, which dask sends as an
 out-of-band pickle-5 buffer (no copy into a message); arrays of ``_frames.FRAME_BYTES`` and more
 leave the pickle and travel beside it as frames of their own, uncopied, and the dask worker hands
-them to its lanes through shared memory on its host (``_frames``); answers come back the same
-way. Payloads over ``SCATTER_BYTES`` are scattered straight to the chosen worker, and answers
-fetched straight from it, rather than through the scheduler (unless the client was told not to
-reach its workers directly).
+them to its lanes through shared memory on its host (``_frames``); answers come back the same way.
+A host without room in /dev/shm for a chunk's frames answers ``NoRoom``, nothing run, and the
+client sends that chunk again as one pickle, charged nothing (``Flights._refused``). Payloads over
+``SCATTER_BYTES`` are scattered straight to the chosen worker, and answers fetched straight from
+it, rather than through the scheduler (unless the client was told not to reach its workers
+directly).
 
 The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
 dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,

@@ -47,10 +47,16 @@ __all__ = ["CAPABILITIES", "DaskBackend", "PickleCodec"]
 # 200 items, as much dask CPU as item CPU); 0.5 s sent 74-91 and ran the cpu workload at 1.01x
 # the local engine's speed in the same process (0.2 s: 0.62x; load 19-25, rough). The cost:
 # coarser balance, which the tail shares (see _chunking) keep to the last chunks.
+# chunk_bytes: the local bound (4 MiB) made each 4 MiB array its own dask task at ~18 ms each:
+# 64 x 4 MiB through ``a + 1`` ran at 0.49x client.map's speed. A chunk of 64 MiB moves in tens
+# of milliseconds, as its frames go uncopied (see benchmarks/dask_arrays.py for the figures). The
+# cost: a worker host's /dev/shm holds a running chunk's arrays and results (2 x 64 MiB), more
+# than a container's default of 64 MiB: such a chunk then goes through the pipe (_frames.NoRoom).
+CHUNK_BYTES = 64 << 20
 CAPABILITIES = Capabilities(exact_blame=True, survives_crash=True, hard_timeouts=True,
                             kills_running=True, shared_memory=False, memory_limits=True,
                             processes=True, serializes=True, fast_round_trip=False,
-                            chunk_seconds=0.5)
+                            chunk_seconds=0.5, chunk_bytes=CHUNK_BYTES)
 
 # How often the dispatcher asks the scheduler which workers there are while chunks are running or
 # queued: how long a dead worker's chunks wait before they run again. One small RPC each time.
@@ -77,6 +83,16 @@ class PickleCodec(SharedMemoryCodec):
             framed = _frames.encode(items, read_only=self.read_only_inputs)
             if framed is not None:
                 return Encoded(framed, framed.nbytes)
+        return self._one_pickle(items)
+
+    def in_band(self, payload: _frames.Frames) -> Any:
+        """``payload`` as one pickle, its arrays copied into it: for a dask worker without room
+        in /dev/shm for its frames (``_frames.NoRoom``). Its arrays unpickle as views of the
+        frames, which are the caller's arrays: nothing is copied but into the pickle. Raises
+        what pickling raises."""
+        return self._one_pickle(_frames.decode(payload, writable=False)).payload
+
+    def _one_pickle(self, items: list[Any]) -> Encoded:
         encoded = super().encode(items, None)
         return Encoded(np.frombuffer(encoded.payload, dtype=np.uint8), encoded.nbytes)
 
@@ -116,7 +132,8 @@ class DaskBackend:
         self._mem_per_task = options.mem_per_task
         self._roster = Roster(self._client, options.mem_per_task, vet=True)
         self._inbox: Inbox = queue.SimpleQueue()
-        self._flights = Flights(self._client, self._name, self._queue, self._inbox)
+        self._flights = Flights(self._client, self._name, self._queue, self._inbox,
+                               self._codec.in_band)
         self._closed = self._stopping = False
         self._closed_why = "this engine has been shut down; create a new Engine"
         self._polled = 0.0

@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from ..._config import format_size
 from .._fairshare import FairShare
 from .._protocol import Cancelled, Group, LaneDied, LaneState, Task, TaskResult, notify
 from . import _cluster
 from ._cluster import RPC_TIMEOUT
+from ._frames import Frames, NoRoom
 from ._roster import Member
+from ._versions import LOGGER
 
 __all__ = ["Call", "Done", "Flights", "Freed", "Inbox", "notify"]
 
@@ -100,8 +103,13 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
 class Flights:
     """The book of one engine's running chunks (see the module docstring)."""
 
-    def __init__(self, client: Any, name: str, fair: FairShare, inbox: Inbox) -> None:
+    def __init__(self, client: Any, name: str, fair: FairShare, inbox: Inbox,
+                 in_band: Callable[[Any], Any]) -> None:
         self._client, self._name, self._queue, self._inbox = client, name, fair, inbox
+        self._in_band_codec = in_band  # a chunk's frames as one pickle (see _refused)
+        # Per worker address: the smallest chunk of frames its /dev/shm refused (NoRoom). Chunks
+        # as big go to it in-band at once: each refusal cost a wasted transfer of the chunk.
+        self._no_room: dict[str, int] = {}
         self._keys = itertools.count()
         self._running: dict[str, _Running] = {}
 
@@ -119,8 +127,13 @@ class Flights:
 
     def send(self, worker: Member, task: Task) -> bool:
         """Submit one chunk pinned to ``worker``; False (the task queued again, at the front) if
-        dask refused it: the worker just left, or the client is closing."""
+        dask refused it: the worker just left, or the client is closing. Frames as big as some
+        that ``worker``'s /dev/shm refused go in-band (``_refused``)."""
         key = f"{self._name}-{next(self._keys)}"
+        refused = self._no_room.get(worker.address)
+        if refused is not None and isinstance(task.items, Frames) and task.items.nbytes >= refused \
+                and not self._in_band(task, f"dask worker {worker.address}"):
+            return True  # answered: it cannot be sent at all
         try:
             future, data = _cluster.submit_chunk(self._client, self._name, key, worker.address,
                                                  task, worker.capacity.resources)
@@ -153,11 +166,36 @@ class Flights:
             return
         del self._running[done.key]
         run.release()
-        if done.error is None:
+        if isinstance(done.result, NoRoom):
+            self._refused(run, done.result)
+        elif done.error is None:
             notify(run.task, done.result)
         else:
             ended = _cluster.chunks_ended(self._client, self._name, run.worker.address)
             self._answer_lost(run, ended.get(run.key))
+
+    def _refused(self, run: _Running, answer: NoRoom) -> None:
+        """The worker's /dev/shm could not take the chunk's frames; nothing ran. Send it again as
+        one pickle, charged nothing (to the front of the queue: its batch waits on it)."""
+        address = run.worker.address
+        if address not in self._no_room:
+            LOGGER.warning("%s: no room in /dev/shm for a chunk's arrays (%s): sending them "
+                           "through the pipe instead, slower; give its host more /dev/shm "
+                           "(docker run --shm-size=...)", answer.where, format_size(answer.nbytes))
+        self._no_room[address] = min(answer.nbytes, self._no_room.get(address, answer.nbytes))
+        if self._in_band(run.task, answer.where):
+            self.requeue(run.task)
+
+    def _in_band(self, task: Task, where: str) -> bool:
+        """Re-encode ``task``'s frames as one pickle (``PickleCodec.in_band``); False if that
+        raised (then the task is answered, as it can never be sent)."""
+        try:
+            task.items = self._in_band_codec(task.items)
+        except Exception as exc:  # pickling raised now what it did not raise the first time
+            notify(task, Cancelled(f"{where} had no room in /dev/shm for the chunk's arrays, "
+                                   f"and they could not be pickled: {exc}", cause=exc))
+            return False
+        return True
 
     def lose(self, member: Member) -> None:
         """A worker left the cluster; retired (gracefully) or not, as the scheduler tells."""

@@ -17,11 +17,14 @@ Before, each array was copied into the pickle at the client, through a pipe to t
 of the pickle there, and the same on the way back: six copies of every byte beside dask's own
 (4 x 100 MiB through ``a + 1`` took 1.3x ``client.map``'s time; see benchmarks/dask_arrays.py).
 
-The dask worker still never unpickles anything of the caller's: it only moves bytes. The price:
-its host needs room in /dev/shm for a chunk's arrays (a container's default of 64 MiB is too
-little for one of 100 MiB); without it the chunk's items fail as crashes saying so
-(``HostPlugin.run``), where the pipe would have carried them. A fallback through the pipe would
-need the lanes to read frames from it: not done yet.
+The dask worker still never unpickles anything of the caller's: it only moves bytes. Its host
+needs room in /dev/shm for a chunk's arrays (a container's default of 64 MiB is too little for
+one of 100 MiB). Without it (``to_blob`` returns None) the worker answers ``NoRoom`` at once,
+nothing run, and the client sends the chunk again as one pickle (``PickleCodec.in_band``: the
+path before frames, each array copied into it), charging no attempt, and from then on sends
+chunks as big to that worker in-band at once: slower, never wrong (``Flights._refused``; see
+benchmarks/dask_no_room.py). Results need no such answer: a lane that cannot write a result's
+segment pickles it in-band.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from ... import _shm, _transport
 from ..._shm import HEADER, MAGIC, Blob
 
-__all__ = ["FRAME_BYTES", "Frames", "decode", "encode", "from_blob", "to_blob"]
+__all__ = ["FRAME_BYTES", "Frames", "NoRoom", "decode", "encode", "from_blob", "to_blob"]
 
 # Arrays this big travel as frames: below it, a memcpy into the pickle costs less than a frame
 # (dask's per-frame header and, on the worker, a /dev/shm file: open, write, map, unlink).
@@ -58,6 +61,15 @@ class Frames:
 
     def __sizeof__(self) -> int:  # dask's memory accounting (its sizeof) asks this
         return self.nbytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NoRoom:
+    """A dask worker's answer to a chunk whose frames its host's /dev/shm could not take:
+    nothing ran, nothing is left behind; the client sends the chunk again in-band."""
+
+    where: str  # "dask worker <address>"
+    nbytes: int  # the frames' size
 
 
 class _FramePickler(_transport._Pickler):
@@ -140,11 +152,11 @@ def _segment_size(name: str) -> int:
         os.close(fd)
 
 
-def decode(payload: Frames) -> Any:
-    """On the client: unpickle ``payload``, each array a view of its frame (writable: a frame
-    dask received read-only is copied first)."""
+def decode(payload: Frames, *, writable: bool = True) -> Any:
+    """On the client: unpickle ``payload``, each array a view of its frame (``writable``: a
+    frame dask received read-only is copied first; else the views keep their frames' flags)."""
     file = io.BytesIO(memoryview(payload.pickle)[HEADER.size:])
-    unpickler = _FrameUnpickler(file, payload.frames)
+    unpickler = _FrameUnpickler(file, payload.frames, writable)
     try:
         return unpickler.load()
     finally:
@@ -152,9 +164,9 @@ def decode(payload: Frames) -> Any:
 
 
 class _FrameUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, frames: list[Any]) -> None:
+    def __init__(self, file: io.BytesIO, frames: list[Any], writable: bool) -> None:
         super().__init__(file)
-        self._frames = frames
+        self._frames, self._writable = frames, writable
 
     def find_class(self, module: str, name: str, /) -> Any:
         if name == "_attach" and module == _transport.__name__:
@@ -164,6 +176,6 @@ class _FrameUnpickler(pickle.Unpickler):
     def _attach(self, index: int, dtype: Any, shape: tuple[int, ...],
                 order: _transport._Order) -> Any:
         raw = np.asarray(self._frames[index])
-        if not raw.flags.writeable:
+        if self._writable and not raw.flags.writeable:
             raw = raw.copy()
         return np.ndarray(shape, dtype, buffer=raw, order=order)

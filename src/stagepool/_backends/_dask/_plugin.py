@@ -30,7 +30,7 @@ from .._protocol import (
     Task,
     TaskResult,
 )
-from ._frames import FRAME_BYTES, Frames, from_blob, to_blob
+from ._frames import FRAME_BYTES, Frames, NoRoom, from_blob, to_blob
 from ._memory import capacity
 from ._owner import watch_owner
 
@@ -133,9 +133,8 @@ class HostPlugin(WorkerPlugin):
         if backend is None:  # torn down: the engine is shutting down
             return SHUT_DOWN
         blob = to_blob(items) if isinstance(items, Frames) else memoryview(items)
-        if blob is None:
-            return LaneDied(os.getpid(), None, -1, "crash", "no room in /dev/shm on this dask "
-                            "worker's host for the chunk's arrays", where=self._where())
+        if blob is None:  # nothing ran: the client sends it again in-band (see _frames)
+            return self._ended(key, NoRoom(self._where(), items.nbytes))
         answers: queue.SimpleQueue[TaskResult] = queue.SimpleQueue()
         task = Task(Group(), fn_key, fn, blob, n_items, lambda _task, answer: answers.put(answer),
                     timeouts, per_item_clock=per_item_clock)
@@ -162,10 +161,15 @@ class HostPlugin(WorkerPlugin):
                 continue
             # Taken by a retirement's record (``teardown``) unless it had answered in full.
             if self.running.pop(key, None) is not None or not isinstance(answer, LaneDied | Cancelled):
-                with contextlib.suppress(Exception):  # unrecorded: the old window, see below
-                    sync(self.worker.loop, self._record_end, key, end_note(answer),
-                         callback_timeout=END_RECORD_TIMEOUT)
+                self._ended(key, answer)
             return answer
+
+    def _ended(self, key: str, answer: TaskResult) -> TaskResult:
+        """Record that chunk ``key`` ended with ``answer`` (``_record_end``); return ``answer``."""
+        with contextlib.suppress(Exception):  # unrecorded: the old window, see _record_end
+            sync(self.worker.loop, self._record_end, key, end_note(answer),
+                 callback_timeout=END_RECORD_TIMEOUT)
+        return answer
 
     async def _record_end(self, key: str, note: dict[str, Any]) -> None:
         """Tell the scheduler that chunk ``key`` ended here, before this thread is free to start
@@ -202,7 +206,10 @@ class HostPlugin(WorkerPlugin):
 def end_note(answer: TaskResult) -> dict[str, Any]:
     """How a chunk ended, for its end record (plain values: the scheduler keeps it): the lanes'
     ``LaneDied`` whole under "died", a ``Cancelled`` reason under "cancelled" (nothing ran);
-    nothing more for an answer, whose every item ran."""
+    nothing more for an answer, whose every item ran. ``NoRoom`` counts as cancelled: nothing ran,
+    so a chunk whose worker dies before the client has that answer runs again uncharged."""
+    if isinstance(answer, NoRoom):
+        return {"cancelled": "no room in /dev/shm"}
     if isinstance(answer, LaneDied):
         return {"died": dataclasses.asdict(answer)}
     if isinstance(answer, Cancelled):
