@@ -58,16 +58,24 @@ def measure(rounds: int, n: int) -> dict[str, list[float]]:
         names = list(pools)
         for name in names:  # warm-up: workers started, function cached
             assert pools[name](items) == [2 * x for x in items], name
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                began = time.perf_counter()
-                pools[name](items)
-                times[name].append(time.perf_counter() - began)
-        return times
+        return interleaved(pools, items, rounds)
     finally:
         for close in reversed(stack):
             close()
+
+
+def interleaved(pools: dict[str, Callable[[Any], object]], items: Any,
+                rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each pool on ``items``, ``rounds`` rounds in a rotating order, so that
+    every pool meets the same load."""
+    names = list(pools)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            began = time.perf_counter()
+            pools[name](items)
+            times[name].append(time.perf_counter() - began)
+    return times
 
 
 def _paired(times: dict[str, list[float]], a: str, b: str) -> float:

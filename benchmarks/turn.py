@@ -25,13 +25,13 @@ import json
 import multiprocessing
 import os
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import stagepool as sp
 
+from .tiny_ab import interleaved
 from .workloads import spin
 
 WORKERS = 2
@@ -67,13 +67,7 @@ def measure(rounds: int) -> tuple[dict[str, list[float]], list[list[int]]]:
         for name in names:
             assert pools[name](items) == items, name
         split.clear()
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                began = time.perf_counter()
-                pools[name](items)
-                times[name].append(time.perf_counter() - began)
-        return times, split
+        return interleaved(pools, items, rounds), split
     finally:
         for close in reversed(stack):
             close()
