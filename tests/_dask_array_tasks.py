@@ -36,3 +36,12 @@ def layouts(seed: int) -> dict[str, Any]:
     return {"fortran": np.asfortranarray(rng.random((700, 300))),
             "strided": rng.random((1000, 400))[::2, ::3], "structured": structured,
             "twice": (shared, shared), "small": np.arange(10)}
+
+
+def note_then_sleep_with_array(item: tuple[int, float, str, Any]) -> int:
+    """``_tasks.note_then_sleep`` on an item that also carries a big array (which travels as a
+    dask frame, scattered to the chunk's worker)."""
+    import _tasks
+
+    index, seconds, folder, _array = item
+    return _tasks.note_then_sleep((index, seconds, folder))
