@@ -297,15 +297,19 @@ class Flights:
         for run in runs:
             run.release()
         self._cancel(runs)
-        maybe = self._maybe_running(runs)
+        # A chunk that ended holds no slot: the one behind it may be running (its worker
+        # records an end before starting the next chunk, so the record says which).
         records: dict[str, dict[str, Any]] = {}
+        for address in {run.worker.address for run in runs}:
+            records.update(_cluster.chunks_ended(self._client, self._name, address))
+        ended = [run for run in runs if run.finished or run.key in records]
+        maybe = ended + self._maybe_running([run for run in runs if run not in ended])
         for address in {run.worker.address for run in maybe}:
             keys = {run.key for run in maybe if run.worker.address == address}
             records.update(_cluster.ended_within(self._client, self._name, address, keys,
                                                  _cluster.KILL_RECORD_WAIT))
         for run in runs:
-            record = records.get(run.key) if run in maybe else None
-            notify(run.task, _killed_answer(run, record, reason))
+            notify(run.task, _killed_answer(run, records.get(run.key), reason))
 
     @staticmethod
     def _maybe_running(runs: list[_Running]) -> list[_Running]:
