@@ -185,6 +185,9 @@ def test_kill_of_running_short_chunks_on_dask_counts_every_run(tmp_path: Path) -
         finally:
             eng.shutdown(kill=True)
         assert sorted(o.index for o in outcomes) == list(range(64))
+        # The item a lane was on when killed counts its run even if the kill landed before
+        # its first line (after the worker named it): one more, never one less.
         wrong = [(o.index, o.attempts, _runs(folder, o.index), str(o.error)) for o in outcomes
-                 if o.attempts != _runs(folder, o.index)]
+                 if not 0 <= o.attempts - _runs(folder, o.index)
+                 <= ("was running when" in str(o.error))]
         assert not wrong, wrong
