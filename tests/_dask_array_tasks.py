@@ -58,3 +58,12 @@ def segment_of(nbytes: int) -> tuple[str | None, list[str]]:
                                arena=None, segments=names)
     _shm.unlink_names(names)
     return name, names
+
+
+def note_then_sleep_with_array(item: tuple[int, float, str, Any]) -> int:
+    """``_tasks.note_then_sleep`` on an item that also carries a big array (which travels as a
+    dask frame, scattered to the chunk's worker)."""
+    import _tasks
+
+    index, seconds, folder, _array = item
+    return _tasks.note_then_sleep((index, seconds, folder))

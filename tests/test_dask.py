@@ -175,6 +175,30 @@ def test_a_dask_worker_sigkilled_mid_batch_fails_only_the_item_it_was_running(
     assert str(report[GUILTY].error).startswith("the dask worker tcp://127.0.0.1:")
 
 
+def test_a_dask_worker_sigkilled_on_a_chunk_of_big_arrays_fails_only_its_running_item(
+        cli_engine: sp.Engine, tmp_path: Path) -> None:
+    """The chunks' big arrays were scattered to the killed worker and died with it: dask then
+    cancels the chunks that depended on them ("already forgotten"), usually before the engine's
+    membership poll sees the worker gone. That is the worker's loss, not a client's cancel: the
+    running item is blamed, the others run elsewhere, and none is reported cancelled."""
+    import numpy as np
+
+    import _dask_array_tasks
+
+    big = np.ones((2 << 20) // 8)  # past the frame and scatter thresholds
+    work = [(i, 8.0 if i == GUILTY else 0.2, str(tmp_path), big) for i in range(N)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cli_engine.map, _dask_array_tasks.note_then_sleep_with_array, work,
+                              chunk_size=1)
+        started = tmp_path / str(GUILTY)
+        assert wait_until(started.exists, timeout=WAIT)
+        os.kill(int(started.read_text()), signal.SIGKILL)  # the dask worker running it
+        report = running.result(timeout=2 * WAIT)
+    assert [o.kind for o in report] == ["ok"] * GUILTY + ["crash"] + ["ok"] * (N - GUILTY - 1), \
+        [(o.index, o.kind, str(o.error)) for o in report if not o.ok]
+    assert report.values == [i for i in range(N) if i != GUILTY]
+
+
 def test_a_dying_in_process_worker_blames_only_its_running_item() -> None:
     """The in-process cluster fails a dead worker's tasks at once (KilledWorker, allowed-failures
     0), the chunk waiting in that worker's queue too: that one runs elsewhere, unblamed."""

@@ -165,3 +165,29 @@ def test_kill_in_a_bundle_of_calls_gives_true_answers(tmp_path: Path) -> None:
                     or "was running when the engine was shut down" in str(error)), (i, error)
         assert runs <= 1
     assert "was running when" in str(futures[5].exception(WAIT))
+
+
+def test_kill_of_running_short_chunks_on_dask_counts_every_run(tmp_path: Path) -> None:
+    """Items of 30 ms in chunks of 4 on two dask workers, killed while chunks run, end and
+    start: every item's ``attempts`` is its real runs. A chunk running behind one that had
+    ended (its answer still on the way) was taken for a queued one and answered "cancelled
+    before it ran", and items a lane started between the cancel and its death were too."""
+    pytest.importorskip("distributed")
+    for attempt in range(3):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        work = [(i, 0.03, str(folder)) for i in range(64)]
+        eng = sp.Engine(backend="dask", workers=2)
+        try:
+            killer = _kill_when_running_item(eng, folder, 9)
+            outcomes = list(eng.map(_tasks.note_runs_then_sleep, work, chunk_size=4))
+            killer.join(WAIT)
+        finally:
+            eng.shutdown(kill=True)
+        assert sorted(o.index for o in outcomes) == list(range(64))
+        # The item a lane was on when killed counts its run even if the kill landed before
+        # its first line (after the worker named it): one more, never one less.
+        wrong = [(o.index, o.attempts, _runs(folder, o.index), str(o.error)) for o in outcomes
+                 if not 0 <= o.attempts - _runs(folder, o.index)
+                 <= ("was running when" in str(o.error))]
+        assert not wrong, wrong

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from stagepool._backends import Group, Task
 from stagepool._backends._local._limits import (
     MIN_SAMPLE_INTERVAL,
+    POLL_INTERVAL,
     SAMPLES,
     Seen,
     deadline_of,
@@ -102,3 +103,18 @@ def test_a_chunk_whose_first_item_has_not_started_never_expires_on_a_stale_start
     for stale in (0.0, 40.0):  # a fresh slot; an item that started 60 s before now
         deadline = deadline_of(task, SlotState(task.id, -1, PHASE_RUN, stale), 100.0)
         assert deadline is not None and deadline > 100.0
+
+
+def test_a_slot_read_while_its_worker_moves_to_a_shorter_chunk_is_looked_at_again() -> None:
+    """The pool thread reads a slot field by field while the worker writes it. Read as the
+    worker went from a 500-item chunk to a 3-item one, the slot could name the new chunk in the
+    run phase with the old chunk's last offset, 499: ``timeouts[499]`` raised IndexError in the
+    pool thread, which closed the engine (seen on a dask worker's lanes, 100,000 items with
+    ``timeout=60``). An offset the chunk does not have is a chunk not started yet."""
+    for per_item_clock in (True, False):
+        task = Task(Group(), 1, None, b"", 3, lambda task, result: None, (60.0,) * 3,
+                    per_item_clock=per_item_clock)
+        torn = SlotState(task.id, 499, PHASE_RUN, 40.0)
+        assert deadline_of(task, torn, 100.0) == 100.0 + POLL_INTERVAL
+        deadline, seen = sampled_deadline(task, torn, 100.0, None)
+        assert deadline == 100.0 + POLL_INTERVAL and seen is None

@@ -359,7 +359,8 @@ def _handle(
 ) -> bytes:
     chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock, budget = header
     ints = record.ints
-    ints[F_CHUNK], ints[F_OFFSET], ints[F_PHASE] = chunk_id, -1, PHASE_DECODE
+    # The offset first: the parent reads the chunk, then the offset (SharedRecord.state).
+    ints[F_OFFSET], ints[F_CHUNK], ints[F_PHASE] = -1, chunk_id, PHASE_DECODE
     if init_error is not None:
         result = failed_chunk(n_items, "error", init_error, "the worker initializer failed")
     else:

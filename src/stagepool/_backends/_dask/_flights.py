@@ -36,6 +36,13 @@ __all__ = ["Call", "Done", "Flights", "Freed", "Inbox", "notify"]
 CANCELLED_BY_CLIENT = Cancelled("dask cancelled the chunk: its client lost the scheduler, or "
                                 "the chunk was cancelled through the client")
 
+# But a chunk whose scattered payload died with the worker holding it (the chunk's own worker:
+# it is scattered there) is cancelled too, with one of these reasons, usually before the
+# membership poll sees that worker gone: that is the worker's loss (``lose``), not a cancel.
+PAYLOAD_LOST_REASONS = frozenset({"already forgotten", "lost dependencies"})
+LEFT_MID_CHUNK = ("the dask worker left the cluster while running this chunk (killed, crashed "
+                  "or disconnected)")
+
 
 class Done(NamedTuple):
     """A dask future finished (from dask's callback thread, which also fetched its result)."""
@@ -92,12 +99,24 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
         elif future.status == "error":
             exc = future.exception(timeout=RPC_TIMEOUT)
             inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
+        elif future.status == "cancelled" and run.data is not None and \
+                _cancel_reason(future) in PAYLOAD_LOST_REASONS:
+            inbox.put(Done(key, None, LEFT_MID_CHUNK))
         elif future.status == "cancelled":  # not by us (ours leave the book first): no death
             inbox.put(Done(key, CANCELLED_BY_CLIENT, None))
         else:
             inbox.put(Done(key, None, f"dask reports the task {future.status}"))
     except BaseException as exc:  # lost with its worker, or the client is closing
         inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
+
+
+def _cancel_reason(future: Any) -> str | None:
+    """Why dask cancelled ``future`` (its ``FutureCancelledError.reason``)."""
+    try:
+        future.result(timeout=RPC_TIMEOUT)  # a cancelled future raises at once
+    except BaseException as exc:
+        return getattr(exc, "reason", None)
+    return None
 
 
 class Flights:
@@ -200,8 +219,7 @@ class Flights:
     def lose(self, member: Member) -> None:
         """A worker left the cluster; retired (gracefully) or not, as the scheduler tells."""
         if any(run.worker is member for run in self._running.values()):
-            self._end(member, "the dask worker left the cluster while running this chunk "
-                              "(killed, crashed or disconnected)",
+            self._end(member, LEFT_MID_CHUNK,
                       graceful=_cluster.left_gracefully(self._client, member.address))
 
     def _end(self, member: Member, why: str, *, graceful: bool) -> None:
@@ -317,15 +335,19 @@ class Flights:
         for run in runs:
             run.release()
         self._cancel(runs)
-        maybe = self._maybe_running(runs)
+        # A chunk that ended holds no slot: the one behind it may be running (its worker
+        # records an end before starting the next chunk, so the record says which).
         records: dict[str, dict[str, Any]] = {}
+        for address in {run.worker.address for run in runs}:
+            records.update(_cluster.chunks_ended(self._client, self._name, address))
+        ended = [run for run in runs if run.finished or run.key in records]
+        maybe = ended + self._maybe_running([run for run in runs if run not in ended])
         for address in {run.worker.address for run in maybe}:
             keys = {run.key for run in maybe if run.worker.address == address}
             records.update(_cluster.ended_within(self._client, self._name, address, keys,
                                                  _cluster.KILL_RECORD_WAIT))
         for run in runs:
-            record = records.get(run.key) if run in maybe else None
-            notify(run.task, _killed_answer(run, record, reason))
+            notify(run.task, _killed_answer(run, records.get(run.key), reason))
 
     @staticmethod
     def _maybe_running(runs: list[_Running]) -> list[_Running]:

@@ -237,7 +237,9 @@ class Crew:
         died = None
         if bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE:
             reason = lane.kill_reason or "crash"
-            if lane.kill_reason is not None and lane.kill_offset >= 0:
+            # A hung item keeps the blame though the worker may move on in the kill's grace;
+            # a cancelled chunk's worker may start more items meanwhile: they ran (attempts).
+            if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
                 offset = lane.kill_offset
             ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
             died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,

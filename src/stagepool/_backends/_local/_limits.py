@@ -71,13 +71,21 @@ def deadline_of(task: Task, state: SlotState, now: float) -> float | None:
     timeouts = task.timeouts
     if timeouts is None:
         return None
-    if state.chunk != task.id or state.phase != PHASE_RUN or state.offset < 0:
+    if not _started(task, state):
         # Not started yet: look again soon. Offset -1 in the run phase is the moment before
         # the first item, when the slot's start time is still a past item's (0.0 when fresh).
         return _look_again(task, now)
     # The item running now, or a later item that starts after this moment: whichever could
     # expire first. (Without the second term a short timeout behind a long one is missed.)
     return min(state.start + timeouts[state.offset], now + _later_min(task, state.offset))
+
+
+def _started(task: Task, state: SlotState) -> bool:
+    """Whether ``state`` shows the worker on one of ``task``'s items. An offset past the chunk's
+    end is a slot read while its worker moved on from a longer chunk (``SharedRecord.state``
+    reads the chunk first, the worker writes it after the offset: should the order not hold)."""
+    return state.chunk == task.id and state.phase == PHASE_RUN and \
+        0 <= state.offset < task.n_items
 
 
 def _look_again(task: Task, now: float) -> float:
@@ -105,7 +113,7 @@ def sampled_deadline(task: Task, state: SlotState, now: float,
     timeouts = task.timeouts
     if timeouts is None:
         return None, None
-    if state.chunk != task.id or state.phase != PHASE_RUN or state.offset < 0:
+    if not _started(task, state):
         return _look_again(task, now), None  # not started yet: look again soon
     if seen is None or seen.chunk != task.id or seen.offset != state.offset:
         seen = Seen(task.id, state.offset, now)

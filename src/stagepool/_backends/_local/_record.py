@@ -90,12 +90,14 @@ class SharedRecord:
 
     def state(self, slot: int) -> SlotState:
         base = slot * SLOT_STRIDE
+        # The chunk before the offset: the worker resets the offset before naming a new chunk
+        # (_worker._handle), so an offset read after the chunk is never the chunk before's.
+        chunk = int(self._ints[base + F_CHUNK])
         # The offset before the start time: the worker writes the start time first, so a start
         # read after the offset is never older than that offset's item (see run_chunk).
         offset = int(self._ints[base + F_OFFSET])
         start = float(self._floats[base + F_START])
-        return SlotState(int(self._ints[base + F_CHUNK]), offset, int(self._ints[base + F_PHASE]),
-                         start)
+        return SlotState(chunk, offset, int(self._ints[base + F_PHASE]), start)
 
     def close(self) -> None:
         self._ints.release()
