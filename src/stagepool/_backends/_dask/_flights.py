@@ -95,7 +95,7 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
         if future.status == "finished":
             run.finished = True
             inbox.put(Freed(key))
-            inbox.put(Done(key, _cluster.fetch(future, run.worker.address), None))
+            inbox.put(Done(key, _cluster.fetch(future), None))
         elif future.status == "error":
             exc = future.exception(timeout=RPC_TIMEOUT)
             inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
