@@ -85,7 +85,7 @@ A host without room in /dev/shm for a chunk's frames answers ``NoRoom``, nothing
 client sends that chunk again as one pickle, charged nothing (``Flights._refused``). Payloads over
 ``SCATTER_BYTES`` are scattered straight to the chosen worker rather than through the scheduler
 (unless the client was told not to reach its workers directly); answers come back through the
-scheduler (``_cluster.fetch`` says why).
+scheduler (``_flights.on_future_done`` says why).
 
 The package: ``_plugin`` is what runs inside a dask worker (the plugin and the task function, which
 dask workers unpickle by reference), ``_cluster`` the calls that reach the cluster (connect,

@@ -18,7 +18,7 @@ from ._memory import MEMORY
 from ._plugin import RETIRED, ended_topic, lane_pids, run_chunk
 
 __all__ = ["KILL_RECORD_WAIT", "RPC_TIMEOUT", "chunks_ended", "close_own_cluster", "connect",
-           "direct", "ended_within", "fetch", "left_gracefully",
+           "direct", "ended_within", "left_gracefully",
            "retired_chunks", "submit_chunk", "unregister", "wait_for_first_worker",
            "worker_lane_pids", "workers_info"]
 
@@ -238,25 +238,12 @@ def submit_chunk(client: Any, name: str, key: str, address: str, task: Task,
 
 
 def direct(client: Any) -> bool:
-    """Whether payloads and answers go straight between the client and the worker (one network
-    hop) rather than through the scheduler, which receives each one whole and forwards it (two
-    hops, and the scheduler's memory and CPU): yes unless the client was told otherwise
+    """Whether big payloads go straight from the client to the worker (one network hop) rather
+    than through the scheduler, which receives each one whole and forwards it (two hops, and the
+    scheduler's memory and CPU): yes unless the client was told otherwise
     (``Client(direct_to_workers=False)``, or the ``distributed.client.direct-to-workers``
     setting, for a client that cannot reach the workers, behind a gateway say)."""
     return client.direct_to_workers is not False
-
-
-def fetch(future: Any) -> Any:
-    """The finished ``future``'s result, through the scheduler; raises what dask raises (its
-    worker gone, say), or ``TimeoutError`` past RPC_TIMEOUT.
-
-    Not straight from the worker, although that is faster for big answers (4 x 100 MiB: 1.23x
-    client.map's speed, 0.71x this way): it runs in dask's one callback thread, and a direct
-    gather from a worker that died holding the result (``client._gather(direct=True)``, or a
-    scheduler fetch after a failed direct one) waits for dask to recompute the key, holding up
-    every other future's callback: tests of a result lost with its worker waited past 30 s in 2
-    of 3 runs. A direct fetch needs its own threads and no recompute-and-wait: not done yet."""
-    return future.result(timeout=RPC_TIMEOUT)
 
 
 def worker_lane_pids(client: Any, name: str) -> list[int]:

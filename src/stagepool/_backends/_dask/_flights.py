@@ -95,7 +95,11 @@ def on_future_done(inbox: Inbox, run: _Running, future: Any) -> None:
         if future.status == "finished":
             run.finished = True
             inbox.put(Freed(key))
-            inbox.put(Done(key, _cluster.fetch(future), None))
+            # Through the scheduler, not straight from the worker (1.23x client.map's speed on 4
+            # x 100 MiB against 0.71x): a direct gather from a worker that died holding the
+            # result waits for dask to recompute the key, in dask's one callback thread, holding
+            # up every other future's callback (lost-result tests waited past 30 s).
+            inbox.put(Done(key, future.result(timeout=RPC_TIMEOUT), None))
         elif future.status == "error":
             exc = future.exception(timeout=RPC_TIMEOUT)
             inbox.put(Done(key, None, f"{type(exc).__name__}: {exc}"))
