@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import _tasks
+import pytest
 import stagepool as sp
 from stagepool._answers import Answers, BatchPolicy, Lot
 from stagepool._backends._serial import InProcessCodec
@@ -82,3 +83,26 @@ def test_a_budgeted_tiny_loop_stops_within_an_item_of_its_budget() -> None:
         result = run_chunk(slow, items, per_item_clock=False, budget=0.02)
         assert 3000 < len(result.values) < 3000 + 25, (slow, len(result.values))  # of 3,050
         assert result.errors is None
+
+
+def test_a_small_first_item_goes_with_the_first_planned_chunk() -> None:
+    """The first item goes to the outbox alone, so that its encoding gives the payload per item;
+    when it is small it is taken back and goes with the blind plan's first chunk (alone, it
+    cost a round trip and its worker's planned chunk waited behind it). Items of one tiny-loop
+    chunk share a worker and a duration (the chunk's mean); items of two chunks do not."""
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(abs, range(-2000, 0))
+    assert report.values == list(range(2000, 0, -1))
+    assert all(o.attempts == 1 for o in report)
+    first, second = report[0], report[1]
+    assert (first.worker, first.duration) == (second.worker, second.duration)
+
+
+def test_a_first_item_in_shared_memory_still_goes_alone() -> None:
+    """A first item whose array went to shared memory is not encoded twice: it stays alone."""
+    np = pytest.importorskip("numpy")
+    arrays = [np.full(200_000, i, dtype=np.float64) for i in range(2)]  # 1.6 MB each, 2 in 4 MiB
+    with sp.Engine(workers=2, shm_threshold=1 << 20) as eng:
+        report = eng.map(len, arrays)
+    assert report.values == [200_000, 200_000]
+    assert report[0].duration != report[1].duration  # two chunks, each timed on its own

@@ -232,12 +232,33 @@ class Batch:
     def _take(self) -> None:
         size = min(self.sizer.next_size(self.next_index), self._room(), self.source.available(),
                    self.max_chunk)
-        chunk = self.source.read(size)
+        chunk = self._take_back_first(size)
+        chunk += self.source.read(size)
         if chunk:
             start, self.next_index = self.next_index, self.next_index + len(chunk)
             if self.ordered:
                 self.window.took(start)
             self._submit(Lot(start, chunk, 1, 0))
+
+    def _take_back_first(self, size: int) -> list[Any]:
+        """The batch's first item, which went to the outbox alone to learn the payload per
+        item, taken back to go with the first chunk of the blind plan just made (``size`` items
+        from position 1), when the sizer says it should (``first_joins_plan``); [] if it stays.
+
+        Alone, it cost a round trip, and its worker's planned chunk waited behind it (a worker
+        holds two tasks at most): 20,000 x (x * 2) paired with multiprocessing.Pool.map, 0.82x
+        alone, 0.89x joined."""
+        if self.next_index != 1 or len(self.outbox) != 1 or self.arrangement is not None:
+            return []
+        task = self.outbox[0]
+        if (task.first != 0 or task.n_items != 1 or size >= min(self.max_chunk, self._room())
+                or not self.sizer.first_joins_plan(len(task.items))):
+            return []
+        self.outbox.clear()
+        self.codec.release(task.items, None)
+        self.items_out -= 1
+        self.next_index = 0
+        return list(self.in_flight.pop(task.id).items)
 
     def _submit(self, lot: Lot) -> None:
         """Encode the lot (or what of it can go: see ``_encoding``) into tasks for the outbox."""

@@ -10,8 +10,8 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   hundred microseconds later, having sent at most a window of single items;
 * except for a report of known length whose whole payload is small, on a backend that cuts
   chunks (``blind``): after the first item (its encoding gives the payload per item) the rest
-  is planned at once, blind, as ``multiprocessing.Pool.map`` does (``plan_ends``), each chunk
-  with a time ``budget``: the worker stops a chunk that runs past it between two items and
+  is planned at once, blind, one chunk per worker (``plan_ends``; the first item goes with the
+  first chunk when it is small: ``first_joins_plan``), each chunk with a time ``budget``: the worker stops a chunk that runs past it between two items and
   answers with what it ran (a slow first item comes back alone). Tiny items thus skip the round
   trip that learns their cost (on a loaded 2-core machine, 1-2 ms of a 5 ms map); when a chunk
   is cut the plan is dropped (``observe_cut``) and the unstarted rest goes out again in chunks
@@ -63,10 +63,12 @@ PLAN_SECONDS = 0.1
 # sent the chunks after the first answers with per-item clocks on some runs and without on
 # others.
 TINY_ITEM_SECONDS = 1e-5
-# Chunks per worker of a blind plan (see the module docstring): fewer than a known plan's
-# TAIL_SHARES, since each is a round trip and a hand-off in this process while the workers wait,
-# and a chunk that turns out long is cut by its budget anyway, so the tail stays balanced.
-BLIND_SHARES = 2
+# Chunks per worker of a blind plan (see the module docstring): one. Each chunk more is a round
+# trip and two hand-offs between this process's threads while the workers wait, and on a loaded
+# 2-core machine a hand-off is up to a millisecond; a chunk that turns out long is cut by its
+# budget anyway, so the tail stays balanced. 20,000 x (x * 2), paired with multiprocessing.Pool.map
+# (300 rounds): 0.82x with two chunks per worker, 0.89x with one.
+BLIND_SHARES = 1
 # How far past its estimate a chunk sized from a learnt cost may run before it stops between two
 # items: loose, so a loaded machine's time slices rarely cut one (a cut costs a resend).
 BUDGET_SLACK = 4.0
@@ -75,6 +77,8 @@ BUDGET_SLACK = 4.0
 # consecutive items overlap in the parent and the workers.
 CHUNK_BYTES = 4 << 20
 MAX_CHUNK = 1 << 16
+# A first item encoded this small goes with the blind plan's first chunk (first_joins_plan).
+FIRST_JOINS_BYTES = 64 << 10
 # An input of unknown length is usually a stream: its chunks stay small enough that the items
 # held in flight (max_in_flight chunks of them) cost megabytes, not hundreds.
 MAX_STREAM_CHUNK = 4096
@@ -165,6 +169,15 @@ class ChunkSizer:
             self._blind_plan = True
         at = bisect_right(self._plan, submitted)
         return self._plan[at] - submitted if at < len(self._plan) else 1
+
+    def first_joins_plan(self, first_bytes: int) -> bool:
+        """Whether the batch's first item, sent alone to learn the payload per item, should go
+        with the first chunk of the blind plan just made instead (``Batch._take``): when its
+        encoding is ``first_bytes`` long and holds all of its payload (nothing went to shared
+        memory), re-encoding it costs less than the lone chunk: a round trip, and a worker that
+        waits behind it for its planned chunk."""
+        return (self._blind_plan and self._encoded_items == 1
+                and self._payload <= first_bytes <= FIRST_JOINS_BYTES)
 
     def budget(self, size: int, start: int = -1) -> float | None:
         """The time budget of the next chunk (``size`` items from position ``start``): the
