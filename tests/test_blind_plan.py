@@ -9,8 +9,9 @@ from array import array
 from collections import Counter
 from typing import Any
 
-import _tasks
 import pytest
+
+import _tasks
 import stagepool as sp
 from stagepool._answers import Answers, BatchPolicy, Lot
 from stagepool._backends._serial import InProcessCodec

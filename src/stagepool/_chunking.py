@@ -11,8 +11,9 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
 * except for a report of known length whose whole payload is small, on a backend that cuts
   chunks (``blind``): after the first item (its encoding gives the payload per item) the rest
   is planned at once, blind, one chunk per worker (``plan_ends``; the first item goes with the
-  first chunk when it is small: ``first_joins_plan``), each chunk with a time ``budget``: the worker stops a chunk that runs past it between two items and
-  answers with what it ran (a slow first item comes back alone). Tiny items thus skip the round
+  first chunk when it is small: ``first_joins_plan``), each chunk with a time ``budget``: the
+  worker stops a chunk that runs past it between two items and answers with what it ran (a
+  slow first item comes back alone). Tiny items thus skip the round
   trip that learns their cost (on a loaded 2-core machine, 1-2 ms of a 5 ms map); when a chunk
   is cut the plan is dropped (``observe_cut``) and the unstarted rest goes out again in chunks
   sized from what was learnt (``rest_size``);
