@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,3 +264,34 @@ def test_every_backend_that_stops_hung_items_says_where_and_how_long(engine: sp.
     assert "stuck in hang_loop (" in str(report[0].error)
     assert "hang_loop" in (report[0].traceback or "")
     assert report[0].duration >= 1.3
+
+
+def warn_then_fail(x: int) -> int:
+    if x == 0:
+        os.write(2, b"segment 0: corrupt frame, giving up\n")
+        raise ValueError("segment 0 is damaged")
+    time.sleep(0.5)
+    return x
+
+
+def test_a_failed_items_last_words_are_logged_with_it_while_the_parent_is_busy(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What an item wrote to stderr just before it raised is logged with that item even when
+    the parent reads the pipe late (here its main thread computes, holding the GIL in switch
+    intervals): the worker waits for the read before the next item. It was logged with the
+    next item, which then ran for half a second."""
+    caplog.set_level(logging.WARNING, logger="stagepool.worker")
+    reports: list[sp.BatchReport[int]] = []
+    with sp.Engine(workers=1) as eng:
+        eng.map(abs, [1])  # started and warm
+        thread = threading.Thread(
+            target=lambda: reports.append(eng.map(warn_then_fail, [0, 1], chunk_size=2)))
+        thread.start()
+        deadline = time.monotonic() + WAIT
+        while thread.is_alive() and time.monotonic() < deadline:
+            sum(range(10_000))  # C code holding the GIL: the pool thread waits its turn
+        thread.join(WAIT)
+    assert [o.kind for o in reports[0]] == ["error", "ok"]
+    lines = [r for r in caplog.records if "corrupt frame" in r.getMessage()]
+    assert [r.item for r in lines] == [0]  # type: ignore[attr-defined]
+

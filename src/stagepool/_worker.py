@@ -47,7 +47,7 @@ from ._worker_guards import (
     pipe_broken,
     watch_parent,
 )
-from ._worker_stderr import capture_stderr
+from ._worker_stderr import capture_stderr, let_parent_read
 
 __all__ = [
     "FN_CACHE_SIZE", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup",
@@ -199,6 +199,7 @@ def run_chunk(
                 errors = _add_error(errors, len(values), exc, readonly_inputs)  # its offset
                 values.append(None)
                 del exc
+                let_parent_read()  # what it wrote to stderr is logged with it, not the next
     finally:
         guard_items(None)
     if forked:
