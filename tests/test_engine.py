@@ -73,6 +73,10 @@ def test_exception_keeps_type_and_worker_traceback(engine: sp.Engine) -> None:
     assert cause is not None and type(cause).__name__ == "RemoteTraceback"
     assert "in fail_on" in str(cause) and "ValueError: bad item 1" in str(cause)
     assert report[1].traceback is not None and "in fail_on" in report[1].traceback
+    # It starts at the item's own code: the worker's loop frames say nothing about the item.
+    assert report[1].traceback.splitlines()[1].endswith(", in fail_on"), report[1].traceback
+    submitted = engine.submit(_tasks.fail_on, (1, True)).exception(timeout=60)
+    assert submitted is not None and "_worker.py" not in str(submitted.__cause__)
     with pytest.raises(ValueError, match="bad item 1"):
         report[1].unwrap()
     assert report[0].unwrap() == 0

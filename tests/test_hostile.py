@@ -62,6 +62,9 @@ def test_a_forked_child_runs_no_later_item_of_its_chunk(tmp_path: Path,
     with concurrent.futures.ProcessPoolExecutor(1, mp.get_context("spawn")) as pool:
         values = pool.submit(_tasks.run_chunk_guarded, items, per_item_clock).result(WAIT)
     assert values == list(range(50))
+    # The child writes its note on its own time (on a loaded machine, after the worker answered).
+    assert wait_until(lambda: path.exists() and path.read_text().endswith("\n"), timeout=10)
+    time.sleep(0.2)  # had it gone on, its next notes would follow at once
     assert path.read_text().split() == ["3"]  # the child ran item 3, then left
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from types import TracebackType
 from typing import NamedTuple
 
 from . import _transport
@@ -24,9 +25,15 @@ class ErrInfo(NamedTuple):
     traceback: str  # formatted in the worker
 
 
+# The module of the worker's item loops (run_chunk, apply_call, ...): its frames lead every
+# item's traceback, and say nothing about the item.
+_LOOPS = "stagepool._worker"
+
+
 def exc_info(kind: str, exc: BaseException) -> ErrInfo:
-    """Pack an exception so that the parent can rebuild it, or at least describe it."""
-    tb = "".join(traceback.format_exception(exc))
+    """Pack an exception so that the parent can rebuild it, or at least describe it. Its
+    formatted traceback starts at the item's own code (the worker's loop frames left out)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, _from_item(exc.__traceback__)))
     blob: bytes | None
     try:
         blob = _transport.dumps_plain(exc)
@@ -34,6 +41,15 @@ def exc_info(kind: str, exc: BaseException) -> ErrInfo:
     except BaseException:  # a RemoteError naming its classes instead: retry_on still matches
         blob = stand_in(exc, safe_str(exc), tb)
     return ErrInfo(kind, blob, _type_name(exc), safe_str(exc), tb)
+
+
+def _from_item(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the first frame that is not the worker's item loop (its last frame at least:
+    an error raised by the loop itself keeps where it was raised)."""
+    while tb is not None and tb.tb_next is not None and \
+            tb.tb_frame.f_globals.get("__name__") == _LOOPS:
+        tb = tb.tb_next
+    return tb
 
 
 def safe_str(exc: BaseException) -> str:
