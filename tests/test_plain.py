@@ -66,3 +66,16 @@ def test_a_function_of_a_module_registered_by_value_goes_the_usual_way() -> None
         assert PlainPickler().dumps([(local_function, (), {})]) is None
     finally:
         cloudpickle.unregister_pickle_by_value(me)
+
+
+def test_a_function_found_by_name_pickles_bare_as_cloudpickle_does() -> None:
+    """The function of every map and submit: the C pickler's bytes when cloudpickle would write
+    the same (by reference), None for what it pickles by value."""
+    from stagepool._worker import dumps
+
+    plain = PlainPickler()
+    assert plain.function(usual) == dumps(usual)
+    def closure() -> None:
+        pass
+    for by_value in (lambda x: x, closure, functools.partial(usual, 1), math.sqrt):
+        assert plain.function(by_value) is None

@@ -21,7 +21,7 @@ from .. import _transport
 from .._shm import HEADER, MAGIC
 from .._worker import dumps
 
-__all__ = ["PlainPickler"]
+__all__ = ["MAX_LENGTH", "PlainPickler"]
 
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)  # "no shared-memory segment": what the readers expect
 # Types the C pickler writes without ever asking a reducer (so cloudpickle writes them alike).
@@ -49,6 +49,16 @@ class PlainPickler:
         try:
             return _EMPTY_HEADER + pickle.dumps(obj, _transport.PICKLE_PROTOCOL)
         except Exception:  # e.g. a recursion limit: let the usual path say what is wrong
+            return None
+
+    def function(self, fn: Any) -> bytes | None:
+        """``fn`` pickled bare (no header: a worker's function cache reads it), when it is a
+        function found by name; else None. ~2 us against cloudpickle's ~10, paid per call."""
+        if type(fn) is not types.FunctionType or not self._plain(fn, 0):
+            return None
+        try:
+            return pickle.dumps(fn, _transport.PICKLE_PROTOCOL)
+        except Exception:
             return None
 
     def _plain(self, obj: Any, depth: int) -> bool:
