@@ -252,6 +252,7 @@ class Batch:
             return []
         task = self.outbox[0]
         if (task.first != 0 or task.n_items != 1 or size >= min(self.max_chunk, self._room())
+                or type(task.items) is not bytes  # a pool's pickle: a dask payload may be frames
                 or not self.sizer.first_joins_plan(len(task.items))):
             return []
         self.outbox.clear()
