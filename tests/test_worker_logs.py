@@ -267,7 +267,8 @@ def test_every_backend_that_stops_hung_items_says_where_and_how_long(engine: sp.
 
 
 def warn_then_fail(x: int) -> int:
-    if x == 0:
+    if x == 0:  # a decoder that worked a while on the segment, then gives up
+        time.sleep(0.005)
         os.write(2, b"segment 0: corrupt frame, giving up\n")
         raise ValueError("segment 0 is damaged")
     time.sleep(0.5)
@@ -279,7 +280,8 @@ def test_a_failed_items_last_words_are_logged_with_it_while_the_parent_is_busy(
     """What an item wrote to stderr just before it raised is logged with that item even when
     the parent reads the pipe late (here its main thread computes, holding the GIL in switch
     intervals): the worker waits for the read before the next item. It was logged with the
-    next item, which then ran for half a second."""
+    next item, which then ran for half a second. (An item that fails within a millisecond is
+    not waited for: see _worker_stderr.READ_AFTER.)"""
     caplog.set_level(logging.WARNING, logger="stagepool.worker")
     reports: list[sp.BatchReport[int]] = []
     with sp.Engine(workers=1) as eng:

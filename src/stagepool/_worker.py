@@ -199,7 +199,8 @@ def run_chunk(
                 errors = _add_error(errors, len(values), exc, readonly_inputs)  # its offset
                 values.append(None)
                 del exc
-                let_parent_read()  # what it wrote to stderr is logged with it, not the next
+                # What it wrote to stderr is logged with it, not with the next item.
+                let_parent_read(clock() - stamps[-1] if per_item_clock and stamps else 0.0)
     finally:
         guard_items(None)
     if forked:
