@@ -382,7 +382,7 @@ class Flow:
 
 def _drain(finished: queue.SimpleQueue[int]) -> list[int]:
     """The finished segments already queued (an end marker among them is dropped)."""
-    got = []
+    got: list[int] = []
     while True:
         try:
             index = finished.get_nowait()
