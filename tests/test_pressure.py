@@ -192,3 +192,15 @@ def test_a_mark_already_passed_at_the_start_trickles_and_says_why(
     starts = sorted((t, t + 0.005) for t, _, _ in report.values)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(starts))  # one at a time
     assert any("one chunk at a time" in r.getMessage() for r in caplog.records)
+
+
+def test_the_pause_log_shows_a_low_mark_below_one_percent(caplog: pytest.LogCaptureFixture) -> None:
+    """memory_high=0.01 resumes below 0.5%: the log said "resumes below 0%"."""
+    now = [0.0]
+    watch = MemoryWatch(Watermarks(0.01, 0.005), lambda: MemoryUse(4, 100, "machine"),
+                        clock=lambda: now[0], every=0.0)
+    gate = PressureGate(watch)
+    for t in (0.0, _pressure.LOG_AFTER + 1):
+        now[0] = t
+        gate.allows()
+    assert "resumes below 0.5%" in caplog.text

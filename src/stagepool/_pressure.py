@@ -185,7 +185,7 @@ class PressureGate:
         if paused and not self._logged and now - self._since >= LOG_AFTER:
             self._logged = True
             _log.warning("stagepool: dispatch paused for %.0f s: %s memory %.0f%% full (%d of %d "
-                         "bytes; resumes below %.0f%%); meanwhile the batch sends one chunk at a "
+                         "bytes; resumes below %.3g%%); meanwhile the batch sends one chunk at a "
                          "time whenever none of it runs. memory_high=None disables this",
                          now - self._since, use.where, 100 * use.fraction, use.used, use.limit,
                          100 * self.marks.low)
