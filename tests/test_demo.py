@@ -92,3 +92,22 @@ def test_the_pipeline_demo_measures_what_process_segment_does() -> None:
         assert value.index == expected.index and value.samples_out == expected.samples_out
         assert abs(value.loudness_dbfs - expected.loudness_dbfs) < 1e-9
         assert abs(value.speech_ratio - expected.speech_ratio) < 1e-9
+
+
+@pytest.mark.parametrize("argument", ["--seconds", "--segment-seconds"])
+def test_an_endless_duration_is_refused_by_name(argument: str) -> None:
+    """``--seconds inf`` ended in an OverflowError traceback from the segment count."""
+    bad = subprocess.run([sys.executable, "-m", "stagepool", "demo", argument, "inf"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "finite" in bad.stderr and "seconds" in bad.stderr
+
+
+def test_a_segment_longer_than_the_track_is_the_whole_track() -> None:
+    """``--segment-seconds 1e300 --seconds 4``: the warm-up synthesised a segment of 1e300 s
+    ("Maximum allowed size exceeded"); one 4-second segment is what the track holds."""
+    lines: list[str] = []
+    code = demo.run_demo(seconds=4.0, segment_seconds=1e300, workers=2, progress=False,
+                         sample=0, out=lines.append)
+    assert code == 0, lines
+    assert any("in 1 segments of 4 s" in line for line in lines), lines

@@ -9,6 +9,7 @@ import gc
 import io
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -446,6 +447,32 @@ def test_closing_the_stream_mid_pipeline_stops_the_run(engine: sp.Engine, tmp_pa
     assert ran <= 3 + 4 + 2  # the window, and what was running; an endless input cut off early
     assert engine.run(diamond(), [pt.seg(0)]).ok
     assert not _segments_left()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("call", ["run", "run_iter"])
+def test_shutdown_kill_from_another_thread_gives_every_segment_an_outcome(
+        tmp_path: Path, fused: bool, call: str) -> None:
+    """A shutdown(kill=True) while segment 2 hangs: the segments that ran, ran and those
+    waiting for room in the window were dropped from the report (12 in, 2 or 3 out)."""
+    eng = sp.Engine(workers=2)
+    p = sp.Pipeline().stage("a", pt.first)
+    p.stage("hang", _tasks.note_runs_then_sleep, after="a", fuse=fused)
+    work = [(i, 600.0 if i == 2 else 0.0, str(tmp_path)) for i in range(12)]
+    try:
+        killer = threading.Thread(target=lambda: (
+            wait_until(lambda: (tmp_path / "2").exists()), eng.shutdown(kill=True)), daemon=True)
+        killer.start()
+        outcomes = list(eng.run(p, work, window=4) if call == "run" else
+                        eng.run_iter(p, work, window=4))
+        killer.join(WAIT)
+    finally:
+        eng.shutdown(kill=True)
+    assert sorted(o.index for o in outcomes) == list(range(12))
+    for o in outcomes:  # what never ran says so; a segment that finished before the kill is ok
+        assert o.ok or o.kind == "cancelled", (o.index, o.kind, o.error)
+        assert o.ok or isinstance(o.error, sp.TaskCancelled), (o.index, o.error)
+    assert not outcomes[2].ok and not _segments_left()
 
 
 @pytest.mark.asyncio

@@ -3,6 +3,8 @@ memory_low; running items finish; the report counts the pauses."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 
 import stagepool as sp
 from _cost_tasks import Segment, hold_memory, stamp
+from conftest import WAIT
 from stagepool import _pressure
 from stagepool._cgroups import CgroupLimits, read_cgroup
 from stagepool._pressure import (
@@ -167,3 +170,37 @@ def _alloc_or_sleep(megabytes: int) -> int:
         return hold_memory(megabytes)
     time.sleep(0.02)
     return 0
+
+
+def test_a_mark_already_passed_at_the_start_trickles_and_says_why(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """memory_high below what the machine already uses (another program's memory: nothing this
+    batch runs can free it) paused the batch forever. After a pause of LOG_AFTER it is logged
+    with the reading, and the batch goes on one chunk at a time while none of it runs."""
+    monkeypatch.setattr(_pressure, "LOG_AFTER", 0.5)  # 10 s in production
+    high = memory_use(*read_memory()).fraction / 2
+    with sp.Engine(workers=2, memory_high=high) as engine:
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: box.update(
+            report=engine.map(stamp, [Segment(n, 5.0) for n in range(12)], chunk_size=1)),
+            daemon=True)
+        thread.start()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the batch waited for memory that never comes"
+    report = box["report"]
+    assert report.success_rate == 1.0 and report.stats.pauses == 1
+    starts = sorted((t, t + 0.005) for t, _, _ in report.values)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(starts))  # one at a time
+    assert any("one chunk at a time" in r.getMessage() for r in caplog.records)
+
+
+def test_the_pause_log_shows_a_low_mark_below_one_percent(caplog: pytest.LogCaptureFixture) -> None:
+    """memory_high=0.01 resumes below 0.5%: the log said "resumes below 0%"."""
+    now = [0.0]
+    watch = MemoryWatch(Watermarks(0.01, 0.005), lambda: MemoryUse(4, 100, "machine"),
+                        clock=lambda: now[0], every=0.0)
+    gate = PressureGate(watch)
+    for t in (0.0, _pressure.LOG_AFTER + 1):
+        now[0] = t
+        gate.allows()
+    assert "resumes below 0.5%" in caplog.text

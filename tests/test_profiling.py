@@ -293,6 +293,9 @@ def test_reading_a_profile_does_not_import_the_profiler(tmp_path: Path) -> None:
      "mem_limit"),
     (["_profile_tasks:spin", "--items", "_profile_tasks:spin_items", "--chunk-sizes", "0"],
      "chunk_sizes must be >= 1"),
+    # Checked before the profile spends its budget (it ran in full, then could not write).
+    (["_profile_tasks:spin", "--items", "_profile_tasks:spin_items", "--out", "/dev/null/prof"],
+     "--out /dev/null/prof: /dev/null is not a directory this process can write in"),
 ])
 def test_bad_targets_exit_2_with_a_clear_message(argv: list[str], message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

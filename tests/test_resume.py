@@ -156,6 +156,26 @@ def test_a_rerun_skips_what_the_checkpoint_finished(engine: sp.Engine, markers: 
     assert again[7].value.flags.writeable  # a restored array is the caller's own
 
 
+def test_a_damaged_side_file_runs_its_item_again(local_engine: sp.Engine, markers: str,
+                                                tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Side files deleted or cut short (a cleanup script, a full disk) raised FileNotFoundError
+    or numpy's ValueError from inside the journal: the whole checkpoint was unusable. Such an
+    item now runs again, with a warning naming the file; the rest is restored."""
+    checkpoint = tmp_path / "ckpt"
+    local_engine.map(marked, items(N, markers, 0.0), checkpoint=checkpoint, key=item_key)
+    gone, cut = sorted((checkpoint / "side").iterdir())  # items 0 and 7's arrays
+    gone.unlink()
+    with open(cut, "r+b") as f:
+        f.truncate(100)
+    again = local_engine.map(marked, items(N, markers, 0.0), checkpoint=checkpoint, key=item_key)
+    assert_clean_values(again, N)
+    assert runs(markers) == {**dict.fromkeys(range(N), 1), 0: 2, 5: 2, 7: 2}
+    assert again.stats.restored == N - 3
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert gone.name in warned and cut.name in warned and "runs again" in warned
+
+
 def test_errors_count_as_finished_when_asked(engine: sp.Engine, markers: str,
                                              tmp_path: Path) -> None:
     checkpoint = tmp_path / "ckpt"

@@ -238,6 +238,20 @@ def test_a_month_long_timeout_is_accepted(engine: sp.Engine) -> None:
 
 
 @pytest.mark.needs("hard_timeouts")
+def test_numpy_numbers_are_seconds_too(engine: sp.Engine) -> None:
+    """``timeout=lambda seg: seg.duration * 4`` with a float32 duration failed every item
+    ("must be seconds (a number) ... not np.float32(2.0)"), while ``cost=`` took the same
+    value: any real number is seconds."""
+    np = pytest.importorskip("numpy")
+    report = engine.map(_tasks.double, [1, 2, 3], timeout=lambda x: np.float32(WAIT))
+    assert report.values == [2, 4, 6]
+    with sp.Engine(workers=1, timeout=np.int64(30)) as eng:
+        assert eng.config.timeout == 30.0 and type(eng.config.timeout) is float
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+        engine.map(_tasks.double, [1], timeout=np.float64(-1))
+
+
+@pytest.mark.needs("hard_timeouts")
 def test_a_callable_timeout_returning_inf_fails_its_item_clearly(engine: sp.Engine) -> None:
     report = engine.map(_tasks.double, [1, 2, 3, 4], timeout=_tasks.inf_for_two, chunk_size=4)
     assert [o.kind for o in report] == ["ok", "error", "ok", "ok"]  # only the item whose limit is bad

@@ -197,7 +197,7 @@ class Batch:
     def _fill_outbox(self) -> None:
         again = self.out.again
         while len(self.in_flight) < self._window_size():
-            if self.gate is not None and not self.gate.allows():
+            if self.gate is not None and not self.gate.allows(idle=not self.in_flight):
                 return  # memory is nearly full: running items finish, nothing new starts
             if again and again[0].due <= time.monotonic():
                 lot = self.out.next_again(self._room())

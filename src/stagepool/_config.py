@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -143,7 +144,7 @@ def check_seconds(value: object, name: str, *, zero_ok: bool = False) -> float:
     a number out of range, each naming ``name``: a NaN deadline never comes and an infinite one
     never fires, so either would hang a batch instead of failing it.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's too
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
     try:
         seconds = float(value)
@@ -161,7 +162,7 @@ def check_timeout(value: object, name: str = "timeout") -> Timeout:
     one, or None (no limit)."""
     if value is None or callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's too
         raise TypeError(f"{name} must be seconds (a number), a callable of the item, or None; "
                         f"not {value!r}")
     if value == math.inf:
@@ -337,7 +338,7 @@ def item_timeouts(timeout: Timeout, items: list[Any],
             value = check_timeout(given, f"timeout(item {start + i})")
         except Exception as exc:
             return exc
-        out.append(float(value) if isinstance(value, int | float) else float("inf"))
+        out.append(float("inf") if value is None else float(value))  # type: ignore[arg-type]
     return tuple(out)
 
 

@@ -159,9 +159,10 @@ def soundtrack(
 
 def segment_count(seconds: float, segment_seconds: float) -> int:
     """Number of segments in a ``seconds``-long track (the last one may be partial)."""
-    if not seconds > 0 or not segment_seconds > 0:
+    if not 0 < seconds < math.inf or not 0 < segment_seconds < math.inf:
         raise ValueError(
-            f"seconds and segment_seconds must be > 0, got {seconds!r} and {segment_seconds!r}"
+            f"seconds and segment_seconds must be > 0 and finite, got {seconds!r} and "
+            f"{segment_seconds!r}"
         )
     # The tolerance keeps 600 / 2.0 at 300 segments despite float rounding.
     return max(1, math.ceil(seconds / segment_seconds - 1e-9))

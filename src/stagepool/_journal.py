@@ -250,12 +250,22 @@ class Journal:
     # ---- reading -----------------------------------------------------------------------------
 
     def finished(self, key: Hashable, kinds: frozenset[str]) -> tuple[Kind, Entry] | None:
-        """The item's journaled outcome if its kind counts as finished, else None."""
+        """The item's journaled outcome if its kind counts as finished, else None.
+
+        A record that cannot be read back (its side file deleted or cut short, a value whose
+        class is gone) is logged as a warning and counts as not finished: the item runs again,
+        the rest of the checkpoint still serves."""
         stored = self.done.get(key)
         if stored is None or stored.kind not in kinds:
             return None
-        buffers = [self._side(name) for name in stored.sides]
-        return stored.kind, Entry(*pickle.loads(stored.body, buffers=buffers))
+        try:
+            buffers = [self._side(name) for name in stored.sides]
+            return stored.kind, Entry(*pickle.loads(stored.body, buffers=buffers))
+        except Exception as exc:
+            _log.warning("stagepool: checkpoint %s: the record of item %r cannot be read back "
+                         "(side files %s): %s: %s; the item runs again", self.path, key,
+                         ", ".join(stored.sides) or "none", type(exc).__name__, exc)
+            return None
 
     def _side(self, name: str) -> bytearray:
         path = self.sides / name

@@ -8,6 +8,7 @@ nearly full, and starts again once it has drained, before the OOM killer picks a
       -> next_paused(): hysteresis between two marks (pure)
             running   --fraction >= high-->  paused     (running items finish; nothing new starts)
             paused    --fraction <  low --->  running
+            paused for LOG_AFTER, nothing of the batch in flight: one chunk at a time (logged)
       -> PressureGate.allows(): asked by the batch before each chunk it would send
 
 Like dask's worker thresholds (target 60%, spill 70%, pause 80%, terminate 95%), the defaults
@@ -161,12 +162,16 @@ class PressureGate:
         self._logged = False
         self.last: MemoryUse | None = None
 
-    def allows(self) -> bool:
-        """Whether the batch may send another chunk now."""
+    def allows(self, idle: bool = False) -> bool:
+        """Whether the batch may send another chunk now. ``idle``: none of the batch's chunks
+        is in flight. A batch paused for LOG_AFTER with none of its own work running waits on
+        memory it cannot free (another program's, or a mark below what the machine already
+        uses): it then sends one chunk at a time, so it moves on slowly instead of forever
+        never."""
         use, now = self.watch.reading()
         if use is not self.last:
             self._update(use, now)
-        return not self.paused
+        return not self.paused or (idle and now - self._since >= LOG_AFTER)
 
     def _update(self, use: MemoryUse, now: float) -> None:
         self.last = use
@@ -180,7 +185,8 @@ class PressureGate:
         if paused and not self._logged and now - self._since >= LOG_AFTER:
             self._logged = True
             _log.warning("stagepool: dispatch paused for %.0f s: %s memory %.0f%% full (%d of %d "
-                         "bytes; resumes below %.0f%%). memory_high=None disables this",
+                         "bytes; resumes below %.3g%%); meanwhile the batch sends one chunk at a "
+                         "time whenever none of it runs. memory_high=None disables this",
                          now - self._since, use.where, 100 * use.fraction, use.used, use.limit,
                          100 * self.marks.low)
 

@@ -162,6 +162,8 @@ def _profile(args: argparse.Namespace) -> int:
         name = args.items
         factory = resolve_target(args.items, what="items factory")
     backend, address = _where(args)
+    if args.out is not None:
+        _check_out(args.out)
     items = sample_from_factory(factory, args.sample, name=f"items factory {name!r}")
     cost = None if args.cost is None else resolve_target(args.cost, what="cost function")
     try:
@@ -188,6 +190,18 @@ def _profile(args: argparse.Namespace) -> int:
     else:
         print("wrote " + ", ".join(str(path) for path in profile.files))
     return 0
+
+
+def _check_out(out: str) -> None:
+    """``--out`` before the profile spends its budget: a place that cannot take the results
+    fails now (``ValueError``), not after the run. The directory itself is made at the end."""
+    import os
+    from pathlib import Path
+
+    path = Path(out).absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {there} is not a directory this process can write in")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,6 +141,7 @@ def run_demo(
     import stagepool as sp
 
     count = segment_count(seconds, segment_seconds)
+    segment_seconds = min(segment_seconds, seconds)  # a segment is at most the whole track
     if sample < 0:
         raise ValueError(f"sample must be >= 0 segments, got {sample!r}")
     corrupt = default_corrupt(count)

@@ -33,6 +33,7 @@ from .._answers import BatchPolicy
 from .._backends import Backend
 from .._batch import Batch, BatchSpec
 from .._costs import CostHints
+from .._errors import TaskCancelled
 from .._planning import plan_workers
 from .._progress import Progress
 from .._streams import outcome_lists
@@ -42,7 +43,7 @@ from ._declare import INPUT, Group, Pipeline, StageSpec, plan_groups
 from ._meter import StageMeter, make_meter
 from ._report import SegmentOutcome
 from ._runner import GroupRunner, StageCall
-from ._translate import Segment, absorb, finish, refuse
+from ._translate import Segment, absorb, cancel, finish, refuse
 
 __all__ = ["Flow", "FlowOptions"]
 
@@ -140,6 +141,10 @@ class Flow:
         self.threads: list[threading.Thread] = []
         self.meter: StageMeter | None = None  # made when the run starts
         self.unpicklable: dict[int, frozenset[str]] = {}  # group -> stages (suspects)
+        # Segments handed out, for a sized input only (an endless one keeps no such set): what
+        # the run never read once the engine shut down under it is cancelled (_cancel_left).
+        self.handed: set[int] | None = set() if self.total is not None else None
+        self.cut_short = False
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -208,10 +213,13 @@ class Flow:
         """A segment that never runs: its outcome now (the feeder's thread)."""
         seg.values.clear()
         refuse(seg, self.specs, error)
-        if self.meter is not None:
-            self.meter.stages_done(seg, self.order)
-            self.meter.segment_done(seg)
+        self._metered(seg, self.order)
         self.finished.put(seg.index)
+
+    def _metered(self, seg: Segment, names: Sequence[str]) -> None:
+        if self.meter is not None:
+            self.meter.stages_done(seg, names)
+            self.meter.segment_done(seg)
 
     def _wait_for_room(self) -> bool:
         with self.admit:
@@ -294,8 +302,12 @@ class Flow:
             if index == _END:
                 if self.failure is not None:
                     raise self.failure
+                if self._cancel_left():
+                    continue
                 return
             outcome = finish(self.segments.pop(index), self.order, self.leaves)
+            if self.handed is not None:
+                self.handed.add(index)
             if not self.options.ordered:
                 self._leave(1)
                 yield outcome
@@ -320,6 +332,33 @@ class Flow:
             self.in_flight -= n
             self.admit.notify()
 
+    def _cancel_left(self) -> bool:
+        """At the end: were segments left on their way? Then the engine was shut down under the
+        run (its batches end with what they had taken, and the feeder would wait for room
+        forever): stop the rest, and queue a ``"cancelled"`` outcome for each segment left and,
+        for a sized input, each one never read, then the end again."""
+        unread = self.total is not None and self.source_error is None and self.fed < self.total
+        if self.cut_short or not (self.segments or unread):
+            return False
+        self.cut_short = True
+        self.stop()
+        self._join()  # the feeder and the groups add nothing more
+        queued = _drain(self.finished)
+        left = [i for i in self.segments if i not in queued]
+        if unread and self.handed is not None:
+            seen = self.handed.union(self.segments)
+            left += [i for i in range(self.total or 0) if i not in seen]
+        for index in left:
+            seg = self.segments.setdefault(index, Segment(index, {}))
+            names = [spec.name for spec in self.specs if spec.name not in seg.stages]
+            cancel(seg, self.specs, TaskCancelled(
+                f"segment {index} was cancelled before it finished: the engine was shut down "
+                "during the run"))
+            self._metered(seg, names)
+        for index in [*queued, *left, _END]:
+            self.finished.put(index)
+        return True
+
     # ---- stopping ---------------------------------------------------------------------------------
 
     def stop(self, *, kill: bool | None = None) -> None:
@@ -339,6 +378,18 @@ class Flow:
             thread.join(timeout=5 * WAIT_SLICE)  # the feeder may be stuck in the caller's items
         if self.crumbs is not None:
             shutil.rmtree(self.crumbs, ignore_errors=True)
+
+
+def _drain(finished: queue.SimpleQueue[int]) -> list[int]:
+    """The finished segments already queued (an end marker among them is dropped)."""
+    got: list[int] = []
+    while True:
+        try:
+            index = finished.get_nowait()
+        except queue.Empty:
+            return got
+        if index != _END:
+            got.append(index)
 
 
 def _pickles(call: StageCall) -> bool:

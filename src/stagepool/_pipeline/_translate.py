@@ -28,7 +28,7 @@ from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
 from ._runner import Carry, GroupResult, StageRecord, dead_stages, read_crumb
 
-__all__ = ["Segment", "absorb", "finish", "refuse"]
+__all__ = ["Segment", "absorb", "cancel", "finish", "refuse"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -94,6 +94,15 @@ def refuse(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
         else:  # a stage with nothing blocked upstream reads only the segment
             _set(seg, StageOutcome(spec.name, "error", _noted(error, seg.index, spec.name)),
                  spec.name)
+
+
+def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
+    """The run ended before the segment was through (the engine was shut down under it): each
+    stage it had not reached is ``"cancelled"`` with ``error``, one that reads a failed stage
+    ``"skipped"``."""
+    left = [spec for spec in stages if spec.name not in seg.stages]
+    absorb(seg, left, Outcome(seg.index, False, None, error, "cancelled", None, 0.0, None, 0),
+           None)
 
 
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
