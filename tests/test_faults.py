@@ -19,6 +19,7 @@ import pytest
 import _tasks
 import stagepool as sp
 from conftest import WAIT, shm_entries, stagepool_workers, wait_until
+from stagepool._backends._local import _crew
 
 N = 12
 GUILTY = 5  # the item that misbehaves: its value is 0, every other item's value is its index + 1
@@ -131,6 +132,39 @@ def test_a_timeout_on_tiny_items_blames_the_hung_one() -> None:
         assert report[guilty].kind == "timeout"
         assert f"item {guilty} ran longer than its timeout of 1 s" in str(report[guilty].error)
         assert report.values == [2 * (i + 1) for i in range(n) if i != guilty]
+        assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
+
+
+def test_an_item_that_ends_after_its_timeout_verdict_blames_nothing_in_the_next_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's kill comes a moment after its item's timeout verdict (a thread sends it: on
+    a loaded machine milliseconds later, here 0.5 s so that the race is certain). Chunks of 3
+    on one worker (the first teach the cost, then the next chunk is prefetched): item 14
+    (the last of its chunk) overruns its 0.2 s limit but ends before the kill, its chunk
+    answers, and the worker starts the chunk it already held (items 15-16): the kill lands on
+    item 15. The verdict's offset (2) is not of
+    that chunk: it used to blame offset 2 of it, an IndexError out of map() here (in a longer
+    chunk, an innocent item's "timeout"; seen with tiny items under timeout=0.005). Now
+    nothing in that chunk is to blame: item 15 runs again, item 16 once."""
+    stop = _crew._stop
+
+    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
+        time.sleep(0.5)
+        stop(pid, grace, dump_stack)
+
+    monkeypatch.setattr(_crew, "_stop", late_stop)
+
+    def nap(index: int) -> int:
+        with open(tmp_path / str(index), "a") as log:
+            log.write(".")
+        time.sleep({14: 0.5, 15: 1.0}.get(index, 0.0))
+        return index
+
+    with sp.Engine(workers=1, chunk_size=3) as eng:
+        report = eng.map(nap, range(17), timeout=lambda i: 0.2 if i == 14 else WAIT)
+        assert [o.kind for o in report] == ["ok"] * 17, report.summary()
+        runs = [len((tmp_path / str(i)).read_text()) for i in range(17)]
+        assert [o.attempts for o in report] == runs == [1] * 15 + [2, 1]
         assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
 
 

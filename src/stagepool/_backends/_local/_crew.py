@@ -75,6 +75,21 @@ def _ran(phase: int, offset: int, task: Task) -> int:
     return task.n_items if phase == PHASE_ENCODE else 0  # encoding results / still decoding
 
 
+def _moved_on(lane: Lane, running: Task, phase: int, offset: int) -> LaneDied | None:
+    """The death of a worker killed for a chunk that answered before the kill landed (its
+    item overran its limit, then ended: the kill comes from a thread, milliseconds later on a
+    loaded machine), while it ran ``running``, the chunk it already held; None if the kill was
+    for ``running`` (or was no kill of ours). Nothing in ``running`` is to blame, and the
+    offset of the verdict is not of it: its items that ran or were running go again
+    ("lost"), the rest never started. Blaming that offset failed an innocent item, or raised
+    IndexError out of map() in a shorter chunk."""
+    if lane.kill_chunk in (-1, running.id):
+        return None
+    ran = _ran(phase, offset, running) + (phase == PHASE_RUN and offset >= 0)
+    return LaneDied(lane.pid, lane.process.exitcode, -1, "lost",
+                    f"was killed for its previous chunk ({lane.kill_reason})", ran=ran)
+
+
 class Crew:
     """The lanes serving (``lanes``) and leaving (``leaving``), and the record slots they use."""
 
@@ -193,6 +208,7 @@ class Crew:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
+        lane.kill_chunk = lane.tasks[0].id if lane.tasks else -1
         lane.kill_at = time.monotonic()
         self.spare.wanted = True
         if reason == "timeout":  # a hung item's stack says where it hung (TaskTimeout.stack)
@@ -236,16 +252,19 @@ class Crew:
             return Autopsy(tasks, in_init=True, died=None)
         died = None
         if bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE:
-            reason = lane.kill_reason or "crash"
-            # A hung item keeps the blame though the worker may move on in the kill's grace;
-            # a cancelled chunk's worker may start more items meanwhile: they ran (attempts).
-            if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
-                offset = lane.kill_offset
-            ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
-            died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, detail, ran=_ran(phase, offset, tasks[0]),
-                            duration=max(0.0, ended - start) if phase == PHASE_RUN else 0.0,
-                            stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
+            died = _moved_on(lane, tasks[0], phase, offset)
+            if died is None:
+                reason = lane.kill_reason or "crash"
+                # A hung item keeps the blame though the worker may move on in the kill's
+                # grace; a cancelled chunk's worker may start more items meanwhile: they ran.
+                if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
+                    offset = lane.kill_offset
+                ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
+                died = LaneDied(
+                    lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
+                    reason, detail, ran=_ran(phase, offset, tasks[0]),
+                    duration=max(0.0, ended - start) if phase == PHASE_RUN else 0.0,
+                    stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
             self.startup_failures = 0  # it took a task, so start-up works: that task killed it
         elif not lane.answered and lane.kill_reason is None:
             self.startup_failures += 1
