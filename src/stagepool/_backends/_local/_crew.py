@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import threading
@@ -22,7 +23,7 @@ from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSe
 from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, Group, LaneDied, Task
 from ._lanes import Lane, open_lane, start_lane
-from ._record import SharedRecord
+from ._record import SharedRecord, SlotState
 from ._spare import Spare
 from ._template import ForkedProcess, Template, TemplateGone
 from ._template import supported as template_supported
@@ -88,6 +89,25 @@ def _moved_on(lane: Lane, running: Task, phase: int, offset: int) -> LaneDied | 
     ran = _ran(phase, offset, running) + (phase == PHASE_RUN and offset >= 0)
     return LaneDied(lane.pid, lane.process.exitcode, -1, "lost",
                     f"was killed for its previous chunk ({lane.kill_reason})", ran=ran)
+
+
+def _blamed(lane: Lane, running: Task, state: SlotState, detail: str) -> LaneDied:
+    """The death of a worker on an item of ``running``: the item ``state`` names, or the one
+    we killed it for. That one keeps the blame though the worker may move on before the kill
+    lands (a thread sends it): the items it ran meanwhile ran (``ran`` past the blamed one;
+    they said one attempt where they ran twice), and the blamed item's duration is unknown.
+    A cancelled chunk's worker may start more items meanwhile: they ran too."""
+    reason = lane.kill_reason or "crash"
+    offset, ran, start = state.offset, _ran(state.phase, state.offset, running), state.start
+    running_now = state.phase == PHASE_RUN
+    if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
+        if running_now and offset > lane.kill_offset:
+            ran, start = offset + 1, math.inf  # the item it was on ran too
+        offset = lane.kill_offset
+    ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
+    return LaneDied(lane.pid, lane.process.exitcode, offset if running_now else -1, reason,
+                    detail, ran=ran, duration=max(0.0, ended - start) if running_now else 0.0,
+                    stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
 
 
 class Crew:
@@ -245,26 +265,15 @@ class Crew:
         self.lanes.remove(lane)
         self.spare.wanted = True  # workers die here: the next replacement should be ready
         detail = lane.last_words()  # while it still holds its tasks: its last lines name the item
-        chunk, offset, phase, start = self._record.state(lane.slot)
+        state = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
-        if phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
+        if state.phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
             return Autopsy(tasks, in_init=True, died=None)
         died = None
-        if bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE:
-            died = _moved_on(lane, tasks[0], phase, offset)
-            if died is None:
-                reason = lane.kill_reason or "crash"
-                # A hung item keeps the blame though the worker may move on in the kill's
-                # grace; a cancelled chunk's worker may start more items meanwhile: they ran.
-                if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
-                    offset = lane.kill_offset
-                ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
-                died = LaneDied(
-                    lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                    reason, detail, ran=_ran(phase, offset, tasks[0]),
-                    duration=max(0.0, ended - start) if phase == PHASE_RUN else 0.0,
-                    stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
+        if bool(tasks) and tasks[0].id == state.chunk and state.phase != PHASE_IDLE:
+            died = _moved_on(lane, tasks[0], state.phase, state.offset) or _blamed(
+                lane, tasks[0], state, detail)
             self.startup_failures = 0  # it took a task, so start-up works: that task killed it
         elif not lane.answered and lane.kill_reason is None:
             self.startup_failures += 1
