@@ -19,6 +19,7 @@ import pytest
 import _tasks
 import stagepool as sp
 from conftest import WAIT, shm_entries, stagepool_workers, wait_until
+from stagepool._backends._local import _crew
 
 N = 12
 GUILTY = 5  # the item that misbehaves: its value is 0, every other item's value is its index + 1
@@ -132,6 +133,67 @@ def test_a_timeout_on_tiny_items_blames_the_hung_one() -> None:
         assert f"item {guilty} ran longer than its timeout of 1 s" in str(report[guilty].error)
         assert report.values == [2 * (i + 1) for i in range(n) if i != guilty]
         assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
+
+
+def test_an_item_that_ends_after_its_timeout_verdict_blames_nothing_in_the_next_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's kill comes a moment after its item's timeout verdict (a thread sends it: on
+    a loaded machine milliseconds later, here 0.5 s so that the race is certain). Chunks of 2
+    on one worker (the first teach the cost; the next chunk is then prefetched while item 12
+    runs): item 13 (the last of its chunk) overruns its 0.2 s limit but ends before the kill,
+    its chunk answers, and the worker starts the chunk it already held (item 14): the kill
+    lands there. The verdict's offset (1) is not of that chunk: it used to blame offset 1 of
+    it, an IndexError out of map() here (in a longer chunk, an innocent item's "timeout";
+    seen with tiny items under timeout=0.005). Now nothing in that chunk is to blame: item
+    14 runs again, and its attempts say so."""
+    stop = _crew._stop
+
+    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
+        time.sleep(0.5)
+        stop(pid, grace, dump_stack)
+
+    monkeypatch.setattr(_crew, "_stop", late_stop)
+
+    def nap(index: int) -> int:
+        if index >= 12:  # the first ones stay tiny: their chunks' cost says "prefetch"
+            with open(tmp_path / str(index), "a") as log:
+                log.write(".")
+            time.sleep({12: 0.3, 13: 0.5, 14: 1.0}[index])
+        return index
+
+    with sp.Engine(workers=1, chunk_size=2) as eng:
+        report = eng.map(nap, range(15), timeout=lambda i: 0.2 if i == 13 else WAIT)
+        assert [o.kind for o in report] == ["ok"] * 15, report.summary()
+        runs = [len((tmp_path / str(i)).read_text()) for i in range(12, 15)]
+        assert [o.attempts for o in report] == [1] * 12 + runs == [1] * 14 + [2]
+        assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
+
+
+def test_items_run_after_a_timeout_verdict_count_in_attempts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same late kill inside one chunk: item 1 overruns its 0.2 s limit and ends before
+    the kill, the worker runs item 2 and starts item 3, then dies. Item 1 keeps the blame
+    (it overran); items 2 and 3 ran, so their runs count: their attempts said 1 where they
+    ran twice (with tiny items, thousands can run in that gap)."""
+    stop = _crew._stop
+
+    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
+        time.sleep(0.5)
+        stop(pid, grace, dump_stack)
+
+    monkeypatch.setattr(_crew, "_stop", late_stop)
+
+    def nap(index: int) -> int:
+        with open(tmp_path / str(index), "a") as log:
+            log.write(".")
+        time.sleep({1: 0.5, 3: 1.0}.get(index, 0.0))
+        return index
+
+    with sp.Engine(workers=1, chunk_size=4) as eng:
+        report = eng.map(nap, range(4), timeout=lambda i: 0.2 if i == 1 else WAIT)
+        assert [o.kind for o in report] == ["ok", "timeout", "ok", "ok"], report.summary()
+        runs = [len((tmp_path / str(i)).read_text()) for i in range(4)]
+        assert [o.attempts for o in report] == runs == [2, 1, 2, 2]
 
 
 def test_timeout_kills_the_tasks_children(fault_engine: sp.Engine, tmp_path: Path,

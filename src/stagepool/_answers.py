@@ -191,9 +191,13 @@ class Answers:
         ran = died.offset >= 0 or died.ran != 0
         self.failure_or_retry(Lot(index, [items[offset]], tries, runs + ran), kind, error,
                               died.stack or None, died.duration, died.pid)
-        # The innocent: what ran before (results lost with the worker) and what had not started.
-        if offset + 1 < len(items):
-            self.again.appendleft(Resend(0.0, Lot(index + 1, items[offset + 1:], tries, runs)))
+        # The innocent: what ran before (results lost with the worker), what it ran after the
+        # guilty one before our kill landed (``ran`` past it), and what had not started.
+        after = min(len(items), max(offset + 1, died.ran or 0))
+        if after < len(items):
+            self.again.appendleft(Resend(0.0, Lot(start + after, items[after:], tries, runs)))
+        if after > offset + 1:
+            self._innocent(Lot(index + 1, items[offset + 1:after], tries, runs + 1), died, index)
         if offset > 0:
             self._innocent(Lot(start, items[:offset], tries, runs + 1), died, index)
 

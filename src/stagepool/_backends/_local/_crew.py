@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import threading
@@ -22,7 +23,7 @@ from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSe
 from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, Group, LaneDied, Task
 from ._lanes import Lane, open_lane, start_lane
-from ._record import SharedRecord
+from ._record import SharedRecord, SlotState
 from ._spare import Spare
 from ._template import ForkedProcess, Template, TemplateGone
 from ._template import supported as template_supported
@@ -73,6 +74,40 @@ def _ran(phase: int, offset: int, task: Task) -> int:
     if phase == PHASE_RUN:
         return max(0, offset)
     return task.n_items if phase == PHASE_ENCODE else 0  # encoding results / still decoding
+
+
+def _moved_on(lane: Lane, running: Task, phase: int, offset: int) -> LaneDied | None:
+    """The death of a worker killed for a chunk that answered before the kill landed (its
+    item overran its limit, then ended: the kill comes from a thread, milliseconds later on a
+    loaded machine), while it ran ``running``, the chunk it already held; None if the kill was
+    for ``running`` (or was no kill of ours). Nothing in ``running`` is to blame, and the
+    offset of the verdict is not of it: its items that ran or were running go again
+    ("lost"), the rest never started. Blaming that offset failed an innocent item, or raised
+    IndexError out of map() in a shorter chunk."""
+    if lane.kill_chunk in (-1, running.id):
+        return None
+    ran = _ran(phase, offset, running) + (phase == PHASE_RUN and offset >= 0)
+    return LaneDied(lane.pid, lane.process.exitcode, -1, "lost",
+                    f"was killed for its previous chunk ({lane.kill_reason})", ran=ran)
+
+
+def _blamed(lane: Lane, running: Task, state: SlotState, detail: str) -> LaneDied:
+    """The death of a worker on an item of ``running``: the item ``state`` names, or the one
+    we killed it for. That one keeps the blame though the worker may move on before the kill
+    lands (a thread sends it): the items it ran meanwhile ran (``ran`` past the blamed one;
+    they said one attempt where they ran twice), and the blamed item's duration is unknown.
+    A cancelled chunk's worker may start more items meanwhile: they ran too."""
+    reason = lane.kill_reason or "crash"
+    offset, ran, start = state.offset, _ran(state.phase, state.offset, running), state.start
+    running_now = state.phase == PHASE_RUN
+    if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
+        if running_now and offset > lane.kill_offset:
+            ran, start = offset + 1, math.inf  # the item it was on ran too
+        offset = lane.kill_offset
+    ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
+    return LaneDied(lane.pid, lane.process.exitcode, offset if running_now else -1, reason,
+                    detail, ran=ran, duration=max(0.0, ended - start) if running_now else 0.0,
+                    stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
 
 
 class Crew:
@@ -193,6 +228,7 @@ class Crew:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
+        lane.kill_chunk = lane.tasks[0].id if lane.tasks else -1
         lane.kill_at = time.monotonic()
         self.spare.wanted = True
         if reason == "timeout":  # a hung item's stack says where it hung (TaskTimeout.stack)
@@ -229,23 +265,15 @@ class Crew:
         self.lanes.remove(lane)
         self.spare.wanted = True  # workers die here: the next replacement should be ready
         detail = lane.last_words()  # while it still holds its tasks: its last lines name the item
-        chunk, offset, phase, start = self._record.state(lane.slot)
+        state = self._record.state(lane.slot)
         tasks = list(lane.tasks)
         lane.tasks.clear()
-        if phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
+        if state.phase == PHASE_INIT and lane.kill_reason in (None, "init_timeout"):
             return Autopsy(tasks, in_init=True, died=None)
         died = None
-        if bool(tasks) and tasks[0].id == chunk and phase != PHASE_IDLE:
-            reason = lane.kill_reason or "crash"
-            # A hung item keeps the blame though the worker may move on in the kill's grace;
-            # a cancelled chunk's worker may start more items meanwhile: they ran (attempts).
-            if lane.kill_reason not in (None, "cancelled") and lane.kill_offset >= 0:
-                offset = lane.kill_offset
-            ended = lane.kill_at if lane.kill_at is not None else time.monotonic()
-            died = LaneDied(lane.pid, lane.process.exitcode, offset if phase == PHASE_RUN else -1,
-                            reason, detail, ran=_ran(phase, offset, tasks[0]),
-                            duration=max(0.0, ended - start) if phase == PHASE_RUN else 0.0,
-                            stack=last_dump(lane.hung_stack() if reason == "timeout" else detail))
+        if bool(tasks) and tasks[0].id == state.chunk and state.phase != PHASE_IDLE:
+            died = _moved_on(lane, tasks[0], state.phase, state.offset) or _blamed(
+                lane, tasks[0], state, detail)
             self.startup_failures = 0  # it took a task, so start-up works: that task killed it
         elif not lane.answered and lane.kill_reason is None:
             self.startup_failures += 1

@@ -48,6 +48,7 @@ class Lane:
     retiring: bool = False
     kill_reason: DeathReason | None = None
     kill_offset: int = -1
+    kill_chunk: int = -1  # the chunk (task id) it was killed for: the one it ran then
     kill_at: float | None = None  # time.monotonic() when the pool decided to kill it
     stack_mark: int = -1  # err.total when a hung item's stack was asked for (-1: never)
     replaced: bool = False  # its replacement was started when it was told to die
