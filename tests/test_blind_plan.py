@@ -107,3 +107,14 @@ def test_a_first_item_in_shared_memory_still_goes_alone() -> None:
         report = eng.map(len, arrays)
     assert report.values == [200_000, 200_000]
     assert report[0].duration != report[1].duration  # two chunks, each timed on its own
+
+
+def test_a_batch_that_must_not_rerun_innocents_is_not_planned_blind() -> None:
+    """A crash loses the results of its whole chunk, and under rerun_innocent=False they are
+    reported lost rather than run again: one blind chunk per worker lost half such a batch to
+    one crash. Its chunks are sized from what its first answers say instead (single items
+    until then)."""
+    with sp.Engine(workers=2, rerun_innocent=False) as eng:
+        report = eng.map(abs, range(-2000, 0))
+    assert report.ok and report.values == list(range(2000, 0, -1))
+    assert report.stats.chunks > 2, report.stats  # planned blind: 2 (one per worker)
