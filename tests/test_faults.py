@@ -135,8 +135,22 @@ def test_a_timeout_on_tiny_items_blames_the_hung_one() -> None:
         assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
 
 
+@pytest.fixture
+def late_kill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kill lands 0.5 s after its verdict (a thread sends it: on a loaded machine,
+    milliseconds later), so that an overrunning item may end before it."""
+    stop = _crew._stop
+
+    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
+        time.sleep(0.5)
+        stop(pid, grace, dump_stack)
+
+    monkeypatch.setattr(_crew, "_stop", late_stop)
+
+
+@pytest.mark.usefixtures("late_kill")
 def test_an_item_that_ends_after_its_timeout_verdict_blames_nothing_in_the_next_chunk(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A worker's kill comes a moment after its item's timeout verdict (a thread sends it: on
     a loaded machine milliseconds later, here 0.5 s so that the race is certain). Chunks of 2
     on one worker (the first teach the cost; the next chunk is then prefetched while item 12
@@ -146,14 +160,6 @@ def test_an_item_that_ends_after_its_timeout_verdict_blames_nothing_in_the_next_
     it, an IndexError out of map() here (in a longer chunk, an innocent item's "timeout";
     seen with tiny items under timeout=0.005). Now nothing in that chunk is to blame: item
     14 runs again, and its attempts say so."""
-    stop = _crew._stop
-
-    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
-        time.sleep(0.5)
-        stop(pid, grace, dump_stack)
-
-    monkeypatch.setattr(_crew, "_stop", late_stop)
-
     def nap(index: int) -> int:
         if index >= 12:  # the first ones stay tiny: their chunks' cost says "prefetch"
             with open(tmp_path / str(index), "a") as log:
@@ -169,20 +175,12 @@ def test_an_item_that_ends_after_its_timeout_verdict_blames_nothing_in_the_next_
         assert eng.map(_tasks.double, [1, 2]).values == [2, 4]
 
 
-def test_items_run_after_a_timeout_verdict_count_in_attempts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("late_kill")
+def test_items_run_after_a_timeout_verdict_count_in_attempts(tmp_path: Path) -> None:
     """The same late kill inside one chunk: item 1 overruns its 0.2 s limit and ends before
     the kill, the worker runs item 2 and starts item 3, then dies. Item 1 keeps the blame
     (it overran); items 2 and 3 ran, so their runs count: their attempts said 1 where they
     ran twice (with tiny items, thousands can run in that gap)."""
-    stop = _crew._stop
-
-    def late_stop(pid: int, grace: float, dump_stack: bool) -> None:
-        time.sleep(0.5)
-        stop(pid, grace, dump_stack)
-
-    monkeypatch.setattr(_crew, "_stop", late_stop)
-
     def nap(index: int) -> int:
         with open(tmp_path / str(index), "a") as log:
             log.write(".")
