@@ -165,6 +165,10 @@ def test_bad_cost_options_are_refused_at_the_door(serial_engine: sp.Engine, kwar
 def test_lookahead_is_validated(serial_engine: sp.Engine) -> None:
     with pytest.raises(ValueError, match="lookahead"):
         serial_engine.imap(stamp, mix(), cost=seconds, lookahead=0)
+    # Without cost= nothing is reordered: refused by name, as unit= without cost= or size= is.
+    for needs_cost in ({}, {"size": seconds}):
+        with pytest.raises(ValueError, match="lookahead=8 needs cost="):
+            serial_engine.imap(stamp, mix(), lookahead=8, **needs_cost)
 
 
 # ---- chunks cut by cost --------------------------------------------------------------------------

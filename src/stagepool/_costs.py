@@ -74,6 +74,9 @@ def cost_hints(*, cost: object, size: object, unit: object, lookahead: object,
         raise ValueError(f"unit={unit!r} needs cost= or size= (a callable giving each item's "
                          "amount in that unit)")
     look = check_positive_int(lookahead, "lookahead", allow_none=True)
+    if look is not None and cost is None:  # silently ignored, it looked like it worked
+        raise ValueError(f"lookahead={look} needs cost= (how many items are reordered by their "
+                         "cost; without cost= nothing is reordered)")
     if cost is None and size is None:
         return None
     if unit is None and size is not None:
