@@ -9,7 +9,7 @@ caller's thread or, for async callers, a pooled helper thread; never in the even
       -> backend.submit_many(Tasks): local worker processes (_backends/_local/: lanes + a shared
             record naming the running item), in-process (_backends/_serial.py), or a dask cluster
             (_backends/_dask/: a chunk is one dask task, run by lanes hosted on its worker)
-      -> _worker.run_chunk in the worker: each item timed, value or exception captured
+      -> _worker_loop.run_chunk in the worker: each item timed, value or exception captured
       -> the backend reports facts: an answer | "worker died while on item k" (k may be unknown:
             the driver then halves the chunk until the guilty item is alone) | cancelled
       -> Answers (_answers.py): final pieces, retries (_failures.py: the failure vocabulary)

@@ -25,9 +25,9 @@ class ErrInfo(NamedTuple):
     traceback: str  # formatted in the worker
 
 
-# The module of the worker's item loops (run_chunk, apply_call, ...): its frames lead every
+# The modules of the worker's item loops (run_chunk, apply_call, ...): their frames lead every
 # item's traceback, and say nothing about the item.
-_LOOPS = "stagepool._worker"
+_LOOPS = frozenset({"stagepool._worker", "stagepool._worker_loop"})
 
 
 def exc_info(kind: str, exc: BaseException) -> ErrInfo:
@@ -47,7 +47,7 @@ def _from_item(tb: TracebackType | None) -> TracebackType | None:
     """``tb`` from the first frame that is not the worker's item loop (its last frame at least:
     an error raised by the loop itself keeps where it was raised)."""
     while tb is not None and tb.tb_next is not None and \
-            tb.tb_frame.f_globals.get("__name__") == _LOOPS:
+            tb.tb_frame.f_globals.get("__name__") in _LOOPS:
         tb = tb.tb_next
     return tb
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import _shared
 from .._errors import EngineClosed
-from .._worker import (
+from .._worker import failed_chunk
+from .._worker_loop import (
     F_CHUNK,
     F_OFFSET,
     F_PHASE,
@@ -29,7 +30,6 @@ from .._worker import (
     PHASE_IDLE,
     ChunkResult,
     Scratch,
-    failed_chunk,
     run_chunk,
 )
 from ._protocol import BackendOptions, Cancelled, Capabilities, Encoded, Group, LaneState, Task

@@ -11,7 +11,7 @@ takes a noticeable fraction of a second and registers ~185 exception reducers in
                           |                                      |
                           |              dask worker: _run_chunk -> this engine's _HostPlugin
                           |                 -> a hosted LocalBackend (one lane per slot)
-                          |                 -> lane process: _worker.run_chunk, the shared record
+                          |                 -> lane process: _worker_loop.run_chunk, the shared record
                           |  <--answer bytes | LaneDied (exact item, address) | Cancelled------/
                           |  <--the dask worker died: LaneDied(offset -1, or "lost" if the
                           |     chunk had ended); it retired: "lost" (the items it had

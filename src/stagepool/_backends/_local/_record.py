@@ -1,6 +1,6 @@
 """The parent's side of the shared record: one slot per worker saying which item it is on.
 
-A worker writes its slot (``_worker.run_chunk``: chunk id, item offset, start time, phase) with
+A worker writes its slot (``_worker_loop.run_chunk``: chunk id, item offset, start time, phase) with
 single stores into a memory file; the pool thread reads it when the worker dies (exact blame),
 and to compute deadlines for per-item timeouts. The layout (``SLOT_STRIDE``, ``F_*``,
 ``PHASE_*``) is defined once, in ``_worker``, for both sides.
@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import NamedTuple
 
-from ..._worker import (
+from ..._worker_loop import (
     F_CHUNK,
     F_OFFSET,
     F_PHASE,
