@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -493,3 +494,14 @@ def note_runs_then_sleep(item: tuple[int, float, str]) -> int:
 def cwd_of(_: Any) -> str:
     """The worker's working directory as Linux names it (``<path> (deleted)`` once removed)."""
     return os.readlink("/proc/self/cwd")
+
+
+def shm_bytes_of(prefix: str, _item: Any) -> int:
+    """Bytes held now by the /dev/shm files whose names start with ``prefix`` (an engine's
+    segments: ``stagepool-<its pid>-``), seen from the worker running ``_item``."""
+    total = 0
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):  # freed meanwhile
+                total += os.stat(os.path.join("/dev/shm", name)).st_size
+    return total

@@ -1,8 +1,9 @@
-"""The blind plan's two costs (issue 15): the order in which a cut chunk's rest goes out, and a
-block of the budgeted tiny loop that turns slow."""
+"""The blind plan's costs (issue 15): the order in which a cut chunk's rest goes out, a block of
+the budgeted tiny loop that turns slow, and a payload misjudged from the first items."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from array import array
@@ -15,6 +16,7 @@ import _tasks
 import stagepool as sp
 from stagepool._answers import Answers, BatchPolicy, Lot
 from stagepool._backends._serial import InProcessCodec
+from stagepool._batch import ItemSource
 from stagepool._chunking import ChunkSizer
 from stagepool._worker import ChunkResult, run_chunk
 
@@ -118,3 +120,53 @@ def test_a_batch_that_must_not_rerun_innocents_is_not_planned_blind() -> None:
         report = eng.map(abs, range(-2000, 0))
     assert report.ok and report.values == list(range(2000, 0, -1))
     assert report.stats.chunks > 2, report.stats  # planned blind: 2 (one per worker)
+
+
+@pytest.mark.parametrize("head", [[0], [0] * 50], ids=["one-small-first", "fifty-small-first"])
+def test_a_misjudged_payload_never_floods_shared_memory(head: list[Any]) -> None:
+    """Chunks are sized from the payload per item seen so far (the blind plan: from the first
+    item alone). Small items then 40 arrays of 4 MiB made chunks of 20 arrays, all in /dev/shm
+    at once (480 MiB for 60 arrays of 8 MiB, where the in-flight window holds 40). A chunk
+    that would pass four times the chunk bound is taken back unsent, and the payload is learnt
+    again item by item: the workers never see more than the window's worth."""
+    np = pytest.importorskip("numpy")
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    arrays = [np.full(1 << 19, i, dtype=np.float64) for i in range(40)]  # 4 MiB each
+    seen = functools.partial(_tasks.shm_bytes_of, f"stagepool-{os.getpid()}-")
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(seen, head + arrays)
+    assert report.ok and len(report) == len(head) + 40
+    assert all(o.attempts == 1 for o in report)
+    assert max(report.values) <= 48 << 20, max(report.values) >> 20  # before: 80-160 MiB
+
+
+def test_items_given_back_are_read_again_first() -> None:
+    """The batch's source gives back a chunk taken back unsent (an over-budget payload) and
+    reads it again, before the rest, from a list as from an iterator."""
+    for items in (list(range(10)), iter(range(10))):
+        source = ItemSource(iter(items) if isinstance(items, list) else items,
+                            items if isinstance(items, list) else None)
+        first = source.read(4)
+        source.unread(first)
+        assert source.available() == 1 << 30 and not source.exhausted
+        assert source.read(2) == [0, 1]
+        assert source.read(5) == [2, 3, 4, 5, 6]
+        rest = source.read(10)
+        assert rest == [7, 8, 9] and source.exhausted
+        source.unread(rest[1:])
+        assert not source.exhausted and source.skip_rest() == 2
+
+
+def test_an_overrun_forgets_the_payload_and_any_blind_plan() -> None:
+    sizer = ChunkSizer(None, workers=2, total=1000)
+    sizer.blind = True
+    sizer.observe_payload(1, 30)
+    size = sizer.next_size(1)
+    assert size > 1 and sizer.payload_budget(size) is not None
+    sizer.observe_overrun()
+    assert sizer.next_size(1) == 1  # the payload per item is learnt again
+    sizer.observe_payload(1, 30)
+    assert sizer.next_size(2) == 1  # no blind plan from one item's payload again
+    assert sizer.payload_budget(1) is None
+    assert ChunkSizer(64, workers=2, total=1000).payload_budget(64) is None  # the user's size

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stagepool import _shm
+from stagepool import _shm, _transport
 from stagepool._shm import (
     SHM_DIR,
     SegmentMissing,
@@ -43,7 +43,7 @@ from stagepool._shm import (
     sweep,
     sweep_stale,
 )
-from stagepool._transport import dumps, loads
+from stagepool._transport import OverBudget, dumps, dumps_sized, loads
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not available(),
                                 reason="needs a writable /dev/shm")
@@ -553,3 +553,30 @@ def test_items_sent_while_another_thread_imports_numpy_are_not_unpicklable() -> 
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1, 2] []", done.stdout
+
+
+def test_a_payload_over_its_budget_is_refused_before_its_next_array_is_written() -> None:
+    """``budget``: the arrays that fit are written, the one that would pass it is not, and
+    the segments already made are unlinked (the autouse fixture checks none is left)."""
+    arrays = [np.full(1000, i, dtype=np.float64) for i in range(5)]  # 8,000 bytes each
+    made: list[str] = []
+    real_create = _transport.create_segment
+
+    def counting(*args: Any, **kwargs: Any) -> str | None:
+        name = real_create(*args, **kwargs)
+        made.append(str(name))
+        return name
+
+    _transport.create_segment = counting  # type: ignore[assignment]
+    try:
+        with pytest.raises(OverBudget):
+            dumps_sized(arrays, threshold=T, owner=OWNER, creator="p", budget=20_000)
+    finally:
+        _transport.create_segment = real_create  # type: ignore[assignment]
+    assert len(made) == 2  # the third would pass 20,000 bytes: never written
+    blob, nbytes = dumps_sized(arrays, threshold=T, owner=OWNER, creator="p", budget=41_000)
+    assert nbytes > 40_000
+    assert_same(loads(blob, unlink=True), arrays)
+    with pytest.raises(OverBudget):  # bytes are pickled whole, then refused
+        dumps_sized([bytes([i]) * 5000 for i in range(5)], threshold=T, owner=OWNER, creator="p",
+                    budget=20_000)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from ._answers import Answers, BatchPolicy, Lot, Piece
-from ._backends import Backend, Group, Task, TaskResult
+from ._backends import Backend, Group, OverBudget, Task, TaskResult
 from ._config import Timeout
 from ._costs import CostHints, arrange, make_sizer
 from ._encoding import LotEncoder
@@ -83,22 +83,48 @@ class ItemSource:
         self.it = it
         self._seq, self._at = seq, 0
         self._available: Callable[[], int] | None = getattr(it, "available", None)
+        self._back: list[Any] = []  # items read and given back (unread): read first
+        self._it_ended = False  # the iterator ran out (or raised)
         self.exhausted = False
         self.error: BaseException | None = None  # the caller's iterable raised this
 
     def skip_rest(self) -> int:
         """Read the rest without keeping it; how many items that was."""
+        back, self._back = len(self._back), []
         if self._seq is not None:
             rest, self._at = max(0, len(self._seq) - self._at), len(self._seq)
-            return rest
-        return sum(1 for _ in self.it)
+            return back + rest
+        return back + sum(1 for _ in self.it)
 
     def available(self) -> int:
-        return (1 << 30) if self._available is None else int(self._available())
+        if self._available is None:
+            return 1 << 30
+        return len(self._back) + int(self._available())
+
+    def unread(self, items: list[Any]) -> None:
+        """Give back ``items``, the last ones read: the next reads return them first."""
+        self._back[:0] = items
+        self.exhausted = False
 
     def read(self, size: int) -> list[Any]:
         """Up to ``size`` items; fewer at the end (or when the iterable raised: those it gave
         before are kept, since ``list.extend`` keeps them, and the rest of the batch finishes)."""
+        if self._back:
+            chunk = self._back[:size]
+            del self._back[:size]
+            if len(chunk) < size and not self._ended():
+                chunk += self._read(size - len(chunk))
+            self.exhausted = not self._back and self._ended()
+            return chunk
+        return self._read(size)
+
+    def _ended(self) -> bool:
+        """Whether the underlying items are all read (the given-back ones aside)."""
+        if self._seq is not None:
+            return self._at >= len(self._seq)
+        return self._it_ended
+
+    def _read(self, size: int) -> list[Any]:
         if self._seq is not None:
             chunk = self._seq[self._at : self._at + size]
             self._at += len(chunk)
@@ -110,7 +136,7 @@ class ItemSource:
         except Exception as exc:  # not KeyboardInterrupt: the caller's Ctrl-C stops the batch
             self.error = exc
         if len(chunk) < size:
-            self.exhausted = True
+            self.exhausted = self._it_ended = True
         return chunk
 
 
@@ -234,11 +260,18 @@ class Batch:
                    self.max_chunk)
         chunk = self._take_back_first(size)
         chunk += self.source.read(size)
-        if chunk:
-            start, self.next_index = self.next_index, self.next_index + len(chunk)
-            if self.ordered:
-                self.window.took(start)
-            self._submit(Lot(start, chunk, 1, 0))
+        if not chunk:
+            return
+        start, self.next_index = self.next_index, self.next_index + len(chunk)
+        try:
+            self._submit(Lot(start, chunk, 1, 0), self.sizer.payload_budget(len(chunk)))
+        except OverBudget:  # the payload per item was misjudged: learn it again, item by item
+            self.next_index = start
+            self.source.unread(chunk)
+            self.sizer.observe_overrun()
+            return
+        if self.ordered:
+            self.window.took(start)
 
     def _take_back_first(self, size: int) -> list[Any]:
         """The batch's first item, which went to the outbox alone to learn the payload per
@@ -261,10 +294,12 @@ class Batch:
         self.next_index = 0
         return list(self.in_flight.pop(task.id).items)
 
-    def _submit(self, lot: Lot) -> None:
-        """Encode the lot (or what of it can go: see ``_encoding``) into tasks for the outbox."""
+    def _submit(self, lot: Lot, budget: int | None = None) -> None:
+        """Encode the lot (or what of it can go: see ``_encoding``) into tasks for the outbox.
+        ``budget``: ``OverBudget`` propagates, nothing sent, when the whole lot's payload would
+        pass it."""
         encoder = self.encoder
-        for part, encoded, timeouts in encoder.ready(lot):
+        for part, encoded, timeouts in encoder.ready(lot, budget):
             items = part.items
             self.sizer.observe_payload(len(items), encoded.nbytes)
             task = Task(self.group, encoder.fn_key, encoder.fn_form, encoded.payload, len(items),

@@ -34,7 +34,12 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   one item. The first chunk of a batch is a single item, so the payload per item is known (from
   its encoding) before a second chunk is cut: a batch of 8 MiB arrays never starts with a 64 MiB
   chunk that one worker must finish before the pipeline flows, and the in-flight window (counted
-  in chunks) holds a few arrays instead of dozens.
+  in chunks) holds a few arrays instead of dozens;
+* that bound is an estimate from the items seen so far, which the next ones may belie (a blind
+  plan judges from the first item alone: ``[0]`` then a hundred 8 MiB arrays put 800 MiB into
+  ``/dev/shm`` at once). So a chunk of fresh items is encoded within ``OVERRUN_BUDGET`` times
+  the bound (``payload_budget``); one that would pass it is taken back unsent, and the payload
+  per item is learnt again from the next single item (``observe_overrun``).
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ BUDGET_SLACK = 4.0
 # round trip a bigger chunk would save, and a smaller chunk lets encoding, work and decoding of
 # consecutive items overlap in the parent and the workers.
 CHUNK_BYTES = 4 << 20
+# How far past CHUNK_BYTES a chunk's real payload may go before it is taken back (see the module
+# docstring): loose, so that items of uneven size (segments of 1-3 MiB) are not re-encoded.
+OVERRUN_BUDGET = 4
 MAX_CHUNK = 1 << 16
 # A first item encoded this small goes with the blind plan's first chunk (first_joins_plan).
 FIRST_JOINS_BYTES = 64 << 10
@@ -193,6 +201,20 @@ class ChunkSizer:
         if expected is None:
             return self.target if self._blind_plan else None
         return max(self.target, BUDGET_SLACK * expected)
+
+    def payload_budget(self, size: int) -> int | None:
+        """The most bytes a chunk of ``size`` fresh items may encode to (None: no bound: a
+        single item, or a ``chunk_size`` the user fixed)."""
+        if self.fixed is not None or size <= 1:
+            return None
+        return OVERRUN_BUDGET * self.chunk_bytes
+
+    def observe_overrun(self) -> None:
+        """A chunk would have passed ``payload_budget``: the payload per item was misjudged.
+        It is learnt again from the next single item; a plan made from it is dropped, and no
+        blind plan is made again (one item's payload says too little of this batch's)."""
+        self._encoded_items = self._payload = 0
+        self._plan, self._blind_plan, self.blind = None, False, False
 
     def observe_cut(self) -> None:
         """A chunk came back cut short by its budget: its items are not tiny after all. The

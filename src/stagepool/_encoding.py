@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from ._answers import Lot
-from ._backends import Codec, Encoded
+from ._backends import Codec, Encoded, OverBudget
 from ._config import Timeout, item_timeouts
 from ._errors import SerializationError
 from ._outcome import Kind
@@ -54,9 +54,11 @@ class LotEncoder:
         except Exception as exc:
             self.fn_key, self.fn_form, self.fn_error = 0, None, exc
 
-    def ready(self, lot: Lot) -> Iterator[Ready]:
+    def ready(self, lot: Lot, budget: int | None = None) -> Iterator[Ready]:
         """The parts of ``lot`` that can go (all of it, or its items one by one when some cannot);
-        each item that cannot is reported to ``final`` instead."""
+        each item that cannot is reported to ``final`` instead. ``budget``: the codec's
+        ``OverBudget`` propagates when the whole lot's payload would pass it (nothing is sent;
+        the caller takes fewer items)."""
         start, items = lot.start, lot.items
         if self.fn_error is not None:
             for i in range(len(items)):
@@ -74,7 +76,9 @@ class LotEncoder:
                 yield from self._singly(lot)
             return
         try:
-            encoded = self.codec.encode(items, self.arena)
+            encoded = self.codec.encode(items, self.arena, budget)
+        except OverBudget:
+            raise
         except Exception as exc:  # not KeyboardInterrupt: Ctrl-C while pickling stops the batch
             if len(items) == 1:
                 self.final(start, "serialization", SerializationError(

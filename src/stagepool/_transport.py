@@ -41,11 +41,19 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-__all__ = ["dumps", "dumps_plain", "dumps_sized", "imported_numpy", "loads"]
+__all__ = ["OverBudget", "dumps", "dumps_plain", "dumps_sized", "imported_numpy", "loads"]
 
 PICKLE_PROTOCOL = 5
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)
 _CREATOR = re.compile(r"p|[ws][0-9]+")
+
+
+class OverBudget(Exception):
+    """``dumps_sized``'s ``budget`` was reached: nothing was kept (no segment is left)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(f"the payload passed its budget of {budget} bytes")
+        self.budget = budget
 
 
 # Kinds whose bytes are the whole value (bool, ints, floats, complex, datetimes, bytes, str, void and
@@ -70,7 +78,7 @@ def dumps(obj: object, *, threshold: int, owner: int, creator: str,
 
 def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
                 arena: int | None = None, read_only: bool = False,
-                writable: bool = False) -> tuple[bytes, int]:
+                writable: bool = False, budget: int | None = None) -> tuple[bytes, int]:
     """Pickle ``obj``, moving each big numpy array into a new segment of ``/dev/shm``; return the
     blob and the payload size (the blob's bytes plus its segments').
 
@@ -86,6 +94,11 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
 
     ``owner`` is the pid of the process that owns the engine; ``creator`` is ``"p"`` in that process
     and ``f"w{os.getpid()}"`` in a worker. The result always starts with the segment-name header.
+
+    ``budget`` (bytes): raise ``OverBudget`` once the payload would pass it, the segments made
+    so far unlinked. Checked before each array is written (so shared memory never holds more
+    than the budget for this call) and at the end (other objects are written by the C pickler
+    without a look: a pickle of big ``bytes`` is made whole, then refused).
 
     Failure behaviour: if a segment cannot be created or filled (``/dev/shm`` full, missing or not
     writable) that array is pickled normally instead: slower, never wrong, and never a SIGBUS (space
@@ -105,11 +118,15 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
     if numpy is None:  # without numpy imported there is no ndarray to move
         _SourcePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
         blob = file.getvalue()  # shares BytesIO's buffer: no copy of a big inline pickle
+        if budget is not None and len(blob) > budget:
+            raise OverBudget(budget)
         return blob, len(blob)
     pickler = _Pickler(file, numpy, threshold=threshold, owner=owner, creator=creator, arena=arena,
-                       read_only=read_only, writable=writable)
+                       read_only=read_only, writable=writable, budget=budget)
     try:
         pickler.dump(obj)
+        if budget is not None and file.tell() + pickler.shm_bytes > budget:
+            raise OverBudget(budget)
     except BaseException:
         unlink_names(pickler.segments)
         raise
@@ -183,7 +200,7 @@ class _Pickler(_SourcePickler):
 
     def __init__(self, file: io.BytesIO, numpy: Any, *, threshold: int, owner: int, creator: str,
                  arena: int | None = None, read_only: bool = False,
-                 writable: bool = False) -> None:
+                 writable: bool = False, budget: int | None = None) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.segments: list[str] = []
         self.shm_bytes = 0
@@ -195,9 +212,13 @@ class _Pickler(_SourcePickler):
         self._owner = owner
         self._creator = creator
         self._arena = arena if creator == "p" and owner == os.getpid() else None
+        self._file, self._budget = file, budget
 
     def reducer_override(self, obj: object) -> Any:
         if type(obj) in self._array_types:
+            if self._budget is not None and (self._file.tell() + self.shm_bytes
+                                             + obj.nbytes > self._budget):  # type: ignore[attr-defined]
+                raise OverBudget(self._budget)
             return self._reduce_array(obj)  # type: ignore[arg-type]
         return _cloudpickle_reducer_override(self, obj)
 

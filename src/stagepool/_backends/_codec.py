@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .. import _shm, _transport
+from .._transport import OverBudget
 from .._worker import decoded_result, dumps
 from ._plain import MAX_LENGTH, PlainPickler
 from ._protocol import Encoded
@@ -55,15 +56,17 @@ class SharedMemoryCodec:
                 key = self._keys[blob] = next(self._counter)
         return key, blob
 
-    def encode(self, items: list[Any], arena: int | None) -> Encoded:
+    def encode(self, items: list[Any], arena: int | None, budget: int | None = None) -> Encoded:
         if len(items) <= MAX_LENGTH:  # a call or a few items: the C pickler where it writes the
             # same bytes (cloudpickle's set-up alone costs ~6 us)
             plain = self._plain.dumps(items)
             if plain is not None:
+                if budget is not None and len(plain) > budget:
+                    raise OverBudget(budget)
                 return Encoded(plain, len(plain))
         blob, nbytes = _transport.dumps_sized(items, threshold=self.threshold, owner=os.getpid(),
                                               creator="p", arena=arena,
-                                              read_only=self.read_only_inputs)
+                                              read_only=self.read_only_inputs, budget=budget)
         return Encoded(blob, nbytes)
 
     def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from .._chunking import CHUNK_BYTES
+from .._transport import OverBudget
 
 __all__ = [
     "Backend",
@@ -26,6 +27,7 @@ __all__ = [
     "Group",
     "LaneDied",
     "LaneState",
+    "OverBudget",
     "Task",
     "TaskResult",
     "notify",
@@ -204,8 +206,10 @@ class Codec(Protocol):
         """A key (equal for equal functions) and the form workers receive; raises if it cannot
         be encoded (an unpicklable function)."""
 
-    def encode(self, items: list[Any], arena: int | None) -> Encoded:
-        """The chunk's items for the workers; ``arena`` groups one batch's reusable memory."""
+    def encode(self, items: list[Any], arena: int | None, budget: int | None = None) -> Encoded:
+        """The chunk's items for the workers; ``arena`` groups one batch's reusable memory.
+        ``budget``: raise ``OverBudget`` (nothing kept) rather than make a payload of more bytes
+        than that; a codec whose payload copies nothing may ignore it."""
 
     def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:
         """What the batch holds to send again (a crash's innocents, retries): the items, or

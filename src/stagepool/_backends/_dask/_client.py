@@ -78,12 +78,12 @@ class PickleCodec(SharedMemoryCodec):
     def __init__(self, *, read_only_inputs: bool = True) -> None:
         super().__init__(threshold=0, read_only_inputs=read_only_inputs)
 
-    def encode(self, items: list[Any], arena: int | None) -> Encoded:
-        if _frames.has_big_array(items):
+    def encode(self, items: list[Any], arena: int | None, budget: int | None = None) -> Encoded:
+        if _frames.has_big_array(items):  # views of the caller's arrays: no budget to keep
             framed = _frames.encode(items, read_only=self.read_only_inputs)
             if framed is not None:
                 return Encoded(framed, framed.nbytes)
-        return self._one_pickle(items)
+        return self._one_pickle(items, budget)
 
     def in_band(self, payload: _frames.Frames) -> Any:
         """``payload`` as one pickle, its arrays copied into it: for a dask worker without room
@@ -92,8 +92,8 @@ class PickleCodec(SharedMemoryCodec):
         what pickling raises."""
         return self._one_pickle(_frames.decode(payload, writable=False)).payload
 
-    def _one_pickle(self, items: list[Any]) -> Encoded:
-        encoded = super().encode(items, None)
+    def _one_pickle(self, items: list[Any], budget: int | None = None) -> Encoded:
+        encoded = super().encode(items, None, budget)
         return Encoded(np.frombuffer(encoded.payload, dtype=np.uint8), encoded.nbytes)
 
     def keep(self, encoded: Encoded, items: list[Any]) -> list[Any]:
