@@ -1,21 +1,29 @@
-"""Deadlines of running items, as pure functions of a task and a slot's state (no processes)."""
+"""Deadlines of running items, as pure functions of a task and a slot's state (no processes), and
+the verdicts read from a real shared record."""
 
 from __future__ import annotations
+
+import os
+import time
+import types
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stagepool._backends import Group, Task
+from stagepool._backends._local._lanes import Lane
 from stagepool._backends._local._limits import (
     MIN_SAMPLE_INTERVAL,
     POLL_INTERVAL,
     SAMPLES,
+    Limits,
     Seen,
     deadline_of,
     sampled_deadline,
 )
-from stagepool._backends._local._record import SlotState
+from stagepool._backends._local._record import SharedRecord, SlotState
 from stagepool._worker import PHASE_RUN
+from stagepool._worker_loop import F_CHUNK, F_OFFSET, F_PHASE, F_START, Record
 
 
 def tiny_task(timeouts: tuple[float, ...]) -> Task:
@@ -118,3 +126,36 @@ def test_a_slot_read_while_its_worker_moves_to_a_shorter_chunk_is_looked_at_agai
         assert deadline_of(task, torn, 100.0) == 100.0 + POLL_INTERVAL
         deadline, seen = sampled_deadline(task, torn, 100.0, None)
         assert deadline == 100.0 + POLL_INTERVAL and seen is None
+
+
+class _MovesOnAfterEachRead(SharedRecord):
+    """A slot whose worker starts its next item right after the pool thread reads it: what a
+    worker does when the item that overran ends between two reads of the pool thread."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.worker = Record(self.path, 0)
+
+    def state(self, slot: int) -> SlotState:
+        state = super().state(slot)
+        self.worker.floats[F_START] = time.monotonic()
+        self.worker.ints[F_OFFSET] += 1
+        return state
+
+
+def test_a_timeout_blames_the_item_whose_deadline_passed_not_the_next_one() -> None:
+    """The verdict read the slot twice: once for the deadline, once more for the offset to
+    blame. When the item that overran ended in between, the next item (just started) was
+    killed and reported as the timeout, and the one that overran came back "ok"."""
+    record = _MovesOnAfterEachRead(1)
+    try:
+        task = Task(Group(), 1, None, b"", 10, lambda task, result: None, (1.0,) * 10)
+        record.worker.ints[F_CHUNK], record.worker.ints[F_PHASE] = task.id, PHASE_RUN
+        record.worker.ints[F_OFFSET] = 3
+        record.worker.floats[F_START] = time.monotonic() - 5.0  # item 3 overran its 1 s
+        lane = Lane(0, types.SimpleNamespace(pid=os.getpid()), None, None, None)  # type: ignore[arg-type]
+        lane.tasks.append(task)
+        lane.answered = True
+        assert Limits(record, None, None).broken([lane]) == [(lane, "timeout", 3)]
+    finally:
+        record.close()

@@ -143,7 +143,7 @@ class Limits:
         the moments the leaving workers must be killed."""
         now = time.monotonic()
         wakes = [d for lane in lanes
-                 for d in (self._deadline(lane, now), self._init_deadline(lane)) if d is not None]
+                 for d in (self._deadline(lane, now)[0], self._init_deadline(lane)) if d is not None]
         if self._max_rss is not None and any(lane.tasks for lane in lanes):
             wakes.append(now + POLL_INTERVAL)
         wakes.extend(leaving)
@@ -154,12 +154,14 @@ class Limits:
         now = time.monotonic()
         verdicts: list[tuple[Lane, DeathReason, int]] = []
         for lane in lanes:
-            deadline = self._deadline(lane, now)
+            deadline, offset = self._deadline(lane, now)
             init_deadline = self._init_deadline(lane)
             if init_deadline is not None and now >= init_deadline:
                 verdicts.append((lane, "init_timeout", -1))  # every task fails, naming it
             elif deadline is not None and now >= deadline and lane.tasks:
-                verdicts.append((lane, "timeout", self._record.offset(lane.slot)))
+                # The offset the deadline was read with: read again, it may name the next item,
+                # which the worker started just after the one that overran ended.
+                verdicts.append((lane, "timeout", offset))
             elif (self._max_rss is not None and lane.tasks and lane.kill_reason is None
                   and self._running_item(lane)):
                 rss = rss_of(lane.pid) or 0
@@ -180,18 +182,20 @@ class Limits:
             return time.monotonic() + POLL_INTERVAL
         return None
 
-    def _deadline(self, lane: Lane, now: float) -> float | None:
+    def _deadline(self, lane: Lane, now: float) -> tuple[float | None, int]:
+        """When the item running on ``lane`` must end (None: never), and its offset in the
+        chunk: both from one read of the slot."""
         if not lane.tasks or lane.kill_reason is not None or lane.tasks[0].timeouts is None:
-            return None
+            return None, -1
         task, state = lane.tasks[0], self._record.state(lane.slot)
         if task.per_item_clock:
-            return deadline_of(task, state, now)
+            return deadline_of(task, state, now), state.offset
         deadline, seen = sampled_deadline(task, state, now, self._seen.get(lane.slot))
         if seen is None:
             self._seen.pop(lane.slot, None)
         else:
             self._seen[lane.slot] = seen
-        return deadline
+        return deadline, state.offset
 
     def _running_item(self, lane: Lane) -> bool:
         """Whether the worker is inside one of its chunk's items. Only then is its memory an
