@@ -100,6 +100,8 @@ class Engine(AsyncCalls, PipelineCalls):
       submitted and not yet consumed (default 2 per worker + 1); with ``imap`` on an endless
       iterator this is the memory bound.
     * ``timeout`` (seconds, or a function of the item), ``retries``, ``retry_on``, ``backoff``.
+      A function ``timeout`` is called each time its item is sent, so again when the item goes
+      out again (a retry, a crash's innocents, a chunk cut short): keep it cheap and pure.
     * ``rerun_innocent``: when a worker dies, the items of its chunk that had already run lost
       their results with it. True (default): they run again, and ``attempts`` counts every run.
       False (at most once, for stages that must not run twice: uploads, charges, appends): they
