@@ -93,8 +93,10 @@ async def map_async(
         ``asyncio.timeout`` expiring, or ``asyncio.run`` handling Ctrl-C) raises
         ``CancelledError`` at once, without waiting for any worker. Chunks not yet started are
         withdrawn and never start (except a chunk of under ~5 ms already prefetched onto a
-        busy worker) and the source is no longer read. Items running then follow
-        ``on_cancel``: ``"finish"`` (default) lets them run to the end and drops their results;
+        busy worker) and the source is no longer read. Chunks running then follow
+        ``on_cancel``: ``"finish"`` (default) lets them run to the end (all their items: about
+        20 ms of work with ``chunk_size="auto"``, the whole chunk of a fixed ``chunk_size``) and
+        drops their results;
         ``"kill"`` kills the workers running them, and the engine starts new ones. Either way
         the engine stays usable and other calls are not affected.
 
