@@ -216,6 +216,28 @@ def test_a_value_that_cannot_travel_back_names_the_stage_that_made_it(engine: sp
     assert (bad.kind, bad.stage) == ("serialization", "resample"), bad
     assert "fused stages" not in str(getattr(bad.error, "__notes__", "")), bad.error
     assert [s.ok for s in report] == [True, False, True]
+    # decode ran: it once read "skipped" because of resample, and the message named an
+    # internal type (the group's GroupResult) instead of the stage
+    assert bad.stages["decode"].kind == "ok", bad.stages
+    assert "stage 'resample'" in str(bad.error) and "GroupResult" not in str(bad.error)
+
+
+@pytest.mark.needs("serializes")
+def test_a_value_that_cannot_travel_fails_its_stage_alone(engine: sp.Engine) -> None:
+    """In a fused group decode -> (resample, loud), resample's unpicklable value fails resample
+    only: loud, which ran beside it, keeps its outcome, and a later group's stage that reads
+    resample is skipped because of it."""
+    p = (sp.Pipeline().stage("decode", pt.Step("decode"))
+         .stage("resample", pt.Step("resample"), after="decode")
+         .stage("loud", pt.Step("loud"), after="decode")
+         .stage("encode", pt.Step("encode"), after="resample", fuse=False))
+    report = engine.run(p, [pt.seg(i, **({"resample": "unpicklable"} if i == 1 else {}))
+                            for i in range(3)])
+    bad = report[1]
+    kinds = {name: (stage.kind, stage.cause) for name, stage in bad.stages.items()}
+    assert kinds == {"decode": ("ok", None), "resample": ("serialization", None),
+                     "loud": ("ok", None), "encode": ("skipped", "resample")}, kinds
+    assert [s.ok for s in report] == [True, False, True]
 
 
 @pytest.mark.needs("serializes")

@@ -25,15 +25,13 @@ import pickle
 import signal
 import threading
 import time
-import traceback
 from array import array
 from collections.abc import Callable
 from typing import Any, cast
 
 from . import _main_globals, _shared, _shm, _transport, _worker_guards
-from ._remote_types import qualified_name as _type_name
 from ._wire import TaskHeader, unpack_task
-from ._worker_errors import ErrInfo, exc_info, safe_str
+from ._worker_errors import ErrInfo, exc_info, unpicklable
 from ._worker_guards import (
     StdFds,
     flush_std_streams,
@@ -105,12 +103,26 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
             dumps(value)
             clean.append(value)
         except BaseException as exc:
-            clean.append(None)
-            msg = (f"the result ({_type_name(value)}) cannot be pickled to send it back: "
-                   f"{type(exc).__name__}: {safe_str(exc)}")
-            errors[offset] = ErrInfo("serialization", None, "SerializationError", msg,
-                                     "".join(traceback.format_exception(exc)))
+            salvaged = _salvaged(value)
+            clean.append(salvaged)
+            if salvaged is None:
+                errors[offset] = unpicklable("the result", value, exc)
     return encode((clean, stamps.tobytes(), errors, pid))
+
+
+def _salvaged(value: Any) -> Any:
+    """What of an unpicklable result can still travel, when the result says
+    (``_stagepool_salvage(dumps)``: a pipeline group's result turns its unpicklable stage values
+    into those stages' failures, so the stages that ran keep their outcomes); else None."""
+    salvage = getattr(value, "_stagepool_salvage", None)
+    if salvage is None:
+        return None
+    try:
+        out = salvage(dumps)
+        dumps(out)
+    except BaseException:
+        return None
+    return out
 
 
 def apply_call(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:

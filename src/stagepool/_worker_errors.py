@@ -12,7 +12,7 @@ from . import _transport
 from ._remote_types import qualified_name as _type_name
 from ._remote_types import stand_in
 
-__all__ = ["ErrInfo", "exc_info", "explain_read_only", "safe_str"]
+__all__ = ["ErrInfo", "exc_info", "explain_read_only", "safe_str", "unpicklable"]
 
 
 class ErrInfo(NamedTuple):
@@ -50,6 +50,15 @@ def _from_item(tb: TracebackType | None) -> TracebackType | None:
             tb.tb_frame.f_globals.get("__name__") in _LOOPS:
         tb = tb.tb_next
     return tb
+
+
+def unpicklable(what: str, value: object, exc: BaseException) -> ErrInfo:
+    """The "serialization" failure of ``value`` (``what``: "the result", "the value of stage
+    'x'"), which pickling refused with ``exc``."""
+    msg = (f"{what} ({_type_name(value)}) cannot be pickled to send it back: "
+           f"{type(exc).__name__}: {safe_str(exc)}")
+    return ErrInfo("serialization", None, "SerializationError", msg,
+                   "".join(traceback.format_exception(exc)))
 
 
 def safe_str(exc: BaseException) -> str:

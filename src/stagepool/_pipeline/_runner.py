@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._errors import InitializerError, TaskTimeout
-from .._worker_errors import ErrInfo, exc_info
+from .._worker_errors import ErrInfo, exc_info, unpicklable
 
 __all__ = ["Carry", "GroupResult", "GroupRunner", "StageCall", "StageRecord"]
 
@@ -44,7 +44,7 @@ class Carry(NamedTuple):
 class StageRecord(NamedTuple):
     """How one stage went for one segment (errors packed as the worker packs item errors)."""
 
-    kind: str  # ok / error / timeout / skipped
+    kind: str  # ok / error / timeout / skipped / serialization (its value would not travel)
     error: ErrInfo | None
     duration: float
     attempts: int
@@ -54,6 +54,23 @@ class StageRecord(NamedTuple):
 class GroupResult(NamedTuple):
     values: dict[str, Any]  # only what later groups read, and the leaves
     records: dict[str, StageRecord]
+
+    def _stagepool_salvage(self, dumps: Callable[[object], bytes]) -> GroupResult:
+        """This result without the values that cannot be pickled, each one's stage failed
+        with kind "serialization" (the worker sends this when the whole result would not go:
+        the group's other stages ran and keep their outcomes; readers of a dropped value, in
+        later groups, are skipped because of its stage)."""
+        values, records = dict(self.values), dict(self.records)
+        for name, value in self.values.items():
+            try:
+                dumps(value)
+            except Exception as exc:
+                del values[name]
+                ran = records[name]
+                records[name] = ran._replace(
+                    kind="serialization",
+                    error=unpicklable(f"the value of stage {name!r}", value, exc))
+        return GroupResult(values, records)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,6 +11,9 @@
                   -> the group's first stage that could run gets it; a result that would not
                      travel back: the first stage whose value the task sends back; a task that
                      would not travel: the first stage whose callables will not pickle
+                     (a stage value that will not pickle usually arrives as an ok outcome:
+                     the worker sends the rest, that stage's record saying "serialization",
+                     see ``GroupResult._stagepool_salvage``)
     outcome cancelled -> every stage of the group that could run: "cancelled"
     refused at the door (its cost= could not be measured: ``refuse``)
                   -> every stage reading the segment itself gets the error, the rest "skipped"
