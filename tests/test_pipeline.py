@@ -186,6 +186,10 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
     assert all(s.kind in ("ok", "skipped") for n, s in bad.stages.items() if n != stage)
     downstream = {"decode": STAGES[1:], "loudness": ["encode"], "encode": []}[stage]
     assert all(bad.stages[n].kind == "skipped" for n in downstream)
+    # the stages it reads ran fine (it ran only because they did): once "skipped" because of it
+    upstream = {"decode": [], "loudness": ["decode", "resample"], "encode": STAGES[:-1]}[stage]
+    assert all((bad.stages[n].kind, bad.stages[n].attempts) == ("ok", 1) for n in upstream), \
+        bad.stages
     assert [s.ok for s in report] == [True, False, True, True]
     assert engine.run(diamond(), [pt.seg(0)]).ok  # the engine still serves
 
@@ -495,6 +499,10 @@ def test_shutdown_kill_from_another_thread_gives_every_segment_an_outcome(
         assert o.ok or o.kind == "cancelled", (o.index, o.kind, o.error)
         assert o.ok or isinstance(o.error, sp.TaskCancelled), (o.index, o.error)
     assert not outcomes[2].ok and not _segments_left()
+    # the stage that was killed is named, not the first one of its group, which ran fine
+    hung = outcomes[2].stages
+    assert (outcomes[2].stage, hung["a"].kind, hung["hang"].kind) == ("hang", "ok", "cancelled"), \
+        hung
 
 
 @pytest.mark.asyncio

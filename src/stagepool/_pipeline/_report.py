@@ -21,7 +21,9 @@ class StageOutcome(NamedTuple):
 
     ``kind`` is an :class:`Outcome` kind, or ``"skipped"``: the stage did not run because
     ``cause`` (a stage it reads, directly or not) failed, or because its fused group's worker
-    died while ``cause`` was running. ``duration`` is seconds in the worker, ``attempts`` how
+    died while ``cause`` was running (a stage of that group that ``cause`` does not read may
+    have run before: what it did died with the worker; the stages ``cause`` reads ran fine and
+    are "ok"). ``duration`` is seconds in the worker, ``attempts`` how
     many times it really ran."""
 
     stage: str

@@ -244,12 +244,15 @@ def _open_crumb(directory: str) -> None:
     _crumb_file[:] = [directory, mapped]
 
 
-def read_crumb(directory: str, pid: int | None) -> int | None:
-    """In the parent: the stage the worker ``pid`` was running when it stopped, if it said."""
+def read_crumb(directory: str, pid: int | None, group: int, segment: int) -> int | None:
+    """In the parent: the stage of ``group`` the worker ``pid`` was running for ``segment``
+    when it stopped, if it said (None: it said nothing, or was on another segment)."""
     if pid is None:
         return None
     crumb = _read_crumb(os.path.join(directory, str(pid)))
-    return crumb[2] if crumb is not None and crumb[2] >= 0 else None
+    if crumb is None or crumb[:2] != (group, segment) or crumb[2] < 0:
+        return None
+    return crumb[2]
 
 
 def dead_stages(directory: str, group: int, segment: int) -> list[int]:

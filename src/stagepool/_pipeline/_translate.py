@@ -6,7 +6,8 @@
                      worker's breadcrumb says where its run stopped)
     outcome crash / timeout (the worker died or was killed)
                   -> the breadcrumb names the stage that was running: it gets the kind and the
-                     error, the group's other stages are "skipped" because of it
+                     error; the stages it reads in the group ran fine ("ok": it ran only
+                     because they did), the group's other stages are "skipped" because of it
     outcome serialization / error (the segment or a value could not travel, a runner bug)
                   -> the group's first stage that could run gets it; a result that would not
                      travel back: the first stage whose value the task sends back; a task that
@@ -14,7 +15,8 @@
                      (a stage value that will not pickle usually arrives as an ok outcome:
                      the worker sends the rest, that stage's record saying "serialization",
                      see ``GroupResult._stagepool_salvage``)
-    outcome cancelled -> every stage of the group that could run: "cancelled"
+    outcome cancelled -> every stage of the group that could run: "cancelled", but the stages
+                     that the breadcrumb's stage reads (killed mid-group: they ran, "ok")
     refused at the door (its cost= could not be measured: ``refuse``)
                   -> every stage reading the segment itself gets the error, the rest "skipped"
 """
@@ -66,11 +68,20 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
             _set(seg, StageOutcome(spec.name, "skipped", cause=cause), cause)
     if not runnable:
         return
+    at = (read_crumb(crumbs, outcome.worker, group, seg.index)
+          if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
+    ran = _ran_before(stages, at, runnable)
+    if ran:
+        runs = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
+        for j, spec in enumerate(stages):
+            if spec.name in ran:
+                _set(seg, StageOutcome(spec.name, "ok", attempts=runs[j]), None)
+        runnable = [s for s in runnable if s.name not in ran]
     if outcome.kind == "cancelled":
         for spec in runnable:
             _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
         return
-    culprit, known = _culprit(runnable, stages, outcome, crumbs, suspects)
+    culprit, known = _culprit(runnable, stages, outcome, at, suspects)
     error = outcome.error
     if error is not None and outcome.kind == "timeout" and len(stages) > 1:
         limits = " + ".join(f"{s.name} {s.timeout:g} s" for s in stages)
@@ -108,14 +119,37 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
            None)
 
 
+def _ran_before(stages: Sequence[StageSpec], at: int | None,
+                runnable: list[StageSpec]) -> set[str]:
+    """The stages of the group that the stage running at position ``at`` (from its worker's
+    breadcrumb) reads, directly or not: a stage runs only when its inputs did, so they ran
+    fine, whatever became of their values."""
+    if at is None or at >= len(stages) or stages[at] not in runnable:
+        return set()
+    names = {s.name for s in stages}
+    ran: set[str] = set()
+    wanted = [d for d in stages[at].after if d in names]
+    while wanted:
+        name = wanted.pop()
+        if name not in ran:
+            ran.add(name)
+            wanted.extend(d for d in next(s for s in stages if s.name == name).after
+                          if d in names)
+    return ran
+
+
+def _runs(crumbs: str | None, group: int, index: int, attempts: int, n_stages: int) -> list[int]:
+    """How often each stage of the group ran over all ``attempts`` runs of a segment whose
+    last run died too (``_earlier_runs`` counts the runs before the last one)."""
+    return _earlier_runs(crumbs, group, index, attempts + 1, n_stages)
+
+
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
-             crumbs: str | None, suspects: frozenset[str]) -> tuple[StageSpec, bool]:
-    """The stage that was running when the worker died or was killed (from its breadcrumb);
-    for a serialization failure, the first suspect."""
-    if crumbs is not None and outcome.kind in ("crash", "timeout"):
-        at = read_crumb(crumbs, outcome.worker)
-        if at is not None and at < len(stages):
-            return stages[at], True
+             at: int | None, suspects: frozenset[str]) -> tuple[StageSpec, bool]:
+    """The stage that was running when the worker died or was killed (``at``, from its
+    breadcrumb); for a serialization failure, the first suspect."""
+    if at is not None and at < len(stages) and outcome.kind in ("crash", "timeout"):
+        return stages[at], True
     if outcome.kind == "serialization":
         named = [s for s in runnable if s.name in suspects]
         if named:
