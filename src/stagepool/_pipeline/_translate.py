@@ -72,10 +72,10 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
           if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
     ran = _ran_before(stages, at, runnable)
     if ran:
-        runs = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
+        counts = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
         for j, spec in enumerate(stages):
             if spec.name in ran:
-                _set(seg, StageOutcome(spec.name, "ok", attempts=runs[j]), None)
+                _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
         runnable = [s for s in runnable if s.name not in ran]
     if outcome.kind == "cancelled":
         for spec in runnable:
