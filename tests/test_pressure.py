@@ -42,6 +42,14 @@ def test_watermarks(high: Any, low: Any, expected: Watermarks | None) -> None:
     assert check_watermarks(high, low) == expected
 
 
+def test_numpy_fractions_are_fractions() -> None:
+    """A fraction computed with numpy (np.float32(0.8)) was refused as "not a fraction", while
+    numpy numbers were fine as seconds for timeout= and cost=."""
+    np = pytest.importorskip("numpy")
+    marks = check_watermarks(np.float32(0.75), np.float64(0.5))
+    assert marks == Watermarks(0.75, 0.5) and type(marks.high) is float
+
+
 @pytest.mark.parametrize(("high", "low", "error", "match"), [
     (0.7, 0.8, ValueError, r"memory_low \(0.8\) must be below memory_high \(0.7\)"),
     (0.8, 0.8, ValueError, "must be below"),

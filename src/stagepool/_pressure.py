@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -82,13 +83,14 @@ def _default_low(high: float) -> float:
 
 
 def _fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats too
         raise TypeError(f"{name} must be a fraction of the memory limit (e.g. 0.8) or None, "
                         f"not {value!r}")
-    if not (math.isfinite(value) and 0 < value <= 1):
+    fraction = float(value)
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"{name} must be in (0, 1] (a fraction of the memory limit), "
                          f"got {value!r}")
-    return float(value)
+    return fraction
 
 
 def memory_use(cgroup: CgroupLimits, total: int, available: int) -> MemoryUse:
