@@ -7,6 +7,7 @@ import os
 import time
 import types
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -143,19 +144,23 @@ class _MovesOnAfterEachRead(SharedRecord):
         return state
 
 
-def test_a_timeout_blames_the_item_whose_deadline_passed_not_the_next_one() -> None:
-    """The verdict read the slot twice: once for the deadline, once more for the offset to
-    blame. When the item that overran ended in between, the next item (just started) was
-    killed and reported as the timeout, and the one that overran came back "ok"."""
+@pytest.mark.parametrize("limit", ["timeout", "memory"])
+def test_a_limit_blames_the_item_that_broke_it_not_the_next_one(limit: str) -> None:
+    """The verdict read the slot twice: once for the deadline (or whether an item runs, for
+    the memory cap), once more for the offset to blame. When the item that broke the limit
+    ended in between, the next item (just started) was killed and blamed, and the one that
+    broke it came back "ok"."""
     record = _MovesOnAfterEachRead(1)
     try:
-        task = Task(Group(), 1, None, b"", 10, lambda task, result: None, (1.0,) * 10)
+        timeouts = (1.0,) * 10 if limit == "timeout" else None
+        task = Task(Group(), 1, None, b"", 10, lambda task, result: None, timeouts)
         record.worker.ints[F_CHUNK], record.worker.ints[F_PHASE] = task.id, PHASE_RUN
         record.worker.ints[F_OFFSET] = 3
         record.worker.floats[F_START] = time.monotonic() - 5.0  # item 3 overran its 1 s
         lane = Lane(0, types.SimpleNamespace(pid=os.getpid()), None, None, None)  # type: ignore[arg-type]
         lane.tasks.append(task)
         lane.answered = True
-        assert Limits(record, None, None).broken([lane]) == [(lane, "timeout", 3)]
+        max_rss = 1 if limit == "memory" else None  # this process is far past 2 bytes
+        assert Limits(record, None, max_rss).broken([lane]) == [(lane, limit, 3)]
     finally:
         record.close()

@@ -162,11 +162,10 @@ class Limits:
                 # The offset the deadline was read with: read again, it may name the next item,
                 # which the worker started just after the one that overran ended.
                 verdicts.append((lane, "timeout", offset))
-            elif (self._max_rss is not None and lane.tasks and lane.kill_reason is None
-                  and self._running_item(lane)):
-                rss = rss_of(lane.pid) or 0
-                if rss > 2 * self._max_rss:  # one item blowing far past the cap: stop it now
-                    verdicts.append((lane, "memory", self._record.offset(lane.slot)))
+            elif self._max_rss is not None and lane.tasks and lane.kill_reason is None:
+                running = self._running_item(lane)
+                if running >= 0 and (rss_of(lane.pid) or 0) > 2 * self._max_rss:
+                    verdicts.append((lane, "memory", running))  # one item far past the cap
         return verdicts
 
     def _init_deadline(self, lane: Lane) -> float | None:
@@ -197,9 +196,12 @@ class Limits:
             self._seen[lane.slot] = seen
         return deadline, state.offset
 
-    def _running_item(self, lane: Lane) -> bool:
-        """Whether the worker is inside one of its chunk's items. Only then is its memory an
-        item's fault: a worker killed while starting (a cap below a fresh worker's size) would
-        blame no item, and its chunk would be requeued onto the next worker, killed alike, forever."""
+    def _running_item(self, lane: Lane) -> int:
+        """The offset of the item of its chunk the worker is inside, else -1. Only then is its
+        memory an item's fault: a worker killed while starting (a cap below a fresh worker's
+        size) would blame no item, and its chunk would be requeued onto the next worker, killed
+        alike, forever. (The offset of this read is the one to blame: read again, it may be
+        the next item's.)"""
         state = self._record.state(lane.slot)
-        return state.chunk == lane.tasks[0].id and state.phase == PHASE_RUN
+        running = state.chunk == lane.tasks[0].id and state.phase == PHASE_RUN
+        return state.offset if running else -1
