@@ -11,6 +11,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import _tasks
 import stagepool as sp
@@ -156,6 +158,27 @@ def test_items_given_back_are_read_again_first() -> None:
         assert rest == [7, 8, 9] and source.exhausted
         source.unread(rest[1:])
         assert not source.exhausted and source.skip_rest() == 2
+
+
+@given(n=st.integers(0, 40), as_list=st.booleans(),
+       steps=st.lists(st.tuples(st.integers(1, 12), st.booleans()), max_size=30))
+def test_reads_and_give_backs_yield_every_item_once_in_order(
+        n: int, as_list: bool, steps: list[tuple[int, bool]]) -> None:
+    """Any mix of reads and give-backs (each giving back the whole last read, as the batch
+    does) yields the input exactly once, in order, and says it is exhausted exactly at its
+    end."""
+    source = ItemSource(iter(range(n)), list(range(n)) if as_list else None)
+    taken: list[int] = []
+    for size, give_back in steps:
+        chunk = source.read(size)
+        if give_back:
+            source.unread(chunk)
+        else:
+            taken += chunk
+    while not source.exhausted:
+        taken += source.read(7)
+    assert taken == list(range(n))
+    assert source.read(3) == [] and source.skip_rest() == 0
 
 
 def test_an_overrun_forgets_the_payload_and_any_blind_plan() -> None:
