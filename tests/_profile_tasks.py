@@ -6,8 +6,10 @@ MODULE:FACTORY``, and the broken factories and targets the command must reject c
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +83,11 @@ def failing_generator() -> Iterator[int]:
 
 
 NOT_CALLABLE = 42
+
+
+def measure_spin_on_cpu(cpu: int) -> Any:
+    """In a worker: pin it to ``cpu``, then measure a CPU-bound item there (``measure_item``)."""
+    from stagepool import _probe
+
+    os.sched_setaffinity(0, {cpu})
+    return _probe.measure_item(spin, 3_000_000)

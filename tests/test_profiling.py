@@ -9,6 +9,7 @@ microsecond item.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,25 @@ def test_progress_is_shown_while_it_runs(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0
     for step in ("serial pass", "sweep:", "[1/", "confirmed"):
         assert step in err
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity")
+                    or not os.path.exists("/proc/thread-self/schedstat"),
+                    reason="needs Linux affinity and schedstat")
+def test_a_cpu_bound_item_sharing_its_cpu_measures_the_wait_apart() -> None:
+    """A CPU-bound item whose worker shares its CPU with a busy process: its wall time is half
+    waiting for the CPU. The probe says how much, so the profile still sees a CPU-bound stage
+    (CPU / wall 0.64 on a busy machine made the sweep skip its adjustment for the CPU its
+    workers did not get, and recommend one worker on two CPUs)."""
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\n"
+                            "while True: pass"])
+    try:
+        with sp.Engine(workers=1) as engine:
+            wall, busy, *_rest, waited = engine.submit(
+                tasks.measure_spin_on_cpu, cpu).result(timeout=WAIT)
+    finally:
+        hog.kill()
+        hog.wait(WAIT)
+    assert waited > 0.25 * wall, (wall, busy, waited)  # about half, on a CPU shared by two
+    assert busy / (wall - waited) > 0.8, (wall, busy, waited)

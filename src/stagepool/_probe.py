@@ -33,6 +33,7 @@ __all__ = [
     "peak_rss",
     "pin_threads",
     "reset_peak_rss",
+    "run_queue_wait",
     "worker_facts",
 ]
 
@@ -41,8 +42,9 @@ __all__ = [
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_MALLOC_BYTES = 32 * 2**20
 
-# (wall, cpu, rss before, peak rss or None, pickled result size, "Type: message" or None, faults)
-Measured = tuple[float, float, int | None, int | None, int, str | None, int]
+# (wall, cpu, rss before, peak rss or None, pickled result size, "Type: message" or None, faults,
+#  seconds the worker's thread waited for a CPU)
+Measured = tuple[float, float, int | None, int | None, int, str | None, int, float]
 
 
 def measure_item(fn: Callable[[Any], Any], item: Any) -> Measured:
@@ -57,14 +59,14 @@ def measure_item(fn: Callable[[Any], Any], item: Any) -> Measured:
     before = _rss() or None  # 0: /proc/self/statm unreadable
     error: str | None = None
     value: Any = None
-    faults0 = minor_faults()
+    faults0, waited0 = minor_faults(), run_queue_wait()
     cpu0, t0 = time.process_time(), time.perf_counter()
     try:
         value = fn(item)
     except BaseException as exc:  # the item's failure (SystemExit too), not the worker's
         error = f"{type(exc).__name__}: {exc}"
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    faults = minor_faults() - faults0
+    faults, waited = minor_faults() - faults0, run_queue_wait() - waited0
     idle_wall, idle_cpu = clock_cost()
     peak = peak_rss() if peak_ok else None
     size = 0
@@ -73,7 +75,19 @@ def measure_item(fn: Callable[[Any], Any], item: Any) -> Measured:
             size = len(dumps(value))
         except BaseException as exc:
             error = f"the result cannot be pickled: {type(exc).__name__}: {exc}"
-    return max(0.0, wall - idle_wall), max(0.0, cpu - idle_cpu), before, peak, size, error, faults
+    return (max(0.0, wall - idle_wall), max(0.0, cpu - idle_cpu), before, peak, size, error,
+            faults, max(0.0, waited))
+
+
+def run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0.0
+    where unreadable): on a busy machine a CPU-bound item's wall time is its CPU time plus
+    this, not time spent waiting for I/O."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def minor_faults() -> int:

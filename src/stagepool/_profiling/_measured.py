@@ -73,6 +73,7 @@ class ItemMeasurement(NamedTuple):
     round_trip: float  # in the parent: submit until the answer is back
     error: str | None  # "TypeName: message" when the item failed
     faults: int = 0  # minor page faults in the worker during the call (fresh memory touched)
+    waited: float = 0.0  # the worker's thread runnable but without a CPU (a busy machine)
 
     @property
     def rss_growth(self) -> int | None:
@@ -170,7 +171,11 @@ class WorkerSample(NamedTuple):
 
 
 def cpu_ratio(serial: SerialPass) -> float | None:
-    """CPU time / wall time of an item in the serial pass; None for items too short to clock."""
+    """CPU time / wall time of an item in the serial pass, the time its worker waited for a
+    CPU left out (other processes' doing: a CPU-bound stage measured 0.64 on a busy machine,
+    and its runs were not adjusted for the CPU they did not get); None for items too short to
+    clock."""
     if serial.wall.mean < MIN_CLOCKED_SECONDS:
         return None
-    return serial.cpu.mean / serial.wall.mean
+    waited = statistics.fmean(m.waited for m in serial.ok) if serial.ok else 0.0
+    return serial.cpu.mean / max(serial.wall.mean - waited, 1e-9)

@@ -108,10 +108,10 @@ def _measure_one(engine: Engine, fn: Callable[[Any], Any], item: Any, index: int
                                f"the item cannot be pickled: {type(exc).__name__}: {exc}")
     start = time.perf_counter()
     try:
-        wall, cpu, before, peak, size, error, faults = engine.submit(
+        wall, cpu, before, peak, size, error, faults, waited = engine.submit(
             measure_item, fn, item).result()
     except Exception as exc:  # the worker crashed, or the function could not be shipped
         return ItemMeasurement(index, time.perf_counter() - start, 0.0, None, None, bytes_in, 0,
                                time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
     return ItemMeasurement(index, wall, cpu, before, peak, bytes_in, size,
-                           time.perf_counter() - start, error, faults)
+                           time.perf_counter() - start, error, faults, waited)
