@@ -175,7 +175,8 @@ def test_order_and_completeness_on_a_mix_of_failures(
 @pytest.mark.parametrize("how", ["crash", "segfault", "hang"])
 @pytest.mark.parametrize("stage", ["decode", "loudness", "encode"])
 def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) -> None:
-    p = diamond(**{name: {"timeout": 3.0} for name in STAGES})
+    # a fused group's hard limit is the sum of its stages' timeouts: 5 s for a hang here
+    p = diamond(**{name: {"timeout": 1.0} for name in STAGES})
     report = engine.run(p, [pt.seg(i, **({stage: how} if i == 1 else {})) for i in range(4)])
     bad = report[1]
     kind = "timeout" if how == "hang" else "crash"
