@@ -268,7 +268,7 @@ class Batch:
         except OverBudget:  # the payload per item was misjudged: learn it again, item by item
             self.next_index = start
             self.source.unread(chunk)
-            self.sizer.observe_overrun()
+            self.sizer.observe_overrun(len(chunk))
             return
         if self.ordered:
             self.window.took(start)
