@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import os
 import time
+import weakref
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from stagepool._backends import OverBudget
 from stagepool._backends._serial import InProcessCodec
 from stagepool._batch import ItemSource
 from stagepool._chunking import ChunkSizer
+from stagepool._reading import NOTHING, read_within
 from stagepool._worker import ChunkResult, run_chunk
 
 
@@ -222,3 +225,59 @@ def test_small_items_ahead_of_arrays_from_a_generator_run_once_each() -> None:
     assert report.ok and all(o.attempts == 1 for o in report), report.summary()
     assert [o.index for o in report] == list(range(1040))
     assert refusals["n"] <= 10, refusals  # before: ~1,000 (one per small item)
+
+
+def test_a_read_from_an_iterator_stops_before_the_arrays_that_would_pass_its_bound() -> None:
+    np = pytest.importorskip("numpy")
+    big = [np.zeros(1 << 19) for _ in range(3)]  # 4 MiB each
+    it = iter([1, 2, *big, 3])
+    chunk: list[Any] = []
+    assert read_within(it, 100, 6 << 20, chunk) is big[1]  # read, not kept: the caller keeps it
+    assert chunk == [1, 2, big[0]] and next(it) is big[2]
+    chunk = []
+    assert read_within(iter(range(5)), 3, 1, chunk) is NOTHING and chunk == [0, 1, 2]
+
+    def failing() -> Iterator[int]:
+        yield from (1, 2)
+        raise ValueError("source broke")
+
+    chunk = []
+    with pytest.raises(ValueError, match="source broke"):
+        read_within(failing(), 10, 1 << 20, chunk)
+    assert chunk == [1, 2]  # what came before the failure is kept
+
+
+def test_an_item_source_gives_back_the_item_over_its_read_bound() -> None:
+    np = pytest.importorskip("numpy")
+    big = [np.zeros(1 << 19) for _ in range(2)]
+    source = ItemSource(iter([0, big[0], big[1], 1]))
+    assert source.read(10, 1 << 20) == [0]  # stops before the first array
+    assert source.read(10, 1 << 20)[0] is big[0]  # given back: it goes alone
+    assert source.read(10, 1 << 20)[0] is big[1]  # alone: the first item always goes
+    assert source.read(10, 1 << 20) == [1] and source.exhausted
+
+
+def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window() -> None:
+    """Chunks were cut by count from the small items' payload: a count-sized read (up to 4,096
+    items from an iterator) pulled every later array of the stream into this process before
+    any was encoded (1,000 x 4 MiB: +4 GB). Now a read stops at the chunk's byte bound, so the
+    arrays alive at once in the parent stay within the in-flight window."""
+    np = pytest.importorskip("numpy")
+    alive: set[int] = set()
+    most = 0
+
+    def stream() -> Iterator[Any]:
+        nonlocal most
+        yield from range(3000)
+        for i in range(200):
+            arr = np.full(1 << 17, i, dtype=np.float64)  # 1 MiB
+            alive.add(i)
+            weakref.finalize(arr, alive.discard, i)
+            most = max(most, len(alive))
+            yield arr
+
+    with sp.Engine(workers=2) as eng:
+        outcomes = list(eng.imap(id, stream(), timeout=60))  # id: a cheap answer for any item
+    assert [o.index for o in outcomes] == list(range(3200)) and all(o.ok for o in outcomes)
+    assert all(o.attempts == 1 for o in outcomes)
+    assert most <= 20, most  # before: 64-200 (all of them) in three runs

@@ -212,6 +212,11 @@ class ChunkSizer:
             return None
         return OVERRUN_BUDGET * self.chunk_bytes
 
+    def read_bytes(self, size: int) -> int | None:
+        """How many bytes of arrays a chunk of ``size`` fresh items may be read with from an
+        iterator (see ``_reading``; None: no bound, as for ``payload_budget``)."""
+        return None if self.payload_budget(size) is None else self.chunk_bytes
+
     def observe_overrun(self, size: int) -> None:
         """A chunk of ``size`` items would have passed ``payload_budget``: the payload per item
         was misjudged. It is learnt again from the next single item; a plan made from it is
