@@ -281,3 +281,24 @@ def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window(
     assert [o.index for o in outcomes] == list(range(3200)) and all(o.ok for o in outcomes)
     assert all(o.attempts == 1 for o in outcomes)
     assert most <= 20, most  # before: 64-200 (all of them) in three runs
+
+
+def test_a_callable_timeout_runs_once_per_item_when_a_chunk_is_taken_back() -> None:
+    """Each item's limit was computed before its chunk was encoded, so a chunk taken back over
+    budget had called ``timeout`` for all its items, which were read and called again: 300
+    small items then 40 arrays of 2 MiB called it 523-644 times for 340 items (up to 5 times
+    for an array)."""
+    np = pytest.importorskip("numpy")
+    calls = Counter[int]()
+
+    def limit(item: Any) -> float:
+        calls[item if isinstance(item, int) else 1000 + int(item[0])] += 1
+        return 60.0
+
+    items = [*range(300), *(np.full(1 << 18, i, dtype=np.float64) for i in range(40))]
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(id, items, timeout=limit)  # id: a cheap answer for any item
+    assert report.ok and all(o.attempts == 1 for o in report), report.summary()
+    assert len(calls) == 340, len(calls)
+    # The first item is encoded alone, then again with the blind plan's first chunk: 2 calls.
+    assert [i for i, n in calls.items() if n > 1] in ([], [0]), sum(calls.values())
