@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import os
 import time
+import weakref
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,9 +19,11 @@ from hypothesis import strategies as st
 import _tasks
 import stagepool as sp
 from stagepool._answers import Answers, BatchPolicy, Lot
+from stagepool._backends import OverBudget
 from stagepool._backends._serial import InProcessCodec
 from stagepool._batch import ItemSource
 from stagepool._chunking import ChunkSizer
+from stagepool._reading import NOTHING, read_within
 from stagepool._worker import ChunkResult, run_chunk
 
 
@@ -187,9 +191,137 @@ def test_an_overrun_forgets_the_payload_and_any_blind_plan() -> None:
     sizer.observe_payload(1, 30)
     size = sizer.next_size(1)
     assert size > 1 and sizer.payload_budget(size) is not None
-    sizer.observe_overrun()
+    sizer.observe_overrun(size)
     assert sizer.next_size(1) == 1  # the payload per item is learnt again
     sizer.observe_payload(1, 30)
     assert sizer.next_size(2) == 1  # no blind plan from one item's payload again
     assert sizer.payload_budget(1) is None
     assert ChunkSizer(64, workers=2, total=1000).payload_budget(64) is None  # the user's size
+
+
+def _overruns(payloads: list[int], *, known_length: bool) -> int:
+    """How many chunks the batch's sizing loop (Batch._take) takes back over budget while
+    it cuts ``payloads`` (each item's encoded bytes) into chunks; tiny items of 2 us each."""
+    sizer = ChunkSizer(None, workers=2, total=len(payloads) if known_length else None)
+    sizer.blind = known_length
+    at = overruns = 0
+    while at < len(payloads):
+        size = min(sizer.next_size(at), len(payloads) - at)
+        budget = sizer.payload_budget(size)
+        if budget is not None and sum(payloads[at:at + size]) > budget:
+            overruns += 1
+            sizer.observe_overrun(size)
+            continue
+        sizer.observe_payload(size, sum(payloads[at:at + size]))
+        sizer.observe(size, size * 2e-6)
+        at += size
+    return overruns
+
+
+@pytest.mark.parametrize("known_length", [True, False], ids=["list", "iterator"])
+def test_small_items_ahead_of_big_ones_are_not_refused_over_and_over(known_length: bool) -> None:
+    """Each small item learnt again after an overrun sized the next chunk as big as the refused
+    one, which reached the arrays and was refused again, re-encoding up to 16 MiB each time:
+    2,000 small items then 2 MiB arrays cost 2,000 refusals from an iterator (and 32 from a
+    list; 7x slower than before refusals existed). Chunks now shrink after each overrun."""
+    head = [30] * 2000 + [2 << 20] * 100
+    assert _overruns(head, known_length=known_length) <= 10
+    blocks = ([30] * 1000 + [3 << 20] * 50) * 3  # small and big by turns
+    assert _overruns(blocks, known_length=known_length) <= 15
+
+
+def test_small_items_ahead_of_arrays_from_a_generator_run_once_each() -> None:
+    """The same through real workers: every item runs once, in order, and the batch does not
+    re-encode its arrays over and over (counted in this process, where chunks are encoded)."""
+    np = pytest.importorskip("numpy")
+    refusals = Counter[str]()
+    real_init = OverBudget.__init__
+
+    def counting_init(self: OverBudget, budget: int) -> None:
+        refusals["n"] += 1
+        real_init(self, budget)
+
+    items = [*range(1000), *(np.full(1 << 18, i, dtype=np.float64) for i in range(40))]
+    with pytest.MonkeyPatch.context() as patch, sp.Engine(workers=2) as eng:
+        patch.setattr(OverBudget, "__init__", counting_init)
+        report = eng.map(id, iter(items), timeout=60)  # id: a cheap answer for any item
+    assert report.ok and all(o.attempts == 1 for o in report), report.summary()
+    assert [o.index for o in report] == list(range(1040))
+    assert refusals["n"] <= 10, refusals  # before: ~1,000 (one per small item)
+
+
+def test_a_read_from_an_iterator_stops_before_the_arrays_that_would_pass_its_bound() -> None:
+    np = pytest.importorskip("numpy")
+    big = [np.zeros(1 << 19) for _ in range(3)]  # 4 MiB each
+    it = iter([1, 2, *big, 3])
+    chunk: list[Any] = []
+    assert read_within(it, 100, 6 << 20, chunk) is big[1]  # read, not kept: the caller keeps it
+    assert chunk == [1, 2, big[0]] and next(it) is big[2]
+    chunk = []
+    assert read_within(iter(range(5)), 3, 1, chunk) is NOTHING and chunk == [0, 1, 2]
+
+    def failing() -> Iterator[int]:
+        yield from (1, 2)
+        raise ValueError("source broke")
+
+    chunk = []
+    with pytest.raises(ValueError, match="source broke"):
+        read_within(failing(), 10, 1 << 20, chunk)
+    assert chunk == [1, 2]  # what came before the failure is kept
+
+
+def test_an_item_source_gives_back_the_item_over_its_read_bound() -> None:
+    np = pytest.importorskip("numpy")
+    big = [np.zeros(1 << 19) for _ in range(2)]
+    source = ItemSource(iter([0, big[0], big[1], 1]))
+    assert source.read(10, 1 << 20) == [0]  # stops before the first array
+    assert source.read(10, 1 << 20)[0] is big[0]  # given back: it goes alone
+    assert source.read(10, 1 << 20)[0] is big[1]  # alone: the first item always goes
+    assert source.read(10, 1 << 20) == [1] and source.exhausted
+
+
+def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window() -> None:
+    """Chunks were cut by count from the small items' payload: a count-sized read (up to 4,096
+    items from an iterator) pulled every later array of the stream into this process before
+    any was encoded (1,000 x 4 MiB: +4 GB). Now a read stops at the chunk's byte bound, so the
+    arrays alive at once in the parent stay within the in-flight window."""
+    np = pytest.importorskip("numpy")
+    alive: set[int] = set()
+    most = 0
+
+    def stream() -> Iterator[Any]:
+        nonlocal most
+        yield from range(3000)
+        for i in range(200):
+            arr = np.full(1 << 17, i, dtype=np.float64)  # 1 MiB
+            alive.add(i)
+            weakref.finalize(arr, alive.discard, i)
+            most = max(most, len(alive))
+            yield arr
+
+    with sp.Engine(workers=2) as eng:
+        outcomes = list(eng.imap(id, stream(), timeout=60))  # id: a cheap answer for any item
+    assert [o.index for o in outcomes] == list(range(3200)) and all(o.ok for o in outcomes)
+    assert all(o.attempts == 1 for o in outcomes)
+    assert most <= 20, most  # before: 64-200 (all of them) in three runs
+
+
+def test_a_callable_timeout_runs_once_per_item_when_a_chunk_is_taken_back() -> None:
+    """Each item's limit was computed before its chunk was encoded, so a chunk taken back over
+    budget had called ``timeout`` for all its items, which were read and called again: 300
+    small items then 40 arrays of 2 MiB called it 523-644 times for 340 items (up to 5 times
+    for an array)."""
+    np = pytest.importorskip("numpy")
+    calls = Counter[int]()
+
+    def limit(item: Any) -> float:
+        calls[item if isinstance(item, int) else 1000 + int(item[0])] += 1
+        return 60.0
+
+    items = [*range(300), *(np.full(1 << 18, i, dtype=np.float64) for i in range(40))]
+    with sp.Engine(workers=2) as eng:
+        report = eng.map(id, items, timeout=limit)  # id: a cheap answer for any item
+    assert report.ok and all(o.attempts == 1 for o in report), report.summary()
+    assert len(calls) == 340, len(calls)
+    # The first item is encoded alone, then again with the blind plan's first chunk: 2 calls.
+    assert [i for i, n in calls.items() if n > 1] in ([], [0]), sum(calls.values())

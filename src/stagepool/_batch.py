@@ -36,6 +36,7 @@ from ._mailslot import Mailslot
 from ._outcome import BatchStats
 from ._pressure import PressureGate
 from ._progress import Progress, ProgressSink, make_sink
+from ._reading import NOTHING, read_within
 from ._status import register
 from ._window import OrderWindow
 
@@ -106,17 +107,19 @@ class ItemSource:
         self._back[:0] = items
         self.exhausted = False
 
-    def read(self, size: int) -> list[Any]:
+    def read(self, size: int, max_bytes: int | None = None) -> list[Any]:
         """Up to ``size`` items; fewer at the end (or when the iterable raised: those it gave
-        before are kept, since ``list.extend`` keeps them, and the rest of the batch finishes)."""
+        before are kept, since ``list.extend`` keeps them, and the rest of the batch finishes).
+        ``max_bytes``: from an iterator, stop before the item whose arrays would pass it (see
+        ``_reading``); it is read first next time, in a chunk of given-back items only."""
         if self._back:
             chunk = self._back[:size]
             del self._back[:size]
-            if len(chunk) < size and not self._ended():
-                chunk += self._read(size - len(chunk))
+            if len(chunk) < size and not self._ended() and max_bytes is None:
+                chunk += self._read(size - len(chunk), max_bytes)
             self.exhausted = not self._back and self._ended()
             return chunk
-        return self._read(size)
+        return self._read(size, max_bytes)
 
     def _ended(self) -> bool:
         """Whether the underlying items are all read (the given-back ones aside)."""
@@ -124,18 +127,24 @@ class ItemSource:
             return self._at >= len(self._seq)
         return self._it_ended
 
-    def _read(self, size: int) -> list[Any]:
-        if self._seq is not None:
-            chunk = self._seq[self._at : self._at + size]
-            self._at += len(chunk)
+    def _read(self, size: int, max_bytes: int | None) -> list[Any]:
+        if self._seq is not None:  # already in memory: the encoder's budget bounds the chunk
+            part = self._seq[self._at : self._at + size]
+            self._at += len(part)
             self.exhausted = self._at >= len(self._seq)
-            return chunk if type(chunk) is list else list(chunk)
-        chunk = []
+            return part if type(part) is list else list(part)
+        chunk: list[Any] = []
+        over = NOTHING
         try:
-            chunk.extend(itertools.islice(self.it, size))
+            if max_bytes is None:
+                chunk.extend(itertools.islice(self.it, size))
+            else:
+                over = read_within(self.it, size, max_bytes, chunk)
         except Exception as exc:  # not KeyboardInterrupt: the caller's Ctrl-C stops the batch
             self.error = exc
-        if len(chunk) < size:
+        if over is not NOTHING:
+            (self._back if chunk else chunk).append(over)
+        elif len(chunk) < size:
             self.exhausted = self._it_ended = True
         return chunk
 
@@ -259,7 +268,7 @@ class Batch:
         size = min(self.sizer.next_size(self.next_index), self._room(), self.source.available(),
                    self.max_chunk)
         chunk = self._take_back_first(size)
-        chunk += self.source.read(size)
+        chunk += self.source.read(size, self.sizer.read_bytes(size))
         if not chunk:
             return
         start, self.next_index = self.next_index, self.next_index + len(chunk)
@@ -268,7 +277,7 @@ class Batch:
         except OverBudget:  # the payload per item was misjudged: learn it again, item by item
             self.next_index = start
             self.source.unread(chunk)
-            self.sizer.observe_overrun()
+            self.sizer.observe_overrun(len(chunk))
             return
         if self.ordered:
             self.window.took(start)

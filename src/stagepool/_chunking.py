@@ -39,7 +39,9 @@ the chunks that come back and aims each chunk at ``TARGET_CHUNK_SECONDS``:
   plan judges from the first item alone: ``[0]`` then a hundred 8 MiB arrays put 800 MiB into
   ``/dev/shm`` at once). So a chunk of fresh items is encoded within ``OVERRUN_BUDGET`` times
   the bound (``payload_budget``); one that would pass it is taken back unsent, and the payload
-  per item is learnt again from the next single item (``observe_overrun``).
+  per item is learnt again from the next single item (``observe_overrun``), in chunks of at
+  most half as many items as the one taken back (small items learnt again ahead of big ones
+  would otherwise size each next chunk to be refused again).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class ChunkSizer:
         # batch: a report of known length, on a backend that cuts chunks.
         self.blind = False
         self._blind_plan = False  # the plan was made blind and no chunk of it was cut yet
+        self._overrun_cap = MAX_CHUNK  # at most this many items a chunk (see observe_overrun)
 
     @property
     def per_item(self) -> float | None:
@@ -154,7 +157,7 @@ class ChunkSizer:
         else:
             size = min(size, MAX_STREAM_CHUNK)
         size = min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload))
-        return max(1, min(size, MAX_CHUNK))
+        return max(1, min(size, self._overrun_cap))
 
     def _planned(self, submitted: int, remaining: int, per_item: float) -> int:
         """The size of the next planned chunk (0: no plan yet, the rest is still much work)."""
@@ -209,12 +212,22 @@ class ChunkSizer:
             return None
         return OVERRUN_BUDGET * self.chunk_bytes
 
-    def observe_overrun(self) -> None:
-        """A chunk would have passed ``payload_budget``: the payload per item was misjudged.
-        It is learnt again from the next single item; a plan made from it is dropped, and no
-        blind plan is made again (one item's payload says too little of this batch's)."""
+    def read_bytes(self, size: int) -> int | None:
+        """How many bytes of arrays a chunk of ``size`` fresh items may be read with from an
+        iterator (see ``_reading``; None: no bound, as for ``payload_budget``)."""
+        return None if self.payload_budget(size) is None else self.chunk_bytes
+
+    def observe_overrun(self, size: int) -> None:
+        """A chunk of ``size`` items would have passed ``payload_budget``: the payload per item
+        was misjudged. It is learnt again from the next single item; a plan made from it is
+        dropped, and no blind plan is made again (one item's payload says too little of this
+        batch's). Chunks hold at most half as many items from now on: small items learnt again
+        (one by one, ahead of big ones) would size the next chunk as big as this one, to be
+        refused again, and each refusal re-encodes up to the budget (2,000 small items then
+        arrays: a refusal per small item); halving ends that after a few refusals."""
         self._encoded_items = self._payload = 0
         self._plan, self._blind_plan, self.blind = None, False, False
+        self._overrun_cap = max(1, min(self._overrun_cap, size) // 2)
 
     def observe_cut(self) -> None:
         """A chunk came back cut short by its budget: its items are not tiny after all. The
@@ -231,7 +244,7 @@ class ChunkSizer:
                    max(math.ceil(n / (TAIL_SHARES * self.workers)),
                        int(self.min_seconds / per_item)))
         size = min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload))
-        return max(1, min(size, MAX_CHUNK, n))
+        return max(1, min(size, self._overrun_cap, n))
 
     def planned_chunks(self, submitted: int) -> int:
         """How many chunks of the plan are still to go, when they may all go at once (their

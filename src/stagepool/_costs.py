@@ -298,7 +298,7 @@ class CostSizer(ChunkSizer):
         size = arr.count_within(submitted, budget) if submitted < arr.block_end else 1
         if left is None and per_unit is None:
             size = 1  # nothing known: one item at a time, as ChunkSizer does
-        size = min(size, MAX_STREAM_CHUNK if left is None else MAX_CHUNK)
+        size = min(size, MAX_STREAM_CHUNK if left is None else MAX_CHUNK, self._overrun_cap)
         return max(1, min(size, self.chunk_bytes * self._encoded_items // max(1, self._payload)))
 
 

@@ -68,12 +68,8 @@ class LotEncoder:
                     lot.runs)
             return
         refused = self.refusal(start, len(items)) if self.refusal is not None else None
-        timeouts = refused or item_timeouts(self.timeout, items, self.label(start))
-        if isinstance(timeouts, BaseException):  # a bad limit or cost hint: fail only that item
-            if len(items) == 1:
-                self.final(start, "error", timeouts, lot.runs)
-            else:
-                yield from self._singly(lot)
+        if refused is not None:  # a bad cost hint: fail only that item
+            yield from self._fail_limit(lot, refused)
             return
         try:
             encoded = self.codec.encode(items, self.arena, budget)
@@ -88,7 +84,21 @@ class LotEncoder:
             else:
                 yield from self._singly(lot)  # so exactly the items that cannot be encoded fail
             return
+        # After the encoding, which may be refused over budget (the items are read again): a
+        # callable timeout then runs once per item sent, not once per attempt to encode it.
+        timeouts = item_timeouts(self.timeout, items, self.label(start))
+        if isinstance(timeouts, Exception):  # a bad limit: fail only that item
+            self.codec.release(encoded.payload, None)
+            yield from self._fail_limit(lot, timeouts)
+            return
         yield Ready(lot, encoded, timeouts)
+
+    def _fail_limit(self, lot: Lot, error: Exception) -> Iterator[Ready]:
+        """A lot with an item whose limit or cost hint is bad: that item fails, the rest go."""
+        if len(lot.items) == 1:
+            self.final(lot.start, "error", error, lot.runs)
+        else:
+            yield from self._singly(lot)
 
     def _singly(self, lot: Lot) -> Iterator[Ready]:
         for i, item in enumerate(lot.items):
