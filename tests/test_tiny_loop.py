@@ -1,0 +1,93 @@
+"""The tiny-item loop in C (``stagepool._tinyloop``, used by ``_worker_loop.run_chunk``) against
+the same loop in Python: the same values, errors at the same offsets, each item's offset in the
+record before it runs, and the same stops (a budget, a forked child)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stagepool import _worker_loop
+from stagepool._worker_loop import F_OFFSET, Scratch, run_chunk
+
+
+@pytest.fixture(params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param == "python":
+        monkeypatch.setattr(_worker_loop, "_c_loop", None)
+    yield request.param
+
+
+def test_the_c_loop_is_built() -> None:
+    """The install compiles it (a compiler is part of the test machine's set-up); without it
+    tiny items run ~15% slower, with nothing else to show for it."""
+    assert importlib.util.find_spec("stagepool._tinyloop") is not None
+    assert _worker_loop._c_loop is not None
+
+
+class _Picky:
+    """Raises for the items in ``bad``; returns each other item times two."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad = bad
+
+    def __call__(self, x: int) -> int:
+        if x in self.bad:
+            raise ValueError(f"bad {x}")
+        return 2 * x
+
+
+@given(n=st.integers(0, 300), data=st.data())
+def test_both_loops_give_the_same_values_and_errors(n: int, data: st.DataObject) -> None:
+    bad = set(data.draw(st.lists(st.integers(0, max(0, n - 1)), max_size=8))) if n else set()
+    results = []
+    for c_loop in (_worker_loop._c_loop, None):
+        saved = _worker_loop._c_loop
+        _worker_loop._c_loop = c_loop
+        try:
+            result = run_chunk(_Picky(bad), list(range(n)), per_item_clock=False)
+        finally:
+            _worker_loop._c_loop = saved
+        results.append((result.values, sorted((result.errors or {}).items(),
+                                              key=lambda kv: kv[0])))
+    (values, errors), (py_values, py_errors) = results
+    assert values == py_values == [None if i in bad else 2 * i for i in range(n)]
+    assert [o for o, _ in errors] == [o for o, _ in py_errors] == sorted(bad)
+    assert [e.message for _, e in errors] == [e.message for _, e in py_errors]
+
+
+def test_each_items_offset_is_in_the_record_before_it_runs(loop: str) -> None:
+    record = Scratch()
+    result = run_chunk(lambda _: int(record.ints[F_OFFSET]), [None] * 500, record=record,
+                       per_item_clock=False)
+    assert result.values == list(range(500))
+
+
+def test_an_emptied_list_ends_the_loop_after_the_running_item(loop: str) -> None:
+    """What the budget thread and a forked child's at-fork hook do: the item running finishes,
+    the rest never starts."""
+    items: list[Any] = list(range(100))
+
+    def empty_at_10(x: int) -> int:
+        if x == 10:
+            items.clear()
+        return x
+
+    result = run_chunk(empty_at_10, items, per_item_clock=False)
+    assert result.values == list(range(11)) and result.errors is None
+
+
+def test_bad_arguments_are_refused_by_the_c_loop() -> None:
+    c_loop = _worker_loop._c_loop
+    assert c_loop is not None
+    with pytest.raises(TypeError):
+        c_loop(abs, (1, 2), [], Scratch().ints, F_OFFSET)  # type: ignore[arg-type]
+    with pytest.raises(IndexError):
+        c_loop(abs, [1], [], Scratch().ints, 99)
+    with pytest.raises(BufferError):
+        c_loop(abs, [1], [], b"read-only", 0)
