@@ -1,6 +1,7 @@
-"""The tiny-item loop in C (``stagepool._tinyloop``, used by ``_worker_loop.run_chunk``) against
-the same loop in Python: the same values, errors at the same offsets, each item's offset in the
-record before it runs, and the same stops (a budget, a forked child)."""
+"""The loops in C (``stagepool._tinyloop``) against the same loops in Python: the worker's item
+loop (``_worker_loop.run_chunk``: the same values, errors at the same offsets, each item's
+offset in the record before it runs, the same stops: a budget, a forked child) and the parent's
+bounded read of a chunk from an iterator (``_reading.read_within``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stagepool import _worker_loop
+from stagepool import _reading, _worker_loop
 from stagepool._worker_loop import F_OFFSET, Scratch, run_chunk
 
 
@@ -91,3 +92,50 @@ def test_bad_arguments_are_refused_by_the_c_loop() -> None:
         c_loop(abs, [1], [], Scratch().ints, 99)
     with pytest.raises(BufferError):
         c_loop(abs, [1], [], b"read-only", 0)
+
+
+class _Boom(Exception):
+    pass
+
+
+def _stream(sizes: list[int], fail_at: int | None) -> Iterator[Any]:
+    """Ints (size 0) and memoryviews of the given sizes; raises _Boom at ``fail_at``."""
+    for i, size in enumerate(sizes):
+        if i == fail_at:
+            raise _Boom(i)
+        yield memoryview(bytes(size)) if size else i
+
+
+def _read(reader: Any, sizes: list[int], fail_at: int | None, size: int,
+          max_bytes: int) -> tuple[list[Any], Any, bool, list[Any]]:
+    it = _stream(sizes, fail_at)
+    into: list[Any] = []
+    try:
+        over, raised = reader(it, size, max_bytes, into), False
+    except _Boom:
+        over, raised = _reading.NOTHING, True
+    rest: list[Any] = []
+    try:
+        rest.extend(it)
+    except _Boom:
+        rest.append("boom")
+    return ([_key(x) for x in into], over if over is _reading.NOTHING else _key(over), raised,
+            [_key(x) for x in rest])
+
+
+def _key(x: Any) -> Any:
+    return ("mv", x.nbytes) if isinstance(x, memoryview) else x
+
+
+@given(sizes=st.lists(st.sampled_from([0, 0, 0, 1, 5, 40]), max_size=30),
+       fail=st.one_of(st.none(), st.integers(0, 30)), size=st.integers(1, 40),
+       max_bytes=st.integers(0, 60))
+def test_both_bounded_reads_take_the_same_items(sizes: list[int], fail: int | None, size: int,
+                                                max_bytes: int) -> None:
+    """The parent's read of a chunk from an iterator within a byte bound: the C loop and the
+    chained iterators take the same items, return the same one over the bound, leave the same
+    rest, and let the iterator's exception through after the items read before it."""
+    assert _reading._c_read is not None
+    c = _read(_reading.read_within, sizes, fail, size, max_bytes)
+    python = _read(_reading._chained, sizes, fail, size, max_bytes)
+    assert c == python

@@ -1,6 +1,9 @@
-/* The tiny-item loop of a worker, in C: each item's offset into the shared record, then
-   fn(item) appended to values. See stagepool/_worker_loop.py (_loop), which uses it when it
-   could be built and falls back on the same loop in Python otherwise. */
+/* Two loops over tiny items, in C, each with the same loop in Python beside it (used where this
+   module could not be built):
+   run:         a worker's item loop: each item's offset into the shared record, then
+                fn(item) appended to values (stagepool/_worker_loop.py, _loop);
+   read_within: the parent's read of a chunk from an iterator, stopping before the item whose
+                nbytes would pass a bound (stagepool/_reading.py). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -63,9 +66,77 @@ tinyloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
+   bound (already read), or ``nothing``. Appends up to size items of it to into while their
+   nbytes (getattr(item, "nbytes", 0), ints only) add up to at most max_bytes. An exception of
+   the iterator propagates, the items read before it in into. */
+static PyObject *
+tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "read_within(it, size, max_bytes, into, nothing)");
+        return NULL;
+    }
+    PyObject *it = args[0], *into = args[3], *nothing = args[4];
+    if (!PyIter_Check(it) || !PyList_Check(into)) {
+        PyErr_SetString(PyExc_TypeError, "it must be an iterator and into a list");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long max_bytes = PyLong_AsLongLong(args[2]);
+    if (max_bytes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    static PyObject *nbytes_name = NULL;
+    if (nbytes_name == NULL && (nbytes_name = PyUnicode_InternFromString("nbytes")) == NULL) {
+        return NULL;
+    }
+    long long total = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        PyObject *item = PyIter_Next(it);
+        if (item == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            break;
+        }
+        PyObject *nbytes = NULL;
+        if (_PyObject_LookupAttr(item, nbytes_name, &nbytes) < 0) {
+            Py_DECREF(item);
+            return NULL;
+        }
+        if (nbytes != NULL) {
+            if (PyLong_Check(nbytes)) {
+                long long n = PyLong_AsLongLong(nbytes);
+                if (n == -1 && PyErr_Occurred()) {
+                    PyErr_Clear();  /* beyond long long: past any bound */
+                    n = max_bytes + 1;
+                }
+                total += n;
+            }
+            Py_DECREF(nbytes);
+        }
+        if (total > max_bytes) {
+            return item;  /* the caller's reference */
+        }
+        int failed = PyList_Append(into, item);
+        Py_DECREF(item);
+        if (failed) {
+            return NULL;
+        }
+    }
+    Py_INCREF(nothing);
+    return nothing;
+}
+
 static PyMethodDef tinyloop_methods[] = {
     {"run", (PyCFunction)(void (*)(void))tinyloop_run, METH_FASTCALL,
      "run(fn, items, values, slot, field): the tiny-item loop (see _worker_loop)."},
+    {"read_within", (PyCFunction)(void (*)(void))tinyloop_read_within, METH_FASTCALL,
+     "read_within(it, size, max_bytes, into, nothing): a chunk within a byte bound (see _reading)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,7 +12,6 @@ Imports nothing heavy, like it.
 
 from __future__ import annotations
 
-import importlib
 import math
 import mmap
 import os
@@ -22,18 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from . import _worker_budget
+from ._compiled import tinyloop
 from ._worker_errors import ErrInfo, exc_info, explain_read_only
 from ._worker_guards import explain_memory_error, forked_children, guard_items, leave_fork
 from ._worker_stderr import let_parent_read
 
-# The tiny-item loop in C, built at install where a compiler is (see _tinyloop.c). Imported by
-# name: import-linter reads Python sources only, and took ``from ._tinyloop import`` for an
-# import of the whole package (a cycle through every layer).
-_c_loop: Callable[[Callable[[Any], Any], list[Any], list[Any], Any, int], None] | None
-try:
-    _c_loop = importlib.import_module(f"{__package__}._tinyloop").run
-except ImportError:  # pragma: no cover - installed without a compiler: the Python loop
-    _c_loop = None
+# The tiny-item loop in C where the install could build it (see _compiled), else None.
+_c_loop: Callable[[Callable[[Any], Any], list[Any], list[Any], Any, int], None] | None = (
+    None if tinyloop is None else tinyloop.run)
 
 __all__ = [
     "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "PHASE_DECODE", "PHASE_ENCODE",
