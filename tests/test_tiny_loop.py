@@ -9,10 +9,12 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import stagepool as sp
 from stagepool import _reading, _worker_loop
 from stagepool._worker_loop import F_OFFSET, Scratch, run_chunk
 
@@ -139,3 +141,43 @@ def test_both_bounded_reads_take_the_same_items(sizes: list[int], fail: int | No
     c = _read(_reading.read_within, sizes, fail, size, max_bytes)
     python = _read(_reading._chained, sizes, fail, size, max_bytes)
     assert c == python
+
+
+class _SizedBadly:
+    """An item whose ``nbytes`` is broken in one of the ways a user's class can break it."""
+
+    def __init__(self, i: int, how: str) -> None:
+        self.i, self.how = i, how
+
+    @property
+    def nbytes(self) -> Any:
+        if self.how == "raises":
+            raise RuntimeError(f"the file behind item {self.i} is closed")
+        return {"float": 1.5, "none": None, "str": "12", "numpy": np.int64(1 << 40)}[self.how]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_index_of, (self.i,))
+
+
+def _index_of(i: int) -> int:
+    return i
+
+
+def _number(item: int | _SizedBadly) -> int:
+    """The item's number, pickled (an int) or not (the serial backend hands over the object)."""
+    return item if isinstance(item, int) else item.i
+
+
+@pytest.mark.parametrize("how", ["raises", "float", "none", "str", "numpy"])
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_an_items_broken_nbytes_counts_zero_and_fails_nothing(
+        engine: sp.Engine, how: str, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded read looks at ``nbytes`` on its own account: one that raises, or is not an
+    int, must not end the batch (it did: the RuntimeError propagated from map with item 7
+    lost; in Python a float or None compared NotImplemented, a DeprecationWarning, or raised
+    TypeError in the sum)."""
+    if reader == "python":
+        monkeypatch.setattr(_reading, "_c_read", None)
+    items = (_SizedBadly(i, how if i >= 7 else "numpy") for i in range(300))
+    report = engine.map(_number, items)
+    assert report.values == list(range(300))

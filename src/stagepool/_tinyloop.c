@@ -68,7 +68,7 @@ tinyloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
    bound (already read), or ``nothing``. Appends up to size items of it to into while their
-   nbytes (getattr(item, "nbytes", 0), ints only) add up to at most max_bytes. An exception of
+   nbytes (ints only: one that raises an Exception or is not an int counts 0) add up to at most max_bytes. An exception of
    the iterator propagates, the items read before it in into. */
 static PyObject *
 tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -105,8 +105,11 @@ tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *nbytes = NULL;
         if (_PyObject_LookupAttr(item, nbytes_name, &nbytes) < 0) {
-            Py_DECREF(item);
-            return NULL;
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {  /* Ctrl-C, SystemExit */
+                Py_DECREF(item);
+                return NULL;
+            }
+            PyErr_Clear();  /* the item's own bug: an unknown size, counted 0 (_reading) */
         }
         if (nbytes != NULL) {
             if (PyLong_Check(nbytes)) {
