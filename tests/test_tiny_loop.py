@@ -181,3 +181,21 @@ def test_an_items_broken_nbytes_counts_zero_and_fails_nothing(
     items = (_SizedBadly(i, how if i >= 7 else "numpy") for i in range(300))
     report = engine.map(_number, items)
     assert report.values == list(range(300))
+
+
+class _Sized:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+@pytest.mark.parametrize("sizes", [[1, (1 << 63) - 1, 5, 5], [-(1 << 63), -1, 5, 5],
+                                   [-(1 << 70), 5, 5], [1 << 70, 5], [0, 1 << 64, 5]])
+def test_sizes_past_64_bits_are_summed_as_python_sums_them(sizes: list[int]) -> None:
+    """The C loop sums in a long long: 1 + (2**63 - 1) overflowed to a negative total and took
+    every item after it, -2**70 was read as past the bound; the Python read sums exactly."""
+    taken = []
+    for reader in (_reading.read_within, _reading._chained):
+        into: list[Any] = []
+        over = reader(iter([_Sized(n) for n in sizes]), 10, 1000, into)
+        taken.append(([x.nbytes for x in into], None if over is _reading.NOTHING else over.nbytes))
+    assert taken[0] == taken[1]

@@ -6,6 +6,7 @@
                 nbytes would pass a bound (stagepool/_reading.py). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 
 /* run(fn, items, values, slot, field) -> None
@@ -66,6 +67,23 @@ tinyloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* total + n, as Python's ints add it wherever a bound can tell: a sum past LLONG_MAX is past
+   any bound, one below LLONG_MIN stays below it (a plain += overflowed there: 1 + (2**63 - 1)
+   came out negative, and the read took every item after it). */
+static long long
+add_saturated(long long total, PyObject *n_obj)
+{
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
+    if (overflow > 0 || (n > 0 && total > LLONG_MAX - n)) {
+        return LLONG_MAX;
+    }
+    if (overflow < 0 || (n < 0 && total < LLONG_MIN - n)) {
+        return LLONG_MIN;
+    }
+    return total + n;
+}
+
 /* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
    bound (already read), or ``nothing``. Appends up to size items of it to into while their
    nbytes (ints only: one that raises an Exception or is not an int counts 0) add up to at most max_bytes. An exception of
@@ -113,12 +131,7 @@ tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if (nbytes != NULL) {
             if (PyLong_Check(nbytes)) {
-                long long n = PyLong_AsLongLong(nbytes);
-                if (n == -1 && PyErr_Occurred()) {
-                    PyErr_Clear();  /* beyond long long: past any bound */
-                    n = max_bytes + 1;
-                }
-                total += n;
+                total = add_saturated(total, nbytes);
             }
             Py_DECREF(nbytes);
         }
