@@ -6,6 +6,7 @@ bounded read of a chunk from an iterator (``_reading.read_within``)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,3 +200,13 @@ def test_sizes_past_64_bits_are_summed_as_python_sums_them(sizes: list[int]) -> 
         over = reader(iter([_Sized(n) for n in sizes]), 10, 1000, into)
         taken.append(([x.nbytes for x in into], None if over is _reading.NOTHING else over.nbytes))
     assert taken[0] == taken[1]
+
+
+def test_a_builtin_fn_turning_slow_still_stops_at_the_budget(loop: str) -> None:
+    """A builtin (math.factorial) runs no eval loop, which is where the GIL goes to a thread
+    that asked for it: the C loop ran all 50 slow items of ~15 ms past a 20 ms budget (the
+    budget thread never got the GIL), so a map's slow tail all ran on one worker."""
+    items = [10] * 3000 + [20000] * 50
+    result = run_chunk(math.factorial, items, per_item_clock=False, budget=0.02)
+    assert 3000 < len(result.values) < 3000 + 25, len(result.values)
+    assert result.errors is None
