@@ -6,13 +6,16 @@ bounded read of a chunk from an iterator (``_reading.read_within``)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import stagepool as sp
 from stagepool import _reading, _worker_loop
 from stagepool._worker_loop import F_OFFSET, Scratch, run_chunk
 
@@ -139,3 +142,71 @@ def test_both_bounded_reads_take_the_same_items(sizes: list[int], fail: int | No
     c = _read(_reading.read_within, sizes, fail, size, max_bytes)
     python = _read(_reading._chained, sizes, fail, size, max_bytes)
     assert c == python
+
+
+class _SizedBadly:
+    """An item whose ``nbytes`` is broken in one of the ways a user's class can break it."""
+
+    def __init__(self, i: int, how: str) -> None:
+        self.i, self.how = i, how
+
+    @property
+    def nbytes(self) -> Any:
+        if self.how == "raises":
+            raise RuntimeError(f"the file behind item {self.i} is closed")
+        return {"float": 1.5, "none": None, "str": "12", "numpy": np.int64(1 << 40)}[self.how]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_index_of, (self.i,))
+
+
+def _index_of(i: int) -> int:
+    return i
+
+
+def _number(item: int | _SizedBadly) -> int:
+    """The item's number, pickled (an int) or not (the serial backend hands over the object)."""
+    return item if isinstance(item, int) else item.i
+
+
+@pytest.mark.parametrize("how", ["raises", "float", "none", "str", "numpy"])
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_an_items_broken_nbytes_counts_zero_and_fails_nothing(
+        engine: sp.Engine, how: str, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded read looks at ``nbytes`` on its own account: one that raises, or is not an
+    int, must not end the batch (it did: the RuntimeError propagated from map with item 7
+    lost; in Python a float or None compared NotImplemented, a DeprecationWarning, or raised
+    TypeError in the sum)."""
+    if reader == "python":
+        monkeypatch.setattr(_reading, "_c_read", None)
+    items = (_SizedBadly(i, how if i >= 7 else "numpy") for i in range(300))
+    report = engine.map(_number, items)
+    assert report.values == list(range(300))
+
+
+class _Sized:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+@pytest.mark.parametrize("sizes", [[1, (1 << 63) - 1, 5, 5], [-(1 << 63), -1, 5, 5],
+                                   [-(1 << 70), 5, 5], [1 << 70, 5], [0, 1 << 64, 5]])
+def test_sizes_past_64_bits_are_summed_as_python_sums_them(sizes: list[int]) -> None:
+    """The C loop sums in a long long: 1 + (2**63 - 1) overflowed to a negative total and took
+    every item after it, -2**70 was read as past the bound; the Python read sums exactly."""
+    taken = []
+    for reader in (_reading.read_within, _reading._chained):
+        into: list[Any] = []
+        over = reader(iter([_Sized(n) for n in sizes]), 10, 1000, into)
+        taken.append(([x.nbytes for x in into], None if over is _reading.NOTHING else over.nbytes))
+    assert taken[0] == taken[1]
+
+
+def test_a_builtin_fn_turning_slow_still_stops_at_the_budget(loop: str) -> None:
+    """A builtin (math.factorial) runs no eval loop, which is where the GIL goes to a thread
+    that asked for it: the C loop ran all 50 slow items of ~15 ms past a 20 ms budget (the
+    budget thread never got the GIL), so a map's slow tail all ran on one worker."""
+    items = [10] * 3000 + [20000] * 50
+    result = run_chunk(math.factorial, items, per_item_clock=False, budget=0.02)
+    assert 3000 < len(result.values) < 3000 + 25, len(result.values)
+    assert result.errors is None
