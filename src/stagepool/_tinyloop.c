@@ -114,8 +114,8 @@ add_saturated(long long total, PyObject *n_obj)
 
 /* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
    bound (already read), or ``nothing``. Appends up to size items of it to into while their
-   nbytes (ints only: one that raises an Exception or is not an int counts 0) add up to at most max_bytes. An exception of
-   the iterator propagates, the items read before it in into. */
+   nbytes (ints only: one that raises an Exception or is not an int counts 0) add up to at
+   most max_bytes. An exception of the iterator propagates, the items read before it in into. */
 static PyObject *
 tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
