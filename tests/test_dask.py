@@ -658,12 +658,16 @@ def test_a_scheduler_killed_mid_batch_blames_no_item(monkeypatch: pytest.MonkeyP
     died while running item k", though no worker died and no item did anything wrong."""
     from stagepool._backends._dask import _cluster
 
-    monkeypatch.setattr(_cluster, "RPC_TIMEOUT", 3.0)  # the client's reconnect window, shortened
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = _start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
     workers = [_start_worker(address, "--nthreads", "1") for _ in range(2)]
     try:
+        # Up first: the shortened window bounds connecting too, and on a busy machine the
+        # scheduler took longer than 3 s to listen (ConnectionRefused, a flake of this test).
+        with distributed.Client(address, timeout=WAIT, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=WAIT)
+        monkeypatch.setattr(_cluster, "RPC_TIMEOUT", 3.0)  # the client's reconnect window, shortened
         with sp.Engine(backend="dask", address=address, chunk_size=1) as eng:
             eng.map(_tasks.sleep_for, [0.0, 0.0])  # both workers serve
             stream = eng.imap(_tasks.sleep_for, [0.5] * 40)
