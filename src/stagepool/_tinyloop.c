@@ -71,14 +71,12 @@ tinyloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *value = PyObject_CallOneArg(fn, item);
         Py_DECREF(item);
         if (value == NULL) {
-            PyBuffer_Release(&view);
-            return NULL;
+            goto failed;
         }
-        int failed = PyList_Append(values, value);
+        int appended = PyList_Append(values, value);
         Py_DECREF(value);
-        if (failed) {
-            PyBuffer_Release(&view);
-            return NULL;
+        if (appended < 0) {
+            goto failed;
         }
         i++;
         if (let_go && coarse_ticks() != ticked) {
@@ -87,12 +85,14 @@ tinyloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             ticked = coarse_ticks();
         }
         if ((i & 1023) == 0 && PyErr_CheckSignals() < 0) {  /* an in-process run's Ctrl-C */
-            PyBuffer_Release(&view);
-            return NULL;
+            goto failed;
         }
     }
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
+failed:  /* the exception is set: fn's, or a signal handler's */
+    PyBuffer_Release(&view);
+    return NULL;
 }
 
 /* total + n, as Python's ints add it wherever a bound can tell: a sum past LLONG_MAX is past

@@ -49,8 +49,6 @@ SLOT_STRIDE = 16
 PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
 
 
-
-
 class ChunkResult(NamedTuple):
     """A chunk's answer: one value per item (None where it failed) and how the items went.
 
