@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -424,19 +425,38 @@ def _read_meminfo(proc_root: Path) -> tuple[int, int] | None:
     """(MemTotal, MemAvailable) in bytes, or None where the file or a field is missing or odd
     (not Linux, a kernel before 3.14, a fake tree): read directly, a script that builds an
     Engine does not pay for importing psutil (~15 ms of its start-up)."""
+    text = _meminfo_text(proc_root)
+    if text is None:
+        return None
+    total, available = _MEM_TOTAL.search(text), _MEM_AVAILABLE.search(text)
+    if total is None or available is None:
+        return None
+    kib = int(total[1])  # the kernel writes "kB"
+    return kib * 1024, min(int(available[1]), kib) * 1024
+
+
+_MEM_TOTAL = re.compile(rb"^MemTotal:[ \t]*([0-9]+) kB$", re.MULTILINE)
+_MEM_AVAILABLE = re.compile(rb"^MemAvailable:[ \t]*([0-9]+) kB$", re.MULTILINE)
+_meminfo_fd: int | None = None  # the real /proc/meminfo, kept open (see _meminfo_text)
+
+
+def _meminfo_text(proc_root: Path) -> bytes | None:
+    """The bytes of ``{proc_root}/meminfo``. The real file stays open and is read with one
+    ``pread`` (~8 us, against ~30 to open, read and close it, each step a GIL hand-off on the
+    thread that dispatches a batch's chunks: its memory gate reads this every 100 ms)."""
+    global _meminfo_fd
+    if str(proc_root) != "/proc":
+        try:
+            return (proc_root / "meminfo").read_bytes()
+        except OSError:
+            return None
     try:
-        text = (proc_root / "meminfo").read_text()
+        if _meminfo_fd is None:
+            fd = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
+            if _meminfo_fd is None:  # another thread may have opened it meanwhile
+                _meminfo_fd = fd
+            else:
+                os.close(fd)
+        return os.pread(_meminfo_fd, 1 << 16, 0)
     except OSError:
         return None
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("MemTotal", "MemAvailable"):
-            try:
-                fields[name] = int(rest.split()[0]) * 1024  # the kernel writes "kB"
-            except (IndexError, ValueError):
-                return None
-    if len(fields) < 2:
-        return None
-    total = fields["MemTotal"]
-    return total, min(fields["MemAvailable"], total)
