@@ -1,9 +1,11 @@
-/* Two loops over tiny items, in C, each with the same loop in Python beside it (used where this
-   module could not be built):
+/* Three loops over tiny items, in C; where this module could not be built the first two run
+   in Python, and lists go as plain pickles instead of packed:
    run:         a worker's item loop: each item's offset into the shared record, then
                 fn(item) appended to values (stagepool/_worker_loop.py, _loop);
    read_within: the parent's read of a chunk from an iterator, stopping before the item whose
-                nbytes would pass a bound (stagepool/_reading.py). */
+                nbytes would pass a bound (stagepool/_reading.py);
+   pack:        a list of plain ints or floats as the bytes of an array (stagepool/_transport.py,
+                packed): ~4x faster to pickle and to unpickle than the list itself. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
@@ -176,11 +178,81 @@ tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return nothing;
 }
 
+/* array typecodes of the widths pack() writes: 'b' 'h' 'i' 'q' and 'd' in the parent's and the
+   worker's array modules (the same build of Python on the same machine). */
+_Static_assert(sizeof(signed char) == 1 && sizeof(short) == 2 && sizeof(int) == 4
+               && sizeof(long long) == 8 && sizeof(double) == 8, "array typecode widths");
+
+/* pack(values) -> (typecode, raw) or None.
+   A list of exact ints that all fit in 64 bits, as the bytes of an array of the narrowest of
+   'b', 'h', 'i', 'q' that holds them all; a list of exact floats as an array 'd'; None for
+   anything else (an empty list, bools, int or float subclasses, a mix, a big int). Calls no
+   Python code: the list cannot change under it. */
+static PyObject *
+tinyloop_pack(PyObject *module, PyObject *values)
+{
+    if (!PyList_Check(values) || PyList_GET_SIZE(values) == 0) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    PyObject **item = ((PyListObject *)values)->ob_item;
+    if (PyFloat_CheckExact(item[0])) {
+        for (Py_ssize_t i = 1; i < n; i++) {
+            if (!PyFloat_CheckExact(item[i])) {
+                Py_RETURN_NONE;
+            }
+        }
+        PyObject *raw = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
+        if (raw == NULL) {
+            return NULL;
+        }
+        double *out = (double *)PyBytes_AS_STRING(raw);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            out[i] = PyFloat_AS_DOUBLE(item[i]);
+        }
+        return Py_BuildValue("(sN)", "d", raw);
+    }
+    long long lo = LLONG_MAX, hi = LLONG_MIN;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        if (!PyLong_CheckExact(item[i])) {
+            Py_RETURN_NONE;
+        }
+        long long v = PyLong_AsLongLongAndOverflow(item[i], &overflow);
+        if (overflow) {
+            Py_RETURN_NONE;
+        }
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    int width = lo >= SCHAR_MIN && hi <= SCHAR_MAX ? 1
+                : lo >= SHRT_MIN && hi <= SHRT_MAX ? 2
+                : lo >= INT_MIN && hi <= INT_MAX ? 4 : 8;
+    PyObject *raw = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)width);
+    if (raw == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(raw);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(item[i], &overflow);
+        switch (width) {
+        case 1: ((signed char *)out)[i] = (signed char)v; break;
+        case 2: ((short *)out)[i] = (short)v; break;
+        case 4: ((int *)out)[i] = (int)v; break;
+        default: ((long long *)out)[i] = v; break;
+        }
+    }
+    return Py_BuildValue("(sN)", width == 1 ? "b" : width == 2 ? "h" : width == 4 ? "i" : "q", raw);
+}
+
 static PyMethodDef tinyloop_methods[] = {
     {"run", (PyCFunction)(void (*)(void))tinyloop_run, METH_FASTCALL,
      "run(fn, items, values, slot, field): the tiny-item loop (see _worker_loop)."},
     {"read_within", (PyCFunction)(void (*)(void))tinyloop_read_within, METH_FASTCALL,
      "read_within(it, size, max_bytes, into, nothing): a chunk within a byte bound (see _reading)."},
+    {"pack", (PyCFunction)tinyloop_pack, METH_O,
+     "pack(values): a list of plain ints or floats as (array typecode, bytes), else None (see _transport)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,18 +30,21 @@ import pickle
 import re
 import sys
 import types
+from array import array
 from collections import ChainMap
 from typing import TYPE_CHECKING, Any, Literal
 
 import cloudpickle
 
+from ._compiled import tinyloop
 from ._shm import HEADER, MAGIC, Blob, create_segment, discard, map_segment, parse, unlink_names
 
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-__all__ = ["OverBudget", "dumps", "dumps_plain", "dumps_sized", "imported_numpy", "loads"]
+__all__ = ["OverBudget", "dumps", "dumps_plain", "dumps_sized", "imported_numpy", "loads",
+           "packed"]
 
 PICKLE_PROTOCOL = 5
 _EMPTY_HEADER = HEADER.pack(MAGIC, 0)
@@ -62,6 +65,47 @@ class OverBudget(Exception):
 _PLAIN_KINDS = frozenset("biufcmMSUV")
 
 _Order = Literal["C", "F"]
+
+# ---- packed lists -----------------------------------------------------------------------------
+
+# Lists shorter than this pickle as they are: packing saves ~20 ns an item and costs ~1 us.
+PACK_MIN = 64
+_pack = None if tinyloop is None else tinyloop.pack
+
+
+def packed(values: object) -> object:
+    """``values``, or what pickles in its place: a list of at least PACK_MIN exact ints that fit
+    in 64 bits, or of exact floats, travels as the raw bytes of an ``array`` (the narrowest
+    integer type that holds them) and unpickles as an equal list of the same types. Pickling
+    and unpickling 10,000 ints cost ~150 and ~250 us as a list, ~30 and ~60 packed (the list's
+    opcodes are interpreted one by one; ``array.tolist`` makes the ints in one C loop).
+    Anything else (bools, subclasses, numpy scalars, a mix, a big int) is returned as it is,
+    and so is everything where the C extension was not built (``_compiled``)."""
+    if _pack is None or type(values) is not list or len(values) < PACK_MIN:
+        return values
+    raw = _pack(values)
+    return values if raw is None else _Packed(*raw)
+
+
+class _Packed:
+    """Pickles as ``_unpacked(typecode, byte order, raw)``."""
+
+    __slots__ = ("_args",)
+
+    def __init__(self, typecode: str, raw: bytes) -> None:
+        self._args = (typecode, sys.byteorder, raw)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str, bytes]]:
+        return _unpacked, self._args
+
+
+def _unpacked(typecode: str, order: str, raw: bytes) -> list[Any]:
+    """The list a ``_Packed`` stood for (a dask worker may have the other byte order)."""
+    values = array(typecode, raw)
+    if order != sys.byteorder:
+        values.byteswap()
+    return values.tolist()
+
 
 # ---- dumps ------------------------------------------------------------------------------------
 
@@ -112,6 +156,7 @@ def dumps_sized(obj: object, *, threshold: int, owner: int, creator: str,
         raise ValueError(f"owner must be a pid, got {owner}")
     if not _CREATOR.fullmatch(creator):
         raise ValueError(f"creator must be 'p', 'w<pid>' or 's<n>', got {creator!r}")
+    obj = packed(obj)
     file = io.BytesIO()
     file.write(_EMPTY_HEADER)
     numpy = imported_numpy() if threshold > 0 or read_only or writable else None

@@ -71,15 +71,12 @@ __all__ = [
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-
-
 def dumps(obj: object) -> bytes:
     """Pickle with cloudpickle: as fast as pickle on plain data (measured: 51 vs 47 us for 5,000
     ints), and it also carries lambdas, closures and classes defined in ``__main__``, which a
     worker that did not import the caller's script could not find by reference. Code pickled by
     value keeps its file name, so tracebacks show where it came from (``_transport``)."""
     return _transport.dumps_plain(obj)
-
 
 
 def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> bytes:
@@ -93,7 +90,7 @@ def encode_result(result: ChunkResult, setup: WorkerSetup | None = None) -> byte
 
     values, stamps, errors, pid = result
     try:
-        return encode((values, stamps.tobytes(), errors, pid))
+        return encode((_transport.packed(values), stamps.tobytes(), errors, pid))
     except BaseException:
         pass
     errors = dict(errors or {})
