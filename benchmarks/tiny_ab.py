@@ -1,11 +1,11 @@
 """Is stagepool's tiny-item path as fast as multiprocessing.Pool.map, on a loaded machine? (issue 15)
 
-The ``tiny`` workload of the harness runs each pool in its own process, one after the other, 3
-times: on a machine shared with other jobs the load moves between rows by more than the
-difference being measured (the same stagepool row measured 0.3 to 1.0 us/item in three runs). This
-script runs the pools *interleaved*, in one process: each round maps 20,000 ``x * 2`` once on
-every pool, in a rotating order, so that every pool meets the same load; the ratios are the
-medians of the per-round ratios.
+The ``tiny`` workload of the harness runs each pool in its own process, one after the other (5
+timed bursts of maps each): on a machine shared with other jobs the load can move between rows
+by more than the difference being measured (with one map per timed run, the same stagepool row
+measured 0.3 to 1.0 us/item in three runs). This script runs the pools *interleaved*, in one
+process: each round maps 20,000 ``x * 2`` once on every pool, in a rotating order, so that every
+pool meets the same load; the ratios are the medians of the per-round ratios.
 
     python -m benchmarks.tiny_ab [--rounds 60] [--items 20000] [--out DIR]
 
