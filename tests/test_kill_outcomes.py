@@ -191,3 +191,32 @@ def test_kill_of_running_short_chunks_on_dask_counts_every_run(tmp_path: Path) -
                  if not 0 <= o.attempts - _runs(folder, o.index)
                  <= ("was running when" in str(o.error))]
         assert not wrong, wrong
+
+
+def test_a_kill_under_a_generator_reads_no_more_of_it(tmp_path: Path) -> None:
+    """A map over a generator, killed mid-way: the report holds one outcome for each item read
+    from the generator (each with its true runs), and nothing more is read from it (it may be
+    endless); the rest stays in the generator (README's promise for iterators)."""
+    read: list[int] = []
+
+    def items() -> Any:
+        for i in range(10_000):
+            read.append(i)
+            yield (i, 0.01, str(tmp_path))
+
+    eng = sp.Engine(workers=2)
+    try:
+        killer = _kill_when_running_item(eng, tmp_path, 40)
+        report = eng.map(_tasks.note_runs_then_sleep, items())
+        killer.join(WAIT)
+        taken = len(read)
+        assert 40 < taken < 10_000
+        assert [o.index for o in report] == list(range(taken))
+        assert {o.kind for o in report} <= {"ok", "cancelled"}
+        for outcome in report:
+            assert outcome.attempts == _runs(tmp_path, outcome.index), outcome
+        with pytest.raises(sp.EngineClosed):
+            eng.map(_tasks.double, [1])
+        assert len(read) == taken  # nothing read after the kill
+    finally:
+        eng.shutdown(kill=True)

@@ -337,7 +337,10 @@ class Engine(AsyncCalls, PipelineCalls):
         down is killed at interpreter exit instead, so a forgotten one cannot hang it.
         ``cancel_futures``: queued items that have not started get outcome kind ``"cancelled"``
         (futures are cancelled). ``kill``: kill running work at once (finishes within seconds even
-        with hung tasks); its items get kind ``"cancelled"``.
+        with hung tasks); its items get kind ``"cancelled"``. A call running over an iterator
+        (a generator) ends with the items it had read: the rest are never read from it (it may
+        be endless) and get no outcome, so that call's report is shorter than the input; over
+        a list, tuple or range every item gets one.
 
         KeyboardInterrupt: Ctrl-C while waiting turns the shutdown into ``kill=True`` (running
         work is killed in the background) and propagates.
