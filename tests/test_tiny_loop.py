@@ -154,7 +154,8 @@ class _SizedBadly:
     def nbytes(self) -> Any:
         if self.how == "raises":
             raise RuntimeError(f"the file behind item {self.i} is closed")
-        return {"float": 1.5, "none": None, "str": "12", "numpy": np.int64(1 << 40)}[self.how]
+        return {"float": 1.5, "none": None, "str": "12", "negative": -(1 << 40),
+                "huge": 1 << 80, "numpy": np.int64(1 << 40)}[self.how]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_index_of, (self.i,))
@@ -169,14 +170,14 @@ def _number(item: int | _SizedBadly) -> int:
     return item if isinstance(item, int) else item.i
 
 
-@pytest.mark.parametrize("how", ["raises", "float", "none", "str", "numpy"])
+@pytest.mark.parametrize("how", ["raises", "float", "none", "str", "negative", "huge"])
 @pytest.mark.parametrize("reader", ["c", "python"])
 def test_an_items_broken_nbytes_counts_zero_and_fails_nothing(
         engine: sp.Engine, how: str, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bounded read looks at ``nbytes`` on its own account: one that raises, or is not an
-    int, must not end the batch (it did: the RuntimeError propagated from map with item 7
+    integer, must not end the batch (it did: the RuntimeError propagated from map with item 7
     lost; in Python a float or None compared NotImplemented, a DeprecationWarning, or raised
-    TypeError in the sum)."""
+    TypeError in the sum); nor must a negative or a huge one."""
     if reader == "python":
         monkeypatch.setattr(_reading, "_c_read", None)
     items = (_SizedBadly(i, how if i >= 7 else "numpy") for i in range(300))
@@ -200,6 +201,26 @@ def test_sizes_past_64_bits_are_summed_as_python_sums_them(sizes: list[int]) -> 
         over = reader(iter([_Sized(n) for n in sizes]), 10, 1000, into)
         taken.append(([x.nbytes for x in into], None if over is _reading.NOTHING else over.nbytes))
     assert taken[0] == taken[1]
+
+
+class _NumpySized:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = np.int64(nbytes)
+
+
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_numpy_integer_sizes_count_and_negative_ones_count_zero(reader: str) -> None:
+    """An array library may give ``nbytes`` as a numpy integer: it counts like an int (it
+    counted 0, so such arrays were read past the bound). A negative size is a broken one and
+    counts 0 (it counted against the total and let the items after it through)."""
+    read = _reading.read_within if reader == "c" else _reading._chained
+    into: list[Any] = []
+    over = read(iter([_NumpySized(60), _NumpySized(30), _NumpySized(60), _Sized(1)]), 10, 100,
+                into)
+    assert [int(x.nbytes) for x in into] == [60, 30] and int(over.nbytes) == 60
+    into = []
+    over = read(iter([_Sized(-1000), _Sized(60), _Sized(60), _Sized(1)]), 10, 100, into)
+    assert [x.nbytes for x in into] == [-1000, 60] and over.nbytes == 60
 
 
 def test_a_builtin_fn_turning_slow_still_stops_at_the_budget(loop: str) -> None:

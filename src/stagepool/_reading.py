@@ -7,9 +7,9 @@ parent before any was encoded (+4 GB for 1,000 segments). So a read from an iter
 before the item whose arrays would pass the bound (the first item is always taken).
 
 Only what an item says of itself cheaply is counted: its ``nbytes`` (numpy arrays, memoryviews
-and most array libraries), when it is an int; an ``nbytes`` that raises (an Exception) or is
-anything else (a float, None, a numpy integer) counts 0: the item is the user's, and reading its
-size is ours, so a broken size must not fail the batch. Arrays nested in other objects are not
+and most array libraries), when it is an integer (an int, or a numpy integer); an ``nbytes``
+that raises (an Exception), is anything else (a float, None) or is negative counts 0: the item
+is the user's, and reading its size is ours, so a broken size must not fail the batch. Arrays nested in other objects are not
 seen here; the encoder's payload budget still keeps them out of shared memory (``ChunkSizer.payload_budget``).
 """
 
@@ -56,9 +56,11 @@ def _chained(it: Iterator[Any], size: int, max_bytes: int, into: list[Any]) -> A
 
 
 def _nbytes(item: Any) -> int:
-    """The item's ``nbytes`` if it is an int, else 0 (as the C loop counts it)."""
+    """The item's ``nbytes`` if it is an integer above 0, else 0 (as the C loop counts it)."""
     try:
         n = getattr(item, "nbytes", 0)  # with a default: no AttributeError made (~1.5 us)
+        if type(n) is not int:
+            n = operator.index(n)  # numpy's integers; a float or None raises TypeError
     except Exception:  # an item's own bug (a closed file behind a lazy array): unknown size
         return 0
-    return n if isinstance(n, int) else 0
+    return n if n > 0 else 0

@@ -97,27 +97,25 @@ failed:  /* the exception is set: fn's, or a signal handler's */
     return NULL;
 }
 
-/* total + n, as Python's ints add it wherever a bound can tell: a sum past LLONG_MAX is past
-   any bound, one below LLONG_MIN stays below it (a plain += overflowed there: 1 + (2**63 - 1)
-   came out negative, and the read took every item after it). */
+/* total + n for a size n (a Python int): saturating at LLONG_MAX, past any bound (a plain +=
+   overflowed there: 1 + (2**63 - 1) came out negative, and the read took every item after it);
+   a negative size counts 0, as an unknown one does. */
 static long long
-add_saturated(long long total, PyObject *n_obj)
+add_size(long long total, PyObject *n_obj)
 {
     int overflow = 0;
     long long n = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
     if (overflow > 0 || (n > 0 && total > LLONG_MAX - n)) {
         return LLONG_MAX;
     }
-    if (overflow < 0 || (n < 0 && total < LLONG_MIN - n)) {
-        return LLONG_MIN;
-    }
-    return total + n;
+    return overflow < 0 || n < 0 ? total : total + n;
 }
 
 /* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
    bound (already read), or ``nothing``. Appends up to size items of it to into while their
-   nbytes (ints only: one that raises an Exception or is not an int counts 0) add up to at
-   most max_bytes. An exception of the iterator propagates, the items read before it in into. */
+   nbytes (an int, or an integer with __index__ such as numpy's; one that raises an Exception,
+   is anything else or is negative counts 0) add up to at most max_bytes. An exception of the
+   iterator propagates, the items read before it in into. */
 static PyObject *
 tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -160,10 +158,20 @@ tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_Clear();  /* the item's own bug: an unknown size, counted 0 (_reading) */
         }
         if (nbytes != NULL) {
-            if (PyLong_Check(nbytes)) {
-                total = add_saturated(total, nbytes);
-            }
+            PyObject *n = PyLong_Check(nbytes) ? Py_NewRef(nbytes)
+                          : PyIndex_Check(nbytes) ? PyNumber_Index(nbytes) : NULL;
             Py_DECREF(nbytes);
+            if (n == NULL && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                    Py_DECREF(item);
+                    return NULL;
+                }
+                PyErr_Clear();  /* a broken __index__: an unknown size */
+            }
+            if (n != NULL) {
+                total = add_size(total, n);
+                Py_DECREF(n);
+            }
         }
         if (total > max_bytes) {
             return item;  /* the caller's reference */
