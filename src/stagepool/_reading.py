@@ -9,8 +9,9 @@ before the item whose arrays would pass the bound (the first item is always take
 Only what an item says of itself cheaply is counted: its ``nbytes`` (numpy arrays, memoryviews
 and most array libraries), when it is an integer (an int, or a numpy integer); an ``nbytes``
 that raises (an Exception), is anything else (a float, None) or is negative counts 0: the item
-is the user's, and reading its size is ours, so a broken size must not fail the batch. Arrays nested in other objects are not
-seen here; the encoder's payload budget still keeps them out of shared memory (``ChunkSizer.payload_budget``).
+is the user's, and reading its size is ours, so a broken size must not fail the batch. Arrays
+nested in other objects are not seen here; the encoder's payload budget still keeps them out of
+shared memory (``ChunkSizer.payload_budget``).
 """
 
 from __future__ import annotations
