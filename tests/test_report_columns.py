@@ -71,3 +71,19 @@ def test_overlapping_runs_are_written_in_arrival_order_not_by_position() -> None
     assert report.values == ["a", "b", "c"]
     assert [(o.duration, o.worker, o.attempts) for o in report] == [
         (1.0, 1, 2), (2.0, 1, 2), (3.0, 1, 2)]
+
+
+@pytest.mark.parametrize("keys", [None, [f"k{i}" for i in range(2_500)]])
+def test_iterating_an_all_ok_report_reads_what_indexing_reads(keys: list[str] | None) -> None:
+    """An all-ok report is iterated a block of outcomes at a time (C loops): every outcome
+    equals the one indexing builds item by item (index, value, duration, worker, attempts, key),
+    a worker pid of 0 (unknown) reading None as it does there; and so does ``successful``."""
+    builder = ReportBuilder(2_500)
+    builder.place(1_000, list(range(1_000, 2_500)), array("d", [0.5]) * 1_500, 0)
+    builder.place(0, [str(i) for i in range(1_000)], array("d", range(1_000)), 77)
+    report = builder.build(2_500, STATS, keys)
+    by_index = [report[i] for i in range(len(report))]
+    assert list(report) == by_index == report.successful
+    assert [type(o) for o in report] == [type(by_index[0])] * 2_500
+    assert report[1_500].worker is None and report[10].worker == 77
+    assert [o.key for o in report] == (keys or [None] * 2_500)

