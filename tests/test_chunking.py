@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stagepool import _chunking
 from stagepool._chunking import (
     BLIND_SHARES,
     BUDGET_SLACK,
@@ -206,3 +207,18 @@ def test_a_cut_chunk_ends_the_blind_plan_and_its_rest_is_sized_from_what_was_lea
     slow.observe(1, 0.3)
     slow.observe_cut()
     assert slow.rest_size(98) == 1  # slow items go one by one
+
+
+def test_the_payload_per_item_follows_the_last_chunks_not_the_whole_batch() -> None:
+    """Twenty 8 MiB arrays, then tiny items: a mean over the whole batch kept chunks at one
+    item for thousands of items (355 chunks for 50,000 ints after 20 arrays); the estimate
+    now spans the last PAYLOAD_CHUNKS chunks, so chunks grow again after a few."""
+    sizer = ChunkSizer(None, 2, None)
+    for _ in range(20):
+        sizer.observe_payload(1, 8 << 20)
+        sizer.observe(1, 1e-6)
+    assert sizer.next_size(20) == 1  # still arrays in view: one at a time
+    for _ in range(_chunking.PAYLOAD_CHUNKS):
+        sizer.observe_payload(1, 30)
+        sizer.observe(1, 1e-6)
+    assert sizer.next_size(20 + _chunking.PAYLOAD_CHUNKS) == _chunking.MAX_STREAM_CHUNK
