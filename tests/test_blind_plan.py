@@ -280,11 +280,14 @@ def test_an_item_source_gives_back_the_item_over_its_read_bound() -> None:
     assert source.read(10, 1 << 20) == [1] and source.exhausted
 
 
-def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window() -> None:
+@pytest.mark.parametrize("shape", ["array", "pair"])
+def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window(
+        shape: str) -> None:
     """Chunks were cut by count from the small items' payload: a count-sized read (up to 4,096
     items from an iterator) pulled every later array of the stream into this process before
     any was encoded (1,000 x 4 MiB: +4 GB). Now a read stops at the chunk's byte bound, so the
-    arrays alive at once in the parent stay within the in-flight window."""
+    arrays alive at once in the parent stay within the in-flight window; also when each array
+    comes in a ``(meta, array)`` pair (a segment and its samples), which read 64-200 at once."""
     np = pytest.importorskip("numpy")
     alive: set[int] = set()
     most = 0
@@ -297,7 +300,7 @@ def test_a_generator_of_small_items_then_arrays_is_not_read_ahead_of_the_window(
             alive.add(i)
             weakref.finalize(arr, alive.discard, i)
             most = max(most, len(alive))
-            yield arr
+            yield arr if shape == "array" else (i, arr)
 
     with sp.Engine(workers=2) as eng:
         outcomes = list(eng.imap(id, stream(), timeout=60))  # id: a cheap answer for any item

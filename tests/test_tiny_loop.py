@@ -223,6 +223,48 @@ def test_numpy_integer_sizes_count_and_negative_ones_count_zero(reader: str) -> 
     assert [x.nbytes for x in into] == [-1000, 60] and over.nbytes == 60
 
 
+class _SizedTuple(tuple):  # type: ignore[type-arg]
+    """A tuple that says its own size: its parts are not looked at."""
+
+    nbytes = 7
+
+
+def _shaped(kind: str, size: int) -> Any:
+    part = memoryview(bytes(size))
+    return {"int": size, "view": part, "pair": (size, part), "list": [part, part],
+            "deep": ((part,),), "wide": (*[memoryview(bytes(1))] * 16, part),
+            "own-size": _SizedTuple((part,))}[kind]
+
+
+@given(shapes=st.lists(st.tuples(st.sampled_from(["int", "view", "pair", "list", "deep", "wide",
+                                                  "own-size"]),
+                                 st.sampled_from([0, 1, 5, 40])), max_size=30),
+       size=st.integers(1, 40), max_bytes=st.integers(0, 60))
+def test_both_bounded_reads_count_tuple_and_list_items_alike(
+        shapes: list[tuple[str, int]], size: int, max_bytes: int) -> None:
+    """A tuple or list item without an ``nbytes`` counts its first 16 parts' (deeper ones and
+    later ones are not seen; a tuple with its own ``nbytes`` counts that): both readers take
+    the same items and stop at the same one."""
+    items = [_shaped(kind, n) for kind, n in shapes]
+    taken = []
+    for reader in (_reading.read_within, _reading._chained):
+        into: list[Any] = []
+        over = reader(iter(items), size, max_bytes, into)
+        taken.append(([id(x) for x in into], id(over)))
+    assert taken[0] == taken[1]
+
+
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_meta_and_array_pairs_count_their_arrays(reader: str) -> None:
+    """``(meta, array)`` items (a segment and its samples) were read by count alone: a read
+    after small items pulled ~150 segments of 4 MiB into the parent at once."""
+    read = _reading.read_within if reader == "c" else _reading._chained
+    into: list[Any] = []
+    pairs = [(i, np.zeros(8)) for i in range(4)]  # 64 bytes each
+    over = read(iter(pairs), 10, 150, into)
+    assert into == pairs[:2] and over is pairs[2]
+
+
 def test_a_builtin_fn_turning_slow_still_stops_at_the_budget(loop: str) -> None:
     """A builtin (math.factorial) runs no eval loop, which is where the GIL goes to a thread
     that asked for it: the C loop ran all 50 slow items of ~15 ms past a 20 ms budget (the

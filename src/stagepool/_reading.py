@@ -9,9 +9,10 @@ before the item whose arrays would pass the bound (the first item is always take
 Only what an item says of itself cheaply is counted: its ``nbytes`` (numpy arrays, memoryviews
 and most array libraries), when it is an integer (an int, or a numpy integer); an ``nbytes``
 that raises (an Exception), is anything else (a float, None) or is negative counts 0: the item
-is the user's, and reading its size is ours, so a broken size must not fail the batch. Arrays
-nested in other objects are not seen here; the encoder's payload budget still keeps them out of
-shared memory (``ChunkSizer.payload_budget``).
+is the user's, and reading its size is ours, so a broken size must not fail the batch. A tuple
+or list item without an ``nbytes`` counts its first parts' (``(meta, array)`` pairs, a
+segment's named fields); arrays nested deeper, or in other objects, are not seen here (the
+encoder's payload budget still keeps them out of shared memory: ``ChunkSizer.payload_budget``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ._compiled import tinyloop
 __all__ = ["NOTHING", "read_within"]
 
 NOTHING: Any = object()  # read_within's "no item was left over"
+_MISSING: Any = object()
+MAX_PARTS = 16  # parts of a tuple or list item whose sizes count (as in _tinyloop.c)
 _c_read = None if tinyloop is None else tinyloop.read_within
 _second = operator.itemgetter(1)
 
@@ -57,9 +60,20 @@ def _chained(it: Iterator[Any], size: int, max_bytes: int, into: list[Any]) -> A
 
 
 def _nbytes(item: Any) -> int:
-    """The item's ``nbytes`` if it is an integer above 0, else 0 (as the C loop counts it)."""
+    """The item's size as the C loop counts it: its ``nbytes`` (``_size``); a tuple or list
+    without one, the sizes of its first MAX_PARTS parts."""
+    size = _size(item)
+    if size is None and isinstance(item, tuple | list):
+        return sum(_size(part) or 0 for part in item[:MAX_PARTS])
+    return size or 0
+
+
+def _size(obj: Any) -> int | None:
+    """``obj.nbytes`` if it is an integer above 0, else 0; None when it has no ``nbytes``."""
     try:
-        n = getattr(item, "nbytes", 0)  # with a default: no AttributeError made (~1.5 us)
+        n = getattr(obj, "nbytes", _MISSING)  # with a default: no AttributeError made (~1.5 us)
+        if n is _MISSING:
+            return None
         if type(n) is not int:
             n = operator.index(n)  # numpy's integers; a float or None raises TypeError
     except Exception:  # an item's own bug (a closed file behind a lazy array): unknown size

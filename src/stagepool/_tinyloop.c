@@ -111,11 +111,49 @@ add_size(long long total, PyObject *n_obj)
     return overflow < 0 || n < 0 ? total : total + n;
 }
 
+/* Parts of a tuple or list item whose sizes count (see read_within). */
+#define MAX_PARTS 16
+
+/* Adds obj's size to *total: its nbytes, when an int or an integer with __index__ (numpy's)
+   above 0; one that raises an Exception, is anything else or is negative counts 0. Returns 1
+   when obj has an nbytes, 0 when it has none, -1 for an exception that must propagate (Ctrl-C,
+   SystemExit: anything but an Exception). */
+static int
+count_size(PyObject *obj, PyObject *name, long long *total)
+{
+    PyObject *nbytes = NULL;
+    int found = _PyObject_LookupAttr(obj, name, &nbytes);
+    if (found < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return -1;
+        }
+        PyErr_Clear();  /* the item's own bug: an unknown size, counted 0 (_reading) */
+        return 1;
+    }
+    if (nbytes == NULL) {
+        return 0;
+    }
+    PyObject *n = PyLong_Check(nbytes) ? Py_NewRef(nbytes)
+                  : PyIndex_Check(nbytes) ? PyNumber_Index(nbytes) : NULL;
+    Py_DECREF(nbytes);
+    if (n == NULL && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return -1;
+        }
+        PyErr_Clear();  /* a broken __index__: an unknown size */
+    }
+    if (n != NULL) {
+        *total = add_size(*total, n);
+        Py_DECREF(n);
+    }
+    return 1;
+}
+
 /* read_within(it, size, max_bytes, into, nothing) -> the item that would have passed the
    bound (already read), or ``nothing``. Appends up to size items of it to into while their
-   nbytes (an int, or an integer with __index__ such as numpy's; one that raises an Exception,
-   is anything else or is negative counts 0) add up to at most max_bytes. An exception of the
-   iterator propagates, the items read before it in into. */
+   sizes (count_size; a tuple or list without an nbytes: the sum of its first MAX_PARTS
+   parts') add up to at most max_bytes. An exception of the iterator propagates, the items
+   read before it in into. */
 static PyObject *
 tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -149,29 +187,20 @@ tinyloop_read_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             break;
         }
-        PyObject *nbytes = NULL;
-        if (_PyObject_LookupAttr(item, nbytes_name, &nbytes) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {  /* Ctrl-C, SystemExit */
-                Py_DECREF(item);
-                return NULL;
+        int had = count_size(item, nbytes_name, &total);
+        /* A tuple or list without a size of its own: its first parts' sizes ((meta, array)
+           pairs, a segment's fields). The list may shrink under a property's code. */
+        if (had == 0 && (PyTuple_Check(item) || PyList_Check(item))) {
+            for (Py_ssize_t k = 0; had == 0 && k < MAX_PARTS
+                                 && k < PySequence_Fast_GET_SIZE(item); k++) {
+                PyObject *part = Py_NewRef(PySequence_Fast_GET_ITEM(item, k));
+                had = count_size(part, nbytes_name, &total) < 0 ? -1 : 0;
+                Py_DECREF(part);
             }
-            PyErr_Clear();  /* the item's own bug: an unknown size, counted 0 (_reading) */
         }
-        if (nbytes != NULL) {
-            PyObject *n = PyLong_Check(nbytes) ? Py_NewRef(nbytes)
-                          : PyIndex_Check(nbytes) ? PyNumber_Index(nbytes) : NULL;
-            Py_DECREF(nbytes);
-            if (n == NULL && PyErr_Occurred()) {
-                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                    Py_DECREF(item);
-                    return NULL;
-                }
-                PyErr_Clear();  /* a broken __index__: an unknown size */
-            }
-            if (n != NULL) {
-                total = add_size(total, n);
-                Py_DECREF(n);
-            }
+        if (had < 0) {
+            Py_DECREF(item);
+            return NULL;
         }
         if (total > max_bytes) {
             return item;  /* the caller's reference */
