@@ -187,12 +187,30 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
     assert all(s.kind in ("ok", "skipped") for n, s in bad.stages.items() if n != stage)
     downstream = {"decode": STAGES[1:], "loudness": ["encode"], "encode": []}[stage]
     assert all(bad.stages[n].kind == "skipped" for n in downstream)
-    # the stages it reads ran fine (it ran only because they did): once "skipped" because of it
-    upstream = {"decode": [], "loudness": ["decode", "resample"], "encode": STAGES[:-1]}[stage]
+    # the stages that ran before it ran fine (it ran only because they did; "features" does
+    # not feed "loudness" but ran before it): once "skipped" because of it, attempts 0
+    upstream = {"decode": [], "loudness": ["decode", "resample", "features"],
+                "encode": STAGES[:-1]}[stage]
     assert all((bad.stages[n].kind, bad.stages[n].attempts) == ("ok", 1) for n in upstream), \
         bad.stages
     assert [s.ok for s in report] == [True, False, True, True]
     assert engine.run(diamond(), [pt.seg(0)]).ok  # the engine still serves
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_stage_that_failed_before_a_crash_in_its_group_still_reads_failed(
+        engine: sp.Engine) -> None:
+    """"features" raises, then the worker dies in "loudness" (same fused group): the records
+    died with it, but its breadcrumb said how the stages before ended. "features" reads "error"
+    (what it raised is lost: the message says so), not "skipped" because of the crash."""
+    report = engine.run(diamond(), [pt.seg(0, features="error", loudness="crash")])
+    stages = report[0].stages
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in stages.items()}
+    assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("error", 1),
+                     "loudness": ("crash", 1), "encode": ("skipped", 0)}, kinds
+    assert "was lost" in str(stages["features"].error) and "'loudness'" in str(
+        stages["features"].error)
+    assert report[0].stage == "features"  # the first stage in order that did not end ok
 
 
 @pytest.mark.needs("survives_crash")

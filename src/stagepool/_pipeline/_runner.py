@@ -107,6 +107,7 @@ class GroupRunner:
         crumbs = self.crumbs if len(self.stages) > 1 else None
         values, blocked = dict(carry.values), dict(carry.blocked)
         records: dict[str, StageRecord] = {}
+        done = [0, 0]  # bit i: stage i ended ok, failed (what the breadcrumb keeps of records)
         for i, stage in enumerate(self.stages):
             cause = next((blocked[dep] for dep in stage.after if dep in blocked), None) \
                 if blocked else None
@@ -114,14 +115,16 @@ class GroupRunner:
                 records[stage.name] = StageRecord("skipped", None, 0.0, 0, cause)
                 blocked[stage.name] = cause
                 continue
-            _crumb(crumbs, (self.group, carry.segment, i))
+            _crumb(crumbs, (self.group, carry.segment, i, *done))
             record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
             records[stage.name] = record
             if record.kind == "ok":
                 values[stage.name] = value
             else:
                 blocked[stage.name] = stage.name
-        _crumb(crumbs, (self.group, carry.segment, -1))
+            if i < MASK_STAGES:
+                done[record.kind != "ok"] |= 1 << i
+        _crumb(crumbs, (self.group, carry.segment, -1, *done))
         return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
 
 
@@ -209,10 +212,21 @@ _crumb_file: list[Any] = [None, None]  # [directory, mmap]: one breadcrumb per w
 os.register_at_fork(after_in_child=lambda: _crumb_file.__setitem__(slice(None), [None, None]))
 
 
-_CRUMB = struct.Struct("qqq")  # group, segment, stage in the group (-1: none running)
+# group, segment, stage in the group (-1: none running), then two masks of the stages before
+# it: bit i set, stage i ended ok / failed (stages from MASK_STAGES on are not in them).
+_CRUMB = struct.Struct("qqqqq")
+MASK_STAGES = 63
 
 
-def _crumb(directory: str | None, where: tuple[int, int, int]) -> None:
+class Crumb(NamedTuple):
+    """What a worker's breadcrumb says of the stage it was running (see ``read_crumb``)."""
+
+    stage: int  # the stage's position in the group
+    ok: int  # bit i: stage i of the group ended ok before it
+    failed: int  # bit i: stage i failed before it (what it raised was lost with the worker)
+
+
+def _crumb(directory: str | None, where: tuple[int, ...]) -> None:
     """Note which stage runs now in this worker's breadcrumb (``directory/<pid>``), so the
     parent can name it when the worker dies or is killed mid-stage, and count what ran.
 
@@ -244,15 +258,16 @@ def _open_crumb(directory: str) -> None:
     _crumb_file[:] = [directory, mapped]
 
 
-def read_crumb(directory: str, pid: int | None, group: int, segment: int) -> int | None:
+def read_crumb(directory: str, pid: int | None, group: int, segment: int) -> Crumb | None:
     """In the parent: the stage of ``group`` the worker ``pid`` was running for ``segment``
-    when it stopped, if it said (None: it said nothing, or was on another segment)."""
+    when it stopped, and how the stages before it ended, if it said (None: it said nothing, or
+    was on another segment)."""
     if pid is None:
         return None
     crumb = _read_crumb(os.path.join(directory, str(pid)))
     if crumb is None or crumb[:2] != (group, segment) or crumb[2] < 0:
         return None
-    return crumb[2]
+    return Crumb(*crumb[2:])
 
 
 def dead_stages(directory: str, group: int, segment: int) -> list[int]:
@@ -266,7 +281,7 @@ def dead_stages(directory: str, group: int, segment: int) -> list[int]:
     return [c[2] for c in crumbs if c is not None and c[:2] == (group, segment) and c[2] >= 0]
 
 
-def _read_crumb(path: str) -> tuple[int, int, int] | None:
+def _read_crumb(path: str) -> tuple[int, ...] | None:
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -31,7 +31,7 @@ from .._failures import rebuild_error
 from .._outcome import Outcome
 from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
-from ._runner import Carry, GroupResult, StageRecord, dead_stages, read_crumb
+from ._runner import Carry, Crumb, GroupResult, StageRecord, dead_stages, read_crumb
 
 __all__ = ["Segment", "absorb", "cancel", "finish", "refuse"]
 
@@ -68,15 +68,12 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
             _set(seg, StageOutcome(spec.name, "skipped", cause=cause), cause)
     if not runnable:
         return
-    at = (read_crumb(crumbs, outcome.worker, group, seg.index)
-          if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
-    ran = _ran_before(stages, at, runnable)
-    if ran:
-        counts = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
-        for j, spec in enumerate(stages):
-            if spec.name in ran:
-                _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
-        runnable = [s for s in runnable if s.name not in ran]
+    crumb = (read_crumb(crumbs, outcome.worker, group, seg.index)
+             if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
+    at = None if crumb is None else crumb.stage
+    if crumb is not None and at is not None and at < len(stages):
+        runnable = _before(seg, stages, crumb, runnable,
+                           _runs(crumbs, group, seg.index, outcome.attempts, len(stages)))
     if outcome.kind == "cancelled":
         for spec in runnable:
             _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
@@ -117,6 +114,32 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
     left = [spec for spec in stages if spec.name not in seg.stages]
     absorb(seg, left, Outcome(seg.index, False, None, error, "cancelled", None, 0.0, None, 0),
            None)
+
+
+def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
+            counts: list[int]) -> list[StageSpec]:
+    """Record the stages that ran before the one the worker died in, as its breadcrumb says:
+    "ok", or "error" (what it raised died with the worker), then those reading a failed one
+    "skipped"; the stages the dying one reads ran fine, said or not. Returns the rest."""
+    ran = _ran_before(stages, crumb.stage, runnable)
+    lost: list[StageSpec] = []
+    for j, spec in enumerate(stages[: crumb.stage]):
+        if spec in runnable and crumb.ok >> j & 1:
+            ran.add(spec.name)
+        elif spec in runnable and crumb.failed >> j & 1:
+            lost.append(spec)
+    for j, spec in enumerate(stages):
+        if spec.name in ran:
+            _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
+        elif spec in lost:
+            error = RuntimeError(
+                f"stage {spec.name!r} failed in the worker, which then died running stage "
+                f"{stages[crumb.stage].name!r}: what {spec.name!r} raised was lost with it")
+            _set(seg, StageOutcome(spec.name, "error", _noted(error, seg.index, spec.name),
+                                   attempts=counts[j]), spec.name)
+        elif spec in runnable and (cause := _cause(seg, spec)) is not None:
+            _set(seg, StageOutcome(spec.name, "skipped", cause=cause), cause)
+    return [s for s in runnable if s.name not in seg.stages]
 
 
 def _ran_before(stages: Sequence[StageSpec], at: int | None,
