@@ -6,8 +6,9 @@
                      worker's breadcrumb says where its run stopped)
     outcome crash / timeout (the worker died or was killed)
                   -> the breadcrumb names the stage that was running: it gets the kind and the
-                     error; the stages it reads in the group ran fine ("ok": it ran only
-                     because they did), the group's other stages are "skipped" because of it
+                     error; the stages before it read as the breadcrumb's masks say ("ok", or
+                     "error" with what they raised lost; the ones it reads ran fine, said or
+                     not), the group's other stages are "skipped" because of it
     outcome serialization / error (the segment or a value could not travel, a runner bug)
                   -> the group's first stage that could run gets it; a result that would not
                      travel back: the first stage whose value the task sends back; a task that
