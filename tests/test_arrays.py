@@ -156,6 +156,36 @@ def test_recycled_segments_do_not_outlive_the_batch(shm_engine: sp.Engine) -> No
     assert not ours()  # the batch's recycled input segments went with it
 
 
+def test_only_sizes_asked_for_again_are_kept_for_reuse() -> None:
+    """A batch keeps answered input segments to reuse their pages, but arrays of uneven sizes
+    are never reused: kept up to the arena's bound, they held 211 MiB of /dev/shm for nothing.
+    Only a size the batch asked for at least twice is kept now."""
+    from stagepool import _shm, _transport
+
+    arena = id(object())
+    _shm.open_arena(arena)
+
+    def blob(n: int) -> bytes:
+        return _transport.dumps(np.zeros(n), threshold=1, owner=os.getpid(), creator="p",
+                                arena=arena)
+
+    try:
+        for i in range(4):  # each size once: none kept
+            _shm.recycle(blob(MiB // 8 + 64 * (i + 1)), arena)
+        assert _shm._arena_bytes[arena] == 0
+        same = [blob(MiB // 8) for _ in range(3)]  # one size, three times: kept
+        names = {n for b in same for n in _shm.segment_names(b)}
+        for b in same:
+            _shm.recycle(b, arena)
+        assert _shm._arena_bytes[arena] == 3 * MiB
+        again = blob(MiB // 8)
+        assert set(_shm.segment_names(again)) <= names  # reused
+        _shm.discard(again)
+    finally:
+        _shm.close_arena(arena)
+    assert not ours()
+
+
 def test_an_input_the_function_keeps_is_never_overwritten() -> None:
     with sp.Engine(workers=1, chunk_size=1) as eng:
         kept = eng.map(at.keep_first_input, [np.full(MiB, i, np.float32) for i in range(8)]).values
