@@ -5,6 +5,7 @@ and never close a number that is someone else's now."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,15 @@ def kept_fd() -> int:
 
 def is_the_machine(read: tuple[int, int] | None) -> bool:
     return read is not None and read[0] == psutil.virtual_memory().total
+
+
+def report_and_exit(write: int) -> None:  # pragma: no cover - runs in a forked child
+    """In a forked child: write what it reads, then leave without running pytest's code."""
+    try:
+        read_there = _meminfo.read_meminfo(PROC)
+        os.write(write, b"none" if read_there is None else b"%d %d" % read_there)
+    finally:
+        os._exit(0)
 
 
 @pytest.fixture
@@ -70,9 +80,7 @@ def test_a_forked_child_reads_through_the_inherited_fd() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        read_there = _meminfo.read_meminfo(PROC)
-        os.write(write, b"none" if read_there is None else b"%d %d" % read_there)
-        os._exit(0)
+        report_and_exit(write)
     os.close(write)
     try:
         assert os.waitpid(pid, 0)[1] == 0
@@ -81,3 +89,24 @@ def test_a_forked_child_reads_through_the_inherited_fd() -> None:
         os.close(read)
     assert total == psutil.virtual_memory().total
     assert 0 < available <= total
+
+
+def test_a_child_forked_while_another_thread_opens_the_file_does_not_hang() -> None:
+    """The fork copies the lock as the opening thread held it, a thread the child has not."""
+    kept = _meminfo._kept
+    read, write = os.pipe()
+    with _meminfo._reopening:  # what a thread opening the file holds, for a few us
+        _meminfo._kept = None  # ... before it has set the new fd
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(10)  # a hang kills the child: the test then fails, not hangs
+            report_and_exit(write)
+        _meminfo._kept = kept
+    os.close(write)
+    try:
+        assert os.waitpid(pid, 0)[1] == 0
+        total, _ = map(int, os.read(read, 200).split())
+    finally:
+        os.close(read)
+    assert total == psutil.virtual_memory().total

@@ -39,6 +39,16 @@ _kept: _Kept | None = None
 _reopening = threading.Lock()  # two threads finding the fd gone open one file, not two
 
 
+def _unlocked_in_child() -> None:
+    """A fresh lock in a forked child: the fork copied it as a parent's thread held it, and that
+    thread is not in the child (its first read would have waited forever)."""
+    global _reopening
+    _reopening = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlocked_in_child)
+
+
 def read_meminfo(proc_root: Path) -> tuple[int, int] | None:
     """(MemTotal, MemAvailable) in bytes, or None where the file or a field is missing or odd
     (not Linux, a kernel before 3.14, a fake tree): the caller then asks psutil. Read directly,
