@@ -1,7 +1,7 @@
 """What the machine offers, read once (how many workers that buys is decided in ``_planning``).
 
-This is the only module of the package that imports psutil; with ``_cgroups`` it is the only one
-that reads ``/proc`` and ``/sys/fs/cgroup``. Everything else gets plain data:
+This is the only module of the package that imports psutil; it, ``_cgroups`` and ``_meminfo`` are
+the only ones that read ``/proc`` and ``/sys/fs/cgroup``. Everything else gets plain data:
 
 ```
 /proc/self/cgroup ----\
