@@ -46,7 +46,8 @@ def _unlocked_in_child() -> None:
     _reopening = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_unlocked_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_unlocked_in_child)
 
 
 def read_meminfo(proc_root: Path) -> tuple[int, int] | None:
