@@ -1,7 +1,7 @@
 """What the machine offers, read once (how many workers that buys is decided in ``_planning``).
 
-This is the only module of the package that imports psutil; with ``_cgroups`` it is the only one
-that reads ``/proc`` and ``/sys/fs/cgroup``. Everything else gets plain data:
+This is the only module of the package that imports psutil; it, ``_cgroups`` and ``_meminfo`` are
+the only ones that read ``/proc`` and ``/sys/fs/cgroup``. Everything else gets plain data:
 
 ```
 /proc/self/cgroup ----\
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from ._cgroups import CgroupLimits, read_cgroup
 from ._lazy import LazyModule
+from ._meminfo import read_meminfo
 
 if TYPE_CHECKING:
     import psutil
@@ -414,49 +414,8 @@ def read_memory(*, proc_root: str | os.PathLike[str] = "/proc",
 def read_machine_memory(*, proc_root: str | os.PathLike[str] = "/proc") -> tuple[int, int]:
     """The machine's total and available bytes: ``MemTotal`` and ``MemAvailable`` of
     ``/proc/meminfo`` (what ``psutil.virtual_memory()`` reports on Linux), else psutil's."""
-    read = _read_meminfo(Path(proc_root))
+    read = read_meminfo(Path(proc_root))
     if read is not None:
         return read
     vm = psutil.virtual_memory()
     return int(vm.total), int(vm.available)
-
-
-def _read_meminfo(proc_root: Path) -> tuple[int, int] | None:
-    """(MemTotal, MemAvailable) in bytes, or None where the file or a field is missing or odd
-    (not Linux, a kernel before 3.14, a fake tree): read directly, a script that builds an
-    Engine does not pay for importing psutil (~15 ms of its start-up)."""
-    text = _meminfo_text(proc_root)
-    if text is None:
-        return None
-    total, available = _MEM_TOTAL.search(text), _MEM_AVAILABLE.search(text)
-    if total is None or available is None:
-        return None
-    kib = int(total[1])  # the kernel writes "kB"
-    return kib * 1024, min(int(available[1]), kib) * 1024
-
-
-_MEM_TOTAL = re.compile(rb"^MemTotal:[ \t]*([0-9]+) kB$", re.MULTILINE)
-_MEM_AVAILABLE = re.compile(rb"^MemAvailable:[ \t]*([0-9]+) kB$", re.MULTILINE)
-_meminfo_fd: int | None = None  # the real /proc/meminfo, kept open (see _meminfo_text)
-
-
-def _meminfo_text(proc_root: Path) -> bytes | None:
-    """The bytes of ``{proc_root}/meminfo``. The real file stays open and is read with one
-    ``pread`` (~8 us, against ~30 to open, read and close it, each step a GIL hand-off on the
-    thread that dispatches a batch's chunks: its memory gate reads this every 100 ms)."""
-    global _meminfo_fd
-    if str(proc_root) != "/proc":
-        try:
-            return (proc_root / "meminfo").read_bytes()
-        except OSError:
-            return None
-    try:
-        if _meminfo_fd is None:
-            fd = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
-            if _meminfo_fd is None:  # another thread may have opened it meanwhile
-                _meminfo_fd = fd
-            else:
-                os.close(fd)
-        return os.pread(_meminfo_fd, 1 << 16, 0)
-    except OSError:
-        return None
