@@ -5,7 +5,7 @@
    read_within: the parent's read of a chunk from an iterator, stopping before the item whose
                 nbytes would pass a bound (stagepool/_reading.py);
    pack:        a list of plain ints or floats as the bytes of an array (stagepool/_transport.py,
-                packed): ~4x faster to pickle and to unpickle than the list itself. */
+                packed): faster to pickle and to unpickle than the list (figures there). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
