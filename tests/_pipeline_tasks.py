@@ -2,8 +2,8 @@
 
 A segment is ``(index, plan, trail)``: ``plan`` maps a stage name to what that stage does on
 this segment ("error", "crash", "segfault", "hang", "slow", "late", "unpicklable": returns a
-value that cannot travel back); ``trail`` lists the stages that ran before (a join merges its
-inputs' trails)."""
+value that cannot travel back; "flaky": raises the first time it runs in a process);
+``trail`` lists the stages that ran before (a join merges its inputs' trails)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 Seg = tuple[int, dict[str, str], tuple[str, ...]]
+_FLAKED: set[tuple[str, int]] = set()  # (stage, segment) that a "flaky" plan failed in this process
 
 
 def seg(index: int, **plan: str) -> Seg:
@@ -32,6 +33,9 @@ class Step:
         how = plan.get(self.name)
         if how == "error":
             raise ValueError(f"{self.name} refused segment {index}")
+        if how == "flaky" and (self.name, index) not in _FLAKED:
+            _FLAKED.add((self.name, index))
+            raise ValueError(f"{self.name} refused segment {index} the first time")
         if how == "crash":
             os._exit(7)
         if how == "segfault":

@@ -214,6 +214,35 @@ def test_a_stage_that_failed_before_a_crash_in_its_group_still_reads_failed(
 
 
 @pytest.mark.needs("survives_crash")
+def test_a_stage_retried_in_its_worker_before_a_crash_counts_its_runs(
+        engine: sp.Engine) -> None:
+    """"features" raises once and passes on its retry (in the worker), then the worker dies in
+    "loudness": the breadcrumb said only "ended ok", so "features" read 1 attempt for 2 runs."""
+    report = engine.run(diamond(features={"retries": 1}),
+                        [pt.seg(0, features="flaky", loudness="crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("ok", 2),
+                     "loudness": ("crash", 1), "encode": ("skipped", 0)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_group_of_more_than_63_stages_says_how_each_ended_before_a_crash(
+        engine: sp.Engine) -> None:
+    """70 fused stages reading the first; the 65th raises, the 69th kills its worker. The
+    breadcrumb's masks held 63 stages: the ones from there on that ran before the crash read
+    "skipped" with 0 attempts, the 65th's failure hidden among them."""
+    p = sp.Pipeline().stage("s0", pt.Step("s0"))
+    for i in range(1, 70):
+        p.stage(f"s{i}", pt.Step(f"s{i}"), after="s0")
+    report = engine.run(p, [pt.seg(0, s64="error", s68="crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    expected = {f"s{i}": ("ok", 1) for i in range(68)}
+    expected |= {"s64": ("error", 1), "s68": ("crash", 1), "s69": ("skipped", 0)}
+    assert kinds == expected, {n: k for n, k in kinds.items() if expected[n] != k}
+    assert report[0].stage == "s64"
+
+
+@pytest.mark.needs("survives_crash")
 def test_a_later_groups_messages_name_the_segment(engine: sp.Engine) -> None:
     """A later group's batch takes segments as they finish upstream, not in input order: its
     messages name the segment (they once named the batch's own count: "item 1" for segment 0)."""

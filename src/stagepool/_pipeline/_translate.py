@@ -6,7 +6,7 @@
                      worker's breadcrumb says where its run stopped)
     outcome crash / timeout (the worker died or was killed)
                   -> the breadcrumb names the stage that was running: it gets the kind and the
-                     error; the stages before it read as the breadcrumb's masks say ("ok", or
+                     error; the stages before it read as the breadcrumb's slots say ("ok", or
                      "error" with what they raised lost; the ones it reads ran fine, said or
                      not), the group's other stages are "skipped" because of it
     outcome serialization / error (the segment or a value could not travel, a runner bug)
@@ -120,15 +120,18 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
 def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
             counts: list[int]) -> list[StageSpec]:
     """Record the stages that ran before the one the worker died in, as its breadcrumb says:
-    "ok", or "error" (what it raised died with the worker), then those reading a failed one
-    "skipped"; the stages the dying one reads ran fine, said or not. Returns the rest."""
+    "ok", or "error" (what it raised died with the worker), with their runs in it (retries in the worker
+    too), then those reading a failed one "skipped"; the stages the dying one reads ran fine,
+    said or not. Returns the rest."""
     ran = _ran_before(stages, crumb.stage, runnable)
     lost: list[StageSpec] = []
-    for j, spec in enumerate(stages[: crumb.stage]):
-        if spec in runnable and crumb.ok >> j & 1:
-            ran.add(spec.name)
-        elif spec in runnable and crumb.failed >> j & 1:
-            lost.append(spec)
+    for j, (how, runs) in enumerate(crumb.ended):
+        if how:  # counts[j] took the last run as one run: it was ``runs`` (retries in the worker)
+            counts[j] += runs - 1
+        if stages[j] in runnable and how == "ok":
+            ran.add(stages[j].name)
+        elif stages[j] in runnable and how == "failed":
+            lost.append(stages[j])
     for j, spec in enumerate(stages):
         if spec.name in ran:
             _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
