@@ -226,6 +226,30 @@ def test_a_stage_retried_in_its_worker_before_a_crash_counts_its_runs(
 
 
 @pytest.mark.needs("survives_crash")
+def test_the_stage_a_worker_died_in_counts_its_retries_in_the_worker(engine: sp.Engine) -> None:
+    """"loudness" raises, is retried in its worker (retries=1) and kills it on the retry: it
+    ran twice, and read attempts 1 (the group's one run)."""
+    report = engine.run(diamond(loudness={"retries": 1}), [pt.seg(0, loudness="flaky-crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("ok", 1),
+                     "loudness": ("crash", 2), "encode": ("skipped", 0)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_group_rerun_counts_the_retries_in_the_worker_that_died(
+        engine: sp.Engine, tmp_path: Path) -> None:
+    """Each run of the group (in a fresh worker): "features" raises and passes on its retry in
+    the worker; the first run's worker then dies in "loudness", the group runs again
+    (retry_on crash) and all pass. "features" ran 4 times and read 3: the dead run was
+    counted as one run of each stage."""
+    p = diamond(features={"retries": 1}, loudness={"retries": 1, "retry_on": ("crash",)})
+    report = engine.run(p, [pt.seg(0, features="flaky", loudness=f"crash-once:{tmp_path}")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 2), "resample": ("ok", 2), "features": ("ok", 4),
+                     "loudness": ("ok", 2), "encode": ("ok", 1)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
 def test_a_group_of_more_than_63_stages_says_how_each_ended_before_a_crash(
         engine: sp.Engine) -> None:
     """70 fused stages reading the first; the 65th raises, the 69th kills its worker. The

@@ -38,7 +38,7 @@ class Carry(NamedTuple):
 
     values: dict[str, Any]  # outputs the group reads (INPUT: the segment itself)
     blocked: dict[str, str]  # stages already failed or skipped upstream -> the failing stage
-    segment: int = -1  # its index, which the breadcrumb names (see ``dead_stages``)
+    segment: int = -1  # its index, which the breadcrumb names (see ``dead_runs``)
 
 
 class StageRecord(NamedTuple):
@@ -116,7 +116,8 @@ class GroupRunner:
                 blocked[stage.name] = cause
                 continue
             _crumb(crumbs, self.group, carry.segment, i)
-            record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
+            record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)],
+                                       crumbs, i)
             records[stage.name] = record
             if record.kind == "ok":
                 values[stage.name] = value
@@ -127,8 +128,10 @@ class GroupRunner:
         return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
 
 
-def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord, Any]:
-    """Run one stage with its retries; its failure is a record, never an exception."""
+def _run_stage(uid: str, stage: StageCall, args: list[Any], crumbs: str | None = None,
+               at: int = 0) -> tuple[StageRecord, Any]:
+    """Run one stage (position ``at`` in its group) with its retries, each noted in the
+    breadcrumb; its failure is a record, never an exception."""
     try:
         kwargs = {} if stage.setup is None else {"ctx": _context(uid, stage)}
     except BaseException as exc:
@@ -144,6 +147,7 @@ def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord
             if attempt <= stage.retries and (stage.retry_all or isinstance(exc, stage.retry_types)):
                 del exc
                 time.sleep(stage.backoff * 2 ** (attempt - 1))
+                _crumb_slot(crumbs, at, (attempt + 1) << 2)  # running again: its runs so far
                 continue
             return StageRecord("error", exc_info("error", exc), duration, attempt, None), None
         duration = time.perf_counter() - start
@@ -212,9 +216,10 @@ os.register_at_fork(after_in_child=lambda: _crumb_file.__setitem__(slice(None), 
 
 
 # A breadcrumb: group, segment, stage in the group (-1: none running), then one slot per stage
-# of the group saying how it ended in this run: runs << 2 | 1 (ok) or | 2 (failed); 0: it has
-# not ended (or was skipped). Per stage, not a bit mask: a mask of 63 stages left the later ones
-# of a longer group unsaid, and said nothing of a stage's retries in the worker.
+# of the group saying how it ended in this run: runs << 2 | 1 (ok) or | 2 (failed); runs << 2
+# for the running stage once retried in the worker; 0: not run (yet), or skipped. Per stage,
+# not a bit mask: a mask of 63 stages left the later ones of a longer group unsaid, and said
+# nothing of a stage's retries in the worker.
 _HEAD = struct.Struct("qqq")
 _SLOT = struct.Struct("q")
 _OK, _FAILED = 1, 2
@@ -252,9 +257,12 @@ def _crumb(directory: str | None, group: int, segment: int, stage: int) -> None:
 
 def _crumb_ended(directory: str | None, i: int, record: StageRecord) -> None:
     """Note how stage ``i`` ended and after how many runs (its records die with the worker)."""
+    _crumb_slot(directory, i, record.attempts << 2 | (_OK if record.kind == "ok" else _FAILED))
+
+
+def _crumb_slot(directory: str | None, i: int, slot: int) -> None:
     if directory is not None and _crumb_file[1] is not None:
-        _SLOT.pack_into(_crumb_file[1], _HEAD.size + i * _SLOT.size,
-                        record.attempts << 2 | (_OK if record.kind == "ok" else _FAILED))
+        _SLOT.pack_into(_crumb_file[1], _HEAD.size + i * _SLOT.size, slot)
 
 
 def _open_crumb(directory: str, size: int) -> Any:
@@ -294,15 +302,26 @@ def _ended(slot: int) -> tuple[str, int]:
     return ("ok" if how == _OK else "failed" if how == _FAILED else "", slot >> 2)
 
 
-def dead_stages(directory: str, group: int, segment: int) -> list[int]:
+def dead_runs(directory: str, group: int, segment: int, n_stages: int) -> list[list[int]]:
     """In the parent, once ``segment`` is done with ``group``: for each worker that died or was
-    killed while running it there (its breadcrumb still names a stage), that stage."""
+    killed while running it there (its breadcrumb still names a stage), how often each stage of
+    the group ran in that run: as its slot says before the stage it died in, at least once for
+    that one, none after it."""
     try:
         names = os.listdir(directory)
     except OSError:
         return []
     crumbs = (_read_crumb(os.path.join(directory, name)) for name in names)
-    return [c[2] for c in crumbs if c is not None and c[:2] == (group, segment) and c[2] >= 0]
+    return [_stage_runs(c, n_stages) for c in crumbs
+            if c is not None and c[:2] == (group, segment) and c[2] >= 0]
+
+
+def _stage_runs(crumb: tuple[int, ...], n_stages: int) -> list[int]:
+    at, slots = crumb[2], crumb[3:]
+    runs = [slot >> 2 for slot in slots[:at]] + [0] * (n_stages - min(at, len(slots)))
+    if at < n_stages:
+        runs[at] = max(1, slots[at] >> 2 if at < len(slots) else 0)
+    return runs[:n_stages]
 
 
 def _read_crumb(path: str) -> tuple[int, ...] | None:

@@ -32,7 +32,7 @@ from .._failures import rebuild_error
 from .._outcome import Outcome
 from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
-from ._runner import Carry, Crumb, GroupResult, StageRecord, dead_stages, read_crumb
+from ._runner import Carry, Crumb, GroupResult, StageRecord, dead_runs, read_crumb
 
 __all__ = ["Segment", "absorb", "cancel", "finish", "refuse"]
 
@@ -72,9 +72,10 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
     crumb = (read_crumb(crumbs, outcome.worker, group, seg.index)
              if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
     at = None if crumb is None else crumb.stage
+    counts = None
     if crumb is not None and at is not None and at < len(stages):
-        runnable = _before(seg, stages, crumb, runnable,
-                           _runs(crumbs, group, seg.index, outcome.attempts, len(stages)))
+        counts = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
+        runnable = _before(seg, stages, crumb, runnable, counts)
     if outcome.kind == "cancelled":
         for spec in runnable:
             _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
@@ -89,8 +90,9 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
         names = ", ".join(s.name for s in runnable)
         error.add_note(f"stagepool: while running one of the fused stages {names} (which one "
                        "is unknown: the worker could not say)")
+    attempts = outcome.attempts if counts is None or not known else counts[stages.index(culprit)]
     _set(seg, StageOutcome(culprit.name, outcome.kind, _noted(error, seg.index, culprit.name),
-                           outcome.duration, outcome.attempts), culprit.name)
+                           outcome.duration, attempts), culprit.name)
     for spec in runnable:
         if spec is not culprit:
             _set(seg, StageOutcome(spec.name, "skipped", cause=culprit.name), culprit.name)
@@ -120,14 +122,12 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
 def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
             counts: list[int]) -> list[StageSpec]:
     """Record the stages that ran before the one the worker died in, as its breadcrumb says:
-    "ok", or "error" (what it raised died with the worker), with their runs in it (retries in the worker
-    too), then those reading a failed one "skipped"; the stages the dying one reads ran fine,
-    said or not. Returns the rest."""
+    "ok", or "error" (what it raised died with the worker), with ``counts`` runs, then those reading a
+    failed one "skipped"; the stages the dying one reads ran fine, said or not. Returns the
+    rest."""
     ran = _ran_before(stages, crumb.stage, runnable)
     lost: list[StageSpec] = []
-    for j, (how, runs) in enumerate(crumb.ended):
-        if how:  # counts[j] took the last run as one run: it was ``runs`` (retries in the worker)
-            counts[j] += runs - 1
+    for j, (how, _runs) in enumerate(crumb.ended):
         if stages[j] in runnable and how == "ok":
             ran.add(stages[j].name)
         elif stages[j] in runnable and how == "failed":
@@ -191,11 +191,13 @@ def _cause(seg: Segment, spec: StageSpec) -> str | None:
 def _earlier_runs(crumbs: str | None, group: int, index: int, attempts: int,
                   n_stages: int) -> list[int]:
     """How often each stage of the group ran in the segment's earlier attempts, whose results
-    were lost: one whose worker died mid-group (its breadcrumb names the stage) ran the stages
-    up to that one; any other (finished, its answer lost with its worker) ran them all."""
+    were lost: one whose worker died mid-group ran what its breadcrumb says (the stages before
+    the one it died in with their retries, that one at least once); any other (finished, its
+    answer lost with its worker) ran them all once."""
     earlier = attempts - 1
-    died = dead_stages(crumbs, group, index)[:earlier] if crumbs and earlier > 0 else []
-    return [earlier - sum(at < j for at in died) for j in range(n_stages)]
+    died = dead_runs(crumbs, group, index, n_stages)[:earlier] if crumbs and earlier > 0 else []
+    finished = earlier - len(died)
+    return [finished + sum(runs[j] for runs in died) for j in range(n_stages)]
 
 
 def _record(seg: Segment, name: str, rec: StageRecord, earlier: int) -> None:
