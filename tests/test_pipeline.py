@@ -575,6 +575,8 @@ def test_shutdown_kill_from_another_thread_gives_every_segment_an_outcome(
     hung = outcomes[2].stages
     assert (outcomes[2].stage, hung["a"].kind, hung["hang"].kind) == ("hang", "ok", "cancelled"), \
         hung
+    # it ran when killed, as an item of a map killed while running (it read 0)
+    assert (hung["a"].attempts, hung["hang"].attempts) == (1, 1), hung
 
 
 @pytest.mark.asyncio

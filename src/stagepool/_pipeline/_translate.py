@@ -78,7 +78,9 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
         runnable = _before(seg, stages, crumb, runnable, counts)
     if outcome.kind == "cancelled":
         for spec in runnable:
-            _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
+            _set(seg, StageOutcome(spec.name, "cancelled", outcome.error,
+                                   attempts=_killed_runs(spec, stages, at, counts, outcome)),
+                 spec.name)
         return
     culprit, known = _culprit(runnable, stages, outcome, at, suspects)
     error = outcome.error
@@ -169,6 +171,15 @@ def _runs(crumbs: str | None, group: int, index: int, attempts: int, n_stages: i
     """How often each stage of the group ran over all ``attempts`` runs of a segment whose
     last run died too (``_earlier_runs`` counts the runs before the last one)."""
     return _earlier_runs(crumbs, group, index, attempts + 1, n_stages)
+
+
+def _killed_runs(spec: StageSpec, stages: Sequence[StageSpec], at: int | None,
+                 counts: list[int] | None, outcome: Outcome[Any]) -> int:
+    """The runs of a stage cancelled with its segment: the one a kill stopped (its breadcrumb
+    says which, or it is the group's only stage) ran, as an item killed while running did."""
+    if counts is not None and at is not None and stages[at] is spec:
+        return counts[at]
+    return outcome.attempts if len(stages) == 1 else 0
 
 
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
