@@ -317,11 +317,10 @@ def dead_runs(directory: str, group: int, segment: int, n_stages: int) -> list[l
 
 
 def _stage_runs(crumb: tuple[int, ...], n_stages: int) -> list[int]:
-    at, slots = crumb[2], crumb[3:]
-    runs = [slot >> 2 for slot in slots[:at]] + [0] * (n_stages - min(at, len(slots)))
-    if at < n_stages:
-        runs[at] = max(1, slots[at] >> 2 if at < len(slots) else 0)
-    return runs[:n_stages]
+    at, slots = crumb[2], crumb[3 : 3 + n_stages]
+    runs = [slot >> 2 if j < at else max(1, slot >> 2) if j == at else 0
+            for j, slot in enumerate(slots)]
+    return runs + [0] * (n_stages - len(runs))  # a file cut short: those stages said nothing
 
 
 def _read_crumb(path: str) -> tuple[int, ...] | None:

@@ -124,12 +124,12 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
 def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
             counts: list[int]) -> list[StageSpec]:
     """Record the stages that ran before the one the worker died in, as its breadcrumb says:
-    "ok", or "error" (what it raised died with the worker), with ``counts`` runs, then those reading a
-    failed one "skipped"; the stages the dying one reads ran fine, said or not. Returns the
-    rest."""
+    "ok", or "error" (what it raised died with the worker), with ``counts`` runs, then those
+    reading a failed one "skipped"; the stages the dying one reads ran fine, said or not.
+    Returns the rest."""
     ran = _ran_before(stages, crumb.stage, runnable)
     lost: list[StageSpec] = []
-    for j, (how, _runs) in enumerate(crumb.ended):
+    for j, (how, _) in enumerate(crumb.ended):
         if stages[j] in runnable and how == "ok":
             ran.add(stages[j].name)
         elif stages[j] in runnable and how == "failed":
