@@ -2,8 +2,10 @@
 
 A segment is ``(index, plan, trail)``: ``plan`` maps a stage name to what that stage does on
 this segment ("error", "crash", "segfault", "hang", "slow", "late", "unpicklable": returns a
-value that cannot travel back); ``trail`` lists the stages that ran before (a join merges its
-inputs' trails)."""
+value that cannot travel back; "flaky": raises the first time it runs in a process;
+"flaky-crash": raises the first time, then kills its worker; "crash-once:<folder>": kills its
+worker the first time, a marker file in <folder> remembers);
+``trail`` lists the stages that ran before (a join merges its inputs' trails)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 Seg = tuple[int, dict[str, str], tuple[str, ...]]
+_FLAKED: set[tuple[str, int]] = set()  # (stage, segment) that a "flaky" plan failed in this process
 
 
 def seg(index: int, **plan: str) -> Seg:
@@ -32,8 +35,16 @@ class Step:
         how = plan.get(self.name)
         if how == "error":
             raise ValueError(f"{self.name} refused segment {index}")
-        if how == "crash":
+        if how in ("flaky", "flaky-crash") and (self.name, index) not in _FLAKED:
+            _FLAKED.add((self.name, index))
+            raise ValueError(f"{self.name} refused segment {index} the first time")
+        if how in ("crash", "flaky-crash"):
             os._exit(7)
+        if how is not None and how.startswith("crash-once:"):
+            marker = Path(how.partition(":")[2]) / f"crashed-{self.name}-{index}"
+            if not marker.exists():
+                marker.touch()
+                os._exit(9)
         if how == "segfault":
             ctypes.string_at(0)
         if how == "hang":

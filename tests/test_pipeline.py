@@ -214,6 +214,59 @@ def test_a_stage_that_failed_before_a_crash_in_its_group_still_reads_failed(
 
 
 @pytest.mark.needs("survives_crash")
+def test_a_stage_retried_in_its_worker_before_a_crash_counts_its_runs(
+        engine: sp.Engine) -> None:
+    """"features" raises once and passes on its retry (in the worker), then the worker dies in
+    "loudness": the breadcrumb said only "ended ok", so "features" read 1 attempt for 2 runs."""
+    report = engine.run(diamond(features={"retries": 1}),
+                        [pt.seg(0, features="flaky", loudness="crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("ok", 2),
+                     "loudness": ("crash", 1), "encode": ("skipped", 0)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
+def test_the_stage_a_worker_died_in_counts_its_retries_in_the_worker(engine: sp.Engine) -> None:
+    """"loudness" raises, is retried in its worker (retries=1) and kills it on the retry: it
+    ran twice, and read attempts 1 (the group's one run)."""
+    report = engine.run(diamond(loudness={"retries": 1}), [pt.seg(0, loudness="flaky-crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("ok", 1),
+                     "loudness": ("crash", 2), "encode": ("skipped", 0)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_group_rerun_counts_the_retries_in_the_worker_that_died(
+        engine: sp.Engine, tmp_path: Path) -> None:
+    """Each run of the group (in a fresh worker): "features" raises and passes on its retry in
+    the worker; the first run's worker then dies in "loudness", the group runs again
+    (retry_on crash) and all pass. "features" ran 4 times and read 3: the dead run was
+    counted as one run of each stage."""
+    p = diamond(features={"retries": 1}, loudness={"retries": 1, "retry_on": ("crash",)})
+    report = engine.run(p, [pt.seg(0, features="flaky", loudness=f"crash-once:{tmp_path}")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    assert kinds == {"decode": ("ok", 2), "resample": ("ok", 2), "features": ("ok", 4),
+                     "loudness": ("ok", 2), "encode": ("ok", 1)}, kinds
+
+
+@pytest.mark.needs("survives_crash")
+def test_a_group_of_more_than_63_stages_says_how_each_ended_before_a_crash(
+        engine: sp.Engine) -> None:
+    """70 fused stages reading the first; the 65th raises, the 69th kills its worker. The
+    breadcrumb's masks held 63 stages: the ones from there on that ran before the crash read
+    "skipped" with 0 attempts, the 65th's failure hidden among them."""
+    p = sp.Pipeline().stage("s0", pt.Step("s0"))
+    for i in range(1, 70):
+        p.stage(f"s{i}", pt.Step(f"s{i}"), after="s0")
+    report = engine.run(p, [pt.seg(0, s64="error", s68="crash")])
+    kinds = {name: (stage.kind, stage.attempts) for name, stage in report[0].stages.items()}
+    expected = {f"s{i}": ("ok", 1) for i in range(68)}
+    expected |= {"s64": ("error", 1), "s68": ("crash", 1), "s69": ("skipped", 0)}
+    assert kinds == expected, {n: k for n, k in kinds.items() if expected[n] != k}
+    assert report[0].stage == "s64"
+
+
+@pytest.mark.needs("survives_crash")
 def test_a_later_groups_messages_name_the_segment(engine: sp.Engine) -> None:
     """A later group's batch takes segments as they finish upstream, not in input order: its
     messages name the segment (they once named the batch's own count: "item 1" for segment 0)."""
@@ -522,6 +575,8 @@ def test_shutdown_kill_from_another_thread_gives_every_segment_an_outcome(
     hung = outcomes[2].stages
     assert (outcomes[2].stage, hung["a"].kind, hung["hang"].kind) == ("hang", "ok", "cancelled"), \
         hung
+    # it ran when killed, as an item of a map killed while running (it read 0)
+    assert (hung["a"].attempts, hung["hang"].attempts) == (1, 1), hung
 
 
 @pytest.mark.asyncio

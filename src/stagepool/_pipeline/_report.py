@@ -21,10 +21,10 @@ class StageOutcome(NamedTuple):
 
     ``kind`` is an :class:`Outcome` kind, or ``"skipped"``: the stage did not run because
     ``cause`` (a stage it reads, directly or not) failed, or because its fused group's worker
-    died while ``cause`` was running (a stage of that group that ``cause`` does not read may
-    have run before: what it did died with the worker; the stages ``cause`` reads ran fine and
-    are "ok"). ``duration`` is seconds in the worker, ``attempts`` how
-    many times it really ran."""
+    died while ``cause`` was running, before it got to run (the stages of the group that ran
+    before ``cause`` read how they ended, "ok" or "error", what they raised lost with the
+    worker). ``duration`` is seconds in the worker, ``attempts`` how many times it really ran
+    (a stage killed while running, "cancelled", ran once more)."""
 
     stage: str
     kind: StageKind

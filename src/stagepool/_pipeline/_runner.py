@@ -38,7 +38,7 @@ class Carry(NamedTuple):
 
     values: dict[str, Any]  # outputs the group reads (INPUT: the segment itself)
     blocked: dict[str, str]  # stages already failed or skipped upstream -> the failing stage
-    segment: int = -1  # its index, which the breadcrumb names (see ``dead_stages``)
+    segment: int = -1  # its index, which the breadcrumb names (see ``dead_runs``)
 
 
 class StageRecord(NamedTuple):
@@ -107,7 +107,7 @@ class GroupRunner:
         crumbs = self.crumbs if len(self.stages) > 1 else None
         values, blocked = dict(carry.values), dict(carry.blocked)
         records: dict[str, StageRecord] = {}
-        done = [0, 0]  # bit i: stage i ended ok, failed (what the breadcrumb keeps of records)
+        _crumb_start(crumbs, self.group, carry.segment, len(self.stages))
         for i, stage in enumerate(self.stages):
             cause = next((blocked[dep] for dep in stage.after if dep in blocked), None) \
                 if blocked else None
@@ -115,21 +115,23 @@ class GroupRunner:
                 records[stage.name] = StageRecord("skipped", None, 0.0, 0, cause)
                 blocked[stage.name] = cause
                 continue
-            _crumb(crumbs, (self.group, carry.segment, i, *done))
-            record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)])
+            _crumb(crumbs, self.group, carry.segment, i)
+            record, value = _run_stage(self.uid, stage, [values[d] for d in stage.after or ("",)],
+                                       crumbs, i)
             records[stage.name] = record
             if record.kind == "ok":
                 values[stage.name] = value
             else:
                 blocked[stage.name] = stage.name
-            if i < MASK_STAGES:
-                done[record.kind != "ok"] |= 1 << i
-        _crumb(crumbs, (self.group, carry.segment, -1, *done))
+            _crumb_ended(crumbs, i, record)
+        _crumb(crumbs, self.group, carry.segment, -1)
         return GroupResult({k: v for k, v in values.items() if k in self.emit}, records)
 
 
-def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord, Any]:
-    """Run one stage with its retries; its failure is a record, never an exception."""
+def _run_stage(uid: str, stage: StageCall, args: list[Any], crumbs: str | None = None,
+               at: int = 0) -> tuple[StageRecord, Any]:
+    """Run one stage (position ``at`` in its group) with its retries, each noted in the
+    breadcrumb; its failure is a record, never an exception."""
     try:
         kwargs = {} if stage.setup is None else {"ctx": _context(uid, stage)}
     except BaseException as exc:
@@ -145,6 +147,7 @@ def _run_stage(uid: str, stage: StageCall, args: list[Any]) -> tuple[StageRecord
             if attempt <= stage.retries and (stage.retry_all or isinstance(exc, stage.retry_types)):
                 del exc
                 time.sleep(stage.backoff * 2 ** (attempt - 1))
+                _crumb_slot(crumbs, at, (attempt + 1) << 2)  # running again: its runs so far
                 continue
             return StageRecord("error", exc_info("error", exc), duration, attempt, None), None
         duration = time.perf_counter() - start
@@ -212,36 +215,58 @@ _crumb_file: list[Any] = [None, None]  # [directory, mmap]: one breadcrumb per w
 os.register_at_fork(after_in_child=lambda: _crumb_file.__setitem__(slice(None), [None, None]))
 
 
-# group, segment, stage in the group (-1: none running), then two masks of the stages before
-# it: bit i set, stage i ended ok / failed (stages from MASK_STAGES on are not in them).
-_CRUMB = struct.Struct("qqqqq")
-MASK_STAGES = 63
+# A breadcrumb: group, segment, stage in the group (-1: none running), then one slot per stage
+# of the group saying how it ended in this run: runs << 2 | 1 (ok) or | 2 (failed); runs << 2
+# for the running stage once retried in the worker; 0: not run (yet), or skipped. Per stage,
+# not a bit mask: a mask of 63 stages left the later ones of a longer group unsaid, and said
+# nothing of a stage's retries in the worker.
+_HEAD = struct.Struct("qqq")
+_SLOT = struct.Struct("q")
+_OK, _FAILED = 1, 2
 
 
 class Crumb(NamedTuple):
     """What a worker's breadcrumb says of the stage it was running (see ``read_crumb``)."""
 
     stage: int  # the stage's position in the group
-    ok: int  # bit i: stage i of the group ended ok before it
-    failed: int  # bit i: stage i failed before it (what it raised was lost with the worker)
+    # per stage before it: ("ok" | "failed", runs) as it ended in this run; ("", 0) not ended
+    ended: tuple[tuple[str, int], ...]
 
 
-def _crumb(directory: str | None, where: tuple[int, ...]) -> None:
+def _crumb_start(directory: str | None, group: int, segment: int, n_stages: int) -> None:
+    """A new run of the group for ``segment``: no stage running, none ended."""
+    if directory is None:
+        return
+    size = _HEAD.size + n_stages * _SLOT.size
+    mapped = _crumb_file[1]
+    if _crumb_file[0] != directory or (mapped is not None and len(mapped) < size):
+        mapped = _open_crumb(directory, size)
+    if mapped is not None:
+        mapped[:size] = _HEAD.pack(group, segment, -1) + bytes(size - _HEAD.size)
+
+
+def _crumb(directory: str | None, group: int, segment: int, stage: int) -> None:
     """Note which stage runs now in this worker's breadcrumb (``directory/<pid>``), so the
     parent can name it when the worker dies or is killed mid-stage, and count what ran.
 
     The file is mapped (MAP_SHARED): a note is a store into the page cache, which outlives the
     process, not a system call (a pwrite per stage cost more than a small stage itself)."""
-    if directory is None:
-        return
-    if _crumb_file[0] != directory:
-        _open_crumb(directory)
-    mapped = _crumb_file[1]
-    if mapped is not None:
-        mapped[:] = _CRUMB.pack(*where)
+    if directory is not None and _crumb_file[1] is not None:
+        _HEAD.pack_into(_crumb_file[1], 0, group, segment, stage)
 
 
-def _open_crumb(directory: str) -> None:
+def _crumb_ended(directory: str | None, i: int, record: StageRecord) -> None:
+    """Note how stage ``i`` ended and after how many runs (its records die with the worker)."""
+    _crumb_slot(directory, i, record.attempts << 2 | (_OK if record.kind == "ok" else _FAILED))
+
+
+def _crumb_slot(directory: str | None, i: int, slot: int) -> None:
+    if directory is not None and _crumb_file[1] is not None:
+        _SLOT.pack_into(_crumb_file[1], _HEAD.size + i * _SLOT.size, slot)
+
+
+def _open_crumb(directory: str, size: int) -> Any:
+    """Map this worker's breadcrumb, at least ``size`` bytes (None: it cannot be written)."""
     old = _crumb_file[1]
     if old is not None:
         old.close()
@@ -249,13 +274,14 @@ def _open_crumb(directory: str) -> None:
         fd = os.open(os.path.join(directory, str(os.getpid())),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _CRUMB.size)
-            mapped: Any = mmap.mmap(fd, _CRUMB.size)
+            os.ftruncate(fd, size)
+            mapped: Any = mmap.mmap(fd, size)
         finally:
             os.close(fd)
     except (OSError, ValueError):  # another host (a remote cluster): the parent will say "one of"
         mapped = None
     _crumb_file[:] = [directory, mapped]
+    return mapped
 
 
 def read_crumb(directory: str, pid: int | None, group: int, segment: int) -> Crumb | None:
@@ -267,18 +293,34 @@ def read_crumb(directory: str, pid: int | None, group: int, segment: int) -> Cru
     crumb = _read_crumb(os.path.join(directory, str(pid)))
     if crumb is None or crumb[:2] != (group, segment) or crumb[2] < 0:
         return None
-    return Crumb(*crumb[2:])
+    slots = crumb[3 : 3 + crumb[2]]
+    return Crumb(crumb[2], tuple(_ended(slot) for slot in slots))
 
 
-def dead_stages(directory: str, group: int, segment: int) -> list[int]:
+def _ended(slot: int) -> tuple[str, int]:
+    how = slot & 3
+    return ("ok" if how == _OK else "failed" if how == _FAILED else "", slot >> 2)
+
+
+def dead_runs(directory: str, group: int, segment: int, n_stages: int) -> list[list[int]]:
     """In the parent, once ``segment`` is done with ``group``: for each worker that died or was
-    killed while running it there (its breadcrumb still names a stage), that stage."""
+    killed while running it there (its breadcrumb still names a stage), how often each stage of
+    the group ran in that run: as its slot says before the stage it died in, at least once for
+    that one, none after it."""
     try:
         names = os.listdir(directory)
     except OSError:
         return []
     crumbs = (_read_crumb(os.path.join(directory, name)) for name in names)
-    return [c[2] for c in crumbs if c is not None and c[:2] == (group, segment) and c[2] >= 0]
+    return [_stage_runs(c, n_stages) for c in crumbs
+            if c is not None and c[:2] == (group, segment) and c[2] >= 0]
+
+
+def _stage_runs(crumb: tuple[int, ...], n_stages: int) -> list[int]:
+    at, slots = crumb[2], crumb[3 : 3 + n_stages]
+    runs = [slot >> 2 if j < at else max(1, slot >> 2) if j == at else 0
+            for j, slot in enumerate(slots)]
+    return runs + [0] * (n_stages - len(runs))  # a file cut short: those stages said nothing
 
 
 def _read_crumb(path: str) -> tuple[int, ...] | None:
@@ -287,4 +329,6 @@ def _read_crumb(path: str) -> tuple[int, ...] | None:
             data = f.read()
     except OSError:
         return None
-    return _CRUMB.unpack(data) if len(data) == _CRUMB.size else None
+    if len(data) < _HEAD.size or len(data) % _SLOT.size:
+        return None
+    return struct.unpack(f"{len(data) // _SLOT.size}q", data)

@@ -6,7 +6,7 @@
                      worker's breadcrumb says where its run stopped)
     outcome crash / timeout (the worker died or was killed)
                   -> the breadcrumb names the stage that was running: it gets the kind and the
-                     error; the stages before it read as the breadcrumb's masks say ("ok", or
+                     error; the stages before it read as the breadcrumb's slots say ("ok", or
                      "error" with what they raised lost; the ones it reads ran fine, said or
                      not), the group's other stages are "skipped" because of it
     outcome serialization / error (the segment or a value could not travel, a runner bug)
@@ -32,7 +32,7 @@ from .._failures import rebuild_error
 from .._outcome import Outcome
 from ._declare import StageSpec
 from ._report import SegmentOutcome, StageOutcome
-from ._runner import Carry, Crumb, GroupResult, StageRecord, dead_stages, read_crumb
+from ._runner import Carry, Crumb, GroupResult, StageRecord, dead_runs, read_crumb
 
 __all__ = ["Segment", "absorb", "cancel", "finish", "refuse"]
 
@@ -72,12 +72,15 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
     crumb = (read_crumb(crumbs, outcome.worker, group, seg.index)
              if crumbs is not None and outcome.kind in ("crash", "timeout", "cancelled") else None)
     at = None if crumb is None else crumb.stage
+    counts = None
     if crumb is not None and at is not None and at < len(stages):
-        runnable = _before(seg, stages, crumb, runnable,
-                           _runs(crumbs, group, seg.index, outcome.attempts, len(stages)))
+        counts = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
+        runnable = _before(seg, stages, crumb, runnable, counts)
     if outcome.kind == "cancelled":
         for spec in runnable:
-            _set(seg, StageOutcome(spec.name, "cancelled", outcome.error), spec.name)
+            _set(seg, StageOutcome(spec.name, "cancelled", outcome.error,
+                                   attempts=_killed_runs(spec, stages, at, counts, outcome)),
+                 spec.name)
         return
     culprit, known = _culprit(runnable, stages, outcome, at, suspects)
     error = outcome.error
@@ -89,8 +92,9 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
         names = ", ".join(s.name for s in runnable)
         error.add_note(f"stagepool: while running one of the fused stages {names} (which one "
                        "is unknown: the worker could not say)")
+    attempts = outcome.attempts if counts is None or not known else counts[stages.index(culprit)]
     _set(seg, StageOutcome(culprit.name, outcome.kind, _noted(error, seg.index, culprit.name),
-                           outcome.duration, outcome.attempts), culprit.name)
+                           outcome.duration, attempts), culprit.name)
     for spec in runnable:
         if spec is not culprit:
             _set(seg, StageOutcome(spec.name, "skipped", cause=culprit.name), culprit.name)
@@ -120,15 +124,16 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
 def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
             counts: list[int]) -> list[StageSpec]:
     """Record the stages that ran before the one the worker died in, as its breadcrumb says:
-    "ok", or "error" (what it raised died with the worker), then those reading a failed one
-    "skipped"; the stages the dying one reads ran fine, said or not. Returns the rest."""
+    "ok", or "error" (what it raised died with the worker), with ``counts`` runs, then those
+    reading a failed one "skipped"; the stages the dying one reads ran fine, said or not.
+    Returns the rest."""
     ran = _ran_before(stages, crumb.stage, runnable)
     lost: list[StageSpec] = []
-    for j, spec in enumerate(stages[: crumb.stage]):
-        if spec in runnable and crumb.ok >> j & 1:
-            ran.add(spec.name)
-        elif spec in runnable and crumb.failed >> j & 1:
-            lost.append(spec)
+    for j, (how, _) in enumerate(crumb.ended):
+        if stages[j] in runnable and how == "ok":
+            ran.add(stages[j].name)
+        elif stages[j] in runnable and how == "failed":
+            lost.append(stages[j])
     for j, spec in enumerate(stages):
         if spec.name in ran:
             _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
@@ -168,6 +173,15 @@ def _runs(crumbs: str | None, group: int, index: int, attempts: int, n_stages: i
     return _earlier_runs(crumbs, group, index, attempts + 1, n_stages)
 
 
+def _killed_runs(spec: StageSpec, stages: Sequence[StageSpec], at: int | None,
+                 counts: list[int] | None, outcome: Outcome[Any]) -> int:
+    """The runs of a stage cancelled with its segment: the one a kill stopped (its breadcrumb
+    says which, or it is the group's only stage) ran, as an item killed while running did."""
+    if counts is not None and at is not None and stages[at] is spec:
+        return counts[at]
+    return outcome.attempts if len(stages) == 1 else 0
+
+
 def _culprit(runnable: list[StageSpec], stages: Sequence[StageSpec], outcome: Outcome[Any],
              at: int | None, suspects: frozenset[str]) -> tuple[StageSpec, bool]:
     """The stage that was running when the worker died or was killed (``at``, from its
@@ -188,11 +202,13 @@ def _cause(seg: Segment, spec: StageSpec) -> str | None:
 def _earlier_runs(crumbs: str | None, group: int, index: int, attempts: int,
                   n_stages: int) -> list[int]:
     """How often each stage of the group ran in the segment's earlier attempts, whose results
-    were lost: one whose worker died mid-group (its breadcrumb names the stage) ran the stages
-    up to that one; any other (finished, its answer lost with its worker) ran them all."""
+    were lost: one whose worker died mid-group ran what its breadcrumb says (the stages before
+    the one it died in with their retries, that one at least once); any other (finished, its
+    answer lost with its worker) ran them all once."""
     earlier = attempts - 1
-    died = dead_stages(crumbs, group, index)[:earlier] if crumbs and earlier > 0 else []
-    return [earlier - sum(at < j for at in died) for j in range(n_stages)]
+    died = dead_runs(crumbs, group, index, n_stages)[:earlier] if crumbs and earlier > 0 else []
+    finished = earlier - len(died)
+    return [finished + sum(runs[j] for runs in died) for j in range(n_stages)]
 
 
 def _record(seg: Segment, name: str, rec: StageRecord, earlier: int) -> None:
