@@ -719,3 +719,36 @@ def test_tiny_ab_ratios_are_paired_by_round() -> None:
     assert ratios["stagepool_vs_mp"] == pytest.approx(1.25)
     assert ratios["stagepool_vs_ppe512"] == pytest.approx(3.75)
     assert ratios["timeout_cost"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(("shares", "calm", "tries", "kept"), [
+    ([0.5, 0.3, 0.1], 0.15, 3, 0.1),  # calm on the third attempt
+    ([0.5, 0.4, 0.45, 0.0], 0.15, 3, 0.4),  # never calm: the least disturbed of 1 + 2
+    ([0.05], 0.15, 1, 0.05),
+    ([0.9], None, 1, 0.9),  # --quick: measured once
+])
+def test_a_disturbed_row_is_measured_again_and_the_calmest_kept(
+        monkeypatch: pytest.MonkeyPatch, shares: list[float], calm: float | None, tries: int,
+        kept: float) -> None:
+    """The retry policy alone: the row runner and the CPU meter are its inputs here."""
+    from benchmarks.harness import RawResult
+
+    readings = iter(shares)
+    runs: list[RawResult] = []
+
+    class Meter:
+        def __init__(self) -> None:
+            self.share = next(readings)
+
+        def foreign_share(self) -> float:
+            return self.share
+
+    def run(job: object) -> RawResult:
+        runs.append(RawResult(status="ok"))
+        return runs[-1]
+
+    monkeypatch.setattr(cli, "CpuMeter", Meter)
+    monkeypatch.setattr(cli, "run_isolated", run)
+    raw, foreign, made = cli._calm_run(object(), calm)  # type: ignore[arg-type]
+    assert (made, foreign) == (tries, kept) and len(runs) == tries
+    assert raw is runs[shares.index(kept)]
