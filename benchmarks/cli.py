@@ -30,7 +30,7 @@ ALWAYS = ("stagepool", "ppe")
 # A row that other processes disturbed (their share of the CPUs while it ran, CpuMeter) past
 # DEFAULT_CALM is measured again, up to CALM_RETRIES more times: on a shared machine one
 # tenant's burst moved a row 2x between runs (--calm).
-DEFAULT_CALM = 0.15
+DEFAULT_CALM = 0.05
 CALM_RETRIES = 2
 
 
