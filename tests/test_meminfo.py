@@ -75,18 +75,24 @@ def test_a_kept_number_that_now_names_another_file_is_neither_read_nor_closed(
         os.close(fd)
 
 
-def test_a_forked_child_reads_through_the_inherited_fd() -> None:
-    kept_fd()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        report_and_exit(write)
+def child_report(pid: int, read: int, write: int) -> tuple[int, int]:
+    """What the forked child ``pid`` wrote (``report_and_exit``), once it exited cleanly."""
     os.close(write)
     try:
         assert os.waitpid(pid, 0)[1] == 0
         total, available = map(int, os.read(read, 200).split())
     finally:
         os.close(read)
+    return total, available
+
+
+def test_a_forked_child_reads_through_the_inherited_fd() -> None:
+    kept_fd()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        report_and_exit(write)
+    total, available = child_report(pid, read, write)
     assert total == psutil.virtual_memory().total
     assert 0 < available <= total
 
@@ -103,10 +109,5 @@ def test_a_child_forked_while_another_thread_opens_the_file_does_not_hang() -> N
             signal.alarm(10)  # a hang kills the child: the test then fails, not hangs
             report_and_exit(write)
         _meminfo._kept = kept
-    os.close(write)
-    try:
-        assert os.waitpid(pid, 0)[1] == 0
-        total, _ = map(int, os.read(read, 200).split())
-    finally:
-        os.close(read)
+    total, _ = child_report(pid, read, write)
     assert total == psutil.virtual_memory().total
