@@ -160,7 +160,7 @@ def test_only_sizes_asked_for_again_are_kept_for_reuse() -> None:
     """A batch keeps answered input segments to reuse their pages, but arrays of uneven sizes
     are never reused: kept up to the arena's bound, they held 211 MiB of /dev/shm for nothing.
     Only a size the batch asked for at least twice is kept now."""
-    from stagepool import _shm, _transport
+    from stagepool import _recycling, _shm, _transport
 
     arena = id(object())
     _shm.open_arena(arena)
@@ -172,12 +172,12 @@ def test_only_sizes_asked_for_again_are_kept_for_reuse() -> None:
     try:
         for i in range(4):  # each size once: none kept
             _shm.recycle(blob(MiB // 8 + 64 * (i + 1)), arena)
-        assert _shm._arena_bytes[arena] == 0
+        assert _recycling.kept_bytes(arena) == 0
         same = [blob(MiB // 8) for _ in range(3)]  # one size, three times: kept
         names = {n for b in same for n in _shm.segment_names(b)}
         for b in same:
             _shm.recycle(b, arena)
-        assert _shm._arena_bytes[arena] == 3 * MiB
+        assert _recycling.kept_bytes(arena) == 3 * MiB
         again = blob(MiB // 8)
         assert set(_shm.segment_names(again)) <= names  # reused
         _shm.discard(again)

@@ -12,7 +12,7 @@ import pytest
 import _tasks
 import stagepool as sp
 from conftest import WAIT
-from stagepool import _bridge, _shm
+from stagepool import _bridge, _recycling
 
 
 def test_an_unknown_backend_is_named() -> None:
@@ -97,12 +97,12 @@ def test_ctrl_c_while_pickling_a_chunk_stops_the_batch(engine: sp.Engine) -> Non
 def test_an_imap_never_iterated_holds_nothing(engine: sp.Engine) -> None:
     """It opened a shared-memory arena (and a progress bar) at the call, freed never."""
     gc.collect()
-    before = len(_shm._arenas)
+    before = len(_recycling.open_arenas())
     stream = engine.imap(_tasks.double, range(10), progress=True)
-    assert len(_shm._arenas) == before
+    assert len(_recycling.open_arenas()) == before
     del stream
     gc.collect()
-    assert len(_shm._arenas) == before
+    assert len(_recycling.open_arenas()) == before
 
 
 def test_concurrent_async_calls_share_a_bounded_set_of_threads(engine: sp.Engine) -> None:

@@ -37,7 +37,6 @@ segment is mapped, numpy only as the module the caller passes in.
 from __future__ import annotations
 
 import atexit
-import collections
 import errno
 import itertools
 import mmap
@@ -48,6 +47,8 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
+
+from . import _recycling
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -84,21 +85,7 @@ _NAME = re.compile(r"stagepool-([0-9]+)-(p|[wcs][0-9]+)-[0-9]+-[0-9a-f]+")
 Blob = bytes | bytearray | memoryview
 _counter = itertools.count()
 
-# Input segments recycled by the parent within one batch (an "arena"). Filling fresh tmpfs pages
-# costs about three times more than rewriting pages a file already has (measured 3.1 vs 0.9 ms
-# for 8 MiB), and a media batch sends arrays of a few sizes over and over. A segment is recycled
-# only once its chunk is answered and no worker still maps it (a worker that keeps an input array
-# unlinks its file: see release_inputs). An arena holds at most RECYCLE_BYTES, and closing it (the
-# batch ends) unlinks what it kept, so nothing outlives the batch. Only sizes the batch has
-# asked for at least twice are kept: arrays of uneven sizes are never reused, and kept up to the
-# bound they held 211 MiB of /dev/shm to no end (against ~100 MiB of in-flight window).
-RECYCLE_BYTES = 256 * 1024 * 1024
-_arenas: dict[int, dict[int, list[str]]] = {}  # arena -> size in bytes -> names kept for reuse
-_arena_bytes: dict[int, int] = {}
-_misses: dict[int, collections.Counter[int]] = {}  # arena -> sizes asked for and not kept
-# Re-entrant: close_arena runs from generator finalizers, which the garbage collector may start
-# inside recycle() in the same thread.
-_free_lock = threading.RLock()
+# Input segments a batch keeps for reuse: see _recycling.
 # Input segments this worker has mapped, by name, while any array still views them.
 _live_inputs: weakref.WeakValueDictionary[str, _Mapping] = weakref.WeakValueDictionary()
 
@@ -139,7 +126,7 @@ def create_segment(arr: NDArray[Any], numpy: Any, *, owner: int, creator: str, a
     Returns None, leaving nothing behind, if the file cannot be created or filled (``/dev/shm``
     full, missing or not writable) or ``owner`` was abandoned in this process.
     """
-    name = _take_free(arena, arr.nbytes) if arena is not None else None
+    name = _recycling.take(arena, arr.nbytes) if arena is not None else None
     if name is not None:  # a recycled input segment of the right size: its pages exist
         path = os.path.join(SHM_DIR, name)
         try:
@@ -264,60 +251,33 @@ def release_inputs(blob: Blob) -> None:
 
 
 def open_arena(arena: int) -> None:
-    """Start recycling input segments for one batch (see RECYCLE_BYTES)."""
-    with _free_lock:
-        _arenas.setdefault(arena, {})
-        _arena_bytes.setdefault(arena, 0)
-        _misses.setdefault(arena, collections.Counter())
+    """Start recycling input segments for one batch (see ``_recycling``)."""
+    _recycling.open(arena)
 
 
 def close_arena(arena: int) -> None:
     """The batch is over: unlink every segment its arena kept. Later recycles of the arena's
     inputs (answers arriving after an abandoned batch) unlink at once."""
-    with _free_lock:
-        kept = _arenas.pop(arena, {})
-        _arena_bytes.pop(arena, None)
-        _misses.pop(arena, None)
-    unlink_names(name for names in kept.values() for name in names)
+    unlink_names(_recycling.close(arena))
 
 
 def recycle(blob: Blob, arena: int | None = None) -> None:
     """In the parent, once a chunk is answered: keep its input segments for reuse by the same
-    open arena (up to RECYCLE_BYTES), unlink the rest. A segment a worker unlinked (because it
-    still maps it) is gone already and is skipped."""
+    open arena (``_recycling.keep`` decides), unlink the rest. A segment a worker unlinked
+    (because it still maps it) is gone already and is skipped."""
     for name in segment_names(blob):
         path = os.path.join(SHM_DIR, name)
         try:
             size = os.stat(path).st_size
         except OSError:
             continue
-        with _free_lock:
-            free = _arenas.get(arena) if arena is not None else None
-            used = _arena_bytes.get(arena) if arena is not None else None
-            asked = _misses.get(arena) if arena is not None else None
-            if free is not None and used is not None and used + size <= RECYCLE_BYTES \
-                    and asked is not None and asked[size] >= 2:
-                free.setdefault(size, []).append(name)
-                _arena_bytes[arena] = used + size  # type: ignore[index]
-                continue
-        _unlink(path)
-
-
-def _take_free(arena: int, nbytes: int) -> str | None:
-    with _free_lock:
-        names = _arenas.get(arena, {}).get(nbytes)
-        if not names or arena not in _arena_bytes:
-            asked = _misses.get(arena)
-            if asked is not None:
-                asked[nbytes] += 1
-            return None
-        _arena_bytes[arena] -= nbytes
-        return names.pop()
+        if not _recycling.keep(arena, name, size):
+            _unlink(path)
 
 
 @atexit.register
 def _close_all_arenas() -> None:
-    for arena in list(_arenas):
+    for arena in _recycling.open_arenas():
         close_arena(arena)
 
 
