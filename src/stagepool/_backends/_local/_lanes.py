@@ -99,13 +99,17 @@ class Lane:
     def forward_stderr(self) -> None:
         """Log what the worker wrote to stderr, line by line with its item (``_stderr``)."""
         while True:
+            # Where the worker is, taken before the read: os.read lets go of the GIL, and a busy
+            # parent can take it back after a failed item's worker, which waits for this read
+            # (_worker_stderr.let_parent_read), has moved on and been seen on its next item.
+            position = self._position()
             try:
                 data = os.read(self.stderr.fileno(), 65536)
             except (BlockingIOError, OSError):
                 return
             if not data:
                 return
-            self.err.feed(data, *self._position())
+            self.err.feed(data, *position)
 
     def running_item(self) -> int | None:
         """The batch index of the item the worker is running now (None: none, or unknown)."""

@@ -9,7 +9,7 @@ at all (Python's last-resort handler prints WARNING records on stderr, as before
 
 Nothing is lost when a worker dies: a last line without its newline is logged when the lane is
 closed, and the tail kept for crash reports (``tail``) is the raw bytes, dumps whole. The item is
-what the shared record says at the moment of reading: a line written at the very end of an item
+what the shared record says just before the read: a line written at the very end of an item
 may be attributed to the next one on a busy machine, except when the item failed after 1 ms or
 more (the worker waits up to 50 ms for this read: ``_worker_stderr.let_parent_read``) and for
 dumps (a dying or hung worker is still on its item). A line without its newline (a progress
