@@ -59,7 +59,9 @@ class Level(enum.IntEnum):
 N = _transport.PACK_MIN + 16  # long enough to travel packed
 
 EDGES = [-2**63, -2**31 - 1, -2**31, -32769, -32768, -129, -128, -1, 0, 1, 127, 128, 255, 256,
-         32767, 32768, 65535, 65536, 2**31 - 1, 2**31, 2**63 - 1]
+         32767, 32768, 65535, 65536, 2**31 - 1, 2**31, 2**63 - 1,
+         # where an int stops being one 30-bit digit, read directly by pack()
+         -2**30 - 1, -2**30, -2**30 + 1, 2**30 - 1, 2**30, 2**30 + 1, -2**60, 2**60]
 
 
 @needs_c
