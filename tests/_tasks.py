@@ -94,6 +94,22 @@ class BreaksInWorker:
         return (_refuse_in_worker, (self.value,))
 
 
+class DiesWhenFreed:
+    """A result whose finalizer ends the process it was made in (a C library's destructor that
+    aborts); its copy in the parent is harmless."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.born = value, os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self.born:
+            os._exit(7)
+
+
+def dies_when_freed(x: int) -> DiesWhenFreed:
+    return DiesWhenFreed(x)
+
+
 def pid_of(_: Any) -> int:
     return os.getpid()
 

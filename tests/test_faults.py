@@ -106,6 +106,20 @@ def test_every_item_crashing(fault_engine: sp.Engine) -> None:
     assert fault_engine.map(_tasks.double, [4]).values == [8]
 
 
+def test_a_result_whose_finalizer_ends_the_worker_after_answering_is_ok_once() -> None:
+    """The worker lets go of a chunk's results once its answer is sent: each value arrives,
+    ran once, and the worker's death after it loses and blames nothing. Before, the results
+    were freed before answering: the answer never left, and every item read "crash" with
+    attempts 0 after the chunks had been halved down to single items."""
+    with sp.Engine(workers=2) as engine:
+        before = set(engine.worker_pids())
+        report = engine.map(_tasks.dies_when_freed, range(40), timeout=30)
+        assert [(o.kind, o.attempts) for o in report] == [("ok", 1)] * 40
+        assert [v.value for v in report.values] == list(range(40))
+        assert engine.map(_tasks.double, [4]).values == [8]  # replaced, still serving
+        assert before - set(engine.worker_pids())  # workers did die after answering
+
+
 def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     def misbehave(x: int) -> int:
         if x == -1:
