@@ -102,6 +102,9 @@ class Workload:
     def run(self, peer: Peer, state: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    def release(self, state: Any) -> None:
+        """Close what ``prepare`` started (a reference pool), after the runs or on an error."""
+
     def final(self, peer: Peer, state: Any) -> dict[str, Any] | None:
         """One measurement after the timed runs, taken once per row (too long to repeat)."""
         return None

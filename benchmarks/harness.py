@@ -200,7 +200,8 @@ def _child_main(conn: Connection, job: Job) -> None:
     from . import suite
     from .peers import NotExpressible, PeerSpec, make_peer
 
-    peer = None
+    peer = workload = None
+    state: Any = None
     try:
         workload = suite.get(job.workload)
         spec = PeerSpec.from_json(job.peer)
@@ -216,6 +217,8 @@ def _child_main(conn: Connection, job: Job) -> None:
         final = workload.final(peer, state)
         if final is not None:
             conn.send(("final", final))
+        releasing, workload = workload, None
+        releasing.release(state)
         began = time.perf_counter()
         closing, peer = peer, None
         closing.close()
@@ -226,11 +229,18 @@ def _child_main(conn: Connection, job: Job) -> None:
         conn.send(("error", traceback.format_exc(limit=8)))
     finally:
         if peer is not None:
-            try:
-                peer.close()
-            except BaseException:
-                pass
+            _quietly(peer.close)
+        if workload is not None and state is not None:  # prepare ran; the runs did not end
+            _quietly(workload.release, state)
         conn.close()
+
+
+def _quietly(close: Any, *args: Any) -> None:
+    """Clean up after an error already reported: a second one would hide it."""
+    try:
+        close(*args)
+    except BaseException:
+        pass
 
 
 def _descendants() -> list[dict[str, Any]]:
