@@ -185,14 +185,21 @@ def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> Chun
                        dict.fromkeys(range(n_items), info), os.getpid())
 
 
+# A chunk whose answer is at most this big keeps its items and results until the answer is
+# sent (see _handle): what they hold then is small beside any RSS cap.
+FREE_AFTER_BYTES = 1 << 20
+
+
 def _handle(
     header: TaskHeader, items_blob: bytes | memoryview, fns: _FnCache, record: Record,
     init_error: BaseException | None, setup: WorkerSetup,
 ) -> tuple[bytes, object]:
     """Run one task; return its answer and what to let go of once the answer is sent: the
-    chunk's items and results. Freeing 10,000 ints took ~60 us each way, and the parent
-    waited for it (``lane_main``). Input arrays in shared memory are let go of before answering
-    instead: ``release_inputs`` must see which ones the function kept."""
+    chunk's items and results when both travelled small (``FREE_AFTER_BYTES``, no arrays in
+    shared memory). Freeing 10,000 ints took ~60 us each way, and the parent waited for it
+    (``lane_main``). Anything bigger is let go of before answering, as before: the parent
+    reads the worker's RSS when the answer comes (``max_rss_per_worker``), and
+    ``release_inputs`` must see which input arrays the function kept."""
     chunk_id, fn_key, fn_blob, n_items, timed, per_item_clock, budget = header
     kept: object = None
     ints = record.ints
@@ -221,7 +228,7 @@ def _handle(
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock, readonly_inputs=readonly,
                                    budget=budget)
-                if _shm.segment_names(items_blob):
+                if _shm.segment_names(items_blob) or len(items_blob) > FREE_AFTER_BYTES:
                     del items
                     _shm.release_inputs(items_blob)  # before answering: then it may recycle
                 else:
@@ -229,7 +236,8 @@ def _handle(
     ints[F_PHASE] = PHASE_ENCODE
     blob = encode_result(result, setup)
     ints[F_PHASE] = PHASE_IDLE
-    return blob, (kept, result)
+    small = len(blob) <= FREE_AFTER_BYTES and not _shm.segment_names(blob)
+    return blob, (kept, result) if small else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
