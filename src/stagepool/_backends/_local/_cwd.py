@@ -6,14 +6,20 @@ the template cannot serve, or after it died) asks ``os.getcwd()`` for the path t
 ``chdir`` to, which raises ``FileNotFoundError`` once the directory is gone: every respawn then
 failed, and the engine closed with its pending items cancelled. ``/proc/<pid>/cwd`` reaches the
 deleted directory while this process is in it, so the child is given that path instead.
+
+A fresh interpreter also makes each relative ``PYTHONPATH`` entry absolute at start-up, from its
+working directory: in a deleted one it cannot ("failed to make path absolute") and dies before
+any code of ours runs. So workers get the ``PYTHONPATH`` the engine's process had when the engine
+was made, its entries absolute (``with_absolute_pythonpath``).
 """
 
 from __future__ import annotations
 
 import os
 import types
+from collections.abc import Mapping
 
-__all__ = ["DeletedCwdOs", "workers_directory"]
+__all__ = ["DeletedCwdOs", "with_absolute_pythonpath", "workers_directory"]
 
 
 # The working directory at the last worker start that could read it: what an error names once
@@ -38,6 +44,18 @@ def workers_directory(proc: str = "/proc") -> str:
             f"{_last_seen[0]} (this process's working directory) was deleted while the engine "
             "ran; a new worker cannot start in it here (no /proc): os.chdir() to an existing "
             "directory") from None
+
+
+def with_absolute_pythonpath(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` (what a worker's environment adds to ours) plus, unless it sets its own, our
+    ``PYTHONPATH`` with its relative entries made absolute from the working directory now (the
+    same directories the workers would find from here; see the module docstring)."""
+    out = dict(env)
+    path = os.environ.get("PYTHONPATH")
+    if path and "PYTHONPATH" not in out:
+        out["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(entry) if entry else entry for entry in path.split(os.pathsep))
+    return out
 
 
 class DeletedCwdOs(types.ModuleType):

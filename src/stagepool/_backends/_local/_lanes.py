@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
@@ -171,7 +172,13 @@ def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | N
     def launch(conn: Connection, err: Connection) -> Any:
         process = ctx.Process(target=lane_main, args=(conn, err, setup), env=env,
                               name=f"stagepool-worker-{setup.slot}")
-        process.start()
+        # loky relaunches its resource tracker here if it died, with a UserWarning. Under
+        # warnings-as-errors (``-W error``, pytest's filterwarnings) that warning raised out of
+        # the pool thread and closed the engine, though the worker starts without the tracker
+        # (one that cannot start: a deleted working directory and a relative PYTHONPATH).
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            process.start()
         return process
 
     return open_lane(setup.slot, quota, launch, record)

@@ -47,7 +47,7 @@ from .._protocol import (
 )
 from ._bundling import bundled
 from ._crew import Crew
-from ._cwd import DeletedCwdOs
+from ._cwd import DeletedCwdOs, with_absolute_pythonpath
 from ._delivery import notify, starts
 from ._lanes import Lane
 from ._limits import Limits, wait_seconds
@@ -129,7 +129,7 @@ class LocalBackend:
         self._mailbox = Mailbox()
         self._poller = Poller()
         setup = _worker_setup(options, self._record.path, self._published)
-        self._crew = Crew(_loky_context, self._record, setup, dict(options.env),
+        self._crew = Crew(_loky_context, self._record, setup, with_absolute_pythonpath(options.env),
                           options.max_tasks, kill_grace, workers, options.preload,
                           template=options.template)
         self._returns = Returns(self._crew, self._queue, self._retire, max_rss=options.max_rss,
