@@ -185,8 +185,8 @@ def failed_chunk(n_items: int, kind: str, exc: BaseException, what: str) -> Chun
                        dict.fromkeys(range(n_items), info), os.getpid())
 
 
-# A chunk whose answer is at most this big keeps its items and results until the answer is
-# sent (see _handle): what they hold then is small beside any RSS cap.
+# A chunk whose items and answer each travelled at most this big keeps its items and results
+# until the answer is sent (see _handle): what they hold then is small beside any RSS cap.
 FREE_AFTER_BYTES = 1 << 20
 
 
