@@ -110,6 +110,26 @@ def dies_when_freed(x: int) -> DiesWhenFreed:
     return DiesWhenFreed(x)
 
 
+class ForksWhenFreed:
+    """A result whose finalizer forks in the process it was made in, and whose child carries
+    on where the finalizer ran (a C library's destructor that spawns a helper)."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.born = value, os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self.born:
+            os.fork()
+
+
+def forks_when_freed(item: tuple[int, str]) -> ForksWhenFreed:
+    """Notes each run in ``path`` (pid and item), then returns a ``ForksWhenFreed``."""
+    x, path = item
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return ForksWhenFreed(x)
+
+
 def pid_of(_: Any) -> int:
     return os.getpid()
 

@@ -120,6 +120,21 @@ def test_a_result_whose_finalizer_ends_the_worker_after_answering_is_ok_once() -
         assert before - set(engine.worker_pids())  # workers did die after answering
 
 
+def test_a_result_whose_finalizer_forks_after_answering_runs_each_item_once(
+        tmp_path: Path) -> None:
+    """The results are let go of after the answer: a finalizer that forks there must not leave
+    a second reader on the worker's pipe. Before, the forked child took the next task off the
+    pipe, ran it (its side effects twice when re-sent) and left without answering: the item
+    was blamed for a timeout, or without one the batch waited forever."""
+    runs = tmp_path / "runs"
+    with sp.Engine(workers=2, timeout=5) as engine:
+        report = engine.map(_tasks.forks_when_freed, [(i, str(runs)) for i in range(12)],
+                            chunk_size=1)
+        assert [(o.kind, o.attempts) for o in report] == [("ok", 1)] * 12
+        assert sorted(int(line) for line in runs.read_text().split()) == list(range(12))
+        assert engine.map(_tasks.double, [4], timeout=10).values == [8]
+
+
 def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     def misbehave(x: int) -> int:
         if x == -1:

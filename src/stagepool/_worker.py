@@ -301,8 +301,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             pipe_broken(parent, setup.ppid)
             break
         blob, done = _handle(header, items_blob, fns, record, init_error, setup)
-        if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
-            leave_fork(None)
+        _leave_if_forked(worker)  # forked where no at-fork hook ran (a C library): never answer
         try:
             conn.send_bytes(blob)
         except OSError:
@@ -312,8 +311,15 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
         # here cannot lose or blame an item: the answer is out and no item of the next task
         # has started (its items go out again, their runs uncounted).
         del message, items_blob, blob, done
+        _leave_if_forked(worker)  # a finalizer forked: only the worker may read the next task
         std_fds.restore()
     flush_std_streams()
+
+
+def _leave_if_forked(worker: int) -> None:
+    """End a child that a fork left in the worker's loop (its pipe and record are the worker's)."""
+    if os.getpid() != worker:
+        leave_fork(None)
 
 
 def _initialize(setup: WorkerSetup, record: Record) -> BaseException | None:
