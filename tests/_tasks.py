@@ -122,6 +122,22 @@ class ForksWhenFreed:
             os.fork()
 
 
+class HangsWhenFreed:
+    """A result whose finalizer hangs in the process it was made in when ``hang`` (a C
+    library's destructor that waits on a lock nobody will release)."""
+
+    def __init__(self, value: int, hang: bool) -> None:
+        self.value, self.hang, self.born = value, hang, os.getpid()
+
+    def __del__(self) -> None:
+        if self.hang and os.getpid() == self.born:
+            time.sleep(3600)
+
+
+def hangs_when_freed(item: tuple[int, bool]) -> HangsWhenFreed:
+    return HangsWhenFreed(*item)
+
+
 def forks_when_freed(item: tuple[int, str]) -> ForksWhenFreed:
     """Notes each run in ``path`` (pid and item), then returns a ``ForksWhenFreed``."""
     x, path = item

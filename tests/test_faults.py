@@ -135,6 +135,22 @@ def test_a_result_whose_finalizer_forks_after_answering_runs_each_item_once(
         assert engine.map(_tasks.double, [4], timeout=10).values == [8]
 
 
+@pytest.mark.timeout(60)
+def test_a_finalizer_that_hangs_after_answering_holds_up_no_later_chunk() -> None:
+    """A result's finalizer that hangs once the answer is sent blames no item, and the chunk
+    sent to that worker next (here the next batch's) does not wait for it past its timeout:
+    the worker is replaced and the chunk runs elsewhere, its attempt uncounted. Before, the
+    chunk waited for ever, whatever the timeout (the worker never named it in the record)."""
+    with sp.Engine(workers=2) as engine:
+        first = engine.map(_tasks.hangs_when_freed, [(i, i == 3) for i in range(4)],
+                           chunk_size=1, timeout=2)
+        assert [(o.kind, o.attempts) for o in first] == [("ok", 1)] * 4
+        report = engine.map(_tasks.double, range(8), chunk_size=1, timeout=2)
+        assert [(o.kind, o.attempts, o.value) for o in report] == [
+            ("ok", 1, 2 * i) for i in range(8)]
+        assert len(engine.worker_pids()) == 2
+
+
 def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     def misbehave(x: int) -> int:
         if x == -1:

@@ -47,6 +47,7 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
     F_OFFSET,
     F_PHASE,
     F_START,
+    OFFSET_FREEING,
     PHASE_DECODE,
     PHASE_ENCODE,
     PHASE_IDLE,
@@ -63,9 +64,10 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
 from ._worker_stderr import capture_stderr
 
 __all__ = [
-    "FN_CACHE_SIZE", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS",
-    "SLOT_STRIDE", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup", "apply_call", "call_chunk",
-    "decoded_result", "dumps", "encode_result", "failed_chunk", "lane_main", "run_chunk",
+    "FN_CACHE_SIZE", "OFFSET_FREEING", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN",
+    "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup",
+    "apply_call", "call_chunk", "decoded_result", "dumps", "encode_result", "failed_chunk",
+    "lane_main", "run_chunk",
 ]
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -309,9 +311,14 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             break
         # The items and results go now, the answer sent. A finalizer that kills the worker
         # here cannot lose or blame an item: the answer is out and no item of the next task
-        # has started (its items go out again, their runs uncounted).
+        # has started (its items go out again, their runs uncounted). One that hangs is
+        # seen by the parent (OFFSET_FREEING since F_START): it stops waiting at the next
+        # task's timeout, and kills and replaces this worker.
+        record.floats[F_START] = time.monotonic()  # first: the parent reads the offset first
+        record.ints[F_OFFSET] = OFFSET_FREEING
         del message, items_blob, blob, done
         _leave_if_forked(worker)  # a finalizer forked: only the worker may read the next task
+        record.ints[F_OFFSET] = -1
         std_fds.restore()
     flush_std_streams()
 
