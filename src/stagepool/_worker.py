@@ -224,6 +224,9 @@ def _handle(
                                    per_item_clock=per_item_clock, readonly_inputs=readonly,
                                    budget=budget)
                 if _shm.segment_names(items_blob):
+                    # Every item ran: a death from here on (an argument's finalizer) is not the
+                    # last item's fault. The parent halves the chunk to find whose it is.
+                    ints[F_PHASE] = PHASE_ENCODE
                     del items
                     _shm.release_inputs(items_blob)  # before answering: then it may recycle
                 else:
