@@ -135,5 +135,16 @@ class DiesWhenFreedElsewhere:
             os._exit(7)
 
 
+class HangsWhenFreedElsewhere(DiesWhenFreedElsewhere):
+    """An argument whose finalizer hangs in any process but the caller's it was unpickled in."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return HangsWhenFreedElsewhere, (self.caller,)
+
+    def __del__(self) -> None:
+        if os.getpid() != self.caller:
+            time.sleep(3600)
+
+
 def first_of(item: tuple[np.ndarray, Any]) -> float:
     return float(item[0][0])

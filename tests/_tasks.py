@@ -138,6 +138,18 @@ def hangs_when_freed(item: tuple[int, bool]) -> HangsWhenFreed:
     return HangsWhenFreed(*item)
 
 
+class HangsWhenPickled:
+    """A result whose pickling hangs (a ``__reduce__`` that waits on a lock nobody releases)."""
+
+    def __reduce__(self) -> Any:
+        time.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+def hangs_when_pickled_on(x: int) -> Any:
+    return HangsWhenPickled() if x == 1 else x
+
+
 def forks_when_freed(item: tuple[int, str]) -> ForksWhenFreed:
     """Notes each run in ``path`` (pid and item), then returns a ``ForksWhenFreed``."""
     x, path = item

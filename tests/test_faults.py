@@ -151,6 +151,18 @@ def test_a_finalizer_that_hangs_after_answering_holds_up_no_later_chunk() -> Non
         assert len(engine.worker_pids()) == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_result_whose_pickling_hangs_times_out_alone() -> None:
+    """Pickling the answer is timed too: the item whose result hangs there reads timeout, the
+    others of its chunk come back ok. Before, the chunk waited for ever, whatever the timeout:
+    the record no longer named an item, and a chunk past its items had no deadline."""
+    with sp.Engine(workers=2) as engine:
+        report = engine.map(_tasks.hangs_when_pickled_on, range(4), chunk_size=2, timeout=2)
+        assert [o.kind for o in report] == ["ok", "timeout", "ok", "ok"]
+        assert [o.value for o in report if o.ok] == [0, 2, 3]
+        assert engine.map(_tasks.double, [4], timeout=10).values == [8]
+
+
 def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     def misbehave(x: int) -> int:
         if x == -1:

@@ -47,6 +47,7 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
     F_OFFSET,
     F_PHASE,
     F_START,
+    OFFSET_ENCODING,
     OFFSET_FREEING,
     PHASE_DECODE,
     PHASE_ENCODE,
@@ -64,8 +65,9 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
 from ._worker_stderr import capture_stderr
 
 __all__ = [
-    "FN_CACHE_SIZE", "OFFSET_FREEING", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN",
-    "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup",
+    "FN_CACHE_SIZE", "OFFSET_ENCODING", "OFFSET_FREEING", "PHASE_ENCODE", "PHASE_IDLE",
+    "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo",
+    "Scratch", "WorkerSetup",
     "apply_call", "call_chunk", "decoded_result", "dumps", "encode_result", "failed_chunk",
     "lane_main", "run_chunk",
 ]
@@ -226,12 +228,12 @@ def _handle(
                 if _shm.segment_names(items_blob):
                     # Every item ran: a death from here on (an argument's finalizer) is not the
                     # last item's fault. The parent halves the chunk to find whose it is.
-                    ints[F_PHASE] = PHASE_ENCODE
+                    _encoding(record)
                     del items
                     _shm.release_inputs(items_blob)  # before answering: then it may recycle
                 else:
                     kept = items
-    ints[F_PHASE] = PHASE_ENCODE
+    _encoding(record)
     blob = encode_result(result, setup)
     ints[F_PHASE] = PHASE_IDLE
     return blob, (kept, result)
@@ -324,6 +326,16 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
         record.ints[F_OFFSET] = -1
         std_fds.restore()
     flush_std_streams()
+
+
+def _encoding(record: Record) -> None:
+    """Say that every item ran and the answer is being made, since now: a death there is no
+    one item's (the parent halves the chunk), and a hang there (a ``__reduce__``, an input's
+    finalizer) is stopped at the chunk's shortest limit. The phase and time before the offset:
+    the parent reads the offset first (``SharedRecord.state``)."""
+    record.ints[F_PHASE] = PHASE_ENCODE
+    record.floats[F_START] = time.monotonic()
+    record.ints[F_OFFSET] = OFFSET_ENCODING
 
 
 def _leave_if_forked(worker: int) -> None:

@@ -31,7 +31,8 @@ _c_loop: Callable[[Callable[[Any], Any], list[Any], list[Any], Any, int], None] 
     None if tinyloop is None else tinyloop.run)
 
 __all__ = [
-    "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "OFFSET_FREEING", "PHASE_DECODE", "PHASE_ENCODE",
+    "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "OFFSET_ENCODING", "OFFSET_FREEING",
+    "PHASE_DECODE", "PHASE_ENCODE",
     "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult",
     "Record", "Scratch", "decoded_result", "run_chunk",
 ]
@@ -47,9 +48,11 @@ F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
 # (a third of the tiny-item loop's time), against ~35 ns on a line of its own.
 SLOT_STRIDE = 16
 PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
-# The offset of an idle worker letting go of the chunk it answered (since F_START): a finalizer
-# that hangs there holds up the next chunk, which the parent stops waiting for at its timeout.
-OFFSET_FREEING = -2
+# Offsets of a worker past its chunk's items, since F_START: letting go of the chunk it
+# answered (PHASE_IDLE), or of its shared-memory inputs and pickling its answer (PHASE_ENCODE).
+# A finalizer or a __reduce__ that hangs there is stopped at the chunk's (or, after the
+# answer, the next chunk's) shortest limit (_backends._local._limits).
+OFFSET_FREEING, OFFSET_ENCODING = -2, -3
 
 
 class ChunkResult(NamedTuple):

@@ -21,7 +21,14 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ..._resources import rss_of
-from ..._worker import OFFSET_FREEING, PHASE_IDLE, PHASE_INIT, PHASE_RUN
+from ..._worker import (
+    OFFSET_ENCODING,
+    OFFSET_FREEING,
+    PHASE_ENCODE,
+    PHASE_IDLE,
+    PHASE_INIT,
+    PHASE_RUN,
+)
 from .._protocol import DeathReason, Task
 from ._lanes import Lane
 from ._record import SharedRecord, SlotState
@@ -91,14 +98,21 @@ def _started(task: Task, state: SlotState) -> bool:
 def _look_again(task: Task, now: float, state: SlotState) -> float:
     """When to look again at a chunk not started yet: within one sample interval of its
     shortest limit (at most ``POLL_INTERVAL``), so an item that starts meanwhile is seen before
-    it can overrun its limit by more than that and finish unnoticed. A worker still letting go
-    of the chunk it answered before (a finalizer that hangs) may hold it up for that limit at
-    most: then the deadline is past, and the worker is killed with no item to blame."""
+    it can overrun its limit by more than that and finish unnoticed. A worker past a chunk's
+    items (a ``__reduce__`` or finalizer that hangs) may hold it up for that limit at most:
+    pickling its answer (killed, the chunk is halved to find the guilty item), or letting go
+    of the chunk it answered before (killed with no item to blame)."""
     shortest = _later_min(task, -1)
     wake = now + min(POLL_INTERVAL, max(shortest / SAMPLES, MIN_SAMPLE_INTERVAL))
-    if state.phase == PHASE_IDLE and state.offset == OFFSET_FREEING and state.chunk != task.id:
-        return min(wake, state.start + shortest)
-    return wake
+    return min(wake, state.start + shortest) if _past_items(task, state) else wake
+
+
+def _past_items(task: Task, state: SlotState) -> bool:
+    """Whether the slot shows its worker past the items: encoding ``task``'s answer, or still
+    letting go of the chunk it answered before ``task`` (``state.start``: since when)."""
+    if state.offset == OFFSET_ENCODING:
+        return state.phase == PHASE_ENCODE and state.chunk == task.id
+    return state.offset == OFFSET_FREEING and state.phase == PHASE_IDLE and state.chunk != task.id
 
 
 class Seen(NamedTuple):
