@@ -67,9 +67,8 @@ from ._worker_stderr import capture_stderr
 __all__ = [
     "FN_CACHE_SIZE", "OFFSET_ENCODING", "OFFSET_FREEING", "PHASE_ENCODE", "PHASE_IDLE",
     "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo",
-    "Scratch", "WorkerSetup",
-    "apply_call", "call_chunk", "decoded_result", "dumps", "encode_result", "failed_chunk",
-    "lane_main", "run_chunk",
+    "Scratch", "WorkerSetup", "apply_call", "call_chunk", "decoded_result", "dumps",
+    "encode_result", "failed_chunk", "lane_main", "run_chunk",
 ]
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL

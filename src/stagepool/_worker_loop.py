@@ -32,9 +32,8 @@ _c_loop: Callable[[Callable[[Any], Any], list[Any], list[Any], Any, int], None] 
 
 __all__ = [
     "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "OFFSET_ENCODING", "OFFSET_FREEING",
-    "PHASE_DECODE", "PHASE_ENCODE",
-    "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult",
-    "Record", "Scratch", "decoded_result", "run_chunk",
+    "PHASE_DECODE", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS",
+    "SLOT_STRIDE", "ChunkResult", "Record", "Scratch", "decoded_result", "run_chunk",
 ]
 
 # Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
