@@ -118,3 +118,33 @@ def double_after_the_caller_dies(a: np.ndarray) -> np.ndarray:
         while os.getppid() == parent:
             time.sleep(0.001)
     return a * 2
+
+
+class DiesWhenFreedElsewhere:
+    """An argument whose finalizer ends any process but the caller's it was unpickled in (a C
+    library's handle that aborts when closed in a child)."""
+
+    def __init__(self, caller: int) -> None:
+        self.caller = caller
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return DiesWhenFreedElsewhere, (self.caller,)
+
+    def __del__(self) -> None:
+        if os.getpid() != self.caller:
+            os._exit(7)
+
+
+class HangsWhenFreedElsewhere(DiesWhenFreedElsewhere):
+    """An argument whose finalizer hangs in any process but the caller's it was unpickled in."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return HangsWhenFreedElsewhere, (self.caller,)
+
+    def __del__(self) -> None:
+        if os.getpid() != self.caller:
+            time.sleep(3600)
+
+
+def first_of(item: tuple[np.ndarray, Any]) -> float:
+    return float(item[0][0])

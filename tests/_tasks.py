@@ -110,6 +110,54 @@ def dies_when_freed(x: int) -> DiesWhenFreed:
     return DiesWhenFreed(x)
 
 
+class ForksWhenFreed:
+    """A result whose finalizer forks in the process it was made in, and whose child carries
+    on where the finalizer ran (a C library's destructor that spawns a helper)."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.born = value, os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self.born:
+            os.fork()
+
+
+class HangsWhenFreed:
+    """A result whose finalizer hangs in the process it was made in when ``hang`` (a C
+    library's destructor that waits on a lock nobody will release)."""
+
+    def __init__(self, value: int, hang: bool) -> None:
+        self.value, self.hang, self.born = value, hang, os.getpid()
+
+    def __del__(self) -> None:
+        if self.hang and os.getpid() == self.born:
+            time.sleep(3600)
+
+
+def hangs_when_freed(item: tuple[int, bool]) -> HangsWhenFreed:
+    return HangsWhenFreed(*item)
+
+
+class HangsWhenPickled:
+    """A result whose pickling hangs (a ``__reduce__`` that waits on a lock nobody releases)."""
+
+    def __reduce__(self) -> Any:
+        time.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+def hangs_when_pickled_on(x: int) -> Any:
+    return HangsWhenPickled() if x == 1 else x
+
+
+def forks_when_freed(item: tuple[int, str]) -> ForksWhenFreed:
+    """Notes each run in ``path`` (pid and item), then returns a ``ForksWhenFreed``."""
+    x, path = item
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return ForksWhenFreed(x)
+
+
 def pid_of(_: Any) -> int:
     return os.getpid()
 

@@ -431,3 +431,33 @@ def test_any_mix_gives_one_outcome_per_item_equal_to_pickling(
             assert o.value.flags.writeable
     del outcomes
     assert not ours()
+
+
+def test_an_argument_whose_finalizer_ends_the_worker_is_blamed_not_the_chunks_last() -> None:
+    """A worker lets go of a chunk's shared-memory inputs before answering: an argument whose
+    finalizer ends the worker then fails its own item, and the others come back ok. Before,
+    the record still named the chunk's last item as running, and that one read crash."""
+    items = [(np.full(2 * MiB // 8, float(i)),
+              at.DiesWhenFreedElsewhere(os.getpid()) if i == 1 else None) for i in range(6)]
+    with sp.Engine(workers=2, shm_threshold="1MiB") as engine:
+        report = engine.map(at.first_of, items, chunk_size=3)
+        assert [o.kind for o in report] == ["ok", "crash", "ok", "ok", "ok", "ok"]
+        assert [o.value for o in report if o.ok] == [0.0, 2.0, 3.0, 4.0, 5.0]
+        assert engine.map(at.first_of, [(np.zeros(4), None)]).values == [0.0]
+    assert not ours()
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_whose_finalizer_hangs_times_out_alone() -> None:
+    """Letting go of shared-memory inputs before answering is timed like pickling the answer:
+    the argument whose finalizer hangs fails its own item with timeout (the chunk is halved to
+    find it), the others come back ok. Before, the chunk waited for ever, whatever the timeout
+    (or, until the previous commit, the chunk's last item read timeout)."""
+    items = [(np.full(2 * MiB // 8, float(i)),
+              at.HangsWhenFreedElsewhere(os.getpid()) if i == 1 else None) for i in range(6)]
+    with sp.Engine(workers=2, shm_threshold="1MiB") as engine:
+        report = engine.map(at.first_of, items, chunk_size=3, timeout=2)
+        assert [o.kind for o in report] == ["ok", "timeout", "ok", "ok", "ok", "ok"]
+        assert [o.value for o in report if o.ok] == [0.0, 2.0, 3.0, 4.0, 5.0]
+        assert engine.map(at.first_of, [(np.zeros(4), None)]).values == [0.0]
+    assert not ours()

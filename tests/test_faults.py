@@ -120,6 +120,49 @@ def test_a_result_whose_finalizer_ends_the_worker_after_answering_is_ok_once() -
         assert before - set(engine.worker_pids())  # workers did die after answering
 
 
+def test_a_result_whose_finalizer_forks_after_answering_runs_each_item_once(
+        tmp_path: Path) -> None:
+    """The results are let go of after the answer: a finalizer that forks there must not leave
+    a second reader on the worker's pipe. Before, the forked child took the next task off the
+    pipe, ran it (its side effects twice when re-sent) and left without answering: the item
+    was blamed for a timeout, or without one the batch waited forever."""
+    runs = tmp_path / "runs"
+    with sp.Engine(workers=2, timeout=5) as engine:
+        report = engine.map(_tasks.forks_when_freed, [(i, str(runs)) for i in range(12)],
+                            chunk_size=1)
+        assert [(o.kind, o.attempts) for o in report] == [("ok", 1)] * 12
+        assert sorted(int(line) for line in runs.read_text().split()) == list(range(12))
+        assert engine.map(_tasks.double, [4], timeout=10).values == [8]
+
+
+@pytest.mark.timeout(60)
+def test_a_finalizer_that_hangs_after_answering_holds_up_no_later_chunk() -> None:
+    """A result's finalizer that hangs once the answer is sent blames no item, and the chunk
+    sent to that worker next (here the next batch's) does not wait for it past its timeout:
+    the worker is replaced and the chunk runs elsewhere, its attempt uncounted. Before, the
+    chunk waited for ever, whatever the timeout (the worker never named it in the record)."""
+    with sp.Engine(workers=2) as engine:
+        first = engine.map(_tasks.hangs_when_freed, [(i, i == 3) for i in range(4)],
+                           chunk_size=1, timeout=2)
+        assert [(o.kind, o.attempts) for o in first] == [("ok", 1)] * 4
+        report = engine.map(_tasks.double, range(8), chunk_size=1, timeout=2)
+        assert [(o.kind, o.attempts, o.value) for o in report] == [
+            ("ok", 1, 2 * i) for i in range(8)]
+        assert len(engine.worker_pids()) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_result_whose_pickling_hangs_times_out_alone() -> None:
+    """Pickling the answer is timed too: the item whose result hangs there reads timeout, the
+    others of its chunk come back ok. Before, the chunk waited for ever, whatever the timeout:
+    the record no longer named an item, and a chunk past its items had no deadline."""
+    with sp.Engine(workers=2) as engine:
+        report = engine.map(_tasks.hangs_when_pickled_on, range(4), chunk_size=2, timeout=2)
+        assert [o.kind for o in report] == ["ok", "timeout", "ok", "ok"]
+        assert [o.value for o in report if o.ok] == [0, 2, 3]
+        assert engine.map(_tasks.double, [4], timeout=10).values == [8]
+
+
 def test_crash_and_timeout_in_one_batch(fault_engine: sp.Engine) -> None:
     def misbehave(x: int) -> int:
         if x == -1:

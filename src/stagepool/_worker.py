@@ -47,6 +47,8 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
     F_OFFSET,
     F_PHASE,
     F_START,
+    OFFSET_ENCODING,
+    OFFSET_FREEING,
     PHASE_DECODE,
     PHASE_ENCODE,
     PHASE_IDLE,
@@ -63,9 +65,10 @@ from ._worker_loop import (  # the item loop; its names are the worker's to the 
 from ._worker_stderr import capture_stderr
 
 __all__ = [
-    "FN_CACHE_SIZE", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS",
-    "SLOT_STRIDE", "ChunkResult", "ErrInfo", "Scratch", "WorkerSetup", "apply_call", "call_chunk",
-    "decoded_result", "dumps", "encode_result", "failed_chunk", "lane_main", "run_chunk",
+    "FN_CACHE_SIZE", "OFFSET_ENCODING", "OFFSET_FREEING", "PHASE_ENCODE", "PHASE_IDLE",
+    "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult", "ErrInfo",
+    "Scratch", "WorkerSetup", "apply_call", "call_chunk", "decoded_result", "dumps",
+    "encode_result", "failed_chunk", "lane_main", "run_chunk",
 ]
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -229,15 +232,21 @@ def _handle(
                                    per_item_clock=per_item_clock, readonly_inputs=readonly,
                                    budget=budget)
                 if _shm.segment_names(items_blob) or len(items_blob) > FREE_AFTER_BYTES:
+                    # Every item ran: a death from here on (an argument's finalizer) is not the
+                    # last item's fault. The parent halves the chunk to find whose it is.
+                    _encoding(record)
                     del items
                     _shm.release_inputs(items_blob)  # before answering: then it may recycle
                 else:
                     kept = items
-    ints[F_PHASE] = PHASE_ENCODE
+    _encoding(record)
     blob = encode_result(result, setup)
+    if len(blob) <= FREE_AFTER_BYTES and not _shm.segment_names(blob):
+        ints[F_PHASE] = PHASE_IDLE
+        return blob, (kept, result)
+    del kept, result  # let go of them now, while the parent still reads "encoding"
     ints[F_PHASE] = PHASE_IDLE
-    small = len(blob) <= FREE_AFTER_BYTES and not _shm.segment_names(blob)
-    return blob, (kept, result) if small else None
+    return blob, None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -309,8 +318,7 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             pipe_broken(parent, setup.ppid)
             break
         blob, done = _handle(header, items_blob, fns, record, init_error, setup)
-        if os.getpid() != worker:  # forked where no at-fork hook ran (a C library): never answer
-            leave_fork(None)
+        _leave_if_forked(worker)  # forked where no at-fork hook ran (a C library): never answer
         try:
             conn.send_bytes(blob)
         except OSError:
@@ -318,10 +326,32 @@ def lane_main(conn: Any, stderr: Any, setup: WorkerSetup) -> None:
             break
         # The items and results go now, the answer sent. A finalizer that kills the worker
         # here cannot lose or blame an item: the answer is out and no item of the next task
-        # has started (its items go out again, their runs uncounted).
+        # has started (its items go out again, their runs uncounted). One that hangs is
+        # seen by the parent (OFFSET_FREEING since F_START): it stops waiting at the next
+        # task's timeout, and kills and replaces this worker.
+        record.floats[F_START] = time.monotonic()  # first: the parent reads the offset first
+        record.ints[F_OFFSET] = OFFSET_FREEING
         del message, items_blob, blob, done
+        _leave_if_forked(worker)  # a finalizer forked: only the worker may read the next task
+        record.ints[F_OFFSET] = -1
         std_fds.restore()
     flush_std_streams()
+
+
+def _encoding(record: Record) -> None:
+    """Say that every item ran and the answer is being made, since now: a death there is no
+    one item's (the parent halves the chunk), and a hang there (a ``__reduce__``, an input's
+    finalizer) is stopped at the chunk's shortest limit. The phase and time before the offset:
+    the parent reads the offset first (``SharedRecord.state``)."""
+    record.ints[F_PHASE] = PHASE_ENCODE
+    record.floats[F_START] = time.monotonic()
+    record.ints[F_OFFSET] = OFFSET_ENCODING
+
+
+def _leave_if_forked(worker: int) -> None:
+    """End a child that a fork left in the worker's loop (its pipe and record are the worker's)."""
+    if os.getpid() != worker:
+        leave_fork(None)
 
 
 def _initialize(setup: WorkerSetup, record: Record) -> BaseException | None:

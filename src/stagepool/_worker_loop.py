@@ -31,9 +31,9 @@ _c_loop: Callable[[Callable[[Any], Any], list[Any], list[Any], Any, int], None] 
     None if tinyloop is None else tinyloop.run)
 
 __all__ = [
-    "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "PHASE_DECODE", "PHASE_ENCODE",
-    "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS", "SLOT_STRIDE", "ChunkResult",
-    "Record", "Scratch", "decoded_result", "run_chunk",
+    "F_CHUNK", "F_OFFSET", "F_PHASE", "F_PID", "F_START", "OFFSET_ENCODING", "OFFSET_FREEING",
+    "PHASE_DECODE", "PHASE_ENCODE", "PHASE_IDLE", "PHASE_INIT", "PHASE_RUN", "RECORD_FIELDS",
+    "SLOT_STRIDE", "ChunkResult", "Record", "Scratch", "decoded_result", "run_chunk",
 ]
 
 # Slot layout in the shared record, in 8-byte fields: pid, chunk id, item offset, item start time
@@ -47,6 +47,11 @@ F_PID, F_CHUNK, F_OFFSET, F_START, F_PHASE = range(RECORD_FIELDS)
 # (a third of the tiny-item loop's time), against ~35 ns on a line of its own.
 SLOT_STRIDE = 16
 PHASE_IDLE, PHASE_DECODE, PHASE_RUN, PHASE_ENCODE, PHASE_INIT = 0, 1, 2, 3, 4
+# Offsets of a worker past its chunk's items, since F_START: letting go of the chunk it
+# answered (PHASE_IDLE), or of its shared-memory inputs and pickling its answer (PHASE_ENCODE).
+# A finalizer or a __reduce__ that hangs there is stopped at the chunk's (or, after the
+# answer, the next chunk's) shortest limit (_backends._local._limits).
+OFFSET_FREEING, OFFSET_ENCODING = -2, -3
 
 
 class ChunkResult(NamedTuple):

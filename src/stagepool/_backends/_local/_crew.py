@@ -19,7 +19,14 @@ from typing import Any
 
 from ..._dumps import last_dump
 from ..._resources import kill_group, kill_tree
-from ..._worker import PHASE_ENCODE, PHASE_IDLE, PHASE_INIT, PHASE_RUN, WorkerSetup
+from ..._worker import (
+    OFFSET_FREEING,
+    PHASE_ENCODE,
+    PHASE_IDLE,
+    PHASE_INIT,
+    PHASE_RUN,
+    WorkerSetup,
+)
 from ..._worker_stderr import STACK_SIGNAL
 from .._protocol import DeathReason, Group, LaneDied, Task
 from ._lanes import Lane, open_lane, start_lane
@@ -36,6 +43,8 @@ STOP_JOIN_TIMEOUT = 5.0
 # How long a hung worker gets to write its stack (STACK_SIGNAL) before it is killed: the dump is
 # written by a signal handler at once; this only covers a busy machine's scheduling delay.
 STACK_WAIT = 0.1
+# The chunk a worker is killed for when it hung letting go of one it answered (no task's).
+FREED_CHUNK = -2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +237,11 @@ class Crew:
         if lane.kill_reason is not None:
             return
         lane.kill_reason, lane.kill_offset = reason, offset
-        lane.kill_chunk = lane.tasks[0].id if lane.tasks else -1
+        # Killed while letting go of the chunk it answered: for none of its tasks. Should it
+        # start the next before the kill lands, that chunk's items go again, none blamed.
+        lane.kill_chunk = -1 if not lane.tasks else (
+            FREED_CHUNK if reason == "timeout" and offset == OFFSET_FREEING
+            else lane.tasks[0].id)
         lane.kill_at = time.monotonic()
         self.spare.wanted = True
         if reason == "timeout":  # a hung item's stack says where it hung (TaskTimeout.stack)

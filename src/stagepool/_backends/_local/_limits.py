@@ -21,7 +21,14 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ..._resources import rss_of
-from ..._worker import PHASE_INIT, PHASE_RUN
+from ..._worker import (
+    OFFSET_ENCODING,
+    OFFSET_FREEING,
+    PHASE_ENCODE,
+    PHASE_IDLE,
+    PHASE_INIT,
+    PHASE_RUN,
+)
 from .._protocol import DeathReason, Task
 from ._lanes import Lane
 from ._record import SharedRecord, SlotState
@@ -74,7 +81,7 @@ def deadline_of(task: Task, state: SlotState, now: float) -> float | None:
     if not _started(task, state):
         # Not started yet: look again soon. Offset -1 in the run phase is the moment before
         # the first item, when the slot's start time is still a past item's (0.0 when fresh).
-        return _look_again(task, now)
+        return _look_again(task, now, state)
     # The item running now, or a later item that starts after this moment: whichever could
     # expire first. (Without the second term a short timeout behind a long one is missed.)
     return min(state.start + timeouts[state.offset], now + _later_min(task, state.offset))
@@ -88,12 +95,24 @@ def _started(task: Task, state: SlotState) -> bool:
         0 <= state.offset < task.n_items
 
 
-def _look_again(task: Task, now: float) -> float:
+def _look_again(task: Task, now: float, state: SlotState) -> float:
     """When to look again at a chunk not started yet: within one sample interval of its
     shortest limit (at most ``POLL_INTERVAL``), so an item that starts meanwhile is seen before
-    it can overrun its limit by more than that and finish unnoticed."""
+    it can overrun its limit by more than that and finish unnoticed. A worker past a chunk's
+    items (a ``__reduce__`` or finalizer that hangs) may hold it up for that limit at most:
+    pickling its answer (killed, the chunk is halved to find the guilty item), or letting go
+    of the chunk it answered before (killed with no item to blame)."""
     shortest = _later_min(task, -1)
-    return now + min(POLL_INTERVAL, max(shortest / SAMPLES, MIN_SAMPLE_INTERVAL))
+    wake = now + min(POLL_INTERVAL, max(shortest / SAMPLES, MIN_SAMPLE_INTERVAL))
+    return min(wake, state.start + shortest) if _past_items(task, state) else wake
+
+
+def _past_items(task: Task, state: SlotState) -> bool:
+    """Whether the slot shows its worker past the items: encoding ``task``'s answer, or still
+    letting go of the chunk it answered before ``task`` (``state.start``: since when)."""
+    if state.offset == OFFSET_ENCODING:
+        return state.phase == PHASE_ENCODE and state.chunk == task.id
+    return state.offset == OFFSET_FREEING and state.phase == PHASE_IDLE and state.chunk != task.id
 
 
 class Seen(NamedTuple):
@@ -114,7 +133,7 @@ def sampled_deadline(task: Task, state: SlotState, now: float,
     if timeouts is None:
         return None, None
     if not _started(task, state):
-        return _look_again(task, now), None  # not started yet: look again soon
+        return _look_again(task, now, state), None  # not started yet: look again soon
     if seen is None or seen.chunk != task.id or seen.offset != state.offset:
         seen = Seen(task.id, state.offset, now)
     limit = float(timeouts[state.offset])

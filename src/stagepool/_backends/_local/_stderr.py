@@ -12,9 +12,12 @@ closed, and the tail kept for crash reports (``tail``) is the raw bytes, dumps w
 what the shared record says just before the read: a line written at the very end of an item
 may be attributed to the next one on a busy machine, except when the item failed after 1 ms or
 more (the worker waits up to 50 ms for this read: ``_worker_stderr.let_parent_read``) and for
-dumps (a dying or hung worker is still on its item). A line without its newline (a progress
-counter) is ended at the item boundary: once the worker is seen on another item, it is logged
-with the item it was read on, not glued to what the next item writes.
+dumps (a dying or hung worker is still on its item); and a line the next item writes between
+that look and the read goes with the item before (measured: 2 ms items, 3 CPU-bound threads
+in the parent, ~60% of lines on another item either way; exact would need the worker to
+mark item boundaries in the pipe). A line without its newline (a progress counter) is ended
+at the item boundary: once the worker is seen on another item, it is logged with the item it
+was read on, not glued to what the next item writes; what one read returns is not split.
 """
 
 from __future__ import annotations
