@@ -130,29 +130,35 @@ def test_the_timeout_row_is_judged_on_what_a_timeout_costs() -> None:
     assert slow["stagepool-timeout"]["result"] == "FAIL"
 
 
-def _paired_row(key: str, seconds: float, vs_mp: float) -> dict[str, Any]:
+def _paired_row(key: str, seconds: float, ratio: float, reference: str) -> dict[str, Any]:
     workload = suite.get("tiny")
     params = {"items": 100, "dask_items": 100, "workers": 2, "pair_mp": True}
     spec = {s.key: s for s in workload.specs(params)}[key]
-    run = {"seconds": seconds, "items": 100, "vs_mp": vs_mp, "mp_s": seconds * vs_mp}
+    run = {"seconds": seconds, "items": 100, f"vs_{reference}": ratio,
+           f"{reference}_s": seconds * ratio}
     return cli.build_row(workload, spec, RawResult(status="ok", startup_s=0.5, runs=[run]), params)
 
 
 def test_tiny_rows_paired_with_mp_are_judged_on_the_pairs() -> None:
     """A row that mapped on mp.Pool beside each of its maps is judged on those pairs, not on
-    the mp row, which ran at another moment (here: unluckily fast)."""
+    the mp row, which ran at another moment (here: unluckily fast); the timeout row on its
+    pairs with an engine without a timeout."""
     workload = suite.get("tiny")
     params = {"items": 100, "workers": 2}
     mp = cli.build_row(workload, PeerSpec("mp", "mp", "mp"), _raw(0.01), params)
-    for vs_mp, verdict in [(1.05, True), (0.97, False)]:
+    for ratio, verdict in [(1.05, True), (0.97, False)]:
         rows = {r["key"]: r for r in cli.finish_rows(workload, [
-            mp, _paired_row("stagepool", 0.1, vs_mp), _paired_row("stagepool-timeout", 0.1,
-                                                                  vs_mp / 1.2)], params)}
+            mp, _paired_row("stagepool", 0.1, ratio, "mp"),
+            _paired_row("stagepool-timeout", 0.2, ratio, "untimed")], params)}
         (_, versus_mp) = rows["stagepool"]["targets"]
-        assert versus_mp["pass"] is verdict and versus_mp["detail"] == f"{vs_mp:.2f}x mp paired"
-        assert rows["stagepool"]["metric_text"].endswith(f"{vs_mp:.2f}x mp paired")
-        (cost,) = rows["stagepool-timeout"]["targets"]  # same seconds, 1.2x slower than mp
-        assert not cost["pass"] and cost["detail"].startswith("+20% vs no timeout (both paired")
+        assert versus_mp["pass"] is verdict and versus_mp["detail"] == f"{ratio:.2f}x mp paired"
+        assert rows["stagepool"]["metric_text"].endswith(f"{ratio:.2f}x mp paired")
+        (cost,) = rows["stagepool-timeout"]["targets"]  # 2x the plain row's seconds: not judged
+        assert cost["pass"] and cost["detail"] == f"{1 / ratio - 1:+.0%} vs no timeout (paired)"
+    slow = cli.finish_rows(workload, [_paired_row("stagepool", 0.1, 1.0, "mp"),
+                                      _paired_row("stagepool-timeout", 0.1, 0.88, "untimed")],
+                           params)
+    assert [t["pass"] for t in slow[1]["targets"]] == [False]  # +14%
 
 
 def test_a_tiny_row_maps_on_mp_beside_its_own_maps_and_closes_it() -> None:
@@ -164,10 +170,11 @@ def test_a_tiny_row_maps_on_mp_beside_its_own_maps_and_closes_it() -> None:
     workload = suite.get("tiny")
     params = {"items": 2_000, "dask_items": 100, "workers": 2, "pair_mp": True}
     specs = {s.key: s for s in workload.specs(params)}
-    assert suite._paired_mp(params, specs["serial"]) is None  # the limit, not a pool
-    assert suite._paired_mp({**params, "pair_mp": False}, specs["stagepool"]) is None
+    assert suite._reference(params, specs["serial"]) is None  # the limit, not a pool
+    assert suite._reference({**params, "pair_mp": False}, specs["stagepool"]) is None
     state = workload.prepare(params, specs["stagepool"])
-    pool_workers = [psutil.Process(p.pid) for p in state[1].pool._pool]
+    assert state[1][0] == "mp"
+    pool_workers = [psutil.Process(p.pid) for p in state[1][1].pool._pool]
     peer = make_peer(specs["stagepool"], 2)
     try:
         peer.start()
@@ -179,6 +186,11 @@ def test_a_tiny_row_maps_on_mp_beside_its_own_maps_and_closes_it() -> None:
     assert run["vs_mp"] > 0 and run["mp_s"] > 0
     _, alive = psutil.wait_procs(pool_workers, timeout=10)
     assert len(pool_workers) == 2 and not alive
+    timed = workload.prepare(params, specs["stagepool-timeout"])
+    try:  # its reference: the same engine without the timeout
+        assert timed[1][0] == "untimed" and timed[1][1].options == {}
+    finally:
+        workload.release(timed)
 
 
 def test_single_calls_are_judged_against_ppe_called_the_same_way() -> None:
