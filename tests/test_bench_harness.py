@@ -146,15 +146,15 @@ def test_tiny_rows_paired_with_mp_are_judged_on_the_pairs() -> None:
     workload = suite.get("tiny")
     params = {"items": 100, "workers": 2}
     mp = cli.build_row(workload, PeerSpec("mp", "mp", "mp"), _raw(0.01), params)
-    for ratio, verdict in [(1.05, True), (0.97, False)]:
+    for paired, verdict in [(1.05, True), (0.97, False)]:
         rows = {r["key"]: r for r in cli.finish_rows(workload, [
-            mp, _paired_row("stagepool", 0.1, ratio, "mp"),
-            _paired_row("stagepool-timeout", 0.2, ratio, "untimed")], params)}
+            mp, _paired_row("stagepool", 0.1, paired, "mp"),
+            _paired_row("stagepool-timeout", 0.2, paired, "untimed")], params)}
         (_, versus_mp) = rows["stagepool"]["targets"]
-        assert versus_mp["pass"] is verdict and versus_mp["detail"] == f"{ratio:.2f}x mp paired"
-        assert rows["stagepool"]["metric_text"].endswith(f"{ratio:.2f}x mp paired")
+        assert versus_mp["pass"] is verdict and versus_mp["detail"] == f"{paired:.2f}x mp paired"
+        assert rows["stagepool"]["metric_text"].endswith(f"{paired:.2f}x mp paired")
         (cost,) = rows["stagepool-timeout"]["targets"]  # 2x the plain row's seconds: not judged
-        assert cost["pass"] and cost["detail"] == f"{1 / ratio - 1:+.0%} vs no timeout (paired)"
+        assert cost["pass"] and cost["detail"] == f"{1 / paired - 1:+.0%} vs no timeout (paired)"
     slow = cli.finish_rows(workload, [_paired_row("stagepool", 0.1, 1.0, "mp"),
                                       _paired_row("stagepool-timeout", 0.1, 0.88, "untimed")],
                            params)
