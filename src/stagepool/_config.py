@@ -315,13 +315,26 @@ def positive_size(value: int | float | str, name: str) -> int:
     return size
 
 
+# A numeric timeout's limits, one shared tuple per chunk size (at most UNIFORM_KEEP sizes
+# kept): building a chunk's (~10-50 us for 10,000 items) and finding it uniform again in the
+# pool thread (``is_uniform``; a scan was ~25-90 us) cost a tiny map 2-9%.
+_uniform: dict[tuple[type, float, int], tuple[float, ...]] = {}
+UNIFORM_KEEP = 8
+
+
 def item_timeouts(timeout: Timeout, items: list[Any],
                   start: int) -> tuple[float, ...] | Exception | None:
     """Each item's limit in seconds (inf: none), or the error a callable ``timeout`` gave."""
     if timeout is None:
         return None
     if not callable(timeout):
-        return (timeout,) * len(items)
+        key = (type(timeout), timeout, len(items))  # 60 and 60.0 stay what they were
+        limits = _uniform.get(key)
+        if limits is None:
+            if len(_uniform) >= UNIFORM_KEEP:
+                _uniform.clear()
+            limits = _uniform[key] = (timeout,) * len(items)
+        return limits
     out = []
     for i, item in enumerate(items):
         try:
@@ -340,6 +353,11 @@ def item_timeouts(timeout: Timeout, items: list[Any],
             return exc
         out.append(float("inf") if value is None else float(value))  # type: ignore[arg-type]
     return tuple(out)
+
+
+def is_uniform(limits: tuple[float, ...]) -> bool:
+    """Whether ``limits`` came from a numeric timeout (``item_timeouts``): all alike."""
+    return bool(limits) and _uniform.get((type(limits[0]), limits[0], len(limits))) is limits
 
 
 def validate_chunk_size(value: object, *, name: str = "chunk_size") -> int | None:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ..._config import is_uniform
 from ..._resources import rss_of
 from ..._worker import (
     OFFSET_ENCODING,
@@ -53,8 +54,8 @@ _suffix_minima: dict[int, list[float] | float] = {}
 
 
 def _suffixes(timeouts: tuple[float, ...]) -> list[float] | float:
-    if timeouts and timeouts.count(timeouts[0]) == len(timeouts):  # timeout=N: no list needed
-        return timeouts[0]
+    if is_uniform(timeouts) or (timeouts and timeouts.count(timeouts[0]) == len(timeouts)):
+        return timeouts[0]  # timeout=N (or a callable's equal limits): no list needed
     suffix = [float("inf")] * (len(timeouts) + 1)
     for i in range(len(timeouts) - 1, -1, -1):
         suffix[i] = min(timeouts[i], suffix[i + 1])
