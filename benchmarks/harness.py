@@ -19,6 +19,7 @@ top of this module (median and min-max of the timed runs, ratio against a baseli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -227,20 +228,14 @@ def _child_main(conn: Connection, job: Job) -> None:
         conn.send(("n/a", str(exc)))
     except BaseException:
         conn.send(("error", traceback.format_exc(limit=8)))
-    finally:
+    finally:  # clean up after an error already reported: a second one would hide it
         if peer is not None:
-            _quietly(peer.close)
+            with contextlib.suppress(BaseException):
+                peer.close()
         if workload is not None and state is not None:  # prepare ran; the runs did not end
-            _quietly(workload.release, state)
+            with contextlib.suppress(BaseException):
+                workload.release(state)
         conn.close()
-
-
-def _quietly(close: Any, *args: Any) -> None:
-    """Clean up after an error already reported: a second one would hide it."""
-    try:
-        close(*args)
-    except BaseException:
-        pass
 
 
 def _descendants() -> list[dict[str, Any]]:

@@ -118,14 +118,12 @@ class Tiny(Workload):
         began = time.perf_counter()
         while len(times) < TINY_BURST and (
                 not times or time.perf_counter() - began < TINY_BURST_SECONDS):
-            if reference is not None and len(times) % 2 == 0:
-                before, _ = timed_map(reference[1], workloads.double, items)
-            seconds, values = timed_map(peer, workloads.double, items)
+            if reference is None:
+                seconds, values = timed_map(peer, workloads.double, items)
+            else:  # the reference first, then last, in turn
+                seconds, values, beside = _beside(peer, reference[1], items, len(times) % 2 == 0)
+                pairs.append((beside, seconds))
             check(len(values) == len(items) and sum(values) == 2 * sum(items), "sum of x * 2")
-            if reference is not None:
-                after = before if len(times) % 2 == 0 else timed_map(
-                    reference[1], workloads.double, items)[0]
-                pairs.append((after, seconds))
             times.append(seconds)
         paired = {} if reference is None else {
             f"vs_{reference[0]}": statistics.median(ref / own for ref, own in pairs),
@@ -302,6 +300,16 @@ class Cpu(_CpuBound):
 # The rows of tiny that map on a reference pool beside their own maps: the local pools (the
 # serial loop is the limit, not a pool; dask's rows map fewer items).
 _PAIRED = ("ppe", "loky", "joblib", "mpire", "pebble", "stagepool")
+
+
+def _beside(peer: Peer, reference: Peer, items: list[int],
+            reference_first: bool) -> tuple[float, list[Any], float]:
+    """Map ``items`` on ``peer`` and on ``reference`` back to back: (the peer's seconds, its
+    values, the reference's seconds)."""
+    order = (reference, peer) if reference_first else (peer, reference)
+    first, second = (timed_map(pool, workloads.double, items) for pool in order)
+    (beside, _), (seconds, values) = (first, second) if reference_first else (second, first)
+    return seconds, values, beside
 
 
 def _reference(params: dict[str, Any], spec: PeerSpec) -> tuple[str, Peer] | None:

@@ -226,12 +226,13 @@ def _handle(
                 result = failed_chunk(n_items, "unpickle", exc,
                                          "an argument could not be unpickled in the worker")
             else:
+                shared_inputs = bool(_shm.segment_names(items_blob))
                 readonly = not setup.writable_inputs and (  # some input array is read-only
-                    frozen != _transport.read_only_arrays or bool(_shm.segment_names(items_blob)))
+                    frozen != _transport.read_only_arrays or shared_inputs)
                 result = run_chunk(fn, items, record=record, chunk_id=chunk_id, timed=timed,
                                    per_item_clock=per_item_clock, readonly_inputs=readonly,
                                    budget=budget)
-                if _shm.segment_names(items_blob) or len(items_blob) > FREE_AFTER_BYTES:
+                if shared_inputs or len(items_blob) > FREE_AFTER_BYTES:
                     # Every item ran: a death from here on (an argument's finalizer) is not the
                     # last item's fault. The parent halves the chunk to find whose it is.
                     _encoding(record)

@@ -174,10 +174,11 @@ def start_lane(ctx: Any, setup: WorkerSetup, env: dict[str, str], quota: int | N
                               name=f"stagepool-worker-{setup.slot}")
         # loky relaunches its resource tracker here if it died, with a UserWarning. Under
         # warnings-as-errors (``-W error``, pytest's filterwarnings) that warning raised out of
-        # the pool thread and closed the engine, though the worker starts without the tracker
-        # (one that cannot start: a deleted working directory and a relative PYTHONPATH).
+        # the pool thread and closed the engine, though the worker starts without the tracker.
+        # Only that warning is shown rather than raised (the filter is process-wide while a
+        # worker starts: anything wider would change other threads' warnings meanwhile).
         with warnings.catch_warnings():
-            warnings.simplefilter("default", UserWarning)
+            warnings.filterwarnings("default", message="resource_tracker", category=UserWarning)
             process.start()
         return process
 
