@@ -5,6 +5,8 @@ start happens once per process), and checks process ancestry and environments, n
 
 from __future__ import annotations
 
+import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -34,10 +36,11 @@ def gone(process):
 """
 
 
-def _run(body: str) -> Any:
+def _run(body: str, env: dict[str, str] | None = None) -> Any:
     """Run ``body`` after the prelude in a new interpreter; its last printed line, evaluated."""
     code = _PRELUDE + textwrap.dedent(body)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert out.returncode == 0, out.stderr
     return eval(out.stdout.strip().splitlines()[-1])  # a printed tuple of plain values
 
@@ -73,13 +76,18 @@ def test_a_template_started_before_sys_executable_changed_is_replaced(tmp_path: 
     workers ran the interpreter the template started with; they now run the new one."""
     link = tmp_path / "python"
     link.symlink_to(sys.executable)
+    # A link to a virtualenv's python outside the venv starts the base interpreter without the
+    # venv's packages: give it them on PYTHONPATH (from the start, so no later change of the
+    # environment is what replaces the template)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [*site.getsitepackages(), *filter(None, [os.environ.get("PYTHONPATH")])])}
     replaced, executable = _run(f"""
         import sys
         sys.executable = {str(link)!r}
         with sp.Engine(workers=1) as engine:
             seen = engine.map(lambda _: __import__("sys").executable, [0]).values
             print((parent_of_worker(engine) != early.pid, seen == [sys.executable]))
-        """)
+        """, env)
     assert replaced and executable
 
 
