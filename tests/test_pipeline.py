@@ -197,19 +197,24 @@ def test_a_dead_or_hung_stage_is_named(engine: sp.Engine, how: str, stage: str) 
     assert engine.run(diamond(), [pt.seg(0)]).ok  # the engine still serves
 
 
-@pytest.mark.needs("survives_crash")
+@pytest.mark.needs("survives_crash", "hard_timeouts")
+@pytest.mark.parametrize(("how", "kind", "ended"), [
+    ("crash", "crash", "which then died in stage 'loudness'"),
+    ("hang", "timeout", "which then was stopped at its time limit in stage 'loudness'")])
 def test_a_stage_that_failed_before_a_crash_in_its_group_still_reads_failed(
-        engine: sp.Engine) -> None:
-    """"features" raises, then the worker dies in "loudness" (same fused group): the records
-    died with it, but its breadcrumb said how the stages before ended. "features" reads "error"
-    (what it raised is lost: the message says so), not "skipped" because of the crash."""
-    report = engine.run(diamond(), [pt.seg(0, features="error", loudness="crash")])
+        engine: sp.Engine, how: str, kind: str, ended: str) -> None:
+    """"features" raises, then the worker dies (or is killed at the limit) in "loudness" (same
+    fused group): the records died with it, but its breadcrumb said how the stages before
+    ended. "features" reads "error" (what it raised is lost: the message says so, and how the
+    worker ended), not "skipped" because of the crash."""
+    p = diamond(**{name: {"timeout": 1.0} for name in STAGES})
+    report = engine.run(p, [pt.seg(0, features="error", loudness=how)])
     stages = report[0].stages
     kinds = {name: (stage.kind, stage.attempts) for name, stage in stages.items()}
     assert kinds == {"decode": ("ok", 1), "resample": ("ok", 1), "features": ("error", 1),
-                     "loudness": ("crash", 1), "encode": ("skipped", 0)}, kinds
-    assert "was lost" in str(stages["features"].error) and "'loudness'" in str(
-        stages["features"].error)
+                     "loudness": (kind, 1), "encode": ("skipped", 0)}, kinds
+    message = str(stages["features"].error)
+    assert "was lost" in message and ended in message, message
     assert report[0].stage == "features"  # the first stage in order that did not end ok
 
 

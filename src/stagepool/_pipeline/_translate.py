@@ -75,7 +75,7 @@ def absorb(seg: Segment, stages: Sequence[StageSpec], outcome: Outcome[Any],
     counts = None
     if crumb is not None and at is not None and at < len(stages):
         counts = _runs(crumbs, group, seg.index, outcome.attempts, len(stages))
-        runnable = _before(seg, stages, crumb, runnable, counts)
+        runnable = _before(seg, stages, crumb, runnable, counts, outcome.kind)
     if outcome.kind == "cancelled":
         for spec in runnable:
             _set(seg, StageOutcome(spec.name, "cancelled", outcome.error,
@@ -121,12 +121,16 @@ def cancel(seg: Segment, stages: Sequence[StageSpec], error: Exception) -> None:
            None)
 
 
+_ENDED = {"crash": "died", "timeout": "was stopped at its time limit",
+          "cancelled": "was stopped (the engine was shut down)"}
+
+
 def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: list[StageSpec],
-            counts: list[int]) -> list[StageSpec]:
-    """Record the stages that ran before the one the worker died in, as its breadcrumb says:
-    "ok", or "error" (what it raised died with the worker), with ``counts`` runs, then those
-    reading a failed one "skipped"; the stages the dying one reads ran fine, said or not.
-    Returns the rest."""
+            counts: list[int], kind: str) -> list[StageSpec]:
+    """Record the stages that ran before the one the worker ended in (how: the outcome's
+    ``kind``), as its breadcrumb says: "ok", or "error" (what it raised was lost with the
+    worker), with ``counts`` runs, then those reading a failed one "skipped"; the stages the
+    last one reads ran fine, said or not. Returns the rest."""
     ran = _ran_before(stages, crumb.stage, runnable)
     lost: list[StageSpec] = []
     for j, (how, _) in enumerate(crumb.ended):
@@ -139,8 +143,9 @@ def _before(seg: Segment, stages: Sequence[StageSpec], crumb: Crumb, runnable: l
             _set(seg, StageOutcome(spec.name, "ok", attempts=counts[j]), None)
         elif spec in lost:
             error = RuntimeError(
-                f"stage {spec.name!r} failed in the worker, which then died running stage "
-                f"{stages[crumb.stage].name!r}: what {spec.name!r} raised was lost with it")
+                f"stage {spec.name!r} failed in the worker, which then {_ENDED.get(kind, 'ended')}"
+                f" in stage {stages[crumb.stage].name!r}: what {spec.name!r} raised was lost "
+                "with it")
             _set(seg, StageOutcome(spec.name, "error", _noted(error, seg.index, spec.name),
                                    attempts=counts[j]), spec.name)
         elif spec in runnable and (cause := _cause(seg, spec)) is not None:
