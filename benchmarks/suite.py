@@ -306,9 +306,11 @@ def _beside(peer: Peer, reference: Peer, items: list[int],
             reference_first: bool) -> tuple[float, list[Any], float]:
     """Map ``items`` on ``peer`` and on ``reference`` back to back: (the peer's seconds, its
     values, the reference's seconds)."""
-    order = (reference, peer) if reference_first else (peer, reference)
-    first, second = (timed_map(pool, workloads.double, items) for pool in order)
-    (beside, _), (seconds, values) = (first, second) if reference_first else (second, first)
+    if reference_first:
+        beside, _ = timed_map(reference, workloads.double, items)
+    seconds, values = timed_map(peer, workloads.double, items)
+    if not reference_first:
+        beside, _ = timed_map(reference, workloads.double, items)
     return seconds, values, beside
 
 
